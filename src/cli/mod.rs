@@ -1,0 +1,46 @@
+//! Command-line interface: one subcommand per job, each in its own file.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod drift;
+mod eval;
+mod info;
+mod presets;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aimc",
+    version,
+    about = "Analog in-memory computing simulator for Mixture-of-Experts LLMs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the shipped tile presets with a one-line description each.
+    Presets(presets::PresetsArgs),
+    /// Program a test matrix on a tile preset, drift it over time, write JSON and plots.
+    Drift(drift::DriftArgs),
+    /// Evaluate a model (perplexity, throughput) on a text file.
+    Eval(eval::EvalArgs),
+    /// Print a model's architecture and parameter counts.
+    Info(info::InfoArgs),
+    /// CPU/GPU benchmarks, each timed against a reference measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+/// Parse the process arguments and run the chosen subcommand.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Presets(a) => presets::run(a),
+        Command::Drift(a) => drift::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

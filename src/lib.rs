@@ -1,0 +1,13 @@
+//! aimc — a simulator of analog in-memory computing (AIMC) hardware for Mixture-of-Experts language models.
+//!
+//! Data flows one way: checkpoint → [`model`] → mapping → programmed tiles ([`tile`], built from
+//! [`device`] physics and [`rng`] streams) → execution backend → metrics → report.
+//! The physics follows `design.md` (shipped beside the project as the spec), which in turn follows
+//! IBM AIHWKIT's inference noise models.
+
+pub mod cli;
+pub mod device;
+pub mod model;
+pub mod report;
+pub mod rng;
+pub mod tile;
