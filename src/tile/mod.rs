@@ -1,1 +1,24 @@
-//! placeholder
+//! Analog tiles: presets, one crossbar with its periphery, large matrices split into blocks,
+//! 3D tile stacks, and the drift study (design.md §2–§4).
+//!
+//! CPU execution: every MVM quantises the batch into a matrix, runs one GEMM (plus one per
+//! enabled nonideality that needs it: IR drop, PCM_READ weight noise) over rayon-split batch
+//! chunks, and applies the periphery in a fused epilogue. Noise is keyed by
+//! [`crate::rng::Stream`], so results are identical for any thread count.
+
+mod crossbar;
+mod drift_study;
+mod matrix;
+mod preset;
+mod stack;
+
+pub use crossbar::{Crossbar, GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID};
+pub use drift_study::{
+    drift_study, DriftFan, DriftFanLevel, DriftPoint, DriftStudy, DriftStudyConfig,
+};
+pub use matrix::{split_equal, AnalogMatrix, BlockGeometry};
+pub use preset::{
+    BoundManagement, DriftCompensation, FieldError, IrDrop, MappingSpec, NoiseManagement,
+    PeripherySpec, PresetError, Quantizer, StackSpec, TilePreset, WeightNoise,
+};
+pub use stack::TileStack;

@@ -1,0 +1,544 @@
+//! One R×C crossbar block with its periphery (design.md §2–§3).
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
+use rayon::prelude::*;
+
+use super::preset::{
+    BoundManagement, DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset,
+    WeightNoise,
+};
+use crate::device::{Device, WeightConverter};
+use crate::rng::{Purpose, Stream};
+
+/// Batch rows per rayon task. Fixed (not derived from the thread count) so that results are
+/// bit-identical for any number of threads.
+const CHUNK_ROWS: usize = 64;
+
+/// MVM id of the GDC reference forward taken right after programming. Callers' MVM ids must
+/// stay below [`GDC_READOUT_MVM_ID`].
+pub const GDC_REFERENCE_MVM_ID: u32 = u32::MAX;
+/// MVM id of the GDC readout forward taken at every drift time.
+pub const GDC_READOUT_MVM_ID: u32 = u32::MAX - 1;
+
+/// AIHWKIT `GlobalDriftCompensation` floor of the readout mean |Y| (design.md §2).
+const GDC_MIN_READOUT: f32 = 1e-4;
+/// Largest input down-scaling β when bound management runs without a DAC.
+const BM_MAX_BETA_NO_DAC: f32 = 256.0;
+
+/// A programmed R×C block: weights live as normalised conductance-derived values W̃ (`[n_out,
+/// n_in]`, PyTorch layout), the periphery converts inputs and outputs (design.md §3).
+///
+/// Lifecycle: [`Crossbar::program`] (programming noise, drift exponents, GDC reference) →
+/// [`Crossbar::drift_to`] (drift + read noise at t, GDC α) → any number of [`Crossbar::mvm`]
+/// calls from any threads.
+#[derive(Clone, Debug)]
+pub struct Crossbar {
+    n_out: usize,
+    n_in: usize,
+    seed: u64,
+    tensor_id: u32,
+    device: Arc<dyn Device>,
+    converter: WeightConverter,
+    periphery: PeripherySpec,
+    drift_compensation: DriftCompensation,
+    /// Mapping scale s_map per output (equal entries when one scale per block), weight units.
+    map_scale: Vec<f32>,
+    /// Programmed net weights, normalised units (AIHWKIT re-converts these before drift).
+    w_prog: Array2<f32>,
+    /// Drift parameter ν per device of the pair, `[n_out, n_in]` each.
+    nu: Vec<Array2<f32>>,
+    /// Conductance scale (µS per normalised unit) of the re-converted programmed weights.
+    g_scale_us: f32,
+    /// Current weights W̃ (programmed or drifted), normalised units.
+    w: Array2<f32>,
+    /// |W̃|, kept when IR drop or PCM_READ noise need it.
+    abs_w: Option<Array2<f32>>,
+    /// W̃_ij·(1 − (1 − j/n)²), kept when IR drop is on.
+    ir_w: Option<Array2<f32>>,
+    /// GDC reference mean |Y₀| (one entry, or one per column).
+    gdc_ref: Vec<f32>,
+    /// GDC output factor α (one entry, or one per column).
+    gdc_alpha: Vec<f32>,
+    /// Inference time of the last [`Crossbar::drift_to`], `None` right after programming.
+    t_seconds: Option<f64>,
+}
+
+impl Crossbar {
+    /// Program `w` (`[n_out, n_in]`, weight units) onto one block of `preset`.
+    ///
+    /// Random draws are keyed by `(seed, purpose, tensor_id)` so any block can be reproduced in
+    /// isolation. Errors on an empty or oversized matrix and on non-finite weights.
+    pub fn program(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
+        let (n_out, n_in) = w.dim();
+        ensure!(
+            n_out > 0 && n_in > 0,
+            "tensor {tensor_id}: empty weight matrix {n_out}×{n_in}"
+        );
+        ensure!(
+            n_in <= preset.stack.rows && n_out <= preset.stack.cols,
+            "tensor {tensor_id}: {n_out}×{n_in} (n_out×n_in) exceeds one {}×{} crossbar of preset `{}`; \
+             split it with AnalogMatrix",
+            preset.stack.rows,
+            preset.stack.cols,
+            preset.name
+        );
+        if let Some(((i, j), v)) = w.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            bail!("tensor {tensor_id}: non-finite weight {v} at [{i}, {j}]");
+        }
+        if let Err(e) = preset.validate() {
+            bail!(
+                "preset `{}`: field `{}`: {}",
+                preset.name,
+                e.field,
+                e.message
+            );
+        }
+        let device = preset.device.build();
+        let converter = WeightConverter::for_device(device.as_ref());
+
+        let omega = preset.mapping.weight_scaling_omega;
+        let abs_max = |v: ndarray::ArrayView1<f32>| v.fold(0.0f32, |m, x| m.max(x.abs()));
+        let nonzero = |s: f32| if s > 0.0 { s } else { 1.0 };
+        let map_scale: Vec<f32> = if preset.mapping.per_column {
+            w.rows()
+                .into_iter()
+                .map(|r| nonzero(abs_max(r) / omega))
+                .collect()
+        } else {
+            let m = nonzero(w.fold(0.0f32, |m, x| m.max(x.abs())) / omega);
+            vec![m; n_out]
+        };
+        let mut w_target = w.to_owned();
+        for (mut row, s) in w_target.rows_mut().into_iter().zip(&map_scale) {
+            row.mapv_inplace(|x| x / s);
+        }
+
+        let g_scale_target = converter.scale(max_abs(&w_target));
+        let n_dev = converter.devices_per_weight();
+        let prog = Stream::new(seed, Purpose::ProgramNoise, tensor_id);
+        let drift = Stream::new(seed, Purpose::DriftExponent, tensor_id);
+        let mut w_prog = Array2::<f32>::zeros((n_out, n_in));
+        let mut nu_flat = vec![0.0f32; n_out * n_in * n_dev];
+        w_prog
+            .as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(n_in)
+            .zip(nu_flat.par_chunks_mut(n_in * n_dev))
+            .enumerate()
+            .for_each(|(i, (wp, nu))| {
+                let base = 2 * (i * n_in) as u64;
+                let mut xi_p = vec![0.0f32; 2 * n_in];
+                let mut xi_d = vec![0.0f32; 2 * n_in];
+                prog.fill_normal(base, 0, 0, &mut xi_p);
+                drift.fill_normal(base, 0, 0, &mut xi_d);
+                for j in 0..n_in {
+                    let g_t = converter.to_conductances(w_target[[i, j]], g_scale_target);
+                    let mut g_p = [0.0f32; 2];
+                    for d in 0..n_dev {
+                        g_p[d] = device.program(g_t[d], xi_p[2 * j + d]);
+                        nu[j * n_dev + d] = device.drift_exponent(g_t[d], xi_d[2 * j + d]);
+                    }
+                    wp[j] = converter.to_weight(g_p, g_scale_target);
+                }
+            });
+        let nu = (0..n_dev)
+            .map(|d| {
+                Array2::from_shape_fn((n_out, n_in), |(i, j)| nu_flat[(i * n_in + j) * n_dev + d])
+            })
+            .collect();
+        let g_scale_us = converter.scale(max_abs(&w_prog));
+
+        let mut xbar = Self {
+            n_out,
+            n_in,
+            seed,
+            tensor_id,
+            device,
+            converter,
+            periphery: preset.periphery,
+            drift_compensation: preset.drift_compensation,
+            map_scale,
+            w: w_prog.clone(),
+            w_prog,
+            nu,
+            g_scale_us,
+            abs_w: None,
+            ir_w: None,
+            gdc_ref: Vec::new(),
+            gdc_alpha: vec![1.0],
+            t_seconds: None,
+        };
+        xbar.refresh_derived();
+        xbar.gdc_ref = match xbar.drift_compensation {
+            DriftCompensation::None => Vec::new(),
+            DriftCompensation::Global | DriftCompensation::GlobalPerColumn => {
+                xbar.gdc_readout(GDC_REFERENCE_MVM_ID)
+            }
+            DriftCompensation::GlobalExact => {
+                vec![w_target.iter().map(|x| x.abs()).sum::<f32>() / w_target.len() as f32]
+            }
+        };
+        xbar.gdc_alpha = vec![1.0; xbar.gdc_ref.len().max(1)];
+        Ok(xbar)
+    }
+
+    /// Drift every device to `t_seconds` after programming: re-convert the programmed net
+    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise (drawn once per call,
+    /// keyed only by the device, so the result does not depend on earlier calls), recompute α.
+    pub fn drift_to(&mut self, t_seconds: f64) {
+        let (n_in, n_dev) = (self.n_in, self.converter.devices_per_weight());
+        let read = Stream::new(self.seed, Purpose::ReadNoise, self.tensor_id);
+        let (w_prog, nu, conv, dev, s) = (
+            &self.w_prog,
+            &self.nu,
+            self.converter,
+            &self.device,
+            self.g_scale_us,
+        );
+        self.w
+            .as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(n_in)
+            .enumerate()
+            .for_each(|(i, w_row)| {
+                let mut xi = vec![0.0f32; 2 * n_in];
+                read.fill_normal(2 * (i * n_in) as u64, 0, 0, &mut xi);
+                for j in 0..n_in {
+                    let g_p = conv.to_conductances(w_prog[[i, j]], s);
+                    let mut g = [0.0f32; 2];
+                    for d in 0..n_dev {
+                        g[d] = dev.read(g_p[d], nu[d][[i, j]], t_seconds, xi[2 * j + d]);
+                    }
+                    w_row[j] = conv.to_weight(g, s);
+                }
+            });
+        self.t_seconds = Some(t_seconds);
+        self.refresh_derived();
+        if !self.gdc_ref.is_empty() {
+            let now = match self.drift_compensation {
+                DriftCompensation::GlobalExact => self.mean_abs_readout(GDC_READOUT_MVM_ID, false),
+                _ => self.gdc_readout(GDC_READOUT_MVM_ID),
+            };
+            self.gdc_alpha = self
+                .gdc_ref
+                .iter()
+                .zip(&now)
+                .map(|(r, y)| r / y.max(GDC_MIN_READOUT))
+                .collect();
+        }
+    }
+
+    /// Analog MVM of a batch `x` (`[batch, n_in]`) → `[batch, n_out]` in weight·input units.
+    ///
+    /// `mvm_id` is the caller's call counter: per-MVM noise is keyed by (mvm_id, batch row,
+    /// output index), so equal ids reproduce equal noise. Must be below [`GDC_READOUT_MVM_ID`].
+    pub fn mvm(&self, x: ArrayView2<f32>, mvm_id: u32) -> Array2<f32> {
+        self.forward(x, mvm_id, true)
+    }
+
+    /// Rows (inputs) of this block.
+    pub fn n_in(&self) -> usize {
+        self.n_in
+    }
+    /// Columns (outputs) of this block.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+    /// Tensor id keying this block's random streams.
+    pub fn tensor_id(&self) -> u32 {
+        self.tensor_id
+    }
+    /// The device model.
+    pub fn device(&self) -> &dyn Device {
+        self.device.as_ref()
+    }
+    /// Current normalised weights W̃ (`[n_out, n_in]`).
+    pub fn weights(&self) -> ArrayView2<'_, f32> {
+        self.w.view()
+    }
+    /// Programmed (pre-drift) normalised net weights.
+    pub fn programmed_weights(&self) -> ArrayView2<'_, f32> {
+        self.w_prog.view()
+    }
+    /// Current weights in the caller's units: W̃_ij·s_map,i (no GDC).
+    pub fn effective_weights(&self) -> Array2<f32> {
+        let mut w = self.w.clone();
+        for (mut row, s) in w.rows_mut().into_iter().zip(&self.map_scale) {
+            row.mapv_inplace(|x| x * s);
+        }
+        w
+    }
+    /// Mapping scale s_map per output (weight units per normalised unit).
+    pub fn map_scale(&self) -> &[f32] {
+        &self.map_scale
+    }
+    /// Conductance per normalised weight unit (µS) of the re-converted programmed weights; the
+    /// conductance of the device holding W̃_ij is |W̃_ij|·this (pair) after programming.
+    pub fn conductance_scale_us(&self) -> f32 {
+        self.g_scale_us
+    }
+    /// GDC factors α (one, or one per column; 1 without GDC or before any drift).
+    pub fn gdc_alpha(&self) -> &[f32] {
+        &self.gdc_alpha
+    }
+    /// Time of the last drift, `None` right after programming.
+    pub fn t_seconds(&self) -> Option<f64> {
+        self.t_seconds
+    }
+
+    /// Recompute |W̃| and the IR-drop weights after the weights changed.
+    fn refresh_derived(&mut self) {
+        let p = &self.periphery;
+        let need_abs = p.ir_drop.is_some() || matches!(p.w_noise, WeightNoise::PcmRead { .. });
+        self.abs_w = need_abs.then(|| self.w.mapv(f32::abs));
+        self.ir_w = p.ir_drop.map(|_| {
+            let n = self.n_in as f32;
+            let mut w = self.w.clone();
+            for mut row in w.rows_mut() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let u = 1.0 - j as f32 / n;
+                    *v *= 1.0 - u * u;
+                }
+            }
+            w
+        });
+    }
+
+    /// Mean |Y| of the noisy identity forward (one value, or one per column) — the GDC readout.
+    fn gdc_readout(&self, mvm_id: u32) -> Vec<f32> {
+        let per_column = self.drift_compensation == DriftCompensation::GlobalPerColumn;
+        if per_column {
+            let y = self.forward(Array2::eye(self.n_in).view(), mvm_id, false);
+            y.columns()
+                .into_iter()
+                .map(|c| c.iter().map(|v| v.abs()).sum::<f32>() / self.n_in as f32)
+                .collect()
+        } else {
+            self.mean_abs_readout(mvm_id, true)
+        }
+    }
+
+    /// One value: mean |Y| of the identity forward (`noisy`) or of W̃ itself.
+    fn mean_abs_readout(&self, mvm_id: u32, noisy: bool) -> Vec<f32> {
+        let mean = |a: &Array2<f32>| a.iter().map(|v| v.abs()).sum::<f32>() / a.len() as f32;
+        if noisy {
+            vec![mean(&self.forward(
+                Array2::eye(self.n_in).view(),
+                mvm_id,
+                false,
+            ))]
+        } else {
+            vec![mean(&self.w)]
+        }
+    }
+
+    /// Full periphery forward; `digital_scales` applies s_map and GDC α (off for GDC readouts).
+    fn forward(&self, x: ArrayView2<f32>, mvm_id: u32, digital_scales: bool) -> Array2<f32> {
+        assert_eq!(
+            x.ncols(),
+            self.n_in,
+            "tensor {}: input has {} features, crossbar has {} rows",
+            self.tensor_id,
+            x.ncols(),
+            self.n_in
+        );
+        let (batch, n_out) = (x.nrows(), self.n_out);
+        let mut out = Array2::<f32>::zeros((batch, n_out));
+        if batch == 0 {
+            return out;
+        }
+        out.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(CHUNK_ROWS * n_out)
+            .enumerate()
+            .for_each(|(c, buf)| {
+                let r0 = c * CHUNK_ROWS;
+                let rows = buf.len() / n_out;
+                let o = ArrayViewMut2::from_shape((rows, n_out), buf).expect("chunk shape");
+                self.forward_chunk(
+                    x.slice(s![r0..r0 + rows, ..]),
+                    r0,
+                    mvm_id,
+                    o,
+                    digital_scales,
+                );
+            });
+        out
+    }
+
+    /// Steps 1–9 of design.md §3 for rows `r0..r0 + x.nrows()` of one batch.
+    fn forward_chunk(
+        &self,
+        x: ArrayView2<f32>,
+        r0: usize,
+        mvm_id: u32,
+        mut out: ArrayViewMut2<f32>,
+        digital_scales: bool,
+    ) {
+        let rows = x.nrows();
+        let p = &self.periphery;
+        // 1. noise management
+        let alpha_nm: Vec<f32> = x
+            .rows()
+            .into_iter()
+            .map(|r| match p.noise_management {
+                NoiseManagement::AbsMax => r.fold(0.0f32, |m, v| m.max(v.abs())),
+                NoiseManagement::Constant { value } => value,
+                NoiseManagement::None => 1.0,
+            })
+            .collect();
+        let mut beta = vec![1.0f32; rows];
+        // 2. DAC
+        let mut xq = Array2::<f32>::zeros((rows, self.n_in));
+        for (r, row) in xq.rows_mut().into_iter().enumerate() {
+            self.encode_row(x.row(r), alpha_nm[r] * beta[r], row);
+        }
+        let ids: Vec<usize> = (r0..r0 + rows).collect();
+        // 3–7. analog MVM, IR drop, weight noise, output noise, ADC
+        self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut());
+        // 8. iterative bound management, only for saturated rows
+        if let (BoundManagement::Iterative, Some(adc)) = (p.bound_management, p.adc) {
+            let limit = p.dac.map_or(BM_MAX_BETA_NO_DAC, |d| 0.25 / d.step());
+            let saturated = |o: ndarray::ArrayView1<f32>| o.iter().any(|v| v.abs() >= adc.bound);
+            let mut pending: Vec<usize> = (0..rows)
+                .filter(|&r| alpha_nm[r] > 0.0 && saturated(out.row(r)))
+                .collect();
+            let mut attempt = 0u8;
+            while !pending.is_empty() && attempt < u8::MAX {
+                pending.retain(|&r| beta[r] <= limit);
+                if pending.is_empty() {
+                    break;
+                }
+                attempt += 1;
+                let mut sub = Array2::<f32>::zeros((pending.len(), self.n_in));
+                for (k, &r) in pending.iter().enumerate() {
+                    beta[r] *= 2.0;
+                    self.encode_row(x.row(r), alpha_nm[r] * beta[r], sub.row_mut(k));
+                }
+                let sub_ids: Vec<usize> = pending.iter().map(|&r| r0 + r).collect();
+                let mut sub_out = Array2::<f32>::zeros((pending.len(), self.n_out));
+                self.analog(sub.view(), &sub_ids, mvm_id, attempt, sub_out.view_mut());
+                for (k, &r) in pending.iter().enumerate() {
+                    out.row_mut(r).assign(&sub_out.row(k));
+                }
+                pending = pending
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| saturated(sub_out.row(*k)))
+                    .map(|(_, &r)| r)
+                    .collect();
+            }
+        }
+        // 9. digital rescale
+        let per_column_alpha = self.gdc_alpha.len() == self.n_out && self.n_out > 1;
+        for (r, mut row) in out.rows_mut().into_iter().enumerate() {
+            let scale = alpha_nm[r] * beta[r];
+            if digital_scales {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let alpha = if per_column_alpha {
+                        self.gdc_alpha[j]
+                    } else {
+                        self.gdc_alpha[0]
+                    };
+                    *v *= scale * self.map_scale[j] * alpha;
+                }
+            } else {
+                row.mapv_inplace(|v| v * scale);
+            }
+        }
+    }
+
+    /// x̃ = DAC(x/scale); a zero scale (all-zero input under ABS_MAX) gives x̃ = 0.
+    fn encode_row(&self, x: ndarray::ArrayView1<f32>, scale: f32, mut out: ArrayViewMut1<f32>) {
+        if scale == 0.0 {
+            out.fill(0.0);
+            return;
+        }
+        match self.periphery.dac {
+            Some(dac) => {
+                let step = dac.step();
+                Zip::from(&mut out)
+                    .and(&x)
+                    .for_each(|o, &v| *o = dac.quantize(v / scale, step));
+            }
+            None => Zip::from(&mut out).and(&x).for_each(|o, &v| *o = v / scale),
+        }
+    }
+
+    /// y = ADC(W̃x̃ − IR drop + weight noise + output noise) for quantised inputs `xq`;
+    /// `ids` are the global batch rows (noise keys).
+    fn analog(
+        &self,
+        xq: ArrayView2<f32>,
+        ids: &[usize],
+        mvm_id: u32,
+        attempt: u8,
+        mut y: ArrayViewMut2<f32>,
+    ) {
+        let p = &self.periphery;
+        let n_out = self.n_out;
+        general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
+        if let (Some(IrDrop { scale, g_ratio }), Some(abs_w), Some(ir_w)) =
+            (p.ir_drop, &self.abs_w, &self.ir_w)
+        {
+            let a = xq.mapv(f32::abs).dot(&abs_w.t());
+            let yf = xq.dot(&ir_w.t());
+            let k = self.n_in as f32 / g_ratio;
+            Zip::from(&mut y).and(&a).and(&yf).for_each(|y, &a, &yf| {
+                let a = k * a;
+                let c = a * (a * (0.05 * a - 0.2) + 0.5);
+                *y -= scale * c * yf;
+            });
+        }
+        let mut xi = vec![0.0f32; n_out];
+        match p.w_noise {
+            WeightNoise::PcmRead { std } if std > 0.0 => {
+                let abs_w = self.abs_w.as_ref().expect("|W| kept for PCM_READ");
+                let s2 = xq.mapv(|v| v * v).dot(&abs_w.t());
+                let stream = Stream::new(self.seed, Purpose::ShortTermWeightNoise, self.tensor_id);
+                for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+                    stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
+                    Zip::from(&mut row)
+                        .and(s2.row(r))
+                        .and(&xi[..])
+                        .for_each(|y, &s, &z| *y += std * s.sqrt() * z);
+                }
+            }
+            WeightNoise::Additive { std } if std > 0.0 => {
+                let stream = Stream::new(self.seed, Purpose::ShortTermWeightNoise, self.tensor_id);
+                for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+                    let norm = xq.row(r).iter().map(|v| v * v).sum::<f32>().sqrt();
+                    stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
+                    Zip::from(&mut row)
+                        .and(&xi[..])
+                        .for_each(|y, &z| *y += std * norm * z);
+                }
+            }
+            _ => {}
+        }
+        if p.out_noise > 0.0 {
+            let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
+            for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+                stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
+                Zip::from(&mut row)
+                    .and(&xi[..])
+                    .for_each(|y, &z| *y += p.out_noise * z);
+            }
+        }
+        if let Some(adc) = p.adc {
+            let step = adc.step();
+            y.mapv_inplace(|v| adc.quantize(v, step));
+        }
+    }
+}
+
+fn max_abs(a: &Array2<f32>) -> f32 {
+    a.fold(0.0f32, |m, x| m.max(x.abs()))
+}

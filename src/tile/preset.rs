@@ -1,0 +1,405 @@
+//! Tile presets: `tiles/*.json`, validated on load (design.md §3, §4).
+//!
+//! A preset fixes everything about one kind of tile: the device technology, the weight mapping,
+//! the crossbar periphery (noise management, DAC, IR drop, short-term weight noise, output noise,
+//! ADC, bound management), drift compensation and the 3D stack geometry. Every dimensioned field
+//! carries its unit in its name or doc; normalised quantities are dimensionless (design.md §1).
+//! An energy/cost section joins later as one more optional top-level field.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::device::DeviceSpec;
+
+/// A validation problem at a dotted field path (`periphery.adc.bits`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a preset could not be loaded. Every variant names its origin (file path or built-in).
+#[derive(Debug, Error)]
+pub enum PresetError {
+    /// The file could not be read.
+    #[error("{origin}: cannot read preset: {source}")]
+    Io {
+        /// File path.
+        origin: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The JSON is malformed, has an unknown field, or a value of the wrong type.
+    #[error("{origin}: field `{field}`: {message}")]
+    Parse {
+        /// File path or `builtin:<name>`.
+        origin: String,
+        /// Dotted field path (`.` for the document itself).
+        field: String,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("{origin}: field `{field}`: {message}")]
+    Invalid {
+        /// File path or `builtin:<name>`.
+        origin: String,
+        /// Dotted field path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Neither a built-in preset name nor an existing file.
+    #[error("no preset named `{name}` and no such file (built-in presets: {known})")]
+    NotFound {
+        /// What the user asked for.
+        name: String,
+        /// Comma-separated built-in names.
+        known: String,
+    },
+}
+
+impl PresetError {
+    /// The dotted field path, where the error concerns one field.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Parse { field, .. } | Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// Input noise management: the per-vector scale α_nm the DAC input is divided by (design.md §3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NoiseManagement {
+    /// α_nm = max_j |x_j| per input vector (AIHWKIT `NoiseManagementType.ABS_MAX`).
+    AbsMax,
+    /// α_nm = `value` for every vector (a fixed, e.g. learned, input range).
+    Constant {
+        /// Input range, in input units (> 0).
+        value: f32,
+    },
+    /// α_nm = 1.
+    None,
+}
+
+/// A uniform quantiser with `2^bits − 1` levels over [−bound, bound]: step Δ = 2·bound/(2^bits − 2)
+/// (AIHWKIT `inp_res`/`out_res` = 1/(2^bits − 2) of the full range; design.md §3.2, §3.7).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantizer {
+    /// Resolution in bits (1..=24).
+    pub bits: u32,
+    /// Clamp bound b, in normalised units (DAC: input units, 1 = full scale; ADC: output units).
+    pub bound: f32,
+}
+
+impl Quantizer {
+    /// Quantisation step Δ = 2·b/(2^bits − 2).
+    pub fn step(&self) -> f32 {
+        2.0 * self.bound / ((1u64 << self.bits) - 2) as f32
+    }
+
+    /// clamp(rint(v/Δ)·Δ, −b, b) with half-to-even rounding.
+    #[inline]
+    pub fn quantize(&self, v: f32, step: f32) -> f32 {
+        ((v / step).round_ties_even() * step).clamp(-self.bound, self.bound)
+    }
+}
+
+/// Short-term (per-MVM) weight noise (design.md §3.5).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WeightNoise {
+    /// No short-term weight noise.
+    None,
+    /// y_i += std·√(Σ_j |W̃_ij| x̃_j²)·ξ_i (AIHWKIT `WeightNoiseType.PCM_READ`).
+    PcmRead {
+        /// Relative noise std (dimensionless, Rasch et al. 2023: 0.0175).
+        std: f32,
+    },
+    /// y_i += std·‖x̃‖₂·ξ_i (AIHWKIT `WeightNoiseType.ADDITIVE_CONSTANT`).
+    Additive {
+        /// Noise std in normalised weight units.
+        std: f32,
+    },
+}
+
+/// AIHWKIT's static IR-drop model (design.md §3.4).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrDrop {
+    /// Scale of the IR-drop correction (dimensionless; AIHWKIT `ir_drop`, 1.0 in Rasch 2023).
+    pub scale: f32,
+    /// Wire-to-device conductance ratio g_wire/g_max (dimensionless; AIHWKIT 571428.6).
+    pub g_ratio: f32,
+}
+
+/// Iterative bound management (design.md §3.8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoundManagement {
+    /// Saturated outputs stay clamped.
+    None,
+    /// Rows whose output hit the ADC bound are redone with the input halved (β×2), fresh noise,
+    /// until unsaturated or β > 0.25/Δ_in (AIHWKIT `BoundManagementType.ITERATIVE`).
+    Iterative,
+}
+
+/// Global drift compensation (design.md §2, AIHWKIT `GlobalDriftCompensation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftCompensation {
+    /// Outputs are not rescaled.
+    None,
+    /// One α per block: ref = mean|Y₀| of the noisy identity forward after programming.
+    Global,
+    /// One α per output column, same reference procedure.
+    GlobalPerColumn,
+    /// One α per block from noise-free quantities: ref = mean|W̃_target|, readout mean|W̃(t)|
+    /// (an oracle bound on what GDC can achieve).
+    GlobalExact,
+}
+
+/// Weight → normalised block weights (design.md §3 "Mapping scale").
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSpec {
+    /// ω: the largest |w| of a block (or column) maps to ω in normalised units (> 0).
+    pub weight_scaling_omega: f32,
+    /// One mapping scale per output column instead of one per block.
+    pub per_column: bool,
+}
+
+/// The periphery shared by all tiers of a stack (design.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeripherySpec {
+    /// Input scaling before the DAC.
+    pub noise_management: NoiseManagement,
+    /// Input DAC; `null` = ideal (no quantisation, no clamp).
+    pub dac: Option<Quantizer>,
+    /// Output ADC; `null` = ideal.
+    pub adc: Option<Quantizer>,
+    /// Std of the additive output noise, normalised output units, fresh every MVM (≥ 0).
+    pub out_noise: f32,
+    /// Short-term weight noise.
+    pub w_noise: WeightNoise,
+    /// IR drop; `null` = none.
+    pub ir_drop: Option<IrDrop>,
+    /// Bound management.
+    pub bound_management: BoundManagement,
+}
+
+/// 3D geometry: a stack is T tiers of R×C crossbars sharing one periphery (design.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackSpec {
+    /// Crossbar rows R = inputs per block (≥ 1).
+    pub rows: usize,
+    /// Crossbar columns C = outputs per block (≥ 1).
+    pub cols: usize,
+    /// Tiers T per stack, one active at a time (≥ 1; 1 = planar tile).
+    pub tiers_per_stack: usize,
+    /// Stacks per chip (≥ 1).
+    pub stacks: usize,
+}
+
+/// One tile preset (`tiles/<name>.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TilePreset {
+    /// Preset name (kebab-case, equals the file stem of the built-in).
+    pub name: String,
+    /// One-line description shown by `aimc presets`.
+    pub description: String,
+    /// Where the numbers come from (papers, AIHWKIT classes).
+    #[serde(default)]
+    pub source: String,
+    /// Device technology.
+    pub device: DeviceSpec,
+    /// Weight mapping.
+    pub mapping: MappingSpec,
+    /// Crossbar periphery.
+    pub periphery: PeripherySpec,
+    /// Drift compensation.
+    pub drift_compensation: DriftCompensation,
+    /// Stack geometry.
+    pub stack: StackSpec,
+}
+
+/// Built-in presets, embedded so the binary works anywhere.
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "aihwkit-default",
+        include_str!("../../tiles/aihwkit-default.json"),
+    ),
+    (
+        "standard-hwa",
+        include_str!("../../tiles/standard-hwa.json"),
+    ),
+    ("hermes", include_str!("../../tiles/hermes.json")),
+    ("ideal", include_str!("../../tiles/ideal.json")),
+    (
+        "pcm-3d-8tier",
+        include_str!("../../tiles/pcm-3d-8tier.json"),
+    ),
+    ("reram-cmo", include_str!("../../tiles/reram-cmo.json")),
+];
+
+impl TilePreset {
+    /// Parse and validate preset JSON; `origin` (a path or `builtin:<name>`) prefixes errors.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self, PresetError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let preset: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            PresetError::Parse {
+                origin: origin.to_string(),
+                field,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        preset.validate().map_err(|e| PresetError::Invalid {
+            origin: origin.to_string(),
+            field: e.field,
+            message: e.message,
+        })?;
+        Ok(preset)
+    }
+
+    /// Load and validate a preset file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, PresetError> {
+        let path = path.as_ref();
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PresetError::Io {
+            origin: origin.clone(),
+            source,
+        })?;
+        Self::from_json_str(&text, &origin)
+    }
+
+    /// Names of the built-in presets, in listing order.
+    pub fn builtin_names() -> Vec<&'static str> {
+        BUILTIN.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// A built-in preset by name.
+    pub fn builtin(name: &str) -> Result<Self, PresetError> {
+        let (_, text) =
+            BUILTIN
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| PresetError::NotFound {
+                    name: name.to_string(),
+                    known: Self::builtin_names().join(", "),
+                })?;
+        Self::from_json_str(text, &format!("builtin:{name}"))
+    }
+
+    /// A built-in name (`standard-hwa`), or a path to a JSON file (`tiles/x.json`).
+    pub fn resolve(name_or_path: &str) -> Result<Self, PresetError> {
+        if BUILTIN.iter().any(|(n, _)| *n == name_or_path) {
+            return Self::builtin(name_or_path);
+        }
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            return Self::load(path);
+        }
+        Err(PresetError::NotFound {
+            name: name_or_path.to_string(),
+            known: Self::builtin_names().join(", "),
+        })
+    }
+
+    /// Check every range constraint; the error names the dotted field path.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.name.trim().is_empty() {
+            return Err(FieldError::new("name", "must not be empty"));
+        }
+        self.device.validate()?;
+        finite_positive(
+            "mapping.weight_scaling_omega",
+            self.mapping.weight_scaling_omega,
+        )?;
+        let p = &self.periphery;
+        if let NoiseManagement::Constant { value } = p.noise_management {
+            finite_positive("periphery.noise_management.value", value)?;
+        }
+        for (name, q) in [("dac", p.dac), ("adc", p.adc)] {
+            if let Some(q) = q {
+                if !(2..=24).contains(&q.bits) {
+                    return Err(FieldError::new(
+                        format!("periphery.{name}.bits"),
+                        format!("resolution must be 2..=24 bits, got {}", q.bits),
+                    ));
+                }
+                finite_positive(&format!("periphery.{name}.bound"), q.bound)?;
+            }
+        }
+        finite_non_negative("periphery.out_noise", p.out_noise)?;
+        match p.w_noise {
+            WeightNoise::PcmRead { std } | WeightNoise::Additive { std } => {
+                finite_non_negative("periphery.w_noise.std", std)?
+            }
+            WeightNoise::None => {}
+        }
+        if let Some(ir) = p.ir_drop {
+            finite_non_negative("periphery.ir_drop.scale", ir.scale)?;
+            finite_positive("periphery.ir_drop.g_ratio", ir.g_ratio)?;
+        }
+        if p.bound_management == BoundManagement::Iterative && p.adc.is_none() {
+            return Err(FieldError::new(
+                "periphery.bound_management",
+                "iterative bound management needs an ADC (periphery.adc)",
+            ));
+        }
+        let s = &self.stack;
+        for (name, v) in [
+            ("stack.rows", s.rows),
+            ("stack.cols", s.cols),
+            ("stack.tiers_per_stack", s.tiers_per_stack),
+            ("stack.stacks", s.stacks),
+        ] {
+            if v == 0 {
+                return Err(FieldError::new(name, "must be ≥ 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn finite_positive(field: &str, v: f32) -> Result<(), FieldError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("must be a finite number > 0, got {v}"),
+        ))
+    }
+}
+
+fn finite_non_negative(field: &str, v: f32) -> Result<(), FieldError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("must be a finite number ≥ 0, got {v}"),
+        ))
+    }
+}
