@@ -11,3 +11,8 @@ use super::Model;
 pub fn load() -> Result<Model> {
     bail!("embedded model not built into this binary: pass --model DIR")
 }
+
+/// The held-out text excerpt shipped with the embedded model, the default of `aimc eval`.
+pub fn default_text() -> Result<&'static str> {
+    bail!("no default evaluation text built into this binary: pass --text FILE")
+}

@@ -120,6 +120,37 @@ impl RouterKind {
     }
 }
 
+impl std::str::FromStr for RouterKind {
+    type Err = anyhow::Error;
+
+    /// Parses the CLI spelling: `default`, `softmax:K`, `softmax-renorm:K`, `sigmoid:K`, `relu`,
+    /// `adaptive:THRESHOLD`.
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+        let k = || -> anyhow::Result<usize> {
+            match arg.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(k),
+                _ => anyhow::bail!("router `{s}`: expected a positive expert count after `:`"),
+            }
+        };
+        Ok(match name {
+            "default" => RouterKind::CheckpointDefault,
+            "softmax" => RouterKind::SoftmaxTopK { k: k()?, renormalize: false },
+            "softmax-renorm" => RouterKind::SoftmaxTopK { k: k()?, renormalize: true },
+            "sigmoid" => RouterKind::SigmoidTopK { k: k()? },
+            "relu" => RouterKind::Relu,
+            "adaptive" => RouterKind::AdaptiveK {
+                threshold: arg
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("router `{s}`: expected a threshold after `:`"))?,
+            },
+            _ => anyhow::bail!(
+                "unknown router `{s}` (default, softmax:K, softmax-renorm:K, sigmoid:K, relu, adaptive:T)"
+            ),
+        })
+    }
+}
+
 /// Numerically stable softmax of `logits` into `out`.
 fn softmax_into(logits: impl Iterator<Item = f32> + Clone, out: &mut [f32]) {
     let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
@@ -239,6 +270,24 @@ mod tests {
         assert_eq!((a[0].expert, a[1].expert), (3, 2));
         let z: f32 = [1.9f32, 0.0, 1.0, 3.0].iter().map(|l| l.exp()).sum();
         assert!((a[1].weight - 2.5 * 1f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn router_names_parse() {
+        assert_eq!("relu".parse::<RouterKind>().unwrap(), RouterKind::Relu);
+        assert_eq!(
+            "softmax-renorm:3".parse::<RouterKind>().unwrap(),
+            RouterKind::SoftmaxTopK {
+                k: 3,
+                renormalize: true
+            }
+        );
+        assert_eq!(
+            "adaptive:0.25".parse::<RouterKind>().unwrap(),
+            RouterKind::AdaptiveK { threshold: 0.25 }
+        );
+        assert!("softmax:0".parse::<RouterKind>().is_err());
+        assert!("top9".parse::<RouterKind>().is_err());
     }
 
     #[test]
