@@ -1,10 +1,113 @@
-//! `aimc info` (skeleton: filled in by its issue).
-use anyhow::{bail, Result};
+//! `aimc info [--model DIR] [--json]`: architecture and parameter counts of a model.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use serde::Serialize;
+
+use crate::model::{embedded, Model, ModelConfig, ParamCounts};
 
 #[derive(Args, Debug)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// HuggingFace checkpoint directory (default: the embedded model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: InfoArgs) -> Result<()> {
-    bail!("`aimc info` is not built yet")
+#[derive(Serialize)]
+struct Info<'a> {
+    config: &'a ModelConfig,
+    params: ParamCounts,
+    tokenizer_vocab: Option<usize>,
+}
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(dir) => Model::load(dir).with_context(|| format!("loading {}", dir.display()))?,
+        None => embedded::load()?,
+    };
+    let info = Info {
+        config: &model.config,
+        params: model.param_counts(),
+        tokenizer_vocab: model.tokenizer.as_ref().map(|t| t.vocab_size()),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", render(&info));
+    }
+    Ok(())
+}
+
+fn render(info: &Info<'_>) -> String {
+    let c = info.config;
+    let p = &info.params;
+    let moe_layers = c.moe_layers.iter().filter(|m| **m).count();
+    let mut s = format!(
+        "family            {:?}\n\
+         layers            {} ({} MoE, {} dense)\n\
+         hidden            {}\n\
+         attention         {} heads, {} kv heads, head dim {} ({:?})\n\
+         experts           {} routed per MoE layer, top-{}, expert intermediate {}\n\
+         shared expert     {}\n\
+         router            {:?}\n\
+         rope              θ = {}, dim {}, {}, {:?}\n\
+         vocab             {} (tokenizer: {})\n\n",
+        c.family,
+        c.num_layers,
+        moe_layers,
+        c.num_layers - moe_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.attention,
+        c.num_experts,
+        c.top_k,
+        c.moe_intermediate_size,
+        if c.shared_intermediate_size == 0 {
+            "none".to_owned()
+        } else {
+            format!(
+                "intermediate {}{}",
+                c.shared_intermediate_size,
+                if c.shared_expert_gated {
+                    ", sigmoid-gated"
+                } else {
+                    ""
+                }
+            )
+        },
+        c.router,
+        c.rope.theta,
+        c.rope.dim,
+        if c.rope.interleaved {
+            "interleaved"
+        } else {
+            "half-split"
+        },
+        c.rope.scaling,
+        c.vocab_size,
+        info.tokenizer_vocab
+            .map_or("none".to_owned(), |v| format!("{v} tokens")),
+    );
+    let pct = |n: usize| 100.0 * n as f64 / p.total as f64;
+    for (name, n) in [
+        ("embeddings", p.embeddings),
+        ("lm head", p.lm_head),
+        ("attention", p.attention),
+        ("router", p.router),
+        ("routed experts", p.experts),
+        ("shared experts", p.shared_experts),
+        ("dense MLPs", p.dense_mlp),
+        ("norms", p.norms),
+    ] {
+        s += &format!("{name:<17} {n:>14} ({:5.1}%)\n", pct(n));
+    }
+    s += &format!("{:<17} {:>14}\n", "total", p.total);
+    s += &format!("{:<17} {:>14} per token\n", "active", p.active_per_token);
+    s
 }

@@ -1,0 +1,298 @@
+//! CPU benchmark of the digital model (issue 3 targets: ≥ 2,000 tokens/s forward on 2 cores for
+//! 512-token sequences; expert FFN path within 2× of a plain matmul of the same FLOPs).
+//!
+//! Each figure is timed against a reference measured in the same run (design.md §8): the expert
+//! path ([`crate::model::moe::dispatch`]: grouping, gather, gate/up/down GEMMs, SiLU, weighted
+//! scatter) against one plain `[T·k, H] × [H, 3I]` GEMM, which has exactly its multiply-adds.
+use std::time::Instant;
+
+use ndarray::{Array1, Array2};
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use serde::Serialize;
+
+use crate::model::common::Linear;
+use crate::model::common::{matmul_t, RmsNorm, StandardAttention, SwiGlu};
+use crate::model::config::{AttentionConfig, Family, ModelConfig, QkNorm};
+use crate::model::moe::{dispatch, MoeBlock};
+use crate::model::rope::{RopeConfig, RopeScaling};
+use crate::model::{Attention, DecoderLayer, Ffn, ForwardOptions, Model, RouterKind, RouterRule};
+
+/// Results of [`model_bench`]; `Display` renders a markdown table.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBench {
+    /// One-line description of the model measured.
+    pub model: String,
+    pub params: usize,
+    pub threads: usize,
+    pub seq_len: usize,
+    /// Sequences per forward call.
+    pub batch: usize,
+    pub reps: usize,
+    /// Median over `reps` of processed tokens per second, whole forward (logits included).
+    pub forward_tokens_per_s: f64,
+    /// Tokens routed through layer 0's experts in the FFN comparison (= seq_len · batch).
+    pub ffn_tokens: usize,
+    /// Multiply-adds ×2 of the expert path (= of the plain GEMM).
+    pub ffn_flops: f64,
+    /// Median seconds of the expert path.
+    pub ffn_dispatch_s: f64,
+    /// Median seconds of `ndarray` `dot` of the same FLOPs (one thread).
+    pub plain_dot_s: f64,
+    /// Median seconds of the same GEMM split over row blocks on all threads.
+    pub plain_parallel_s: f64,
+}
+
+impl ModelBench {
+    /// Expert path time / fastest plain GEMM time (target ≤ 2).
+    pub fn ffn_ratio(&self) -> f64 {
+        self.ffn_dispatch_s / self.plain_dot_s.min(self.plain_parallel_s)
+    }
+}
+
+impl std::fmt::Display for ModelBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gflops = |s: f64| self.ffn_flops / s / 1e9;
+        writeln!(
+            f,
+            "model: {} ({} parameters), {} threads",
+            self.model, self.params, self.threads
+        )?;
+        writeln!(f)?;
+        writeln!(f, "| measurement | value |")?;
+        writeln!(f, "|---|---|")?;
+        writeln!(
+            f,
+            "| forward, {} × {}-token sequences per call (median of {}) | {:.0} tokens/s |",
+            self.batch, self.seq_len, self.reps, self.forward_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "| expert FFN path, layer 0, {} tokens | {:.2} ms ({:.1} GFLOP/s) |",
+            self.ffn_tokens,
+            self.ffn_dispatch_s * 1e3,
+            gflops(self.ffn_dispatch_s)
+        )?;
+        writeln!(
+            f,
+            "| plain ndarray `dot`, same FLOPs, 1 thread | {:.2} ms ({:.1} GFLOP/s) |",
+            self.plain_dot_s * 1e3,
+            gflops(self.plain_dot_s)
+        )?;
+        writeln!(
+            f,
+            "| plain GEMM, same FLOPs, row blocks on {} threads | {:.2} ms ({:.1} GFLOP/s) |",
+            self.threads,
+            self.plain_parallel_s * 1e3,
+            gflops(self.plain_parallel_s)
+        )?;
+        writeln!(
+            f,
+            "| expert path / fastest plain GEMM | {:.2}× |",
+            self.ffn_ratio()
+        )
+    }
+}
+
+/// Median wall time of `reps` runs of `f` (after one warm-up run).
+fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Benchmarks `model`: forward throughput on `batch` random sequences of `seq_len` tokens, and the
+/// expert FFN path of its first MoE layer against a plain GEMM of the same FLOPs.
+pub fn model_bench(
+    model: &Model,
+    description: &str,
+    seq_len: usize,
+    batch: usize,
+    reps: usize,
+) -> ModelBench {
+    let cfg = &model.config;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..seq_len)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let opts = ForwardOptions::default();
+    let forward_s = median_seconds(reps, || {
+        model
+            .forward_batch(&refs, &opts)
+            .expect("benchmark forward");
+    });
+
+    let (layer, moe) = model
+        .layers
+        .iter()
+        .enumerate()
+        .find_map(|(l, x)| match &x.ffn {
+            Ffn::Moe(m) => Some((l, m)),
+            Ffn::Dense(_) => None,
+        })
+        .expect("a MoE model has a MoE layer");
+    let tokens = seq_len * batch;
+    let x = random_matrix(&mut rng, tokens, cfg.hidden_size, 1.0);
+    let logits = matmul_t(x.view(), moe.router.view());
+    let assignments = RouterKind::CheckpointDefault.route(logits.view(), &cfg.router);
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let ffn_dispatch_s = median_seconds(reps, || {
+        dispatch(layer, x.view(), &assignments, moe.experts.len(), model);
+    });
+    let rows = assignments.len();
+    let a = random_matrix(&mut rng, rows, h, 1.0);
+    let b = random_matrix(&mut rng, h, 3 * i, 0.1);
+    let plain_dot_s = median_seconds(reps, || {
+        std::hint::black_box(a.dot(&b));
+    });
+    let bt = b.t().as_standard_layout().into_owned();
+    let plain_parallel_s = median_seconds(reps, || {
+        std::hint::black_box(matmul_t(a.view(), bt.view()));
+    });
+    ModelBench {
+        model: description.to_owned(),
+        params: model.param_counts().total,
+        threads: rayon::current_num_threads(),
+        seq_len,
+        batch,
+        reps,
+        forward_tokens_per_s: tokens as f64 / forward_s,
+        ffn_tokens: tokens,
+        ffn_flops: 2.0 * rows as f64 * h as f64 * 3.0 * i as f64,
+        ffn_dispatch_s,
+        plain_dot_s,
+        plain_parallel_s,
+    }
+}
+
+fn random_matrix(rng: &mut impl Rng, rows: usize, cols: usize, scale: f32) -> Array2<f32> {
+    Array2::from_shape_simple_fn((rows, cols), || {
+        scale * rng.sample::<f32, _>(StandardNormal)
+    })
+}
+
+/// Sizes of a random OLMoE-style model for benchmarks when no trained checkpoint is at hand.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SyntheticSpec {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub intermediate: usize,
+}
+
+impl SyntheticSpec {
+    /// The issue's reference size: hidden 256, 4 layers, 16 experts of 128, top-4, vocab 4096.
+    pub const ISSUE_3: SyntheticSpec = SyntheticSpec {
+        vocab: 4096,
+        hidden: 256,
+        layers: 4,
+        heads: 4,
+        experts: 16,
+        top_k: 4,
+        intermediate: 128,
+    };
+}
+
+/// A randomly initialised OLMoE-style model (weights N(0, 0.02²) as transformers'
+/// `initializer_range`, norms 1) with `spec`'s sizes.
+pub fn synthetic_olmoe(spec: &SyntheticSpec, seed: u64) -> Model {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (h, v, i) = (spec.hidden, spec.vocab, spec.intermediate);
+    let head_dim = h / spec.heads;
+    let config = ModelConfig {
+        family: Family::Olmoe,
+        vocab_size: v,
+        hidden_size: h,
+        num_layers: spec.layers,
+        num_heads: spec.heads,
+        num_kv_heads: spec.heads,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            dim: head_dim,
+            interleaved: false,
+            scaling: RopeScaling::None,
+        },
+        attention: AttentionConfig::Standard {
+            qk_norm: QkNorm::Full,
+            qkv_bias: false,
+            o_bias: false,
+            clip_qkv: None,
+        },
+        num_experts: spec.experts,
+        top_k: spec.top_k,
+        moe_intermediate_size: i,
+        dense_intermediate_size: 0,
+        shared_intermediate_size: 0,
+        shared_expert_gated: false,
+        moe_layers: vec![true; spec.layers],
+        router: RouterRule {
+            top_k: spec.top_k,
+            renormalize: false,
+            scaling: 1.0,
+            group_limit: None,
+        },
+        tie_word_embeddings: false,
+    };
+    let mut m = |r, c| random_matrix(&mut rng, r, c, 0.02);
+    let norm = |n| RmsNorm {
+        weight: Array1::ones(n),
+        eps: 1e-5,
+    };
+    let lin = |w| Linear {
+        weight: w,
+        bias: None,
+    };
+    let layers = (0..spec.layers)
+        .map(|_| DecoderLayer {
+            input_norm: norm(h),
+            attention: Attention::Standard(StandardAttention {
+                q: lin(m(h, h)),
+                k: lin(m(h, h)),
+                v: lin(m(h, h)),
+                o: lin(m(h, h)),
+                qk_norm: Some((QkNorm::Full, norm(h), norm(h))),
+                clip_qkv: None,
+                heads: spec.heads,
+                kv_heads: spec.heads,
+                head_dim,
+            }),
+            post_attention_norm: norm(h),
+            ffn: Ffn::Moe(MoeBlock {
+                router: m(spec.experts, h),
+                experts: (0..spec.experts)
+                    .map(|_| SwiGlu {
+                        gate: m(i, h),
+                        up: m(i, h),
+                        down: m(h, i),
+                    })
+                    .collect(),
+                shared: None,
+            }),
+        })
+        .collect();
+    Model {
+        config,
+        tokenizer: None,
+        embed_tokens: m(v, h),
+        layers,
+        final_norm: norm(h),
+        lm_head: Some(m(v, h)),
+    }
+}

@@ -1,0 +1,345 @@
+//! `config.json` normalised over the MoE families (design.md §5).
+//!
+//! Each family file reads its own field names through [`Fields`] and fills a [`ModelConfig`]; the
+//! forward pass only ever sees the normalised form.
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::rope::RopeConfig;
+use super::router::RouterRule;
+
+/// The checkpoint families aimc loads (`model_type` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Family {
+    /// `mixtral`: softmax → top-k → renormalise (Jiang et al. 2024).
+    Mixtral,
+    /// `olmoe`: q/k RMSNorm over the full projection width, optional `clip_qkv` (Muennighoff et al. 2024).
+    Olmoe,
+    /// `qwen2_moe`: q/k/v bias, sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// `qwen3_moe`: per-head q/k RMSNorm.
+    Qwen3Moe,
+    /// `deepseek` (DeepSeekMoE, Dai et al. 2024): dense first layers, unweighted shared experts.
+    DeepseekMoe,
+    /// `deepseek_v2` (DeepSeek-V2 / V2-Lite): as DeepSeekMoE with MLA attention.
+    DeepseekV2,
+}
+
+impl Family {
+    /// Maps `model_type` to a family; unknown types are an error naming the field.
+    pub fn from_model_type(model_type: &str) -> Option<Family> {
+        Some(match model_type {
+            "mixtral" => Family::Mixtral,
+            "olmoe" => Family::Olmoe,
+            "qwen2_moe" => Family::Qwen2Moe,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "deepseek" => Family::DeepseekMoe,
+            "deepseek_v2" => Family::DeepseekV2,
+            _ => return None,
+        })
+    }
+}
+
+/// How q and k are normalised before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QkNorm {
+    None,
+    /// One RMSNorm over the whole projection (`[heads·head_dim]`), OLMoE.
+    Full,
+    /// One RMSNorm of width `head_dim` shared by all heads, Qwen3.
+    PerHead,
+}
+
+/// Multi-head latent attention sizes (DeepSeek-V2, arXiv 2405.04434 §2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MlaConfig {
+    /// Rank of the query down-projection; `None` = a plain `q_proj` (V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Bias on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` (`attention_bias`).
+    pub attention_bias: bool,
+}
+
+/// Attention variant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum AttentionConfig {
+    /// Grouped-query attention with separate q/k/v projections.
+    Standard {
+        qk_norm: QkNorm,
+        /// Whether q/k/v projections carry a bias.
+        qkv_bias: bool,
+        /// Whether `o_proj` carries a bias.
+        o_bias: bool,
+        /// OLMoE `clip_qkv`: clamp q, k, v to ±c after projection.
+        clip_qkv: Option<f32>,
+    },
+    /// DeepSeek-V2 multi-head latent attention.
+    Mla(MlaConfig),
+}
+
+/// A checkpoint's architecture, normalised over families.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// Per-head width of q/k/v for standard attention.
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope: RopeConfig,
+    pub attention: AttentionConfig,
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts per token under the checkpoint's own router.
+    pub top_k: usize,
+    /// Intermediate width of one routed expert.
+    pub moe_intermediate_size: usize,
+    /// Intermediate width of the dense MLP of non-MoE layers.
+    pub dense_intermediate_size: usize,
+    /// Intermediate width of the (single, fused) shared expert; 0 when there is none.
+    pub shared_intermediate_size: usize,
+    /// Qwen2-MoE: the shared expert's output is scaled by `sigmoid(x·w)`.
+    pub shared_expert_gated: bool,
+    /// `moe_layers[l]` is true when layer `l` is a MoE layer (false: dense MLP).
+    pub moe_layers: Vec<bool>,
+    /// The checkpoint's routing rule.
+    pub router: RouterRule,
+    /// LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Parses `config.json` (`location` is used in error messages).
+    pub fn from_json(bytes: &[u8], location: &str) -> Result<Self> {
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| anyhow!("{location}: invalid JSON ({e})"))?;
+        let f = Fields {
+            value: &value,
+            location,
+        };
+        let model_type = f.str("model_type")?;
+        let family = Family::from_model_type(model_type).ok_or_else(|| {
+            anyhow!(
+                "{location}: field `model_type` = \"{model_type}\" is not a supported family \
+                 (mixtral, olmoe, qwen2_moe, qwen3_moe, deepseek, deepseek_v2)"
+            )
+        })?;
+        let act = f.opt_str("hidden_act")?.unwrap_or("silu");
+        if act != "silu" {
+            bail!(
+                "{location}: field `hidden_act` = \"{act}\": only \"silu\" (SwiGLU) is supported"
+            );
+        }
+        let config = match family {
+            Family::Mixtral => super::mixtral::config(&f)?,
+            Family::Olmoe => super::olmoe::config(&f)?,
+            Family::Qwen2Moe => super::qwen2_moe::config(&f)?,
+            Family::Qwen3Moe => super::qwen3_moe::config(&f)?,
+            Family::DeepseekMoe | Family::DeepseekV2 => super::deepseek::config(&f, family)?,
+        };
+        config.validate(location)?;
+        Ok(config)
+    }
+
+    fn validate(&self, location: &str) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.top_k),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("{location}: field `{name}` must be positive");
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            bail!(
+                "{location}: `num_attention_heads` ({}) is not a multiple of `num_key_value_heads` ({})",
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        if self.top_k > self.num_experts {
+            bail!(
+                "{location}: `num_experts_per_tok` ({}) exceeds the number of experts ({})",
+                self.top_k,
+                self.num_experts
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of leading dense (non-MoE) layers.
+    pub fn first_dense_layers(&self) -> usize {
+        self.moe_layers.iter().take_while(|m| !**m).count()
+    }
+}
+
+/// Typed access to `config.json` fields with errors that name the file and the field.
+pub struct Fields<'a> {
+    pub value: &'a Value,
+    pub location: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.value.get(key).filter(|v| !v.is_null())
+    }
+
+    fn wrong(&self, key: &str, what: &str) -> anyhow::Error {
+        anyhow!(
+            "{}: field `{key}` = {} is not {what}",
+            self.location,
+            self.get(key).map(|v| v.to_string()).unwrap_or_default()
+        )
+    }
+
+    /// A required non-negative integer.
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| anyhow!("{}: field `{key}` missing", self.location))
+    }
+
+    /// The first present of several alternative names of a required integer (transformers 5 writes
+    /// e.g. Qwen3-MoE's `num_experts` as `num_local_experts`).
+    pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
+        for k in keys {
+            if let Some(v) = self.opt_usize(k)? {
+                return Ok(v);
+            }
+        }
+        bail!("{}: field `{}` missing", self.location, keys.join("` / `"))
+    }
+
+    /// An optional non-negative integer.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| self.wrong(key, "a non-negative integer")),
+        }
+    }
+
+    /// An optional number.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a number")),
+        }
+    }
+
+    /// An optional boolean.
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a boolean")),
+        }
+    }
+
+    /// A required string.
+    pub fn str(&self, key: &str) -> Result<&'a str> {
+        self.opt_str(key)?
+            .ok_or_else(|| anyhow!("{}: field `{key}` missing", self.location))
+    }
+
+    /// An optional string.
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a string")),
+        }
+    }
+
+    /// An optional list of non-negative integers (e.g. `mlp_only_layers`).
+    pub fn opt_usize_list(&self, key: &str) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|x| x as usize)
+                        .ok_or_else(|| self.wrong(key, "a list of integers"))
+                })
+                .collect(),
+            Some(_) => Err(self.wrong(key, "a list of integers")),
+        }
+    }
+
+    /// A nested object, viewed with the same file location.
+    pub fn object(&self, key: &str) -> Option<Fields<'a>> {
+        self.get(key).filter(|v| v.is_object()).map(|value| Fields {
+            value,
+            location: self.location,
+        })
+    }
+
+    /// The common decoder fields every family shares: sizes, norm epsilon, RoPE, tying.
+    pub fn common(&self, default_eps: f64) -> Result<Common> {
+        let hidden_size = self.usize("hidden_size")?;
+        let num_heads = self.usize("num_attention_heads")?;
+        if num_heads == 0 {
+            bail!(
+                "{}: field `num_attention_heads` must be positive",
+                self.location
+            );
+        }
+        Ok(Common {
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size,
+            num_layers: self.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
+            head_dim: self
+                .opt_usize("head_dim")?
+                .unwrap_or(hidden_size / num_heads),
+            rms_norm_eps: self.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32,
+            tie_word_embeddings: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        })
+    }
+}
+
+/// Fields shared by all families, read by [`Fields::common`].
+#[derive(Debug, Clone, Copy)]
+pub struct Common {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub tie_word_embeddings: bool,
+}
+
+/// Which layers are MoE under the Qwen rule: not in `mlp_only_layers` and
+/// `(layer + 1) % decoder_sparse_step == 0` (transformers `Qwen2MoeDecoderLayer`).
+pub fn qwen_moe_layers(f: &Fields<'_>, num_layers: usize) -> Result<Vec<bool>> {
+    let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+    let dense_only = f.opt_usize_list("mlp_only_layers")?;
+    Ok((0..num_layers)
+        .map(|l| !dense_only.contains(&l) && (l + 1) % step == 0)
+        .collect())
+}

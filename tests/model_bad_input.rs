@@ -1,0 +1,208 @@
+//! Broken checkpoints give errors that name the file and the tensor or field (never a panic), and
+//! the accepted variants (sharded, f16/bf16, tokenizer) load. Each case edits a copy of the
+//! `olmoe` parity fixture in a temporary directory.
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aimc::model::{ForwardOptions, Model};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use tempfile::TempDir;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/olmoe")
+}
+
+/// A temp copy of the olmoe fixture (config + weights only).
+fn copy_fixture() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+/// All tensors of the fixture as `(name, dtype, shape, bytes)`.
+fn tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn edit_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    c[key] = value;
+    fs::write(path, serde_json::to_vec(&c).unwrap()).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    format!(
+        "{:#}",
+        Model::load(dir).expect_err("broken checkpoint must not load")
+    )
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = copy_fixture();
+    let missing = "model.layers.1.mlp.experts.3.up_proj.weight";
+    let kept: Vec<_> = tensors().into_iter().filter(|t| t.0 != missing).collect();
+    write_safetensors(&dir.path().join("model.safetensors"), &kept);
+    let e = load_error(dir.path());
+    assert!(e.contains(missing) && e.contains("not found"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn shape_disagreeing_with_config_names_tensor_and_shapes() {
+    let dir = copy_fixture();
+    edit_config(dir.path(), "intermediate_size", 21.into());
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("model.layers.0.mlp.experts.0.gate_proj.weight"),
+        "{e}"
+    );
+    assert!(
+        e.contains("[20, 48]") && e.contains("[21, 48]") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_model_type_names_the_field() {
+    let dir = copy_fixture();
+    edit_config(dir.path(), "model_type", "llama".into());
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("model_type") && e.contains("llama"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_config_field_is_named() {
+    let dir = copy_fixture();
+    edit_config(dir.path(), "num_experts_per_tok", serde_json::Value::Null);
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("num_experts_per_tok"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let dir = copy_fixture();
+    let path = dir.path().join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+}
+
+/// A word-level tokenizer with `n` tokens `t0 … t{n-1}`.
+fn tokenizer_json(n: usize) -> String {
+    let vocab: HashMap<String, usize> = (0..n).map(|i| (format!("t{i}"), i)).collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    })
+    .to_string()
+}
+
+#[test]
+fn tokenizer_larger_than_vocab_is_rejected() {
+    let dir = copy_fixture();
+    fs::write(dir.path().join("tokenizer.json"), tokenizer_json(150)).unwrap();
+    let e = load_error(dir.path());
+    assert!(
+        e.contains("tokenizer.json") && e.contains("vocab_size") && e.contains("101"),
+        "{e}"
+    );
+}
+
+#[test]
+fn matching_tokenizer_loads_and_encodes() {
+    let dir = copy_fixture();
+    fs::write(dir.path().join("tokenizer.json"), tokenizer_json(101)).unwrap();
+    let model = Model::load(dir.path()).unwrap();
+    let ids = model.tokenizer().unwrap().encode("t5 t100 t7").unwrap();
+    assert_eq!(ids, vec![5, 100, 7]);
+}
+
+#[test]
+fn sharded_half_precision_checkpoint_matches_f32() {
+    let f32_model = Model::load(&fixture()).unwrap();
+    let ids: Vec<u32> = vec![0, 17, 100, 42, 5, 99, 23, 64];
+    let want = f32_model
+        .forward(&ids, &ForwardOptions::default())
+        .unwrap()
+        .logits;
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let dir = copy_fixture();
+        fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+        let half: Vec<_> = tensors()
+            .into_iter()
+            .map(|(n, _, s, b)| {
+                let bytes: Vec<u8> = b
+                    .chunks_exact(4)
+                    .flat_map(|c| {
+                        let v = f32::from_le_bytes(c.try_into().unwrap());
+                        match dtype {
+                            Dtype::F16 => half::f16::from_f32(v).to_le_bytes(),
+                            _ => half::bf16::from_f32(v).to_le_bytes(),
+                        }
+                    })
+                    .collect();
+                (n, dtype, s, bytes)
+            })
+            .collect();
+        let (a, b) = half.split_at(half.len() / 2);
+        let mut map = serde_json::Map::new();
+        for (file, part) in [
+            ("model-00001-of-00002.safetensors", a),
+            ("model-00002-of-00002.safetensors", b),
+        ] {
+            write_safetensors(&dir.path().join(file), part);
+            for t in part {
+                map.insert(t.0.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let got = Model::load(dir.path())
+            .unwrap()
+            .forward(&ids, &ForwardOptions::default())
+            .unwrap()
+            .logits;
+        let d = (&got - &want).mapv(f32::abs).fold(0.0f32, |m, v| m.max(*v));
+        // Weight rounding: relative 2^-11 (f16) / 2^-8 (bf16) per weight; logits are O(2).
+        let bound = if dtype == Dtype::F16 { 5e-3 } else { 5e-2 };
+        eprintln!("{dtype:?}: max diff {d:e}");
+        assert!(d < bound, "{dtype:?}: max diff {d:e} ≥ {bound:e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! Parity with transformers 5.17 (float32, eager) on the tiny random checkpoints of
+//! `tests/fixtures/parity/` made by `tools/make_parity_fixtures.py`: max |logit − reference| ≤ 1e-4.
+//! The fixtures' router margins (> 2e-3, see their README) make the expert choice stable at that
+//! precision, so a wrong routing, norm, RoPE or attention rule shows up as an O(0.1) difference.
+use std::path::{Path, PathBuf};
+
+use aimc::model::{ForwardOptions, Model};
+use safetensors::SafeTensors;
+
+const BOUND: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name)
+}
+
+/// Reference `(input_ids, logits [S·V])` of a fixture.
+fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("input_ids").unwrap();
+    let ids = ids
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logits = st.tensor("logits").unwrap();
+    let logits = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (ids, logits)
+}
+
+fn max_diff(name: &str) -> f32 {
+    let dir = fixture(name);
+    let model = Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let (ids, want) = reference(&dir);
+    let out = model.forward(&ids, &ForwardOptions::default()).unwrap();
+    assert_eq!(out.logits.len(), want.len(), "{name}: logits size");
+    out.logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+macro_rules! parity {
+    ($($test:ident => $name:literal),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            let d = max_diff($name);
+            eprintln!("{}: max diff {d:e}", $name);
+            assert!(d <= BOUND, "{}: max |logit - reference| = {d:e} > {BOUND:e}", $name);
+        }
+    )*};
+}
+
+parity! {
+    mixtral => "mixtral",
+    olmoe => "olmoe",
+    olmoe_fused => "olmoe_fused",
+    olmoe_clip_qkv => "olmoe_clipqkv",
+    qwen2_moe => "qwen2_moe",
+    qwen3_moe => "qwen3_moe",
+    deepseek_v2 => "deepseek_v2",
+    deepseek_v2_q_lora => "deepseek_v2_qlora",
+}
+
+#[test]
+fn batched_forward_equals_single_sequences() {
+    let dir = fixture("qwen2_moe");
+    let model = Model::load(&dir).unwrap();
+    let (ids, _) = reference(&dir);
+    let (a, b) = (&ids[..15], &ids[3..10]);
+    let opts = ForwardOptions {
+        record_routing: true,
+        ..Default::default()
+    };
+    let batch = model.forward_batch(&[a, b], &opts).unwrap();
+    for (seq, out) in [a, b].iter().zip(&batch) {
+        let single = model.forward(seq, &opts).unwrap();
+        let d = (&single.logits - &out.logits)
+            .mapv(f32::abs)
+            .fold(0.0f32, |m, v| m.max(*v));
+        assert!(d < 1e-5, "batched vs single: {d:e}");
+        assert_eq!(single.routing, out.routing);
+    }
+}
