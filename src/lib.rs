@@ -1,13 +1,15 @@
 //! aimc — a simulator of analog in-memory computing (AIMC) hardware for Mixture-of-Experts language models.
 //!
-//! Data flows one way: checkpoint → [`model`] → mapping → programmed tiles ([`tile`], built from
-//! [`device`] physics and [`rng`] streams) → execution backend → metrics → report.
+//! Data flows one way: checkpoint → [`model`] → [`mapping`] → programmed tiles ([`tile`], built from
+//! [`device`] physics and [`rng`] streams) → execution [`backend`] → metrics ([`eval`]) → [`report`].
 //! The physics follows `design.md` (shipped beside the project as the spec), which in turn follows
 //! IBM AIHWKIT's inference noise models.
 
+pub mod backend;
 pub mod cli;
 pub mod device;
 pub mod eval;
+pub mod mapping;
 pub mod model;
 pub mod report;
 pub mod rng;

@@ -1,16 +1,27 @@
-//! `aimc eval --digital [--model DIR] [--text FILE] [--tokens N] [--seq-len 512] [--json]`:
-//! perplexity and throughput of the digital model on a text file.
+//! `aimc eval`: accuracy of the analog model against the digital baseline over drift time and seeds
+//! (design.md §7), or with `--digital` the digital perplexity and throughput alone.
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::common::{load_model, load_tokens};
+use super::eval_analog::{
+    digital_sweep, markdown_table, plot_runs, run_one, write_outputs, write_sweep, RunResult,
+    RunSpec,
+};
+use super::map::{MappingFlags, DEFAULT_PRESET};
+use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
-use crate::model::{embedded, ForwardOptions, Model, RouterKind};
+use crate::eval::time::{format_duration, parse_duration, parse_durations};
+use crate::mapping::Strategy;
+use crate::model::{ForwardOptions, RouterKind};
+use crate::tile::TilePreset;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Evaluate the digital (f32 CPU) model; the only mode in this build.
+    /// Evaluate only the digital (f32 CPU) model: perplexity and tokens/s.
     #[arg(long)]
     pub digital: bool,
     /// HuggingFace checkpoint directory (default: the embedded model).
@@ -19,7 +30,7 @@ pub struct EvalArgs {
     /// UTF-8 text to score (default: the held-out excerpt shipped with the embedded model).
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Score at most the first N tokens of the text.
+    /// Score at most the first N tokens of the text (default: all with --digital, 4096 otherwise).
     #[arg(long)]
     pub tokens: Option<usize>,
     /// Window length in tokens (non-overlapping windows).
@@ -28,38 +39,149 @@ pub struct EvalArgs {
     /// Router: default, softmax:K, softmax-renorm:K, sigmoid:K, relu, adaptive:THRESHOLD.
     #[arg(long, default_value = "default")]
     pub router: RouterKind,
-    /// Print the report as JSON on stdout.
+    /// Print the report as JSON on stdout (with --digital).
     #[arg(long)]
     pub json: bool,
+    /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub preset: String,
+    #[command(flatten)]
+    pub mapping: MappingFlags,
+    /// Drift times after programming (seconds, or with a unit: min, h, d, w, mo, y).
+    #[arg(long, default_value = "0,60,1h,1d,1w,1mo,1y")]
+    pub times: String,
+    /// Number of seeds (programming + read + output noise), seeds 0..N.
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    /// Overlay other configurations, each `PRESET[:STRATEGY]` (e.g. `standard-hwa,pcm-3d-8tier:heterogeneous`).
+    #[arg(long, value_delimiter = ',')]
+    pub compare_strategies: Vec<String>,
+    /// Heterogeneous sweep: digital fractions to evaluate (e.g. 0,0.05,0.1,0.25), max-neuron-norm vs random.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_digital: Vec<f64>,
+    /// Drift time of the heterogeneous sweep.
+    #[arg(long, default_value = "1d")]
+    pub sweep_time: String,
+    /// Output folder (JSON, Markdown, PNG + SVG plots).
+    #[arg(long, default_value = "reports/eval")]
+    pub out: PathBuf,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if !args.digital {
-        bail!("only `aimc eval --digital` is available in this build");
-    }
-    let model = match &args.model {
-        Some(dir) => Model::load(dir).with_context(|| format!("loading {}", dir.display()))?,
-        None => embedded::load()?,
-    };
-    let text = match &args.text {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    let model = load_model(args.model.as_deref())?;
+    let default_tokens = if args.digital { usize::MAX } else { 4096 };
+    let ids = load_tokens(
+        &model,
+        args.text.as_deref(),
+        args.tokens.unwrap_or(default_tokens),
+    )?;
+    if args.digital {
+        let opts = ForwardOptions {
+            router: args.router,
+            ..Default::default()
+        };
+        let report = perplexity(&model, &ids, args.seq_len, &opts, !args.json)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("{report}");
         }
-        None => embedded::default_text()?.to_owned(),
-    };
-    let mut ids = model.tokenizer()?.encode(&text)?;
-    if let Some(n) = args.tokens {
-        ids.truncate(n);
+        return Ok(());
     }
-    let opts = ForwardOptions {
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let cfg = AnalogEvalConfig {
+        times_s: parse_durations(&args.times).context("--times")?,
+        seeds: (0..args.seeds).collect(),
+        seq_len: args.seq_len,
         router: args.router,
-        ..Default::default()
+        progress: true,
     };
-    let report = perplexity(&model, &ids, args.seq_len, &opts, !args.json)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{report}");
+    let mut specs = vec![RunSpec {
+        label: format!("{} / {:?}", args.preset, args.mapping.strategy),
+        preset: args.preset.clone(),
+        options: args.mapping.options(),
+    }];
+    for item in &args.compare_strategies {
+        let (preset, strategy) = match item.split_once(':') {
+            Some((p, s)) => (p.to_string(), parse_strategy(s)?),
+            None => (item.clone(), args.mapping.strategy),
+        };
+        let flags = MappingFlags {
+            strategy,
+            ..args.mapping.clone()
+        };
+        specs.push(RunSpec {
+            label: format!("{preset} / {strategy:?}"),
+            preset,
+            options: flags.options(),
+        });
     }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut md = String::new();
+    let mut runs = Vec::new();
+    for spec in specs {
+        let preset = TilePreset::resolve(&spec.preset)?;
+        eprintln!("evaluating {} on {} tokens", spec.label, ids.len());
+        let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg)?;
+        let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
+        eprintln!(
+            "  analog forwards {:.1} s for {} (time × seed) points; digital reference {:.2} s",
+            report.analog_seconds,
+            report.points.len(),
+            report.digital_seconds
+        );
+        runs.push(RunResult { spec, report });
+    }
+    plot_runs(&runs, &args.out)?;
+    let sweep = if args.sweep_digital.is_empty() {
+        None
+    } else {
+        let t = parse_duration(&args.sweep_time).context("--sweep-time")?;
+        let sweep_cfg = AnalogEvalConfig {
+            times_s: vec![t],
+            ..cfg.clone()
+        };
+        let preset = TilePreset::resolve(&args.preset)?;
+        eprintln!("heterogeneous sweep at {}", format_duration(t));
+        let points = digital_sweep(
+            &model,
+            &preset,
+            &args.mapping.options(),
+            &args.sweep_digital,
+            &ids,
+            &sweep_cfg,
+        )?;
+        let table = write_sweep(&points, t, runs[0].report.digital_perplexity, &args.out)?;
+        let _ = writeln!(
+            md,
+            "## Heterogeneous sweep at {} ({})\n\n{table}",
+            format_duration(t),
+            args.preset
+        );
+        Some(points)
+    };
+    write_outputs(&runs, sweep.as_deref(), &args.out)?;
+    std::fs::write(args.out.join("eval.md"), &md)
+        .with_context(|| format!("writing {}", args.out.join("eval.md").display()))?;
+    print!("{md}");
+    eprintln!(
+        "wrote {}/{{eval.json, eval.md, perplexity_vs_time, agreement_vs_time{}}}",
+        args.out.display(),
+        if sweep.is_some() {
+            ", digital_sweep"
+        } else {
+            ""
+        }
+    );
     Ok(())
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy> {
+    use clap::ValueEnum;
+    Strategy::from_str(s, true).map_err(|_| {
+        anyhow::anyhow!("unknown strategy `{s}` (packed, expert-per-tier, affinity, heterogeneous)")
+    })
 }

@@ -3,9 +3,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod common;
 mod drift;
 mod eval;
+mod eval_analog;
 mod info;
+mod map;
 mod presets;
 
 #[derive(Parser, Debug)]
@@ -25,6 +28,8 @@ pub enum Command {
     Presets(presets::PresetsArgs),
     /// Program a test matrix on a tile preset, drift it over time, write JSON and plots.
     Drift(drift::DriftArgs),
+    /// Map a model onto a tile preset's 3D stacks; summary, JSON and occupancy heatmap.
+    Map(map::MapArgs),
     /// Evaluate a model (perplexity, throughput) on a text file.
     Eval(eval::EvalArgs),
     /// Print a model's architecture and parameter counts.
@@ -39,6 +44,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Presets(a) => presets::run(a),
         Command::Drift(a) => drift::run(a),
+        Command::Map(a) => map::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

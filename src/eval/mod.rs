@@ -9,7 +9,11 @@ use serde::Serialize;
 
 use crate::model::{ForwardOptions, Model};
 
+pub mod analog;
 pub mod bench;
+pub mod time;
+
+pub use time::format_duration;
 
 /// Sequences evaluated per forward call: packs enough tokens that every expert sees a batched GEMM.
 const SEQUENCES_PER_BATCH: usize = 4;

@@ -1,18 +1,47 @@
 //! The default model compiled into the binary, used when no `--model DIR` is given.
 //!
-//! The integrator fills [`load`] with the `include_bytes!` list of the trained checkpoint
-//! (`config.json`, the bf16 shards, `model.safetensors.index.json`, `tokenizer.json`) passed to
-//! [`super::Model::load_from_memory`].
-use anyhow::{bail, Result};
+//! `kjv-moe` (models/kjv-moe/README.md): an OLMoE-format MoE LM of 9.5M parameters (4 layers, 16 experts of
+//! width 128, top-4) trained on the King James Bible by `tools/train_embedded.py`. Its files are embedded with
+//! `include_bytes!` (19 MB), so the binary runs it from anywhere with no path; it is loaded through the same
+//! checkpoint code as a directory on disk (sharded bf16 safetensors + index + tokenizer).
+use anyhow::{Context, Result};
 
 use super::Model;
 
+macro_rules! embedded_file {
+    ($name:literal) => {
+        (
+            $name,
+            include_bytes!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/kjv-moe/",
+                $name
+            )) as &'static [u8],
+        )
+    };
+}
+
+/// The checkpoint files as `(name, bytes)`.
+pub const FILES: [(&str, &[u8]); 5] = [
+    embedded_file!("config.json"),
+    embedded_file!("model.safetensors.index.json"),
+    embedded_file!("model-00001-of-00002.safetensors"),
+    embedded_file!("model-00002-of-00002.safetensors"),
+    embedded_file!("tokenizer.json"),
+];
+
+/// Name shown in reports.
+pub const NAME: &str = "kjv-moe (embedded)";
+
+/// A contiguous excerpt of the held-out split (23 chapters, 16,321 tokens), the default evaluation text.
+const HELDOUT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-heldout.txt"));
+
 /// Loads the embedded default model.
 pub fn load() -> Result<Model> {
-    bail!("embedded model not built into this binary: pass --model DIR")
+    Model::load_from_memory(&FILES).context("loading the embedded model kjv-moe")
 }
 
 /// The held-out text excerpt shipped with the embedded model, the default of `aimc eval`.
 pub fn default_text() -> Result<&'static str> {
-    bail!("no default evaluation text built into this binary: pass --text FILE")
+    Ok(HELDOUT)
 }

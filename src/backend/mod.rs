@@ -1,0 +1,9 @@
+//! Execution backends for the analog expert matrix products.
+//!
+//! A backend programs the mapped matrices onto simulated crossbars, drifts them, and serves the model's
+//! [`ExpertLinear`](crate::model::ExpertLinear) calls: analog matrices go through their crossbar blocks, everything
+//! else through the digital weights. The physics lives once, in [`crate::device`] and [`crate::tile`].
+
+pub mod cpu;
+
+pub use cpu::AnalogExperts;

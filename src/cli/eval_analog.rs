@@ -1,0 +1,299 @@
+//! The analog part of `aimc eval`: map, program, drift, compare with the digital model; tables and plots.
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::common::write_json;
+use super::map::{geometry, matrix_specs};
+use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport};
+use crate::eval::time::format_duration;
+use crate::mapping::{map_matrices, DigitalSelection, Mapping, MappingOptions, Strategy};
+use crate::model::Model;
+use crate::report::{write_line_chart, LineChart, Series};
+use crate::tile::TilePreset;
+
+/// One configuration of a comparison: a preset and a mapping.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSpec {
+    pub label: String,
+    pub preset: String,
+    pub options: MappingOptions,
+}
+
+/// A configuration's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub spec: RunSpec,
+    pub report: AnalogEvalReport,
+}
+
+/// Maps `model` with `opts` on `preset` and runs the drift × seed sweep.
+pub fn run_one(
+    model: &Model,
+    preset: &TilePreset,
+    opts: &MappingOptions,
+    tokens: &[u32],
+    cfg: &AnalogEvalConfig,
+) -> Result<(Mapping, AnalogEvalReport)> {
+    let specs = matrix_specs(model);
+    let lookup = |id| model.matrix(id);
+    let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, None)
+        .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let report = evaluate(model, &mapping, preset, tokens, cfg)?;
+    Ok((mapping, report))
+}
+
+/// Markdown table of a report: one row per drift time, mean ± std over seeds.
+pub fn markdown_table(r: &AnalogEvalReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Digital perplexity: {:.3} ({} tokens, windows of {}).\n",
+        r.digital_perplexity, r.tokens, r.seq_len
+    );
+    let _ = writeln!(
+        s,
+        "| drift time | perplexity | top-1 agreement | KL(digital‖analog) [nats] |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for t in &r.summary {
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {:.4} ± {:.4} |",
+            format_duration(t.t_seconds),
+            t.perplexity_mean,
+            t.perplexity_std,
+            t.agreement_mean,
+            t.agreement_std,
+            t.kl_mean,
+            t.kl_std
+        );
+    }
+    s
+}
+
+/// Plots perplexity (with ±std band and the digital line) and agreement against drift time for one or more runs.
+pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
+    // Time 0 cannot sit on a log axis: plot it at 1 s and say so in the label.
+    let x = |t: f64| t.max(1.0);
+    let mut ppl = LineChart {
+        title: "Perplexity vs drift time (mean ± std over seeds)".into(),
+        x_label: "time after programming [s] (0 s drawn at 1 s)".into(),
+        y_label: "perplexity".into(),
+        log_x: true,
+        ..Default::default()
+    };
+    let mut agree = LineChart {
+        title: "Next-token top-1 agreement with the digital model".into(),
+        x_label: ppl.x_label.clone(),
+        y_label: "agreement".into(),
+        log_x: true,
+        ..Default::default()
+    };
+    for r in runs {
+        let s = &r.report.summary;
+        ppl.series.push(Series {
+            label: r.spec.label.clone(),
+            points: s
+                .iter()
+                .map(|p| (x(p.t_seconds), p.perplexity_mean))
+                .collect(),
+            band: Some(
+                s.iter()
+                    .map(|p| {
+                        (
+                            x(p.t_seconds),
+                            p.perplexity_mean - p.perplexity_std,
+                            p.perplexity_mean + p.perplexity_std,
+                        )
+                    })
+                    .collect(),
+            ),
+        });
+        agree.series.push(Series {
+            label: r.spec.label.clone(),
+            points: s
+                .iter()
+                .map(|p| (x(p.t_seconds), p.agreement_mean))
+                .collect(),
+            band: Some(
+                s.iter()
+                    .map(|p| {
+                        (
+                            x(p.t_seconds),
+                            p.agreement_mean - p.agreement_std,
+                            p.agreement_mean + p.agreement_std,
+                        )
+                    })
+                    .collect(),
+            ),
+        });
+    }
+    if let Some(first) = runs.first() {
+        let s = &first.report.summary;
+        let d = first.report.digital_perplexity;
+        ppl.series.push(Series {
+            label: "digital".into(),
+            points: vec![(x(s[0].t_seconds), d), (x(s[s.len() - 1].t_seconds), d)],
+            band: None,
+        });
+    }
+    write_line_chart(&ppl, &out.join("perplexity_vs_time"))?;
+    write_line_chart(&agree, &out.join("agreement_vs_time"))?;
+    Ok(())
+}
+
+/// Result of the heterogeneous sweep at one digital fraction.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepPoint {
+    pub digital_fraction: f64,
+    pub norm_perplexity_mean: f64,
+    pub norm_perplexity_std: f64,
+    pub random_perplexity_mean: f64,
+    pub random_perplexity_std: f64,
+}
+
+/// Perplexity at one drift time against the share of experts kept digital, for max-neuron-norm and random
+/// selection of the same size.
+pub fn digital_sweep(
+    model: &Model,
+    preset: &TilePreset,
+    base: &MappingOptions,
+    fractions: &[f64],
+    tokens: &[u32],
+    cfg: &AnalogEvalConfig,
+) -> Result<Vec<SweepPoint>> {
+    let mut points = Vec::new();
+    for &f in fractions {
+        let mut stats = Vec::new();
+        for selection in [
+            DigitalSelection::MaxNeuronNorm,
+            DigitalSelection::Random { seed: 0x5EED },
+        ] {
+            let opts = MappingOptions {
+                digital_fraction: f,
+                digital_selection: selection,
+                strategy: if base.strategy == Strategy::Affinity {
+                    Strategy::ExpertPerTier
+                } else {
+                    base.strategy
+                },
+                ..base.clone()
+            };
+            let (_, r) = run_one(model, preset, &opts, tokens, cfg)?;
+            let s = r.summary[0];
+            stats.push((s.perplexity_mean, s.perplexity_std));
+        }
+        points.push(SweepPoint {
+            digital_fraction: f,
+            norm_perplexity_mean: stats[0].0,
+            norm_perplexity_std: stats[0].1,
+            random_perplexity_mean: stats[1].0,
+            random_perplexity_std: stats[1].1,
+        });
+    }
+    Ok(points)
+}
+
+/// Plot and table of the heterogeneous sweep.
+pub fn write_sweep(
+    points: &[SweepPoint],
+    t_seconds: f64,
+    digital_ppl: f64,
+    out: &Path,
+) -> Result<String> {
+    let band = |m: f64, s: f64, f: f64| (f, m - s, m + s);
+    let chart = LineChart {
+        title: format!(
+            "Perplexity at {} vs share of experts kept digital",
+            format_duration(t_seconds)
+        ),
+        x_label: "digital fraction of routed experts".into(),
+        y_label: "perplexity".into(),
+        series: vec![
+            Series {
+                label: "max neuron norm".into(),
+                points: points
+                    .iter()
+                    .map(|p| (p.digital_fraction, p.norm_perplexity_mean))
+                    .collect(),
+                band: Some(
+                    points
+                        .iter()
+                        .map(|p| {
+                            band(
+                                p.norm_perplexity_mean,
+                                p.norm_perplexity_std,
+                                p.digital_fraction,
+                            )
+                        })
+                        .collect(),
+                ),
+            },
+            Series {
+                label: "random".into(),
+                points: points
+                    .iter()
+                    .map(|p| (p.digital_fraction, p.random_perplexity_mean))
+                    .collect(),
+                band: Some(
+                    points
+                        .iter()
+                        .map(|p| {
+                            band(
+                                p.random_perplexity_mean,
+                                p.random_perplexity_std,
+                                p.digital_fraction,
+                            )
+                        })
+                        .collect(),
+                ),
+            },
+            Series {
+                label: "digital".into(),
+                points: vec![
+                    (points[0].digital_fraction, digital_ppl),
+                    (points[points.len() - 1].digital_fraction, digital_ppl),
+                ],
+                band: None,
+            },
+        ],
+        ..Default::default()
+    };
+    write_line_chart(&chart, &out.join("digital_sweep"))?;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| digital fraction | perplexity, max-neuron-norm | perplexity, random |\n|---|---|---|"
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "| {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
+            p.digital_fraction,
+            p.norm_perplexity_mean,
+            p.norm_perplexity_std,
+            p.random_perplexity_mean,
+            p.random_perplexity_std
+        );
+    }
+    Ok(s)
+}
+
+/// Writes the JSON of the runs and, when there is one, the sweep.
+pub fn write_outputs(runs: &[RunResult], sweep: Option<&[SweepPoint]>, out: &Path) -> Result<()> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        runs: &'a [RunResult],
+        digital_sweep: Option<&'a [SweepPoint]>,
+    }
+    write_json(
+        &out.join("eval.json"),
+        &Out {
+            runs,
+            digital_sweep: sweep,
+        },
+    )
+}

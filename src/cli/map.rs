@@ -1,0 +1,147 @@
+//! `aimc map`: map a model onto a tile preset's chip, print the summary, write JSON and an occupancy heatmap.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::common::{load_model, load_tokens, write_json};
+use crate::mapping::{
+    map_matrices, ChipGeometry, DigitalSelection, MappingOptions, MappingSummary, MatrixSpec,
+    ModelTotals, RoutingTrace, Strategy,
+};
+use crate::model::{Model, RouterKind};
+use crate::report::heatmap::{write_occupancy, OccupancyGrid};
+use crate::tile::TilePreset;
+
+/// The mapping flags shared by `aimc map`, `aimc eval` and `aimc report`.
+#[derive(Args, Debug, Clone)]
+pub struct MappingFlags {
+    /// Placement strategy.
+    #[arg(long, value_enum, default_value = "expert-per-tier")]
+    pub strategy: Strategy,
+    /// Fraction of each layer's routed experts kept digital (default 0.25 with `heterogeneous`, else 0).
+    #[arg(long)]
+    pub digital_fraction: Option<f64>,
+    /// Choose the digital experts at random with this seed instead of by max neuron norm.
+    #[arg(long)]
+    pub random_digital: Option<u64>,
+    /// Put shared experts and dense MLPs on analog tiles too.
+    #[arg(long)]
+    pub analog_shared: bool,
+}
+
+impl MappingFlags {
+    /// The mapping options these flags ask for.
+    pub fn options(&self) -> MappingOptions {
+        let default_fraction = if self.strategy == Strategy::Heterogeneous {
+            0.25
+        } else {
+            0.0
+        };
+        MappingOptions {
+            strategy: self.strategy,
+            digital_fraction: self.digital_fraction.unwrap_or(default_fraction),
+            digital_selection: match self.random_digital {
+                Some(seed) => DigitalSelection::Random { seed },
+                None => DigitalSelection::MaxNeuronNorm,
+            },
+            analog_shared: self.analog_shared,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MapArgs {
+    /// HuggingFace checkpoint directory (default: the embedded model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub preset: String,
+    #[command(flatten)]
+    pub mapping: MappingFlags,
+    /// Calibration text for the routing trace (default: the embedded held-out text).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub calib_tokens: usize,
+    /// Output folder.
+    #[arg(long, default_value = "reports/map")]
+    pub out: PathBuf,
+}
+
+/// The 3D preset used when none is named.
+pub const DEFAULT_PRESET: &str = "pcm-3d-8tier";
+
+/// Chip geometry of a preset.
+pub fn geometry(preset: &TilePreset) -> ChipGeometry {
+    ChipGeometry {
+        rows: preset.stack.rows,
+        cols: preset.stack.cols,
+        tiers_per_stack: preset.stack.tiers_per_stack,
+        stacks: preset.stack.stacks,
+    }
+}
+
+/// Every FFN matrix of the model as a mapping input.
+pub fn matrix_specs(model: &Model) -> Vec<MatrixSpec> {
+    model
+        .matrices()
+        .map(|(id, w)| MatrixSpec {
+            id,
+            n_out: w.nrows(),
+            n_in: w.ncols(),
+        })
+        .collect()
+}
+
+/// Model totals for the summary's digital shares.
+pub fn model_totals(model: &Model) -> ModelTotals {
+    let p = model.param_counts();
+    let lm_head = model.config.vocab_size * model.config.hidden_size;
+    ModelTotals {
+        total_params: p.total,
+        dense_matmul_params: p.attention + p.router + lm_head,
+        top_k: model.config.top_k,
+        n_experts: model.config.num_experts,
+    }
+}
+
+pub fn run(args: MapArgs) -> Result<()> {
+    let model = load_model(args.model.as_deref())?;
+    let preset = TilePreset::resolve(&args.preset)?;
+    let tokens = load_tokens(&model, args.calib.as_deref(), args.calib_tokens)?;
+    let trace = RoutingTrace::collect(&model, &tokens, 512, RouterKind::default())
+        .context("collecting the routing trace on the calibration text")?;
+    let specs = matrix_specs(&model);
+    let lookup = |id| model.matrix(id);
+    let mapping = map_matrices(
+        &specs,
+        geometry(&preset),
+        &args.mapping.options(),
+        &lookup,
+        Some(&trace),
+    )?;
+    let summary = MappingSummary::new(&mapping, &model_totals(&model), Some(&trace));
+    println!("preset                {}", preset.name);
+    print!("{summary}");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    write_json(&args.out.join("mapping.json"), &mapping)?;
+    write_json(&args.out.join("summary.json"), &summary)?;
+    let grid = OccupancyGrid {
+        title: format!(
+            "{:?} on {} ({:?})",
+            model.config.family, preset.name, args.mapping.strategy
+        ),
+        cells: mapping.occupancy(),
+        n_layers: model.config.num_layers,
+    };
+    write_occupancy(&grid, &args.out.join("occupancy"))?;
+    println!(
+        "wrote {}/{{mapping.json, summary.json, occupancy.png, occupancy.svg}}",
+        args.out.display()
+    );
+    Ok(())
+}

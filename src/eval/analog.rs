@@ -1,0 +1,342 @@
+//! Accuracy of the analog model against the digital baseline over drift time and seeds (design.md §7).
+//!
+//! For each seed the mapped matrices are programmed once; for each drift time they are drifted (from the same
+//! programmed state) and the model runs on the evaluation tokens with every analog expert MVM through its crossbars.
+//! Metrics on the same tokens as the digital model: perplexity, next-token top-1 agreement, and the mean
+//! KL(digital ‖ analog) of the next-token distributions.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use ndarray::{Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::AnalogExperts;
+use crate::mapping::Mapping;
+use crate::model::{ForwardOptions, Model, RouterKind};
+use crate::tile::TilePreset;
+
+/// Default drift times (design.md §7): 0 s, 1 min, 1 h, 1 day, 1 week, 1 month (30 d), 1 year (365 d).
+pub const DEFAULT_TIMES_S: [f64; 7] = [
+    0.0,
+    60.0,
+    3600.0,
+    86_400.0,
+    604_800.0,
+    2_592_000.0,
+    31_536_000.0,
+];
+
+/// What to sweep.
+#[derive(Clone, Debug)]
+pub struct AnalogEvalConfig {
+    pub times_s: Vec<f64>,
+    pub seeds: Vec<u64>,
+    /// Tokens per evaluated sequence (the text is cut into consecutive windows of this length).
+    pub seq_len: usize,
+    pub router: RouterKind,
+    pub progress: bool,
+}
+
+/// Metrics of one (time, seed) point.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PointMetrics {
+    pub t_seconds: f64,
+    pub seed: u64,
+    pub perplexity: f64,
+    /// Fraction of positions where the analog and digital argmax next token agree.
+    pub agreement: f64,
+    /// Mean over positions of KL(digital ‖ analog), in nats.
+    pub kl: f64,
+}
+
+/// Mean ± standard deviation (sample, n − 1) over seeds at one drift time.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct TimeSummary {
+    pub t_seconds: f64,
+    pub perplexity_mean: f64,
+    pub perplexity_std: f64,
+    pub agreement_mean: f64,
+    pub agreement_std: f64,
+    pub kl_mean: f64,
+    pub kl_std: f64,
+}
+
+/// The whole sweep.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnalogEvalReport {
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub digital_perplexity: f64,
+    pub points: Vec<PointMetrics>,
+    pub summary: Vec<TimeSummary>,
+    /// Wall time of the analog forwards alone, and of the digital reference forward.
+    pub analog_seconds: f64,
+    pub digital_seconds: f64,
+}
+
+/// Sums over the positions of one sequence.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sums {
+    nll: f64,
+    agree: usize,
+    kl: f64,
+    positions: usize,
+}
+
+impl std::ops::AddAssign for Sums {
+    fn add_assign(&mut self, o: Self) {
+        self.nll += o.nll;
+        self.agree += o.agree;
+        self.kl += o.kl;
+        self.positions += o.positions;
+    }
+}
+
+/// Row-wise log-softmax in f64 accumulation (stable: max subtracted first).
+pub fn log_softmax_rows(logits: ArrayView2<f32>) -> Array2<f32> {
+    let mut out = logits.to_owned();
+    out.axis_iter_mut(Axis(0)).for_each(|mut row| {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(m)
+            + row
+                .iter()
+                .map(|&x| f64::from(x - m).exp())
+                .sum::<f64>()
+                .ln();
+        row.mapv_inplace(|x| (f64::from(x) - lse) as f32);
+    });
+    out
+}
+
+fn argmax(row: ndarray::ArrayView1<f32>) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Digital reference of one sequence: log-probabilities of the positions that have a next token.
+struct Reference {
+    logp: Array2<f32>,
+    argmax: Vec<usize>,
+}
+
+/// Compares analog logits with the digital reference on `targets` (the next tokens).
+fn compare(reference: &Reference, analog_logits: ArrayView2<f32>, targets: &[u32]) -> Sums {
+    let n = targets.len();
+    let la = log_softmax_rows(analog_logits.slice(ndarray::s![..n, ..]));
+    let mut s = Sums {
+        positions: n,
+        ..Default::default()
+    };
+    for i in 0..n {
+        let (a, d) = (la.row(i), reference.logp.row(i));
+        s.nll -= f64::from(a[targets[i] as usize]);
+        s.agree += usize::from(argmax(a) == reference.argmax[i]);
+        s.kl += a
+            .iter()
+            .zip(d.iter())
+            .map(|(&qa, &pd)| f64::from(pd).exp() * (f64::from(pd) - f64::from(qa)))
+            .sum::<f64>();
+    }
+    s
+}
+
+/// Cuts `tokens` into windows of `seq_len` (the last may be shorter; windows of one token are dropped since they
+/// predict nothing).
+pub fn windows(tokens: &[u32], seq_len: usize) -> Vec<&[u32]> {
+    tokens
+        .chunks(seq_len.max(2))
+        .filter(|w| w.len() >= 2)
+        .collect()
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Runs the sweep. `mapping` says which matrices are analog and `preset` how they are built.
+pub fn evaluate(
+    model: &Model,
+    mapping: &Mapping,
+    preset: &TilePreset,
+    tokens: &[u32],
+    cfg: &AnalogEvalConfig,
+) -> Result<AnalogEvalReport> {
+    ensure!(
+        !cfg.times_s.is_empty() && !cfg.seeds.is_empty(),
+        "need at least one drift time and one seed"
+    );
+    ensure!(
+        cfg.times_s.iter().all(|t| t.is_finite() && *t >= 0.0),
+        "drift times must be finite and ≥ 0 s, got {:?}",
+        cfg.times_s
+    );
+    let seqs = windows(tokens, cfg.seq_len);
+    ensure!(
+        !seqs.is_empty(),
+        "need at least 2 tokens to evaluate, got {}",
+        tokens.len()
+    );
+    let opts = ForwardOptions {
+        router: cfg.router,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let references: Vec<Reference> = seqs
+        .par_iter()
+        .map(|s| {
+            let out = model.forward(s, &opts)?;
+            let logp = log_softmax_rows(out.logits.slice(ndarray::s![..s.len() - 1, ..]));
+            let argmax = logp.axis_iter(Axis(0)).map(argmax).collect();
+            Ok(Reference { logp, argmax })
+        })
+        .collect::<Result<_>>()?;
+    let digital_seconds = t0.elapsed().as_secs_f64();
+    let digital_nll: f64 = references
+        .iter()
+        .zip(&seqs)
+        .map(|(r, s)| {
+            (0..s.len() - 1)
+                .map(|i| -f64::from(r.logp[[i, s[i + 1] as usize]]))
+                .sum::<f64>()
+        })
+        .sum();
+    let positions: usize = seqs.iter().map(|s| s.len() - 1).sum();
+
+    let bar = progress_bar(cfg.progress, (cfg.times_s.len() * cfg.seeds.len()) as u64);
+    let mut points = Vec::new();
+    let t1 = Instant::now();
+    for &seed in &cfg.seeds {
+        let mut experts = AnalogExperts::program(model, mapping, preset, seed)?;
+        for &t in &cfg.times_s {
+            bar.set_message(format!(
+                "seed {seed}, t = {}",
+                crate::eval::format_duration(t)
+            ));
+            experts.drift_to(t);
+            let mut total = Sums::default();
+            let per_seq: Vec<Sums> = seqs
+                .par_iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let call = experts.call(k as u32);
+                    let o = ForwardOptions {
+                        experts: Some(&call),
+                        ..opts
+                    };
+                    let out = model.forward(s, &o)?;
+                    Ok(compare(&references[k], out.logits.view(), &s[1..]))
+                })
+                .collect::<Result<_>>()?;
+            for s in per_seq {
+                total += s;
+            }
+            points.push(PointMetrics {
+                t_seconds: t,
+                seed,
+                perplexity: (total.nll / total.positions as f64).exp(),
+                agreement: total.agree as f64 / total.positions as f64,
+                kl: total.kl / total.positions as f64,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let summary = cfg
+        .times_s
+        .iter()
+        .map(|&t| {
+            let at: Vec<&PointMetrics> = points.iter().filter(|p| p.t_seconds == t).collect();
+            let col = |f: fn(&PointMetrics) -> f64| at.iter().map(|p| f(p)).collect::<Vec<_>>();
+            let (pm, ps) = mean_std(&col(|p| p.perplexity));
+            let (am, as_) = mean_std(&col(|p| p.agreement));
+            let (km, ks) = mean_std(&col(|p| p.kl));
+            TimeSummary {
+                t_seconds: t,
+                perplexity_mean: pm,
+                perplexity_std: ps,
+                agreement_mean: am,
+                agreement_std: as_,
+                kl_mean: km,
+                kl_std: ks,
+            }
+        })
+        .collect();
+    Ok(AnalogEvalReport {
+        tokens: tokens.len(),
+        seq_len: cfg.seq_len,
+        digital_perplexity: (digital_nll / positions as f64).exp(),
+        points,
+        summary,
+        analog_seconds: t1.elapsed().as_secs_f64(),
+        digital_seconds,
+    })
+}
+
+fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} (time × seed) {msg} [{elapsed}]",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn log_softmax_rows_normalise() {
+        let l = log_softmax_rows(array![[1.0f32, 2.0, 3.0], [1000.0, 1000.0, -1000.0]].view());
+        for row in l.rows() {
+            let s: f64 = row.iter().map(|&x| f64::from(x).exp()).sum();
+            assert!((s - 1.0).abs() < 1e-6);
+        }
+        assert!((l[[1, 0]] - (0.5f32).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn identical_distributions_agree_fully_with_zero_kl() {
+        let logits = array![[0.1f32, 2.0, -1.0], [3.0, 0.0, 0.5]];
+        let logp = log_softmax_rows(logits.view());
+        let argmax = logp.axis_iter(Axis(0)).map(argmax).collect();
+        let r = Reference { logp, argmax };
+        let s = compare(&r, logits.view(), &[1, 0]);
+        assert_eq!(s.agree, 2);
+        assert!(s.kl.abs() < 1e-9);
+        // Shifting all logits of a row by a constant changes nothing.
+        let shifted = logits.mapv(|x| x + 7.0);
+        let s2 = compare(&r, shifted.view(), &[1, 0]);
+        assert!((s2.nll - s.nll).abs() < 1e-5 && s2.kl.abs() < 1e-6);
+    }
+
+    #[test]
+    fn mean_std_uses_the_sample_estimator() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((s - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+    }
+}
