@@ -49,6 +49,13 @@ fn quantizer_rounds_half_to_even_and_clamps() {
     // Clamping at ±bound.
     assert_eq!(q.quantize(7.0, step), 1.0);
     assert_eq!(q.quantize(-1.2, step), -1.0);
+    assert_eq!(q.quantize(1e30, step), 1.0);
+    assert_eq!(q.quantize(f32::NEG_INFINITY, step), -1.0);
+    // rint agrees with the library half-to-even rounding everywhere in range.
+    for i in -20_000..20_000 {
+        let v = i as f32 * 0.25 + 0.001 * (i % 3) as f32;
+        assert_eq!(aimc::tile::rint(v), v.round_ties_even(), "rint({v})");
+    }
 }
 
 /// With W = I on an ideal device and only a DAC, the output is exactly the quantised input:
