@@ -285,6 +285,19 @@ impl Crossbar {
     pub fn conductance_scale_us(&self) -> f32 {
         self.g_scale_us
     }
+    /// Conductance (µS) of the device holding each weight at the current time: |W̃|·s for a
+    /// differential pair (after AIHWKIT's re-conversion only one device of a pair is non-zero),
+    /// g_mid + s·W̃ for a single device.
+    pub fn device_conductances_us(&self) -> Array2<f32> {
+        let s = self.g_scale_us;
+        match self.converter {
+            WeightConverter::DifferentialPair { .. } => self.w.mapv(|w| w.abs() * s),
+            WeightConverter::SingleDevice { g_min_us, g_max_us } => {
+                let mid = 0.5 * (g_min_us + g_max_us);
+                self.w.mapv(|w| mid + s * w)
+            }
+        }
+    }
     /// GDC factors α (one, or one per column; 1 without GDC or before any drift).
     pub fn gdc_alpha(&self) -> &[f32] {
         &self.gdc_alpha
