@@ -240,6 +240,9 @@ impl Crossbar {
     ///
     /// `mvm_id` is the caller's call counter: per-MVM noise is keyed by (mvm_id, batch row,
     /// output index), so equal ids reproduce equal noise. Must be below [`GDC_READOUT_MVM_ID`].
+    ///
+    /// # Panics
+    /// If `x` does not have `n_in` columns (a shape bug in the caller, not a data error).
     pub fn mvm(&self, x: ArrayView2<f32>, mvm_id: u32) -> Array2<f32> {
         self.forward(x, mvm_id, true)
     }
