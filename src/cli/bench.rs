@@ -1,7 +1,12 @@
 //! `aimc bench`: speed benchmarks, each timed against a reference measured in the same run.
-use std::time::Instant;
+//!
+//! Every suite renders a markdown report (machine, command, table); `--record DIR` also writes it
+//! to `DIR/<YYYY-MM-DD>-<suite>-cpu.md` (the project keeps these under `reports/bench/`).
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use ndarray::Array2;
 
@@ -34,6 +39,9 @@ pub struct BenchArgs {
         default_value = "standard-hwa,aihwkit-default"
     )]
     pub presets: Vec<String>,
+    /// Also write the report to `<DIR>/<date>-<suite>-cpu.md`.
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
 }
 
 /// Run the chosen suite and print a markdown table.
@@ -41,9 +49,57 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be ≥ 1");
     }
-    match args.suite {
-        Suite::Crossbar => crossbar_suite(&args),
+    let (name, table) = match args.suite {
+        Suite::Crossbar => ("crossbar", crossbar_suite(&args)?),
+    };
+    let date = utc_date();
+    let command: Vec<String> = std::env::args().collect();
+    let report = format!(
+        "# `{name}` benchmark, {date}\n\n- machine: {} ({} logical CPUs, {} rayon threads)\n- build: {}\n- command: `{}`\n\n{table}",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rayon::current_num_threads(),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        command.join(" "),
+    );
+    println!("{report}");
+    if let Some(dir) = &args.record {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{date}-{name}-cpu.md"));
+        std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// CPU model name from /proc/cpuinfo (what `lscpu` prints as "Model name").
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Today's UTC date as YYYY-MM-DD (civil-from-days, H. Hinnant's algorithm).
+fn utc_date() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 /// Median wall time (s) of `repeats` runs of `f` after one warm-up run.
@@ -60,7 +116,9 @@ fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-fn crossbar_suite(args: &BenchArgs) -> Result<()> {
+/// 512×512 crossbar MVM on a batch with every nonideality of each preset, after 1 h of drift,
+/// against `x.dot(&w.t())` of the same shape; returns the markdown table.
+fn crossbar_suite(args: &BenchArgs) -> Result<String> {
     let (n, batch) = (512usize, args.batch);
     let data = Stream::new(0, Purpose::TestData, 0);
     let w = Array2::from_shape_fn((n, n), |(i, j)| data.normal((i * n + j) as u64, 0) * 0.1);
@@ -68,16 +126,14 @@ fn crossbar_suite(args: &BenchArgs) -> Result<()> {
     let x = Array2::from_shape_fn((batch, n), |(b, j)| {
         2.0 * inputs.uniform((b * n + j) as u64, 0) - 1.0
     });
-    let threads = rayon::current_num_threads();
-    println!("crossbar suite: {n}×{n} weights, batch {batch}, {threads} rayon threads, median of {} runs", args.repeats);
     let reference = median_seconds(args.repeats, || {
         std::hint::black_box(x.dot(&w.t()));
     });
-    println!();
-    println!("| case | median ms | ratio to plain matmul |");
-    println!("|---|---:|---:|");
-    println!(
-        "| plain f32 ndarray `x.dot(&w.t())` (single-threaded matrixmultiply) | {:.2} | 1.00 |",
+    let mut table = format!(
+        "512×512 weights, batch {batch}, median of {} timed runs after one warm-up; both sides measured in this run.\n\n\
+         | case | median ms | ratio to plain matmul |\n|---|---:|---:|\n\
+         | plain f32 ndarray `x.dot(&w.t())` (matrixmultiply, one thread) | {:.2} | 1.00 |\n",
+        args.repeats,
         reference * 1e3
     );
     for name in &args.presets {
@@ -89,12 +145,13 @@ fn crossbar_suite(args: &BenchArgs) -> Result<()> {
             id += 1;
             std::hint::black_box(xbar.mvm(x.view(), id));
         });
-        println!(
-            "| `{}` crossbar mvm (rayon, all nonidealities of the preset) | {:.2} | {:.2} |",
+        writeln!(
+            table,
+            "| `{}` `Crossbar::mvm` (rayon over the batch, all nonidealities of the preset) | {:.2} | {:.2} |",
             preset.name,
             t * 1e3,
             t / reference
-        );
+        )?;
     }
-    Ok(())
+    Ok(table)
 }

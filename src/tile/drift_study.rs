@@ -143,7 +143,7 @@ pub fn drift_study(preset: &TilePreset, config: &DriftStudyConfig) -> Result<Dri
         with_gdc.drift_to(t);
         without.drift_to(t);
         let (g_mean_us, g_std_us) =
-            mean_std(device_conductances_us(&with_gdc).iter().map(|&g| g as f64));
+            mean_std(with_gdc.device_conductances_us().iter().map(|&g| g as f64));
         let w_t = with_gdc.effective_weights();
         let (w_err_mean, w_err_std) = mean_std(
             w_t.iter()
@@ -174,18 +174,6 @@ pub fn drift_study(preset: &TilePreset, config: &DriftStudyConfig) -> Result<Dri
         points,
         fan: drift_fan(device.as_ref(), config),
     })
-}
-
-/// Conductance (µS) of the device holding each weight of a crossbar at its current time.
-fn device_conductances_us(xbar: &Crossbar) -> Array2<f32> {
-    let s = xbar.conductance_scale_us();
-    let dev = xbar.device();
-    if dev.differential() {
-        xbar.weights().mapv(|w| w.abs() * s)
-    } else {
-        let mid = 0.5 * (dev.g_min_us() + dev.g_max_us());
-        xbar.weights().mapv(|w| mid + s * w)
-    }
 }
 
 /// Program `fan_devices` devices at each level and read them over the fan time grid.

@@ -102,6 +102,9 @@ impl AnalogMatrix {
     }
 
     /// `[batch, n_in]` → `[batch, n_out]`; partial sums added in input-block order.
+    ///
+    /// # Panics
+    /// If `x` does not have `n_in` columns.
     pub fn mvm(&self, x: ArrayView2<f32>, mvm_id: u32) -> Array2<f32> {
         assert_eq!(
             x.ncols(),

@@ -18,7 +18,7 @@ pub use drift_study::{
 };
 pub use matrix::{split_equal, AnalogMatrix, BlockGeometry};
 pub use preset::{
-    BoundManagement, DriftCompensation, FieldError, IrDrop, MappingSpec, NoiseManagement,
+    rint, BoundManagement, DriftCompensation, FieldError, IrDrop, MappingSpec, NoiseManagement,
     PeripherySpec, PresetError, Quantizer, StackSpec, TilePreset, WeightNoise,
 };
 pub use stack::TileStack;

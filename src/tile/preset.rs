@@ -102,7 +102,7 @@ pub enum NoiseManagement {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quantizer {
-    /// Resolution in bits (1..=24).
+    /// Resolution in bits (2..=16).
     pub bits: u32,
     /// Clamp bound b, in normalised units (DAC: input units, 1 = full scale; ADC: output units).
     pub bound: f32,
@@ -114,11 +114,28 @@ impl Quantizer {
         2.0 * self.bound / ((1u64 << self.bits) - 2) as f32
     }
 
-    /// clamp(rint(v/Δ)·Δ, −b, b) with half-to-even rounding.
+    /// clamp(rint(v/Δ)·Δ, −b, b) with half-to-even rounding (`step` = [`Quantizer::step`]).
+    ///
+    /// v/Δ is first limited to ±2²¹ levels, which changes nothing (bits ≤ 16 puts the bound
+    /// below 2¹⁵ levels) and lets [`rint`] run branch-free.
     #[inline]
     pub fn quantize(&self, v: f32, step: f32) -> f32 {
-        ((v / step).round_ties_even() * step).clamp(-self.bound, self.bound)
+        const LIMIT: f32 = 2_097_152.0; // 2²¹
+        (rint((v / step).clamp(-LIMIT, LIMIT)) * step).clamp(-self.bound, self.bound)
     }
+}
+
+/// Round to nearest, ties to even (IEEE `rint`, CUDA `rintf`), valid for |v| < 2²²: adding and
+/// subtracting 1.5·2²³ rounds exactly in the default rounding mode and avoids a libm call on
+/// x86-64 targets without SSE4.1. Callers must bound |v| first ([`Quantizer::quantize`] does).
+#[inline]
+pub fn rint(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³
+    debug_assert!(
+        v.is_nan() || v.abs() < 4_194_304.0,
+        "rint({v}) out of range"
+    );
+    (v + MAGIC) - MAGIC
 }
 
 /// Short-term (per-MVM) weight noise (design.md §3.5).
@@ -341,10 +358,10 @@ impl TilePreset {
         }
         for (name, q) in [("dac", p.dac), ("adc", p.adc)] {
             if let Some(q) = q {
-                if !(2..=24).contains(&q.bits) {
+                if !(2..=16).contains(&q.bits) {
                     return Err(FieldError::new(
                         format!("periphery.{name}.bits"),
-                        format!("resolution must be 2..=24 bits, got {}", q.bits),
+                        format!("resolution must be 2..=16 bits, got {}", q.bits),
                     ));
                 }
                 finite_positive(&format!("periphery.{name}.bound"), q.bound)?;

@@ -1,0 +1,114 @@
+//! Splitting large matrices into equal-part blocks (design.md §3) and 3D tile stacks (§4).
+use aimc::tile::{split_equal, AnalogMatrix, TilePreset, TileStack};
+use ndarray::Array2;
+
+#[test]
+fn split_equal_gives_near_equal_parts_first_ones_larger() {
+    let lens = |n, m| {
+        split_equal(n, m)
+            .iter()
+            .map(|r| r.len())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lens(1300, 512), vec![434, 433, 433]);
+    assert_eq!(lens(700, 512), vec![350, 350]);
+    assert_eq!(lens(512, 512), vec![512]);
+    assert_eq!(lens(513, 512), vec![257, 256]);
+    assert_eq!(lens(10, 3), vec![3, 3, 2, 2]);
+    assert!(split_equal(0, 4).is_empty());
+    let parts = split_equal(1300, 512);
+    assert_eq!((parts[0].start, parts[2].end), (0, 1300));
+    assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+}
+
+/// A 1300×700 matrix (n_out × n_in) on 512×512 crossbars: 3×2 blocks of 434/433 × 350, each with
+/// its own tensor id; under `ideal` the blocks recombine to W and W·x to 1e-6 relative.
+#[test]
+fn matrix_1300x700_splits_and_recombines_under_ideal() {
+    let preset = TilePreset::builtin("ideal").unwrap();
+    let (n_out, n_in) = (1300, 700);
+    let w = Array2::from_shape_fn((n_out, n_in), |(i, j)| {
+        (((i * 7919 + j * 104729) % 1000) as f32 - 500.0) / 250.0
+    });
+    let m = AnalogMatrix::program(w.view(), &preset, 5, 42).unwrap();
+    assert_eq!(m.num_blocks(), 6);
+    let geo = m.geometry();
+    let shapes: Vec<(usize, usize)> = geo
+        .iter()
+        .map(|g| (g.out_range.len(), g.in_range.len()))
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            (434, 350),
+            (434, 350),
+            (433, 350),
+            (433, 350),
+            (433, 350),
+            (433, 350)
+        ]
+    );
+    assert_eq!(geo[3].out_range, 434..867);
+    assert_eq!(geo[3].in_range, 350..700);
+    let ids: std::collections::HashSet<u32> = geo.iter().map(|g| g.tensor_id).collect();
+    assert_eq!(ids.len(), 6, "block tensor ids must differ");
+
+    let back = m.effective_weights();
+    let max_err = back
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        max_err <= 1e-6 * 2.0,
+        "recombined weights differ by {max_err}"
+    );
+
+    let x = Array2::from_shape_fn((17, n_in), |(b, j)| ((b * 3 + j) as f32 * 0.01).sin());
+    let y = m.mvm(x.view(), 0);
+    let y_ref = x.dot(&w.t());
+    let num: f64 = y
+        .iter()
+        .zip(&y_ref)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = y_ref.iter().map(|b| (*b as f64).powi(2)).sum();
+    assert!(
+        (num / den).sqrt() < 1e-6,
+        "relative error {}",
+        (num / den).sqrt()
+    );
+}
+
+#[test]
+fn oversized_crossbar_and_bad_weights_are_errors() {
+    let preset = TilePreset::builtin("ideal").unwrap();
+    let big = Array2::<f32>::zeros((10, 513));
+    let err = aimc::tile::Crossbar::program(big.view(), &preset, 0, 9).unwrap_err();
+    assert!(format!("{err:#}").contains("tensor 9"), "{err:#}");
+    let mut w = Array2::<f32>::zeros((4, 4));
+    w[[2, 3]] = f32::NAN;
+    let err = aimc::tile::Crossbar::program(w.view(), &preset, 0, 9).unwrap_err();
+    assert!(format!("{err:#}").contains("[2, 3]"), "{err:#}");
+}
+
+/// One tier active per MVM; switches counted only when the tier changes.
+#[test]
+fn tile_stack_counts_tier_switches() {
+    let preset = TilePreset::builtin("pcm-3d-8tier").unwrap();
+    let mut stack = TileStack::new(&preset);
+    assert_eq!(stack.num_tiers(), 8);
+    let w = Array2::from_shape_fn((16, 32), |(i, j)| (i as f32 - j as f32) / 32.0);
+    stack.program_tier(0, w.view(), 1, 10).unwrap();
+    stack.program_tier(5, w.view(), 1, 11).unwrap();
+    assert!(stack.program_tier(8, w.view(), 1, 12).is_err());
+    stack.drift_to(3600.0);
+    let x = Array2::<f32>::ones((2, 32));
+    for tier in [0, 0, 5, 5, 0, 5] {
+        stack.mvm(tier, x.view(), 0).unwrap();
+    }
+    assert_eq!(stack.mvm_count(), 6);
+    assert_eq!(stack.tier_switches(), 3);
+    assert_eq!(stack.active_tier(), Some(5));
+    assert!(stack.mvm(3, x.view(), 0).is_err(), "unprogrammed tier");
+}
