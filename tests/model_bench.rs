@@ -9,7 +9,7 @@ use aimc::model::Model;
 #[test]
 #[ignore = "benchmark: run by hand, see the file header"]
 fn model_cpu_benchmark() {
-    let (seq_len, batch, reps) = (512, 4, 5);
+    let (seq_len, batch, reps) = (512, 4, 9);
     let synthetic = synthetic_olmoe(&SyntheticSpec::ISSUE_3, 1);
     let desc = "random OLMoE-style, hidden 256, 4 layers, 16 experts × 128, top-4, vocab 4096";
     println!("{}", model_bench(&synthetic, desc, seq_len, batch, reps));

@@ -23,7 +23,9 @@ pub fn matmul_t(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
     let (n, out) = (x.nrows(), w.nrows());
     let mut y = Array2::zeros((n, out));
     let threads = rayon::current_num_threads();
-    if threads == 1 || n * out * x.ncols() < PARALLEL_MIN_MACS || n < 2 * threads {
+    // Inside a rayon worker the caller already runs in parallel (experts, heads): stay sequential.
+    let nested = rayon::current_thread_index().is_some();
+    if nested || threads == 1 || n * out * x.ncols() < PARALLEL_MIN_MACS || n < 2 * threads {
         general_mat_mul(1.0, &x, &w.t(), 0.0, &mut y);
         return y;
     }
@@ -122,12 +124,12 @@ impl RmsNorm {
     }
 }
 
-/// The three matrices of one SwiGLU feed-forward (`down(silu(gate·x) ⊙ up·x)`, Shazeer 2020),
-/// PyTorch layout `[out, in]`.
+/// The matrices of one SwiGLU feed-forward (`down(silu(gate·x) ⊙ up·x)`, Shazeer 2020), PyTorch
+/// layout `[out, in]`. Gate and up are stored stacked (`[2I, H]`, gate rows first, the fused layout
+/// of transformers ≥ 5) so the digital path computes both in one GEMM.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    pub gate: Array2<f32>,
-    pub up: Array2<f32>,
+    pub gate_up: Array2<f32>,
     pub down: Array2<f32>,
 }
 
@@ -141,15 +143,31 @@ impl SwiGlu {
         intermediate: usize,
     ) -> Result<Self> {
         let m = |n: &str, r, c| store.matrix(&format!("{prefix}.{n}.weight"), r, c);
+        let gate = m(names[0], intermediate, hidden)?;
+        let up = m(names[1], intermediate, hidden)?;
         Ok(Self {
-            gate: m(names[0], intermediate, hidden)?,
-            up: m(names[1], intermediate, hidden)?,
+            gate_up: ndarray::concatenate(Axis(0), &[gate.view(), up.view()])?,
             down: m(names[2], hidden, intermediate)?,
         })
     }
 
+    /// Intermediate width I.
+    pub fn intermediate(&self) -> usize {
+        self.down.ncols()
+    }
+
+    /// Gate projection `[I, H]`.
+    pub fn gate(&self) -> ArrayView2<'_, f32> {
+        self.gate_up.slice(s![..self.intermediate(), ..])
+    }
+
+    /// Up projection `[I, H]`.
+    pub fn up(&self) -> ArrayView2<'_, f32> {
+        self.gate_up.slice(s![self.intermediate().., ..])
+    }
+
     pub fn len(&self) -> usize {
-        self.gate.len() + self.up.len() + self.down.len()
+        self.gate_up.len() + self.down.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,11 +175,14 @@ impl SwiGlu {
     }
 }
 
-/// `silu(g) ⊙ u` in place in `g` (sequential: it runs inside the per-expert parallel loop).
-pub fn silu_mul(g: &mut Array2<f32>, u: &Array2<f32>) {
-    ndarray::Zip::from(g).and(u).for_each(|g, &u| {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    });
+/// `silu(g) ⊙ u` from `gu = [g | u]` (`[n, 2I]`), giving `[n, I]`.
+pub fn silu_mul(gu: ArrayView2<'_, f32>) -> Array2<f32> {
+    let i = gu.ncols() / 2;
+    let mut h = gu.slice(s![.., ..i]).to_owned();
+    ndarray::Zip::from(&mut h)
+        .and(gu.slice(s![.., i..]))
+        .for_each(|g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
+    h
 }
 
 /// Query rows per block of [`causal_attention`]: each block only multiplies against the keys it

@@ -228,8 +228,8 @@ impl Model {
     pub fn matrix(&self, id: MatrixId) -> Option<ArrayView2<'_, f32>> {
         let m = self.swiglu(id.layer, id.slot)?;
         Some(match id.proj {
-            Proj::Gate => m.gate.view(),
-            Proj::Up => m.up.view(),
+            Proj::Gate => m.gate(),
+            Proj::Up => m.up(),
             Proj::Down => m.down.view(),
         })
     }
@@ -305,6 +305,14 @@ impl Model {
 }
 
 impl ExpertLinear for Model {
+    /// One GEMM over the stacked gate/up weights.
+    fn gate_up(&self, layer: usize, slot: ExpertSlot, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let m = self
+            .swiglu(layer, slot)
+            .expect("slot produced by the forward pass of this model");
+        matmul_t(x, m.gate_up.view())
+    }
+
     /// Digital product with the checkpoint weights.
     fn linear(&self, id: MatrixId, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let w = self
