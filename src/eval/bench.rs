@@ -31,6 +31,10 @@ pub struct ModelBench {
     pub reps: usize,
     /// Median over `reps` of processed tokens per second, whole forward (logits included).
     pub forward_tokens_per_s: f64,
+    /// Tokens per CPU-second of this process over all forward repetitions (Linux `/proc`; `None`
+    /// elsewhere). Unlike wall time it does not drop when other processes share the cores;
+    /// × threads it bounds what those threads reach alone.
+    pub forward_tokens_per_cpu_s: Option<f64>,
     /// Tokens routed through layer 0's experts in the FFN comparison (= seq_len · batch).
     pub ffn_tokens: usize,
     /// Multiply-adds ×2 of the expert path (= of the plain GEMM).
@@ -61,6 +65,12 @@ impl std::fmt::Display for ModelBench {
             "| forward, {} × {}-token sequences per call (median of {}) | {:.0} tokens/s |",
             self.batch, self.seq_len, self.reps, self.forward_tokens_per_s
         )?;
+        if let Some(cpu) = self.forward_tokens_per_cpu_s {
+            writeln!(
+                f,
+                "| forward, tokens per CPU-second (all repetitions) | {cpu:.0} |"
+            )?;
+        }
         writeln!(
             f,
             "| expert FFN path, layer 0, {} tokens | {:.2} ms ({:.1} GFLOP/s) |",
@@ -123,11 +133,17 @@ pub fn model_bench(
         .collect();
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     let opts = ForwardOptions::default();
+    let cpu_before = process_cpu_seconds();
     let forward_s = median_seconds(reps, || {
         model
             .forward_batch(&refs, &opts)
             .expect("benchmark forward");
     });
+    // `median_seconds` runs the closure reps + 1 times (one warm-up).
+    let forward_tokens_per_cpu_s = match (cpu_before, process_cpu_seconds()) {
+        (Some(a), Some(b)) if b > a => Some(((reps.max(1) + 1) * seq_len * batch) as f64 / (b - a)),
+        _ => None,
+    };
 
     let (layer, moe) = model
         .layers
@@ -183,6 +199,7 @@ pub fn model_bench(
         batch,
         reps,
         forward_tokens_per_s: tokens as f64 / forward_s,
+        forward_tokens_per_cpu_s,
         ffn_tokens: tokens,
         ffn_flops: 2.0 * rows as f64 * h as f64 * 3.0 * i as f64,
         ffn_dispatch_s,
@@ -190,6 +207,17 @@ pub fn model_bench(
         plain_parallel_s,
         ffn_ratio: median(3),
     }
+}
+
+/// User + system CPU seconds of this process (Linux `/proc/self/stat`, fields 14–15, in clock
+/// ticks of 1/100 s, the `USER_HZ` Linux exposes to user space).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields restart after its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn random_matrix(rng: &mut impl Rng, rows: usize, cols: usize, scale: f32) -> Array2<f32> {
