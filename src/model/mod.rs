@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use ndarray::{s, Array2, ArrayView2, Axis};
 use serde::Serialize;
 
@@ -307,9 +307,9 @@ impl Model {
 impl ExpertLinear for Model {
     /// One GEMM over the stacked gate/up weights.
     fn gate_up(&self, layer: usize, slot: ExpertSlot, x: ArrayView2<'_, f32>) -> Array2<f32> {
-        let m = self
-            .swiglu(layer, slot)
-            .expect("slot produced by the forward pass of this model");
+        let m = self.swiglu(layer, slot).unwrap_or_else(|| {
+            panic!("layer {layer} {slot:?} is not a feed-forward of this model")
+        });
         matmul_t(x, m.gate_up.view())
     }
 
@@ -317,8 +317,7 @@ impl ExpertLinear for Model {
     fn linear(&self, id: MatrixId, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let w = self
             .matrix(id)
-            .with_context(|| format!("no matrix {id:?} in this model"))
-            .expect("MatrixId produced by the forward pass of this model");
+            .unwrap_or_else(|| panic!("{id:?} is not a matrix of this model"));
         matmul_t(x, w)
     }
 }
