@@ -65,6 +65,16 @@ pub struct ForwardOptions<'a> {
     pub record_routing: bool,
 }
 
+impl std::fmt::Debug for ForwardOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardOptions")
+            .field("router", &self.router)
+            .field("experts", &self.experts.map_or("digital", |_| "custom"))
+            .field("record_routing", &self.record_routing)
+            .finish()
+    }
+}
+
 /// Assignments of one MoE layer; `token` indexes the sequence's positions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerRouting {
