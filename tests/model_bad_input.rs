@@ -1,6 +1,6 @@
 //! Broken checkpoints give errors that name the file and the tensor or field (never a panic), and
-//! the accepted variants (sharded, f16/bf16, tokenizer) load. Each case edits a copy of the
-//! `olmoe` parity fixture in a temporary directory.
+//! the accepted variants (sharded, f16/bf16, tokenizer, DeepSeekMoE naming) load. Each case edits a
+//! copy of a parity fixture in a temporary directory.
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -205,4 +205,49 @@ fn sharded_half_precision_checkpoint_matches_f32() {
         eprintln!("{dtype:?}: max diff {d:e}");
         assert!(d < bound, "{dtype:?}: max diff {d:e} ≥ {bound:e}");
     }
+}
+
+/// DeepSeekMoE (`model_type` "deepseek", remote code, no transformers reference) with no dense or
+/// shared layers and `norm_topk_prob` is Mixtral under other names: the Mixtral fixture renamed
+/// must reproduce the Mixtral reference logits (bound 1e-4 as in model_parity.rs).
+#[test]
+fn deepseek_moe_v1_names_and_rules_match_renamed_mixtral() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/mixtral");
+    let bytes = fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let n = n
+                .replace("block_sparse_moe", "mlp")
+                .replace(".w1.", ".gate_proj.")
+                .replace(".w3.", ".up_proj.")
+                .replace(".w2.", ".down_proj.");
+            (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())
+        })
+        .collect();
+    let dir = TempDir::new().unwrap();
+    write_safetensors(&dir.path().join("model.safetensors"), &renamed);
+    let config = serde_json::json!({
+        "model_type": "deepseek", "vocab_size": 101, "hidden_size": 48, "intermediate_size": 36,
+        "moe_intermediate_size": 36, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "n_routed_experts": 6, "num_experts_per_tok": 2,
+        "n_shared_experts": null, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+        "norm_topk_prob": true, "scoring_func": "softmax", "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "rope_scaling": null, "hidden_act": "silu", "tie_word_embeddings": false
+    });
+    fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let ids: Vec<u32> = vec![0, 17, 100, 42, 5, 99, 23, 64, 1, 77, 31, 8, 50, 100, 3];
+    let mixtral = Model::load(&src)
+        .unwrap()
+        .forward(&ids, &ForwardOptions::default())
+        .unwrap();
+    let deepseek = Model::load(dir.path()).unwrap();
+    assert_eq!(deepseek.config.first_dense_layers(), 0);
+    let got = deepseek.forward(&ids, &ForwardOptions::default()).unwrap();
+    let d = (&got.logits - &mixtral.logits)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, v| m.max(*v));
+    assert!(d <= 1e-4, "{d:e}");
 }

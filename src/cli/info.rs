@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use crate::model::config::AttentionConfig;
 use crate::model::{embedded, Model, ModelConfig, ParamCounts};
 
 #[derive(Args, Debug)]
@@ -42,6 +43,33 @@ pub fn run(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+fn attention(c: &ModelConfig) -> String {
+    match c.attention {
+        AttentionConfig::Standard {
+            qk_norm,
+            qkv_bias,
+            clip_qkv,
+            ..
+        } => format!(
+            "{} heads, {} kv heads, head dim {}, q/k norm {qk_norm:?}{}{}",
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            if qkv_bias { ", qkv bias" } else { "" },
+            clip_qkv.map_or(String::new(), |v| format!(", clip_qkv {v}")),
+        ),
+        AttentionConfig::Mla(m) => format!(
+            "MLA, {} heads, q rank {}, kv rank {}, qk dims {} nope + {} rope, v dim {}",
+            c.num_heads,
+            m.q_lora_rank.map_or("full".to_owned(), |r| r.to_string()),
+            m.kv_lora_rank,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        ),
+    }
+}
+
 fn render(info: &Info<'_>) -> String {
     let c = info.config;
     let p = &info.params;
@@ -50,7 +78,7 @@ fn render(info: &Info<'_>) -> String {
         "family            {:?}\n\
          layers            {} ({} MoE, {} dense)\n\
          hidden            {}\n\
-         attention         {} heads, {} kv heads, head dim {} ({:?})\n\
+         attention         {}\n\
          experts           {} routed per MoE layer, top-{}, expert intermediate {}\n\
          shared expert     {}\n\
          router            {:?}\n\
@@ -61,10 +89,7 @@ fn render(info: &Info<'_>) -> String {
         moe_layers,
         c.num_layers - moe_layers,
         c.hidden_size,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.attention,
+        attention(c),
         c.num_experts,
         c.top_k,
         c.moe_intermediate_size,

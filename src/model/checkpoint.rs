@@ -242,33 +242,6 @@ impl TensorStore {
     pub fn tensor3(&self, name: &str, shape: [usize; 3]) -> Result<Array3<f32>> {
         Ok(self.tensor(name, &shape)?.into_dimensionality()?)
     }
-
-    /// An integer tensor (e.g. reference `input_ids`), any integer dtype, as i64, with its shape.
-    pub fn integers(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-        let idx = *self
-            .by_name
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor `{name}` not found in {}", self.locations()))?;
-        let file = &self.files[idx];
-        let info = &file.tensors[name];
-        let (start, end) = info.data_offsets;
-        let b = &file.blob[file.data_start + start..file.data_start + end];
-        let values = match info.dtype {
-            Dtype::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::I32 => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
-                .collect(),
-            other => bail!(
-                "{}: tensor `{name}` has dtype {other:?}, expected an integer",
-                file.location
-            ),
-        };
-        Ok((info.shape.clone(), values))
-    }
 }
 
 /// Converts little-endian raw tensor bytes to f32 (f32, f16 and bf16 accepted).

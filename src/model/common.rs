@@ -23,7 +23,9 @@ pub fn matmul_t(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
     let (n, out) = (x.nrows(), w.nrows());
     let mut y = Array2::zeros((n, out));
     let threads = rayon::current_num_threads();
-    if threads == 1 || n * out * x.ncols() < PARALLEL_MIN_MACS || n < 2 * threads {
+    // Inside a rayon worker the caller already runs in parallel (experts, heads): stay sequential.
+    let nested = rayon::current_thread_index().is_some();
+    if nested || threads == 1 || n * out * x.ncols() < PARALLEL_MIN_MACS || n < 2 * threads {
         general_mat_mul(1.0, &x, &w.t(), 0.0, &mut y);
         return y;
     }
@@ -122,12 +124,12 @@ impl RmsNorm {
     }
 }
 
-/// The three matrices of one SwiGLU feed-forward (`down(silu(gate·x) ⊙ up·x)`, Shazeer 2020),
-/// PyTorch layout `[out, in]`.
+/// The matrices of one SwiGLU feed-forward (`down(silu(gate·x) ⊙ up·x)`, Shazeer 2020), PyTorch
+/// layout `[out, in]`. Gate and up are stored stacked (`[2I, H]`, gate rows first, the fused layout
+/// of transformers ≥ 5) so the digital path computes both in one GEMM.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    pub gate: Array2<f32>,
-    pub up: Array2<f32>,
+    pub gate_up: Array2<f32>,
     pub down: Array2<f32>,
 }
 
@@ -141,15 +143,31 @@ impl SwiGlu {
         intermediate: usize,
     ) -> Result<Self> {
         let m = |n: &str, r, c| store.matrix(&format!("{prefix}.{n}.weight"), r, c);
+        let gate = m(names[0], intermediate, hidden)?;
+        let up = m(names[1], intermediate, hidden)?;
         Ok(Self {
-            gate: m(names[0], intermediate, hidden)?,
-            up: m(names[1], intermediate, hidden)?,
+            gate_up: ndarray::concatenate(Axis(0), &[gate.view(), up.view()])?,
             down: m(names[2], hidden, intermediate)?,
         })
     }
 
+    /// Intermediate width I.
+    pub fn intermediate(&self) -> usize {
+        self.down.ncols()
+    }
+
+    /// Gate projection `[I, H]`.
+    pub fn gate(&self) -> ArrayView2<'_, f32> {
+        self.gate_up.slice(s![..self.intermediate(), ..])
+    }
+
+    /// Up projection `[I, H]`.
+    pub fn up(&self) -> ArrayView2<'_, f32> {
+        self.gate_up.slice(s![self.intermediate().., ..])
+    }
+
     pub fn len(&self) -> usize {
-        self.gate.len() + self.up.len() + self.down.len()
+        self.gate_up.len() + self.down.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,14 +175,22 @@ impl SwiGlu {
     }
 }
 
-/// `silu(g) ⊙ u` in place in `g`.
-pub fn silu_mul(g: &mut Array2<f32>, u: &Array2<f32>) {
-    ndarray::Zip::from(g).and(u).par_for_each(|g, &u| {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    });
+/// `silu(g) ⊙ u` from `gu = [g | u]` (`[n, 2I]`), giving `[n, I]`.
+pub fn silu_mul(gu: ArrayView2<'_, f32>) -> Array2<f32> {
+    let i = gu.ncols() / 2;
+    let mut h = gu.slice(s![.., ..i]).to_owned();
+    ndarray::Zip::from(&mut h)
+        .and(gu.slice(s![.., i..]))
+        .for_each(|g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
+    h
 }
 
-/// Causal softmax attention of one head of one sequence: `softmax(q·kᵀ·scale + mask)·v`.
+/// Query rows per block of [`causal_attention`]: each block only multiplies against the keys it
+/// can see, so the masked upper triangle costs at most one block's worth of wasted products.
+const ATTENTION_BLOCK: usize = 64;
+
+/// Causal softmax attention of one head of one sequence: `softmax(q·kᵀ·scale + mask)·v`,
+/// computed in blocks of [`ATTENTION_BLOCK`] query rows.
 pub fn causal_attention(
     q: ArrayView2<'_, f32>,
     k: ArrayView2<'_, f32>,
@@ -172,22 +198,40 @@ pub fn causal_attention(
     scale: f32,
 ) -> Array2<f32> {
     let n = q.nrows();
-    let mut scores = Array2::zeros((n, n));
-    general_mat_mul(scale, &q, &k.t(), 0.0, &mut scores);
-    for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
-        let row = row.as_slice_mut().expect("contiguous score rows");
-        let (visible, masked) = row.split_at_mut(i + 1);
-        let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in visible.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    let mut out = Array2::zeros((n, v.ncols()));
+    let mut scores = Array2::zeros((ATTENTION_BLOCK.min(n), n));
+    for r0 in (0..n).step_by(ATTENTION_BLOCK) {
+        let r1 = (r0 + ATTENTION_BLOCK).min(n);
+        let mut sc = scores.slice_mut(s![..r1 - r0, ..r1]);
+        general_mat_mul(
+            scale,
+            &q.slice(s![r0..r1, ..]),
+            &k.slice(s![..r1, ..]).t(),
+            0.0,
+            &mut sc,
+        );
+        for (i, mut row) in sc.axis_iter_mut(Axis(0)).enumerate() {
+            let row = row.as_slice_mut().expect("contiguous score rows");
+            let (visible, masked) = row.split_at_mut(r0 + i + 1);
+            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in visible.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            visible.iter_mut().for_each(|s| *s *= inv);
+            masked.fill(0.0);
         }
-        let inv = 1.0 / sum;
-        visible.iter_mut().for_each(|s| *s *= inv);
-        masked.fill(0.0);
+        general_mat_mul(
+            1.0,
+            &sc,
+            &v.slice(s![..r1, ..]),
+            0.0,
+            &mut out.slice_mut(s![r0..r1, ..]),
+        );
     }
-    scores.dot(&v)
+    out
 }
 
 /// Causal multi-head attention over packed sequences. `q: [T, heads·dq]`, `k: [T, kv_heads·dq]`,
@@ -369,6 +413,31 @@ mod tests {
         assert_eq!(o[[0, 0]], 10.0);
         let w1 = 3f32.exp() / (1f32.exp() + 3f32.exp());
         assert!((o[[1, 0]] - (10.0 * (1.0 - w1) + 20.0 * w1)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn blocked_attention_equals_full_masked_softmax() {
+        let n = 150; // spans three blocks, the last one partial
+        let f = |r: usize, c: usize, a: usize| ((r * a + c * 7) % 17) as f32 * 0.1 - 0.8;
+        let q = Array2::from_shape_fn((n, 8), |(r, c)| f(r, c, 3));
+        let k = Array2::from_shape_fn((n, 8), |(r, c)| f(r, c, 5));
+        let v = Array2::from_shape_fn((n, 6), |(r, c)| f(r, c, 11));
+        let got = causal_attention(q.view(), k.view(), v.view(), 0.5);
+        let mut scores = q.dot(&k.t()) * 0.5;
+        for (i, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
+            let max = row
+                .iter()
+                .take(i + 1)
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().take(i + 1).map(|s| (s - max).exp()).sum();
+            for (j, s) in row.iter_mut().enumerate() {
+                *s = if j <= i { (*s - max).exp() / z } else { 0.0 };
+            }
+        }
+        let want = scores.dot(&v);
+        let d = (&got - &want).mapv(f32::abs).fold(0.0f32, |m, x| m.max(*x));
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]

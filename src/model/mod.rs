@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use ndarray::{s, Array2, ArrayView2, Axis};
 use serde::Serialize;
 
@@ -63,6 +63,16 @@ pub struct ForwardOptions<'a> {
     pub experts: Option<&'a dyn ExpertLinear>,
     /// Return every MoE layer's assignments in [`ForwardOutput::routing`].
     pub record_routing: bool,
+}
+
+impl std::fmt::Debug for ForwardOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardOptions")
+            .field("router", &self.router)
+            .field("experts", &self.experts.map_or("digital", |_| "custom"))
+            .field("record_routing", &self.record_routing)
+            .finish()
+    }
 }
 
 /// Assignments of one MoE layer; `token` indexes the sequence's positions.
@@ -228,8 +238,8 @@ impl Model {
     pub fn matrix(&self, id: MatrixId) -> Option<ArrayView2<'_, f32>> {
         let m = self.swiglu(id.layer, id.slot)?;
         Some(match id.proj {
-            Proj::Gate => m.gate.view(),
-            Proj::Up => m.up.view(),
+            Proj::Gate => m.gate(),
+            Proj::Up => m.up(),
             Proj::Down => m.down.view(),
         })
     }
@@ -305,12 +315,19 @@ impl Model {
 }
 
 impl ExpertLinear for Model {
+    /// One GEMM over the stacked gate/up weights.
+    fn gate_up(&self, layer: usize, slot: ExpertSlot, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let m = self.swiglu(layer, slot).unwrap_or_else(|| {
+            panic!("layer {layer} {slot:?} is not a feed-forward of this model")
+        });
+        matmul_t(x, m.gate_up.view())
+    }
+
     /// Digital product with the checkpoint weights.
     fn linear(&self, id: MatrixId, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let w = self
             .matrix(id)
-            .with_context(|| format!("no matrix {id:?} in this model"))
-            .expect("MatrixId produced by the forward pass of this model");
+            .unwrap_or_else(|| panic!("{id:?} is not a matrix of this model"));
         matmul_t(x, w)
     }
 }

@@ -3,7 +3,7 @@
 //! Every expert, shared-expert and dense-MLP matrix product goes through [`ExpertLinear`], so an
 //! analog backend replaces exactly these products and nothing else (attention, router, norms and
 //! LM head stay digital, as in the heterogeneous scheme of design.md §4.2).
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,18 @@ pub struct MatrixId {
 /// (`[out, in]`) that `id` names. The digital implementation is [`super::Model`] itself.
 pub trait ExpertLinear: Sync {
     fn linear(&self, id: MatrixId, x: ArrayView2<'_, f32>) -> Array2<f32>;
+
+    /// `[x·W_gateᵀ | x·W_upᵀ]` (`[n_tokens, 2I]`) of the SwiGLU at (`layer`, `slot`). The default
+    /// makes the two [`ExpertLinear::linear`] calls; the digital model overrides it with one GEMM
+    /// over its stacked weights.
+    fn gate_up(&self, layer: usize, slot: ExpertSlot, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        let id = |proj| MatrixId { layer, slot, proj };
+        let (g, u) = rayon::join(
+            || self.linear(id(Proj::Gate), x),
+            || self.linear(id(Proj::Up), x),
+        );
+        ndarray::concatenate(Axis(1), &[g.view(), u.view()]).expect("equal row counts")
+    }
 }
 
 /// `down(silu(gate·x) ⊙ up·x)` for the SwiGLU at (`layer`, `slot`), through `backend`.
@@ -53,13 +65,15 @@ pub fn swiglu(
     slot: ExpertSlot,
     x: ArrayView2<'_, f32>,
 ) -> Array2<f32> {
-    let id = |proj| MatrixId { layer, slot, proj };
-    let (mut g, u) = rayon::join(
-        || backend.linear(id(Proj::Gate), x),
-        || backend.linear(id(Proj::Up), x),
-    );
-    silu_mul(&mut g, &u);
-    backend.linear(id(Proj::Down), g.view())
+    let h = silu_mul(backend.gate_up(layer, slot, x).view());
+    backend.linear(
+        MatrixId {
+            layer,
+            slot,
+            proj: Proj::Down,
+        },
+        h.view(),
+    )
 }
 
 /// Shared expert(s), fused into one SwiGLU of width `moe_intermediate_size · n_shared`.
@@ -117,13 +131,9 @@ impl MoeBlock {
             let gate_up = store.tensor3(&fused, [e, 2 * i, h])?;
             let down = store.tensor3(&format!("{p}.experts.down_proj"), [e, h, i])?;
             (0..e)
-                .map(|x| {
-                    let gu = gate_up.index_axis(Axis(0), x);
-                    SwiGlu {
-                        gate: gu.slice(ndarray::s![..i, ..]).to_owned(),
-                        up: gu.slice(ndarray::s![i.., ..]).to_owned(),
-                        down: down.index_axis(Axis(0), x).to_owned(),
-                    }
+                .map(|x| SwiGlu {
+                    gate_up: gate_up.index_axis(Axis(0), x).to_owned(),
+                    down: down.index_axis(Axis(0), x).to_owned(),
                 })
                 .collect()
         } else {
@@ -152,9 +162,6 @@ impl MoeBlock {
                 },
             }),
         };
-        if experts.is_empty() {
-            bail!("{p}: a MoE block needs at least one expert");
-        }
         Ok(Self {
             router,
             experts,

@@ -307,6 +307,71 @@ mod tests {
     }
 
     #[test]
+    fn yarn_keeps_fast_dims_interpolates_slow_dims_and_ramps_between() {
+        // dim 16, θ 1e4, original context 64, β 32/1: correction range [0, 3] (floor/ceil of
+        // −0.99 and 2.02), so dim pair 0 extrapolates, pairs ≥ 3 interpolate (÷ factor).
+        let c = RopeConfig {
+            theta: 10_000.0,
+            dim: 16,
+            interleaved: false,
+            scaling: RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 64.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: 0.1 * 4f64.ln() + 1.0,
+                truncate: true,
+            },
+        };
+        let base = RopeConfig {
+            scaling: RopeScaling::None,
+            ..c
+        }
+        .inv_freq()
+        .0;
+        let (f, scale) = c.inv_freq();
+        assert_eq!(f[0], base[0]);
+        let keep = 2.0 / 3.0;
+        assert!((f[1] - (base[1] * keep + base[1] / 4.0 * (1.0 - keep))).abs() < 1e-15);
+        for i in 3..8 {
+            assert!((f[i] - base[i] / 4.0).abs() < 1e-15);
+        }
+        assert!((scale - 1.138_629_436).abs() < 1e-9);
+    }
+
+    #[test]
+    fn llama3_scaling_splits_by_wavelength() {
+        let c = RopeConfig {
+            theta: 10_000.0,
+            dim: 16,
+            interleaved: false,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        };
+        let base = RopeConfig {
+            scaling: RopeScaling::None,
+            ..c
+        }
+        .inv_freq()
+        .0;
+        let f = c.inv_freq().0;
+        for (i, (&b, &x)) in base.iter().zip(&f).enumerate() {
+            let wavelen = 2.0 * PI / b;
+            if wavelen < 16.0 {
+                assert_eq!(x, b, "pair {i}");
+            } else if wavelen > 64.0 {
+                assert!((x - b / 8.0).abs() < 1e-15, "pair {i}");
+            } else {
+                assert!(x < b && x > b / 8.0, "pair {i}");
+            }
+        }
+    }
+
+    #[test]
     fn linear_scaling_divides_frequencies() {
         let mut c = config(false);
         c.scaling = RopeScaling::Linear { factor: 4.0 };
