@@ -1,18 +1,15 @@
 //! The trained default model (`kjv-moe`, OLMoE format, bf16, 2 shards + index, BPE tokenizer):
-//! logits equal transformers' on its reference tokens, and the held-out perplexity equals the
-//! training report's. The checkpoint directory is `$AIMC_KJV_MOE`, else `assets/kjv-moe/` in the
-//! repository; both tests are ignored until the integrator places the files there
-//! (run with `cargo test --test model_embedded -- --ignored`).
+//! logits equal transformers' on its reference tokens, both from the checkpoint directory
+//! `models/kjv-moe/` (memory-mapped, sharded) and from the copy compiled into the binary; and the
+//! held-out perplexity equals the training report's.
 use std::path::PathBuf;
 
 use aimc::eval::perplexity;
-use aimc::model::{ForwardOptions, Model};
+use aimc::model::{embedded, ForwardOptions, Model};
 use safetensors::SafeTensors;
 
 fn kjv_dir() -> PathBuf {
-    std::env::var_os("AIMC_KJV_MOE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/kjv-moe"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/kjv-moe")
 }
 
 /// |logit| reaches 15.6 here; the reference README measured 1.5e-5 between two CPUs running
@@ -20,11 +17,12 @@ fn kjv_dir() -> PathBuf {
 const LOGIT_BOUND: f32 = 1e-4;
 
 #[test]
-#[ignore = "needs the kjv-moe checkpoint in $AIMC_KJV_MOE or assets/kjv-moe"]
 fn kjv_moe_matches_transformers_reference() {
-    let dir = kjv_dir();
-    let model = Model::load(&dir).unwrap();
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let from_dir = Model::load(&kjv_dir()).unwrap();
+    let from_binary = embedded::load().unwrap();
+    let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kjv-moe-reference.safetensors");
+    let bytes = std::fs::read(reference).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let ids: Vec<u32> = st
         .tensor("input_ids")
@@ -40,35 +38,34 @@ fn kjv_moe_matches_transformers_reference() {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    let got = model
-        .forward(&ids, &ForwardOptions::default())
-        .unwrap()
-        .logits;
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    eprintln!("kjv-moe: max |logit - reference| = {d:e}");
-    assert!(d <= LOGIT_BOUND, "max diff {d:e}");
-    // The tokenizer reproduces the reference ids from the held-out text's start.
-    let text = std::fs::read_to_string(dir.join("../kjv-heldout.txt"))
-        .or_else(|_| std::fs::read_to_string(dir.join("kjv-heldout.txt")));
-    if let Ok(text) = text {
-        let enc = model.tokenizer().unwrap().encode(&text).unwrap();
-        assert_eq!(&enc[..ids.len()], &ids[..]);
+    for model in [&from_dir, &from_binary] {
+        let got = model
+            .forward(&ids, &ForwardOptions::default())
+            .unwrap()
+            .logits;
+        assert_eq!(got.len(), want.len());
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("kjv-moe: max |logit - reference| = {d:e}");
+        assert!(d <= LOGIT_BOUND, "max diff {d:e}");
     }
+    // The tokenizer reproduces the reference ids from the held-out text's start.
+    let text = embedded::default_text().unwrap();
+    let enc = from_binary.tokenizer().unwrap().encode(text).unwrap();
+    assert_eq!(&enc[..ids.len()], &ids[..]);
 }
 
 #[test]
-#[ignore = "needs the kjv-moe checkpoint and kjv-heldout.txt; ~1 min in debug"]
 fn kjv_moe_heldout_perplexity_matches_training_report() {
-    let dir = kjv_dir();
-    let model = Model::load(&dir).unwrap();
-    let text = std::fs::read_to_string(dir.join("../kjv-heldout.txt"))
-        .or_else(|_| std::fs::read_to_string(dir.join("kjv-heldout.txt")))
+    let model = embedded::load().unwrap();
+    let mut ids = model
+        .tokenizer()
+        .unwrap()
+        .encode(embedded::default_text().unwrap())
         .unwrap();
-    let mut ids = model.tokenizer().unwrap().encode(&text).unwrap();
     // The training script scores whole 512-token windows only; drop the partial last one.
     ids.truncate(ids.len() / 512 * 512);
     let r = perplexity(&model, &ids, 512, &ForwardOptions::default(), false).unwrap();

@@ -71,16 +71,76 @@ fn eval_cli_reports_the_library_perplexity_as_json() {
 }
 
 #[test]
-fn eval_cli_without_digital_flag_or_model_explains_itself() {
-    let no_flag = Command::new(env!("CARGO_BIN_EXE_aimc"))
-        .args(["eval"])
-        .output()
-        .unwrap();
-    assert!(!no_flag.status.success());
-    assert!(String::from_utf8_lossy(&no_flag.stderr).contains("--digital"));
+fn eval_cli_bad_flags_explain_themselves() {
     let bad_router = Command::new(env!("CARGO_BIN_EXE_aimc"))
         .args(["eval", "--digital", "--router", "top9"])
         .output()
         .unwrap();
+    assert!(!bad_router.status.success());
     assert!(String::from_utf8_lossy(&bad_router.stderr).contains("unknown router"));
+    let bad_time = Command::new(env!("CARGO_BIN_EXE_aimc"))
+        .args(["eval", "--times", "0,3parsecs"])
+        .output()
+        .unwrap();
+    assert!(!bad_time.status.success());
+    let err = String::from_utf8_lossy(&bad_time.stderr);
+    assert!(err.contains("--times") && err.contains("parsecs"), "{err}");
+}
+
+#[test]
+fn analog_eval_cli_writes_json_table_and_plots() {
+    let dir = checkpoint_with_tokenizer();
+    let out_dir = dir.path().join("out");
+    let out = Command::new(env!("CARGO_BIN_EXE_aimc"))
+        .args([
+            "eval",
+            "--preset",
+            "standard-hwa",
+            "--times",
+            "0,1d",
+            "--seeds",
+            "2",
+        ])
+        .args([
+            "--tokens",
+            "120",
+            "--seq-len",
+            "60",
+            "--compare-strategies",
+            "ideal",
+        ])
+        .args(["--sweep-digital", "0,0.5", "--model"])
+        .arg(dir.path())
+        .arg("--text")
+        .arg(dir.path().join("text.txt"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out_dir.join("eval.json")).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    // 2 times × 2 seeds per run; the ideal preset reproduces the digital perplexity.
+    assert_eq!(runs[0]["report"]["points"].as_array().unwrap().len(), 4);
+    let digital = runs[1]["report"]["digital_perplexity"].as_f64().unwrap();
+    for p in runs[1]["report"]["points"].as_array().unwrap() {
+        let ppl = p["perplexity"].as_f64().unwrap();
+        assert!((ppl - digital).abs() < 1e-5 * digital, "{ppl} vs {digital}");
+    }
+    assert_eq!(v["digital_sweep"].as_array().unwrap().len(), 2);
+    for f in [
+        "eval.md",
+        "perplexity_vs_time.png",
+        "perplexity_vs_time.svg",
+        "agreement_vs_time.png",
+        "digital_sweep.png",
+    ] {
+        assert!(out_dir.join(f).is_file(), "missing {f}");
+    }
 }
