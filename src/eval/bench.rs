@@ -292,6 +292,7 @@ pub fn synthetic_olmoe(spec: &SyntheticSpec, seed: u64) -> Model {
             group_limit: None,
         },
         tie_word_embeddings: false,
+        sliding_window: None,
     };
     let mut m = |r, c| random_matrix(&mut rng, r, c, 0.02);
     let norm = |n| RmsNorm {

@@ -113,6 +113,10 @@ pub struct ModelConfig {
     pub router: RouterRule,
     /// LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Sliding attention window of the checkpoint (Mixtral `sliding_window`, Qwen with
+    /// `use_sliding_window`). Not implemented: longer sequences are refused, shorter ones are
+    /// unaffected by it.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -332,6 +336,15 @@ pub struct Common {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub tie_word_embeddings: bool,
+}
+
+/// Qwen's `sliding_window`, active only when `use_sliding_window` is true.
+pub fn qwen_sliding_window(f: &Fields<'_>) -> Result<Option<usize>> {
+    Ok(if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        f.opt_usize("sliding_window")?
+    } else {
+        None
+    })
 }
 
 /// Which layers are MoE under the Qwen rule: not in `mlp_only_layers` and

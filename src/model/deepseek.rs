@@ -114,6 +114,7 @@ pub fn config(f: &Fields<'_>, family: Family) -> Result<ModelConfig> {
             group_limit,
         },
         tie_word_embeddings: c.tie_word_embeddings,
+        sliding_window: None,
     })
 }
 

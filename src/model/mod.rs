@@ -176,6 +176,13 @@ impl Model {
                     cfg.vocab_size
                 );
             }
+            if let Some(w) = cfg.sliding_window.filter(|&w| seq.len() > w) {
+                bail!(
+                    "forward: a sequence of {} tokens exceeds the checkpoint's sliding window ({w}); \
+                     sliding-window attention is not implemented",
+                    seq.len()
+                );
+            }
             ranges.push(ids.len()..ids.len() + seq.len());
             ids.extend(seq.iter().map(|&t| t as usize));
         }
