@@ -109,7 +109,7 @@ pub fn perplexity(
     })
 }
 
-/// Sum over i ≥ 1 of −log p(tokens[i] | logits row i − 1), log-softmax in f64.
+/// Sum over i ≥ 1 of −log p(`tokens[i]` given logits row i − 1), log-softmax in f64.
 pub fn window_nll(logits: ArrayView2<'_, f32>, tokens: &[u32]) -> f64 {
     tokens
         .iter()

@@ -190,7 +190,7 @@ pub fn silu_mul(gu: ArrayView2<'_, f32>) -> Array2<f32> {
 const ATTENTION_BLOCK: usize = 64;
 
 /// Causal softmax attention of one head of one sequence: `softmax(q·kᵀ·scale + mask)·v`,
-/// computed in blocks of [`ATTENTION_BLOCK`] query rows.
+/// computed in blocks of `ATTENTION_BLOCK` (64) query rows.
 pub fn causal_attention(
     q: ArrayView2<'_, f32>,
     k: ArrayView2<'_, f32>,

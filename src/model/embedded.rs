@@ -1,7 +1,7 @@
 //! The default model compiled into the binary, used when no `--model DIR` is given.
 //!
-//! To embed a checkpoint, list its files in [`FILES`] with `include_bytes!` (`config.json`, the
-//! bf16 shards, `model.safetensors.index.json`, `tokenizer.json`) and set [`HELDOUT_TEXT`] with
+//! To embed a checkpoint, list its files in `FILES` with `include_bytes!` (`config.json`, the
+//! bf16 shards, `model.safetensors.index.json`, `tokenizer.json`) and set `HELDOUT_TEXT` with
 //! `include_str!`; [`load`] then goes through [`Model::load_from_memory`], the same loader as a
 //! checkpoint directory.
 use anyhow::{bail, Result};
