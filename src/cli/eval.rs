@@ -8,6 +8,7 @@ use clap::Args;
 use crate::eval::perplexity;
 use crate::model::{embedded, ForwardOptions, Model, RouterKind};
 
+/// Arguments of `aimc eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Evaluate the digital (f32 CPU) model; the only mode in this build.
@@ -33,6 +34,7 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// Runs `aimc eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     if !args.digital {
         bail!("only `aimc eval --digital` is available in this build");

@@ -23,11 +23,13 @@ pub struct PerplexityReport {
     pub tokens_processed: usize,
     /// Number of windows of at most `seq_len` tokens.
     pub windows: usize,
+    /// Window length used.
     pub seq_len: usize,
     /// Mean negative log-likelihood per scored token, nats.
     pub nll: f64,
     /// `exp(nll)`.
     pub perplexity: f64,
+    /// Wall-clock seconds of the forward passes.
     pub seconds: f64,
     /// Processed tokens per wall-clock second (forward passes only).
     pub tokens_per_second: f64,
