@@ -251,3 +251,18 @@ fn deepseek_moe_v1_names_and_rules_match_renamed_mixtral() {
         .fold(0.0f32, |m, v| m.max(*v));
     assert!(d <= 1e-4, "{d:e}");
 }
+
+#[test]
+fn sequences_beyond_an_unimplemented_sliding_window_are_refused() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/mixtral");
+    let dir = TempDir::new().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    edit_config(dir.path(), "sliding_window", 8.into());
+    let model = Model::load(dir.path()).unwrap();
+    let opts = ForwardOptions::default();
+    assert!(model.forward(&[1; 8], &opts).is_ok());
+    let e = model.forward(&[1; 9], &opts).unwrap_err().to_string();
+    assert!(e.contains("sliding window (8)"), "{e}");
+}

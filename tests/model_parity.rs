@@ -89,3 +89,25 @@ fn batched_forward_equals_single_sequences() {
         assert_eq!(single.routing, out.routing);
     }
 }
+
+#[test]
+fn loading_from_memory_equals_loading_from_disk() {
+    let files: [(&str, &'static [u8]); 2] = [
+        (
+            "config.json",
+            include_bytes!("fixtures/parity/olmoe/config.json"),
+        ),
+        (
+            "model.safetensors",
+            include_bytes!("fixtures/parity/olmoe/model.safetensors"),
+        ),
+    ];
+    let from_memory = Model::load_from_memory(&files).unwrap();
+    let from_disk = Model::load(&fixture("olmoe")).unwrap();
+    let ids = [0u32, 17, 100, 42, 5];
+    let opts = ForwardOptions::default();
+    assert_eq!(
+        from_memory.forward(&ids, &opts).unwrap().logits,
+        from_disk.forward(&ids, &opts).unwrap().logits
+    );
+}

@@ -19,6 +19,7 @@ use crate::mapping::Strategy;
 use crate::model::{ForwardOptions, RouterKind};
 use crate::tile::TilePreset;
 
+/// Arguments of `aimc eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Evaluate only the digital (f32 CPU) model: perplexity and tokens/s.
@@ -67,6 +68,7 @@ pub struct EvalArgs {
     pub out: PathBuf,
 }
 
+/// Runs `aimc eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let model = load_model(args.model.as_deref())?;
     let default_tokens = if args.digital { usize::MAX } else { 4096 };

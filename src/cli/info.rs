@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::model::config::AttentionConfig;
 use crate::model::{embedded, Model, ModelConfig, ParamCounts};
 
+/// Arguments of `aimc info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
     /// HuggingFace checkpoint directory (default: the embedded model).
@@ -25,6 +26,7 @@ struct Info<'a> {
     tokenizer_vocab: Option<usize>,
 }
 
+/// Runs `aimc info`.
 pub fn run(args: InfoArgs) -> Result<()> {
     let model = match &args.model {
         Some(dir) => Model::load(dir).with_context(|| format!("loading {}", dir.display()))?,

@@ -23,11 +23,15 @@ use crate::model::{Attention, DecoderLayer, Ffn, ForwardOptions, Model, RouterKi
 pub struct ModelBench {
     /// One-line description of the model measured.
     pub model: String,
+    /// Total parameters.
     pub params: usize,
+    /// rayon threads.
     pub threads: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
     /// Sequences per forward call.
     pub batch: usize,
+    /// Timed repetitions per measurement.
     pub reps: usize,
     /// Median over `reps` of processed tokens per second, whole forward (logits included).
     pub forward_tokens_per_s: f64,
@@ -228,6 +232,7 @@ fn random_matrix(rng: &mut impl Rng, rows: usize, cols: usize, scale: f32) -> Ar
 
 /// Sizes of a random OLMoE-style model for benchmarks when no trained checkpoint is at hand.
 #[derive(Debug, Clone, Copy, Serialize)]
+#[allow(missing_docs)] // sizes named as in `ModelConfig`
 pub struct SyntheticSpec {
     pub vocab: usize,
     pub hidden: usize,
@@ -292,6 +297,7 @@ pub fn synthetic_olmoe(spec: &SyntheticSpec, seed: u64) -> Model {
             group_limit: None,
         },
         tie_word_embeddings: false,
+        sliding_window: None,
     };
     let mut m = |r, c| random_matrix(&mut rng, r, c, 0.02);
     let norm = |n| RmsNorm {

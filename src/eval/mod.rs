@@ -27,11 +27,13 @@ pub struct PerplexityReport {
     pub tokens_processed: usize,
     /// Number of windows of at most `seq_len` tokens.
     pub windows: usize,
+    /// Window length used.
     pub seq_len: usize,
     /// Mean negative log-likelihood per scored token, nats.
     pub nll: f64,
     /// `exp(nll)`.
     pub perplexity: f64,
+    /// Wall-clock seconds of the forward passes.
     pub seconds: f64,
     /// Processed tokens per wall-clock second (forward passes only).
     pub tokens_per_second: f64,
@@ -113,7 +115,7 @@ pub fn perplexity(
     })
 }
 
-/// Sum over i ≥ 1 of −log p(tokens[i] | logits row i − 1), log-softmax in f64.
+/// Sum over i ≥ 1 of −log p(`tokens[i]` given logits row i − 1), log-softmax in f64.
 pub fn window_nll(logits: ArrayView2<'_, f32>, tokens: &[u32]) -> f64 {
     tokens
         .iter()

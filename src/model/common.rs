@@ -40,7 +40,9 @@ pub fn matmul_t(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
 /// An affine map `y = x·Wᵀ + b` with `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`.
     pub weight: Array2<f32>,
+    /// `[out]`, when the layer has a bias.
     pub bias: Option<Array1<f32>>,
 }
 
@@ -63,6 +65,7 @@ impl Linear {
         })
     }
 
+    /// `x · Wᵀ + b` for `x: [n, in]`.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let mut y = matmul_t(x, self.weight.view());
         if let Some(b) = &self.bias {
@@ -86,11 +89,14 @@ impl Linear {
 /// `LlamaRMSNorm` (statistics in f32, weight applied after normalising).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
+    /// Per-feature gain.
     pub weight: Array1<f32>,
+    /// ε added to the mean square.
     pub eps: f32,
 }
 
 impl RmsNorm {
+    /// Loads the gain vector `name` of length `n`.
     pub fn load(store: &TensorStore, name: &str, n: usize, eps: f32) -> Result<Self> {
         Ok(Self {
             weight: store.vector(name, n)?,
@@ -117,6 +123,7 @@ impl RmsNorm {
             });
     }
 
+    /// Normalised copy of `x`.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Array2<f32> {
         let mut y = x.as_standard_layout().into_owned();
         self.forward_inplace(y.view_mut());
@@ -129,7 +136,9 @@ impl RmsNorm {
 /// of transformers ≥ 5) so the digital path computes both in one GEMM.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
+    /// `[2I, H]`: gate rows, then up rows.
     pub gate_up: Array2<f32>,
+    /// `[H, I]`.
     pub down: Array2<f32>,
 }
 
@@ -166,10 +175,12 @@ impl SwiGlu {
         self.gate_up.slice(s![self.intermediate().., ..])
     }
 
+    /// Number of parameters.
     pub fn len(&self) -> usize {
         self.gate_up.len() + self.down.len()
     }
 
+    /// Whether there is no parameter.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -190,7 +201,7 @@ pub fn silu_mul(gu: ArrayView2<'_, f32>) -> Array2<f32> {
 const ATTENTION_BLOCK: usize = 64;
 
 /// Causal softmax attention of one head of one sequence: `softmax(q·kᵀ·scale + mask)·v`,
-/// computed in blocks of [`ATTENTION_BLOCK`] query rows.
+/// computed in blocks of `ATTENTION_BLOCK` (64) query rows.
 pub fn causal_attention(
     q: ArrayView2<'_, f32>,
     k: ArrayView2<'_, f32>,
@@ -278,19 +289,28 @@ pub fn multi_head_attention(
 /// DeepSeekMoE), optional q/k RMSNorm and `clip_qkv`.
 #[derive(Debug, Clone)]
 pub struct StandardAttention {
+    /// `q_proj`.
     pub q: Linear,
+    /// `k_proj`.
     pub k: Linear,
+    /// `v_proj`.
     pub v: Linear,
+    /// `o_proj`.
     pub o: Linear,
     /// q and k norms with their kind; `None` when the family has none.
     pub qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
+    /// Clamp of q, k, v to ±c (OLMoE).
     pub clip_qkv: Option<f32>,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Per-head width.
     pub head_dim: usize,
 }
 
 /// Options to load a [`StandardAttention`].
+#[allow(missing_docs)] // the fields of [`StandardAttention`] and [`super::config::AttentionConfig`]
 pub struct StandardAttentionSpec {
     pub hidden: usize,
     pub heads: usize,
@@ -338,6 +358,7 @@ impl StandardAttention {
         })
     }
 
+    /// Attention output `[T, hidden]` for normalised input `x` (packed sequences `seqs`).
     pub fn forward(
         &self,
         x: ArrayView2<'_, f32>,
@@ -374,6 +395,7 @@ impl StandardAttention {
         self.o.forward(attn.view())
     }
 
+    /// Number of parameters.
     pub fn len(&self) -> usize {
         let norms = self
             .qk_norm
@@ -382,6 +404,7 @@ impl StandardAttention {
         self.q.len() + self.k.len() + self.v.len() + self.o.len() + norms
     }
 
+    /// Whether there is no parameter.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

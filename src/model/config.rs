@@ -56,9 +56,13 @@ pub enum QkNorm {
 pub struct MlaConfig {
     /// Rank of the query down-projection; `None` = a plain `q_proj` (V2-Lite).
     pub q_lora_rank: Option<usize>,
+    /// Rank of the shared key/value latent.
     pub kv_lora_rank: usize,
+    /// Per-head q/k width without RoPE.
     pub qk_nope_head_dim: usize,
+    /// Per-head q/k width with RoPE (k part shared by all heads).
     pub qk_rope_head_dim: usize,
+    /// Per-head value width.
     pub v_head_dim: usize,
     /// Bias on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` (`attention_bias`).
     pub attention_bias: bool,
@@ -84,16 +88,25 @@ pub enum AttentionConfig {
 /// A checkpoint's architecture, normalised over families.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
+    /// Checkpoint family (`model_type`).
     pub family: Family,
+    /// Embedding rows (`vocab_size`).
     pub vocab_size: usize,
+    /// Model width (`hidden_size`).
     pub hidden_size: usize,
+    /// Decoder layers (`num_hidden_layers`).
     pub num_layers: usize,
+    /// Query heads (`num_attention_heads`).
     pub num_heads: usize,
+    /// Key/value heads (`num_key_value_heads`; = heads for MLA).
     pub num_kv_heads: usize,
     /// Per-head width of q/k/v for standard attention.
     pub head_dim: usize,
+    /// RMSNorm ε (`rms_norm_eps`).
     pub rms_norm_eps: f32,
+    /// Rotary embedding parameters.
     pub rope: RopeConfig,
+    /// Attention variant and its options.
     pub attention: AttentionConfig,
     /// Routed experts per MoE layer.
     pub num_experts: usize,
@@ -113,6 +126,10 @@ pub struct ModelConfig {
     pub router: RouterRule,
     /// LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Sliding attention window of the checkpoint (Mixtral `sliding_window`, Qwen with
+    /// `use_sliding_window`). Not implemented: longer sequences are refused, shorter ones are
+    /// unaffected by it.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -188,7 +205,9 @@ impl ModelConfig {
 
 /// Typed access to `config.json` fields with errors that name the file and the field.
 pub struct Fields<'a> {
+    /// The parsed JSON object.
     pub value: &'a Value,
+    /// File location for error messages.
     pub location: &'a str,
 }
 
@@ -323,6 +342,7 @@ impl<'a> Fields<'a> {
 
 /// Fields shared by all families, read by [`Fields::common`].
 #[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)] // the same fields as [`ModelConfig`]
 pub struct Common {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -332,6 +352,15 @@ pub struct Common {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub tie_word_embeddings: bool,
+}
+
+/// Qwen's `sliding_window`, active only when `use_sliding_window` is true.
+pub fn qwen_sliding_window(f: &Fields<'_>) -> Result<Option<usize>> {
+    Ok(if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        f.opt_usize("sliding_window")?
+    } else {
+        None
+    })
 }
 
 /// Which layers are MoE under the Qwen rule: not in `mlp_only_layers` and

@@ -114,6 +114,7 @@ pub fn config(f: &Fields<'_>, family: Family) -> Result<ModelConfig> {
             group_limit,
         },
         tie_word_embeddings: c.tie_word_embeddings,
+        sliding_window: None,
     })
 }
 
@@ -128,18 +129,24 @@ pub enum QueryProj {
 /// `kv_lora_rank` latent; a `qk_rope_head_dim` slice of q and a single shared k slice carry RoPE.
 #[derive(Debug, Clone)]
 pub struct MlaAttention {
+    /// Query projection.
     pub q: QueryProj,
     /// `kv_a_proj_with_mqa`: hidden → latent ‖ k_rope.
     pub kv_a: Linear,
+    /// `kv_a_layernorm` on the latent.
     pub kv_norm: RmsNorm,
     /// `kv_b_proj`: latent → per head (k_nope ‖ v).
     pub kv_b: Linear,
+    /// Output projection `o_proj`.
     pub o: Linear,
+    /// Attention heads.
     pub heads: usize,
+    /// MLA widths.
     pub dims: MlaConfig,
 }
 
 impl MlaAttention {
+    /// Loads the MLA tensors under `p` (`model.layers.N.self_attn`).
     pub fn load(store: &TensorStore, p: &str, cfg: &ModelConfig, d: &MlaConfig) -> Result<Self> {
         let (h, n) = (cfg.hidden_size, cfg.num_heads);
         let bias = d.attention_bias;
@@ -185,6 +192,7 @@ impl MlaAttention {
         })
     }
 
+    /// Attention output `[T, hidden]` for normalised input `x`.
     pub fn forward(
         &self,
         x: ArrayView2<'_, f32>,
@@ -243,6 +251,7 @@ impl MlaAttention {
         q + self.kv_a.len() + self.kv_norm.weight.len() + self.kv_b.len() + self.o.len()
     }
 
+    /// Whether the attention has no parameter.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -21,6 +21,7 @@ pub enum Attention {
 }
 
 impl Attention {
+    /// Attention output `[T, hidden]` for normalised input `x`.
     pub fn forward(
         &self,
         x: ArrayView2<'_, f32>,
@@ -41,6 +42,7 @@ impl Attention {
         }
     }
 
+    /// Whether the attention has no parameter.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -57,9 +59,13 @@ pub enum Ffn {
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
+    /// RMSNorm before attention (`input_layernorm`).
     pub input_norm: RmsNorm,
+    /// Self-attention.
     pub attention: Attention,
+    /// RMSNorm before the feed-forward (`post_attention_layernorm`).
     pub post_attention_norm: RmsNorm,
+    /// Dense MLP or MoE block.
     pub ffn: Ffn,
 }
 
@@ -155,8 +161,12 @@ impl DecoderLayer {
 pub struct PassContext<'a> {
     /// Row range of each packed sequence.
     pub seqs: &'a [Range<usize>],
+    /// cos/sin for positions 0..longest sequence.
     pub rope: &'a RopeTable,
+    /// The model's configuration (router rule).
     pub config: &'a ModelConfig,
+    /// Routing rule of this pass.
     pub router: &'a RouterKind,
+    /// Backend of the feed-forward products.
     pub backend: &'a dyn ExpertLinear,
 }

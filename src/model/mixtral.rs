@@ -43,6 +43,7 @@ pub fn config(f: &Fields<'_>) -> Result<ModelConfig> {
             group_limit: None,
         },
         tie_word_embeddings: c.tie_word_embeddings,
+        sliding_window: f.opt_usize("sliding_window")?,
     })
 }
 

@@ -43,12 +43,15 @@ use common::{matmul_t, RmsNorm, SwiGlu};
 /// A loaded MoE causal language model, all weights in f32.
 #[derive(Debug)]
 pub struct Model {
+    /// Normalised architecture.
     pub config: ModelConfig,
     /// Present when the checkpoint ships `tokenizer.json`.
     pub tokenizer: Option<Tokenizer>,
     /// `[vocab, hidden]`.
     pub embed_tokens: Array2<f32>,
+    /// Decoder layers in order.
     pub layers: Vec<DecoderLayer>,
+    /// RMSNorm before the LM head (`model.norm`).
     pub final_norm: RmsNorm,
     /// `[vocab, hidden]`; `None` when tied to `embed_tokens`.
     pub lm_head: Option<Array2<f32>>,
@@ -78,7 +81,9 @@ impl std::fmt::Debug for ForwardOptions<'_> {
 /// Assignments of one MoE layer; `token` indexes the sequence's positions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerRouting {
+    /// Decoder layer index.
     pub layer: usize,
+    /// Assignments in token order.
     pub assignments: Vec<Assignment>,
 }
 
@@ -174,6 +179,13 @@ impl Model {
                 bail!(
                     "forward: token id {bad} is outside the vocabulary (vocab_size {})",
                     cfg.vocab_size
+                );
+            }
+            if let Some(w) = cfg.sliding_window.filter(|&w| seq.len() > w) {
+                bail!(
+                    "forward: a sequence of {} tokens exceeds the checkpoint's sliding window ({w}); \
+                     sliding-window attention is not implemented",
+                    seq.len()
                 );
             }
             ranges.push(ids.len()..ids.len() + seq.len());
@@ -351,6 +363,7 @@ pub struct ParamCounts {
     pub dense_mlp: usize,
     /// RMSNorm weights.
     pub norms: usize,
+    /// Sum of all the above.
     pub total: usize,
     /// Parameters whose product runs for each token: attention, router, norms, top-k routed plus
     /// shared experts or dense MLPs, and the LM head (the embedding lookup is not a product).

@@ -34,8 +34,11 @@ pub enum Proj {
 /// Identifies one feed-forward matrix of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MatrixId {
+    /// Decoder layer index.
     pub layer: usize,
+    /// Which feed-forward of the layer.
     pub slot: ExpertSlot,
+    /// Which projection of that feed-forward.
     pub proj: Proj,
 }
 
@@ -79,6 +82,7 @@ pub fn swiglu(
 /// Shared expert(s), fused into one SwiGLU of width `moe_intermediate_size · n_shared`.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
+    /// The shared SwiGLU.
     pub mlp: SwiGlu,
     /// Qwen2-MoE `shared_expert_gate` (`[hidden]`): output × sigmoid(gate·x); DeepSeek: none.
     pub gate: Option<Array1<f32>>,
@@ -89,7 +93,9 @@ pub struct SharedExpert {
 pub struct MoeBlock {
     /// Router `[experts, hidden]`.
     pub router: Array2<f32>,
+    /// Routed experts, by index.
     pub experts: Vec<SwiGlu>,
+    /// Always-active shared expert (Qwen2-MoE, DeepSeek).
     pub shared: Option<SharedExpert>,
 }
 
@@ -107,9 +113,13 @@ pub struct MoeNames {
 
 /// Sizes needed to load a MoE block.
 pub struct MoeSizes {
+    /// Model width H.
     pub hidden: usize,
+    /// Routed experts E.
     pub experts: usize,
+    /// Routed expert width I.
     pub intermediate: usize,
+    /// Shared expert width (0: none).
     pub shared_intermediate: usize,
 }
 

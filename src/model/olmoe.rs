@@ -53,5 +53,6 @@ pub fn config(f: &Fields<'_>) -> Result<ModelConfig> {
             group_limit: None,
         },
         tie_word_embeddings: c.tie_word_embeddings,
+        sliding_window: None,
     })
 }

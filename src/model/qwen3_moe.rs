@@ -3,7 +3,9 @@
 //! (± `norm_topk_prob`, true on released checkpoints).
 use anyhow::Result;
 
-use super::config::{qwen_moe_layers, AttentionConfig, Family, Fields, ModelConfig, QkNorm};
+use super::config::{
+    qwen_moe_layers, qwen_sliding_window, AttentionConfig, Family, Fields, ModelConfig, QkNorm,
+};
 use super::moe::MoeNames;
 use super::rope::RopeConfig;
 use super::router::RouterRule;
@@ -51,5 +53,6 @@ pub fn config(f: &Fields<'_>) -> Result<ModelConfig> {
             group_limit: None,
         },
         tie_word_embeddings: c.tie_word_embeddings,
+        sliding_window: qwen_sliding_window(f)?,
     })
 }

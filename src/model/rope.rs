@@ -48,6 +48,7 @@ pub struct RopeConfig {
     pub dim: usize,
     /// true: pairs (2i, 2i+1) (DeepSeek-V2); false: pairs (i, i + d/2).
     pub interleaved: bool,
+    /// Frequency scaling variant.
     pub scaling: RopeScaling,
 }
 

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 /// `weight` multiplying that expert's output.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
+    /// Row of the layer input (position within the sequence in recorded routing).
     pub token: u32,
+    /// Routed expert index within the layer.
     pub expert: u32,
+    /// Multiplier of the expert's output.
     pub weight: f32,
 }
 
@@ -18,7 +21,9 @@ pub struct Assignment {
 /// score is its best expert probability) are eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupLimit {
+    /// Number of equal expert groups (`n_group`).
     pub n_group: usize,
+    /// Groups kept per token (`topk_group`).
     pub topk_group: usize,
 }
 
@@ -26,11 +31,13 @@ pub struct GroupLimit {
 /// softmax over all experts → (group-limited) top-k → optional renormalisation → × scaling.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RouterRule {
+    /// Experts per token (`num_experts_per_tok`).
     pub top_k: usize,
     /// Divide the k kept probabilities by their sum (Mixtral; `norm_topk_prob`).
     pub renormalize: bool,
     /// DeepSeek `routed_scaling_factor` (1 elsewhere).
     pub scaling: f32,
+    /// DeepSeek-V2 `group_limited_greedy`; `None` = plain top-k.
     pub group_limit: Option<GroupLimit>,
 }
 
