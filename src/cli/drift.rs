@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::eval::time::parse_durations;
 use crate::report::{write_line_chart, Legend, LineChart, Series};
 use crate::tile::{drift_study, DriftStudy, DriftStudyConfig, TilePreset};
 
@@ -13,9 +14,9 @@ pub struct DriftArgs {
     /// Built-in preset name (`aimc presets`) or path to a preset JSON file.
     #[arg(long, default_value = "aihwkit-default")]
     pub preset: String,
-    /// Comma-separated inference times in seconds (default: 0, 1 min, 1 h, 1 d, 1 wk, 30 d, 1 yr).
-    #[arg(long, value_delimiter = ',')]
-    pub times: Option<Vec<f64>>,
+    /// Inference times after programming (seconds, or with a unit: min, h, d, w, mo, y).
+    #[arg(long, default_value = "0,60,1h,1d,1w,1mo,1y")]
+    pub times: String,
     /// Output directory for drift.json and the plots.
     #[arg(long, default_value = "reports/drift")]
     pub out: PathBuf,
@@ -31,9 +32,7 @@ pub struct DriftArgs {
 pub fn run(args: DriftArgs) -> Result<()> {
     let preset = TilePreset::resolve(&args.preset)?;
     let mut config = DriftStudyConfig::for_preset(&preset, args.seed);
-    if let Some(times) = args.times {
-        config.times_s = times;
-    }
+    config.times_s = parse_durations(&args.times).context("--times")?;
     config.batch = args.batch;
     let study = drift_study(&preset, &config)?;
     std::fs::create_dir_all(&args.out)

@@ -30,7 +30,7 @@ pub enum Command {
     Drift(drift::DriftArgs),
     /// Map a model onto a tile preset's 3D stacks; summary, JSON and occupancy heatmap.
     Map(map::MapArgs),
-    /// Evaluate a model (perplexity, throughput) on a text file.
+    /// Accuracy of the analog model vs the digital one over drift time and seeds (`--digital`: digital only).
     Eval(eval::EvalArgs),
     /// Print a model's architecture and parameter counts.
     Info(info::InfoArgs),

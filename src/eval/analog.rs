@@ -17,17 +17,6 @@ use crate::mapping::Mapping;
 use crate::model::{ForwardOptions, Model, RouterKind};
 use crate::tile::TilePreset;
 
-/// Default drift times (design.md §7): 0 s, 1 min, 1 h, 1 day, 1 week, 1 month (30 d), 1 year (365 d).
-pub const DEFAULT_TIMES_S: [f64; 7] = [
-    0.0,
-    60.0,
-    3600.0,
-    86_400.0,
-    604_800.0,
-    2_592_000.0,
-    31_536_000.0,
-];
-
 /// What to sweep.
 #[derive(Clone, Debug)]
 pub struct AnalogEvalConfig {

@@ -66,7 +66,7 @@ mod tests {
     fn durations_round_trip_through_labels() {
         assert_eq!(
             parse_durations("0,60,1h,1d,1w,1mo,1y").unwrap(),
-            crate::eval::analog::DEFAULT_TIMES_S
+            crate::tile::DEFAULT_TIMES_S
         );
         assert_eq!(format_duration(3600.0), "1 h");
         assert_eq!(format_duration(2.0 * 86_400.0), "2 d");
