@@ -5,6 +5,7 @@
 //! The physics follows `design.md` (shipped beside the project as the spec), which in turn follows
 //! IBM AIHWKIT's inference noise models.
 
+pub mod backend;
 pub mod cli;
 pub mod device;
 pub mod model;

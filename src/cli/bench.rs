@@ -13,6 +13,30 @@ use crate::tile::{Crossbar, TilePreset};
 pub enum Suite {
     /// CPU crossbar MVM with all nonidealities vs a plain f32 ndarray matmul of the same shape.
     Crossbar,
+    /// GPU MoE expert layer: cuBLAS BF16 GEMM of equal FLOPs vs digital vs analog grouped kernels.
+    Gpu,
+}
+
+/// MoE layer shapes of design.md §8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    /// OLMoE layer: T=16384, d=2048, n=1024, E=64, k=8.
+    Olmoe,
+    /// Fine-grained: T=24576, d=1536, n=256, E=128, k=8.
+    FineGrained,
+    /// Mixtral-like: T=8192, d=4096, n=14336, E=8, k=2.
+    Mixtral,
+}
+
+impl Shape {
+    /// (tokens T, model width d, expert width n, experts E, top-k).
+    pub fn dims(self) -> (usize, usize, usize, usize, usize) {
+        match self {
+            Self::Olmoe => (16384, 2048, 1024, 64, 8),
+            Self::FineGrained => (24576, 1536, 256, 128, 8),
+            Self::Mixtral => (8192, 4096, 14336, 8, 2),
+        }
+    }
 }
 
 /// Arguments of `aimc bench`.
@@ -34,6 +58,17 @@ pub struct BenchArgs {
         default_value = "standard-hwa,aihwkit-default"
     )]
     pub presets: Vec<String>,
+    /// GPU suite: layer shapes to time.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "olmoe,fine-grained,mixtral"
+    )]
+    pub shapes: Vec<Shape>,
+    /// GPU suite: analog tile preset of the analog grouped kernel.
+    #[arg(long, default_value = "standard-hwa")]
+    pub gpu_preset: String,
 }
 
 /// Run the chosen suite and print a markdown table.
@@ -43,6 +78,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     match args.suite {
         Suite::Crossbar => crossbar_suite(&args),
+        Suite::Gpu => gpu_suite(&args),
     }
 }
 
@@ -97,4 +133,238 @@ fn crossbar_suite(args: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_suite(_: &BenchArgs) -> Result<()> {
+    bail!("this binary was built without the `cuda` feature: the GPU suite is unavailable")
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_suite(args: &BenchArgs) -> Result<()> {
+    gpu::run(args)
+}
+
+/// The GPU suite (issue 5): one process, CUDA events, warm-up, median of `--repeats` (≥ 20).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::{Context, Result};
+    use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+
+    use super::{BenchArgs, Shape};
+    use crate::backend::cuda::blas::Blas;
+    use crate::backend::cuda::moe::{
+        route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix,
+        Precision,
+    };
+    use crate::backend::cuda::rng::fill_normal;
+    use crate::backend::cuda::{CudaDevice, CudaResult};
+    use crate::rng::{Purpose, Stream};
+    use crate::tile::TilePreset;
+
+    /// Warm-up runs before timing.
+    const WARMUP: usize = 3;
+
+    /// Median milliseconds of `repeats` runs of `f`, each bracketed by CUDA events.
+    fn median_ms(
+        dev: &CudaDevice,
+        repeats: usize,
+        mut f: impl FnMut() -> CudaResult<()>,
+    ) -> Result<f64> {
+        for _ in 0..WARMUP {
+            f()?;
+        }
+        dev.synchronize()?;
+        let ctx = dev.context();
+        let mut t = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            start.record(dev.stream())?;
+            f()?;
+            end.record(dev.stream())?;
+            end.synchronize()?;
+            t.push(f64::from(start.elapsed_ms(&end)?));
+        }
+        dev.synchronize()?;
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    /// Kernel-layout tables of E random expert matrices (`[E, N, K]`, crossbar blocks of
+    /// `k_block` rows and 512 columns); weights are drawn on the device.
+    fn random_tables(e: usize, n: usize, k: usize, k_block: usize) -> GroupedMatrix {
+        let n_kb = k / k_block;
+        GroupedMatrix {
+            n_experts: e,
+            n_cols: n,
+            k,
+            k_block,
+            weights: Vec::new(),
+            col_tensor_id: (0..(e * n_kb * n) as u32).map(|i| i / 512).collect(),
+            col_scale: vec![0.02; e * n_kb * n],
+            col_local: (0..n as u32).map(|c| c % 512).collect(),
+            col_block_cols: vec![512; n],
+        }
+    }
+
+    fn random_device(dev: &CudaDevice, len: usize, id: u32) -> CudaResult<CudaSlice<f32>> {
+        fill_normal(dev, 1, Purpose::TestData, id, 0, len, 0, 0)
+    }
+
+    pub fn run(args: &BenchArgs) -> Result<()> {
+        let repeats = args.repeats.max(20);
+        let dev = CudaDevice::open(0).context("--suite gpu needs a CUDA device")?;
+        let blas = Blas::new(&dev)?;
+        let preset = TilePreset::resolve(&args.gpu_preset)?;
+        let periphery = GemmPeriphery::from_spec(&preset.periphery)
+            .with_context(|| format!("preset `{}`", preset.name))?;
+        let (free, total) = dev.memory_bytes()?;
+        println!(
+            "gpu suite on {} (sm_{}{}, {:.1} of {:.1} GiB free); median of {repeats} runs after {WARMUP} warm-ups, CUDA events",
+            dev.name(),
+            dev.compute_capability().0,
+            dev.compute_capability().1,
+            free as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+        // Device-to-device copy bandwidth (bytes read + written).
+        let copy_len = 1usize << 28;
+        let src = dev.zeros::<f32>(copy_len)?;
+        let mut dst = dev.zeros::<f32>(copy_len)?;
+        let copy_ms = median_ms(&dev, repeats, || {
+            dev.stream().memcpy_dtod(&src, &mut dst).map_err(|source| {
+                crate::backend::cuda::CudaError::Driver {
+                    what: "timing a device copy".into(),
+                    source,
+                }
+            })
+        })?;
+        drop((src, dst));
+        let bandwidth = 2.0 * (copy_len * 4) as f64 / (copy_ms * 1e-3);
+        println!("measured copy bandwidth: {:.2} TB/s", bandwidth / 1e12);
+        println!(
+            "analog preset `{}`; operands: analog {}; analog-fast {}; digital {}",
+            preset.name,
+            Precision::AnalogSplitF16.describe(),
+            Precision::AnalogF16.describe(),
+            Precision::DigitalBf16.describe()
+        );
+        println!();
+        println!("| shape | case | ms | TFLOP/s | ratio to cuBLAS | GB moved (min) | bandwidth floor ms |");
+        println!("|---|---|---:|---:|---:|---:|---:|");
+        for &shape in &args.shapes {
+            shape_rows(
+                &dev,
+                &blas,
+                shape,
+                &periphery,
+                preset.stack.rows,
+                repeats,
+                bandwidth,
+            )
+            .with_context(|| format!("shape {shape:?}"))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn shape_rows(
+        dev: &CudaDevice,
+        blas: &Blas,
+        shape: Shape,
+        periphery: &GemmPeriphery,
+        crossbar_rows: usize,
+        repeats: usize,
+        bandwidth: f64,
+    ) -> Result<()> {
+        let (t, d, n, e, k) = shape.dims();
+        let pairs = t * k;
+        let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
+        let name = format!("{shape:?} T={t} d={d} n={n} E={e} k={k}");
+        // (a) cuBLAS dense bf16 GEMM of equal FLOPs: [T·k, 3n] × [3n, d].
+        let (gm, gn, gk) = (pairs, d, 3 * n);
+        let a = to_bf16_device(dev, &random_device(dev, gm * gk, 1)?)?;
+        let b = to_bf16_device(dev, &random_device(dev, gn * gk, 2)?)?;
+        let mut c = dev.zeros::<f32>(gm * gn)?;
+        let cublas_ms = median_ms(dev, repeats, || {
+            blas.gemm_bf16_nt(dev, &a, &b, &mut c, (gm, gn, gk))
+        })?;
+        drop((a, b, c));
+        let bytes_dense = 2.0 * (gm * gk + gn * gk) as f64 + 4.0 * (gm * gn) as f64;
+        let row = |case: &str, ms: f64, bytes: f64| {
+            println!(
+                "| {name} | {case} | {ms:.3} | {:.1} | {:.2} | {:.2} | {:.3} |",
+                flops / (ms * 1e-3) / 1e12,
+                cublas_ms / ms,
+                bytes / 1e9,
+                bytes / bandwidth * 1e3
+            );
+        };
+        row(
+            "(a) cuBLAS dense BF16 GEMM, equal FLOPs",
+            cublas_ms,
+            bytes_dense,
+        );
+
+        // Routing: random distinct experts per token, drawn on the host.
+        let s = Stream::new(5, Purpose::TestData, 1000);
+        let mut experts = Vec::with_capacity(pairs);
+        let mut weights = Vec::with_capacity(pairs);
+        for tok in 0..t {
+            let mut chosen: Vec<u32> = Vec::with_capacity(k);
+            let mut i = 0u64;
+            while chosen.len() < k {
+                let x = (s.uniform((tok as u64) << 8 | i, 0) * e as f32) as u32 % e as u32;
+                if !chosen.contains(&x) {
+                    chosen.push(x);
+                }
+                i += 1;
+            }
+            for x in chosen {
+                experts.push(x);
+                weights.push(1.0 / k as f32);
+            }
+        }
+        let experts = dev.upload(&experts)?;
+        let weights = dev.upload(&weights)?;
+        let x = random_device(dev, t * d, 3)?;
+        let kb1 = crossbar_rows.min(d);
+        let kb2 = crossbar_rows.min(n);
+        let gate_up_tab = random_tables(e, 2 * n, d, kb1);
+        let down_tab = random_tables(e, d, n, kb2);
+        let w1 = random_device(dev, e * 2 * n * d, 4)?;
+        let w2 = random_device(dev, e * d * n, 5)?;
+        let weight_elems = (e * 3 * n * d) as f64;
+        let act_bytes =
+            |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
+        for (case, precision) in [
+            ("(b) digital grouped (bf16)", Precision::DigitalBf16),
+            (
+                "(c) analog grouped (split fp16, exact parity)",
+                Precision::AnalogSplitF16,
+            ),
+            ("(c') analog grouped (fp16, fast)", Precision::AnalogF16),
+        ] {
+            let layer = GpuMoeLayer {
+                gate_up: GpuGroupedMatrix::from_device_weights(dev, &gate_up_tab, &w1, precision)?,
+                down: GpuGroupedMatrix::from_device_weights(dev, &down_tab, &w2, precision)?,
+                periphery: (precision != Precision::DigitalBf16).then_some(*periphery),
+                seed: 9,
+            };
+            let mut mvm = 0u32;
+            let ms = median_ms(dev, repeats, || {
+                mvm += 1;
+                let r = route(dev, &experts, &weights, t, k, e)?;
+                layer.forward(dev, &x, &r, mvm).map(drop)
+            })?;
+            let w_bytes = if precision == Precision::AnalogSplitF16 {
+                4.0
+            } else {
+                2.0
+            };
+            row(case, ms, weight_elems * w_bytes + act_bytes(2.0));
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,456 @@
+//! CUDA backend parity with the CPU. Every GPU test prints why it skips when no driver or GPU
+//! exists (CI machines); run them on a GPU machine with `--nocapture` to see the measured bounds.
+#![cfg(feature = "cuda")]
+
+use aimc::backend::cuda::moe::{
+    grouped_gemm, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
+    GroupedMatrix, Precision,
+};
+use aimc::backend::cuda::program::GpuProgrammedBlock;
+use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
+use aimc::rng::{Purpose, Stream};
+use aimc::tile::{AnalogMatrix, Crossbar, TilePreset};
+use ndarray::{s, Array2};
+
+fn gpu(test: &str) -> Option<CudaDevice> {
+    match CudaDevice::open(0) {
+        Ok(d) => {
+            println!(
+                "{test}: running on {} (sm_{}{})",
+                d.name(),
+                d.compute_capability().0,
+                d.compute_capability().1
+            );
+            Some(d)
+        }
+        Err(e) => {
+            println!("{test}: skipped, no GPU: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn missing_gpu_is_a_clear_error_not_a_panic() {
+    match CudaDevice::open(0) {
+        Ok(d) => println!("GPU present: {}", d.name()),
+        Err(e) => {
+            assert!(
+                matches!(
+                    e,
+                    CudaError::NoDriver | CudaError::NoNvrtc | CudaError::NoDevice { .. }
+                ),
+                "{e}"
+            );
+            assert!(CudaDevice::discover().is_none());
+        }
+    }
+}
+
+#[test]
+fn philox_uniforms_bit_identical_normals_within_bound() {
+    let Some(dev) = gpu("philox") else { return };
+    // Start just below call 2^32 so the high call bits (word 3) are exercised too.
+    let start = (1u64 << 34) - 4096 + 1;
+    let n = 1 << 20;
+    let (seed, tid, mvm) = (0x1234_5678_9abc_def0u64, 77u32, 5u32);
+    let stream = Stream::new(seed, Purpose::OutputNoise, tid);
+    let u = dev
+        .download(
+            &gpu_rng::fill_uniform(&dev, seed, Purpose::OutputNoise, tid, start, n, mvm).unwrap(),
+        )
+        .unwrap();
+    for (i, v) in u.iter().enumerate() {
+        assert_eq!(
+            v.to_bits(),
+            stream.uniform(start + i as u64, mvm).to_bits(),
+            "uniform {i}"
+        );
+    }
+    let z = dev
+        .download(
+            &gpu_rng::fill_normal(&dev, seed, Purpose::OutputNoise, tid, start, n, mvm, 3).unwrap(),
+        )
+        .unwrap();
+    let mut cpu = vec![0.0f32; n];
+    stream.fill_normal(start, mvm, 3, &mut cpu);
+    let (mut identical, mut max_rel) = (0usize, 0.0f32);
+    for (g, c) in z.iter().zip(&cpu) {
+        identical += usize::from(g.to_bits() == c.to_bits());
+        max_rel = max_rel.max((g - c).abs() / c.abs().max(1.0));
+    }
+    println!(
+        "philox: {n} uniforms bit-identical; normals: {:.4}% bit-identical, max |Δz|/max(1,|z|) = {max_rel:.3e} \
+         (bound 2e-6 ≈ 32 ulp of 1)",
+        100.0 * identical as f64 / n as f64
+    );
+    assert!(max_rel <= 2e-6, "normals differ by {max_rel}");
+}
+
+fn test_matrix(rows: usize, cols: usize, id: u32, scale: f32) -> Array2<f32> {
+    let s = Stream::new(42, Purpose::TestData, id);
+    Array2::from_shape_fn((rows, cols), |(i, j)| {
+        s.normal((i * cols + j) as u64, 0) * scale
+    })
+}
+
+#[test]
+fn programming_and_drift_match_the_cpu() {
+    let Some(dev) = gpu("program") else { return };
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let w = test_matrix(128, 256, 1, 0.05);
+    let (seed, tid) = (7u64, 31u32);
+    let mut xbar = Crossbar::program(w.view(), &preset, seed, tid).unwrap();
+    let mut target = w.clone();
+    for (mut row, s) in target.rows_mut().into_iter().zip(xbar.map_scale()) {
+        row.mapv_inplace(|x| x / s);
+    }
+    let block =
+        GpuProgrammedBlock::program(&dev, &preset.device, target.as_slice().unwrap(), seed, tid)
+            .unwrap();
+    let prog = dev.download(&block.w_prog).unwrap();
+    let bound = |w: &[f32]| 1e-5 * w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let cpu_prog = xbar.programmed_weights().to_owned();
+    let d_prog = max_diff(&prog, cpu_prog.as_slice().unwrap());
+    let rel = (block.g_scale_us - xbar.conductance_scale_us()).abs() / xbar.conductance_scale_us();
+    for t in [3600.0, 86400.0 * 365.0] {
+        xbar.drift_to(t);
+        let drifted = dev.download(&block.drift_to(&dev, t).unwrap()).unwrap();
+        let cpu = xbar.weights().to_owned();
+        let d = max_diff(&drifted, cpu.as_slice().unwrap());
+        println!(
+            "program: t = {t} s: max |ΔW̃| = {d:.3e} (bound {:.3e})",
+            bound(cpu.as_slice().unwrap())
+        );
+        assert!(
+            d <= bound(cpu.as_slice().unwrap()),
+            "drift at {t} s differs by {d}"
+        );
+    }
+    println!(
+        "program: max |ΔW̃_prog| = {d_prog:.3e} (bound 1e-5·max|W̃| = {:.3e}); conductance scale rel. diff {rel:.2e}",
+        bound(cpu_prog.as_slice().unwrap())
+    );
+    assert!(d_prog <= bound(cpu_prog.as_slice().unwrap()));
+    assert!(rel <= 1e-6);
+}
+
+/// Random top-k routing: distinct experts per token, positive weights.
+fn routing(t: usize, k: usize, e: usize) -> (Vec<u32>, Vec<f32>) {
+    let s = Stream::new(3, Purpose::TestData, 900);
+    let (mut experts, mut weights) = (Vec::new(), Vec::new());
+    for tok in 0..t {
+        let mut chosen: Vec<u32> = Vec::new();
+        let mut i = 0u64;
+        while chosen.len() < k {
+            let c = (s.uniform((tok * 64) as u64 + i, 0) * e as f32) as u32 % e as u32;
+            if !chosen.contains(&c) {
+                chosen.push(c);
+            }
+            i += 1;
+        }
+        for (j, c) in chosen.into_iter().enumerate() {
+            experts.push(c);
+            weights.push(0.25 + s.uniform((tok * 64 + 63) as u64, j as u32));
+        }
+    }
+    (experts, weights)
+}
+
+fn tokens_of(experts: &[u32], k: usize, e: u32) -> Vec<usize> {
+    experts
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x == e)
+        .map(|(i, _)| i / k)
+        .collect()
+}
+
+fn refs(v: &[AnalogMatrix]) -> Vec<&AnalogMatrix> {
+    v.iter().collect()
+}
+
+fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+#[test]
+fn routing_sort_is_stable_and_exact() {
+    let Some(dev) = gpu("routing") else { return };
+    let (t, k, e) = (3000, 8, 64);
+    let (experts, weights) = routing(t, k, e);
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let offsets = dev.download(&r.offsets).unwrap();
+    let tokens = dev.download(&r.sorted_token).unwrap();
+    let pairs = dev.download(&r.sorted_pair).unwrap();
+    let w = dev.download(&r.sorted_weight).unwrap();
+    let mut expect_pairs: Vec<u32> = (0..(t * k) as u32).collect();
+    expect_pairs.sort_by_key(|&p| experts[p as usize]); // stable
+    assert_eq!(pairs, expect_pairs);
+    for (i, &p) in pairs.iter().enumerate() {
+        assert_eq!(tokens[i] as usize, p as usize / k);
+        assert_eq!(w[i], weights[p as usize]);
+    }
+    for ex in 0..e {
+        assert_eq!(
+            (offsets[ex + 1] - offsets[ex]) as usize,
+            tokens_of(&experts, k, ex as u32).len()
+        );
+    }
+}
+
+#[test]
+fn analog_adc_codes_match_the_cpu_crossbar() {
+    let Some(dev) = gpu("adc codes") else { return };
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let (t, k, e, n, d) = (256, 2, 4, 256, 512);
+    let mats: Vec<AnalogMatrix> = (0..e)
+        .map(|i| {
+            let mut m = AnalogMatrix::program(
+                test_matrix(n, d, 10 + i as u32, 0.05).view(),
+                &preset,
+                11,
+                100 + i as u32,
+            )
+            .unwrap();
+            m.drift_to(3600.0);
+            m
+        })
+        .collect();
+    let grouped = GroupedMatrix::from_analog(&mats.iter().collect::<Vec<_>>()).unwrap();
+    let x = test_matrix(t, d, 5, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
+    let (experts, weights) = routing(t, k, e);
+    let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+    let gm = GpuGroupedMatrix::upload(&dev, &grouped, Precision::AnalogSplitF16).unwrap();
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let xd = dev.upload(x.as_slice().unwrap()).unwrap();
+    let input = quantize(&dev, &xd, t, d, grouped.k_block, Some(&periphery)).unwrap();
+    let mut out = dev.zeros::<f32>(t * k * n).unwrap();
+    let mvm_id = 9;
+    grouped_gemm(
+        &dev,
+        &gm,
+        &input,
+        &r,
+        true,
+        Some(&periphery),
+        11,
+        mvm_id,
+        GemmOutput::Store,
+        &mut out,
+    )
+    .unwrap();
+    let out = dev.download(&out).unwrap();
+    let offsets = dev.download(&r.offsets).unwrap();
+    let adc_step = preset.periphery.adc.unwrap().step();
+    let (mut total, mut differ, mut max_steps) = (0usize, 0usize, 0i64);
+    for ex in 0..e {
+        let toks = tokens_of(&experts, k, ex as u32);
+        let xe = Array2::from_shape_fn((toks.len(), d), |(i, j)| x[[toks[i], j]]);
+        let cpu = mats[ex].mvm(xe.view(), mvm_id);
+        for (i, _) in toks.iter().enumerate() {
+            let row = offsets[ex] as usize + i;
+            for c in 0..n {
+                // α_nm = 1 (constant noise management): output = code · Δ_out · s_map · α_GDC.
+                let unit = adc_step * grouped.col_scale[ex * n + c];
+                let code_cpu = (cpu[[i, c]] / unit).round() as i64;
+                let code_gpu = (out[row * n + c] / unit).round() as i64;
+                total += 1;
+                differ += usize::from(code_cpu != code_gpu);
+                max_steps = max_steps.max((code_cpu - code_gpu).abs());
+            }
+        }
+    }
+    let frac = differ as f64 / total as f64;
+    println!(
+        "adc codes: {differ} of {total} outputs differ ({:.4}%), at most {max_steps} step(s); precision: {}",
+        100.0 * frac,
+        Precision::AnalogSplitF16.describe()
+    );
+    assert!(frac < 1e-3 && max_steps <= 1);
+}
+
+#[test]
+fn analog_moe_layer_matches_the_cpu_path() {
+    let Some(dev) = gpu("moe layer") else { return };
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let (t, k, e, n, d, seed) = (192, 2, 4, 256, 1024, 21u64);
+    let program = |rows, cols, id: u32| {
+        let mut m =
+            AnalogMatrix::program(test_matrix(rows, cols, id, 0.04).view(), &preset, seed, id)
+                .unwrap();
+        m.drift_to(86400.0);
+        m
+    };
+    let gates: Vec<_> = (0..e as u32).map(|i| program(n, d, 200 + 3 * i)).collect();
+    let ups: Vec<_> = (0..e as u32).map(|i| program(n, d, 201 + 3 * i)).collect();
+    let downs: Vec<_> = (0..e as u32).map(|i| program(d, n, 202 + 3 * i)).collect();
+    let x = test_matrix(t, d, 6, 0.3).mapv(|v| v.clamp(-1.0, 1.0));
+    let (experts, weights) = routing(t, k, e);
+    let mvm_id = 4;
+    let mut y_cpu = Array2::<f32>::zeros((t, d));
+    for ex in 0..e {
+        let toks = tokens_of(&experts, k, ex as u32);
+        let xe = Array2::from_shape_fn((toks.len(), d), |(i, j)| x[[toks[i], j]]);
+        let g = gates[ex].mvm(xe.view(), mvm_id);
+        let u = ups[ex].mvm(xe.view(), mvm_id);
+        let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
+        let ye = downs[ex].mvm(h.view(), mvm_id);
+        for (i, &tok) in toks.iter().enumerate() {
+            let slot = (0..k).find(|&s| experts[tok * k + s] == ex as u32).unwrap();
+            let w = weights[tok * k + slot];
+            let mut dst = y_cpu.slice_mut(s![tok, ..]);
+            dst.scaled_add(w, &ye.row(i));
+        }
+    }
+    let gate = GroupedMatrix::from_analog(&refs(&gates)).unwrap();
+    let up = GroupedMatrix::from_analog(&refs(&ups)).unwrap();
+    let down = GroupedMatrix::from_analog(&refs(&downs)).unwrap();
+    let gate_up = GroupedMatrix::interleave_swiglu(&gate, &up).unwrap();
+    let layer = GpuMoeLayer {
+        gate_up: GpuGroupedMatrix::upload(&dev, &gate_up, Precision::AnalogSplitF16).unwrap(),
+        down: GpuGroupedMatrix::upload(&dev, &down, Precision::AnalogSplitF16).unwrap(),
+        periphery: Some(GemmPeriphery::from_spec(&preset.periphery).unwrap()),
+        seed,
+    };
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let y = dev
+        .download(
+            &layer
+                .forward(
+                    &dev,
+                    &dev.upload(x.as_slice().unwrap()).unwrap(),
+                    &r,
+                    mvm_id,
+                )
+                .unwrap(),
+        )
+        .unwrap();
+    let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f32);
+    for (g, c) in y.iter().zip(y_cpu.iter()) {
+        num += f64::from(g - c).powi(2);
+        den += f64::from(*c).powi(2);
+        max_abs = max_abs.max((g - c).abs());
+    }
+    let rel = (num / den).sqrt();
+    println!("moe layer (analog, standard-hwa, 1 day): rel. RMS diff to CPU {rel:.3e}, max |Δ| {max_abs:.3e}, max |y| {:.3e}",
+        y_cpu.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+    assert!(
+        rel <= 2e-3,
+        "GPU analog MoE layer differs from the CPU path by {rel}"
+    );
+}
+
+#[test]
+fn digital_moe_layer_matches_f32_within_bf16() {
+    let Some(dev) = gpu("digital moe") else {
+        return;
+    };
+    let (t, k, e, n, d) = (160, 2, 3, 128, 256);
+    let table = |rows: usize, cols: usize, id: u32| GroupedMatrix {
+        n_experts: e,
+        n_cols: rows,
+        k: cols,
+        k_block: cols,
+        weights: (0..e as u32)
+            .flat_map(|i| {
+                test_matrix(rows, cols, id + i, 0.06)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect(),
+        col_tensor_id: vec![0; e * rows],
+        col_scale: vec![1.0; e * rows],
+        col_local: (0..rows as u32).collect(),
+        col_block_cols: vec![rows as u32; rows],
+    };
+    let gate = table(n, d, 300);
+    let up = table(n, d, 310);
+    let down = table(d, n, 320);
+    let gate_up = GroupedMatrix::interleave_swiglu(&gate, &up).unwrap();
+    let layer = GpuMoeLayer {
+        gate_up: GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16).unwrap(),
+        down: GpuGroupedMatrix::upload(&dev, &down, Precision::DigitalBf16).unwrap(),
+        periphery: None,
+        seed: 0,
+    };
+    let x = test_matrix(t, d, 7, 1.0);
+    let (experts, weights) = routing(t, k, e);
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let y = dev
+        .download(
+            &layer
+                .forward(&dev, &dev.upload(x.as_slice().unwrap()).unwrap(), &r, 0)
+                .unwrap(),
+        )
+        .unwrap();
+    let dot = |m: &GroupedMatrix, ex: usize, row: usize, v: &[f32]| -> f32 {
+        m.weights[(ex * m.n_cols + row) * m.k..][..m.k]
+            .iter()
+            .zip(v)
+            .map(|(a, b)| a * b)
+            .sum()
+    };
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for tok in 0..t {
+        let mut yt = vec![0.0f32; d];
+        for slot in 0..k {
+            let ex = experts[tok * k + slot] as usize;
+            let xv: Vec<f32> = x.row(tok).to_vec();
+            let h: Vec<f32> = (0..n)
+                .map(|j| silu_mul(dot(&gate, ex, j, &xv), dot(&up, ex, j, &xv)))
+                .collect();
+            for (c, v) in yt.iter_mut().enumerate() {
+                *v += weights[tok * k + slot] * dot(&down, ex, c, &h);
+            }
+        }
+        for (c, v) in yt.iter().enumerate() {
+            num += f64::from(y[tok * d + c] - v).powi(2);
+            den += f64::from(*v).powi(2);
+        }
+    }
+    let rel = (num / den).sqrt();
+    println!(
+        "digital moe layer: rel. RMS diff to f32 {rel:.3e} (bound 1e-2; {})",
+        Precision::DigitalBf16.describe()
+    );
+    assert!(rel <= 1e-2);
+}
