@@ -454,3 +454,152 @@ fn digital_moe_layer_matches_f32_within_bf16() {
     );
     assert!(rel <= 1e-2);
 }
+
+// ---- CPU-only checks of the kernel design (run everywhere): the reference model of the
+// ---- kernels (same tables and epilogue, exact operands) against the CPU crossbar path.
+
+/// ADC codes of `a` and `b` (outputs of one crossbar block, α_nm = 1): fraction differing and
+/// the largest difference in steps.
+fn code_diff(a: &Array2<f32>, b: &Array2<f32>, unit: impl Fn(usize) -> f32) -> (f64, i64) {
+    let (mut differ, mut max_steps) = (0usize, 0i64);
+    for (((_, c), _), (x, y)) in a.indexed_iter().zip(a.iter().zip(b.iter())) {
+        let (cx, cy) = ((*x / unit(c)).round() as i64, (*y / unit(c)).round() as i64);
+        differ += usize::from(cx != cy);
+        max_steps = max_steps.max((cx - cy).abs());
+    }
+    (differ as f64 / a.len() as f64, max_steps)
+}
+
+#[test]
+fn kernel_reference_reproduces_crossbar_adc_codes() {
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let (e, n, d, rows) = (2, 256, 512, 48);
+    let mats: Vec<AnalogMatrix> = (0..e)
+        .map(|i| {
+            let mut m =
+                AnalogMatrix::program(test_matrix(n, d, 40 + i, 0.05).view(), &preset, 3, 500 + i)
+                    .unwrap();
+            m.drift_to(3600.0);
+            m
+        })
+        .collect();
+    let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
+    let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+    let x = test_matrix(rows, d, 8, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
+    let step = preset.periphery.adc.unwrap().step();
+    for (ex, mat) in mats.iter().enumerate() {
+        let cpu = mat.mvm(x.view(), 6);
+        let reference =
+            aimc::backend::cuda::reference::grouped_rows(&grouped, ex, x.view(), Some(&p), 3, 6);
+        let (frac, steps) = code_diff(&cpu, &reference, |c| step * grouped.col_scale[ex * n + c]);
+        println!(
+            "kernel reference vs crossbar, expert {ex}: {:.4}% codes differ, max {steps} step(s)",
+            100.0 * frac
+        );
+        assert!(frac < 1e-3 && steps <= 1, "{frac} {steps}");
+    }
+}
+
+#[test]
+fn kernel_reference_matches_tiled_matrix_with_abs_max() {
+    let mut preset = TilePreset::resolve("standard-hwa").unwrap();
+    preset.periphery.noise_management = aimc::tile::NoiseManagement::AbsMax;
+    // 640 outputs → 2 crossbars of 320 columns; 1024 inputs → 2 crossbars of 512 rows.
+    let (n, d, rows) = (640, 1024, 24);
+    let mut mat =
+        AnalogMatrix::program(test_matrix(n, d, 60, 0.05).view(), &preset, 4, 700).unwrap();
+    mat.drift_to(86400.0);
+    let grouped = GroupedMatrix::from_analog(&[&mat]).unwrap();
+    assert_eq!(grouped.col_block_cols[0], 320);
+    assert_eq!(grouped.col_local[330], 10);
+    let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+    let x = test_matrix(rows, d, 9, 1.0);
+    let cpu = mat.mvm(x.view(), 2);
+    let reference =
+        aimc::backend::cuda::reference::grouped_rows(&grouped, 0, x.view(), Some(&p), 4, 2);
+    let rel = rel_rms(reference.iter(), cpu.iter());
+    println!("kernel reference vs 2×2-block crossbar matrix (ABS_MAX): rel. RMS {rel:.2e}");
+    assert!(rel <= 1e-5, "{rel}");
+}
+
+fn rel_rms<'a>(a: impl Iterator<Item = &'a f32>, b: impl Iterator<Item = &'a f32>) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.zip(b) {
+        num += f64::from(x - y).powi(2);
+        den += f64::from(*y).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+fn kernel_reference_layer_matches_per_expert_crossbars() {
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let (t, k, e, n, d, seed, mvm_id) = (40, 2, 3, 128, 512, 8u64, 3u32);
+    let program = |rows, cols, id: u32| {
+        let mut m =
+            AnalogMatrix::program(test_matrix(rows, cols, id, 0.04).view(), &preset, seed, id)
+                .unwrap();
+        m.drift_to(60.0);
+        m
+    };
+    let gates: Vec<_> = (0..e as u32).map(|i| program(n, d, 800 + 3 * i)).collect();
+    let ups: Vec<_> = (0..e as u32).map(|i| program(n, d, 801 + 3 * i)).collect();
+    let downs: Vec<_> = (0..e as u32).map(|i| program(d, n, 802 + 3 * i)).collect();
+    let x = test_matrix(t, d, 10, 0.3).mapv(|v| v.clamp(-1.0, 1.0));
+    let (experts, weights) = routing(t, k, e);
+    let mut y_cpu = Array2::<f32>::zeros((t, d));
+    for ex in 0..e {
+        let toks = tokens_of(&experts, k, ex as u32);
+        let xe = Array2::from_shape_fn((toks.len(), d), |(i, j)| x[[toks[i], j]]);
+        let g = gates[ex].mvm(xe.view(), mvm_id);
+        let u = ups[ex].mvm(xe.view(), mvm_id);
+        let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
+        let ye = downs[ex].mvm(h.view(), mvm_id);
+        for (i, &tok) in toks.iter().enumerate() {
+            let slot = (0..k).find(|&s| experts[tok * k + s] == ex as u32).unwrap();
+            y_cpu
+                .row_mut(tok)
+                .scaled_add(weights[tok * k + slot], &ye.row(i));
+        }
+    }
+    let gate_up = GroupedMatrix::interleave_swiglu(
+        &GroupedMatrix::from_analog(&refs(&gates)).unwrap(),
+        &GroupedMatrix::from_analog(&refs(&ups)).unwrap(),
+    )
+    .unwrap();
+    let down = GroupedMatrix::from_analog(&refs(&downs)).unwrap();
+    let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+    let y = aimc::backend::cuda::reference::moe_layer(
+        &gate_up,
+        &down,
+        Some(&p),
+        seed,
+        mvm_id,
+        x.view(),
+        &experts,
+        &weights,
+        k,
+    );
+    let rel = rel_rms(y.iter(), y_cpu.iter());
+    println!("kernel reference MoE layer vs per-expert crossbars: rel. RMS {rel:.2e}");
+    assert!(rel <= 1e-5, "{rel}");
+}
+
+#[test]
+fn unsupported_periphery_is_a_clear_error() {
+    let preset = TilePreset::resolve("aihwkit-default").unwrap();
+    let err = GemmPeriphery::from_spec(&preset.periphery)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bound_management"), "{err}");
+}
+
+#[test]
+fn kernel_parameter_structs_match_the_cuda_layout() {
+    // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
+    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 176);
+    assert_eq!(
+        std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
+        56
+    );
+}

@@ -15,6 +15,7 @@ mod device;
 mod error;
 pub mod moe;
 pub mod program;
+pub mod reference;
 pub mod rng;
 
 pub use device::{linear_launch, CudaDevice};

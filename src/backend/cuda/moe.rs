@@ -52,13 +52,20 @@ impl Precision {
 /// The crossbar periphery as the kernels apply it (design.md §3 steps 1–7, 9).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPeriphery {
-    nm_kind: u32,
-    nm_value: f32,
-    dac: Option<(f32, f32)>,
-    adc: Option<(f32, f32)>,
-    out_noise: f32,
-    pcm_read_std: Option<f32>,
-    ir_drop: Option<(f32, f32)>,
+    /// 0 ABS_MAX, 1 constant, 2 none.
+    pub(crate) nm_kind: u32,
+    /// Constant α_nm (kind 1).
+    pub(crate) nm_value: f32,
+    /// DAC (step, largest code).
+    pub(crate) dac: Option<(f32, f32)>,
+    /// ADC (step, bound).
+    pub(crate) adc: Option<(f32, f32)>,
+    /// Output noise std.
+    pub(crate) out_noise: f32,
+    /// PCM_READ weight-noise std.
+    pub(crate) pcm_read_std: Option<f32>,
+    /// IR drop (scale, g_ratio).
+    pub(crate) ir_drop: Option<(f32, f32)>,
 }
 
 impl GemmPeriphery {
@@ -553,6 +560,9 @@ struct GemmParams {
 
 // SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
 unsafe impl DeviceRepr for GemmParams {}
+
+/// Size of the kernel parameter block of `moe_gemm` (NVRTC's `.param` is 176 bytes).
+pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
 
 /// One grouped GEMM over the sorted pairs of `routing`.
 ///
