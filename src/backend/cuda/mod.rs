@@ -17,6 +17,7 @@ pub mod moe;
 pub mod program;
 pub mod reference;
 pub mod rng;
+pub mod select;
 
 pub use device::{linear_launch, CudaDevice};
 pub use error::{CudaError, CudaResult};

@@ -6,28 +6,98 @@
 //! routing semantics) be tested against [`crate::tile::AnalogMatrix`] on machines without a GPU.
 use ndarray::{Array2, ArrayView2};
 
-use super::moe::{GemmPeriphery, GroupedMatrix};
+use half::{bf16, f16};
+
+use super::moe::{GemmPeriphery, GroupedMatrix, Precision};
 use crate::rng::{Purpose, Stream};
+
+/// Operand rounding of the tensor-core kernels, emulated on exact products with f32 sums.
+///
+/// `f16r`/`bf16r` round to nearest even as the kernels' `cvt.rn` does. What is not emulated:
+/// the tensor cores' internal accumulation order and rounding of f32 partial sums.
+#[derive(Clone, Copy)]
+struct Operands {
+    /// Weight of the main product (hi + lo for the split).
+    w: fn(f32) -> f32,
+    /// Weight of the |W| and IR-drop products (the kernel uses the hi part only).
+    w_side: fn(f32) -> f32,
+    /// fp16 rounding of derived A operands (x̃², x̃·f(j)); identity when exact.
+    a_side: fn(f32) -> f32,
+    /// Digital input rounding.
+    x: fn(f32) -> f32,
+}
+
+fn f16r(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+fn bf16r(v: f32) -> f32 {
+    bf16::from_f32(v).to_f32()
+}
+fn split_f16(v: f32) -> f32 {
+    let hi = f16r(v);
+    hi + f16r(v - hi)
+}
+fn exact(v: f32) -> f32 {
+    v
+}
+
+impl Operands {
+    fn of(precision: Option<Precision>) -> Self {
+        match precision {
+            None => Self {
+                w: exact,
+                w_side: exact,
+                a_side: exact,
+                x: exact,
+            },
+            Some(Precision::AnalogSplitF16) => Self {
+                w: split_f16,
+                w_side: f16r,
+                a_side: f16r,
+                x: exact,
+            },
+            Some(Precision::AnalogF16) => Self {
+                w: f16r,
+                w_side: f16r,
+                a_side: f16r,
+                x: exact,
+            },
+            Some(Precision::DigitalBf16) => Self {
+                w: bf16r,
+                w_side: bf16r,
+                a_side: exact,
+                x: bf16r,
+            },
+        }
+    }
+}
 
 /// Rows `x` (`[rows, K]`, row r = r-th token of `expert` in sorted order) through expert
 /// `expert` of `m` → `[rows, N]`, as `moe_gemm` in store mode computes them.
-/// `periphery = None`: the digital product.
+/// `periphery = None`: the digital product. `precision = None`: exact f32 operands; otherwise
+/// the kernel's operand rounding is emulated (to predict GPU–CPU differences).
 pub fn grouped_rows(
     m: &GroupedMatrix,
     expert: usize,
     x: ArrayView2<f32>,
     periphery: Option<&GemmPeriphery>,
+    precision: Option<Precision>,
     seed: u64,
     mvm_id: u32,
 ) -> Array2<f32> {
     let (n, k, kb_len) = (m.n_cols, m.k, m.k_block);
     let n_kb = k / kb_len;
+    let ops = Operands::of(precision);
     let w = |c: usize| &m.weights[(expert * n + c) * k..][..k];
     let mut out = Array2::<f32>::zeros((x.nrows(), n));
     let Some(p) = periphery else {
         for (r, xr) in x.rows().into_iter().enumerate() {
             for c in 0..n {
-                out[[r, c]] = w(c).iter().zip(xr).map(|(a, b)| a * b).sum();
+                out[[r, c]] = w(c)
+                    .iter()
+                    .zip(xr)
+                    .map(|(a, b)| (ops.w)(*a) * (ops.x)(*b))
+                    .sum();
             }
         }
         return out;
@@ -61,11 +131,12 @@ pub fn grouped_rows(
                 let wc = &w(c)[kb * kb_len..][..kb_len];
                 let (mut acc, mut abs, mut s2, mut ir) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
                 for (j, (&wj, &qj)) in wc.iter().zip(&q).enumerate() {
-                    acc += wj * qj;
-                    abs += wj.abs() * qj.abs();
-                    s2 += wj.abs() * qj * qj;
+                    let ws = (ops.w_side)(wj);
+                    acc += (ops.w)(wj) * qj;
+                    abs += ws.abs() * qj.abs();
+                    s2 += ws.abs() * (ops.a_side)(qj * qj);
                     let u = 1.0 - j as f32 / kb_len as f32;
-                    ir += wj * (qj * (1.0 - u * u));
+                    ir += ws * (ops.a_side)(qj * (ops.a_side)(1.0 - u * u));
                 }
                 // Epilogue (moe_gemm, one crossbar block).
                 let mut v = acc * step;
@@ -113,6 +184,7 @@ pub fn moe_layer(
     gate_up: &GroupedMatrix,
     down: &GroupedMatrix,
     periphery: Option<&GemmPeriphery>,
+    precision: Option<Precision>,
     seed: u64,
     mvm_id: u32,
     x: ArrayView2<f32>,
@@ -132,10 +204,11 @@ pub fn moe_layer(
             e,
             xe.view(),
             periphery,
+            precision,
             seed,
             mvm_id,
         ));
-        let ye = grouped_rows(down, e, h.view(), periphery, seed, mvm_id);
+        let ye = grouped_rows(down, e, h.view(), periphery, precision, seed, mvm_id);
         for (i, &pair) in pairs.iter().enumerate() {
             let mut dst = y.row_mut(pair / top_k);
             dst.scaled_add(weight_of_pair[pair], &ye.row(i));
