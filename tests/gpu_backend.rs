@@ -696,3 +696,49 @@ fn backend_request_cuda_errors_and_auto_falls_back_without_a_gpu() {
         assert!(resolve(BackendRequest::Auto).unwrap().is_some());
     }
 }
+
+/// Every kernel variant compiles with NVRTC (needs only libnvrtc, no GPU), and a broken kernel
+/// reports the NVRTC log with the file name.
+#[test]
+fn kernels_compile_and_errors_show_the_nvrtc_log() {
+    use aimc::backend::cuda::compile::{compile, KernelFile, ANALOG_MOE_CU, PROGRAM_CU, RNG_CU};
+    // SAFETY: only probes whether the shared library can be loaded.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        println!("nvrtc: skipped, libnvrtc not found in the library path");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("AIMC_CACHE_DIR", cache.path());
+    let sm90 = (9, 0);
+    compile(&RNG_CU, &[], sm90).unwrap();
+    compile(&PROGRAM_CU, &[], sm90).unwrap();
+    // Three variants cover every macro: digital scatter, analog split SwiGLU, analog fp16 store.
+    for (analog, split, mode) in [(0, 0, 2), (1, 1, 1), (1, 0, 0)] {
+        let defines = [
+            ("MOE_ANALOG", analog),
+            ("MOE_SPLIT_W", split),
+            ("MOE_PCM_READ", analog),
+            ("MOE_IR_DROP", analog),
+            ("MOE_OUT_NOISE", analog),
+            ("MOE_ADC", analog),
+            ("MOE_MODE", mode),
+        ];
+        let ptx = compile(&ANALOG_MOE_CU, &defines, sm90).unwrap().to_src();
+        assert!(ptx.contains(".entry moe_gemm"));
+    }
+    let cached = std::fs::read_dir(cache.path().join("kernels"))
+        .unwrap()
+        .count();
+    assert_eq!(cached, 2 + 3, "one PTX cache entry per variant");
+    let broken = KernelFile {
+        file: "broken.cu",
+        text: "extern \"C\" __global__ void k() { undeclared_name(); }",
+        exact_fp: false,
+    };
+    let err = compile(&broken, &[], sm90).unwrap_err().to_string();
+    println!("{err}");
+    assert!(
+        err.contains("broken.cu") && err.contains("undeclared_name"),
+        "{err}"
+    );
+}
