@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// GPU suite: analog tile preset of the analog grouped kernel.
     #[arg(long, default_value = "standard-hwa")]
     pub gpu_preset: String,
+    /// GPU suite: also write the table as markdown to this file (e.g. reports/bench/<date>-gpu.md).
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
 }
 
 /// Run the chosen suite and print a markdown table.
@@ -165,6 +168,19 @@ mod gpu {
     /// Warm-up runs before timing.
     const WARMUP: usize = 3;
 
+    /// Print a line and keep it for the `--report` file.
+    macro_rules! say {
+        ($out:expr) => {{
+            println!();
+            $out.push(String::new());
+        }};
+        ($out:expr, $($arg:tt)*) => {{
+            let line = format!($($arg)*);
+            println!("{line}");
+            $out.push(line);
+        }};
+    }
+
     /// Median milliseconds of `repeats` runs of `f`, each bracketed by CUDA events.
     fn median_ms(
         dev: &CudaDevice,
@@ -220,7 +236,9 @@ mod gpu {
         let periphery = GemmPeriphery::from_spec(&preset.periphery)
             .with_context(|| format!("preset `{}`", preset.name))?;
         let (free, total) = dev.memory_bytes()?;
-        println!(
+        let mut out: Vec<String> = Vec::new();
+        say!(
+            out,
             "gpu suite on {} (sm_{}{}, {:.1} of {:.1} GiB free); median of {repeats} runs after {WARMUP} warm-ups, CUDA events",
             dev.name(),
             dev.compute_capability().0,
@@ -242,17 +260,21 @@ mod gpu {
         })?;
         drop((src, dst));
         let bandwidth = 2.0 * (copy_len * 4) as f64 / (copy_ms * 1e-3);
-        println!("measured copy bandwidth: {:.2} TB/s", bandwidth / 1e12);
-        println!(
+        say!(out, "measured copy bandwidth: {:.2} TB/s", bandwidth / 1e12);
+        say!(
+            out,
             "analog preset `{}`; operands: analog {}; analog-fast {}; digital {}",
             preset.name,
             Precision::AnalogSplitF16.describe(),
             Precision::AnalogF16.describe(),
             Precision::DigitalBf16.describe()
         );
-        println!();
-        println!("| shape | case | ms | TFLOP/s | ratio to cuBLAS | GB moved (min) | bandwidth floor ms |");
-        println!("|---|---|---:|---:|---:|---:|---:|");
+        say!(out);
+        say!(
+            out,
+            "| shape | case | ms | TFLOP/s | ratio to cuBLAS | GB moved (est.) | bandwidth floor ms |"
+        );
+        say!(out, "|---|---|---:|---:|---:|---:|---:|");
         for &shape in &args.shapes {
             shape_rows(
                 &dev,
@@ -262,10 +284,38 @@ mod gpu {
                 preset.stack.rows,
                 repeats,
                 bandwidth,
+                &mut out,
             )
             .with_context(|| format!("shape {shape:?}"))?;
         }
+        if let Some(path) = &args.report {
+            let text = format!(
+                "# GPU bench ({} UTC, {})\n\nCommand: `aimc {}`\n\n```text\n{}\n```\n",
+                utc_date(),
+                dev.name(),
+                std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+                out.join("\n")
+            );
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(())
+    }
+
+    /// Today's date (UTC) as YYYY-MM-DD, from the system clock (civil-from-days, H. Hinnant).
+    fn utc_date() -> String {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let z = (secs / 86_400) as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!("{year:04}-{month:02}-{day:02}")
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -277,6 +327,7 @@ mod gpu {
         crossbar_rows: usize,
         repeats: usize,
         bandwidth: f64,
+        out: &mut Vec<String>,
     ) -> Result<()> {
         let (t, d, n, e, k) = shape.dims();
         let pairs = t * k;
@@ -293,18 +344,22 @@ mod gpu {
         drop((a, b, c));
         let bytes_dense = 2.0 * (gm * gk + gn * gk) as f64 + 4.0 * (gm * gn) as f64;
         let row = |case: &str, ms: f64, bytes: f64| {
-            println!(
+            format!(
                 "| {name} | {case} | {ms:.3} | {:.1} | {:.2} | {:.2} | {:.3} |",
                 flops / (ms * 1e-3) / 1e12,
                 cublas_ms / ms,
                 bytes / 1e9,
                 bytes / bandwidth * 1e3
-            );
+            )
         };
-        row(
-            "(a) cuBLAS dense BF16 GEMM, equal FLOPs",
-            cublas_ms,
-            bytes_dense,
+        say!(
+            out,
+            "{}",
+            row(
+                "(a) cuBLAS dense BF16 GEMM, equal FLOPs",
+                cublas_ms,
+                bytes_dense
+            )
         );
 
         // Routing: random distinct experts per token, drawn on the host.
@@ -363,7 +418,11 @@ mod gpu {
             } else {
                 2.0
             };
-            row(case, ms, weight_elems * w_bytes + act_bytes(2.0));
+            say!(
+                out,
+                "{}",
+                row(case, ms, weight_elems * w_bytes + act_bytes(2.0))
+            );
         }
         Ok(())
     }

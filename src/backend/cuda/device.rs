@@ -179,6 +179,15 @@ impl CudaDevice {
             .while_(|| format!("allocating {len} elements on the device"))
     }
 
+    /// A buffer of `len` elements with undefined contents, for outputs a kernel writes in full
+    /// (saves the memset of [`CudaDevice::zeros`] on large scratch buffers).
+    pub(crate) fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
+        // SAFETY: device memory is never read on the host before a kernel has written every
+        // element (each caller's kernel covers the whole buffer).
+        unsafe { self.stream.alloc(len) }
+            .while_(|| format!("allocating {len} elements on the device"))
+    }
+
     /// Copy a device buffer back to the host (synchronises first, so kernel faults are named).
     pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> CudaResult<Vec<T>> {
         self.synchronize()?;

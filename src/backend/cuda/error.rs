@@ -7,7 +7,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum CudaError {
     /// `libcuda` could not be loaded: no NVIDIA driver on this machine.
-    #[error("no NVIDIA driver: libcuda.so could not be loaded (use --backend cpu)")]
+    #[error("no NVIDIA driver: libcuda.so could not be loaded")]
     NoDriver,
     /// `libnvrtc` could not be loaded: kernels cannot be compiled.
     #[error("NVRTC (libnvrtc.so of CUDA 13) not found in the library path: cannot compile the GPU kernels")]

@@ -295,7 +295,7 @@ impl GpuGroupedMatrix {
                 m.n_experts, m.n_cols, m.k, m.k_block, w.len()
             )));
         }
-        let mut w_hi = dev.zeros::<u16>(len)?;
+        let mut w_hi = dev.scratch::<u16>(len)?;
         let n = len as u64;
         let w_lo = if precision == Precision::DigitalBf16 {
             let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
@@ -304,7 +304,7 @@ impl GpuGroupedMatrix {
             })?;
             None
         } else {
-            let mut lo = dev.zeros::<u16>(len)?;
+            let mut lo = dev.scratch::<u16>(len)?;
             let f = dev.function(&ANALOG_MOE_CU, &[], "split_f16")?;
             dev.launch(&f, "split_f16", linear_launch(n), |b| {
                 b.arg(w).arg(&n).arg(&mut w_hi).arg(&mut lo);
@@ -342,7 +342,7 @@ impl GpuGroupedMatrix {
 
 /// A bf16 copy (`u16` bits, round to nearest even) of a device buffer.
 pub fn to_bf16_device(dev: &CudaDevice, x: &CudaSlice<f32>) -> CudaResult<CudaSlice<u16>> {
-    let mut out = dev.zeros::<u16>(x.len())?;
+    let mut out = dev.scratch::<u16>(x.len())?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
     let n = x.len() as u64;
     dev.launch(&f, "to_bf16", linear_launch(n), |b| {
@@ -389,12 +389,12 @@ pub fn route(
             weight_of_pair.len()
         )));
     }
-    let mut counts = dev.zeros::<u32>(n_experts)?;
-    let mut offsets = dev.zeros::<u32>(n_experts + 1)?;
-    let mut tile_offsets = dev.zeros::<u32>(n_experts + 1)?;
-    let mut sorted_token = dev.zeros::<u32>(pairs)?;
-    let mut sorted_weight = dev.zeros::<f32>(pairs)?;
-    let mut sorted_pair = dev.zeros::<u32>(pairs)?;
+    let mut counts = dev.scratch::<u32>(n_experts)?;
+    let mut offsets = dev.scratch::<u32>(n_experts + 1)?;
+    let mut tile_offsets = dev.scratch::<u32>(n_experts + 1)?;
+    let mut sorted_token = dev.scratch::<u32>(pairs)?;
+    let mut sorted_weight = dev.scratch::<f32>(pairs)?;
+    let mut sorted_pair = dev.scratch::<u32>(pairs)?;
     let per_expert = LaunchConfig {
         grid_dim: (n_experts as u32, 1, 1),
         block_dim: (1024, 1, 1),
@@ -473,7 +473,7 @@ pub fn quantize(
             x.len()
         )));
     }
-    let mut a = dev.zeros::<u16>(rows * k)?;
+    let mut a = dev.scratch::<u16>(rows * k)?;
     let Some(p) = periphery else {
         let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
         let n = (rows * k) as u64;
@@ -487,7 +487,7 @@ pub fn quantize(
         });
     };
     let n_kb = k / k_block;
-    let mut alpha = dev.zeros::<f32>(rows * n_kb)?;
+    let mut alpha = dev.scratch::<f32>(rows * n_kb)?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_quantize")?;
     let (r32, k32, kb32) = (rows as u32, k as u32, k_block as u32);
     let use_dac = u32::from(p.dac.is_some());
@@ -732,7 +732,7 @@ impl GpuMoeLayer {
         let pairs = t * routing.top_k;
         let p = self.periphery.as_ref();
         let xq = quantize(dev, x, t, d, self.gate_up.k_block, p)?;
-        let mut h = dev.zeros::<f32>(pairs * n)?;
+        let mut h = dev.scratch::<f32>(pairs * n)?;
         grouped_gemm(
             dev,
             &self.gate_up,

@@ -111,8 +111,8 @@ impl GpuProgrammedBlock {
         let abs_max = w_target.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let g_scale_target = converter.scale(abs_max);
         let target = dev.upload(w_target)?;
-        let mut w_prog = dev.zeros::<f32>(len)?;
-        let mut nu = dev.zeros::<f32>(2 * len)?;
+        let mut w_prog = dev.scratch::<f32>(len)?;
+        let mut nu = dev.scratch::<f32>(2 * len)?;
         let f = dev.function(&PROGRAM_CU, &[], "program_weights")?;
         let n = len as u64;
         dev.launch(&f, "program_weights", linear_launch(n), |b| {
@@ -142,7 +142,7 @@ impl GpuProgrammedBlock {
     pub fn drift_to(&self, dev: &CudaDevice, t_seconds: f64) -> CudaResult<CudaSlice<f32>> {
         let ratio = self.pcm.drift_time_ratio(t_seconds);
         let time_factor = self.pcm.read_noise_time_factor(t_seconds);
-        let mut w = dev.zeros::<f32>(self.len)?;
+        let mut w = dev.scratch::<f32>(self.len)?;
         let f = dev.function(&PROGRAM_CU, &[], "drift_weights")?;
         let n = self.len as u64;
         dev.launch(&f, "drift_weights", linear_launch(n), |b| {

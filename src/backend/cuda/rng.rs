@@ -20,7 +20,7 @@ pub fn fill_normal(
     attempt: u8,
 ) -> CudaResult<CudaSlice<f32>> {
     let f = dev.function(&RNG_CU, &[], "fill_normal")?;
-    let mut out = dev.zeros::<f32>(n)?;
+    let mut out = dev.scratch::<f32>(n)?;
     let (n64, purpose, attempt) = (n as u64, purpose as u32, u32::from(attempt));
     dev.launch(&f, "fill_normal", linear_launch(n64), |b| {
         b.arg(&mut out)
@@ -46,7 +46,7 @@ pub fn fill_uniform(
     mvm_id: u32,
 ) -> CudaResult<CudaSlice<f32>> {
     let f = dev.function(&RNG_CU, &[], "fill_uniform")?;
-    let mut out = dev.zeros::<f32>(n)?;
+    let mut out = dev.scratch::<f32>(n)?;
     let (n64, purpose) = (n as u64, purpose as u32);
     dev.launch(&f, "fill_uniform", linear_launch(n64), |b| {
         b.arg(&mut out)
