@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use ndarray::Array2;
 
 use crate::rng::{Purpose, Stream};
-use crate::tile::{Crossbar, TilePreset};
+use crate::tile::{AnalogMatrix, Crossbar, TilePreset};
 
 /// Benchmark suites (more join with later issues).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -15,6 +15,9 @@ pub enum Suite {
     Crossbar,
     /// GPU MoE expert layer: cuBLAS BF16 GEMM of equal FLOPs vs digital vs analog grouped kernels.
     Gpu,
+    /// CPU MoE expert layer: per-expert analog crossbars vs per-expert f32 matmuls vs one dense
+    /// ndarray matmul of equal FLOPs (`--moe-shape`).
+    MoeCpu,
 }
 
 /// MoE layer shapes of design.md §8.
@@ -72,6 +75,14 @@ pub struct BenchArgs {
     /// GPU suite: also write the table as markdown to this file (e.g. reports/bench/<date>-gpu.md).
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
+    /// moe-cpu suite: layer shape T,d,n,E,k (tokens, model width, expert width, experts, top-k).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 5,
+        default_value = "256,512,256,8,2"
+    )]
+    pub moe_shape: Vec<usize>,
 }
 
 /// Run the chosen suite and print a markdown table.
@@ -82,6 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.suite {
         Suite::Crossbar => crossbar_suite(&args),
         Suite::Gpu => gpu_suite(&args),
+        Suite::MoeCpu => moe_cpu_suite(&args),
     }
 }
 
@@ -138,6 +150,139 @@ fn crossbar_suite(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Random top-k routing (distinct experts per token, equal weights), keyed by `Stream`.
+fn random_routing(t: usize, k: usize, e: usize) -> Vec<u32> {
+    let s = Stream::new(5, Purpose::TestData, 1000);
+    let mut experts = Vec::with_capacity(t * k);
+    for tok in 0..t {
+        let mut chosen: Vec<u32> = Vec::with_capacity(k);
+        let mut i = 0u64;
+        while chosen.len() < k {
+            let x = (s.uniform(((tok as u64) << 8) | i, 0) * e as f32) as u32 % e as u32;
+            if !chosen.contains(&x) {
+                chosen.push(x);
+            }
+            i += 1;
+        }
+        experts.extend(chosen);
+    }
+    experts
+}
+
+fn silu_mul(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
+/// The CPU section of issue 5's benchmark: one MoE expert layer (SwiGLU experts) per expert on
+/// the CPU crossbar path vs plain f32 matmuls vs one dense matmul of equal FLOPs.
+fn moe_cpu_suite(args: &BenchArgs) -> Result<()> {
+    let [t, d, n, e, k] = args.moe_shape[..] else {
+        bail!("--moe-shape takes 5 numbers T,d,n,E,k");
+    };
+    if e == 0 || k == 0 || k > e || t == 0 || d == 0 || n == 0 {
+        bail!("--moe-shape {t},{d},{n},{e},{k}: need T, d, n ≥ 1 and 1 ≤ k ≤ E");
+    }
+    let preset = TilePreset::resolve(&args.gpu_preset)?;
+    let matrix = |rows: usize, cols: usize, id: u32| {
+        let s = Stream::new(0, Purpose::TestData, id);
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            s.normal((i * cols + j) as u64, 0) * 0.04
+        })
+    };
+    let weights: Vec<[Array2<f32>; 3]> = (0..e as u32)
+        .map(|i| {
+            [
+                matrix(n, d, 10 * i),
+                matrix(n, d, 10 * i + 1),
+                matrix(d, n, 10 * i + 2),
+            ]
+        })
+        .collect();
+    let mut analog = Vec::with_capacity(e);
+    for (i, w) in weights.iter().enumerate() {
+        let mut m = Vec::with_capacity(3);
+        for (j, wj) in w.iter().enumerate() {
+            let mut a = AnalogMatrix::program(wj.view(), &preset, 0, (3 * i + j) as u32)?;
+            a.drift_to(3600.0);
+            m.push(a);
+        }
+        analog.push(m);
+    }
+    let x = matrix(t, d, 99_999).mapv(|v| (v * 10.0).clamp(-1.0, 1.0));
+    let experts = random_routing(t, k, e);
+    let tokens: Vec<Vec<usize>> = (0..e as u32)
+        .map(|ex| {
+            (0..t * k)
+                .filter(|&p| experts[p] == ex)
+                .map(|p| p / k)
+                .collect()
+        })
+        .collect();
+    let gather =
+        |ex: usize| Array2::from_shape_fn((tokens[ex].len(), d), |(i, j)| x[[tokens[ex][i], j]]);
+    let scatter = |y: &mut Array2<f32>, ex: usize, ye: &Array2<f32>| {
+        for (i, &tok) in tokens[ex].iter().enumerate() {
+            y.row_mut(tok).scaled_add(1.0 / k as f32, &ye.row(i));
+        }
+    };
+    let flops = 6.0 * (t * k) as f64 * d as f64 * n as f64;
+    let dense_a = matrix(t * k, 3 * n, 7);
+    let dense_b = matrix(3 * n, d, 8);
+    let reference = median_seconds(args.repeats, || {
+        std::hint::black_box(dense_a.dot(&dense_b));
+    });
+    let digital = median_seconds(args.repeats, || {
+        let mut y = Array2::<f32>::zeros((t, d));
+        for (ex, w) in weights.iter().enumerate() {
+            let xe = gather(ex);
+            let (g, u) = (xe.dot(&w[0].t()), xe.dot(&w[1].t()));
+            let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
+            scatter(&mut y, ex, &h.dot(&w[2].t()));
+        }
+        std::hint::black_box(y);
+    });
+    let mut mvm_id = 0u32;
+    let analog_s = median_seconds(args.repeats, || {
+        mvm_id += 1;
+        let mut y = Array2::<f32>::zeros((t, d));
+        for (ex, m) in analog.iter().enumerate() {
+            let xe = gather(ex);
+            let (g, u) = (m[0].mvm(xe.view(), mvm_id), m[1].mvm(xe.view(), mvm_id));
+            let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
+            scatter(&mut y, ex, &m[2].mvm(h.view(), mvm_id));
+        }
+        std::hint::black_box(y);
+    });
+    println!(
+        "moe-cpu suite: T={t} d={d} n={n} E={e} k={k}, preset `{}`, {} rayon threads, median of {} runs",
+        preset.name,
+        rayon::current_num_threads(),
+        args.repeats
+    );
+    println!();
+    println!("| case | median ms | GFLOP/s | ratio to dense matmul |");
+    println!("|---|---:|---:|---:|");
+    for (case, sec) in [
+        ("dense f32 ndarray matmul, equal FLOPs", reference),
+        (
+            "digital per-expert f32 matmuls (gather, SwiGLU, scatter)",
+            digital,
+        ),
+        (
+            "analog per-expert crossbars (all nonidealities of the preset)",
+            analog_s,
+        ),
+    ] {
+        println!(
+            "| {case} | {:.2} | {:.1} | {:.2} |",
+            sec * 1e3,
+            flops / sec / 1e9,
+            sec / reference
+        );
+    }
+    Ok(())
+}
+
 #[cfg(not(feature = "cuda"))]
 fn gpu_suite(_: &BenchArgs) -> Result<()> {
     bail!("this binary was built without the `cuda` feature: the GPU suite is unavailable")
@@ -162,7 +307,7 @@ mod gpu {
     };
     use crate::backend::cuda::rng::fill_normal;
     use crate::backend::cuda::{CudaDevice, CudaResult};
-    use crate::rng::{Purpose, Stream};
+    use crate::rng::Purpose;
     use crate::tile::TilePreset;
 
     /// Warm-up runs before timing.
@@ -363,24 +508,8 @@ mod gpu {
         );
 
         // Routing: random distinct experts per token, drawn on the host.
-        let s = Stream::new(5, Purpose::TestData, 1000);
-        let mut experts = Vec::with_capacity(pairs);
-        let mut weights = Vec::with_capacity(pairs);
-        for tok in 0..t {
-            let mut chosen: Vec<u32> = Vec::with_capacity(k);
-            let mut i = 0u64;
-            while chosen.len() < k {
-                let x = (s.uniform((tok as u64) << 8 | i, 0) * e as f32) as u32 % e as u32;
-                if !chosen.contains(&x) {
-                    chosen.push(x);
-                }
-                i += 1;
-            }
-            for x in chosen {
-                experts.push(x);
-                weights.push(1.0 / k as f32);
-            }
-        }
+        let experts = super::random_routing(t, k, e);
+        let weights = vec![1.0 / k as f32; pairs];
         let experts = dev.upload(&experts)?;
         let weights = dev.upload(&weights)?;
         let x = random_device(dev, t * d, 3)?;
