@@ -285,6 +285,11 @@ fn analog_adc_codes_match_the_cpu_crossbar() {
                 total += 1;
                 differ += usize::from(code_cpu != code_gpu);
                 max_steps = max_steps.max((code_cpu - code_gpu).abs());
+                if code_cpu != code_gpu && differ <= 5 {
+                    println!(
+                        "  differs: expert {ex} row {i} (sorted {row}) col {c}: cpu code {code_cpu}, gpu code {code_gpu}"
+                    );
+                }
             }
         }
     }
