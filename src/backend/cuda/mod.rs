@@ -8,6 +8,14 @@
 //!
 //! Random draws use the Philox streams of [`crate::rng`] bit for bit (`kernels/philox.cuh`), so
 //! GPU and CPU perturb every weight and output with the same numbers (design.md §6).
+//!
+//! Modules: [`compile`] (NVRTC + PTX cache), [`rng`] (Philox fills), [`program`] (programming,
+//! drift, read noise), [`moe`] (routing sort, DAC prologue, grouped analog/digital GEMMs,
+//! SwiGLU layer), [`reference`] (CPU model of the grouped kernels, the kernels' oracle),
+//! [`blas`] (cuBLAS reference GEMM), [`select`] (`--backend cpu|cuda|auto`).
+//!
+//! On a GPU machine: `cargo test --test gpu_backend -- --nocapture` (parity bounds are printed)
+//! and `aimc bench --suite gpu --report reports/bench/<date>-gpu.md`.
 
 pub mod blas;
 pub mod compile;
