@@ -11,7 +11,7 @@
 //!
 //! Modules: [`compile`] (NVRTC + PTX cache), [`rng`] (Philox fills), [`program`] (programming,
 //! drift, read noise), [`moe`] (routing sort, DAC prologue, grouped analog/digital GEMMs,
-//! SwiGLU layer), [`reference`] (CPU model of the grouped kernels, the kernels' oracle),
+//! SwiGLU layer), [`reference`](mod@reference) (CPU model of the grouped kernels, the kernels' oracle),
 //! [`blas`] (cuBLAS reference GEMM), [`select`] (`--backend cpu|cuda|auto`).
 //!
 //! On a GPU machine: `cargo test --test gpu_backend -- --nocapture` (parity bounds are printed)
