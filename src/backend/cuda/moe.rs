@@ -21,6 +21,10 @@ pub const TILE_ROWS: usize = 64;
 pub const TILE_COLS: usize = 128;
 /// K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
 pub const TILE_K: usize = 32;
+/// Shared-memory row stride in halves (`LDS`: 32 + 8 padding keeps ldmatrix conflict-free).
+const SMEM_ROW_HALVES: usize = 40;
+/// cp.async pipeline stages of the grouped GEMM.
+const STAGES: usize = 2;
 
 /// Operand precision of a grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -638,8 +642,8 @@ pub fn grouped_gemm(
     } else {
         1
     };
-    let stage_halves = TILE_ROWS * 40 + nb_mat * TILE_COLS * 40;
-    let shared = (2 * stage_halves * 2) as u32;
+    let stage_halves = (TILE_ROWS + nb_mat * TILE_COLS) * SMEM_ROW_HALVES;
+    let shared = (STAGES * stage_halves * std::mem::size_of::<u16>()) as u32;
     // SAFETY: raising the dynamic shared-memory limit of a loaded function.
     unsafe {
         cudarc::driver::result::function::set_function_attribute(
@@ -655,11 +659,12 @@ pub fn grouped_gemm(
         shared_bytes: shared,
         source,
     })?;
+    // Raw pointers: all work is on this one stream and event tracking is off, so the guards
+    // `device_ptr` returns have nothing to synchronise.
     let s = dev.stream();
-    let ptr = |x: u64| x;
     let params = GemmParams {
-        a: ptr(input.a.device_ptr(s).0),
-        a_alpha: ptr(input.alpha.device_ptr(s).0),
+        a: input.a.device_ptr(s).0,
+        a_alpha: input.alpha.device_ptr(s).0,
         a_row_of: if gather_tokens {
             routing.sorted_token.device_ptr(s).0
         } else {
