@@ -137,32 +137,41 @@ impl DeviceSpec {
         }
     }
 
-    /// Build the device model (call [`DeviceSpec::validate`] first).
-    pub fn build(&self) -> Arc<dyn Device> {
-        let pcm = |mut d: PcmLike| {
-            if let Some(g) = self.g_max_us {
-                d.g_max_us = g;
-            }
-            if let Some(t) = self.t0_seconds {
-                d.t0_seconds = t;
-            }
-            if let Some(t) = self.t_read_seconds {
-                d.t_read_seconds = t;
-            }
-            d.prog_noise_scale = self.prog_noise_scale.unwrap_or(1.0);
-            d.read_noise_scale = self.read_noise_scale.unwrap_or(1.0);
-            d.drift_scale = self.drift_scale.unwrap_or(1.0);
-            Arc::new(d) as Arc<dyn Device>
-        };
-        match self.kind {
-            DeviceKind::Pcm => pcm(PcmLike::aihwkit()),
-            DeviceKind::Hermes => pcm(PcmLike::hermes()),
-            DeviceKind::StateIndependent => pcm(PcmLike::state_independent()),
-            DeviceKind::CustomDrift => pcm(PcmLike::custom_drift(
+    /// The PCM-family model of this spec with its overrides applied, `None` for other kinds
+    /// (the CUDA backend reads its parameters; call [`DeviceSpec::validate`] first).
+    pub fn pcm_like(&self) -> Option<PcmLike> {
+        let mut d = match self.kind {
+            DeviceKind::Pcm => PcmLike::aihwkit(),
+            DeviceKind::Hermes => PcmLike::hermes(),
+            DeviceKind::StateIndependent => PcmLike::state_independent(),
+            DeviceKind::CustomDrift => PcmLike::custom_drift(
                 self.drift_table
                     .clone()
                     .expect("validated: custom_drift has a table"),
-            )),
+            ),
+            DeviceKind::ReramCmo | DeviceKind::Ideal => return None,
+        };
+        if let Some(g) = self.g_max_us {
+            d.g_max_us = g;
+        }
+        if let Some(t) = self.t0_seconds {
+            d.t0_seconds = t;
+        }
+        if let Some(t) = self.t_read_seconds {
+            d.t_read_seconds = t;
+        }
+        d.prog_noise_scale = self.prog_noise_scale.unwrap_or(1.0);
+        d.read_noise_scale = self.read_noise_scale.unwrap_or(1.0);
+        d.drift_scale = self.drift_scale.unwrap_or(1.0);
+        Some(d)
+    }
+
+    /// Build the device model (call [`DeviceSpec::validate`] first).
+    pub fn build(&self) -> Arc<dyn Device> {
+        if let Some(pcm) = self.pcm_like() {
+            return Arc::new(pcm);
+        }
+        match self.kind {
             DeviceKind::ReramCmo => {
                 let mut d = ReramCmo::default();
                 if let Some(g) = self.g_max_us {
@@ -174,6 +183,7 @@ impl DeviceSpec {
             DeviceKind::Ideal => Arc::new(Ideal {
                 g_max_us: self.g_max_us.unwrap_or(Ideal::default().g_max_us),
             }),
+            _ => unreachable!("PCM-family kinds return above"),
         }
     }
 }

@@ -1,0 +1,528 @@
+// Grouped (per-expert) analog and digital MoE expert GEMMs with the crossbar periphery fused.
+// Prepended by the host: philox.cuh and the configuration macros
+//   MOE_ANALOG   1: analog epilogue per crossbar block along K; 0: digital baseline
+//   MOE_SPLIT_W  1: weights as fp16 hi + fp16 lo (two MMAs, ~22-bit weight significand)
+//   MOE_PCM_READ 1: PCM_READ short-term weight noise (second accumulator Σ|W|x̃²)
+//   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
+//   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
+//   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
+//
+// Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
+// digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
+// block mirrors tile::Crossbar::analog + forward_chunk step 9 (design.md §3), block partial sums
+// are added in input-block order as tile::AnalogMatrix::mvm does.
+
+typedef unsigned short u16;
+
+#ifndef MOE_ANALOG
+#define MOE_ANALOG 1
+#endif
+#ifndef MOE_SPLIT_W
+#define MOE_SPLIT_W 1
+#endif
+#ifndef MOE_PCM_READ
+#define MOE_PCM_READ 0
+#endif
+#ifndef MOE_IR_DROP
+#define MOE_IR_DROP 0
+#endif
+#ifndef MOE_OUT_NOISE
+#define MOE_OUT_NOISE 1
+#endif
+#ifndef MOE_ADC
+#define MOE_ADC 1
+#endif
+#ifndef MOE_MODE
+#define MOE_MODE 0
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Routing: stable counting sort of (token, expert, weight) pairs by expert.
+// histogram (moe_count) → exclusive scan (moe_scan) → stable scatter (moe_scatter).
+// One block per expert keeps the scatter stable without a global sort: pairs keep their
+// (token, slot) order inside an expert, the order the CPU path gathers tokens in.
+
+extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32* counts) {
+    u32 e = blockIdx.x, total = 0;
+    for (u32 base = 0; base < n_pairs; base += blockDim.x) {
+        u32 i = base + threadIdx.x;
+        total += __syncthreads_count(i < n_pairs && expert_of_pair[i] == e);
+    }
+    if (threadIdx.x == 0) counts[e] = total;
+}
+
+// offsets[e] = Σ_{e'<e} counts[e'], tile_offsets[e] = Σ ⌈counts/tile_rows⌉ (one thread: E is small).
+extern "C" __global__ void moe_scan(const u32* counts, u32 n_experts, u32 tile_rows, u32* offsets,
+                                    u32* tile_offsets) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    u32 acc = 0, tiles = 0;
+    for (u32 e = 0; e < n_experts; ++e) {
+        offsets[e] = acc;
+        tile_offsets[e] = tiles;
+        acc += counts[e];
+        tiles += (counts[e] + tile_rows - 1) / tile_rows;
+    }
+    offsets[n_experts] = acc;
+    tile_offsets[n_experts] = tiles;
+}
+
+extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* weight_of_pair, u32 n_pairs,
+                                       u32 top_k, const u32* offsets, u32* sorted_token, float* sorted_weight,
+                                       u32* sorted_pair) {
+    __shared__ u32 warp_prefix[32];
+    __shared__ u32 block_total;
+    u32 e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    u32 running = offsets[e];
+    for (u32 base = 0; base < n_pairs; base += blockDim.x) {
+        u32 i = base + threadIdx.x;
+        bool hit = i < n_pairs && expert_of_pair[i] == e;
+        u32 mask = __ballot_sync(0xffffffffu, hit);
+        u32 before = __popc(mask & ((1u << lane) - 1u));
+        if (lane == 0) warp_prefix[warp] = __popc(mask);
+        __syncthreads();
+        if (warp == 0) {
+            u32 v = lane < n_warps ? warp_prefix[lane] : 0, incl = v;
+            for (u32 o = 1; o < 32; o <<= 1) {
+                u32 t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += t;
+            }
+            if (lane < n_warps) warp_prefix[lane] = incl - v;
+            if (lane == 31) block_total = incl;
+        }
+        __syncthreads();
+        if (hit) {
+            u32 pos = running + warp_prefix[warp] + before;
+            sorted_token[pos] = i / top_k;
+            sorted_weight[pos] = weight_of_pair[i];
+            sorted_pair[pos] = i;
+        }
+        running += block_total;
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prologue: noise management + DAC per crossbar block along K, once per input row (not per
+// expert). Mirrors tile::Crossbar::forward_chunk steps 1–2 (encode_row, Quantizer::quantize);
+// stores the integer DAC code (exact in fp16) and α_nm. One warp per (row, block).
+
+__device__ __forceinline__ u16 f32_to_f16(float x) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+// nm_kind: 0 ABS_MAX, 1 constant nm_value, 2 none. use_dac: 0 → x/α_nm in fp16 (inexact).
+extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_block, u32 nm_kind, float nm_value,
+                                        u32 use_dac, float dac_step, float dac_max_code, u16* xq, float* alpha) {
+    u32 n_kb = k / k_block;
+    u64 task = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u32 lane = threadIdx.x & 31;
+    if (task >= (u64)rows * n_kb) return;
+    u32 row = (u32)(task / n_kb), kb = (u32)(task % n_kb);
+    const float* seg = x + (u64)row * k + (u64)kb * k_block;
+    u16* out = xq + (u64)row * k + (u64)kb * k_block;
+    float scale = 1.0f;
+    if (nm_kind == 0) {
+        float m = 0.0f;
+        for (u32 j = lane; j < k_block; j += 32) m = fmaxf(m, fabsf(seg[j]));
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        scale = m;
+    } else if (nm_kind == 1) {
+        scale = nm_value;
+    }
+    for (u32 j = lane; j < k_block; j += 32) {
+        float q = 0.0f;
+        if (scale != 0.0f) {
+            float v = seg[j] / scale;
+            q = use_dac ? fminf(fmaxf(rintf(v / dac_step), -dac_max_code), dac_max_code) : v;
+        }
+        out[j] = f32_to_f16(q);
+    }
+    if (lane == 0) alpha[(u64)row * n_kb + kb] = scale;
+}
+
+// Digital operand: x → bf16.
+extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The grouped GEMM. CTA tile BM×BN over (rows of one expert) × (output columns), 8 warps of
+// 32×32, BK = 32 per pipeline stage (cp.async, two stages), ldmatrix + mma.sync m16n8k16.
+
+#define BM 64
+#define BN 128
+#define BK 32
+#define LDS 40  // shared row stride in halves: 80 B keeps the 8 rows of an ldmatrix on distinct banks
+#define NTHREADS 256
+#if MOE_ANALOG && MOE_SPLIT_W
+#define NB_MAT 2
+#else
+#define NB_MAT 1
+#endif
+#define STAGE_HALVES (BM * LDS + NB_MAT * BN * LDS)
+
+struct GemmParams {
+    const u16* a;               // [a_rows, K] operand rows
+    const float* a_alpha;       // [a_rows, KB] α_nm per row and K block (analog)
+    const u32* a_row_of;        // sorted position → operand row (0: identity)
+    const u16* w_hi;            // [E, N, K]
+    const u16* w_lo;            // [E, N, K] (split weights)
+    const u32* offsets;         // [E + 1] rows of each expert in sorted order
+    const u32* tile_offsets;    // [E + 1] BM-row tiles of each expert
+    const u32* col_tensor_id;   // [E, KB, N] tensor id of the crossbar holding (column, K block)
+    const float* col_scale;     // [E, KB, N] s_map · α_GDC
+    const u32* col_local;       // [N] column inside its crossbar
+    const u32* col_block_cols;  // [N] columns of its crossbar (noise index stride)
+    const u32* sorted_token;    // [P] token of each sorted pair (scatter)
+    const float* sorted_weight; // [P] router weight of each sorted pair (scatter)
+    float* out;
+    u64 seed;
+    u32 k, n, n_kb, k_block, n_experts, mvm_id;
+    float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k;
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#if MOE_ANALOG
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#endif
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+// IR-drop weighting of crossbar row j of n: 1 − (1 − j/n)², as tile::Crossbar::refresh_derived.
+__device__ __forceinline__ float ir_row_factor(u32 j, float n) {
+    float u = 1.0f - (float)j / n;
+    return 1.0f - u * u;
+}
+
+#if MOE_ANALOG
+// Two normals of `purpose` for columns (c, c + 1) of one output row; one Philox call when both
+// sit in one crossbar at an even index (the common case), else two (same values either way).
+__device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 purpose, u32 tid0, u32 tid1, u64 idx0,
+                                                    u64 idx1) {
+    if (tid0 == tid1 && idx1 == idx0 + 1 && (idx0 & 1) == 0)
+        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, p.mvm_id, 0);
+    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, p.mvm_id, 0),
+                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, p.mvm_id, 0));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
+    extern __shared__ __align__(16) u16 smem[];
+    const u32 tile = blockIdx.x;
+    if (tile >= p.tile_offsets[p.n_experts]) return;
+    u32 lo = 0, hi = p.n_experts;  // expert e with tile_offsets[e] <= tile < tile_offsets[e+1]
+    while (hi - lo > 1) {
+        u32 mid = (lo + hi) / 2;
+        if (p.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
+    }
+    const u32 e = lo;
+    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+    const u32 m0 = (tile - p.tile_offsets[e]) * BM, n0 = blockIdx.y * BN;
+    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5, wm = warp >> 2, wn = warp & 3;
+    const u32 K = p.k;
+
+    // Loader assignment: A one 16-byte chunk per thread, B two per matrix.
+    const u32 a_r = t >> 2, a_c = (t & 3) * 8;
+    const bool a_ok = m0 + a_r < rows_e;
+    const u32 a_pos = row_begin + m0 + a_r;
+    const u32 a_row = a_ok ? (p.a_row_of ? p.a_row_of[a_pos] : a_pos) : 0;
+    const u16* a_src = p.a + (u64)a_row * K + a_c;
+    const u64 w_base = (u64)e * p.n * K;
+
+    auto load_stage = [&](u32 stage, u32 k0) {
+        u16* s = smem + stage * STAGE_HALVES;
+        cp_async16(smem_addr(s + a_r * LDS + a_c), a_src + k0, a_ok ? 16u : 0u);
+#pragma unroll
+        for (u32 i = 0; i < 2; ++i) {
+            u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
+            u64 g = w_base + (u64)(n0 + r) * K + k0 + c;
+            cp_async16(smem_addr(s + BM * LDS + r * LDS + c), p.w_hi + g, 16u);
+#if NB_MAT == 2
+            cp_async16(smem_addr(s + BM * LDS + BN * LDS + r * LDS + c), p.w_lo + g, 16u);
+#endif
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    float acc[2][4][4];
+#if MOE_ANALOG
+    float total[2][4][4];
+#endif
+#if MOE_PCM_READ
+    float acc_s2[2][4][4];
+#endif
+#if MOE_IR_DROP
+    float acc_abs[2][4][4], acc_ir[2][4][4];
+#endif
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                acc[i][j][r] = 0.0f;
+#if MOE_ANALOG
+                total[i][j][r] = 0.0f;
+#endif
+#if MOE_PCM_READ
+                acc_s2[i][j][r] = 0.0f;
+#endif
+#if MOE_IR_DROP
+                acc_abs[i][j][r] = 0.0f;
+                acc_ir[i][j][r] = 0.0f;
+#endif
+            }
+
+    const u32 n_steps = K / BK, steps_per_block = p.k_block / BK;
+    load_stage(0, 0);
+    for (u32 step = 0; step < n_steps; ++step) {
+        if (step + 1 < n_steps) load_stage((step + 1) & 1, (step + 1) * BK);
+        else asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();
+        const u16* s = smem + (step & 1) * STAGE_HALVES;
+#pragma unroll
+        for (u32 kk = 0; kk < BK; kk += 16) {
+            u32 a[2][4];
+#pragma unroll
+            for (u32 mi = 0; mi < 2; ++mi) {
+                u32 row = wm * 32 + mi * 16 + (lane & 15), col = kk + (lane >> 4) * 8;
+                ldmatrix_x4(smem_addr(s + row * LDS + col), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+            }
+            u32 b[4][2];
+#pragma unroll
+            for (u32 tp = 0; tp < 2; ++tp) {
+                u32 row = wn * 32 + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
+                ldmatrix_x4(smem_addr(s + BM * LDS + row * LDS + col), b[2 * tp][0], b[2 * tp][1],
+                            b[2 * tp + 1][0], b[2 * tp + 1][1]);
+            }
+#pragma unroll
+            for (u32 mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (u32 tn = 0; tn < 4; ++tn) mma16816(acc[mi][tn], a[mi], b[tn][0], b[tn][1]);
+#if NB_MAT == 2
+            {
+                u32 bl[4][2];
+#pragma unroll
+                for (u32 tp = 0; tp < 2; ++tp) {
+                    u32 row = wn * 32 + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
+                    ldmatrix_x4(smem_addr(s + BM * LDS + BN * LDS + row * LDS + col), bl[2 * tp][0],
+                                bl[2 * tp][1], bl[2 * tp + 1][0], bl[2 * tp + 1][1]);
+                }
+#pragma unroll
+                for (u32 mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (u32 tn = 0; tn < 4; ++tn) mma16816(acc[mi][tn], a[mi], bl[tn][0], bl[tn][1]);
+            }
+#endif
+#if MOE_PCM_READ || MOE_IR_DROP
+            u32 babs[4][2];
+#pragma unroll
+            for (u32 tn = 0; tn < 4; ++tn) {
+                babs[tn][0] = b[tn][0] & 0x7fff7fffu;
+                babs[tn][1] = b[tn][1] & 0x7fff7fffu;
+            }
+#endif
+#if MOE_PCM_READ
+#pragma unroll
+            for (u32 mi = 0; mi < 2; ++mi) {
+                u32 a2[4] = {hmul2(a[mi][0], a[mi][0]), hmul2(a[mi][1], a[mi][1]), hmul2(a[mi][2], a[mi][2]),
+                             hmul2(a[mi][3], a[mi][3])};
+#pragma unroll
+                for (u32 tn = 0; tn < 4; ++tn) mma16816(acc_s2[mi][tn], a2, babs[tn][0], babs[tn][1]);
+            }
+#endif
+#if MOE_IR_DROP
+            {
+                u32 j0 = (step % steps_per_block) * BK + kk + (lane & 3) * 2;
+                float nf = (float)p.k_block;
+                u32 f_lo = pack_f16x2(ir_row_factor(j0, nf), ir_row_factor(j0 + 1, nf));
+                u32 f_hi = pack_f16x2(ir_row_factor(j0 + 8, nf), ir_row_factor(j0 + 9, nf));
+#pragma unroll
+                for (u32 mi = 0; mi < 2; ++mi) {
+                    u32 aa[4] = {a[mi][0] & 0x7fff7fffu, a[mi][1] & 0x7fff7fffu, a[mi][2] & 0x7fff7fffu,
+                                 a[mi][3] & 0x7fff7fffu};
+                    u32 af[4] = {hmul2(a[mi][0], f_lo), hmul2(a[mi][1], f_lo), hmul2(a[mi][2], f_hi),
+                                 hmul2(a[mi][3], f_hi)};
+#pragma unroll
+                    for (u32 tn = 0; tn < 4; ++tn) {
+                        mma16816(acc_abs[mi][tn], aa, babs[tn][0], babs[tn][1]);
+                        mma16816(acc_ir[mi][tn], af, b[tn][0], b[tn][1]);
+                    }
+                }
+            }
+#endif
+        }
+        __syncthreads();
+
+#if MOE_ANALOG
+        if ((step + 1) % steps_per_block == 0) {
+            // Epilogue of crossbar block kb: steps 4–7 and 9 of design.md §3 per output.
+            const u32 kb = step / steps_per_block;
+#pragma unroll
+            for (u32 mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (u32 half = 0; half < 2; ++half) {
+                    const u32 row_local = m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                    if (row_local >= rows_e) continue;
+                    const u32 pos = row_begin + row_local;
+                    const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+                    const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+#pragma unroll
+                    for (u32 tn = 0; tn < 4; ++tn) {
+                        const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+                        const u32 tid0 = p.col_tensor_id[tab], tid1 = p.col_tensor_id[tab + 1];
+                        const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                        const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
+                        float y[2];
+#pragma unroll
+                        for (u32 c = 0; c < 2; ++c) {
+                            const u32 r = half * 2 + c;
+                            float v = acc[mi][tn][r] * p.dac_step;
+#if MOE_IR_DROP
+                            float aa = p.ir_k * (acc_abs[mi][tn][r] * p.dac_step);
+                            float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+                            v -= p.ir_scale * cc * (acc_ir[mi][tn][r] * p.dac_step);
+#endif
+                            y[c] = v;
+                        }
+#if MOE_PCM_READ
+                        {
+                            float2 z = periphery_normals(p, PURPOSE_SHORT_TERM_WEIGHT_NOISE, tid0, tid1, idx0, idx1);
+                            float s2a = acc_s2[mi][tn][half * 2] * (p.dac_step * p.dac_step);
+                            float s2b = acc_s2[mi][tn][half * 2 + 1] * (p.dac_step * p.dac_step);
+                            y[0] += p.w_noise_std * sqrtf(s2a) * z.x;
+                            y[1] += p.w_noise_std * sqrtf(s2b) * z.y;
+                        }
+#endif
+#if MOE_OUT_NOISE
+                        {
+                            float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
+                            y[0] += p.out_noise * z.x;
+                            y[1] += p.out_noise * z.y;
+                        }
+#endif
+#pragma unroll
+                        for (u32 c = 0; c < 2; ++c) {
+                            float v = y[c];
+#if MOE_ADC
+                            v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+#endif
+                            total[mi][tn][half * 2 + c] += v * (alpha_nm * p.col_scale[tab + c]);
+                        }
+                    }
+                }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        acc[i][j][r] = 0.0f;
+#if MOE_PCM_READ
+                        acc_s2[i][j][r] = 0.0f;
+#endif
+#if MOE_IR_DROP
+                        acc_abs[i][j][r] = 0.0f;
+                        acc_ir[i][j][r] = 0.0f;
+#endif
+                    }
+        }
+#endif
+    }
+
+#if MOE_ANALOG
+#define RESULT total
+#else
+#define RESULT acc
+#endif
+    // Output: store, SwiGLU, or weighted scatter-add (gather/scatter fused, no padded copies).
+#pragma unroll
+    for (u32 mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half) {
+            const u32 row_local = m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            if (row_local >= rows_e) continue;
+            const u32 pos = row_begin + row_local;
+#if MOE_MODE == 0
+#pragma unroll
+            for (u32 tn = 0; tn < 4; ++tn) {
+                const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+                float2 v = make_float2(RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
+                *(float2*)(p.out + (u64)pos * p.n + col) = v;
+            }
+#elif MOE_MODE == 1
+            // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
+#pragma unroll
+            for (u32 tn = 0; tn < 4; tn += 2) {
+                const u32 col = n0 + wn * 32 + tn * 8;
+                const u32 hcol = (col / 16) * 8 + (lane & 3) * 2;
+                float h[2];
+#pragma unroll
+                for (u32 c = 0; c < 2; ++c) {
+                    float g = RESULT[mi][tn][half * 2 + c], u = RESULT[mi][tn + 1][half * 2 + c];
+                    h[c] = g / (1.0f + expf(-g)) * u;
+                }
+                *(float2*)(p.out + (u64)pos * (p.n / 2) + hcol) = make_float2(h[0], h[1]);
+            }
+#else
+            const u32 token = p.sorted_token[pos];
+            const float w = p.sorted_weight[pos];
+#pragma unroll
+            for (u32 tn = 0; tn < 4; ++tn) {
+                const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+                float* dst = p.out + (u64)token * p.n + col;
+                atomicAdd(dst, w * RESULT[mi][tn][half * 2]);
+                atomicAdd(dst + 1, w * RESULT[mi][tn][half * 2 + 1]);
+            }
+#endif
+        }
+}
+
+// Weights f32 → fp16 hi + fp16 lo with hi + lo ≈ w to ~22 significant bits (analog operands).
+extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = w[i];
+    u16 h = f32_to_f16(x);
+    float hf;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(hf) : "h"(h));
+    hi[i] = h;
+    lo[i] = f32_to_f16(x - hf);
+}

@@ -1,0 +1,133 @@
+// Conductance programming, drift and read noise of PCM-family devices on the GPU.
+// Prepended: philox.cuh. Compiled with --fmad=false so every formula rounds as the Rust one.
+// Each function names the Rust function it mirrors; the equations live in src/device/pcm.rs and
+// src/device/converter.rs (design.md §2).
+
+// Mirrors the fields of device::PcmLike that the kernels need (host: backend::cuda::program).
+struct PcmParams {
+    float g_max_us;
+    float prog_coeffs[4];
+    u32 n_prog_coeffs;
+    float prog_coeff_g_max_reference_us;
+    u32 drift_model;  // 0 AIHWKIT, 1 HERMES, 2 constant (nu_const_mean, nu_const_std)
+    float nu_const_mean;
+    float nu_const_std;
+    u32 read_model;  // 0 AIHWKIT, 1 HERMES, 2 state-independent
+    float prog_noise_scale;
+    float read_noise_scale;
+    float drift_scale;
+};
+
+// AIHWKIT _ZERO_CLIP (pcm.rs ZERO_CLIP).
+#define PCM_ZERO_CLIP 1e-7f
+
+__device__ __forceinline__ float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// Mirrors PcmLike::sigma_prog_us.
+__device__ float sigma_prog_us(const PcmParams& p, float g_target_us) {
+    float x = g_target_us / p.g_max_us;
+    float power = 1.0f;
+    float sigma = p.prog_coeffs[0];
+    for (u32 i = 1; i < p.n_prog_coeffs; ++i) {
+        power *= x;
+        sigma += power * p.prog_coeffs[i];
+    }
+    return sigma * (p.g_max_us / p.prog_coeff_g_max_reference_us);
+}
+
+// Mirrors PcmLike::nu_moments.
+__device__ float2 nu_moments(const PcmParams& p, float g_target_us) {
+    float g_r = fmaxf(fabsf(g_target_us / p.g_max_us), PCM_ZERO_CLIP);
+    if (p.drift_model == 0) {
+        float ln = logf(g_r);
+        return make_float2(clampf(-0.0155f * ln + 0.0244f, 0.049f, 0.1f),
+                           clampf(-0.0125f * ln - 0.0059f, 0.008f, 0.045f));
+    }
+    if (p.drift_model == 1) {
+        float ln = logf(g_r);
+        float mean = g_r < 0.0945f ? clampf(-0.0387f * ln - 0.0182f, 0.072f, 0.13f)
+                                   : -0.0436f * g_r * g_r - 0.0126f * g_r + 0.0736f;
+        float std = g_r < 0.3055f ? clampf(-0.0117f * ln - 0.0057f, 0.0091f, 0.04f)
+                                  : -0.0118f * g_r * g_r + 0.0093f * g_r + 0.0073f;
+        return make_float2(mean, std);
+    }
+    return make_float2(p.nu_const_mean, p.nu_const_std);
+}
+
+// Mirrors PcmLike::q_s.
+__device__ float q_s(const PcmParams& p, float g_prog_us) {
+    float g_r = fabsf(g_prog_us) / p.g_max_us;
+    if (p.read_model == 0) return fminf(0.0088f / fmaxf(powf(g_r, 0.65f), 1e-3f), 0.2f);
+    if (p.read_model == 1) {
+        if (g_r < 0.16f) return clampf(-0.0117f * logf(g_r) - 0.0069f, 0.015f, 0.04f);
+        return 0.0069f * g_r * g_r * g_r - 0.0280f * g_r * g_r + 0.0211f * g_r + 0.0123f;
+    }
+    return 1.0f / p.g_max_us;
+}
+
+// Mirrors <PcmLike as Device>::program.
+__device__ float pcm_program(const PcmParams& p, float g_target_us, float xi) {
+    return fmaxf(g_target_us + p.prog_noise_scale * sigma_prog_us(p, g_target_us) * xi, 0.0f);
+}
+
+// Mirrors <PcmLike as Device>::drift_exponent.
+__device__ float pcm_drift_exponent(const PcmParams& p, float g_target_us, float xi) {
+    float2 m = nu_moments(p, g_target_us);
+    return fabsf(m.x + m.y * xi) * p.drift_scale;
+}
+
+// Mirrors <PcmLike as Device>::read; `ratio` = drift_time_ratio(t), `time_factor` =
+// read_noise_time_factor(t), both computed in f64 on the host exactly as the Rust code does.
+__device__ float pcm_read(const PcmParams& p, float g_prog_us, float nu, float ratio, float time_factor, float xi) {
+    float g_drift = ratio > 1.0f ? g_prog_us * powf(ratio, -nu) : g_prog_us;
+    float sigma = q_s(p, g_prog_us) * time_factor;
+    return fmaxf(g_drift + fabsf(g_drift) * p.read_noise_scale * sigma * xi, 0.0f);
+}
+
+// Mirrors WeightConverter::to_conductances (differential pair).
+__device__ __forceinline__ float2 pair_conductances(float w, float s, float g_max_us) {
+    float sw = s * w;
+    return make_float2(clampf(sw, 0.0f, g_max_us), clampf(-sw, 0.0f, g_max_us));
+}
+
+// Mirrors the per-element loop of tile::Crossbar::program: w_target (normalised, [n]) →
+// programmed net weight w_prog and drift exponents nu[2·i + d].
+extern "C" __global__ void program_weights(const float* w_target, float* w_prog, float* nu, u64 n,
+                                           u64 seed, u32 tensor_id, float g_scale_target, PcmParams p) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    PhiloxStream prog = make_stream(seed, PURPOSE_PROGRAM_NOISE, tensor_id);
+    PhiloxStream drift = make_stream(seed, PURPOSE_DRIFT_EXPONENT, tensor_id);
+    float2 xp = stream_normal_pair(prog, 2 * i, 0, 0);
+    float2 xd = stream_normal_pair(drift, 2 * i, 0, 0);
+    float2 gt = pair_conductances(w_target[i], g_scale_target, p.g_max_us);
+    float gp0 = pcm_program(p, gt.x, xp.x);
+    float gp1 = pcm_program(p, gt.y, xp.y);
+    nu[2 * i] = pcm_drift_exponent(p, gt.x, xd.x);
+    nu[2 * i + 1] = pcm_drift_exponent(p, gt.y, xd.y);
+    w_prog[i] = (gp0 - gp1) / g_scale_target;
+}
+
+// Mirrors the per-element loop of tile::Crossbar::drift_to: re-convert w_prog with the scale
+// g_scale_us, drift + read noise, back to normalised weights.
+extern "C" __global__ void drift_weights(const float* w_prog, const float* nu, float* w, u64 n, u64 seed,
+                                         u32 tensor_id, float g_scale_us, float ratio, float time_factor,
+                                         PcmParams p) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    PhiloxStream read = make_stream(seed, PURPOSE_READ_NOISE, tensor_id);
+    float2 xi = stream_normal_pair(read, 2 * i, 0, 0);
+    float2 gp = pair_conductances(w_prog[i], g_scale_us, p.g_max_us);
+    float g0 = pcm_read(p, gp.x, nu[2 * i], ratio, time_factor, xi.x);
+    float g1 = pcm_read(p, gp.y, nu[2 * i + 1], ratio, time_factor, xi.y);
+    w[i] = (g0 - g1) / g_scale_us;
+}
+
+// max |x| as IEEE bits (non-negative floats order as unsigned integers); *out_bits starts at 0.
+extern "C" __global__ void abs_max(const float* x, u64 n, u32* out_bits) {
+    u32 m = 0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        m = max(m, __float_as_uint(fabsf(x[i])));
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) atomicMax(out_bits, m);
+}

@@ -1,0 +1,80 @@
+//! cuBLAS dense BF16 GEMM: the reference every GPU kernel is timed against (design.md §8).
+use std::sync::Arc;
+
+use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use super::{CudaDevice, CudaError, CudaResult};
+
+/// A cuBLAS handle on the device's stream.
+pub struct Blas {
+    handle: Arc<CudaBlas>,
+}
+
+impl Blas {
+    /// Load cuBLAS (run-time) and bind a handle to `dev`'s stream.
+    pub fn new(dev: &CudaDevice) -> CudaResult<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(CudaError::NoCublas);
+        }
+        let handle = CudaBlas::new(dev.stream().clone()).map_err(|source| CudaError::Cublas {
+            what: "creating a handle".into(),
+            source,
+        })?;
+        Ok(Self {
+            handle: Arc::new(handle),
+        })
+    }
+
+    /// C[m, n] = A[m, k] · B[n, k]ᵀ, row-major bf16 operands (`u16` bits), f32 output, f32
+    /// accumulation (CUBLAS_COMPUTE_32F).
+    pub fn gemm_bf16_nt(
+        &self,
+        dev: &CudaDevice,
+        a: &CudaSlice<u16>,
+        b: &CudaSlice<u16>,
+        c: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> CudaResult<()> {
+        if a.len() < m * k || b.len() < n * k || c.len() < m * n {
+            return Err(CudaError::Unsupported(format!(
+                "gemm_bf16_nt: buffers too small for m={m} n={n} k={k}"
+            )));
+        }
+        let stream = dev.stream();
+        let (pa, _ga) = a.device_ptr(stream);
+        let (pb, _gb) = b.device_ptr(stream);
+        let (pc, _gc) = c.device_ptr_mut(stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS sees (n × m) = op(B)ᵀ-free form.
+        // SAFETY: pointers come from live buffers of the sizes checked above.
+        unsafe {
+            cublas_result::gemm_ex(
+                *self.handle.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                pb as *const _,
+                cublas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                pa as *const _,
+                cublas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                (&beta as *const f32).cast(),
+                pc as *mut _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|source| CudaError::Cublas {
+            what: format!("bf16 GEMM m={m} n={n} k={k}"),
+            source,
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! Run-time compilation of `kernels/*.cu` with NVRTC for the device's compute capability, with
+//! an on-disk PTX cache per (source, options, device) in the user's cache directory.
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{self, CompileOptions, Ptx};
+
+use super::error::{CudaError, CudaResult};
+
+/// Philox streams, prepended to every kernel file (NVRTC gets one string, no include paths).
+const PHILOX_CUH: &str = include_str!("../../../kernels/philox.cuh");
+
+/// One `.cu` file of `kernels/`, embedded in the binary.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelFile {
+    /// File name under `kernels/` (named in compile errors and cache entries).
+    pub file: &'static str,
+    /// Source text.
+    pub text: &'static str,
+    /// Compile with `--fmad=false` so float formulas round exactly as the Rust ones
+    /// (needed for CPU parity of device physics; off for the GEMMs).
+    pub exact_fp: bool,
+}
+
+/// `kernels/rng.cu`: fill kernels over one Philox stream.
+pub const RNG_CU: KernelFile = KernelFile {
+    file: "rng.cu",
+    text: include_str!("../../../kernels/rng.cu"),
+    exact_fp: true,
+};
+/// `kernels/program.cu`: programming, drift and read noise.
+pub const PROGRAM_CU: KernelFile = KernelFile {
+    file: "program.cu",
+    text: include_str!("../../../kernels/program.cu"),
+    exact_fp: true,
+};
+/// `kernels/analog_moe.cu`: routing sort, DAC prologue, grouped analog/digital GEMMs.
+pub const ANALOG_MOE_CU: KernelFile = KernelFile {
+    file: "analog_moe.cu",
+    text: include_str!("../../../kernels/analog_moe.cu"),
+    exact_fp: false,
+};
+
+/// The full source NVRTC sees: configuration macros, `philox.cuh`, then the file.
+pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
+    let mut src = String::new();
+    for (name, value) in defines {
+        src.push_str(&format!("#define {name} {value}\n"));
+    }
+    src.push_str("#line 1 \"philox.cuh\"\n");
+    src.push_str(PHILOX_CUH);
+    src.push_str(&format!("\n#line 1 \"{}\"\n", kernel.file));
+    src.push_str(kernel.text);
+    src
+}
+
+/// Compile (or fetch from the cache) `kernel` with `defines` for compute capability `cc`.
+pub fn compile(kernel: &KernelFile, defines: &[(&str, i64)], cc: (i32, i32)) -> CudaResult<Ptx> {
+    let source = full_source(kernel, defines);
+    let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
+    let mut options = vec![arch.clone(), "--std=c++17".to_string()];
+    if kernel.exact_fp {
+        options.push("--fmad=false".to_string());
+    }
+    let key = fnv1a64(&[source.as_bytes(), options.join(" ").as_bytes()]);
+    let cache_file = cache_dir().map(|d| {
+        let stem = kernel.file.trim_end_matches(".cu");
+        d.join(format!("{stem}-sm{}{}-{key:016x}.ptx", cc.0, cc.1))
+    });
+    if let Some(text) = cache_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+    {
+        return Ok(Ptx::from_src(text));
+    }
+    let opts = CompileOptions {
+        options,
+        name: Some(kernel.file.to_string()),
+        ..Default::default()
+    };
+    let ptx = nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| match e {
+        nvrtc::CompileError::CompileError { log, .. } => CudaError::Compile {
+            file: kernel.file.to_string(),
+            arch: arch.clone(),
+            log: log.to_string_lossy().into_owned(),
+        },
+        other => CudaError::Compile {
+            file: kernel.file.to_string(),
+            arch: arch.clone(),
+            log: format!("{other:?}"),
+        },
+    })?;
+    if let Some(path) = cache_file {
+        // A cache that cannot be written only costs a recompile next time.
+        let _ = store(&path, &ptx.to_src());
+    }
+    Ok(ptx)
+}
+
+/// `$AIMC_CACHE_DIR`, else `$XDG_CACHE_HOME/aimc`, else `$HOME/.cache/aimc`; then `kernels/`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("AIMC_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("aimc")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/aimc")))?;
+    Some(base.join("kernels"))
+}
+
+fn store(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().expect("cache file has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+/// FNV-1a, 64 bit: a cache key stable across Rust versions (unlike `DefaultHasher`).
+fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_source_orders_defines_philox_then_file() {
+        let s = full_source(&RNG_CU, &[("FOO", 3)]);
+        let d = s.find("#define FOO 3").unwrap();
+        let p = s.find("philox4x32_10").unwrap();
+        let f = s.find("fill_normal").unwrap();
+        assert!(d < p && p < f);
+        assert!(s.contains("#line 1 \"rng.cu\""));
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_part() {
+        let a = fnv1a64(&[b"ab", b"c"]);
+        assert_ne!(a, fnv1a64(&[b"a", b"bc"]));
+        assert_ne!(a, fnv1a64(&[b"ab", b"d"]));
+        assert_eq!(a, fnv1a64(&[b"ab", b"c"]));
+    }
+}

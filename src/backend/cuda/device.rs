@@ -1,0 +1,217 @@
+//! Device discovery, kernel modules and launches with errors that name the kernel and shape.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs,
+    LaunchConfig, ValidAsZeroBits,
+};
+
+use super::compile::{compile, KernelFile};
+use super::error::{CudaError, CudaResult, DriverContext};
+
+/// Shape of the last launch, kept to name the kernel when an asynchronous error surfaces.
+#[derive(Clone, Debug)]
+struct LaunchRecord {
+    kernel: String,
+    cfg: LaunchConfig,
+}
+
+/// One GPU with its stream and compiled kernel modules.
+///
+/// All work goes to one stream (the context's default), so operations are ordered and a
+/// [`CudaDevice::synchronize`] error can be blamed on the last kernel launched.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    compute_capability: (i32, i32),
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    last_launch: Mutex<Option<LaunchRecord>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice({}, sm_{}{})",
+            self.name, self.compute_capability.0, self.compute_capability.1
+        )
+    }
+}
+
+impl CudaDevice {
+    /// Open device `ordinal`. Errors say which library or device is missing; nothing panics
+    /// when no CUDA is installed (libraries are loaded at run time).
+    pub fn open(ordinal: usize) -> CudaResult<Self> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(CudaError::NoNvrtc);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::NoDevice {
+            ordinal,
+            reason: e.to_string(),
+        })?;
+        // One stream, ordered work: cudarc's per-buffer event tracking is not needed.
+        // SAFETY: nothing has been allocated on this context yet.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().while_(|| "reading the device name".into())?;
+        let compute_capability = ctx
+            .compute_capability()
+            .while_(|| "reading the compute capability".into())?;
+        let stream = ctx.default_stream();
+        Ok(Self {
+            ctx,
+            stream,
+            name,
+            compute_capability,
+            modules: Mutex::new(HashMap::new()),
+            last_launch: Mutex::new(None),
+        })
+    }
+
+    /// Device 0 if a driver and a GPU exist, else `None` (the caller prints the fallback notice).
+    pub fn discover() -> Option<Self> {
+        Self::open(0).ok()
+    }
+
+    /// Marketing name of the GPU (`NVIDIA H100 80GB HBM3`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+    /// The stream all work of this device goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The driver context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// (free, total) device memory in bytes.
+    pub fn memory_bytes(&self) -> CudaResult<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .while_(|| "querying device memory".into())
+    }
+
+    /// Function `name` of `kernel` compiled with `defines` (compiled once per process, PTX
+    /// cached on disk across processes).
+    pub fn function(
+        &self,
+        kernel: &KernelFile,
+        defines: &[(&str, i64)],
+        name: &str,
+    ) -> CudaResult<CudaFunction> {
+        let key = format!("{}{defines:?}", kernel.file);
+        let module = {
+            let mut modules = self.modules.lock().expect("module cache lock");
+            match modules.get(&key) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile(kernel, defines, self.compute_capability)?;
+                    let m = self
+                        .ctx
+                        .load_module(ptx)
+                        .while_(|| format!("loading the module of kernels/{}", kernel.file))?;
+                    modules.insert(key, m.clone());
+                    m
+                }
+            }
+        };
+        module
+            .load_function(name)
+            .while_(|| format!("looking up kernel `{name}` in kernels/{}", kernel.file))
+    }
+
+    /// Launch `f` with the arguments pushed by `push_args`; a failure names the kernel and shape.
+    pub fn launch<'a>(
+        &'a self,
+        f: &'a CudaFunction,
+        kernel: &str,
+        cfg: LaunchConfig,
+        push_args: impl FnOnce(&mut LaunchArgs<'a>),
+    ) -> CudaResult<()> {
+        let mut builder = self.stream.launch_builder(f);
+        push_args(&mut builder);
+        *self.last_launch.lock().expect("launch record lock") = Some(LaunchRecord {
+            kernel: kernel.to_string(),
+            cfg,
+        });
+        // SAFETY: every kernel of this crate takes exactly the arguments its wrapper pushes;
+        // buffer sizes are checked by the wrappers before launch.
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|source| kernel_error(kernel, cfg, source))
+    }
+
+    /// Wait for all work; an asynchronous kernel fault names the last kernel launched.
+    pub fn synchronize(&self) -> CudaResult<()> {
+        self.stream.synchronize().map_err(|source| {
+            match self.last_launch.lock().expect("launch record lock").clone() {
+                Some(r) => kernel_error(&r.kernel, r.cfg, source),
+                None => CudaError::Driver {
+                    what: "synchronising the stream".into(),
+                    source,
+                },
+            }
+        })
+    }
+
+    /// Copy a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaResult<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .while_(|| format!("copying {} elements to the device", host.len()))
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len)
+            .while_(|| format!("allocating {len} elements on the device"))
+    }
+
+    /// A buffer of `len` elements with undefined contents, for outputs a kernel writes in full
+    /// (saves the memset of [`CudaDevice::zeros`] on large scratch buffers).
+    pub(crate) fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
+        // SAFETY: device memory is never read on the host before a kernel has written every
+        // element (each caller's kernel covers the whole buffer).
+        unsafe { self.stream.alloc(len) }
+            .while_(|| format!("allocating {len} elements on the device"))
+    }
+
+    /// Copy a device buffer back to the host (synchronises first, so kernel faults are named).
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> CudaResult<Vec<T>> {
+        self.synchronize()?;
+        self.stream
+            .clone_dtoh(dev)
+            .while_(|| format!("copying {} elements to the host", dev.len()))
+    }
+}
+
+fn kernel_error(kernel: &str, cfg: LaunchConfig, source: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Kernel {
+        kernel: kernel.to_string(),
+        grid: cfg.grid_dim,
+        block: cfg.block_dim,
+        shared_bytes: cfg.shared_mem_bytes,
+        source,
+    }
+}
+
+/// A 1-D launch of `n` threads in blocks of 256.
+pub fn linear_launch(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,769 @@
+//! Grouped MoE expert layers on the GPU (`kernels/analog_moe.cu`).
+//!
+//! Pipeline of one layer (issue 5): routing pairs → stable counting sort by expert on the GPU
+//! ([`route`]) → DAC prologue once per token and crossbar block ([`quantize`]) → grouped GEMM of
+//! the interleaved gate/up matrices with the crossbar periphery fused per block along K and
+//! SwiGLU fused in the epilogue → DAC of the hidden rows → grouped GEMM of the down matrices with
+//! the weighted scatter-add fused ([`GpuMoeLayer::forward`]). No per-expert copies of the inputs.
+//!
+//! Operand precision (stated in every output): analog = DAC codes exact in fp16 × weights as
+//! fp16 hi + fp16 lo (≈ 22-bit significand, two MMAs), f32 accumulation; digital = bf16 × bf16,
+//! f32 accumulation.
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::compile::ANALOG_MOE_CU;
+use super::{linear_launch, CudaDevice, CudaError, CudaResult};
+use crate::tile::{AnalogMatrix, BoundManagement, NoiseManagement, PeripherySpec, WeightNoise};
+
+/// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel).
+pub const TILE_ROWS: usize = 64;
+/// Output columns per CTA tile (`BN`): matrix widths must be multiples of it.
+pub const TILE_COLS: usize = 128;
+/// K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
+pub const TILE_K: usize = 32;
+/// Shared-memory row stride in halves (`LDS`: 32 + 8 padding keeps ldmatrix conflict-free).
+const SMEM_ROW_HALVES: usize = 40;
+/// cp.async pipeline stages of the grouped GEMM.
+const STAGES: usize = 2;
+
+/// Operand precision of a grouped GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Analog: integer DAC codes in fp16 × weights as fp16 hi + lo (two MMAs), f32 accumulate.
+    AnalogSplitF16,
+    /// Analog, fast: DAC codes in fp16 × weights in fp16 (one MMA), f32 accumulate.
+    AnalogF16,
+    /// Digital baseline: bf16 × bf16, f32 accumulate.
+    DigitalBf16,
+}
+
+impl Precision {
+    /// One-line description for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::AnalogSplitF16 => {
+                "A = DAC codes (exact in fp16), W = fp16 hi + fp16 lo (2 MMAs), f32 accumulate"
+            }
+            Self::AnalogF16 => "A = DAC codes (exact in fp16), W = fp16, f32 accumulate",
+            Self::DigitalBf16 => "A = bf16, W = bf16, f32 accumulate",
+        }
+    }
+    fn analog(self) -> bool {
+        self != Self::DigitalBf16
+    }
+}
+
+/// The crossbar periphery as the kernels apply it (design.md §3 steps 1–7, 9).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmPeriphery {
+    /// 0 ABS_MAX, 1 constant, 2 none.
+    pub(crate) nm_kind: u32,
+    /// Constant α_nm (kind 1).
+    pub(crate) nm_value: f32,
+    /// DAC (step, largest code).
+    pub(crate) dac: Option<(f32, f32)>,
+    /// ADC (step, bound).
+    pub(crate) adc: Option<(f32, f32)>,
+    /// Output noise std.
+    pub(crate) out_noise: f32,
+    /// PCM_READ weight-noise std.
+    pub(crate) pcm_read_std: Option<f32>,
+    /// IR drop (scale, g_ratio).
+    pub(crate) ir_drop: Option<(f32, f32)>,
+}
+
+impl GemmPeriphery {
+    /// Kernel form of `spec`; iterative bound management and ADDITIVE weight noise are not in
+    /// the GPU kernels yet (clear error, use `--backend cpu`).
+    pub fn from_spec(spec: &PeripherySpec) -> CudaResult<Self> {
+        if spec.bound_management == BoundManagement::Iterative {
+            return Err(CudaError::Unsupported(
+                "periphery.bound_management `iterative` is not supported by the CUDA backend (use --backend cpu)".into(),
+            ));
+        }
+        let pcm_read_std = match spec.w_noise {
+            WeightNoise::None => None,
+            WeightNoise::PcmRead { std } => (std > 0.0).then_some(std),
+            WeightNoise::Additive { std } if std > 0.0 => {
+                return Err(CudaError::Unsupported(
+                    "periphery.w_noise `additive` is not supported by the CUDA backend (use --backend cpu)".into(),
+                ))
+            }
+            WeightNoise::Additive { .. } => None,
+        };
+        let (nm_kind, nm_value) = match spec.noise_management {
+            NoiseManagement::AbsMax => (0, 0.0),
+            NoiseManagement::Constant { value } => (1, value),
+            NoiseManagement::None => (2, 1.0),
+        };
+        if let Some(d) = spec.dac {
+            if d.bits > 11 {
+                return Err(CudaError::Unsupported(format!(
+                    "periphery.dac.bits = {}: DAC codes above 11 bits are not exact in fp16 operands",
+                    d.bits
+                )));
+            }
+        }
+        Ok(Self {
+            nm_kind,
+            nm_value,
+            // Largest code: bound/step = (2^bits − 2)/2 exactly.
+            dac: spec
+                .dac
+                .map(|d| (d.step(), ((1u64 << d.bits) - 2) as f32 / 2.0)),
+            adc: spec.adc.map(|a| (a.step(), a.bound)),
+            out_noise: spec.out_noise,
+            pcm_read_std,
+            ir_drop: spec.ir_drop.map(|ir| (ir.scale, ir.g_ratio)),
+        })
+    }
+}
+
+/// E expert matrices of one kind in kernel layout, on the host: normalised crossbar weights
+/// `[E, N, K]` plus per-(expert, K block, column) tensor id and digital scale s_map·α_GDC.
+#[derive(Clone, Debug)]
+pub struct GroupedMatrix {
+    /// Experts E.
+    pub n_experts: usize,
+    /// Output columns N.
+    pub n_cols: usize,
+    /// Inputs K.
+    pub k: usize,
+    /// Crossbar rows per block along K (all blocks equal).
+    pub k_block: usize,
+    /// W̃ per crossbar, assembled to `[E, N, K]` (normalised units).
+    pub weights: Vec<f32>,
+    /// `[E, K/k_block, N]`: tensor id of the crossbar holding each (column, K block).
+    pub col_tensor_id: Vec<u32>,
+    /// `[E, K/k_block, N]`: s_map · α_GDC of each (column, K block).
+    pub col_scale: Vec<f32>,
+    /// `[N]`: column index inside its crossbar.
+    pub col_local: Vec<u32>,
+    /// `[N]`: columns of its crossbar (the stride of output-noise indices).
+    pub col_block_cols: Vec<u32>,
+}
+
+impl GroupedMatrix {
+    /// Kernel layout of one programmed (and drifted) [`AnalogMatrix`] per expert.
+    pub fn from_analog(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+        let first = experts
+            .first()
+            .ok_or_else(|| CudaError::Unsupported("grouped matrix: no experts".into()))?;
+        let (n, k) = (first.n_out(), first.n_in());
+        let k_block = first.in_ranges()[0].len();
+        if first.in_ranges().iter().any(|r| r.len() != k_block) || k_block % TILE_K != 0 {
+            return Err(CudaError::Unsupported(format!(
+                "tensor {}: the CUDA kernels need equal crossbar blocks along K that are multiples of {TILE_K} rows; \
+                 got K = {k} split into {:?}",
+                first.tensor_id(),
+                first.in_ranges().iter().map(|r| r.len()).collect::<Vec<_>>()
+            )));
+        }
+        let n_kb = k / k_block;
+        let e_count = experts.len();
+        let mut m = Self {
+            n_experts: e_count,
+            n_cols: n,
+            k,
+            k_block,
+            weights: vec![0.0; e_count * n * k],
+            col_tensor_id: vec![0; e_count * n_kb * n],
+            col_scale: vec![0.0; e_count * n_kb * n],
+            col_local: vec![0; n],
+            col_block_cols: vec![0; n],
+        };
+        for r in first.out_ranges() {
+            for c in r.clone() {
+                m.col_local[c] = (c - r.start) as u32;
+                m.col_block_cols[c] = r.len() as u32;
+            }
+        }
+        for (e, mat) in experts.iter().enumerate() {
+            if (mat.n_out(), mat.n_in()) != (n, k) || mat.in_ranges() != first.in_ranges() {
+                return Err(CudaError::Unsupported(format!(
+                    "tensor {}: expert {e} has shape {}×{}, expert 0 {n}×{k}",
+                    mat.tensor_id(),
+                    mat.n_out(),
+                    mat.n_in()
+                )));
+            }
+            for (g, block) in mat.geometry().iter().zip(mat.blocks()) {
+                let w = block.weights();
+                let alpha = block.gdc_alpha();
+                for (lc, c) in g.out_range.clone().enumerate() {
+                    let row = &mut m.weights[(e * n + c) * k..][g.in_range.clone()];
+                    for (dst, src) in row.iter_mut().zip(w.row(lc)) {
+                        *dst = *src;
+                    }
+                    let t = (e * n_kb + g.in_block) * n + c;
+                    m.col_tensor_id[t] = g.tensor_id;
+                    let a = if alpha.len() == 1 {
+                        alpha[0]
+                    } else {
+                        alpha[lc]
+                    };
+                    m.col_scale[t] = block.map_scale()[lc] * a;
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Gate and up matrices interleaved column-wise in groups of 8 (gate 0..8, up 0..8, gate
+    /// 8..16, ...), the layout the SwiGLU epilogue reads.
+    pub fn interleave_swiglu(gate: &Self, up: &Self) -> CudaResult<Self> {
+        let n = gate.n_cols;
+        if (up.n_experts, up.n_cols, up.k, up.k_block) != (gate.n_experts, n, gate.k, gate.k_block)
+            || !n.is_multiple_of(8)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "SwiGLU: gate {}×{} and up {}×{} must have equal shapes with N a multiple of 8",
+                n, gate.k, up.n_cols, up.k
+            )));
+        }
+        let (e_count, k, n_kb) = (gate.n_experts, gate.k, gate.k / gate.k_block);
+        let src = |f: usize| -> (&Self, usize) {
+            let g8 = f / 8;
+            let m = if g8.is_multiple_of(2) { gate } else { up };
+            (m, (g8 / 2) * 8 + f % 8)
+        };
+        let nf = 2 * n;
+        let mut m = Self {
+            n_experts: e_count,
+            n_cols: nf,
+            k,
+            k_block: gate.k_block,
+            weights: vec![0.0; e_count * nf * k],
+            col_tensor_id: vec![0; e_count * n_kb * nf],
+            col_scale: vec![0.0; e_count * n_kb * nf],
+            col_local: vec![0; nf],
+            col_block_cols: vec![0; nf],
+        };
+        for f in 0..nf {
+            let (s, c) = src(f);
+            m.col_local[f] = s.col_local[c];
+            m.col_block_cols[f] = s.col_block_cols[c];
+            for e in 0..e_count {
+                m.weights[(e * nf + f) * k..][..k]
+                    .copy_from_slice(&s.weights[(e * n + c) * k..][..k]);
+                for kb in 0..n_kb {
+                    m.col_tensor_id[(e * n_kb + kb) * nf + f] =
+                        s.col_tensor_id[(e * n_kb + kb) * n + c];
+                    m.col_scale[(e * n_kb + kb) * nf + f] = s.col_scale[(e * n_kb + kb) * n + c];
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// A [`GroupedMatrix`] on the device with its weights in the operand format of `precision`.
+pub struct GpuGroupedMatrix {
+    n_experts: usize,
+    n_cols: usize,
+    k: usize,
+    k_block: usize,
+    precision: Precision,
+    w_hi: CudaSlice<u16>,
+    w_lo: Option<CudaSlice<u16>>,
+    col_tensor_id: CudaSlice<u32>,
+    col_scale: CudaSlice<f32>,
+    col_local: CudaSlice<u32>,
+    col_block_cols: CudaSlice<u32>,
+}
+
+impl GpuGroupedMatrix {
+    /// Upload `m` and convert its weights on the device.
+    pub fn upload(dev: &CudaDevice, m: &GroupedMatrix, precision: Precision) -> CudaResult<Self> {
+        let w = dev.upload(&m.weights)?;
+        Self::from_device_weights(dev, m, &w, precision)
+    }
+
+    /// Use weights already on the device (`[E, N, K]` f32, e.g. programmed there) with the
+    /// tables of `m` (whose `weights` may be empty).
+    pub fn from_device_weights(
+        dev: &CudaDevice,
+        m: &GroupedMatrix,
+        w: &CudaSlice<f32>,
+        precision: Precision,
+    ) -> CudaResult<Self> {
+        let len = m.n_experts * m.n_cols * m.k;
+        if w.len() != len
+            || !m.n_cols.is_multiple_of(TILE_COLS)
+            || !m.k_block.is_multiple_of(TILE_K)
+            || !m.k.is_multiple_of(m.k_block)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "grouped matrix {}×[{}×{}] (crossbar rows {}): N must be a multiple of {TILE_COLS}, \
+                 crossbar rows of {TILE_K}, weights {len} elements (got {})",
+                m.n_experts, m.n_cols, m.k, m.k_block, w.len()
+            )));
+        }
+        let mut w_hi = dev.scratch::<u16>(len)?;
+        let n = len as u64;
+        let w_lo = if precision == Precision::DigitalBf16 {
+            let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
+            dev.launch(&f, "to_bf16", linear_launch(n), |b| {
+                b.arg(w).arg(&n).arg(&mut w_hi);
+            })?;
+            None
+        } else {
+            let mut lo = dev.scratch::<u16>(len)?;
+            let f = dev.function(&ANALOG_MOE_CU, &[], "split_f16")?;
+            dev.launch(&f, "split_f16", linear_launch(n), |b| {
+                b.arg(w).arg(&n).arg(&mut w_hi).arg(&mut lo);
+            })?;
+            (precision == Precision::AnalogSplitF16).then_some(lo)
+        };
+        Ok(Self {
+            n_experts: m.n_experts,
+            n_cols: m.n_cols,
+            k: m.k,
+            k_block: m.k_block,
+            precision,
+            w_hi,
+            w_lo,
+            col_tensor_id: dev.upload(&m.col_tensor_id)?,
+            col_scale: dev.upload(&m.col_scale)?,
+            col_local: dev.upload(&m.col_local)?,
+            col_block_cols: dev.upload(&m.col_block_cols)?,
+        })
+    }
+
+    /// Output columns.
+    pub fn n_cols(&self) -> usize {
+        self.n_cols
+    }
+    /// Inputs.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Operand precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+}
+
+/// A bf16 copy (`u16` bits, round to nearest even) of a device buffer.
+pub fn to_bf16_device(dev: &CudaDevice, x: &CudaSlice<f32>) -> CudaResult<CudaSlice<u16>> {
+    let mut out = dev.scratch::<u16>(x.len())?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
+    let n = x.len() as u64;
+    dev.launch(&f, "to_bf16", linear_launch(n), |b| {
+        b.arg(x).arg(&n).arg(&mut out);
+    })?;
+    Ok(out)
+}
+
+/// Token→expert pairs sorted by expert on the device (stable: token order inside an expert).
+pub struct GpuRouting {
+    /// Tokens T.
+    pub n_tokens: usize,
+    /// Experts per token k.
+    pub top_k: usize,
+    /// Experts E.
+    pub n_experts: usize,
+    /// `[E + 1]` start of each expert's rows in sorted order.
+    pub offsets: CudaSlice<u32>,
+    /// `[E + 1]` start of each expert's CTA row tiles.
+    pub tile_offsets: CudaSlice<u32>,
+    /// `[T·k]` token of each sorted pair.
+    pub sorted_token: CudaSlice<u32>,
+    /// `[T·k]` router weight of each sorted pair.
+    pub sorted_weight: CudaSlice<f32>,
+    /// `[T·k]` original pair index (token·k + slot) of each sorted pair.
+    pub sorted_pair: CudaSlice<u32>,
+}
+
+/// Counting sort of the `[T·k]` pairs (expert of pair, weight of pair) by expert:
+/// histogram → scan → stable scatter, all on the device.
+pub fn route(
+    dev: &CudaDevice,
+    expert_of_pair: &CudaSlice<u32>,
+    weight_of_pair: &CudaSlice<f32>,
+    n_tokens: usize,
+    top_k: usize,
+    n_experts: usize,
+) -> CudaResult<GpuRouting> {
+    let pairs = n_tokens * top_k;
+    if expert_of_pair.len() != pairs || weight_of_pair.len() != pairs || n_experts == 0 {
+        return Err(CudaError::Unsupported(format!(
+            "routing: {} experts-of-pair and {} weights for T={n_tokens}, k={top_k}, E={n_experts}",
+            expert_of_pair.len(),
+            weight_of_pair.len()
+        )));
+    }
+    let mut counts = dev.scratch::<u32>(n_experts)?;
+    let mut offsets = dev.scratch::<u32>(n_experts + 1)?;
+    let mut tile_offsets = dev.scratch::<u32>(n_experts + 1)?;
+    let mut sorted_token = dev.scratch::<u32>(pairs)?;
+    let mut sorted_weight = dev.scratch::<f32>(pairs)?;
+    let mut sorted_pair = dev.scratch::<u32>(pairs)?;
+    let per_expert = LaunchConfig {
+        grid_dim: (n_experts as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (p32, e32, k32, tile32) = (
+        pairs as u32,
+        n_experts as u32,
+        top_k as u32,
+        TILE_ROWS as u32,
+    );
+    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_count")?;
+    dev.launch(&f, "moe_count", per_expert, |b| {
+        b.arg(expert_of_pair).arg(&p32).arg(&mut counts);
+    })?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scan")?;
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(&f, "moe_scan", one, |b| {
+        b.arg(&counts)
+            .arg(&e32)
+            .arg(&tile32)
+            .arg(&mut offsets)
+            .arg(&mut tile_offsets);
+    })?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scatter")?;
+    dev.launch(&f, "moe_scatter", per_expert, |b| {
+        b.arg(expert_of_pair)
+            .arg(weight_of_pair)
+            .arg(&p32)
+            .arg(&k32)
+            .arg(&offsets)
+            .arg(&mut sorted_token)
+            .arg(&mut sorted_weight)
+            .arg(&mut sorted_pair);
+    })?;
+    Ok(GpuRouting {
+        n_tokens,
+        top_k,
+        n_experts,
+        offsets,
+        tile_offsets,
+        sorted_token,
+        sorted_weight,
+        sorted_pair,
+    })
+}
+
+/// Operand rows of one grouped GEMM: fp16 DAC codes (analog) or bf16 values (digital), with
+/// α_nm per (row, crossbar block) for analog.
+pub struct GemmInput {
+    /// `[rows, K]` operand bits.
+    pub a: CudaSlice<u16>,
+    /// `[rows, K/k_block]` α_nm (empty for digital).
+    pub alpha: CudaSlice<f32>,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// Prologue: noise management + DAC of `x` (`[rows, k]` f32) per crossbar block of `k_block`
+/// rows (analog), or bf16 conversion (digital, `periphery = None`).
+pub fn quantize(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    rows: usize,
+    k: usize,
+    k_block: usize,
+    periphery: Option<&GemmPeriphery>,
+) -> CudaResult<GemmInput> {
+    if x.len() != rows * k || k_block == 0 || !k.is_multiple_of(k_block) {
+        return Err(CudaError::Unsupported(format!(
+            "quantize: {} values for {rows}×{k} in blocks of {k_block}",
+            x.len()
+        )));
+    }
+    let mut a = dev.scratch::<u16>(rows * k)?;
+    let Some(p) = periphery else {
+        let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
+        let n = (rows * k) as u64;
+        dev.launch(&f, "to_bf16", linear_launch(n), |b| {
+            b.arg(x).arg(&n).arg(&mut a);
+        })?;
+        return Ok(GemmInput {
+            a,
+            alpha: dev.zeros::<f32>(1)?,
+            rows,
+        });
+    };
+    let n_kb = k / k_block;
+    let mut alpha = dev.scratch::<f32>(rows * n_kb)?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_quantize")?;
+    let (r32, k32, kb32) = (rows as u32, k as u32, k_block as u32);
+    let use_dac = u32::from(p.dac.is_some());
+    let (dac_step, dac_max) = p.dac.unwrap_or((1.0, 0.0));
+    dev.launch(
+        &f,
+        "moe_quantize",
+        linear_launch((rows * n_kb * 32) as u64),
+        |b| {
+            b.arg(x)
+                .arg(&r32)
+                .arg(&k32)
+                .arg(&kb32)
+                .arg(&p.nm_kind)
+                .arg(&p.nm_value)
+                .arg(&use_dac)
+                .arg(&dac_step)
+                .arg(&dac_max)
+                .arg(&mut a)
+                .arg(&mut alpha);
+        },
+    )?;
+    Ok(GemmInput { a, alpha, rows })
+}
+
+/// What the grouped GEMM does with its result rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmOutput {
+    /// `out[sorted row, col]` (`[P, N]`).
+    Store,
+    /// SwiGLU of the interleaved gate/up columns: `out[sorted row, j]` (`[P, N/2]`).
+    SwiGlu,
+    /// `out[token, col] += router weight · result` (`[T, N]`, zero it first).
+    ScatterAdd,
+}
+
+/// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GemmParams {
+    a: u64,
+    a_alpha: u64,
+    a_row_of: u64,
+    w_hi: u64,
+    w_lo: u64,
+    offsets: u64,
+    tile_offsets: u64,
+    col_tensor_id: u64,
+    col_scale: u64,
+    col_local: u64,
+    col_block_cols: u64,
+    sorted_token: u64,
+    sorted_weight: u64,
+    out: u64,
+    seed: u64,
+    k: u32,
+    n: u32,
+    n_kb: u32,
+    k_block: u32,
+    n_experts: u32,
+    mvm_id: u32,
+    dac_step: f32,
+    adc_step: f32,
+    adc_bound: f32,
+    out_noise: f32,
+    w_noise_std: f32,
+    ir_scale: f32,
+    ir_k: f32,
+}
+
+// SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
+unsafe impl DeviceRepr for GemmParams {}
+
+/// Size of the kernel parameter block of `moe_gemm` (NVRTC's `.param` is 176 bytes).
+pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
+
+/// One grouped GEMM over the sorted pairs of `routing`.
+///
+/// `gather_tokens`: operand row of sorted pair p is its token (first layer); otherwise row p
+/// itself (hidden rows in sorted order). `periphery = None` runs the digital variant.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    input: &GemmInput,
+    routing: &GpuRouting,
+    gather_tokens: bool,
+    periphery: Option<&GemmPeriphery>,
+    seed: u64,
+    mvm_id: u32,
+    output: GemmOutput,
+    out: &mut CudaSlice<f32>,
+) -> CudaResult<()> {
+    let pairs = routing.n_tokens * routing.top_k;
+    let out_len = match output {
+        GemmOutput::Store => pairs * m.n_cols,
+        GemmOutput::SwiGlu => pairs * m.n_cols / 2,
+        GemmOutput::ScatterAdd => routing.n_tokens * m.n_cols,
+    };
+    let in_rows = if gather_tokens {
+        routing.n_tokens
+    } else {
+        pairs
+    };
+    if out.len() != out_len
+        || input.rows != in_rows
+        || input.a.len() != in_rows * m.k
+        || routing.n_experts != m.n_experts
+        || periphery.is_some() != m.precision.analog()
+    {
+        return Err(CudaError::Unsupported(format!(
+            "grouped GEMM: output {} (want {out_len}), input {}×? (want {in_rows}×{}), experts {} vs {}, \
+             periphery {} for {:?}",
+            out.len(),
+            input.rows,
+            m.k,
+            routing.n_experts,
+            m.n_experts,
+            periphery.is_some(),
+            m.precision
+        )));
+    }
+    let mode = match output {
+        GemmOutput::Store => 0,
+        GemmOutput::SwiGlu => 1,
+        GemmOutput::ScatterAdd => 2,
+    };
+    let p = periphery.copied();
+    let flag = |b: bool| i64::from(b);
+    let defines = [
+        ("MOE_ANALOG", flag(p.is_some())),
+        (
+            "MOE_SPLIT_W",
+            flag(m.precision == Precision::AnalogSplitF16),
+        ),
+        (
+            "MOE_PCM_READ",
+            flag(p.is_some_and(|p| p.pcm_read_std.is_some())),
+        ),
+        ("MOE_IR_DROP", flag(p.is_some_and(|p| p.ir_drop.is_some()))),
+        ("MOE_OUT_NOISE", flag(p.is_some_and(|p| p.out_noise > 0.0))),
+        ("MOE_ADC", flag(p.is_some_and(|p| p.adc.is_some()))),
+        ("MOE_MODE", mode),
+    ];
+    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
+    let nb_mat = if m.precision == Precision::AnalogSplitF16 {
+        2
+    } else {
+        1
+    };
+    let stage_halves = (TILE_ROWS + nb_mat * TILE_COLS) * SMEM_ROW_HALVES;
+    let shared = (STAGES * stage_halves * std::mem::size_of::<u16>()) as u32;
+    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+    }
+    .map_err(|source| CudaError::Kernel {
+        kernel: "moe_gemm".into(),
+        grid: (0, 0, 0),
+        block: (256, 1, 1),
+        shared_bytes: shared,
+        source,
+    })?;
+    // Raw pointers: all work is on this one stream and event tracking is off, so the guards
+    // `device_ptr` returns have nothing to synchronise.
+    let s = dev.stream();
+    let params = GemmParams {
+        a: input.a.device_ptr(s).0,
+        a_alpha: input.alpha.device_ptr(s).0,
+        a_row_of: if gather_tokens {
+            routing.sorted_token.device_ptr(s).0
+        } else {
+            0
+        },
+        w_hi: m.w_hi.device_ptr(s).0,
+        w_lo: m.w_lo.as_ref().map_or(0, |w| w.device_ptr(s).0),
+        offsets: routing.offsets.device_ptr(s).0,
+        tile_offsets: routing.tile_offsets.device_ptr(s).0,
+        col_tensor_id: m.col_tensor_id.device_ptr(s).0,
+        col_scale: m.col_scale.device_ptr(s).0,
+        col_local: m.col_local.device_ptr(s).0,
+        col_block_cols: m.col_block_cols.device_ptr(s).0,
+        sorted_token: routing.sorted_token.device_ptr(s).0,
+        sorted_weight: routing.sorted_weight.device_ptr(s).0,
+        out: out.device_ptr(s).0,
+        seed,
+        k: m.k as u32,
+        n: m.n_cols as u32,
+        n_kb: (m.k / m.k_block) as u32,
+        k_block: m.k_block as u32,
+        n_experts: m.n_experts as u32,
+        mvm_id,
+        dac_step: p.and_then(|p| p.dac).map_or(1.0, |d| d.0),
+        adc_step: p.and_then(|p| p.adc).map_or(1.0, |a| a.0),
+        adc_bound: p.and_then(|p| p.adc).map_or(f32::MAX, |a| a.1),
+        out_noise: p.map_or(0.0, |p| p.out_noise),
+        w_noise_std: p.and_then(|p| p.pcm_read_std).unwrap_or(0.0),
+        ir_scale: p.and_then(|p| p.ir_drop).map_or(0.0, |ir| ir.0),
+        ir_k: p
+            .and_then(|p| p.ir_drop)
+            .map_or(0.0, |ir| m.k_block as f32 / ir.1),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (pairs.div_ceil(TILE_ROWS) + m.n_experts) as u32,
+            (m.n_cols / TILE_COLS) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    dev.launch(&f, "moe_gemm", cfg, |b| {
+        b.arg(&params);
+    })
+}
+
+/// One MoE expert layer (SwiGLU experts) on the GPU, analog or digital.
+pub struct GpuMoeLayer {
+    /// Interleaved gate/up matrices `[E, 2n, d]`.
+    pub gate_up: GpuGroupedMatrix,
+    /// Down matrices `[E, d, n]`.
+    pub down: GpuGroupedMatrix,
+    /// Periphery (`None`: digital baseline).
+    pub periphery: Option<GemmPeriphery>,
+    /// Seed of the per-MVM noise streams.
+    pub seed: u64,
+}
+
+impl GpuMoeLayer {
+    /// y = Σ_k w_k · down_e(SwiGLU(gate_up_e(x))) for the routed pairs; x `[T, d]` → `[T, d]`.
+    pub fn forward(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<f32>,
+        routing: &GpuRouting,
+        mvm_id: u32,
+    ) -> CudaResult<CudaSlice<f32>> {
+        let (t, d, n) = (routing.n_tokens, self.gate_up.k, self.down.k);
+        let pairs = t * routing.top_k;
+        let p = self.periphery.as_ref();
+        let xq = quantize(dev, x, t, d, self.gate_up.k_block, p)?;
+        let mut h = dev.scratch::<f32>(pairs * n)?;
+        grouped_gemm(
+            dev,
+            &self.gate_up,
+            &xq,
+            routing,
+            true,
+            p,
+            self.seed,
+            mvm_id,
+            GemmOutput::SwiGlu,
+            &mut h,
+        )?;
+        let hq = quantize(dev, &h, pairs, n, self.down.k_block, p)?;
+        let mut y = dev.zeros::<f32>(t * d)?;
+        grouped_gemm(
+            dev,
+            &self.down,
+            &hq,
+            routing,
+            false,
+            p,
+            self.seed,
+            mvm_id,
+            GemmOutput::ScatterAdd,
+            &mut y,
+        )?;
+        Ok(y)
+    }
+}
