@@ -56,8 +56,8 @@ pub struct Crossbar {
     w: Array2<f32>,
     /// |W̃|, kept when IR drop or PCM_READ noise need it.
     abs_w: Option<Array2<f32>>,
-    /// W̃_ij·(1 − (1 − j/n)²), kept when IR drop is on.
-    ir_w: Option<Array2<f32>>,
+    /// [W̃; W̃∘F] (`[2·n_out, n_in]`, F_j = 1 − (1 − j/n)²), kept when IR drop is on.
+    w_ir: Option<Array2<f32>>,
     /// GDC reference mean |Y₀| (one entry, or one per column).
     gdc_ref: Vec<f32>,
     /// GDC output factor α (one entry, or one per column).
@@ -171,7 +171,7 @@ impl Crossbar {
             nu,
             g_scale_us,
             abs_w: None,
-            ir_w: None,
+            w_ir: None,
             gdc_ref: Vec::new(),
             gdc_alpha: vec![1.0],
             t_seconds: None,
@@ -315,16 +315,17 @@ impl Crossbar {
         let p = &self.periphery;
         let need_abs = p.ir_drop.is_some() || matches!(p.w_noise, WeightNoise::PcmRead { .. });
         self.abs_w = need_abs.then(|| self.w.mapv(f32::abs));
-        self.ir_w = p.ir_drop.map(|_| {
+        self.w_ir = p.ir_drop.map(|_| {
             let n = self.n_in as f32;
-            let mut w = self.w.clone();
-            for mut row in w.rows_mut() {
+            let mut scaled = self.w.clone();
+            for mut row in scaled.rows_mut() {
                 for (j, v) in row.iter_mut().enumerate() {
                     let u = 1.0 - j as f32 / n;
                     *v *= 1.0 - u * u;
                 }
             }
-            w
+            ndarray::concatenate(ndarray::Axis(0), &[self.w.view(), scaled.view()])
+                .expect("equal widths")
         });
     }
 
@@ -500,37 +501,68 @@ impl Crossbar {
         mut y: ArrayViewMut2<f32>,
     ) {
         let p = &self.periphery;
-        let n_out = self.n_out;
-        general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
-        if let (Some(IrDrop { scale, g_ratio }), Some(abs_w), Some(ir_w)) =
-            (p.ir_drop, &self.abs_w, &self.ir_w)
+        let (m, n_out) = (xq.nrows(), self.n_out);
+        let pcm_read_std = match p.w_noise {
+            WeightNoise::PcmRead { std } if std > 0.0 => Some(std),
+            _ => None,
+        };
+        // GEMMs with |W̃|: IR drop needs a = |x̃|·|W̃|ᵀ, PCM_READ needs Σ|W̃|x̃² = x̃²·|W̃|ᵀ;
+        // both run as one GEMM over the stacked inputs [|x̃|; x̃²] (|W̃| packed once).
+        let abs_inputs: Vec<fn(f32) -> f32> = [
+            p.ir_drop.map(|_| f32::abs as fn(f32) -> f32),
+            pcm_read_std.map(|_| (|v: f32| v * v) as fn(f32) -> f32),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let abs_products = (!abs_inputs.is_empty()).then(|| {
+            let abs_w = self
+                .abs_w
+                .as_ref()
+                .expect("|W| kept for IR drop / PCM_READ");
+            let mut stacked = Array2::<f32>::zeros((abs_inputs.len() * m, self.n_in));
+            for (k, f) in abs_inputs.iter().enumerate() {
+                Zip::from(stacked.slice_mut(s![k * m..(k + 1) * m, ..]))
+                    .and(&xq)
+                    .for_each(|o, &v| *o = f(v));
+            }
+            stacked.dot(&abs_w.t())
+        });
+        // 3–4. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
+        if let (Some(IrDrop { scale, g_ratio }), Some(w_ir), Some(abs)) =
+            (p.ir_drop, &self.w_ir, &abs_products)
         {
-            let a = xq.mapv(f32::abs).dot(&abs_w.t());
-            let yf = xq.dot(&ir_w.t());
+            let mut both = Array2::<f32>::zeros((m, 2 * n_out));
+            general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
+            y.assign(&both.slice(s![.., ..n_out]));
             let k = self.n_in as f32 / g_ratio;
-            Zip::from(&mut y).and(&a).and(&yf).for_each(|y, &a, &yf| {
-                let a = k * a;
-                let c = a * (a * (0.05 * a - 0.2) + 0.5);
-                *y -= scale * c * yf;
-            });
+            Zip::from(&mut y)
+                .and(abs.slice(s![..m, ..]))
+                .and(both.slice(s![.., n_out..]))
+                .for_each(|y, &a, &yf| {
+                    let a = k * a;
+                    let c = a * (a * (0.05 * a - 0.2) + 0.5);
+                    *y -= scale * c * yf;
+                });
+        } else {
+            general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
         }
         // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
         // to the same y_i, so they are drawn as one normal with the summed variance
         // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers).
-        let weight_var: Option<Array2<f32>> = match p.w_noise {
-            WeightNoise::PcmRead { std } if std > 0.0 => {
-                let abs_w = self.abs_w.as_ref().expect("|W| kept for PCM_READ");
-                let mut s2 = xq.mapv(|v| v * v).dot(&abs_w.t());
-                s2.mapv_inplace(|v| std * std * v);
-                Some(s2)
+        let weight_var: Option<Array2<f32>> = match (p.w_noise, pcm_read_std) {
+            (_, Some(std)) => {
+                let abs = abs_products.as_ref().expect("PCM_READ products computed");
+                let rows = abs.nrows();
+                Some(abs.slice(s![rows - m.., ..]).mapv(|v| std * std * v))
             }
-            WeightNoise::Additive { std } if std > 0.0 => {
+            (WeightNoise::Additive { std }, _) if std > 0.0 => {
                 let norms: Vec<f32> = xq
                     .rows()
                     .into_iter()
                     .map(|r| r.iter().map(|v| v * v).sum())
                     .collect();
-                Some(Array2::from_shape_fn((xq.nrows(), n_out), |(r, _)| {
+                Some(Array2::from_shape_fn((m, n_out), |(r, _)| {
                     std * std * norms[r]
                 }))
             }
