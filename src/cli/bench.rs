@@ -52,10 +52,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (name, table) = match args.suite {
         Suite::Crossbar => ("crossbar", crossbar_suite(&args)?),
     };
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".into());
     let date = utc_date();
     let command: Vec<String> = std::env::args().collect();
     let report = format!(
-        "# `{name}` benchmark, {date}\n\n- machine: {} ({} logical CPUs, {} rayon threads)\n- build: {}\n- command: `{}`\n\n{table}",
+        "# `{name}` benchmark, {date}\n\n- machine: {} ({} logical CPUs, {} rayon threads)\n- 1-min load average at the end (other processes share these CPUs): {load}\n- build: {}\n- command: `{}`\n\n{table}",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         rayon::current_num_threads(),
