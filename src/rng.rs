@@ -143,7 +143,7 @@ impl Stream {
     }
 
     /// Fill `out` with normals `start_index .. start_index + out.len()`, identical to calling
-    /// [`Stream::normal_attempt`] per element. Works in batches of [`FILL_CALLS`] Philox calls:
+    /// [`Stream::normal_attempt`] per element. Works in batches of 64 Philox calls:
     /// first the raw words, then one branch-free Box–Muller loop the compiler can vectorise.
     pub fn fill_normal(&self, start_index: u64, mvm_id: u32, attempt: u8, out: &mut [f32]) {
         let mut raw = [0u32; 4 * FILL_CALLS];
