@@ -77,6 +77,19 @@ impl Crossbar {
         seed: u64,
         tensor_id: u32,
     ) -> Result<Self> {
+        validate_preset(preset)?;
+        Self::program_with_device(w, preset, preset.device.build(), seed, tensor_id)
+    }
+
+    /// [`Crossbar::program`] with a caller-supplied device model, for a technology that is not a
+    /// [`crate::device::DeviceSpec`] kind; the preset's `device` section is not used.
+    pub fn program_with_device(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
         let (n_out, n_in) = w.dim();
         ensure!(
             n_out > 0 && n_in > 0,
@@ -93,15 +106,7 @@ impl Crossbar {
         if let Some(((i, j), v)) = w.indexed_iter().find(|(_, v)| !v.is_finite()) {
             bail!("tensor {tensor_id}: non-finite weight {v} at [{i}, {j}]");
         }
-        if let Err(e) = preset.validate() {
-            bail!(
-                "preset `{}`: field `{}`: {}",
-                preset.name,
-                e.field,
-                e.message
-            );
-        }
-        let device = preset.device.build();
+        validate_preset(preset)?;
         let converter = WeightConverter::for_device(device.as_ref());
 
         let omega = preset.mapping.weight_scaling_omega;
@@ -591,6 +596,18 @@ impl Crossbar {
             y.mapv_inplace(|v| adc.quantize(v, step));
         }
     }
+}
+
+/// A preset built in code (not loaded) may be invalid: check it before use.
+fn validate_preset(preset: &TilePreset) -> Result<()> {
+    preset.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "preset `{}`: field `{}`: {}",
+            preset.name,
+            e.field,
+            e.message
+        )
+    })
 }
 
 fn max_abs(a: &Array2<f32>) -> f32 {
