@@ -539,63 +539,83 @@ impl Crossbar {
         {
             let mut both = Array2::<f32>::zeros((m, 2 * n_out));
             general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
-            y.assign(&both.slice(s![.., ..n_out]));
             let k = self.n_in as f32 / g_ratio;
             Zip::from(&mut y)
+                .and(both.slice(s![.., ..n_out]))
                 .and(abs.slice(s![..m, ..]))
                 .and(both.slice(s![.., n_out..]))
-                .for_each(|y, &a, &yf| {
+                .for_each(|y, &w_x, &a, &yf| {
                     let a = k * a;
                     let c = a * (a * (0.05 * a - 0.2) + 0.5);
-                    *y -= scale * c * yf;
+                    *y = w_x - scale * c * yf;
                 });
         } else {
             general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
         }
         // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
         // to the same y_i, so they are drawn as one normal with the summed variance
-        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers).
-        let weight_var: Option<Array2<f32>> = match (p.w_noise, pcm_read_std) {
+        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers). The GPU
+        // backend must do the same to reproduce these values.
+        let weight_var = match (p.w_noise, pcm_read_std) {
             (_, Some(std)) => {
                 let abs = abs_products.as_ref().expect("PCM_READ products computed");
-                let rows = abs.nrows();
-                Some(abs.slice(s![rows - m.., ..]).mapv(|v| std * std * v))
+                WeightVar::PcmRead {
+                    std2: std * std,
+                    sum_abs_w_x2: abs.slice(s![abs.nrows() - m.., ..]),
+                }
             }
-            (WeightNoise::Additive { std }, _) if std > 0.0 => {
-                let norms: Vec<f32> = xq
+            (WeightNoise::Additive { std }, _) if std > 0.0 => WeightVar::Additive {
+                per_row: xq
                     .rows()
                     .into_iter()
-                    .map(|r| r.iter().map(|v| v * v).sum())
-                    .collect();
-                Some(Array2::from_shape_fn((m, n_out), |(r, _)| {
-                    std * std * norms[r]
-                }))
-            }
-            _ => None,
+                    .map(|r| std * std * r.iter().map(|v| v * v).sum::<f32>())
+                    .collect(),
+            },
+            _ => WeightVar::None,
         };
-        if p.out_noise > 0.0 || weight_var.is_some() {
-            let out_var = p.out_noise * p.out_noise;
-            let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
-            let mut xi = vec![0.0f32; n_out];
-            for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+        let noisy = p.out_noise > 0.0 || !matches!(weight_var, WeightVar::None);
+        let out_var = p.out_noise * p.out_noise;
+        let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
+        let adc = p.adc.map(|q| (q, q.step()));
+        let mut xi = vec![0.0f32; n_out];
+        // Per row: noise, then 7. ADC (one pass over y).
+        for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+            if noisy {
                 stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
                 match &weight_var {
-                    Some(wv) => Zip::from(&mut row)
-                        .and(wv.row(r))
+                    WeightVar::PcmRead { std2, sum_abs_w_x2 } => Zip::from(&mut row)
+                        .and(sum_abs_w_x2.row(r))
                         .and(&xi[..])
-                        .for_each(|y, &v, &z| *y += (out_var + v).sqrt() * z),
-                    None => row
+                        .for_each(|y, &v, &z| *y += (out_var + std2 * v).sqrt() * z),
+                    WeightVar::Additive { per_row } => {
+                        let sd = (out_var + per_row[r]).sqrt();
+                        row.iter_mut().zip(&xi).for_each(|(y, &z)| *y += sd * z);
+                    }
+                    WeightVar::None => row
                         .iter_mut()
                         .zip(&xi)
                         .for_each(|(y, &z)| *y += p.out_noise * z),
                 }
             }
-        }
-        if let Some(adc) = p.adc {
-            let step = adc.step();
-            y.mapv_inplace(|v| adc.quantize(v, step));
+            if let Some((q, step)) = adc {
+                row.mapv_inplace(|v| q.quantize(v, step));
+            }
         }
     }
+}
+
+/// Variance of the short-term weight noise of each output, before adding out_noise².
+enum WeightVar<'a> {
+    None,
+    /// σ² = std²·Σ_j |W̃_ij| x̃_j² (PCM_READ).
+    PcmRead {
+        std2: f32,
+        sum_abs_w_x2: ArrayView2<'a, f32>,
+    },
+    /// σ² = std²·‖x̃‖² per batch row (ADDITIVE).
+    Additive {
+        per_row: Vec<f32>,
+    },
 }
 
 /// A preset built in code (not loaded) may be invalid: check it before use.
