@@ -196,9 +196,21 @@ impl Crossbar {
     }
 
     /// Drift every device to `t_seconds` after programming: re-convert the programmed net
-    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise (drawn once per call,
-    /// keyed only by the device, so the result does not depend on earlier calls), recompute α.
+    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise, recompute α.
+    ///
+    /// The read-noise normal of each device is keyed by the device alone, not by the time: the
+    /// result does not depend on earlier calls, and one device's trajectory over time is smooth
+    /// (AIHWKIT draws a fresh normal per call instead; the distribution at each t is the same).
+    ///
+    /// # Panics
+    /// If `t_seconds` is negative or not finite (callers validate user input first, as
+    /// [`crate::tile::drift_study`] does).
     pub fn drift_to(&mut self, t_seconds: f64) {
+        assert!(
+            t_seconds.is_finite() && t_seconds >= 0.0,
+            "tensor {}: drift time must be finite and ≥ 0 s, got {t_seconds}",
+            self.tensor_id
+        );
         let (n_in, n_dev) = (self.n_in, self.converter.devices_per_weight());
         let read = Stream::new(self.seed, Purpose::ReadNoise, self.tensor_id);
         let (w_prog, nu, conv, dev, s) = (
