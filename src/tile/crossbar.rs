@@ -318,6 +318,19 @@ impl Crossbar {
             }
         }
     }
+    /// Host memory held by the block's arrays, bytes (programmed and current weights, drift
+    /// parameters, and the |W̃| / [W̃; W̃∘F] copies kept for IR drop and PCM_READ).
+    pub fn memory_bytes(&self) -> usize {
+        let arrays = [
+            Some(&self.w_prog),
+            Some(&self.w),
+            self.abs_w.as_ref(),
+            self.w_ir.as_ref(),
+        ];
+        let elements: usize = arrays.iter().flatten().map(|a| a.len()).sum::<usize>()
+            + self.nu.iter().map(|a| a.len()).sum::<usize>();
+        elements * std::mem::size_of::<f32>()
+    }
     /// GDC factors α (one, or one per column; 1 without GDC or before any drift).
     pub fn gdc_alpha(&self) -> &[f32] {
         &self.gdc_alpha
