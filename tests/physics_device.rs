@@ -212,3 +212,32 @@ fn other_devices_follow_their_published_defaults() {
     let g = reram.read(50.0, 50.0, DAY, 0.0) as f64;
     assert!((g - (-0.08900206 * DAY.ln() + 49.92383444)).abs() < 1e-3);
 }
+
+/// Weight ↔ conductance: differential pair s = g_max/max|W| with one device per sign,
+/// single device centred on g_mid; both round-trip exactly representable weights.
+#[test]
+fn weight_converter_maps_and_round_trips() {
+    use aimc::device::{ReramCmo, WeightConverter};
+    let pair = WeightConverter::for_device(&PcmLike::aihwkit());
+    assert_eq!(pair.devices_per_weight(), 2);
+    let s = pair.scale(2.0);
+    assert_eq!(s, 12.5);
+    assert_eq!(pair.to_conductances(2.0, s), [25.0, 0.0]);
+    assert_eq!(pair.to_conductances(-1.0, s), [0.0, 12.5]);
+    assert_eq!(
+        pair.to_conductances(4.0, s),
+        [25.0, 0.0],
+        "clamped at g_max"
+    );
+    assert_eq!(pair.to_weight([25.0, 12.5], s), 1.0);
+    let single = WeightConverter::for_device(&ReramCmo::default());
+    assert_eq!(single.devices_per_weight(), 1);
+    let s = single.scale(1.0);
+    let g = single.to_conductances(-1.0, s);
+    assert!(
+        (g[0] - 9.0).abs() < 1e-4 && g[1] == 0.0,
+        "−max|W| maps to g_min: {g:?}"
+    );
+    assert!((single.to_conductances(1.0, s)[0] - 88.19).abs() < 1e-4);
+    assert!((single.to_weight(single.to_conductances(0.25, s), s) - 0.25).abs() < 1e-6);
+}

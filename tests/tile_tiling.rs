@@ -112,3 +112,27 @@ fn tile_stack_counts_tier_switches() {
     assert_eq!(stack.active_tier(), Some(5));
     assert!(stack.mvm(3, x.view(), 0).is_err(), "unprogrammed tier");
 }
+
+/// Memory per weight: 16 B for aihwkit-default (programmed + current weights, ν of both devices),
+/// 28 B with IR drop and PCM_READ (|W̃| and [W̃; W̃∘F] copies).
+#[test]
+fn crossbar_memory_is_accounted() {
+    let w = Array2::<f32>::ones((64, 32));
+    let n = 64 * 32;
+    let a = aimc::tile::Crossbar::program(
+        w.view(),
+        &TilePreset::builtin("aihwkit-default").unwrap(),
+        0,
+        0,
+    )
+    .unwrap();
+    assert_eq!(a.memory_bytes(), 16 * n);
+    let s = aimc::tile::Crossbar::program(
+        w.view(),
+        &TilePreset::builtin("standard-hwa").unwrap(),
+        0,
+        0,
+    )
+    .unwrap();
+    assert_eq!(s.memory_bytes(), 28 * n);
+}

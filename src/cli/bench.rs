@@ -111,10 +111,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Suite::Gpu => return gpu_suite(&args),
         Suite::MoeCpu => return moe_cpu_suite(&args),
     };
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".into());
     let date = utc_date();
     let command: Vec<String> = std::env::args().collect();
     let report = format!(
-        "# `{name}` benchmark, {date}\n\n- machine: {} ({} logical CPUs, {} rayon threads)\n- build: {}\n- command: `{}`\n\n{table}",
+        "# `{name}` benchmark, {date}\n\n- machine: {} ({} logical CPUs, {} rayon threads)\n- 1-min load average at the end (other processes share these CPUs): {load}\n- build: {}\n- command: `{}`\n\n{table}",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         rayon::current_num_threads(),
@@ -172,18 +176,27 @@ fn utc_date() -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
-/// Median wall time (s) of `repeats` runs of `f` after one warm-up run.
-fn median_seconds(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..repeats)
-        .map(|_| {
+/// Median wall time (s) of each case over `repeats` rounds, after one warm-up round. Every round
+/// times all cases back to back (interleaved), so that a change in machine load hits the
+/// reference and the measured cases alike.
+fn interleaved_medians(repeats: usize, cases: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
+    let mut times = vec![Vec::with_capacity(repeats); cases.len()];
+    for round in 0..=repeats {
+        for (case, t) in cases.iter_mut().zip(&mut times) {
             let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
+            case();
+            if round > 0 {
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+        .collect()
 }
 
 /// 512×512 crossbar MVM on a batch with every nonideality of each preset, after 1 h of drift,
@@ -196,25 +209,41 @@ fn crossbar_suite(args: &BenchArgs) -> Result<String> {
     let x = Array2::from_shape_fn((batch, n), |(b, j)| {
         2.0 * inputs.uniform((b * n + j) as u64, 0) - 1.0
     });
-    let reference = median_seconds(args.repeats, || {
+    let presets = args
+        .presets
+        .iter()
+        .map(|name| TilePreset::resolve(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let crossbars = presets
+        .iter()
+        .map(|preset| {
+            let mut xbar = Crossbar::program(w.view(), preset, 0, 0)?;
+            xbar.drift_to(3600.0);
+            Ok(xbar)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut cases: Vec<Box<dyn FnMut() + '_>> = vec![Box::new(|| {
         std::hint::black_box(x.dot(&w.t()));
-    });
+    })];
+    for xbar in &crossbars {
+        let mut id = 0u32;
+        let x = &x;
+        cases.push(Box::new(move || {
+            id += 1;
+            std::hint::black_box(xbar.mvm(x.view(), id));
+        }));
+    }
+    let medians = interleaved_medians(args.repeats, &mut cases);
+    let reference = medians[0];
     let mut table = format!(
-        "512×512 weights, batch {batch}, median of {} timed runs after one warm-up; both sides measured in this run.\n\n\
+        "512×512 weights, batch {batch}, median of {} interleaved rounds after one warm-up round \
+         (each round times every case back to back).\n\n\
          | case | median ms | ratio to plain matmul |\n|---|---:|---:|\n\
          | plain f32 ndarray `x.dot(&w.t())` (matrixmultiply, one thread) | {:.2} | 1.00 |\n",
         args.repeats,
         reference * 1e3
     );
-    for name in &args.presets {
-        let preset = TilePreset::resolve(name)?;
-        let mut xbar = Crossbar::program(w.view(), &preset, 0, 0)?;
-        xbar.drift_to(3600.0);
-        let mut id = 0u32;
-        let t = median_seconds(args.repeats, || {
-            id += 1;
-            std::hint::black_box(xbar.mvm(x.view(), id));
-        });
+    for (preset, t) in presets.iter().zip(&medians[1..]) {
         writeln!(
             table,
             "| `{}` `Crossbar::mvm` (rayon over the batch, all nonidealities of the preset) | {:.2} | {:.2} |",

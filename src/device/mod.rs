@@ -16,7 +16,7 @@ pub use converter::WeightConverter;
 pub use ideal::Ideal;
 pub use pcm::{DriftModel, DriftTable, PcmLike, ReadNoiseModel};
 pub use reram::ReramCmo;
-pub use spec::{DeviceParams, DeviceSpec};
+pub use spec::{DeviceKind, DeviceSpec};
 
 /// A programmable analog memory device (one conductance), modelled statistically.
 ///

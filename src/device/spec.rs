@@ -53,9 +53,6 @@ pub struct DeviceSpec {
     pub drift_table: Option<DriftTable>,
 }
 
-/// Alias kept for readers looking for "the device parameters".
-pub type DeviceParams = DeviceSpec;
-
 impl DeviceSpec {
     /// A spec of `kind` with all defaults.
     pub fn of_kind(kind: DeviceKind) -> Self {

@@ -1,6 +1,9 @@
-//! Report output: charts written as PNG and SVG with an embedded font (no system fonts needed).
+//! Report output: line charts (log axes, ±σ bands) and heatmaps, each written as PNG and SVG
+//! with an embedded font (no system fonts needed).
 
 pub mod heatmap;
 mod plot;
 
-pub use plot::{register_font, write_line_chart, Legend, LineChart, Series};
+pub use plot::{
+    register_font, write_heatmap, write_line_chart, Heatmap, Legend, LineChart, Series,
+};

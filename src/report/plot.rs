@@ -224,3 +224,103 @@ fn short(v: f64) -> String {
             .to_string()
     }
 }
+
+/// A heatmap of `values[[row, col]]` (row 0 at the bottom), e.g. stack × tier occupancy.
+#[derive(Clone, Debug, Default)]
+pub struct Heatmap {
+    /// Title on top.
+    pub title: String,
+    /// X axis label (columns).
+    pub x_label: String,
+    /// Y axis label (rows).
+    pub y_label: String,
+    /// Cell values; NaN cells are drawn grey.
+    pub values: ndarray::Array2<f64>,
+}
+
+/// Write `map` to `<stem>.png` and `<stem>.svg` with a linear colour scale from the smallest to
+/// the largest finite value (dark blue → yellow); returns both paths.
+pub fn write_heatmap(map: &Heatmap, stem: &Path) -> Result<[PathBuf; 2]> {
+    register_font();
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    {
+        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        draw_heatmap(&root, map).with_context(|| format!("drawing {}", png.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
+    }
+    {
+        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+        draw_heatmap(&root, map).with_context(|| format!("drawing {}", svg.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
+    }
+    Ok([png, svg])
+}
+
+fn draw_heatmap<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, map: &Heatmap) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
+    let (rows, cols) = map.values.dim();
+    let (lo, hi) = map
+        .values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    root.fill(&WHITE).map_err(err)?;
+    let mut ctx = ChartBuilder::on(root)
+        .caption(
+            format!("{} (range {lo:.3} … {hi:.3})", map.title),
+            (FAMILY, 24),
+        )
+        .margin(16)
+        .x_label_area_size(56)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..cols.max(1) as f64, 0.0..rows.max(1) as f64)
+        .map_err(err)?;
+    ctx.configure_mesh()
+        .disable_mesh()
+        .x_desc(&map.x_label)
+        .y_desc(&map.y_label)
+        .label_style((FAMILY, 16))
+        .axis_desc_style((FAMILY, 18))
+        .x_labels((cols + 1).min(17))
+        .y_labels((rows + 1).min(17))
+        .x_label_formatter(&integer_tick)
+        .y_label_formatter(&integer_tick)
+        .draw()
+        .map_err(err)?;
+    ctx.draw_series(map.values.indexed_iter().map(|((r, c), &v)| {
+        let color = if v.is_finite() {
+            let f = ((v - lo) / span).clamp(0.0, 1.0);
+            RGBColor(
+                (40.0 + 213.0 * f) as u8,
+                (30.0 + 201.0 * f) as u8,
+                (110.0 - 80.0 * f) as u8,
+            )
+        } else {
+            RGBColor(200, 200, 200)
+        };
+        Rectangle::new(
+            [(c as f64, r as f64), (c as f64 + 1.0, r as f64 + 1.0)],
+            color.filled(),
+        )
+    }))
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Cell-boundary tick label: the integer, or nothing for fractional ticks.
+fn integer_tick(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
+}

@@ -56,8 +56,8 @@ pub struct Crossbar {
     w: Array2<f32>,
     /// |W̃|, kept when IR drop or PCM_READ noise need it.
     abs_w: Option<Array2<f32>>,
-    /// W̃_ij·(1 − (1 − j/n)²), kept when IR drop is on.
-    ir_w: Option<Array2<f32>>,
+    /// [W̃; W̃∘F] (`[2·n_out, n_in]`, F_j = 1 − (1 − j/n)²), kept when IR drop is on.
+    w_ir: Option<Array2<f32>>,
     /// GDC reference mean |Y₀| (one entry, or one per column).
     gdc_ref: Vec<f32>,
     /// GDC output factor α (one entry, or one per column).
@@ -77,6 +77,19 @@ impl Crossbar {
         seed: u64,
         tensor_id: u32,
     ) -> Result<Self> {
+        validate_preset(preset)?;
+        Self::program_with_device(w, preset, preset.device.build(), seed, tensor_id)
+    }
+
+    /// [`Crossbar::program`] with a caller-supplied device model, for a technology that is not a
+    /// [`crate::device::DeviceSpec`] kind; the preset's `device` section is not used.
+    pub fn program_with_device(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
         let (n_out, n_in) = w.dim();
         ensure!(
             n_out > 0 && n_in > 0,
@@ -93,15 +106,7 @@ impl Crossbar {
         if let Some(((i, j), v)) = w.indexed_iter().find(|(_, v)| !v.is_finite()) {
             bail!("tensor {tensor_id}: non-finite weight {v} at [{i}, {j}]");
         }
-        if let Err(e) = preset.validate() {
-            bail!(
-                "preset `{}`: field `{}`: {}",
-                preset.name,
-                e.field,
-                e.message
-            );
-        }
-        let device = preset.device.build();
+        validate_preset(preset)?;
         let converter = WeightConverter::for_device(device.as_ref());
 
         let omega = preset.mapping.weight_scaling_omega;
@@ -171,7 +176,7 @@ impl Crossbar {
             nu,
             g_scale_us,
             abs_w: None,
-            ir_w: None,
+            w_ir: None,
             gdc_ref: Vec::new(),
             gdc_alpha: vec![1.0],
             t_seconds: None,
@@ -191,9 +196,21 @@ impl Crossbar {
     }
 
     /// Drift every device to `t_seconds` after programming: re-convert the programmed net
-    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise (drawn once per call,
-    /// keyed only by the device, so the result does not depend on earlier calls), recompute α.
+    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise, recompute α.
+    ///
+    /// The read-noise normal of each device is keyed by the device alone, not by the time: the
+    /// result does not depend on earlier calls, and one device's trajectory over time is smooth
+    /// (AIHWKIT draws a fresh normal per call instead; the distribution at each t is the same).
+    ///
+    /// # Panics
+    /// If `t_seconds` is negative or not finite (callers validate user input first, as
+    /// [`crate::tile::drift_study`] does).
     pub fn drift_to(&mut self, t_seconds: f64) {
+        assert!(
+            t_seconds.is_finite() && t_seconds >= 0.0,
+            "tensor {}: drift time must be finite and ≥ 0 s, got {t_seconds}",
+            self.tensor_id
+        );
         let (n_in, n_dev) = (self.n_in, self.converter.devices_per_weight());
         let read = Stream::new(self.seed, Purpose::ReadNoise, self.tensor_id);
         let (w_prog, nu, conv, dev, s) = (
@@ -301,6 +318,19 @@ impl Crossbar {
             }
         }
     }
+    /// Host memory held by the block's arrays, bytes (programmed and current weights, drift
+    /// parameters, and the |W̃| / [W̃; W̃∘F] copies kept for IR drop and PCM_READ).
+    pub fn memory_bytes(&self) -> usize {
+        let arrays = [
+            Some(&self.w_prog),
+            Some(&self.w),
+            self.abs_w.as_ref(),
+            self.w_ir.as_ref(),
+        ];
+        let elements: usize = arrays.iter().flatten().map(|a| a.len()).sum::<usize>()
+            + self.nu.iter().map(|a| a.len()).sum::<usize>();
+        elements * std::mem::size_of::<f32>()
+    }
     /// GDC factors α (one, or one per column; 1 without GDC or before any drift).
     pub fn gdc_alpha(&self) -> &[f32] {
         &self.gdc_alpha
@@ -315,16 +345,17 @@ impl Crossbar {
         let p = &self.periphery;
         let need_abs = p.ir_drop.is_some() || matches!(p.w_noise, WeightNoise::PcmRead { .. });
         self.abs_w = need_abs.then(|| self.w.mapv(f32::abs));
-        self.ir_w = p.ir_drop.map(|_| {
+        self.w_ir = p.ir_drop.map(|_| {
             let n = self.n_in as f32;
-            let mut w = self.w.clone();
-            for mut row in w.rows_mut() {
+            let mut scaled = self.w.clone();
+            for mut row in scaled.rows_mut() {
                 for (j, v) in row.iter_mut().enumerate() {
                     let u = 1.0 - j as f32 / n;
                     *v *= 1.0 - u * u;
                 }
             }
-            w
+            ndarray::concatenate(ndarray::Axis(0), &[self.w.view(), scaled.view()])
+                .expect("equal widths")
         });
     }
 
@@ -500,65 +531,128 @@ impl Crossbar {
         mut y: ArrayViewMut2<f32>,
     ) {
         let p = &self.periphery;
-        let n_out = self.n_out;
-        general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
-        if let (Some(IrDrop { scale, g_ratio }), Some(abs_w), Some(ir_w)) =
-            (p.ir_drop, &self.abs_w, &self.ir_w)
+        let (m, n_out) = (xq.nrows(), self.n_out);
+        let pcm_read_std = match p.w_noise {
+            WeightNoise::PcmRead { std } if std > 0.0 => Some(std),
+            _ => None,
+        };
+        // GEMMs with |W̃|: IR drop needs a = |x̃|·|W̃|ᵀ, PCM_READ needs Σ|W̃|x̃² = x̃²·|W̃|ᵀ;
+        // both run as one GEMM over the stacked inputs [|x̃|; x̃²] (|W̃| packed once).
+        let abs_inputs: Vec<fn(f32) -> f32> = [
+            p.ir_drop.map(|_| f32::abs as fn(f32) -> f32),
+            pcm_read_std.map(|_| (|v: f32| v * v) as fn(f32) -> f32),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let abs_products = (!abs_inputs.is_empty()).then(|| {
+            let abs_w = self
+                .abs_w
+                .as_ref()
+                .expect("|W| kept for IR drop / PCM_READ");
+            let mut stacked = Array2::<f32>::zeros((abs_inputs.len() * m, self.n_in));
+            for (k, f) in abs_inputs.iter().enumerate() {
+                Zip::from(stacked.slice_mut(s![k * m..(k + 1) * m, ..]))
+                    .and(&xq)
+                    .for_each(|o, &v| *o = f(v));
+            }
+            stacked.dot(&abs_w.t())
+        });
+        // 3–4. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
+        if let (Some(IrDrop { scale, g_ratio }), Some(w_ir), Some(abs)) =
+            (p.ir_drop, &self.w_ir, &abs_products)
         {
-            let a = xq.mapv(f32::abs).dot(&abs_w.t());
-            let yf = xq.dot(&ir_w.t());
+            let mut both = Array2::<f32>::zeros((m, 2 * n_out));
+            general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
             let k = self.n_in as f32 / g_ratio;
-            Zip::from(&mut y).and(&a).and(&yf).for_each(|y, &a, &yf| {
-                let a = k * a;
-                let c = a * (a * (0.05 * a - 0.2) + 0.5);
-                *y -= scale * c * yf;
-            });
+            Zip::from(&mut y)
+                .and(both.slice(s![.., ..n_out]))
+                .and(abs.slice(s![..m, ..]))
+                .and(both.slice(s![.., n_out..]))
+                .for_each(|y, &w_x, &a, &yf| {
+                    let a = k * a;
+                    let c = a * (a * (0.05 * a - 0.2) + 0.5);
+                    *y = w_x - scale * c * yf;
+                });
+        } else {
+            general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
         }
         // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
         // to the same y_i, so they are drawn as one normal with the summed variance
-        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers).
-        let weight_var: Option<Array2<f32>> = match p.w_noise {
-            WeightNoise::PcmRead { std } if std > 0.0 => {
-                let abs_w = self.abs_w.as_ref().expect("|W| kept for PCM_READ");
-                let mut s2 = xq.mapv(|v| v * v).dot(&abs_w.t());
-                s2.mapv_inplace(|v| std * std * v);
-                Some(s2)
+        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers). The GPU
+        // backend must do the same to reproduce these values.
+        let weight_var = match (p.w_noise, pcm_read_std) {
+            (_, Some(std)) => {
+                let abs = abs_products.as_ref().expect("PCM_READ products computed");
+                WeightVar::PcmRead {
+                    std2: std * std,
+                    sum_abs_w_x2: abs.slice(s![abs.nrows() - m.., ..]),
+                }
             }
-            WeightNoise::Additive { std } if std > 0.0 => {
-                let norms: Vec<f32> = xq
+            (WeightNoise::Additive { std }, _) if std > 0.0 => WeightVar::Additive {
+                per_row: xq
                     .rows()
                     .into_iter()
-                    .map(|r| r.iter().map(|v| v * v).sum())
-                    .collect();
-                Some(Array2::from_shape_fn((xq.nrows(), n_out), |(r, _)| {
-                    std * std * norms[r]
-                }))
-            }
-            _ => None,
+                    .map(|r| std * std * r.iter().map(|v| v * v).sum::<f32>())
+                    .collect(),
+            },
+            _ => WeightVar::None,
         };
-        if p.out_noise > 0.0 || weight_var.is_some() {
-            let out_var = p.out_noise * p.out_noise;
-            let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
-            let mut xi = vec![0.0f32; n_out];
-            for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+        let noisy = p.out_noise > 0.0 || !matches!(weight_var, WeightVar::None);
+        let out_var = p.out_noise * p.out_noise;
+        let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
+        let adc = p.adc.map(|q| (q, q.step()));
+        let mut xi = vec![0.0f32; n_out];
+        // Per row: noise, then 7. ADC (one pass over y).
+        for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+            if noisy {
                 stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
                 match &weight_var {
-                    Some(wv) => Zip::from(&mut row)
-                        .and(wv.row(r))
+                    WeightVar::PcmRead { std2, sum_abs_w_x2 } => Zip::from(&mut row)
+                        .and(sum_abs_w_x2.row(r))
                         .and(&xi[..])
-                        .for_each(|y, &v, &z| *y += (out_var + v).sqrt() * z),
-                    None => row
+                        .for_each(|y, &v, &z| *y += (out_var + std2 * v).sqrt() * z),
+                    WeightVar::Additive { per_row } => {
+                        let sd = (out_var + per_row[r]).sqrt();
+                        row.iter_mut().zip(&xi).for_each(|(y, &z)| *y += sd * z);
+                    }
+                    WeightVar::None => row
                         .iter_mut()
                         .zip(&xi)
                         .for_each(|(y, &z)| *y += p.out_noise * z),
                 }
             }
-        }
-        if let Some(adc) = p.adc {
-            let step = adc.step();
-            y.mapv_inplace(|v| adc.quantize(v, step));
+            if let Some((q, step)) = adc {
+                row.mapv_inplace(|v| q.quantize(v, step));
+            }
         }
     }
+}
+
+/// Variance of the short-term weight noise of each output, before adding out_noise².
+enum WeightVar<'a> {
+    None,
+    /// σ² = std²·Σ_j |W̃_ij| x̃_j² (PCM_READ).
+    PcmRead {
+        std2: f32,
+        sum_abs_w_x2: ArrayView2<'a, f32>,
+    },
+    /// σ² = std²·‖x̃‖² per batch row (ADDITIVE).
+    Additive {
+        per_row: Vec<f32>,
+    },
+}
+
+/// A preset built in code (not loaded) may be invalid: check it before use.
+fn validate_preset(preset: &TilePreset) -> Result<()> {
+    preset.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "preset `{}`: field `{}`: {}",
+            preset.name,
+            e.field,
+            e.message
+        )
+    })
 }
 
 fn max_abs(a: &Array2<f32>) -> f32 {

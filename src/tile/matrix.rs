@@ -1,10 +1,12 @@
 //! A large matrix split into equal-part crossbar blocks (design.md §3 "Tiling").
 use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ndarray::{s, Array2, ArrayView2};
 
 use super::{Crossbar, TilePreset};
+use crate::device::Device;
 use crate::rng::child_tensor_id;
 
 /// Split `n` into ⌈n/max⌉ near-equal contiguous parts, the first `n % k` one larger
@@ -65,6 +67,31 @@ impl AnalogMatrix {
         seed: u64,
         tensor_id: u32,
     ) -> Result<Self> {
+        Self::program_blocks(w, preset, tensor_id, |block, id| {
+            Crossbar::program(block, preset, seed, id)
+        })
+    }
+
+    /// [`AnalogMatrix::program`] with a caller-supplied device model for every block.
+    pub fn program_with_device(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
+        Self::program_blocks(w, preset, tensor_id, |block, id| {
+            Crossbar::program_with_device(block, preset, device.clone(), seed, id)
+        })
+    }
+
+    /// Split `w` by the preset's crossbar size and program each block with `program(block, id)`.
+    fn program_blocks(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        tensor_id: u32,
+        program: impl Fn(ArrayView2<f32>, u32) -> Result<Crossbar>,
+    ) -> Result<Self> {
         let (n_out, n_in) = w.dim();
         let out_parts = split_equal(n_out, preset.stack.cols);
         let in_parts = split_equal(n_in, preset.stack.rows);
@@ -75,7 +102,7 @@ impl AnalogMatrix {
                 let id = child_tensor_id(tensor_id, b);
                 let block = w.slice(s![ro.clone(), ri.clone()]);
                 blocks.push(
-                    Crossbar::program(block, preset, seed, id)
+                    program(block, id)
                         .with_context(|| format!("tensor {tensor_id}: block ({bo}, {bi})"))?,
                 );
             }

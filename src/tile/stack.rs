@@ -59,7 +59,8 @@ impl TileStack {
         }
     }
 
-    /// MVM on tier `tier` (the only active one during this call).
+    /// MVM on tier `tier` (the only active one during this call). The stack does not lock:
+    /// callers that share a stack between threads serialise its MVMs, as the hardware does.
     pub fn mvm(&self, tier: usize, x: ArrayView2<f32>, mvm_id: u32) -> Result<Array2<f32>> {
         let xbar = self
             .tiers
