@@ -281,6 +281,7 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 /// The CPU section of issue 5's benchmark: one MoE expert layer (SwiGLU experts) per expert on
 /// the CPU crossbar path vs plain f32 matmuls vs one dense matmul of equal FLOPs.
 fn moe_cpu_suite(args: &BenchArgs) -> Result<()> {
+    use crate::eval::bench::median_seconds;
     let [t, d, n, e, k] = args.moe_shape[..] else {
         bail!("--moe-shape takes 5 numbers T,d,n,E,k");
     };

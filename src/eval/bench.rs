@@ -103,8 +103,8 @@ impl std::fmt::Display for ModelBench {
     }
 }
 
-/// Median wall time of `reps` runs of `f` (after one warm-up run).
-fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+/// Median wall time of `reps` runs of `f` (after one warm-up run), seconds.
+pub fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut t: Vec<f64> = (0..reps.max(1))
         .map(|_| {

@@ -14,7 +14,7 @@ mod stack;
 
 pub use crossbar::{Crossbar, GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID};
 pub use drift_study::{
-    drift_study, DriftFan, DriftFanLevel, DriftPoint, DriftStudy, DriftStudyConfig,
+    drift_study, DriftFan, DriftFanLevel, DriftPoint, DriftStudy, DriftStudyConfig, DEFAULT_TIMES_S,
 };
 pub use matrix::{split_equal, AnalogMatrix, BlockGeometry};
 pub use preset::{
