@@ -23,6 +23,9 @@ pub enum Suite {
     /// Digital CPU forward of a model (tokens/s on 512-token sequences) and its expert FFN path vs a
     /// plain GEMM of the same FLOPs (`--model DIR`, default the embedded model).
     Model,
+    /// Analog CPU forward of a model (mapped on `--presets`' first preset, drifted to 1 day) vs its digital
+    /// forward on the same 4,096 tokens of the default text (issue 4 target ≤ 1.5×).
+    Analog,
     /// CPU MoE expert layer: per-expert analog crossbars vs per-expert f32 matmuls vs one dense
     /// ndarray matmul of equal FLOPs (`--moe-shape`).
     MoeCpu,
@@ -107,6 +110,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (name, table) = match args.suite {
         Suite::Crossbar => ("crossbar", crossbar_suite(&args)?),
         Suite::Model => ("model", model_suite(&args)?),
+        Suite::Analog => ("analog", analog_suite(&args)?),
         // These two print their own tables (the GPU one can write `--report`).
         Suite::Gpu => return gpu_suite(&args),
         Suite::MoeCpu => return moe_cpu_suite(&args),
@@ -143,6 +147,40 @@ fn model_suite(args: &BenchArgs) -> Result<String> {
         None => crate::model::embedded::NAME.to_string(),
     };
     let bench = crate::eval::bench::model_bench(&model, &name, 512, 4, args.repeats);
+    Ok(bench.to_string())
+}
+
+/// Analog vs digital forward of a model on the same tokens.
+fn analog_suite(args: &BenchArgs) -> Result<String> {
+    let model = super::common::load_model(args.model.as_deref())?;
+    let name = match &args.model {
+        Some(d) => d.display().to_string(),
+        None => crate::model::embedded::NAME.to_string(),
+    };
+    let preset_name = args
+        .presets
+        .first()
+        .map_or(super::map::DEFAULT_PRESET, String::as_str);
+    let preset = TilePreset::resolve(preset_name)?;
+    let tokens = super::common::load_tokens(&model, None, 4096)?;
+    let specs = super::map::matrix_specs(&model);
+    let lookup = |id| model.matrix(id);
+    let mapping = crate::mapping::map_matrices(
+        &specs,
+        super::map::geometry(&preset),
+        &Default::default(),
+        &lookup,
+        None,
+    )?;
+    let bench = crate::eval::bench::analog_bench(
+        &model,
+        &name,
+        &mapping,
+        &preset,
+        &tokens,
+        512,
+        args.repeats,
+    )?;
     Ok(bench.to_string())
 }
 

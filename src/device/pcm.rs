@@ -256,6 +256,11 @@ impl Device for PcmLike {
 
     /// g = max(0, g_D + |g_D|·σ_nG·ξ), g_D = g_P·(t/t₀)^(−ν) (AIHWKIT order of operations).
     fn read(&self, g_prog_us: f32, nu: f32, t_inference_s: f64, xi: f32) -> f32 {
+        // An empty device stays empty: g_D = 0 and its read noise ∝ |g_D| = 0. After the re-conversion of the
+        // programmed pair (AIHWKIT) one device of every pair is empty, so this skips half the work exactly.
+        if g_prog_us <= 0.0 {
+            return 0.0;
+        }
         let ratio = self.drift_time_ratio(t_inference_s);
         let g_drift = if ratio > 1.0 {
             g_prog_us * ratio.powf(-nu)

@@ -344,3 +344,128 @@ pub fn synthetic_olmoe(spec: &SyntheticSpec, seed: u64) -> Model {
         lm_head: Some(m(v, h)),
     }
 }
+
+/// Results of [`analog_bench`]; `Display` renders a markdown table.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalogBench {
+    pub model: String,
+    pub preset: String,
+    pub threads: usize,
+    /// Tokens per forward (all windows of one measurement).
+    pub tokens: usize,
+    pub seq_len: usize,
+    pub reps: usize,
+    /// Median seconds of the digital forward over the tokens.
+    pub digital_s: f64,
+    /// Median seconds of the analog forward (programmed, drifted to 1 day, GDC) over the same tokens.
+    pub analog_s: f64,
+    /// Median of per-repetition analog / digital ratios (issue 4 target ≤ 1.5).
+    pub ratio: f64,
+    /// Seconds to program every mapped matrix (once per seed).
+    pub program_s: f64,
+    /// Median seconds of `drift_to` (read noise + GDC readout; once per drift time and seed).
+    pub drift_s: f64,
+}
+
+impl std::fmt::Display for AnalogBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "model: {}, preset {}, {} tokens in windows of {}, {} threads, median of {}\n",
+            self.model, self.preset, self.tokens, self.seq_len, self.threads, self.reps
+        )?;
+        writeln!(f, "| measurement | seconds | tokens/s |\n|---|---|---|")?;
+        let tps = |s: f64| self.tokens as f64 / s;
+        writeln!(
+            f,
+            "| digital forward | {:.3} | {:.0} |",
+            self.digital_s,
+            tps(self.digital_s)
+        )?;
+        writeln!(
+            f,
+            "| analog forward (t = 1 d, GDC) | {:.3} | {:.0} |",
+            self.analog_s,
+            tps(self.analog_s)
+        )?;
+        writeln!(
+            f,
+            "| program all analog matrices (per seed) | {:.3} | |",
+            self.program_s
+        )?;
+        writeln!(
+            f,
+            "| drift to t + GDC readout (per time and seed) | {:.3} | |",
+            self.drift_s
+        )?;
+        writeln!(
+            f,
+            "| **analog / digital forward (median of per-rep ratios)** | **{:.2}×** | |",
+            self.ratio
+        )
+    }
+}
+
+/// Times the analog forward of `model` mapped with `mapping` on `preset` against the digital forward on the same
+/// `tokens`, interleaved within each repetition so load changes hit both alike.
+pub fn analog_bench(
+    model: &Model,
+    description: &str,
+    mapping: &crate::mapping::Mapping,
+    preset: &crate::tile::TilePreset,
+    tokens: &[u32],
+    seq_len: usize,
+    reps: usize,
+) -> anyhow::Result<AnalogBench> {
+    use rayon::prelude::*;
+    let windows: Vec<&[u32]> = tokens.chunks(seq_len.max(1)).collect();
+    let opts = ForwardOptions::default();
+    let t = Instant::now();
+    let mut experts = crate::backend::AnalogExperts::program(model, mapping, preset, 0)?;
+    let program_s = t.elapsed().as_secs_f64();
+    let digital = || -> anyhow::Result<()> {
+        windows
+            .par_iter()
+            .try_for_each(|w| model.forward(w, &opts).map(|_| ()))
+    };
+    let mut samples = Vec::with_capacity(reps);
+    for rep in 0..=reps {
+        let s = Instant::now();
+        experts.drift_to(86_400.0);
+        let drift = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        digital()?;
+        let d = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        windows.par_iter().enumerate().try_for_each(|(k, w)| {
+            let call = experts.call(k as u32);
+            let o = ForwardOptions {
+                experts: Some(&call),
+                ..opts
+            };
+            model.forward(w, &o).map(|_| ())
+        })?;
+        let a = s.elapsed().as_secs_f64();
+        if rep > 0 {
+            samples.push([d, a, a / d, drift]);
+        }
+    }
+    let median = |k: usize| {
+        let mut v: Vec<f64> = samples.iter().map(|s| s[k]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(AnalogBench {
+        model: description.to_owned(),
+        preset: preset.name.clone(),
+        threads: rayon::current_num_threads(),
+        tokens: tokens.len(),
+        seq_len,
+        reps,
+        digital_s: median(0),
+        analog_s: median(1),
+        ratio: median(2),
+        program_s,
+        drift_s: median(3),
+    })
+}
