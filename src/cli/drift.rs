@@ -1,5 +1,5 @@
 //! `aimc drift`: program a test matrix on a preset, drift it over time, write JSON and plots.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -37,11 +37,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
     let study = drift_study(&preset, &config)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let json = args.out.join("drift.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&study)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let fan = write_line_chart(&fan_chart(&study), &args.out.join("drift_fan"))?;
-    let err = write_line_chart(&error_chart(&study), &args.out.join("mvm_error"))?;
+    let written = write_outputs(&study, &args.out)?;
     println!(
         "{:>12} {:>10} {:>10} {:>12} {:>12}",
         "t (s)", "g mean µS", "g std µS", "MVM err GDC", "MVM err raw"
@@ -52,16 +48,20 @@ pub fn run(args: DriftArgs) -> Result<()> {
             p.t_seconds, p.g_mean_us, p.g_std_us, p.mvm_rel_err_gdc, p.mvm_rel_err_no_gdc
         );
     }
-    for path in [
-        json,
-        fan[0].clone(),
-        fan[1].clone(),
-        err[0].clone(),
-        err[1].clone(),
-    ] {
+    for path in written {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Writes `drift.json`, `drift_fan.{png,svg}` and `mvm_error.{png,svg}` into `out`; returns the paths.
+pub fn write_outputs(study: &DriftStudy, out: &Path) -> Result<Vec<PathBuf>> {
+    let json = out.join("drift.json");
+    std::fs::write(&json, serde_json::to_string_pretty(study)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let fan = write_line_chart(&fan_chart(study), &out.join("drift_fan"))?;
+    let err = write_line_chart(&error_chart(study), &out.join("mvm_error"))?;
+    Ok([json].into_iter().chain(fan).chain(err).collect())
 }
 
 /// Log-x axes cannot show t = 0: it is drawn at 1 s (stated in the axis label).

@@ -148,7 +148,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let preset = TilePreset::resolve(&args.preset)?;
         eprintln!("heterogeneous sweep at {}", format_duration(t));
-        let points = digital_sweep(
+        let (points, digital_ppl) = digital_sweep(
             &model,
             &preset,
             &args.mapping.options(),
@@ -156,7 +156,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &ids,
             &sweep_cfg,
         )?;
-        let table = write_sweep(&points, t, runs[0].report.digital_perplexity, &args.out)?;
+        let table = write_sweep(&points, t, digital_ppl, &args.out)?;
         let _ = writeln!(
             md,
             "## Heterogeneous sweep at {} ({})\n\n{table}",

@@ -156,7 +156,7 @@ pub struct SweepPoint {
 }
 
 /// Perplexity at one drift time against the share of experts kept digital, for max-neuron-norm and random
-/// selection of the same size.
+/// selection of the same size; also returns the digital perplexity on the same tokens.
 pub fn digital_sweep(
     model: &Model,
     preset: &TilePreset,
@@ -164,8 +164,9 @@ pub fn digital_sweep(
     fractions: &[f64],
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
-) -> Result<Vec<SweepPoint>> {
+) -> Result<(Vec<SweepPoint>, f64)> {
     let mut points = Vec::new();
+    let mut digital = f64::NAN;
     for &f in fractions {
         let mut stats = Vec::new();
         for selection in [
@@ -183,6 +184,7 @@ pub fn digital_sweep(
                 ..base.clone()
             };
             let (_, r) = run_one(model, preset, &opts, tokens, cfg)?;
+            digital = r.digital_perplexity;
             let s = r.summary[0];
             stats.push((s.perplexity_mean, s.perplexity_std));
         }
@@ -194,7 +196,7 @@ pub fn digital_sweep(
             random_perplexity_std: stats[1].1,
         });
     }
-    Ok(points)
+    Ok((points, digital))
 }
 
 /// Plot and table of the heterogeneous sweep.

@@ -1,13 +1,13 @@
 //! `aimc map`: map a model onto a tile preset's chip, print the summary, write JSON and an occupancy heatmap.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use super::common::{load_model, load_tokens, write_json};
 use crate::mapping::{
-    map_matrices, ChipGeometry, DigitalSelection, MappingOptions, MappingSummary, MatrixSpec,
-    ModelTotals, RoutingTrace, Strategy,
+    map_matrices, ChipGeometry, DigitalSelection, Mapping, MappingOptions, MappingSummary,
+    MatrixSpec, ModelTotals, RoutingTrace, Strategy,
 };
 use crate::model::{Model, RouterKind};
 use crate::report::heatmap::{write_occupancy, OccupancyGrid};
@@ -108,37 +108,60 @@ pub fn model_totals(model: &Model) -> ModelTotals {
     }
 }
 
+/// A mapping with its routing trace and summary.
+pub struct MapResult {
+    pub mapping: Mapping,
+    pub trace: RoutingTrace,
+    pub summary: MappingSummary,
+}
+
+/// Collects a routing trace on `tokens`, maps `model` onto `preset` and summarises the result.
+pub fn map_model(
+    model: &Model,
+    preset: &TilePreset,
+    opts: &MappingOptions,
+    tokens: &[u32],
+) -> Result<MapResult> {
+    let trace = RoutingTrace::collect(model, tokens, 512, RouterKind::default())
+        .context("collecting the routing trace on the calibration text")?;
+    let specs = matrix_specs(model);
+    let lookup = |id| model.matrix(id);
+    let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, Some(&trace))
+        .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let summary = MappingSummary::new(&mapping, &model_totals(model), Some(&trace));
+    Ok(MapResult {
+        mapping,
+        trace,
+        summary,
+    })
+}
+
+/// Writes `mapping.json`, `summary.json` and `occupancy.{png,svg}` into `out`.
+pub fn write_outputs(model: &Model, preset: &TilePreset, r: &MapResult, out: &Path) -> Result<()> {
+    write_json(&out.join("mapping.json"), &r.mapping)?;
+    write_json(&out.join("summary.json"), &r.summary)?;
+    let grid = OccupancyGrid {
+        title: format!(
+            "{:?} on {} ({:?})",
+            model.config.family, preset.name, r.mapping.options.strategy
+        ),
+        cells: r.mapping.occupancy(),
+        n_layers: model.config.num_layers,
+    };
+    write_occupancy(&grid, &out.join("occupancy"))?;
+    Ok(())
+}
+
 pub fn run(args: MapArgs) -> Result<()> {
     let model = load_model(args.model.as_deref())?;
     let preset = TilePreset::resolve(&args.preset)?;
     let tokens = load_tokens(&model, args.calib.as_deref(), args.calib_tokens)?;
-    let trace = RoutingTrace::collect(&model, &tokens, 512, RouterKind::default())
-        .context("collecting the routing trace on the calibration text")?;
-    let specs = matrix_specs(&model);
-    let lookup = |id| model.matrix(id);
-    let mapping = map_matrices(
-        &specs,
-        geometry(&preset),
-        &args.mapping.options(),
-        &lookup,
-        Some(&trace),
-    )?;
-    let summary = MappingSummary::new(&mapping, &model_totals(&model), Some(&trace));
+    let r = map_model(&model, &preset, &args.mapping.options(), &tokens)?;
     println!("preset                {}", preset.name);
-    print!("{summary}");
+    print!("{}", r.summary);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    write_json(&args.out.join("mapping.json"), &mapping)?;
-    write_json(&args.out.join("summary.json"), &summary)?;
-    let grid = OccupancyGrid {
-        title: format!(
-            "{:?} on {} ({:?})",
-            model.config.family, preset.name, args.mapping.strategy
-        ),
-        cells: mapping.occupancy(),
-        n_layers: model.config.num_layers,
-    };
-    write_occupancy(&grid, &args.out.join("occupancy"))?;
+    write_outputs(&model, &preset, &r, &args.out)?;
     println!(
         "wrote {}/{{mapping.json, summary.json, occupancy.png, occupancy.svg}}",
         args.out.display()

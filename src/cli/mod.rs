@@ -10,6 +10,7 @@ mod eval_analog;
 mod info;
 mod map;
 mod presets;
+mod report;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +35,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Print a model's architecture and parameter counts.
     Info(info::InfoArgs),
+    /// The whole study in one folder: drift, mapping, accuracy over drift time, heterogeneous sweep.
+    Report(report::ReportArgs),
     /// CPU/GPU benchmarks, each timed against a reference measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -47,6 +50,7 @@ pub fn run() -> Result<()> {
         Command::Map(a) => map::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
+        Command::Report(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,0 +1,308 @@
+//! `aimc report`: the whole study in one command — drift of the preset's device, mapping, accuracy over drift time,
+//! the heterogeneous digital-fraction sweep — written as `index.md`, `report.json` and PNG/SVG plots.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use super::common::{load_model, load_tokens, write_json};
+use super::eval_analog::{
+    digital_sweep, markdown_table, plot_runs, run_one, write_sweep, RunResult, RunSpec, SweepPoint,
+};
+use super::map::{map_model, MappingFlags, DEFAULT_PRESET};
+use crate::eval::analog::{AnalogEvalConfig, AnalogEvalReport};
+use crate::eval::time::{format_duration, parse_duration, parse_durations};
+use crate::mapping::MappingSummary;
+use crate::model::{ParamCounts, RouterKind};
+use crate::tile::{drift_study, DriftStudy, DriftStudyConfig, TilePreset};
+
+/// Version of `report.json`'s layout; bump when a field changes meaning.
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// HuggingFace checkpoint directory (default: the embedded model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub preset: String,
+    #[command(flatten)]
+    pub mapping: MappingFlags,
+    /// Text for calibration and evaluation (default: the embedded held-out text).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Evaluation tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Drift times after programming (seconds, or with a unit: min, h, d, w, mo, y).
+    #[arg(long, default_value = "0,60,1h,1d,1w,1mo,1y")]
+    pub times: String,
+    /// Seeds of the accuracy sweep (0..N).
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    /// Digital fractions of the heterogeneous sweep (empty to skip it).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.125,0.25,0.5")]
+    pub sweep_digital: Vec<f64>,
+    /// Drift time of the heterogeneous sweep.
+    #[arg(long, default_value = "1d")]
+    pub sweep_time: String,
+    /// Seeds of the heterogeneous sweep.
+    #[arg(long, default_value_t = 3)]
+    pub sweep_seeds: u64,
+    /// Tokens of the heterogeneous sweep.
+    #[arg(long, default_value_t = 2048)]
+    pub sweep_tokens: usize,
+    /// Output folder.
+    #[arg(long, default_value = "reports/report")]
+    pub out: PathBuf,
+}
+
+/// Everything `report.json` holds.
+#[derive(Serialize)]
+struct Report<'a> {
+    schema_version: u32,
+    aimc_version: &'a str,
+    command: String,
+    elapsed_seconds: f64,
+    model: String,
+    parameters: ParamCounts,
+    preset: &'a TilePreset,
+    seeds: Vec<u64>,
+    drift: &'a DriftStudy,
+    mapping: &'a MappingSummary,
+    accuracy: &'a AnalogEvalReport,
+    digital_sweep: Option<&'a [SweepPoint]>,
+    stage_seconds: &'a [(String, f64)],
+}
+
+/// Stage timer that prints progress to stderr.
+struct Stages {
+    start: Instant,
+    current: Option<(String, Instant)>,
+    done: Vec<(String, f64)>,
+    total: usize,
+}
+
+impl Stages {
+    fn begin(&mut self, name: &str) {
+        self.end();
+        eprintln!("[{}/{}] {name} …", self.done.len() + 1, self.total);
+        self.current = Some((name.to_string(), Instant::now()));
+    }
+
+    fn end(&mut self) {
+        if let Some((name, t)) = self.current.take() {
+            let s = t.elapsed().as_secs_f64();
+            eprintln!("      {name}: {s:.1} s");
+            self.done.push((name, s));
+        }
+    }
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let mut stages = Stages {
+        start: Instant::now(),
+        current: None,
+        done: Vec::new(),
+        total: 5,
+    };
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    stages.begin("load model and text");
+    let model = load_model(args.model.as_deref())?;
+    let model_name = match &args.model {
+        Some(d) => d.display().to_string(),
+        None => crate::model::embedded::NAME.to_string(),
+    };
+    let preset = TilePreset::resolve(&args.preset)?;
+    let tokens = load_tokens(&model, args.text.as_deref(), args.tokens)?;
+    let times = parse_durations(&args.times).context("--times")?;
+    let seeds: Vec<u64> = (0..args.seeds.max(1)).collect();
+
+    stages.begin("drift study of the preset's device");
+    let mut drift_cfg = DriftStudyConfig::for_preset(&preset, 0);
+    drift_cfg.times_s = times.clone();
+    let drift = drift_study(&preset, &drift_cfg)?;
+    super::drift::write_outputs(&drift, out)?;
+
+    stages.begin("map the model onto the chip");
+    let map = map_model(&model, &preset, &args.mapping.options(), &tokens)?;
+    super::map::write_outputs(&model, &preset, &map, out)?;
+
+    stages.begin("accuracy over drift time (analog vs digital)");
+    let cfg = AnalogEvalConfig {
+        times_s: times,
+        seeds: seeds.clone(),
+        seq_len: 512,
+        router: RouterKind::default(),
+        progress: true,
+    };
+    let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
+    let run = RunResult {
+        spec: RunSpec {
+            label: format!("{} / {:?}", preset.name, args.mapping.strategy),
+            preset: preset.name.clone(),
+            options: args.mapping.options(),
+        },
+        report: accuracy,
+    };
+    plot_runs(std::slice::from_ref(&run), out)?;
+
+    stages.begin("heterogeneous digital-fraction sweep");
+    let sweep_t = parse_duration(&args.sweep_time).context("--sweep-time")?;
+    let sweep = if args.sweep_digital.is_empty() {
+        None
+    } else {
+        let sweep_tokens = &tokens[..args.sweep_tokens.min(tokens.len())];
+        let sweep_cfg = AnalogEvalConfig {
+            times_s: vec![sweep_t],
+            seeds: (0..args.sweep_seeds.max(1)).collect(),
+            ..cfg.clone()
+        };
+        let (points, digital_ppl) = digital_sweep(
+            &model,
+            &preset,
+            &args.mapping.options(),
+            &args.sweep_digital,
+            sweep_tokens,
+            &sweep_cfg,
+        )?;
+        let table = write_sweep(&points, sweep_t, digital_ppl, out)?;
+        Some((points, table, digital_ppl))
+    };
+    stages.end();
+
+    let elapsed = stages.start.elapsed().as_secs_f64();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = Report {
+        schema_version: REPORT_SCHEMA_VERSION,
+        aimc_version: env!("CARGO_PKG_VERSION"),
+        command: command.clone(),
+        elapsed_seconds: elapsed,
+        model: model_name.clone(),
+        parameters: model.param_counts(),
+        preset: &preset,
+        seeds: seeds.clone(),
+        drift: &drift,
+        mapping: &map.summary,
+        accuracy: &run.report,
+        digital_sweep: sweep.as_ref().map(|s| s.0.as_slice()),
+        stage_seconds: &stages.done,
+    };
+    write_json(&out.join("report.json"), &report)?;
+    let md = index_md(
+        &args,
+        &report,
+        sweep.as_ref().map(|s| (s.1.as_str(), s.2)),
+        sweep_t,
+    );
+    std::fs::write(out.join("index.md"), md)
+        .with_context(|| format!("writing {}", out.join("index.md").display()))?;
+    eprintln!(
+        "wrote {}/index.md and report.json in {elapsed:.1} s",
+        out.display()
+    );
+    Ok(())
+}
+
+fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep_t: f64) -> String {
+    let mut s = String::new();
+    let p = r.preset;
+    let _ = writeln!(s, "# aimc report: {} on {}\n", r.model, p.name);
+    let _ = writeln!(
+        s,
+        "Generated by aimc {} in {:.0} s with\n\n```\n{}\n```\n",
+        r.aimc_version, r.elapsed_seconds, r.command
+    );
+    let _ = writeln!(s, "## Setup\n");
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(
+        s,
+        "| model | {} ({} parameters, {} routed-expert parameters, {} active per token) |",
+        r.model, r.parameters.total, r.parameters.experts, r.parameters.active_per_token
+    );
+    let _ = writeln!(s, "| preset | `{}`: {} |", p.name, p.description);
+    let _ = writeln!(
+        s,
+        "| chip | {} stacks × {} tiers of {}×{} crossbars |",
+        p.stack.stacks, p.stack.tiers_per_stack, p.stack.rows, p.stack.cols
+    );
+    let _ = writeln!(s, "| mapping | {:?} |", r.mapping.strategy);
+    let _ = writeln!(
+        s,
+        "| evaluation | {} tokens of {} in windows of {}; seeds {:?} |",
+        r.accuracy.tokens,
+        args.text
+            .as_ref()
+            .map_or("the embedded held-out text".to_string(), |t| t
+                .display()
+                .to_string()),
+        r.accuracy.seq_len,
+        r.seeds
+    );
+    let _ = writeln!(s, "| stages | {} |\n", stage_list(r.stage_seconds));
+
+    let _ = writeln!(s, "## Device drift ({})\n", p.name);
+    let _ = writeln!(
+        s,
+        "A {}×{} test matrix programmed with seed 0 and drifted (`drift.json`).\n",
+        r.drift.config.n_out, r.drift.config.n_in
+    );
+    let _ = writeln!(
+        s,
+        "| drift time | mean g [µS] | MVM rel. error, GDC | MVM rel. error, no GDC |\n|---|---|---|---|"
+    );
+    for d in &r.drift.points {
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.4} | {:.4} |",
+            format_duration(d.t_seconds),
+            d.g_mean_us,
+            d.mvm_rel_err_gdc,
+            d.mvm_rel_err_no_gdc
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n![drift fan](drift_fan.png)\n\n![MVM error](mvm_error.png)\n"
+    );
+
+    let _ = writeln!(s, "## Mapping\n\n```\n{}```\n", r.mapping);
+    let _ = writeln!(s, "![occupancy](occupancy.png)\n");
+
+    let _ = writeln!(s, "## Accuracy over drift time\n");
+    let _ = writeln!(s, "{}", markdown_table(r.accuracy));
+    let _ = writeln!(
+        s,
+        "![perplexity](perplexity_vs_time.png)\n\n![agreement](agreement_vs_time.png)\n"
+    );
+
+    if let Some((table, digital)) = sweep {
+        let _ = writeln!(
+            s,
+            "## Heterogeneous analog–digital sweep at {}\n\nDigital perplexity on these tokens: {digital:.3}.\n",
+            format_duration(sweep_t)
+        );
+        let _ = writeln!(s, "{table}\n![digital sweep](digital_sweep.png)\n");
+    }
+    let _ = writeln!(
+        s,
+        "## Files\n\n`report.json` (schema version {}), `drift.json`, `mapping.json`, `summary.json`, and every plot \
+         above as PNG and SVG.",
+        r.schema_version
+    );
+    s
+}
+
+fn stage_list(stages: &[(String, f64)]) -> String {
+    stages
+        .iter()
+        .map(|(n, s)| format!("{n} {s:.1} s"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
