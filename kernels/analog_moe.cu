@@ -6,6 +6,8 @@
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
+// With PCM_READ and/or output noise, each output gets one normal (purpose OutputNoise) scaled by
+// sqrt(out_noise² + std²·Σ|W|x̃²), as tile::Crossbar::analog.
 //
 // Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
 // digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
@@ -407,9 +409,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                     for (u32 tn = 0; tn < 4; ++tn) {
                         const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
                         const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
-                        const u32 tid0 = p.col_tensor_id[tab], tid1 = p.col_tensor_id[tab + 1];
-                        const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
-                        const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
                         float y[2];
 #pragma unroll
                         for (u32 c = 0; c < 2; ++c) {
@@ -422,20 +421,30 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
                             y[c] = v;
                         }
-#if MOE_PCM_READ
+#if MOE_PCM_READ || MOE_OUT_NOISE
                         {
-                            float2 z = periphery_normals(p, PURPOSE_SHORT_TERM_WEIGHT_NOISE, tid0, tid1, idx0, idx1);
-                            float s2a = acc_s2[mi][tn][half * 2] * (p.dac_step * p.dac_step);
-                            float s2b = acc_s2[mi][tn][half * 2 + 1] * (p.dac_step * p.dac_step);
-                            y[0] += p.w_noise_std * sqrtf(s2a) * z.x;
-                            y[1] += p.w_noise_std * sqrtf(s2b) * z.y;
-                        }
-#endif
-#if MOE_OUT_NOISE
-                        {
+                            // Short-term weight noise and output noise: one normal per output of
+                            // the summed variance, keyed under OutputNoise, as
+                            // tile::Crossbar::analog draws it (σ = out_noise without PCM_READ).
+                            const u32 tid0 = p.col_tensor_id[tab], tid1 = p.col_tensor_id[tab + 1];
+                            const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                            const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
                             float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
-                            y[0] += p.out_noise * z.x;
-                            y[1] += p.out_noise * z.y;
+#if MOE_PCM_READ
+                            const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+                            const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+                            const float step2 = __fmul_rn(p.dac_step, p.dac_step);
+                            float sd[2];
+#pragma unroll
+                            for (u32 c = 0; c < 2; ++c) {
+                                const float s2 = __fmul_rn(acc_s2[mi][tn][half * 2 + c], step2);
+                                sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
+                            }
+#else
+                            const float sd[2] = {p.out_noise, p.out_noise};
+#endif
+                            y[0] += sd[0] * z.x;
+                            y[1] += sd[1] * z.y;
                         }
 #endif
 #pragma unroll

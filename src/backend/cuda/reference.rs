@@ -148,14 +148,18 @@ pub fn grouped_rows(
                 let tab = (expert * n_kb + kb) * n + c;
                 let tid = m.col_tensor_id[tab];
                 let idx = (r * m.col_block_cols[c] as usize + m.col_local[c] as usize) as u64;
-                if let Some(std) = p.pcm_read_std {
-                    let z =
-                        Stream::new(seed, Purpose::ShortTermWeightNoise, tid).normal(idx, mvm_id);
-                    v += std * (s2 * (step * step)).sqrt() * z;
-                }
-                if p.out_noise > 0.0 {
+                // Short-term weight noise and output noise: one normal of the summed variance
+                // under `OutputNoise`, as tile::Crossbar::analog draws it.
+                if p.out_noise > 0.0 || p.pcm_read_std.is_some() {
                     let z = Stream::new(seed, Purpose::OutputNoise, tid).normal(idx, mvm_id);
-                    v += p.out_noise * z;
+                    let sd = match p.pcm_read_std {
+                        Some(std) => {
+                            let out_var = p.out_noise * p.out_noise;
+                            (out_var + std * std * (s2 * (step * step))).sqrt()
+                        }
+                        None => p.out_noise,
+                    };
+                    v += sd * z;
                 }
                 if let Some((adc_step, bound)) = p.adc {
                     v = ((v / adc_step).round_ties_even() * adc_step).clamp(-bound, bound);

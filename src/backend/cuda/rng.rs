@@ -6,8 +6,8 @@ use super::{linear_launch, CudaDevice, CudaResult};
 use crate::rng::Purpose;
 
 /// Normals `start .. start + n` of stream (seed, purpose, tensor_id) at (mvm_id, attempt) on
-/// the device; equal to [`crate::rng::Stream::fill_normal`] up to a few ulp (libm vs CUDA
-/// `logf`/`sinf`/`cosf`), see `tests/gpu_backend.rs` for the measured bound.
+/// the device, bit-identical to [`crate::rng::Stream::fill_normal`] (`kernels/philox.cuh` mirrors
+/// `rng::ln_f32`/`rng::sincos_turns` with non-contracted round-to-nearest operations).
 #[allow(clippy::too_many_arguments)]
 pub fn fill_normal(
     dev: &CudaDevice,
