@@ -108,10 +108,9 @@ pub fn model_totals(model: &Model) -> ModelTotals {
     }
 }
 
-/// A mapping with its routing trace and summary.
+/// A mapping with its summary.
 pub struct MapResult {
     pub mapping: Mapping,
-    pub trace: RoutingTrace,
     pub summary: MappingSummary,
 }
 
@@ -129,11 +128,7 @@ pub fn map_model(
     let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, Some(&trace))
         .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
     let summary = MappingSummary::new(&mapping, &model_totals(model), Some(&trace));
-    Ok(MapResult {
-        mapping,
-        trace,
-        summary,
-    })
+    Ok(MapResult { mapping, summary })
 }
 
 /// Writes `mapping.json`, `summary.json` and `occupancy.{png,svg}` into `out`.
