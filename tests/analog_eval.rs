@@ -53,6 +53,7 @@ fn run(
         seq_len: SEQ_LEN,
         router: RouterKind::default(),
         progress: false,
+        device: None,
     };
     evaluate(model, &mapping(model, preset), preset, ids, &cfg).unwrap()
 }

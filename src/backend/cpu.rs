@@ -1,11 +1,13 @@
 //! CPU backend: every analog matrix is an [`AnalogMatrix`] (ndarray GEMMs + rayon), the rest digital.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use crate::device::Device;
 use crate::mapping::Mapping;
 use crate::model::{ExpertLinear, ExpertSlot, MatrixId, Model, Proj};
 use crate::tile::{AnalogMatrix, TilePreset};
@@ -41,6 +43,18 @@ impl<'m> AnalogExperts<'m> {
         preset: &TilePreset,
         seed: u64,
     ) -> Result<Self> {
+        Self::program_with_device(model, mapping, preset, preset.device.build(), seed)
+    }
+
+    /// As [`AnalogExperts::program`], with the crossbars built of `device` instead of the preset's device (a
+    /// technology of your own: implement [`Device`]).
+    pub fn program_with_device(
+        model: &'m Model,
+        mapping: &Mapping,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+    ) -> Result<Self> {
         let matrices = mapping
             .analog
             .par_iter()
@@ -51,7 +65,8 @@ impl<'m> AnalogExperts<'m> {
                         p.id
                     )
                 })?;
-                let a = AnalogMatrix::program(w, preset, seed, matrix_tensor_id(p.id))
+                let id = matrix_tensor_id(p.id);
+                let a = AnalogMatrix::program_with_device(w, preset, device.clone(), seed, id)
                     .with_context(|| format!("programming {:?}", p.id))?;
                 Ok((p.id, a))
             })

@@ -99,6 +99,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         seq_len: args.seq_len,
         router: args.router,
         progress: true,
+        device: None,
     };
     let mut specs = vec![RunSpec {
         label: format!("{} / {:?}", args.preset, args.mapping.strategy),

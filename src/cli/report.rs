@@ -141,6 +141,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         seq_len: 512,
         router: RouterKind::default(),
         progress: true,
+        device: None,
     };
     let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
     let run = RunResult {

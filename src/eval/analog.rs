@@ -5,6 +5,7 @@
 //! Metrics on the same tokens as the digital model: perplexity, next-token top-1 agreement, and the mean
 //! KL(digital ‖ analog) of the next-token distributions.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::AnalogExperts;
+use crate::device::Device;
 use crate::mapping::Mapping;
 use crate::model::{ForwardOptions, Model, RouterKind};
 use crate::tile::TilePreset;
@@ -26,6 +28,8 @@ pub struct AnalogEvalConfig {
     pub seq_len: usize,
     pub router: RouterKind,
     pub progress: bool,
+    /// Build the crossbars of this device instead of the preset's (`None`: the preset's device).
+    pub device: Option<Arc<dyn Device>>,
 }
 
 /// Metrics of one (time, seed) point.
@@ -212,7 +216,8 @@ pub fn evaluate(
     let mut points = Vec::new();
     let t1 = Instant::now();
     for &seed in &cfg.seeds {
-        let mut experts = AnalogExperts::program(model, mapping, preset, seed)?;
+        let device = cfg.device.clone().unwrap_or_else(|| preset.device.build());
+        let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
         for &t in &cfg.times_s {
             bar.set_message(format!(
                 "seed {seed}, t = {}",
