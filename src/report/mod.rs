@@ -1,5 +1,6 @@
 //! Report output: charts written as PNG and SVG with an embedded font (no system fonts needed).
 
+pub mod bars;
 pub mod heatmap;
 mod plot;
 
