@@ -6,7 +6,8 @@
 //! * **digital**: two RMSNorms, the attention projections and the scores/values over the KV cache, the router;
 //!   digital experts; the accumulation of crossbar partial sums and weighted expert outputs; the activation
 //!   functions. Work of class `x` takes `ops / (x.ops_per_s · units)` and `ops · x.energy_per_op_j`.
-//! * **memory**: the digital weights the step touches are read once per step, the KV cache once per token. If the
+//! * **memory**: the digital weights the step touches are read once per step; decode reads each sequence's KV cache,
+//!   prefill writes each prompt position once (fused attention keeps the prompt's keys/values on chip). If the
 //!   digital weights plus the KV cache of the step exceed the on-chip memory, that fraction of every read comes from
 //!   off-chip (energy per byte, bandwidth); the rest costs the on-chip read energy.
 //! * **analog**: every token runs every block of each analog expert it uses: one MVM per block (array energy scaled
@@ -356,7 +357,14 @@ impl<'a> EnergyModel<'a> {
                 e.add(at, Component::DigitalAttention, en);
                 t_layer += t;
                 t_digital += t;
-                let attn_bytes = attn_weight_bytes + ctx_sum * kv_bytes_per_position;
+                // Decode reads every cached position; prefill writes each position once and keeps the keys and
+                // values of the prompt in on-chip tiles while its queries run (fused attention), as the GPU
+                // estimate assumes.
+                let kv_reads = match scenario {
+                    Scenario::Decode { .. } => ctx_sum,
+                    Scenario::Prefill { .. } => n as f64,
+                };
+                let attn_bytes = attn_weight_bytes + kv_reads * kv_bytes_per_position;
                 t_layer += read(&mut e, at, Component::DigitalAttention, attn_bytes);
 
                 let ti = traced.get(&l).copied();
