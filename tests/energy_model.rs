@@ -182,3 +182,80 @@ fn analog_projections_move_attention_and_lm_head_off_the_digital_units() {
             < digital.energy.component(Component::DigitalAttention)
     );
 }
+
+#[test]
+fn gpu_decode_is_memory_bound_and_long_prefill_compute_bound() {
+    use aimc::energy::gpu::estimate;
+    use aimc::energy::GpuPreset;
+    let gpu = GpuPreset::resolve("h100").unwrap();
+    let shape = ModelShape::olmoe_1b_7b();
+    let trace = shape.synthetic_trace(256, 4);
+    let d = estimate(&gpu, &shape, &trace, 1, 512, false);
+    assert!(d.memory_bound);
+    assert_eq!(
+        d.step_time_s,
+        d.bytes_per_step / gpu.hbm_bandwidth_bytes_per_s.value
+    );
+    // Batch 1 reads attention + LM head + 8 experts per layer (bf16) plus 512 positions of KV cache.
+    let weights = 16.0 * 4.0 * 2048.0 * 2048.0
+        + 50304.0 * 2048.0
+        + 16.0 * (8.0 * 3.0 * 2048.0 * 1024.0 + 2048.0 * 64.0);
+    let kv = 512.0 * 16.0 * 4096.0;
+    assert!(
+        (d.bytes_per_step - 2.0 * (weights + kv)).abs() < 1.0,
+        "{}",
+        d.bytes_per_step
+    );
+    assert_eq!(d.energy_per_token_j, 700.0 * d.step_time_s);
+    let p = estimate(&gpu, &shape, &trace, 4096, 0, true);
+    assert!(!p.memory_bound);
+    assert_eq!(
+        p.step_time_s,
+        p.flops_per_step / gpu.peak_bf16_flops_per_s.value
+    );
+}
+
+#[test]
+fn energy_cli_writes_report_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aimc"))
+        .args([
+            "energy",
+            "--shape",
+            "olmoe1b7b",
+            "--batch",
+            "1,4",
+            "--steps",
+            "2",
+            "--trace-tokens",
+            "64",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("energy.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["decode"].as_array().unwrap().len(), 2);
+    for f in ["breakdown.png", "energy_vs_batch.png", "analog_vs_gpu.png"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_aimc"))
+        .args([
+            "energy",
+            "--shape",
+            "olmoe1b7b",
+            "--preset",
+            "aihwkit-default",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no `cost` section"));
+}
