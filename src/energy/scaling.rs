@@ -77,24 +77,35 @@ fn fit(preset: &TilePreset, shape: &ModelShape, stacks: usize) -> Result<Mapping
     };
     let cells = preset.stack.rows * preset.stack.cols;
     let params: usize = shape.matrix_specs().iter().map(|m| m.n_out * m.n_in).sum();
-    let mut tiers = params.div_ceil(cells * stacks).max(1);
+    let specs = shape.matrix_specs();
     let none = |_| None;
-    for _ in 0..4096 {
+    let attempt = |tiers: usize| {
         let geo = ChipGeometry {
             rows: preset.stack.rows,
             cols: preset.stack.cols,
             tiers_per_stack: tiers,
-            stacks,
+            stacks: usize::MAX / 2,
         };
-        if let Ok(m) = map_matrices(&shape.matrix_specs(), geo, &opts, &none, None) {
+        map_matrices(&specs, geo, &opts, &none, None)
+    };
+    // With as many tiers as there are units, the stacks in use are those of the widest unit: the floor.
+    let units = specs.len().div_ceil(3);
+    let floor = attempt(units)?.stacks_used;
+    if floor > stacks {
+        bail!(
+            "{}: one MLP or expert needs {floor} stacks side by side, the chip has {stacks}",
+            shape.name
+        );
+    }
+    let mut tiers = params.div_ceil(cells * stacks).max(1);
+    loop {
+        let mut m = attempt(tiers)?;
+        if m.stacks_used <= stacks {
+            m.geometry.stacks = stacks;
             return Ok(m);
         }
         tiers += 1;
     }
-    bail!(
-        "{} does not fit {stacks} stacks with up to {tiers} tiers (one layer's MLP is wider than the chip)",
-        shape.name
-    )
 }
 
 /// Runs the study on `preset` (which must have a cost section) against `gpu`.
