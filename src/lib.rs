@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cli;
 pub mod device;
+pub mod energy;
 pub mod eval;
 pub mod mapping;
 pub mod model;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod common;
 mod drift;
+mod energy;
 mod eval;
 mod eval_analog;
 mod info;
@@ -39,6 +40,8 @@ pub enum Command {
     Report(report::ReportArgs),
     /// CPU/GPU benchmarks, each timed against a reference measured in the same run.
     Bench(bench::BenchArgs),
+    /// Energy, latency and throughput per token on a costed preset, against a GPU; `--scaling` for the study.
+    Energy(energy::EnergyArgs),
 }
 
 /// Parse the process arguments and run the chosen subcommand.
@@ -52,5 +55,6 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Report(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Energy(a) => energy::run(a),
     }
 }

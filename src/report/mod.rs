@@ -1,6 +1,7 @@
 //! Report output: line charts (log axes, ±σ bands) and heatmaps, each written as PNG and SVG
 //! with an embedded font (no system fonts needed).
 
+pub mod bars;
 pub mod heatmap;
 mod plot;
 

@@ -4,13 +4,15 @@
 //! the crossbar periphery (noise management, DAC, IR drop, short-term weight noise, output noise,
 //! ADC, bound management), drift compensation and the 3D stack geometry. Every dimensioned field
 //! carries its unit in its name or doc; normalised quantities are dimensionless (design.md §1).
-//! An energy/cost section joins later as one more optional top-level field.
+//! The optional `cost` section ([`crate::energy::CostModel`]) holds the hardware cost constants `aimc energy`
+//! needs, each with its unit and source; presets without it load as before.
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::device::DeviceSpec;
+use crate::energy::CostModel;
 
 /// A validation problem at a dotted field path (`periphery.adc.bits`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,6 +259,9 @@ pub struct TilePreset {
     pub drift_compensation: DriftCompensation,
     /// Stack geometry.
     pub stack: StackSpec,
+    /// Hardware cost model (time, energy, digital units, interconnect, off-chip memory); `None` = not costed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostModel>,
 }
 
 /// Built-in presets, embedded so the binary works anywhere.
@@ -276,6 +281,7 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../tiles/pcm-3d-8tier.json"),
     ),
     ("reram-cmo", include_str!("../../tiles/reram-cmo.json")),
+    ("aimc-3d", include_str!("../../tiles/aimc-3d.json")),
 ];
 
 impl TilePreset {
@@ -394,6 +400,9 @@ impl TilePreset {
             if v == 0 {
                 return Err(FieldError::new(name, "must be ≥ 1"));
             }
+        }
+        if let Some(cost) = &self.cost {
+            cost.validate()?;
         }
         Ok(())
     }

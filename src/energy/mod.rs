@@ -1,0 +1,165 @@
+//! Energy, latency and throughput per token of a mapped model, and the GPU reference (issue 6).
+//!
+//! Inputs: a tile preset with a `cost` section ([`CostModel`]), a model's shapes ([`ModelShape`]), a
+//! [`Mapping`] of its FFN matrices onto the preset's stacks, and a [`RoutingTrace`] saying which experts each token
+//! used (from calibration text through the digital model, or from a synthetic router). [`EnergyModel::run`] replays
+//! the trace for decode at each batch size and for prefill; [`gpu::estimate`] gives the roofline of the same model
+//! on a GPU preset. [`scaling`] builds the dense-vs-MoE study of Büchel et al. (Nat. Comput. Sci. 2025).
+
+pub mod breakdown;
+pub mod cost;
+pub mod gpu;
+pub mod scaling;
+pub mod shape;
+mod sim;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use breakdown::{Breakdown, Component, N_COMPONENTS};
+pub use cost::{Constant, CostModel};
+pub use gpu::{GpuEstimate, GpuPreset};
+pub use shape::ModelShape;
+pub use sim::{EnergyModel, PhaseCost, Scenario};
+
+use crate::mapping::{map_matrices, ChipGeometry, Mapping, MappingOptions, RoutingTrace};
+use crate::model::MatrixId;
+use crate::tile::TilePreset;
+
+/// What to replay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnergyOptions {
+    /// Decode batch sizes.
+    pub batches: Vec<usize>,
+    /// Cached tokens per sequence during decode.
+    pub context: usize,
+    /// Prompt length for prefill.
+    pub prefill_tokens: usize,
+    /// Decode steps replayed per batch size (tokens wrap around the trace).
+    pub decode_steps: usize,
+    /// Attention projections and LM head on analog tiles too (Büchel et al.'s system), see [`EnergyModel::new`].
+    pub analog_projections: bool,
+}
+
+impl Default for EnergyOptions {
+    fn default() -> Self {
+        Self {
+            batches: vec![1, 8, 64],
+            context: 512,
+            prefill_tokens: 512,
+            decode_steps: 16,
+            analog_projections: false,
+        }
+    }
+}
+
+/// The result of `aimc energy` for one model, preset and mapping.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnergyReport {
+    pub model: ModelShape,
+    pub preset: String,
+    pub gpu: String,
+    pub options: EnergyOptions,
+    pub mapping_strategy: crate::mapping::Strategy,
+    /// Stacks the mapping uses, and chips of the preset's size that takes.
+    pub stacks_used: usize,
+    pub chips: usize,
+    /// Decode, one entry per batch size.
+    pub decode: Vec<PhaseCost>,
+    pub prefill: PhaseCost,
+    pub gpu_decode: Vec<GpuEstimate>,
+    pub gpu_prefill: GpuEstimate,
+    /// Index into `decode` of the batch with the highest tokens/s.
+    pub best_decode: usize,
+}
+
+/// Maps `shape` onto `preset`'s chip geometry, letting the system grow to as many chips of `preset.stack.stacks`
+/// stacks as the model needs (see [`EnergyReport::chips`]). `weights` is only read for the max-neuron-norm
+/// selection of digital experts.
+pub fn map_shape<'w>(
+    preset: &TilePreset,
+    shape: &ModelShape,
+    options: &MappingOptions,
+    weights: &dyn Fn(MatrixId) -> Option<ndarray::ArrayView2<'w, f32>>,
+    trace: &RoutingTrace,
+) -> Result<Mapping> {
+    let geo = ChipGeometry {
+        rows: preset.stack.rows,
+        cols: preset.stack.cols,
+        tiers_per_stack: preset.stack.tiers_per_stack,
+        stacks: usize::MAX / 2,
+    };
+    let mut m = map_matrices(&shape.matrix_specs(), geo, options, weights, Some(trace))
+        .with_context(|| format!("mapping {} onto {}", shape.name, preset.name))?;
+    m.geometry.stacks = preset.stack.stacks;
+    Ok(m)
+}
+
+/// The cost section of `preset`, or an error naming the preset.
+pub fn cost_of(preset: &TilePreset) -> Result<&CostModel> {
+    preset.cost.as_ref().with_context(|| {
+        format!(
+            "preset `{}` has no `cost` section; use one that does (aimc-3d, pcm-3d-8tier, hermes) or add one",
+            preset.name
+        )
+    })
+}
+
+/// Decode at every batch size, prefill, and the GPU reference.
+pub fn estimate(
+    preset: &TilePreset,
+    gpu: &GpuPreset,
+    shape: &ModelShape,
+    mapping: &Mapping,
+    trace: &RoutingTrace,
+    opts: &EnergyOptions,
+) -> Result<EnergyReport> {
+    anyhow::ensure!(!trace.tokens.is_empty(), "the routing trace has no tokens");
+    anyhow::ensure!(!opts.batches.is_empty(), "no batch sizes given");
+    let cost = cost_of(preset)?;
+    let model = EnergyModel::new(cost, mapping, shape, opts.analog_projections);
+    let decode: Vec<PhaseCost> = opts
+        .batches
+        .iter()
+        .map(|&b| {
+            model.run(
+                trace,
+                Scenario::Decode {
+                    batch: b,
+                    context: opts.context,
+                },
+                opts.decode_steps,
+            )
+        })
+        .collect();
+    let prefill = model.run(
+        trace,
+        Scenario::Prefill {
+            tokens: opts.prefill_tokens,
+        },
+        1,
+    );
+    let gpu_decode = opts
+        .batches
+        .iter()
+        .map(|&b| gpu::estimate(gpu, shape, trace, b, opts.context, false))
+        .collect();
+    let gpu_prefill = gpu::estimate(gpu, shape, trace, opts.prefill_tokens, 0, true);
+    let best_decode = (0..decode.len())
+        .max_by(|&a, &b| decode[a].tokens_per_s.total_cmp(&decode[b].tokens_per_s))
+        .unwrap_or(0);
+    Ok(EnergyReport {
+        model: shape.clone(),
+        preset: preset.name.clone(),
+        gpu: gpu.name.clone(),
+        options: opts.clone(),
+        mapping_strategy: mapping.options.strategy,
+        stacks_used: mapping.stacks_used,
+        chips: mapping.stacks_used.div_ceil(preset.stack.stacks),
+        decode,
+        prefill,
+        gpu_decode,
+        gpu_prefill,
+        best_decode,
+    })
+}
