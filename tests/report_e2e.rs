@@ -1,6 +1,6 @@
 //! `aimc report` end to end on the embedded model with reduced times and seeds: every file `index.md` links exists,
-//! every PNG decodes, and `report.json` carries the digital perplexity, the analog perplexity per drift time and the
-//! mapping summary.
+//! every PNG decodes, and `report.json` carries the digital perplexity, the analog perplexity per drift time, the
+//! mapping summary and the energy per token.
 use std::path::Path;
 use std::process::Command;
 
@@ -93,4 +93,26 @@ fn report_writes_every_linked_file_and_a_complete_json() {
     assert_eq!(v["accuracy"]["points"].as_array().unwrap().len(), 4);
     assert!(v["mapping"]["stacks_used"].as_u64().unwrap() >= 1);
     assert_eq!(v["digital_sweep"].as_array().unwrap().len(), 2);
+    // Energy per token of the default (costed) preset, decode at batches 1, 8, 64 plus prefill, beside the GPU.
+    let decode = v["energy"]["decode"].as_array().unwrap();
+    assert_eq!(decode.len(), 3);
+    for d in decode {
+        let per_layer = d["energy"]["per_layer"].as_array().unwrap();
+        let total: f64 = per_layer
+            .iter()
+            .chain(std::iter::once(&d["energy"]["global"]))
+            .flat_map(|c| c.as_array().unwrap())
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!(
+            total > 0.0 && total < 1.0,
+            "decode energy per token {total} J"
+        );
+    }
+    assert!(
+        v["energy"]["gpu_decode"][0]["energy_per_token_j"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }

@@ -132,7 +132,7 @@ pub fn run(args: EnergyArgs) -> Result<()> {
 }
 
 /// Energy in a readable unit.
-fn joules(j: f64) -> String {
+pub(super) fn joules(j: f64) -> String {
     let a = j.abs();
     if a >= 1e-3 {
         format!("{:.3} mJ", j * 1e3)
@@ -144,7 +144,7 @@ fn joules(j: f64) -> String {
 }
 
 /// Time in a readable unit.
-fn seconds(s: f64) -> String {
+pub(super) fn seconds(s: f64) -> String {
     if s >= 1e-3 {
         format!("{:.3} ms", s * 1e3)
     } else {
@@ -218,7 +218,7 @@ fn print_report(r: &EnergyReport) {
     }
 }
 
-fn write_plots(r: &EnergyReport, out: &Path) -> Result<()> {
+pub(super) fn write_plots(r: &EnergyReport, out: &Path) -> Result<()> {
     let mut bars: Vec<String> = r
         .options
         .batches

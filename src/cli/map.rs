@@ -108,9 +108,10 @@ pub fn model_totals(model: &Model) -> ModelTotals {
     }
 }
 
-/// A mapping with its summary.
+/// A mapping with the routing trace it was made from and its summary.
 pub struct MapResult {
     pub mapping: Mapping,
+    pub trace: RoutingTrace,
     pub summary: MappingSummary,
 }
 
@@ -128,7 +129,11 @@ pub fn map_model(
     let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, Some(&trace))
         .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
     let summary = MappingSummary::new(&mapping, &model_totals(model), Some(&trace));
-    Ok(MapResult { mapping, summary })
+    Ok(MapResult {
+        mapping,
+        trace,
+        summary,
+    })
 }
 
 /// Writes `mapping.json`, `summary.json` and `occupancy.{png,svg}` into `out`.

@@ -13,6 +13,9 @@ use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, write_sweep, RunResult, RunSpec, SweepPoint,
 };
 use super::map::{map_model, MappingFlags, DEFAULT_PRESET};
+use crate::energy::{
+    cost_of, estimate, EnergyOptions, EnergyReport, GpuEstimate, GpuPreset, ModelShape, PhaseCost,
+};
 use crate::eval::analog::{AnalogEvalConfig, AnalogEvalReport};
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
 use crate::mapping::MappingSummary;
@@ -56,6 +59,12 @@ pub struct ReportArgs {
     /// Tokens of the heterogeneous sweep.
     #[arg(long, default_value_t = 2048)]
     pub sweep_tokens: usize,
+    /// GPU preset the energy estimate is compared with (a name under tiles/gpu/ or a JSON file).
+    #[arg(long, default_value = "h100")]
+    pub gpu: String,
+    /// Decode batch sizes of the energy estimate.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub batch: Vec<usize>,
     /// Output folder.
     #[arg(long, default_value = "reports/report")]
     pub out: PathBuf,
@@ -76,6 +85,8 @@ struct Report<'a> {
     mapping: &'a MappingSummary,
     accuracy: &'a AnalogEvalReport,
     digital_sweep: Option<&'a [SweepPoint]>,
+    /// Energy, latency and throughput per token (absent when the preset has no `cost` section).
+    energy: Option<&'a EnergyReport>,
     stage_seconds: &'a [(String, f64)],
 }
 
@@ -108,7 +119,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         start: Instant::now(),
         current: None,
         done: Vec::new(),
-        total: 5,
+        total: 6,
     };
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -176,6 +187,25 @@ pub fn run(args: ReportArgs) -> Result<()> {
         let table = write_sweep(&points, sweep_t, digital_ppl, out)?;
         Some((points, table, digital_ppl))
     };
+
+    stages.begin("energy, latency and throughput per token");
+    let energy = match cost_of(&preset) {
+        Err(e) => {
+            eprintln!("      skipped: {e:#}");
+            None
+        }
+        Ok(_) => {
+            let gpu = GpuPreset::resolve(&args.gpu)?;
+            let opts = EnergyOptions {
+                batches: args.batch.clone(),
+                ..Default::default()
+            };
+            let shape = ModelShape::from_model(&model_name, &model);
+            let e = estimate(&preset, &gpu, &shape, &map.mapping, &map.trace, &opts)?;
+            super::energy::write_plots(&e, out)?;
+            Some(e)
+        }
+    };
     stages.end();
 
     let elapsed = stages.start.elapsed().as_secs_f64();
@@ -193,6 +223,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         mapping: &map.summary,
         accuracy: &run.report,
         digital_sweep: sweep.as_ref().map(|s| s.0.as_slice()),
+        energy: energy.as_ref(),
         stage_seconds: &stages.done,
     };
     write_json(&out.join("report.json"), &report)?;
@@ -291,11 +322,57 @@ fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep
         );
         let _ = writeln!(s, "{table}\n![digital sweep](digital_sweep.png)\n");
     }
+    if let Some(e) = r.energy {
+        let _ = writeln!(s, "{}", energy_md(e));
+    }
     let _ = writeln!(
         s,
         "## Files\n\n`report.json` (schema version {}), `drift.json`, `mapping.json`, `summary.json`, and every plot \
          above as PNG and SVG.",
         r.schema_version
+    );
+    s
+}
+
+fn energy_md(e: &EnergyReport) -> String {
+    use super::energy::{joules, seconds};
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## Energy, latency and throughput per token\n\nCost constants of `{}` (each with its source in the preset), \
+         against the `{}` roofline estimate. {} stacks used.\n",
+        e.preset, e.gpu, e.stacks_used
+    );
+    let _ = writeln!(
+        s,
+        "| phase | batch | energy/token | latency/token | tokens/s | tier switches/token | {0} energy/token | {0} tokens/s |\n|---|---|---|---|---|---|---|---|",
+        e.gpu
+    );
+    let row = |s: &mut String, phase: &str, batch: usize, a: &PhaseCost, g: &GpuEstimate| {
+        let _ = writeln!(
+            s,
+            "| {phase} | {batch} | {} | {} | {:.0} | {:.2} | {} | {:.0} |",
+            joules(a.energy.total()),
+            seconds(a.latency_per_token_s),
+            a.tokens_per_s,
+            a.tier_switches_per_token,
+            joules(g.energy_per_token_j),
+            g.tokens_per_s
+        );
+    };
+    for ((a, g), b) in e.decode.iter().zip(&e.gpu_decode).zip(&e.options.batches) {
+        row(&mut s, "decode", *b, a, g);
+    }
+    row(
+        &mut s,
+        "prefill",
+        e.options.prefill_tokens,
+        &e.prefill,
+        &e.gpu_prefill,
+    );
+    let _ = writeln!(
+        s,
+        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![analog vs GPU](analog_vs_gpu.png)\n"
     );
     s
 }
