@@ -22,14 +22,7 @@ fn model_and_tokens() -> (Model, Vec<u32>) {
 }
 
 fn mapping(model: &Model, preset: &TilePreset) -> Mapping {
-    let specs: Vec<MatrixSpec> = model
-        .matrices()
-        .map(|(id, w)| MatrixSpec {
-            id,
-            n_out: w.nrows(),
-            n_in: w.ncols(),
-        })
-        .collect();
+    let specs = MatrixSpec::from_model(model);
     let geo = ChipGeometry {
         rows: preset.stack.rows,
         cols: preset.stack.cols,
@@ -151,14 +144,7 @@ fn routing_trace_of_the_embedded_model_feeds_affinity() {
     // OLMoE top-4 routing: exactly 4 experts per token and layer.
     assert!(trace.tokens.iter().flatten().all(|e| e.len() == 4));
     assert_eq!(trace.mean_active(0), 4.0);
-    let specs: Vec<MatrixSpec> = model
-        .matrices()
-        .map(|(id, w)| MatrixSpec {
-            id,
-            n_out: w.nrows(),
-            n_in: w.ncols(),
-        })
-        .collect();
+    let specs = MatrixSpec::from_model(&model);
     let geo = ChipGeometry {
         rows: 512,
         cols: 512,

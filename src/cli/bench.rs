@@ -163,11 +163,11 @@ fn analog_suite(args: &BenchArgs) -> Result<String> {
         .map_or(super::map::DEFAULT_PRESET, String::as_str);
     let preset = TilePreset::resolve(preset_name)?;
     let tokens = super::common::load_tokens(&model, None, 4096)?;
-    let specs = super::map::matrix_specs(&model);
+    let specs = crate::mapping::MatrixSpec::from_model(&model);
     let lookup = |id| model.matrix(id);
     let mapping = crate::mapping::map_matrices(
         &specs,
-        super::map::geometry(&preset),
+        crate::mapping::ChipGeometry::from_preset(&preset),
         &Default::default(),
         &lookup,
         None,

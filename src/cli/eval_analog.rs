@@ -6,10 +6,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::common::write_json;
-use super::map::{geometry, matrix_specs};
 use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport};
 use crate::eval::time::format_duration;
-use crate::mapping::{map_matrices, DigitalSelection, Mapping, MappingOptions, Strategy};
+use crate::mapping::{
+    map_matrices, ChipGeometry, DigitalSelection, Mapping, MappingOptions, MatrixSpec, Strategy,
+};
 use crate::model::Model;
 use crate::report::{write_line_chart, LineChart, Series};
 use crate::tile::TilePreset;
@@ -37,10 +38,16 @@ pub fn run_one(
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
 ) -> Result<(Mapping, AnalogEvalReport)> {
-    let specs = matrix_specs(model);
+    let specs = MatrixSpec::from_model(model);
     let lookup = |id| model.matrix(id);
-    let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, None)
-        .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let mapping = map_matrices(
+        &specs,
+        ChipGeometry::from_preset(preset),
+        opts,
+        &lookup,
+        None,
+    )
+    .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
     let report = evaluate(model, &mapping, preset, tokens, cfg)?;
     Ok((mapping, report))
 }

@@ -74,40 +74,6 @@ pub struct MapArgs {
 /// The 3D preset used when none is named.
 pub const DEFAULT_PRESET: &str = "pcm-3d-8tier";
 
-/// Chip geometry of a preset.
-pub fn geometry(preset: &TilePreset) -> ChipGeometry {
-    ChipGeometry {
-        rows: preset.stack.rows,
-        cols: preset.stack.cols,
-        tiers_per_stack: preset.stack.tiers_per_stack,
-        stacks: preset.stack.stacks,
-    }
-}
-
-/// Every FFN matrix of the model as a mapping input.
-pub fn matrix_specs(model: &Model) -> Vec<MatrixSpec> {
-    model
-        .matrices()
-        .map(|(id, w)| MatrixSpec {
-            id,
-            n_out: w.nrows(),
-            n_in: w.ncols(),
-        })
-        .collect()
-}
-
-/// Model totals for the summary's digital shares.
-pub fn model_totals(model: &Model) -> ModelTotals {
-    let p = model.param_counts();
-    let lm_head = model.config.vocab_size * model.config.hidden_size;
-    ModelTotals {
-        total_params: p.total,
-        dense_matmul_params: p.attention + p.router + lm_head,
-        top_k: model.config.top_k,
-        n_experts: model.config.num_experts,
-    }
-}
-
 /// A mapping with the routing trace it was made from and its summary.
 pub struct MapResult {
     pub mapping: Mapping,
@@ -124,11 +90,17 @@ pub fn map_model(
 ) -> Result<MapResult> {
     let trace = RoutingTrace::collect(model, tokens, 512, RouterKind::default())
         .context("collecting the routing trace on the calibration text")?;
-    let specs = matrix_specs(model);
+    let specs = MatrixSpec::from_model(model);
     let lookup = |id| model.matrix(id);
-    let mapping = map_matrices(&specs, geometry(preset), opts, &lookup, Some(&trace))
-        .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
-    let summary = MappingSummary::new(&mapping, &model_totals(model), Some(&trace));
+    let mapping = map_matrices(
+        &specs,
+        ChipGeometry::from_preset(preset),
+        opts,
+        &lookup,
+        Some(&trace),
+    )
+    .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let summary = MappingSummary::new(&mapping, &ModelTotals::from_model(model), Some(&trace));
     Ok(MapResult {
         mapping,
         trace,

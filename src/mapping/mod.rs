@@ -41,12 +41,38 @@ pub struct ChipGeometry {
     pub stacks: usize,
 }
 
+impl ChipGeometry {
+    /// The chip of a tile preset (`stack` section).
+    pub fn from_preset(preset: &crate::tile::TilePreset) -> Self {
+        Self {
+            rows: preset.stack.rows,
+            cols: preset.stack.cols,
+            tiers_per_stack: preset.stack.tiers_per_stack,
+            stacks: preset.stack.stacks,
+        }
+    }
+}
+
 /// One matrix the mapper may place: its identity and shape (PyTorch layout `[n_out, n_in]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MatrixSpec {
     pub id: MatrixId,
     pub n_out: usize,
     pub n_in: usize,
+}
+
+impl MatrixSpec {
+    /// Every expert, shared-expert and dense-MLP matrix of a loaded model.
+    pub fn from_model(model: &crate::model::Model) -> Vec<MatrixSpec> {
+        model
+            .matrices()
+            .map(|(id, w)| MatrixSpec {
+                id,
+                n_out: w.nrows(),
+                n_in: w.ncols(),
+            })
+            .collect()
+    }
 }
 
 /// Placement strategy (design.md §4).

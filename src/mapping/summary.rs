@@ -23,6 +23,21 @@ pub struct ModelTotals {
     pub n_experts: usize,
 }
 
+impl ModelTotals {
+    /// The totals of a loaded model (the LM head counts as a per-token product whether or not it is tied).
+    pub fn from_model(model: &crate::model::Model) -> Self {
+        let p = model.param_counts();
+        Self {
+            total_params: p.total,
+            dense_matmul_params: p.attention
+                + p.router
+                + model.config.vocab_size * model.config.hidden_size,
+            top_k: model.config.top_k,
+            n_experts: model.config.num_experts,
+        }
+    }
+}
+
 /// Minimum, mean and maximum.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Spread {
