@@ -443,7 +443,7 @@ mod gpu {
     use anyhow::{Context, Result};
     use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 
-    use super::{BenchArgs, Shape};
+    use super::{utc_date, BenchArgs, Shape};
     use crate::backend::cuda::blas::Blas;
     use crate::backend::cuda::moe::{
         route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix,
@@ -588,23 +588,6 @@ mod gpu {
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
-    }
-
-    /// Today's date (UTC) as YYYY-MM-DD, from the system clock (civil-from-days, H. Hinnant).
-    fn utc_date() -> String {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let z = (secs / 86_400) as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!("{year:04}-{month:02}-{day:02}")
     }
 
     #[allow(clippy::too_many_arguments)]

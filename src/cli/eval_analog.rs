@@ -2,15 +2,13 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use super::common::write_json;
-use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport};
+use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport, TimeSummary};
 use crate::eval::time::format_duration;
-use crate::mapping::{
-    map_matrices, ChipGeometry, DigitalSelection, Mapping, MappingOptions, MatrixSpec, Strategy,
-};
+use crate::mapping::{DigitalSelection, Mapping, MappingOptions, Strategy};
 use crate::model::Model;
 use crate::report::{write_line_chart, LineChart, Series};
 use crate::tile::TilePreset;
@@ -38,16 +36,7 @@ pub fn run_one(
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
 ) -> Result<(Mapping, AnalogEvalReport)> {
-    let specs = MatrixSpec::from_model(model);
-    let lookup = |id| model.matrix(id);
-    let mapping = map_matrices(
-        &specs,
-        ChipGeometry::from_preset(preset),
-        opts,
-        &lookup,
-        None,
-    )
-    .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let mapping = super::map::map_loaded(model, preset, opts, None)?;
     let report = evaluate(model, &mapping, preset, tokens, cfg)?;
     Ok((mapping, report))
 }
@@ -101,42 +90,24 @@ pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
     };
     for r in runs {
         let s = &r.report.summary;
-        ppl.series.push(Series {
+        // One line with its ±std band, for the metric `f` returns as (mean, std).
+        let series = |f: fn(&TimeSummary) -> (f64, f64)| Series {
             label: r.spec.label.clone(),
-            points: s
-                .iter()
-                .map(|p| (x(p.t_seconds), p.perplexity_mean))
-                .collect(),
+            points: s.iter().map(|p| (x(p.t_seconds), f(p).0)).collect(),
             band: Some(
                 s.iter()
                     .map(|p| {
-                        (
-                            x(p.t_seconds),
-                            p.perplexity_mean - p.perplexity_std,
-                            p.perplexity_mean + p.perplexity_std,
-                        )
+                        let (m, sd) = f(p);
+                        (x(p.t_seconds), m - sd, m + sd)
                     })
                     .collect(),
             ),
-        });
-        agree.series.push(Series {
-            label: r.spec.label.clone(),
-            points: s
-                .iter()
-                .map(|p| (x(p.t_seconds), p.agreement_mean))
-                .collect(),
-            band: Some(
-                s.iter()
-                    .map(|p| {
-                        (
-                            x(p.t_seconds),
-                            p.agreement_mean - p.agreement_std,
-                            p.agreement_mean + p.agreement_std,
-                        )
-                    })
-                    .collect(),
-            ),
-        });
+        };
+        ppl.series
+            .push(series(|p| (p.perplexity_mean, p.perplexity_std)));
+        agree
+            .series
+            .push(series(|p| (p.agreement_mean, p.agreement_std)));
     }
     if let Some(first) = runs.first() {
         let s = &first.report.summary;

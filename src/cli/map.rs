@@ -82,6 +82,24 @@ pub struct MapResult {
 }
 
 /// Collects a routing trace on `tokens`, maps `model` onto `preset` and summarises the result.
+/// Maps every FFN matrix of `model` onto `preset`'s chip (`trace` is needed by the `affinity` strategy).
+pub fn map_loaded(
+    model: &Model,
+    preset: &TilePreset,
+    opts: &MappingOptions,
+    trace: Option<&RoutingTrace>,
+) -> Result<Mapping> {
+    let lookup = |id| model.matrix(id);
+    map_matrices(
+        &MatrixSpec::from_model(model),
+        ChipGeometry::from_preset(preset),
+        opts,
+        &lookup,
+        trace,
+    )
+    .with_context(|| format!("mapping the model onto preset `{}`", preset.name))
+}
+
 pub fn map_model(
     model: &Model,
     preset: &TilePreset,
@@ -90,16 +108,7 @@ pub fn map_model(
 ) -> Result<MapResult> {
     let trace = RoutingTrace::collect(model, tokens, 512, RouterKind::default())
         .context("collecting the routing trace on the calibration text")?;
-    let specs = MatrixSpec::from_model(model);
-    let lookup = |id| model.matrix(id);
-    let mapping = map_matrices(
-        &specs,
-        ChipGeometry::from_preset(preset),
-        opts,
-        &lookup,
-        Some(&trace),
-    )
-    .with_context(|| format!("mapping the model onto preset `{}`", preset.name))?;
+    let mapping = map_loaded(model, preset, opts, Some(&trace))?;
     let summary = MappingSummary::new(&mapping, &ModelTotals::from_model(model), Some(&trace));
     Ok(MapResult {
         mapping,
