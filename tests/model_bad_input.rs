@@ -70,6 +70,23 @@ fn missing_tensor_is_named() {
 }
 
 #[test]
+fn nan_weight_is_named_with_its_tensor_and_file() {
+    let dir = copy_fixture();
+    let poisoned = "model.layers.0.mlp.experts.2.down_proj.weight";
+    let mut t = tensors();
+    let entry = t.iter_mut().find(|t| t.0 == poisoned).unwrap();
+    assert_eq!(entry.1, Dtype::F32);
+    entry.3[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_safetensors(&dir.path().join("model.safetensors"), &t);
+    let e = load_error(dir.path());
+    assert!(
+        e.contains(poisoned) && e.contains("non-finite") && e.contains("flat index 10"),
+        "{e}"
+    );
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
 fn shape_disagreeing_with_config_names_tensor_and_shapes() {
     let dir = copy_fixture();
     edit_config(dir.path(), "intermediate_size", 21.into());

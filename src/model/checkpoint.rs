@@ -225,6 +225,13 @@ impl TensorStore {
         let bytes = &file.blob[file.data_start + start..file.data_start + end];
         let values = to_f32(bytes, info.dtype)
             .with_context(|| format!("{}: tensor `{name}`", file.location))?;
+        // A NaN or ±inf weight would make every downstream number silently non-finite.
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds a non-finite value ({v}) at flat index {i}",
+                file.location
+            );
+        }
         Ok(ArrayD::from_shape_vec(IxDyn(expected), values)?)
     }
 
