@@ -1,7 +1,7 @@
 //! Routing traces: which experts each token used in each layer, collected by running the digital model on
 //! calibration text. They drive the `affinity` strategy and the expected tier switches per token.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +9,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use super::Mapping;
-use crate::model::{ExpertSlot, ForwardOptions, Model, RouterKind};
+use crate::model::{ExpertSlot, ForwardOptions, Model, Proj, RouterKind};
 
 /// Experts chosen per token and layer: `tokens[t][l]` lists the routed experts token `t` used in layer `l`
 /// (only MoE layers; `layers[l]` gives the model layer index).
@@ -172,17 +172,20 @@ impl RoutingTrace {
         rates
     }
 
-    /// Expected tier switches per token when tokens run one after another (decode at batch 1): each stack keeps its
-    /// last active tier, every analog block MVM on another tier of that stack is one switch. Within a layer the
-    /// routed experts run in expert order, each expert's gate, up, then down blocks; analog shared experts and dense
-    /// MLPs run for every token.
+    /// Expected tier switches per token when tokens run one after another (decode at batch 1), with the schedule of
+    /// the energy model (`energy::sim`): per layer two phases, the gate/up blocks of every active expert and then
+    /// their down blocks; within a phase each stack visits the tiers it needs once, its current tier first and then
+    /// ascending. Every change of a stack's tier is one switch; the first use of a stack is not. Analog shared
+    /// experts and dense MLPs run for every token.
     pub fn tier_switches_per_token(&self, mapping: &Mapping) -> f64 {
-        let mut units: HashMap<(usize, ExpertSlot), Vec<(usize, usize)>> = HashMap::new();
+        /// The `(stack, tier)` of a unit's blocks, per phase (0: gate/up, 1: down).
+        type Phases = [Vec<(usize, usize)>; 2];
+        let mut units: HashMap<(usize, ExpertSlot), Phases> = HashMap::new();
         let mut always: HashMap<usize, Vec<ExpertSlot>> = HashMap::new();
         for m in &mapping.analog {
-            let key = (m.id.layer, m.id.slot);
-            let list = units.entry(key).or_default();
-            list.extend(m.blocks.iter().map(|b| (b.stack, b.tier)));
+            let phase = usize::from(m.id.proj == Proj::Down);
+            units.entry((m.id.layer, m.id.slot)).or_default()[phase]
+                .extend(m.blocks.iter().map(|b| (b.stack, b.tier)));
             if !matches!(m.id.slot, ExpertSlot::Routed(_)) {
                 let a = always.entry(m.id.layer).or_default();
                 if !a.contains(&m.id.slot) {
@@ -190,30 +193,38 @@ impl RoutingTrace {
                 }
             }
         }
-        let mut current = vec![usize::MAX; mapping.stacks_used];
+        let mut current: Vec<Option<usize>> = vec![None; mapping.stacks_used];
         let mut switches = 0u64;
-        let mut visit = |key: (usize, ExpertSlot), current: &mut Vec<usize>| {
-            if let Some(list) = units.get(&key) {
-                for &(s, t) in list {
-                    if current[s] != t {
-                        if current[s] != usize::MAX {
-                            switches += 1;
-                        }
-                        current[s] = t;
-                    }
-                }
-            }
-        };
         for tok in &self.tokens {
             for (i, experts) in tok.iter().enumerate() {
                 let layer = self.layers[i];
-                let mut sorted = experts.clone();
-                sorted.sort_unstable();
-                for e in sorted {
-                    visit((layer, ExpertSlot::Routed(e)), &mut current);
-                }
-                for slot in always.get(&layer).into_iter().flatten() {
-                    visit((layer, *slot), &mut current);
+                let slots: Vec<ExpertSlot> = experts
+                    .iter()
+                    .map(|&e| ExpertSlot::Routed(e))
+                    .chain(always.get(&layer).into_iter().flatten().copied())
+                    .collect();
+                for phase in 0..2 {
+                    let mut need: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+                    for slot in &slots {
+                        for &(s, t) in units
+                            .get(&(layer, *slot))
+                            .map_or(&[][..], |u| &u[phase][..])
+                        {
+                            need.entry(s).or_default().insert(t);
+                        }
+                    }
+                    for (s, tiers) in need {
+                        let first = current[s].filter(|c| tiers.contains(c));
+                        for t in first
+                            .into_iter()
+                            .chain(tiers.into_iter().filter(|&t| Some(t) != first))
+                        {
+                            if current[s].is_some_and(|c| c != t) {
+                                switches += 1;
+                            }
+                            current[s] = Some(t);
+                        }
+                    }
                 }
             }
         }
@@ -257,5 +268,45 @@ mod tests {
         assert_eq!(t.co_activation(2, 2, 1, 0), 0.5);
         assert_eq!(t.co_activation(2, 2, 1, 1), 0.5);
         assert_eq!(t.co_activation(1, 1, 2, 0), 0.0);
+    }
+
+    #[test]
+    fn tier_switches_follow_the_two_phase_schedule() {
+        use crate::mapping::{map_matrices, ChipGeometry, MappingOptions, MatrixSpec};
+        use crate::model::MatrixId;
+        // One layer of 4 experts, each fitting one crossbar: expert-per-tier puts expert e on stack 0, tier e.
+        let specs: Vec<MatrixSpec> = (0..4)
+            .flat_map(|e| {
+                [
+                    (Proj::Gate, 128, 256),
+                    (Proj::Up, 128, 256),
+                    (Proj::Down, 256, 128),
+                ]
+                .map(|(proj, n_out, n_in)| MatrixSpec {
+                    id: MatrixId {
+                        layer: 0,
+                        slot: ExpertSlot::Routed(e),
+                        proj,
+                    },
+                    n_out,
+                    n_in,
+                })
+            })
+            .collect();
+        let geo = ChipGeometry {
+            rows: 512,
+            cols: 512,
+            tiers_per_stack: 8,
+            stacks: 1,
+        };
+        let m = map_matrices(&specs, geo, &MappingOptions::default(), &|_| None, None).unwrap();
+        let trace = RoutingTrace::new(
+            vec![0],
+            vec![4],
+            vec![vec![vec![0, 1]], vec![vec![1, 0]], vec![vec![2]]],
+        );
+        // Token 1: gate/up visits tiers 0, 1 (1 switch), down starts on 1 then 0 (1). Token 2: 0 → 1 (1), 1 → 0 (1).
+        // Token 3: gate/up on tier 2 (1), down stays on tier 2 (0). Five switches over three tokens.
+        assert_eq!(trace.tier_switches_per_token(&m), 5.0 / 3.0);
     }
 }
