@@ -147,6 +147,7 @@ pub fn digital_sweep(
     let mut digital = f64::NAN;
     for &f in fractions {
         let mut stats = Vec::new();
+        let mut evaluated: Vec<(Mapping, (f64, f64))> = Vec::new();
         for selection in [
             DigitalSelection::MaxNeuronNorm,
             DigitalSelection::Random { seed: 0x5EED },
@@ -161,10 +162,18 @@ pub fn digital_sweep(
                 },
                 ..base.clone()
             };
-            let (_, r) = run_one(model, preset, &opts, tokens, cfg)?;
+            let mapping = super::map::map_loaded(model, preset, &opts, None)?;
+            // When both selections keep the same experts digital (none at all at fraction 0), the runs would be
+            // bit-identical: evaluate once.
+            if let Some((_, st)) = evaluated.iter().find(|(m, _)| m.digital == mapping.digital) {
+                stats.push(*st);
+                continue;
+            }
+            let r = evaluate(model, &mapping, preset, tokens, cfg)?;
             digital = r.digital_perplexity;
-            let s = r.summary[0];
-            stats.push((s.perplexity_mean, s.perplexity_std));
+            let st = (r.summary[0].perplexity_mean, r.summary[0].perplexity_std);
+            stats.push(st);
+            evaluated.push((mapping, st));
         }
         points.push(SweepPoint {
             digital_fraction: f,
@@ -184,7 +193,23 @@ pub fn write_sweep(
     digital_ppl: f64,
     out: &Path,
 ) -> Result<String> {
-    let band = |m: f64, s: f64, f: f64| (f, m - s, m + s);
+    // One line with its ±std band, for the selection whose (mean, std) `f` returns.
+    let line = |label: &str, f: fn(&SweepPoint) -> (f64, f64)| Series {
+        label: label.into(),
+        points: points
+            .iter()
+            .map(|p| (p.digital_fraction, f(p).0))
+            .collect(),
+        band: Some(
+            points
+                .iter()
+                .map(|p| {
+                    let (m, sd) = f(p);
+                    (p.digital_fraction, m - sd, m + sd)
+                })
+                .collect(),
+        ),
+    };
     let chart = LineChart {
         title: format!(
             "Perplexity at {} vs share of experts kept digital",
@@ -193,44 +218,12 @@ pub fn write_sweep(
         x_label: "digital fraction of routed experts".into(),
         y_label: "perplexity".into(),
         series: vec![
-            Series {
-                label: "max neuron norm".into(),
-                points: points
-                    .iter()
-                    .map(|p| (p.digital_fraction, p.norm_perplexity_mean))
-                    .collect(),
-                band: Some(
-                    points
-                        .iter()
-                        .map(|p| {
-                            band(
-                                p.norm_perplexity_mean,
-                                p.norm_perplexity_std,
-                                p.digital_fraction,
-                            )
-                        })
-                        .collect(),
-                ),
-            },
-            Series {
-                label: "random".into(),
-                points: points
-                    .iter()
-                    .map(|p| (p.digital_fraction, p.random_perplexity_mean))
-                    .collect(),
-                band: Some(
-                    points
-                        .iter()
-                        .map(|p| {
-                            band(
-                                p.random_perplexity_mean,
-                                p.random_perplexity_std,
-                                p.digital_fraction,
-                            )
-                        })
-                        .collect(),
-                ),
-            },
+            line("max neuron norm", |p| {
+                (p.norm_perplexity_mean, p.norm_perplexity_std)
+            }),
+            line("random", |p| {
+                (p.random_perplexity_mean, p.random_perplexity_std)
+            }),
             Series {
                 label: "digital".into(),
                 points: vec![
