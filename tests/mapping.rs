@@ -39,6 +39,16 @@ fn geo(stacks: usize, tiers: usize) -> ChipGeometry {
     }
 }
 
+/// Stack of the first block of routed expert `e` (of any layer).
+fn stack_of(m: &Mapping, e: usize) -> usize {
+    m.analog
+        .iter()
+        .find(|p| p.id.slot == ExpertSlot::Routed(e))
+        .unwrap()
+        .blocks[0]
+        .stack
+}
+
 fn no_weights(_: MatrixId) -> Option<ndarray::ArrayView2<'static, f32>> {
     None
 }
@@ -197,15 +207,7 @@ fn affinity_separates_the_most_co_activated_pair() {
     };
     let m = map_matrices(&specs, geo(8, 8), &opts, &no_weights, Some(&trace)).unwrap();
     assert_valid(&m, &specs);
-    let stack_of = |e: usize| {
-        m.analog
-            .iter()
-            .find(|p| p.id.slot == ExpertSlot::Routed(e))
-            .unwrap()
-            .blocks[0]
-            .stack
-    };
-    assert_ne!(stack_of(2), stack_of(5));
+    assert_ne!(stack_of(&m, 2), stack_of(&m, 5));
     // The same experts under expert-per-tier share stack 0: the test would fail without affinity.
     let ept = map_matrices(
         &specs,
@@ -215,15 +217,7 @@ fn affinity_separates_the_most_co_activated_pair() {
         None,
     )
     .unwrap();
-    let s = |e: usize| {
-        ept.analog
-            .iter()
-            .find(|p| p.id.slot == ExpertSlot::Routed(e))
-            .unwrap()
-            .blocks[0]
-            .stack
-    };
-    assert_eq!(s(2), s(5));
+    assert_eq!(stack_of(&ept, 2), stack_of(&ept, 5));
 }
 
 #[test]
