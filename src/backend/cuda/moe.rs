@@ -528,6 +528,95 @@ pub enum GemmOutput {
     ScatterAdd,
 }
 
+/// Compile-time configuration of one `moe_gemm` instantiation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmVariant {
+    /// Analog pre/epilogue (false: the digital bf16 baseline).
+    pub analog: bool,
+    /// Weights as fp16 hi + lo (two MMAs).
+    pub split_w: bool,
+    /// PCM_READ weight noise (second GEMM of the weight magnitudes).
+    pub pcm_read: bool,
+    /// IR-drop correction.
+    pub ir_drop: bool,
+    /// Output noise.
+    pub out_noise: bool,
+    /// ADC quantisation and clamp.
+    pub adc: bool,
+    /// What the epilogue does with the rows.
+    pub output: GemmOutput,
+}
+
+/// The `#define`s NVRTC compiles `moe_gemm` with for `v`.
+pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 7] {
+    let flag = |b: bool| i64::from(b);
+    let mode = match v.output {
+        GemmOutput::Store => 0,
+        GemmOutput::SwiGlu => 1,
+        GemmOutput::ScatterAdd => 2,
+    };
+    [
+        ("MOE_ANALOG", flag(v.analog)),
+        ("MOE_SPLIT_W", flag(v.analog && v.split_w)),
+        ("MOE_PCM_READ", flag(v.analog && v.pcm_read)),
+        ("MOE_IR_DROP", flag(v.analog && v.ir_drop)),
+        ("MOE_OUT_NOISE", flag(v.analog && v.out_noise)),
+        ("MOE_ADC", flag(v.analog && v.adc)),
+        ("MOE_MODE", mode),
+    ]
+}
+
+/// Representative instantiations for compile checks: every output mode digital, analog with
+/// everything on and everything off, and each analog feature alone.
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 7]> {
+    let modes = [
+        GemmOutput::Store,
+        GemmOutput::SwiGlu,
+        GemmOutput::ScatterAdd,
+    ];
+    let all = |analog: bool, on: bool, output| GemmVariant {
+        analog,
+        split_w: on,
+        pcm_read: on,
+        ir_drop: on,
+        out_noise: on,
+        adc: on,
+        output,
+    };
+    let mut v = Vec::new();
+    for output in modes {
+        v.push(all(false, false, output));
+        v.push(all(true, true, output));
+        v.push(all(true, false, output));
+    }
+    let base = all(true, false, GemmOutput::SwiGlu);
+    v.push(GemmVariant {
+        split_w: true,
+        ..base
+    });
+    v.push(GemmVariant {
+        pcm_read: true,
+        ..base
+    });
+    v.push(GemmVariant {
+        ir_drop: true,
+        ..base
+    });
+    v.push(GemmVariant {
+        out_noise: true,
+        ..base
+    });
+    v.push(GemmVariant { adc: true, ..base });
+    // The standard-hwa configuration of the benchmarks: split weights, noise and ADC.
+    v.push(GemmVariant {
+        split_w: true,
+        out_noise: true,
+        adc: true,
+        ..base
+    });
+    v.iter().map(gemm_defines).collect()
+}
+
 /// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -614,28 +703,16 @@ pub fn grouped_gemm(
             m.precision
         )));
     }
-    let mode = match output {
-        GemmOutput::Store => 0,
-        GemmOutput::SwiGlu => 1,
-        GemmOutput::ScatterAdd => 2,
-    };
     let p = periphery.copied();
-    let flag = |b: bool| i64::from(b);
-    let defines = [
-        ("MOE_ANALOG", flag(p.is_some())),
-        (
-            "MOE_SPLIT_W",
-            flag(m.precision == Precision::AnalogSplitF16),
-        ),
-        (
-            "MOE_PCM_READ",
-            flag(p.is_some_and(|p| p.pcm_read_std.is_some())),
-        ),
-        ("MOE_IR_DROP", flag(p.is_some_and(|p| p.ir_drop.is_some()))),
-        ("MOE_OUT_NOISE", flag(p.is_some_and(|p| p.out_noise > 0.0))),
-        ("MOE_ADC", flag(p.is_some_and(|p| p.adc.is_some()))),
-        ("MOE_MODE", mode),
-    ];
+    let defines = gemm_defines(&GemmVariant {
+        analog: p.is_some(),
+        split_w: m.precision == Precision::AnalogSplitF16,
+        pcm_read: p.is_some_and(|p| p.pcm_read_std.is_some()),
+        ir_drop: p.is_some_and(|p| p.ir_drop.is_some()),
+        out_noise: p.is_some_and(|p| p.out_noise > 0.0),
+        adc: p.is_some_and(|p| p.adc.is_some()),
+        output,
+    });
     let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
     let nb_mat = if m.precision == Precision::AnalogSplitF16 {
         2

@@ -1,0 +1,121 @@
+//! Every kernel file compiles with NVRTC, for every configuration the launchers use, without a
+//! GPU: NVRTC needs no driver. When `ptxas` is on `PATH` (or named by `$AIMC_PTXAS`) the PTX is
+//! also assembled for sm_90, which checks the inline `mma`/`ldmatrix`/`cp.async` assembly and
+//! reports registers and spills.
+//!
+//! Skips with a printed reason when libnvrtc cannot be loaded (CI machines without CUDA). To run
+//! it on a machine without a GPU: `pip download nvidia-cuda-nvrtc==13.0.* nvidia-cuda-nvcc==13.0.*`,
+//! unzip both, then `LD_LIBRARY_PATH=<dir>/nvidia/cu13/lib PATH=<dir>/nvidia/cu13/bin:$PATH
+//! cargo test --release --test kernels_compile -- --nocapture`.
+#![cfg(feature = "cuda")]
+
+use aimc::backend::cuda::compile::{compile, KernelFile, ANALOG_MOE_CU, PROGRAM_CU, RNG_CU};
+use aimc::backend::cuda::moe::moe_gemm_variants;
+
+/// Compute capabilities the kernels must build for: Ampere (mma.sync, cp.async, ldmatrix) and
+/// Hopper (the H100 the benchmarks run on).
+const ARCHS: [(i32, i32); 2] = [(8, 0), (9, 0)];
+
+fn nvrtc_present() -> bool {
+    // SAFETY: only probes whether the shared library can be loaded.
+    let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    if !present {
+        println!("kernels_compile: skipped, libnvrtc not found on the loader path");
+    }
+    present
+}
+
+fn ptxas() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("AIMC_PTXAS") {
+        return Some(p.into());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("ptxas"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Assemble `ptx` for sm_{cc}; returns ptxas's `-v` report. Panics with the log on failure.
+fn assemble(ptxas: &std::path::Path, ptx: &str, cc: (i32, i32), what: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("aimc-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("k.ptx");
+    std::fs::write(&src, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch=sm_{}{}", cc.0, cc.1))
+        .arg("-v")
+        .arg("-o")
+        .arg(dir.join("k.cubin"))
+        .arg(&src)
+        .output()
+        .expect("running ptxas");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "ptxas failed for {what}:\n{log}");
+    log
+}
+
+fn check(kernel: &KernelFile, defines: &[(&str, i64)], ptxas: Option<&std::path::Path>) {
+    for cc in ARCHS {
+        let what = format!("{} {defines:?} sm_{}{}", kernel.file, cc.0, cc.1);
+        let ptx = compile(kernel, defines, cc).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if let Some(p) = ptxas {
+            let log = assemble(p, &ptx.to_src(), cc, &what);
+            // Spilling the GEMM accumulators to local memory would cost far more than any
+            // arithmetic in the epilogue: the launch bounds must hold them in registers.
+            for line in log.lines().filter(|l| l.contains("spill")) {
+                assert!(
+                    line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "{what}: {line}"
+                );
+            }
+            let mut function = "";
+            for line in log.lines() {
+                if let Some(rest) = line.split("entry function '").nth(1) {
+                    function = rest.split('\'').next().unwrap_or("");
+                } else if line.contains("registers") {
+                    println!("{what} {function}: {}", line.trim());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_configuration_compiles() {
+    if !nvrtc_present() {
+        return;
+    }
+    // A fresh cache, so the test compiles rather than reading earlier PTX.
+    let cache = std::env::temp_dir().join(format!("aimc-kcache-{}", std::process::id()));
+    std::env::set_var("AIMC_CACHE_DIR", &cache);
+    let ptxas = ptxas();
+    if ptxas.is_none() {
+        println!("kernels_compile: ptxas not found, checking NVRTC only");
+    }
+    let p = ptxas.as_deref();
+    check(&RNG_CU, &[], p);
+    check(&PROGRAM_CU, &[], p);
+    check(&ANALOG_MOE_CU, &[], p);
+    let variants = moe_gemm_variants();
+    assert!(variants.len() >= 10, "{} variants", variants.len());
+    for defines in &variants {
+        check(&ANALOG_MOE_CU, defines, p);
+    }
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+#[test]
+fn compile_errors_show_the_nvrtc_log_and_the_file() {
+    if !nvrtc_present() {
+        return;
+    }
+    let broken = KernelFile {
+        file: "broken.cu",
+        text: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
+        exact_fp: false,
+    };
+    let err = compile(&broken, &[], (9, 0)).unwrap_err().to_string();
+    assert!(err.contains("broken.cu"), "{err}");
+    assert!(err.contains("undefined_name"), "{err}");
+}
