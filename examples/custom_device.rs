@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             router: RouterKind::default(),
             progress: false,
             device,
+            execution: Default::default(),
         };
         let r = evaluate(&model, &mapping, &preset, &tokens, &cfg)?;
         println!("{label}: digital perplexity {:.3}", r.digital_perplexity);

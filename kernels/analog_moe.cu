@@ -4,10 +4,14 @@
 //   MOE_SPLIT_W  1: weights as fp16 hi + fp16 lo (two MMAs, ~22-bit weight significand)
 //   MOE_PCM_READ 1: PCM_READ short-term weight noise (second accumulator Σ|W|x̃²)
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
+//   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
+//   MOE_BM       1: iterative bound management: rows with a saturated ADC output are listed and
+//                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
-// With PCM_READ and/or output noise, each output gets one normal (purpose OutputNoise) scaled by
-// sqrt(out_noise² + std²·Σ|W|x̃²), as tile::Crossbar::analog.
+// With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
+// scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
+// here, the oracle of the GPU tests, is backend::cuda::reference.
 //
 // Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
 // digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
@@ -27,6 +31,12 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_IR_DROP
 #define MOE_IR_DROP 0
+#endif
+#ifndef MOE_ADDITIVE
+#define MOE_ADDITIVE 0
+#endif
+#ifndef MOE_BM
+#define MOE_BM 0
 #endif
 #ifndef MOE_OUT_NOISE
 #define MOE_OUT_NOISE 1
@@ -120,8 +130,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
 }
 
 // nm_kind: 0 ABS_MAX, 1 constant nm_value, 2 none. use_dac: 0 → x/α_nm in fp16 (inexact).
+// sumsq (optional, ADDITIVE weight noise): ‖x̃‖² of each (row, block), x̃ = code·step.
 extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_block, u32 nm_kind, float nm_value,
-                                        u32 use_dac, float dac_step, float dac_max_code, u16* xq, float* alpha) {
+                                        u32 use_dac, float dac_step, float dac_max_code, u16* xq, float* alpha,
+                                        float* sumsq) {
     u32 n_kb = k / k_block;
     u64 task = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     u32 lane = threadIdx.x & 31;
@@ -138,6 +150,7 @@ extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_b
     } else if (nm_kind == 1) {
         scale = nm_value;
     }
+    float ss = 0.0f;
     for (u32 j = lane; j < k_block; j += 32) {
         float q = 0.0f;
         if (scale != 0.0f) {
@@ -145,6 +158,12 @@ extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_b
             q = use_dac ? fminf(fmaxf(rintf(v / dac_step), -dac_max_code), dac_max_code) : v;
         }
         out[j] = f32_to_f16(q);
+        const float xv = use_dac ? q * dac_step : q;
+        ss += xv * xv;
+    }
+    if (sumsq) {
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) sumsq[(u64)row * n_kb + kb] = ss;
     }
     if (lane == 0) alpha[(u64)row * n_kb + kb] = scale;
 }
@@ -186,9 +205,16 @@ struct GemmParams {
     const u32* sorted_token;    // [P] token of each sorted pair (scatter)
     const float* sorted_weight; // [P] router weight of each sorted pair (scatter)
     float* out;
+    const float* a_sumsq;       // [a_rows, KB] ‖x̃‖² (ADDITIVE)
+    const float* x_f32;         // [a_rows, K] the unquantised rows (bound-management fix-up)
+    u32* bm_flag;               // [P] row already listed for the fix-up
+    u32* bm_list;               // [P] rows with a saturated output
+    u32* bm_count;              // [1] entries of bm_list
+    float* bm_scratch;          // [fix-up CTAs, N] outputs of the attempt in flight
+    const u32* col_xbar;        // [N] crossbar column block of each column
     u64 seed;
-    u32 k, n, n_kb, k_block, n_experts, mvm_id;
-    float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k;
+    u32 k, n, n_kb, k_block, n_experts, mvm_id, n_xbar, use_dac;
+    float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code, bm_limit;
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -284,6 +310,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     float acc[2][4][4];
 #if MOE_ANALOG
     float total[2][4][4];
+#endif
+#if MOE_BM
+    u32 bm_rows = 0;  // bit mi·2 + half: that row had a saturated output in some crossbar block
 #endif
 #if MOE_PCM_READ
     float acc_s2[2][4][4];
@@ -421,7 +450,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
                             y[c] = v;
                         }
-#if MOE_PCM_READ || MOE_OUT_NOISE
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
                         {
                             // Short-term weight noise and output noise: one normal per output of
                             // the summed variance, keyed under OutputNoise, as
@@ -440,6 +469,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                                 const float s2 = __fmul_rn(acc_s2[mi][tn][half * 2 + c], step2);
                                 sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
                             }
+#elif MOE_ADDITIVE
+                            const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+                            const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+                            const float sdr = __fsqrt_rn(
+                                __fadd_rn(out_var, __fmul_rn(std2, p.a_sumsq[(u64)arow * p.n_kb + kb])));
+                            const float sd[2] = {sdr, sdr};
 #else
                             const float sd[2] = {p.out_noise, p.out_noise};
 #endif
@@ -452,6 +487,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                             float v = y[c];
 #if MOE_ADC
                             v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+#endif
+#if MOE_BM
+                            if (alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) bm_rows |= 1u << (mi * 2 + half);
 #endif
                             total[mi][tn][half * 2 + c] += v * (alpha_nm * p.col_scale[tab + c]);
                         }
@@ -475,6 +513,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
         }
 #endif
     }
+
+#if MOE_BM
+    // List each saturated row once for moe_bm_fixup, which recomputes it whole.
+#pragma unroll
+    for (u32 mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half)
+            if (bm_rows & (1u << (mi * 2 + half))) {
+                const u32 pos = row_begin + m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                if (atomicExch(p.bm_flag + pos, 1u) == 0u) p.bm_list[atomicAdd(p.bm_count, 1u)] = pos;
+            }
+#endif
 
 #if MOE_ANALOG
 #define RESULT total
@@ -534,4 +584,159 @@ extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(hf) : "h"(h));
     hi[i] = h;
     lo[i] = f32_to_f16(x - hf);
+}
+
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+#if MOE_ANALOG
+// ---------------------------------------------------------------------------------------------
+// Step 8 of design.md §3, iterative bound management, for the rows moe_gemm listed: one CTA per
+// listed row (grid-stride over the list), the whole row recomputed with CUDA-core f32 products
+// of the same operands (W = hi + lo). Per crossbar block along K every crossbar column block
+// starts at β = 1; those with a saturated ADC output redo their outputs at 2β with the next
+// noise `attempt`, all pending ones together, while β ≤ bm_limit and α_nm > 0. Mirrors
+// tile::Crossbar::forward_chunk step 8 as backend::cuda::reference::grouped_rows models it.
+// Dynamic shared memory: k_block floats (the DAC codes of the attempt).
+#define BM_MAX_XBARS 256
+extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
+    extern __shared__ float codes[];
+    __shared__ u32 pending[BM_MAX_XBARS], saturated[BM_MAX_XBARS];
+    const u32 count = *p.bm_count;
+    float* ybuf = p.bm_scratch + (u64)blockIdx.x * p.n;
+    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+    const float step2 = __fmul_rn(p.dac_step, p.dac_step);
+    for (u32 li = blockIdx.x; li < count; li += gridDim.x) {
+        const u32 pos = p.bm_list[li];
+        u32 lo = 0, hi = p.n_experts;  // expert e with offsets[e] <= pos < offsets[e+1]
+        while (hi - lo > 1) {
+            u32 mid = (lo + hi) / 2;
+            if (p.offsets[mid] <= pos) lo = mid; else hi = mid;
+        }
+        const u32 e = lo, row_local = pos - p.offsets[e];
+        const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+        float* out_row = p.out + (u64)pos * p.n;
+        for (u32 kb = 0; kb < p.n_kb; ++kb) {
+            const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+            const float* xs = p.x_f32 + (u64)arow * p.k + (u64)kb * p.k_block;
+            for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) pending[i] = 1u;
+            float beta = 1.0f;
+            for (u32 attempt = 0; attempt < 256; ++attempt) {
+                const float scale = alpha_nm * beta;
+                // DAC at α_nm·β (moe_quantize / tile::Crossbar::encode_row).
+                for (u32 j = threadIdx.x; j < p.k_block; j += blockDim.x) {
+                    float q = 0.0f;
+                    if (scale != 0.0f) {
+                        const float v = xs[j] / scale;
+                        q = p.use_dac ? fminf(fmaxf(rintf(v / p.dac_step), -p.dac_max_code), p.dac_max_code) : v;
+                    }
+                    codes[j] = q;
+                }
+                for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) saturated[i] = 0u;
+                __syncthreads();
+#if MOE_ADDITIVE
+                float sum_x2 = 0.0f;
+                for (u32 j = 0; j < p.k_block; ++j) {
+                    const float xv = p.use_dac ? codes[j] * p.dac_step : codes[j];
+                    sum_x2 += xv * xv;
+                }
+#endif
+                for (u32 col = threadIdx.x; col < p.n; col += blockDim.x) {
+                    const u32 xb = p.col_xbar[col];
+                    if (!pending[xb]) continue;
+                    const u64 wrow = ((u64)e * p.n + col) * p.k + (u64)kb * p.k_block;
+                    float acc = 0.0f;
+#if MOE_PCM_READ
+                    float s2 = 0.0f;
+#endif
+#if MOE_IR_DROP
+                    float aabs = 0.0f, air = 0.0f;
+#endif
+                    for (u32 j = 0; j < p.k_block; ++j) {
+                        const float hi_w = f16_bits_to_f32(p.w_hi[wrow + j]);
+                        const float w = p.w_lo ? hi_w + f16_bits_to_f32(p.w_lo[wrow + j]) : hi_w;
+                        const float q = codes[j];
+                        acc += w * q;
+#if MOE_PCM_READ
+                        s2 += fabsf(hi_w) * (q * q);
+#endif
+#if MOE_IR_DROP
+                        aabs += fabsf(hi_w) * fabsf(q);
+                        air += hi_w * (q * ir_row_factor(j, (float)p.k_block));
+#endif
+                    }
+                    float v = acc * p.dac_step;
+#if MOE_IR_DROP
+                    const float aa = p.ir_k * (aabs * p.dac_step);
+                    const float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+                    v -= p.ir_scale * cc * (air * p.dac_step);
+#endif
+                    const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+                    {
+                        const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                        const float z = stream_normal(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
+                                                      idx, p.mvm_id, attempt);
+#if MOE_PCM_READ
+                        const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, __fmul_rn(s2, step2))));
+#elif MOE_ADDITIVE
+                        const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, sum_x2)));
+#else
+                        const float sd = p.out_noise;
+#endif
+                        v += sd * z;
+                    }
+#endif
+                    v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+                    if (fabsf(v) >= p.adc_bound) saturated[xb] = 1u;
+                    ybuf[col] = v;
+                }
+                __syncthreads();
+                const bool again_ok = beta <= p.bm_limit && alpha_nm > 0.0f;
+                // Crossbars that are done add their outputs, in K-block order as moe_gemm.
+                for (u32 col = threadIdx.x; col < p.n; col += blockDim.x) {
+                    const u32 xb = p.col_xbar[col];
+                    if (!pending[xb] || (saturated[xb] && again_ok)) continue;
+                    const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+                    const float v = ybuf[col] * (scale * p.col_scale[tab]);
+                    out_row[col] = kb == 0 ? v : out_row[col] + v;
+                }
+                __syncthreads();
+                u32 any = 0;
+                for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) {
+                    pending[i] = pending[i] && saturated[i] && again_ok;
+                    any |= pending[i];
+                }
+                if (!__syncthreads_or(any)) break;
+                beta *= 2.0f;
+            }
+        }
+        __syncthreads();
+    }
+}
+#endif
+
+// SwiGLU of store-mode rows whose columns interleave gate and up in groups of 8 (the host
+// layout): out[p, g·8 + c] = silu(in[p, 16g + c])·in[p, 16g + 8 + c]; `n_half` = N/2.
+extern "C" __global__ void swiglu_rows(const float* in, u64 rows, u32 n_half, float* out) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * n_half) return;
+    const u64 r = i / n_half;
+    const u32 j = (u32)(i % n_half), f = (j / 8) * 16 + j % 8;
+    const float g = in[r * 2 * n_half + f], u = in[r * 2 * n_half + f + 8];
+    out[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// Weighted scatter-add of store-mode rows: y[token of p] += weight of p · in[p] (as moe_gemm's
+// MOE_MODE 2 epilogue).
+extern "C" __global__ void scatter_rows(const float* in, u64 rows, u32 n, const u32* sorted_token,
+                                        const float* sorted_weight, float* y) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * n) return;
+    const u64 r = i / n;
+    atomicAdd(y + (u64)sorted_token[r] * n + i % n, sorted_weight[r] * in[i]);
 }

@@ -47,6 +47,7 @@ fn run(
         router: RouterKind::default(),
         progress: false,
         device: None,
+        execution: Default::default(),
     };
     evaluate(model, &mapping(model, preset), preset, ids, &cfg).unwrap()
 }

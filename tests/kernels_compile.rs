@@ -10,11 +10,18 @@
 #![cfg(feature = "cuda")]
 
 use aimc::backend::cuda::compile::{compile, KernelFile, ANALOG_MOE_CU, PROGRAM_CU, RNG_CU};
-use aimc::backend::cuda::moe::moe_gemm_variants;
+use aimc::backend::cuda::moe::{moe_gemm_variants, GEMM_PARAMS_BYTES};
 
 /// Compute capabilities the kernels must build for: Ampere (mma.sync, cp.async, ldmatrix) and
 /// Hopper (the H100 the benchmarks run on).
 const ARCHS: [(i32, i32); 2] = [(8, 0), (9, 0)];
+
+/// Size of the first (struct) parameter of `entry` in `ptx`: `.param .align 8 .b8 NAME_param_0[N]`.
+fn param_bytes(ptx: &str, entry: &str) -> Option<usize> {
+    let key = format!("{entry}_param_0[");
+    let at = ptx.find(&key)? + key.len();
+    ptx[at..].split(']').next()?.parse().ok()
+}
 
 fn nvrtc_present() -> bool {
     // SAFETY: only probes whether the shared library can be loaded.
@@ -59,6 +66,12 @@ fn check(kernel: &KernelFile, defines: &[(&str, i64)], ptxas: Option<&std::path:
     for cc in ARCHS {
         let what = format!("{} {defines:?} sm_{}{}", kernel.file, cc.0, cc.1);
         let ptx = compile(kernel, defines, cc).unwrap_or_else(|e| panic!("{what}: {e}"));
+        // The host mirrors of the kernel parameter structs have the size NVRTC lays out.
+        for entry in ["moe_gemm", "moe_bm_fixup"] {
+            if let Some(bytes) = param_bytes(&ptx.to_src(), entry) {
+                assert_eq!(bytes, GEMM_PARAMS_BYTES, "{what}: .param of {entry}");
+            }
+        }
         if let Some(p) = ptxas {
             let log = assemble(p, &ptx.to_src(), cc, &what);
             // Spilling the GEMM accumulators to local memory would cost far more than any
@@ -102,6 +115,15 @@ fn every_kernel_configuration_compiles() {
     for defines in &variants {
         check(&ANALOG_MOE_CU, defines, p);
     }
+    // One PTX cache entry per (file, defines, architecture), and a second compile reads it.
+    let entries = std::fs::read_dir(cache.join("kernels")).unwrap().count();
+    assert_eq!(entries, (3 + variants.len()) * ARCHS.len());
+    let again = compile(&ANALOG_MOE_CU, &variants[0], (9, 0)).unwrap();
+    let first = std::fs::read_dir(cache.join("kernels"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .any(|text| text == again.to_src());
+    assert!(first, "the second compile did not return the cached PTX");
     let _ = std::fs::remove_dir_all(cache);
 }
 

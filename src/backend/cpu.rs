@@ -33,6 +33,7 @@ pub fn matrix_tensor_id(id: MatrixId) -> u32 {
 pub struct AnalogExperts<'m> {
     model: &'m Model,
     matrices: HashMap<MatrixId, AnalogMatrix>,
+    seed: u64,
 }
 
 impl<'m> AnalogExperts<'m> {
@@ -71,7 +72,11 @@ impl<'m> AnalogExperts<'m> {
                 Ok((p.id, a))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Self { model, matrices })
+        Ok(Self {
+            model,
+            matrices,
+            seed,
+        })
     }
 
     /// Drifts every analog matrix to `t_seconds` after programming (and recomputes GDC).
@@ -88,6 +93,21 @@ impl<'m> AnalogExperts<'m> {
             experts: self,
             mvm_id,
         }
+    }
+
+    /// The programmed (and drifted) crossbars of `id`, if it is analog.
+    pub fn matrix(&self, id: MatrixId) -> Option<&AnalogMatrix> {
+        self.matrices.get(&id)
+    }
+
+    /// The model whose digital weights serve every matrix that is not analog.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Seed of the programming, read-noise and output-noise streams.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// Number of analog matrices.

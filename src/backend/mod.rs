@@ -8,5 +8,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod select;
 
 pub use cpu::AnalogExperts;
+pub use select::{BackendRequest, Execution};

@@ -510,6 +510,8 @@ mod gpu {
             col_scale: vec![0.02; e * n_kb * n],
             col_local: (0..n as u32).map(|c| c % 512).collect(),
             col_block_cols: vec![512; n],
+            col_xbar: (0..n as u32).map(|c| c / 512).collect(),
+            n_xbar: n.div_ceil(512),
         }
     }
 

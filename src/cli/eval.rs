@@ -12,6 +12,7 @@ use super::eval_analog::{
     RunSpec,
 };
 use super::map::{MappingFlags, DEFAULT_PRESET};
+use crate::backend::{BackendRequest, Execution};
 use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
@@ -66,6 +67,10 @@ pub struct EvalArgs {
     /// Output folder (JSON, Markdown, PNG + SVG plots).
     #[arg(long, default_value = "reports/eval")]
     pub out: PathBuf,
+    /// Where the routed experts' analog MVMs run: the CPU, CUDA (error without a GPU), or CUDA
+    /// when available (else the CPU, with a notice).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendRequest,
 }
 
 /// Runs `aimc eval`.
@@ -100,6 +105,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         router: args.router,
         progress: true,
         device: None,
+        execution: Execution::resolve(args.backend)?,
     };
     let mut specs = vec![RunSpec {
         label: format!("{} / {:?}", args.preset, args.mapping.strategy),

@@ -13,6 +13,7 @@ use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, write_sweep, RunResult, RunSpec, SweepPoint,
 };
 use super::map::{map_model, MappingFlags, DEFAULT_PRESET};
+use crate::backend::{BackendRequest, Execution};
 use crate::energy::{
     cost_of, estimate, EnergyOptions, EnergyReport, GpuEstimate, GpuPreset, ModelShape, PhaseCost,
 };
@@ -68,6 +69,10 @@ pub struct ReportArgs {
     /// Output folder.
     #[arg(long, default_value = "reports/report")]
     pub out: PathBuf,
+    /// Where the routed experts' analog MVMs run: the CPU, CUDA (error without a GPU), or CUDA
+    /// when available (else the CPU, with a notice).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendRequest,
 }
 
 /// Everything `report.json` holds.
@@ -153,6 +158,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         router: RouterKind::default(),
         progress: true,
         device: None,
+        execution: Execution::resolve(args.backend)?,
     };
     let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
     let run = RunResult {
@@ -308,6 +314,11 @@ fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep
     let _ = writeln!(s, "![occupancy](occupancy.png)\n");
 
     let _ = writeln!(s, "## Accuracy over drift time\n");
+    let _ = writeln!(
+        s,
+        "Analog forwards: {:.1} s on {}.\n",
+        r.accuracy.analog_seconds, r.accuracy.backend
+    );
     let _ = writeln!(s, "{}", markdown_table(r.accuracy));
     let _ = writeln!(
         s,

@@ -13,7 +13,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::AnalogExperts;
+use crate::backend::{AnalogExperts, Execution};
 use crate::device::Device;
 use crate::mapping::Mapping;
 use crate::model::{ForwardOptions, Model, RouterKind};
@@ -30,6 +30,8 @@ pub struct AnalogEvalConfig {
     pub progress: bool,
     /// Build the crossbars of this device instead of the preset's (`None`: the preset's device).
     pub device: Option<Arc<dyn Device>>,
+    /// Where the routed experts' analog MVMs run (`--backend`); the CPU by default.
+    pub execution: Execution,
 }
 
 /// Metrics of one (time, seed) point.
@@ -67,6 +69,9 @@ pub struct AnalogEvalReport {
     /// Wall time of the analog forwards alone, and of the digital reference forward.
     pub analog_seconds: f64,
     pub digital_seconds: f64,
+    /// Backend of the analog forwards: `cpu`, or `cuda (<GPU>)` with the MoE layers it ran.
+    #[serde(default)]
+    pub backend: String,
 }
 
 /// Sums over the positions of one sequence.
@@ -212,6 +217,10 @@ pub fn evaluate(
         .sum();
     let positions: usize = seqs.iter().map(|s| s.len() - 1).sum();
 
+    #[cfg(feature = "cuda")]
+    let gpu = cfg.execution.gpu_for(preset)?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut backend = "cpu".to_string();
     let bar = progress_bar(cfg.progress, (cfg.times_s.len() * cfg.seeds.len()) as u64);
     let mut points = Vec::new();
     let t1 = Instant::now();
@@ -224,20 +233,44 @@ pub fn evaluate(
                 crate::eval::format_duration(t)
             ));
             experts.drift_to(t);
-            let mut total = Sums::default();
+            #[cfg(feature = "cuda")]
+            let gpu_experts = match &gpu {
+                None => None,
+                Some(dev) => {
+                    let g = crate::backend::cuda::experts::GpuExperts::upload(
+                        dev,
+                        &experts,
+                        &preset.periphery,
+                        crate::backend::cuda::moe::Precision::AnalogSplitF16,
+                    )
+                    .map_err(|e| anyhow::anyhow!("uploading the experts to the GPU: {e}"))?;
+                    backend = describe_gpu(dev.name(), &g);
+                    Some(g)
+                }
+            };
             let per_seq: Vec<Sums> = seqs
                 .par_iter()
                 .enumerate()
                 .map(|(k, s)| {
-                    let call = experts.call(k as u32);
+                    let cpu_call = experts.call(k as u32);
+                    #[cfg(feature = "cuda")]
+                    let gpu_call = gpu_experts.as_ref().map(|g| g.call(k as u32));
+                    #[cfg(feature = "cuda")]
+                    let call: &dyn crate::model::ExpertLinear = match &gpu_call {
+                        Some(g) => g,
+                        None => &cpu_call,
+                    };
+                    #[cfg(not(feature = "cuda"))]
+                    let call: &dyn crate::model::ExpertLinear = &cpu_call;
                     let o = ForwardOptions {
-                        experts: Some(&call),
+                        experts: Some(call),
                         ..opts
                     };
                     let out = model.forward(s, &o)?;
                     Ok(compare(&references[k], out.logits.view(), &s[1..]))
                 })
                 .collect::<Result<_>>()?;
+            let mut total = Sums::default();
             for s in per_seq {
                 total += s;
             }
@@ -280,7 +313,19 @@ pub fn evaluate(
         summary,
         analog_seconds: t1.elapsed().as_secs_f64(),
         digital_seconds,
+        backend,
     })
+}
+
+/// `cuda (<GPU>): routed experts of layers [..] on the GPU; layer L on the CPU (why)`.
+#[cfg(feature = "cuda")]
+fn describe_gpu(name: &str, g: &crate::backend::cuda::experts::GpuExperts<'_, '_>) -> String {
+    let on_gpu: Vec<usize> = g.gpu_layers().collect();
+    let mut s = format!("cuda ({name}): routed experts of MoE layers {on_gpu:?} on the GPU");
+    for (l, why) in g.cpu_layers() {
+        s.push_str(&format!("; layer {l} on the CPU ({why})"));
+    }
+    s
 }
 
 fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {

@@ -139,7 +139,12 @@ impl DecoderLayer {
     }
 
     /// Applies the layer to `h` in place; returns the routing of its MoE block (empty if dense).
-    pub fn forward(&self, l: usize, h: &mut Array2<f32>, ctx: &PassContext<'_>) -> Vec<Assignment> {
+    pub fn forward(
+        &self,
+        l: usize,
+        h: &mut Array2<f32>,
+        ctx: &PassContext<'_>,
+    ) -> Result<Vec<Assignment>> {
         let a =
             self.attention
                 .forward(self.input_norm.forward(h.view()).view(), ctx.seqs, ctx.rope);
@@ -150,10 +155,10 @@ impl DecoderLayer {
                 swiglu(ctx.backend, l, ExpertSlot::DenseMlp, x.view()),
                 Vec::new(),
             ),
-            Ffn::Moe(m) => m.forward(l, x.view(), ctx.router, &ctx.config.router, ctx.backend),
+            Ffn::Moe(m) => m.forward(l, x.view(), ctx.router, &ctx.config.router, ctx.backend)?,
         };
         *h += &y;
-        routing
+        Ok(routing)
     }
 }
 

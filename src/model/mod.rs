@@ -204,7 +204,7 @@ impl Model {
         };
         let mut routing = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
-            let a = layer.forward(l, &mut h, &ctx);
+            let a = layer.forward(l, &mut h, &ctx)?;
             if opts.record_routing && cfg.moe_layers[l] {
                 routing.push((l, a));
             }

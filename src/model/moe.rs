@@ -59,6 +59,22 @@ pub trait ExpertLinear: Sync {
         );
         ndarray::concatenate(Axis(1), &[g.view(), u.view()]).expect("equal row counts")
     }
+
+    /// All routed experts of MoE layer `layer` at once: `Σ_(t,e,w) w · expert_e(x[t])` for
+    /// `assignments` (token order) over `n_experts` experts, or `Ok(None)` to let the model run
+    /// them expert by expert through [`ExpertLinear::gate_up`] and [`ExpertLinear::linear`].
+    /// A backend that batches every expert of a layer into one grouped kernel (the CUDA one)
+    /// overrides it; an error (a device fault) ends the forward pass.
+    fn routed_experts(
+        &self,
+        layer: usize,
+        x: ArrayView2<'_, f32>,
+        assignments: &[Assignment],
+        n_experts: usize,
+    ) -> Result<Option<Array2<f32>>> {
+        let _ = (layer, x, assignments, n_experts);
+        Ok(None)
+    }
 }
 
 /// `down(silu(gate·x) ⊙ up·x)` for the SwiGLU at (`layer`, `slot`), through `backend`.
@@ -187,10 +203,14 @@ impl MoeBlock {
         router: &RouterKind,
         rule: &RouterRule,
         backend: &dyn ExpertLinear,
-    ) -> (Array2<f32>, Vec<Assignment>) {
+    ) -> Result<(Array2<f32>, Vec<Assignment>)> {
         let logits = matmul_t(x, self.router.view());
         let assignments = router.route(logits.view(), rule);
-        let mut out = dispatch(layer, x, &assignments, self.experts.len(), backend);
+        let e = self.experts.len();
+        let mut out = match backend.routed_experts(layer, x, &assignments, e)? {
+            Some(y) => y,
+            None => dispatch(layer, x, &assignments, e, backend),
+        };
         if let Some(shared) = &self.shared {
             let y = swiglu(backend, layer, ExpertSlot::Shared(0), x);
             match &shared.gate {
@@ -201,7 +221,7 @@ impl MoeBlock {
                 }
             }
         }
-        (out, assignments)
+        Ok((out, assignments))
     }
 }
 

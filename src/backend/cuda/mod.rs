@@ -9,10 +9,10 @@
 //! Random draws use the Philox streams of [`crate::rng`] bit for bit (`kernels/philox.cuh`), so
 //! GPU and CPU perturb every weight and output with the same numbers (design.md §6).
 //!
-//! Modules: [`compile`] (NVRTC + PTX cache), [`rng`] (Philox fills), [`program`] (programming,
+//! Modules: [`compile`] (NVRTC + PTX cache), [`experts`] (a whole model's routed experts on the GPU), [`rng`] (Philox fills), [`program`] (programming,
 //! drift, read noise), [`moe`] (routing sort, DAC prologue, grouped analog/digital GEMMs,
 //! SwiGLU layer), [`reference`](mod@reference) (CPU model of the grouped kernels, the kernels' oracle),
-//! [`blas`] (cuBLAS reference GEMM), [`select`] (`--backend cpu|cuda|auto`).
+//! [`blas`] (cuBLAS reference GEMM).
 //!
 //! On a GPU machine: `cargo test --test gpu_backend -- --nocapture` (parity bounds are printed)
 //! and `aimc bench --suite gpu --report reports/bench/<date>-gpu.md`.
@@ -21,11 +21,11 @@ pub mod blas;
 pub mod compile;
 mod device;
 mod error;
+pub mod experts;
 pub mod moe;
 pub mod program;
 pub mod reference;
 pub mod rng;
-pub mod select;
 
 pub use device::{linear_launch, CudaDevice};
 pub use error::{CudaError, CudaResult};

@@ -53,7 +53,7 @@ impl Precision {
     }
 }
 
-/// The crossbar periphery as the kernels apply it (design.md §3 steps 1–7, 9).
+/// The crossbar periphery as the kernels apply it (design.md §3 steps 1–9).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPeriphery {
     /// 0 ABS_MAX, 1 constant, 2 none.
@@ -68,28 +68,26 @@ pub struct GemmPeriphery {
     pub(crate) out_noise: f32,
     /// PCM_READ weight-noise std.
     pub(crate) pcm_read_std: Option<f32>,
+    /// ADDITIVE weight-noise std (σ² = std²·‖x̃‖² per row and crossbar block).
+    pub(crate) additive_std: Option<f32>,
     /// IR drop (scale, g_ratio).
     pub(crate) ir_drop: Option<(f32, f32)>,
+    /// Iterative bound management: the largest β that may still be doubled (step 8; only with
+    /// an ADC, as [`crate::tile::Crossbar`]).
+    pub(crate) bm_limit: Option<f32>,
 }
 
+/// β limit without a DAC, as `tile::crossbar::BM_MAX_BETA_NO_DAC`.
+const BM_MAX_BETA_NO_DAC: f32 = 256.0;
+
 impl GemmPeriphery {
-    /// Kernel form of `spec`; iterative bound management and ADDITIVE weight noise are not in
-    /// the GPU kernels yet (clear error, use `--backend cpu`).
+    /// Kernel form of `spec`. DACs above 11 bits are refused: their codes are not exact fp16
+    /// operands.
     pub fn from_spec(spec: &PeripherySpec) -> CudaResult<Self> {
-        if spec.bound_management == BoundManagement::Iterative {
-            return Err(CudaError::Unsupported(
-                "periphery.bound_management `iterative` is not supported by the CUDA backend (use --backend cpu)".into(),
-            ));
-        }
-        let pcm_read_std = match spec.w_noise {
-            WeightNoise::None => None,
-            WeightNoise::PcmRead { std } => (std > 0.0).then_some(std),
-            WeightNoise::Additive { std } if std > 0.0 => {
-                return Err(CudaError::Unsupported(
-                    "periphery.w_noise `additive` is not supported by the CUDA backend (use --backend cpu)".into(),
-                ))
-            }
-            WeightNoise::Additive { .. } => None,
+        let (pcm_read_std, additive_std) = match spec.w_noise {
+            WeightNoise::None => (None, None),
+            WeightNoise::PcmRead { std } => ((std > 0.0).then_some(std), None),
+            WeightNoise::Additive { std } => (None, (std > 0.0).then_some(std)),
         };
         let (nm_kind, nm_value) = match spec.noise_management {
             NoiseManagement::AbsMax => (0, 0.0),
@@ -104,6 +102,8 @@ impl GemmPeriphery {
                 )));
             }
         }
+        let bm_limit = (spec.bound_management == BoundManagement::Iterative && spec.adc.is_some())
+            .then(|| spec.dac.map_or(BM_MAX_BETA_NO_DAC, |d| 0.25 / d.step()));
         Ok(Self {
             nm_kind,
             nm_value,
@@ -114,8 +114,15 @@ impl GemmPeriphery {
             adc: spec.adc.map(|a| (a.step(), a.bound)),
             out_noise: spec.out_noise,
             pcm_read_std,
+            additive_std,
             ir_drop: spec.ir_drop.map(|ir| (ir.scale, ir.g_ratio)),
+            bm_limit,
         })
+    }
+
+    /// Whether per-output noise is drawn (output noise and/or short-term weight noise).
+    pub(crate) fn noisy(&self) -> bool {
+        self.out_noise > 0.0 || self.pcm_read_std.is_some() || self.additive_std.is_some()
     }
 }
 
@@ -141,6 +148,11 @@ pub struct GroupedMatrix {
     pub col_local: Vec<u32>,
     /// `[N]`: columns of its crossbar (the stride of output-noise indices).
     pub col_block_cols: Vec<u32>,
+    /// `[N]`: which crossbar column block (0..`n_xbar`) holds the column, the unit of
+    /// iterative bound management (a saturated output re-runs its whole crossbar row).
+    pub col_xbar: Vec<u32>,
+    /// Crossbar column blocks across N.
+    pub n_xbar: usize,
 }
 
 impl GroupedMatrix {
@@ -171,11 +183,14 @@ impl GroupedMatrix {
             col_scale: vec![0.0; e_count * n_kb * n],
             col_local: vec![0; n],
             col_block_cols: vec![0; n],
+            col_xbar: vec![0; n],
+            n_xbar: first.out_ranges().len(),
         };
-        for r in first.out_ranges() {
+        for (xb, r) in first.out_ranges().iter().enumerate() {
             for c in r.clone() {
                 m.col_local[c] = (c - r.start) as u32;
                 m.col_block_cols[c] = r.len() as u32;
+                m.col_xbar[c] = xb as u32;
             }
         }
         for (e, mat) in experts.iter().enumerate() {
@@ -238,11 +253,16 @@ impl GroupedMatrix {
             col_scale: vec![0.0; e_count * n_kb * nf],
             col_local: vec![0; nf],
             col_block_cols: vec![0; nf],
+            col_xbar: vec![0; nf],
+            n_xbar: gate.n_xbar + up.n_xbar,
         };
         for f in 0..nf {
             let (s, c) = src(f);
             m.col_local[f] = s.col_local[c];
             m.col_block_cols[f] = s.col_block_cols[c];
+            // Up crossbars are numbered after the gate ones.
+            let is_up = (f / 8) % 2 == 1;
+            m.col_xbar[f] = s.col_xbar[c] + if is_up { gate.n_xbar as u32 } else { 0 };
             for e in 0..e_count {
                 m.weights[(e * nf + f) * k..][..k]
                     .copy_from_slice(&s.weights[(e * n + c) * k..][..k]);
@@ -270,6 +290,8 @@ pub struct GpuGroupedMatrix {
     col_scale: CudaSlice<f32>,
     col_local: CudaSlice<u32>,
     col_block_cols: CudaSlice<u32>,
+    col_xbar: CudaSlice<u32>,
+    n_xbar: usize,
 }
 
 impl GpuGroupedMatrix {
@@ -327,6 +349,8 @@ impl GpuGroupedMatrix {
             col_scale: dev.upload(&m.col_scale)?,
             col_local: dev.upload(&m.col_local)?,
             col_block_cols: dev.upload(&m.col_block_cols)?,
+            col_xbar: dev.upload(&m.col_xbar)?,
+            n_xbar: m.n_xbar,
         })
     }
 
@@ -452,25 +476,29 @@ pub fn route(
 
 /// Operand rows of one grouped GEMM: fp16 DAC codes (analog) or bf16 values (digital), with
 /// α_nm per (row, crossbar block) for analog.
-pub struct GemmInput {
+pub struct GemmInput<'x> {
     /// `[rows, K]` operand bits.
     pub a: CudaSlice<u16>,
     /// `[rows, K/k_block]` α_nm (empty for digital).
     pub alpha: CudaSlice<f32>,
+    /// `[rows, K/k_block]` ‖x̃‖² (ADDITIVE weight noise only).
+    pub sumsq: Option<CudaSlice<f32>>,
+    /// The unquantised rows (analog: bound management re-encodes them at 2β).
+    pub x: Option<&'x CudaSlice<f32>>,
     /// Rows.
     pub rows: usize,
 }
 
 /// Prologue: noise management + DAC of `x` (`[rows, k]` f32) per crossbar block of `k_block`
 /// rows (analog), or bf16 conversion (digital, `periphery = None`).
-pub fn quantize(
+pub fn quantize<'x>(
     dev: &CudaDevice,
-    x: &CudaSlice<f32>,
+    x: &'x CudaSlice<f32>,
     rows: usize,
     k: usize,
     k_block: usize,
     periphery: Option<&GemmPeriphery>,
-) -> CudaResult<GemmInput> {
+) -> CudaResult<GemmInput<'x>> {
     if x.len() != rows * k || k_block == 0 || !k.is_multiple_of(k_block) {
         return Err(CudaError::Unsupported(format!(
             "quantize: {} values for {rows}×{k} in blocks of {k_block}",
@@ -487,15 +515,24 @@ pub fn quantize(
         return Ok(GemmInput {
             a,
             alpha: dev.zeros::<f32>(1)?,
+            sumsq: None,
+            x: None,
             rows,
         });
     };
     let n_kb = k / k_block;
     let mut alpha = dev.scratch::<f32>(rows * n_kb)?;
+    let sumsq = match p.additive_std {
+        Some(_) => Some(dev.scratch::<f32>(rows * n_kb)?),
+        None => None,
+    };
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_quantize")?;
     let (r32, k32, kb32) = (rows as u32, k as u32, k_block as u32);
     let use_dac = u32::from(p.dac.is_some());
     let (dac_step, dac_max) = p.dac.unwrap_or((1.0, 0.0));
+    let s = dev.stream();
+    // Raw pointer (0 = no ‖x̃‖² output): one stream, event tracking off (see grouped_gemm).
+    let sumsq_ptr: u64 = sumsq.as_ref().map_or(0, |b| b.device_ptr(s).0);
     dev.launch(
         &f,
         "moe_quantize",
@@ -511,10 +548,17 @@ pub fn quantize(
                 .arg(&dac_step)
                 .arg(&dac_max)
                 .arg(&mut a)
-                .arg(&mut alpha);
+                .arg(&mut alpha)
+                .arg(&sumsq_ptr);
         },
     )?;
-    Ok(GemmInput { a, alpha, rows })
+    Ok(GemmInput {
+        a,
+        alpha,
+        sumsq,
+        x: Some(x),
+        rows,
+    })
 }
 
 /// What the grouped GEMM does with its result rows.
@@ -539,6 +583,10 @@ pub struct GemmVariant {
     pub pcm_read: bool,
     /// IR-drop correction.
     pub ir_drop: bool,
+    /// ADDITIVE weight noise (‖x̃‖² per row from the prologue).
+    pub additive: bool,
+    /// Iterative bound management (saturated rows listed for `moe_bm_fixup`; store mode).
+    pub bound_management: bool,
     /// Output noise.
     pub out_noise: bool,
     /// ADC quantisation and clamp.
@@ -548,7 +596,7 @@ pub struct GemmVariant {
 }
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v`.
-pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 7] {
+pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 9] {
     let flag = |b: bool| i64::from(b);
     let mode = match v.output {
         GemmOutput::Store => 0,
@@ -560,6 +608,8 @@ pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 7] {
         ("MOE_SPLIT_W", flag(v.analog && v.split_w)),
         ("MOE_PCM_READ", flag(v.analog && v.pcm_read)),
         ("MOE_IR_DROP", flag(v.analog && v.ir_drop)),
+        ("MOE_ADDITIVE", flag(v.analog && v.additive && !v.pcm_read)),
+        ("MOE_BM", flag(v.analog && v.bound_management && v.adc)),
         ("MOE_OUT_NOISE", flag(v.analog && v.out_noise)),
         ("MOE_ADC", flag(v.analog && v.adc)),
         ("MOE_MODE", mode),
@@ -568,7 +618,7 @@ pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 7] {
 
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 7]> {
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -579,6 +629,8 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 7]> {
         split_w: on,
         pcm_read: on,
         ir_drop: on,
+        additive: false,
+        bound_management: false,
         out_noise: on,
         adc: on,
         output,
@@ -607,6 +659,31 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 7]> {
         ..base
     });
     v.push(GemmVariant { adc: true, ..base });
+    v.push(GemmVariant {
+        additive: true,
+        out_noise: true,
+        ..base
+    });
+    // Bound management runs in store mode: with everything else, and as the AIHWKIT default
+    // (ABS_MAX, ADC, output noise) and pcm-3d-8tier (plus PCM_READ) configure it.
+    let store = all(true, true, GemmOutput::Store);
+    v.push(GemmVariant {
+        bound_management: true,
+        ..store
+    });
+    v.push(GemmVariant {
+        bound_management: true,
+        pcm_read: false,
+        ir_drop: false,
+        ..store
+    });
+    v.push(GemmVariant {
+        bound_management: true,
+        additive: true,
+        pcm_read: false,
+        ir_drop: false,
+        ..store
+    });
     // The standard-hwa configuration of the benchmarks: split weights, noise and ADC.
     v.push(GemmVariant {
         split_w: true,
@@ -619,7 +696,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 7]> {
 
 /// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct GemmParams {
     a: u64,
     a_alpha: u64,
@@ -635,6 +712,13 @@ struct GemmParams {
     sorted_token: u64,
     sorted_weight: u64,
     out: u64,
+    a_sumsq: u64,
+    x_f32: u64,
+    bm_flag: u64,
+    bm_list: u64,
+    bm_count: u64,
+    bm_scratch: u64,
+    col_xbar: u64,
     seed: u64,
     k: u32,
     n: u32,
@@ -642,6 +726,8 @@ struct GemmParams {
     k_block: u32,
     n_experts: u32,
     mvm_id: u32,
+    n_xbar: u32,
+    use_dac: u32,
     dac_step: f32,
     adc_step: f32,
     adc_bound: f32,
@@ -649,23 +735,34 @@ struct GemmParams {
     w_noise_std: f32,
     ir_scale: f32,
     ir_k: f32,
+    dac_max_code: f32,
+    bm_limit: f32,
 }
 
 // SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
 unsafe impl DeviceRepr for GemmParams {}
 
-/// Size of the kernel parameter block of `moe_gemm` (NVRTC's `.param` is 176 bytes).
+/// Size of the kernel parameter block of `moe_gemm` and `moe_bm_fixup` (checked against the
+/// `.param` size in NVRTC's PTX by `tests/kernels_compile.rs`).
 pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
+
+/// CTAs of the bound-management fix-up (grid-stride over the listed rows).
+const BM_FIXUP_CTAS: usize = 264;
+/// Crossbar column blocks one fix-up CTA tracks (`BM_MAX_XBARS` in the kernel).
+const BM_MAX_XBARS: usize = 256;
 
 /// One grouped GEMM over the sorted pairs of `routing`.
 ///
 /// `gather_tokens`: operand row of sorted pair p is its token (first layer); otherwise row p
-/// itself (hidden rows in sorted order). `periphery = None` runs the digital variant.
+/// itself (hidden rows in sorted order). `periphery = None` runs the digital variant. With
+/// iterative bound management the output must be [`GemmOutput::Store`]: saturated rows are
+/// listed by `moe_gemm` and recomputed by `moe_bm_fixup` ([`GpuMoeLayer::forward`] composes
+/// SwiGLU and the scatter-add after it).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
-    input: &GemmInput,
+    input: &GemmInput<'_>,
     routing: &GpuRouting,
     gather_tokens: bool,
     periphery: Option<&GemmPeriphery>,
@@ -704,11 +801,27 @@ pub fn grouped_gemm(
         )));
     }
     let p = periphery.copied();
+    let bm = p.is_some_and(|p| p.bm_limit.is_some() && p.adc.is_some());
+    let additive = p.is_some_and(|p| p.additive_std.is_some() && p.pcm_read_std.is_none());
+    if bm && (output != GemmOutput::Store || input.x.is_none() || m.n_xbar > BM_MAX_XBARS) {
+        return Err(CudaError::Unsupported(format!(
+            "grouped GEMM with bound management: needs store mode ({output:?}), the unquantised \
+             input, and at most {BM_MAX_XBARS} crossbar column blocks ({})",
+            m.n_xbar
+        )));
+    }
+    if additive && input.sumsq.is_none() {
+        return Err(CudaError::Unsupported(
+            "grouped GEMM with ADDITIVE weight noise: the input has no ‖x̃‖² (quantize with the same periphery)".into(),
+        ));
+    }
     let defines = gemm_defines(&GemmVariant {
         analog: p.is_some(),
         split_w: m.precision == Precision::AnalogSplitF16,
         pcm_read: p.is_some_and(|p| p.pcm_read_std.is_some()),
         ir_drop: p.is_some_and(|p| p.ir_drop.is_some()),
+        additive,
+        bound_management: bm,
         out_noise: p.is_some_and(|p| p.out_noise > 0.0),
         adc: p.is_some_and(|p| p.adc.is_some()),
         output,
@@ -736,9 +849,30 @@ pub fn grouped_gemm(
         shared_bytes: shared,
         source,
     })?;
+    // Bound-management state: a flag and list slot per sorted row, a counter, fix-up scratch.
+    let bm_state = if bm {
+        Some((
+            dev.zeros::<u32>(pairs.max(1))?,
+            dev.scratch::<u32>(pairs.max(1))?,
+            dev.zeros::<u32>(1)?,
+            dev.scratch::<f32>(BM_FIXUP_CTAS * m.n_cols)?,
+        ))
+    } else {
+        None
+    };
     // Raw pointers: all work is on this one stream and event tracking is off, so the guards
     // `device_ptr` returns have nothing to synchronise.
     let s = dev.stream();
+    let (bm_flag, bm_list, bm_count, bm_scratch) = match bm_state.as_ref() {
+        Some((flag, list, count, scratch)) => (
+            flag.device_ptr(s).0,
+            list.device_ptr(s).0,
+            count.device_ptr(s).0,
+            scratch.device_ptr(s).0,
+        ),
+        None => (0, 0, 0, 0),
+    };
+    let (dac_step, dac_max_code) = p.and_then(|p| p.dac).unwrap_or((1.0, 0.0));
     let params = GemmParams {
         a: input.a.device_ptr(s).0,
         a_alpha: input.alpha.device_ptr(s).0,
@@ -758,6 +892,13 @@ pub fn grouped_gemm(
         sorted_token: routing.sorted_token.device_ptr(s).0,
         sorted_weight: routing.sorted_weight.device_ptr(s).0,
         out: out.device_ptr(s).0,
+        a_sumsq: input.sumsq.as_ref().map_or(0, |b| b.device_ptr(s).0),
+        x_f32: input.x.map_or(0, |x| x.device_ptr(s).0),
+        bm_flag,
+        bm_list,
+        bm_count,
+        bm_scratch,
+        col_xbar: m.col_xbar.device_ptr(s).0,
         seed,
         k: m.k as u32,
         n: m.n_cols as u32,
@@ -765,15 +906,21 @@ pub fn grouped_gemm(
         k_block: m.k_block as u32,
         n_experts: m.n_experts as u32,
         mvm_id,
-        dac_step: p.and_then(|p| p.dac).map_or(1.0, |d| d.0),
+        n_xbar: m.n_xbar as u32,
+        use_dac: u32::from(p.is_some_and(|p| p.dac.is_some())),
+        dac_step,
         adc_step: p.and_then(|p| p.adc).map_or(1.0, |a| a.0),
         adc_bound: p.and_then(|p| p.adc).map_or(f32::MAX, |a| a.1),
         out_noise: p.map_or(0.0, |p| p.out_noise),
-        w_noise_std: p.and_then(|p| p.pcm_read_std).unwrap_or(0.0),
+        w_noise_std: p
+            .and_then(|p| p.pcm_read_std.or(p.additive_std))
+            .unwrap_or(0.0),
         ir_scale: p.and_then(|p| p.ir_drop).map_or(0.0, |ir| ir.0),
         ir_k: p
             .and_then(|p| p.ir_drop)
             .map_or(0.0, |ir| m.k_block as f32 / ir.1),
+        dac_max_code,
+        bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
     let cfg = LaunchConfig {
         grid_dim: (
@@ -786,7 +933,68 @@ pub fn grouped_gemm(
     };
     dev.launch(&f, "moe_gemm", cfg, |b| {
         b.arg(&params);
-    })
+    })?;
+    if bm {
+        let fixup = dev.function(&ANALOG_MOE_CU, &defines, "moe_bm_fixup")?;
+        let cfg = LaunchConfig {
+            grid_dim: (BM_FIXUP_CTAS.min(pairs.max(1)) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (m.k_block * std::mem::size_of::<f32>()) as u32,
+        };
+        dev.launch(&fixup, "moe_bm_fixup", cfg, |b| {
+            b.arg(&params);
+        })?;
+    }
+    // Dropping the bound-management buffers frees them in stream order (cuMemFreeAsync on
+    // this stream), after the kernels that use them.
+    drop(bm_state);
+    Ok(())
+}
+
+/// `[P, N]` store-mode rows with interleaved gate/up columns → SwiGLU `[P, N/2]`.
+fn swiglu_rows(
+    dev: &CudaDevice,
+    gu: &CudaSlice<f32>,
+    rows: usize,
+    n: usize,
+) -> CudaResult<CudaSlice<f32>> {
+    let mut h = dev.scratch::<f32>(rows * n / 2)?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "swiglu_rows")?;
+    let (r64, half) = (rows as u64, (n / 2) as u32);
+    dev.launch(
+        &f,
+        "swiglu_rows",
+        linear_launch(r64 * u64::from(half)),
+        |b| {
+            b.arg(gu).arg(&r64).arg(&half).arg(&mut h);
+        },
+    )?;
+    Ok(h)
+}
+
+/// `y[token of p] += weight of p · rows[p]` for `[P, n]` store-mode rows.
+fn scatter_rows(
+    dev: &CudaDevice,
+    rows_buf: &CudaSlice<f32>,
+    routing: &GpuRouting,
+    n: usize,
+    y: &mut CudaSlice<f32>,
+) -> CudaResult<()> {
+    let f = dev.function(&ANALOG_MOE_CU, &[], "scatter_rows")?;
+    let (r64, n32) = ((routing.n_tokens * routing.top_k) as u64, n as u32);
+    dev.launch(
+        &f,
+        "scatter_rows",
+        linear_launch(r64 * u64::from(n32)),
+        |b| {
+            b.arg(rows_buf)
+                .arg(&r64)
+                .arg(&n32)
+                .arg(&routing.sorted_token)
+                .arg(&routing.sorted_weight)
+                .arg(y);
+        },
+    )
 }
 
 /// One MoE expert layer (SwiGLU experts) on the GPU, analog or digital.
@@ -803,6 +1011,10 @@ pub struct GpuMoeLayer {
 
 impl GpuMoeLayer {
     /// y = Σ_k w_k · down_e(SwiGLU(gate_up_e(x))) for the routed pairs; x `[T, d]` → `[T, d]`.
+    ///
+    /// Without bound management SwiGLU and the scatter-add are fused into the GEMM epilogues;
+    /// with it each GEMM stores its rows, the fix-up recomputes the saturated ones, and SwiGLU
+    /// and the scatter-add run after.
     pub fn forward(
         &self,
         dev: &CudaDevice,
@@ -813,34 +1025,70 @@ impl GpuMoeLayer {
         let (t, d, n) = (routing.n_tokens, self.gate_up.k, self.down.k);
         let pairs = t * routing.top_k;
         let p = self.periphery.as_ref();
+        let bm = p.is_some_and(|p| p.bm_limit.is_some() && p.adc.is_some());
         let xq = quantize(dev, x, t, d, self.gate_up.k_block, p)?;
-        let mut h = dev.scratch::<f32>(pairs * n)?;
-        grouped_gemm(
-            dev,
-            &self.gate_up,
-            &xq,
-            routing,
-            true,
-            p,
-            self.seed,
-            mvm_id,
-            GemmOutput::SwiGlu,
-            &mut h,
-        )?;
+        let h = if bm {
+            let mut gu = dev.scratch::<f32>(pairs * 2 * n)?;
+            grouped_gemm(
+                dev,
+                &self.gate_up,
+                &xq,
+                routing,
+                true,
+                p,
+                self.seed,
+                mvm_id,
+                GemmOutput::Store,
+                &mut gu,
+            )?;
+            swiglu_rows(dev, &gu, pairs, 2 * n)?
+        } else {
+            let mut h = dev.scratch::<f32>(pairs * n)?;
+            grouped_gemm(
+                dev,
+                &self.gate_up,
+                &xq,
+                routing,
+                true,
+                p,
+                self.seed,
+                mvm_id,
+                GemmOutput::SwiGlu,
+                &mut h,
+            )?;
+            h
+        };
         let hq = quantize(dev, &h, pairs, n, self.down.k_block, p)?;
         let mut y = dev.zeros::<f32>(t * d)?;
-        grouped_gemm(
-            dev,
-            &self.down,
-            &hq,
-            routing,
-            false,
-            p,
-            self.seed,
-            mvm_id,
-            GemmOutput::ScatterAdd,
-            &mut y,
-        )?;
+        if bm {
+            let mut rows = dev.scratch::<f32>(pairs * d)?;
+            grouped_gemm(
+                dev,
+                &self.down,
+                &hq,
+                routing,
+                false,
+                p,
+                self.seed,
+                mvm_id,
+                GemmOutput::Store,
+                &mut rows,
+            )?;
+            scatter_rows(dev, &rows, routing, d, &mut y)?;
+        } else {
+            grouped_gemm(
+                dev,
+                &self.down,
+                &hq,
+                routing,
+                false,
+                p,
+                self.seed,
+                mvm_id,
+                GemmOutput::ScatterAdd,
+                &mut y,
+            )?;
+        }
         Ok(y)
     }
 }

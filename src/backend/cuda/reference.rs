@@ -103,68 +103,100 @@ pub fn grouped_rows(
         return out;
     };
     let step = p.dac.map_or(1.0, |d| d.0);
+    let mut y = vec![0.0f32; n];
+    let mut pending = vec![false; m.n_xbar];
+    let mut saturated = vec![false; m.n_xbar];
     for (r, xr) in x.rows().into_iter().enumerate() {
         for kb in 0..n_kb {
             let seg = &xr.as_slice().expect("standard layout")[kb * kb_len..][..kb_len];
-            // Prologue (moe_quantize): noise management and DAC code per input.
+            // Prologue (moe_quantize): noise management.
             let alpha_nm = match p.nm_kind {
                 0 => seg.iter().fold(0.0f32, |a, v| a.max(v.abs())),
                 1 => p.nm_value,
                 _ => 1.0,
             };
-            let q: Vec<f32> = seg
-                .iter()
-                .map(|&v| {
-                    if alpha_nm == 0.0 {
-                        return 0.0;
-                    }
-                    let v = v / alpha_nm;
-                    match p.dac {
-                        Some((step, max_code)) => {
-                            (v / step).round_ties_even().clamp(-max_code, max_code)
+            // Step 8 (moe_bm_fixup): every crossbar of the row starts at β = 1; those with a
+            // saturated output re-run at 2β with the next `attempt` of the noise streams, all
+            // still-pending crossbars together, while β ≤ the limit.
+            pending.fill(true);
+            let mut beta = 1.0f32;
+            for attempt in 0u8..=u8::MAX {
+                let scale = alpha_nm * beta;
+                // DAC code per input (moe_quantize at β = 1, the fix-up kernel after).
+                let q: Vec<f32> = seg
+                    .iter()
+                    .map(|&v| {
+                        if scale == 0.0 {
+                            return 0.0;
                         }
-                        None => v,
-                    }
-                })
-                .collect();
-            for c in 0..n {
-                let wc = &w(c)[kb * kb_len..][..kb_len];
-                let (mut acc, mut abs, mut s2, mut ir) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-                for (j, (&wj, &qj)) in wc.iter().zip(&q).enumerate() {
-                    let ws = (ops.w_side)(wj);
-                    acc += (ops.w)(wj) * qj;
-                    abs += ws.abs() * qj.abs();
-                    s2 += ws.abs() * (ops.a_side)(qj * qj);
-                    let u = 1.0 - j as f32 / kb_len as f32;
-                    ir += ws * (ops.a_side)(qj * (ops.a_side)(1.0 - u * u));
-                }
-                // Epilogue (moe_gemm, one crossbar block).
-                let mut v = acc * step;
-                if let Some((ir_scale, g_ratio)) = p.ir_drop {
-                    let a = kb_len as f32 / g_ratio * (abs * step);
-                    let cc = a * (a * (0.05 * a - 0.2) + 0.5);
-                    v -= ir_scale * cc * (ir * step);
-                }
-                let tab = (expert * n_kb + kb) * n + c;
-                let tid = m.col_tensor_id[tab];
-                let idx = (r * m.col_block_cols[c] as usize + m.col_local[c] as usize) as u64;
-                // Short-term weight noise and output noise: one normal of the summed variance
-                // under `OutputNoise`, as tile::Crossbar::analog draws it.
-                if p.out_noise > 0.0 || p.pcm_read_std.is_some() {
-                    let z = Stream::new(seed, Purpose::OutputNoise, tid).normal(idx, mvm_id);
-                    let sd = match p.pcm_read_std {
-                        Some(std) => {
-                            let out_var = p.out_noise * p.out_noise;
-                            (out_var + std * std * (s2 * (step * step))).sqrt()
+                        let v = v / scale;
+                        match p.dac {
+                            Some((step, max_code)) => {
+                                (v / step).round_ties_even().clamp(-max_code, max_code)
+                            }
+                            None => v,
                         }
-                        None => p.out_noise,
-                    };
-                    v += sd * z;
+                    })
+                    .collect();
+                let sum_x2: f32 = q.iter().map(|&c| (c * step) * (c * step)).sum();
+                saturated.fill(false);
+                for c in (0..n).filter(|&c| pending[m.col_xbar[c] as usize]) {
+                    let wc = &w(c)[kb * kb_len..][..kb_len];
+                    let (mut acc, mut abs, mut s2, mut ir) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+                    for (j, (&wj, &qj)) in wc.iter().zip(&q).enumerate() {
+                        let ws = (ops.w_side)(wj);
+                        acc += (ops.w)(wj) * qj;
+                        abs += ws.abs() * qj.abs();
+                        s2 += ws.abs() * (ops.a_side)(qj * qj);
+                        let u = 1.0 - j as f32 / kb_len as f32;
+                        ir += ws * (ops.a_side)(qj * (ops.a_side)(1.0 - u * u));
+                    }
+                    // Epilogue (moe_gemm, one crossbar block).
+                    let mut v = acc * step;
+                    if let Some((ir_scale, g_ratio)) = p.ir_drop {
+                        let a = kb_len as f32 / g_ratio * (abs * step);
+                        let cc = a * (a * (0.05 * a - 0.2) + 0.5);
+                        v -= ir_scale * cc * (ir * step);
+                    }
+                    let tab = (expert * n_kb + kb) * n + c;
+                    let tid = m.col_tensor_id[tab];
+                    let idx = (r * m.col_block_cols[c] as usize + m.col_local[c] as usize) as u64;
+                    // Short-term weight noise and output noise: one normal of the summed
+                    // variance under `OutputNoise`, as tile::Crossbar::analog draws it.
+                    if p.noisy() {
+                        let z = Stream::new(seed, Purpose::OutputNoise, tid)
+                            .normal_attempt(idx, mvm_id, attempt);
+                        let out_var = p.out_noise * p.out_noise;
+                        let sd = match (p.pcm_read_std, p.additive_std) {
+                            (Some(std), _) => (out_var + std * std * (s2 * (step * step))).sqrt(),
+                            (None, Some(std)) => (out_var + std * std * sum_x2).sqrt(),
+                            (None, None) => p.out_noise,
+                        };
+                        v += sd * z;
+                    }
+                    if let Some((adc_step, bound)) = p.adc {
+                        v = ((v / adc_step).round_ties_even() * adc_step).clamp(-bound, bound);
+                        if v.abs() >= bound {
+                            saturated[m.col_xbar[c] as usize] = true;
+                        }
+                    }
+                    y[c] = v;
                 }
-                if let Some((adc_step, bound)) = p.adc {
-                    v = ((v / adc_step).round_ties_even() * adc_step).clamp(-bound, bound);
+                let again_ok = p.bm_limit.is_some_and(|l| beta <= l) && alpha_nm > 0.0;
+                for c in 0..n {
+                    let xb = m.col_xbar[c] as usize;
+                    if pending[xb] && !(saturated[xb] && again_ok) {
+                        let tab = (expert * n_kb + kb) * n + c;
+                        out[[r, c]] += y[c] * (scale * m.col_scale[tab]);
+                    }
                 }
-                out[[r, c]] += v * (alpha_nm * m.col_scale[tab]);
+                for (pnd, &sat) in pending.iter_mut().zip(&saturated) {
+                    *pnd = *pnd && sat && again_ok;
+                }
+                if !pending.contains(&true) {
+                    break;
+                }
+                beta *= 2.0;
             }
         }
     }

@@ -1,0 +1,235 @@
+//! The routed experts of a whole model on the GPU: one grouped analog layer
+//! ([`GpuMoeLayer`]) per MoE layer, built from the crossbars the CPU backend programmed and
+//! drifted ([`AnalogExperts`]), so both backends run the same conductances with the same
+//! Philox streams.
+//!
+//! The model calls [`ExpertLinear::routed_experts`] once per MoE layer; the adapter uploads the
+//! layer input and the (token, expert, weight) pairs, sorts them on the GPU and runs the fused
+//! gate/up → SwiGLU → down kernels, then copies the weighted sum back. Everything else of the
+//! forward pass (attention, router, norms, shared experts, dense MLPs) stays on the CPU path.
+//!
+//! A layer stays on the CPU (listed in [`GpuExperts::cpu_layers`] with the reason) when some of
+//! its routed experts are digital (heterogeneous mappings) or when its crossbar blocks do not
+//! fit the kernel tiles (output columns a multiple of [`super::moe::TILE_COLS`], crossbar rows
+//! a multiple of [`super::moe::TILE_K`]).
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use anyhow::Result;
+use ndarray::{Array2, ArrayView2};
+
+use super::error::DriverContext;
+use super::moe::{route, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix, Precision};
+use super::{CudaDevice, CudaError, CudaResult};
+use crate::backend::cpu::{AnalogCall, AnalogExperts};
+use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
+use crate::tile::{AnalogMatrix, PeripherySpec};
+
+/// Every MoE layer whose routed experts are all analog, as grouped GPU layers.
+pub struct GpuExperts<'a, 'm> {
+    dev: &'a CudaDevice,
+    cpu: &'a AnalogExperts<'m>,
+    layers: BTreeMap<usize, GpuMoeLayer>,
+    cpu_layers: Vec<(usize, String)>,
+    /// One layer at a time on the device's single stream (the CPU side runs sequences in
+    /// parallel; their GPU layers queue here).
+    lock: Mutex<()>,
+}
+
+impl<'a, 'm> GpuExperts<'a, 'm> {
+    /// Uploads the routed experts of every MoE layer of `cpu` (programmed and drifted) in the
+    /// operand format of `precision`, with the kernel form of `periphery`.
+    pub fn upload(
+        dev: &'a CudaDevice,
+        cpu: &'a AnalogExperts<'m>,
+        periphery: &PeripherySpec,
+        precision: Precision,
+    ) -> CudaResult<Self> {
+        let gemm = GemmPeriphery::from_spec(periphery)?;
+        let cfg = &cpu.model().config;
+        let mut layers = BTreeMap::new();
+        let mut cpu_layers = Vec::new();
+        for l in (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]) {
+            let proj = |proj| -> Option<Vec<&AnalogMatrix>> {
+                (0..cfg.num_experts)
+                    .map(|e| {
+                        cpu.matrix(MatrixId {
+                            layer: l,
+                            slot: ExpertSlot::Routed(e),
+                            proj,
+                        })
+                    })
+                    .collect()
+            };
+            let (Some(gate), Some(up), Some(down)) =
+                (proj(Proj::Gate), proj(Proj::Up), proj(Proj::Down))
+            else {
+                cpu_layers.push((l, "some of its routed experts are digital".to_string()));
+                continue;
+            };
+            let built = (|| -> CudaResult<GpuMoeLayer> {
+                let gate_up = GroupedMatrix::interleave_swiglu(
+                    &GroupedMatrix::from_analog(&gate)?,
+                    &GroupedMatrix::from_analog(&up)?,
+                )?;
+                let down = GroupedMatrix::from_analog(&down)?;
+                Ok(GpuMoeLayer {
+                    gate_up: GpuGroupedMatrix::upload(dev, &gate_up, precision)?,
+                    down: GpuGroupedMatrix::upload(dev, &down, precision)?,
+                    periphery: Some(gemm),
+                    seed: cpu.seed(),
+                })
+            })();
+            match built {
+                Ok(layer) => {
+                    layers.insert(l, layer);
+                }
+                Err(CudaError::Unsupported(why)) => cpu_layers.push((l, why)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Self {
+            dev,
+            cpu,
+            layers,
+            cpu_layers,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// MoE layers whose routed experts run on the GPU.
+    pub fn gpu_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.keys().copied()
+    }
+
+    /// MoE layers left on the CPU, with the reason.
+    pub fn cpu_layers(&self) -> &[(usize, String)] {
+        &self.cpu_layers
+    }
+
+    /// A view that runs MVMs with the per-MVM noise of call `mvm_id` (the id
+    /// [`AnalogExperts::call`] takes, so both backends draw the same output noise).
+    pub fn call(&self, mvm_id: u32) -> GpuCall<'_, 'a, 'm> {
+        GpuCall {
+            experts: self,
+            cpu: self.cpu.call(mvm_id),
+            mvm_id,
+        }
+    }
+
+    /// One grouped layer: upload, sort by expert, gate/up → SwiGLU → down, copy back.
+    fn run(
+        &self,
+        layer: &GpuMoeLayer,
+        x: ArrayView2<'_, f32>,
+        assignments: &[Assignment],
+        top_k: usize,
+        n_experts: usize,
+        mvm_id: u32,
+    ) -> CudaResult<Array2<f32>> {
+        let _queue = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let dev = self.dev;
+        dev.context()
+            .bind_to_thread()
+            .while_(|| "binding the CUDA context to a worker thread".into())?;
+        let (t, d) = x.dim();
+        let x = x.as_standard_layout();
+        let x_dev = dev.upload(x.as_slice().expect("standard layout"))?;
+        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
+        let routing = route(
+            dev,
+            &dev.upload(&experts)?,
+            &dev.upload(&weights)?,
+            t,
+            top_k,
+            n_experts,
+        )?;
+        let y = layer.forward(dev, &x_dev, &routing, mvm_id)?;
+        let host = dev.download(&y)?;
+        Ok(Array2::from_shape_vec((t, d), host).expect("kernel output is [T, d]"))
+    }
+}
+
+/// [`GpuExperts`] bound to one MVM call id; implements the model's [`ExpertLinear`].
+pub struct GpuCall<'g, 'a, 'm> {
+    experts: &'g GpuExperts<'a, 'm>,
+    cpu: AnalogCall<'a, 'm>,
+    mvm_id: u32,
+}
+
+/// `Some(k)` when `assignments` are exactly `k` per token in token order (what the GPU sort
+/// takes: pair `p` belongs to token `p / k`), with every expert index below `n_experts`.
+fn uniform_top_k(assignments: &[Assignment], n_tokens: usize, n_experts: usize) -> Option<usize> {
+    if n_tokens == 0 || assignments.is_empty() || !assignments.len().is_multiple_of(n_tokens) {
+        return None;
+    }
+    let k = assignments.len() / n_tokens;
+    assignments
+        .iter()
+        .enumerate()
+        .all(|(p, a)| a.token as usize == p / k && (a.expert as usize) < n_experts)
+        .then_some(k)
+}
+
+impl ExpertLinear for GpuCall<'_, '_, '_> {
+    fn linear(&self, id: MatrixId, x: ArrayView2<'_, f32>) -> Array2<f32> {
+        self.cpu.linear(id, x)
+    }
+
+    fn routed_experts(
+        &self,
+        layer: usize,
+        x: ArrayView2<'_, f32>,
+        assignments: &[Assignment],
+        n_experts: usize,
+    ) -> Result<Option<Array2<f32>>> {
+        let Some(gpu_layer) = self.experts.layers.get(&layer) else {
+            return Ok(None);
+        };
+        // Routers with a variable number of experts per token (relu, adaptive) take the
+        // per-expert CPU path.
+        let Some(k) = uniform_top_k(assignments, x.nrows(), n_experts) else {
+            return Ok(None);
+        };
+        self.experts
+            .run(gpu_layer, x, assignments, k, n_experts, self.mvm_id)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("MoE layer {layer} on the GPU: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(token: u32, expert: u32) -> Assignment {
+        Assignment {
+            token,
+            expert,
+            weight: 0.5,
+        }
+    }
+
+    #[test]
+    fn uniform_top_k_accepts_only_token_major_fixed_k() {
+        assert_eq!(
+            uniform_top_k(&[a(0, 1), a(0, 2), a(1, 0), a(1, 3)], 2, 4),
+            Some(2)
+        );
+        // A token with 3 experts and one with 1 (adaptive routing).
+        assert_eq!(
+            uniform_top_k(&[a(0, 1), a(0, 2), a(0, 0), a(1, 3)], 2, 4),
+            None
+        );
+        // Out of token order.
+        assert_eq!(
+            uniform_top_k(&[a(1, 1), a(1, 2), a(0, 0), a(0, 3)], 2, 4),
+            None
+        );
+        // Expert index out of range.
+        assert_eq!(uniform_top_k(&[a(0, 4), a(1, 0)], 2, 4), None);
+        assert_eq!(uniform_top_k(&[], 2, 4), None);
+        assert_eq!(uniform_top_k(&[a(0, 0)], 0, 4), None);
+    }
+}
