@@ -40,6 +40,9 @@ pub enum Shape {
     FineGrained,
     /// Mixtral-like: T=8192, d=4096, n=14336, E=8, k=2.
     Mixtral,
+    /// One OLMoE expert with its share of tokens: T=2048, d=2048, n=1024, E=1, k=1 (the shape
+    /// `tools/aihwkit_lightning_bench.py` times AIHWKIT-Lightning on).
+    Expert,
 }
 
 impl Shape {
@@ -49,6 +52,7 @@ impl Shape {
             Self::Olmoe => (16384, 2048, 1024, 64, 8),
             Self::FineGrained => (24576, 1536, 256, 128, 8),
             Self::Mixtral => (8192, 4096, 14336, 8, 2),
+            Self::Expert => (2048, 2048, 1024, 1, 1),
         }
     }
 }
