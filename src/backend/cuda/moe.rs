@@ -1026,68 +1026,33 @@ impl GpuMoeLayer {
         let pairs = t * routing.top_k;
         let p = self.periphery.as_ref();
         let bm = p.is_some_and(|p| p.bm_limit.is_some() && p.adc.is_some());
+        let gemm = |m: &GpuGroupedMatrix,
+                    input: &GemmInput<'_>,
+                    gather: bool,
+                    output: GemmOutput,
+                    out: &mut CudaSlice<f32>| {
+            grouped_gemm(
+                dev, m, input, routing, gather, p, self.seed, mvm_id, output, out,
+            )
+        };
         let xq = quantize(dev, x, t, d, self.gate_up.k_block, p)?;
         let h = if bm {
             let mut gu = dev.scratch::<f32>(pairs * 2 * n)?;
-            grouped_gemm(
-                dev,
-                &self.gate_up,
-                &xq,
-                routing,
-                true,
-                p,
-                self.seed,
-                mvm_id,
-                GemmOutput::Store,
-                &mut gu,
-            )?;
+            gemm(&self.gate_up, &xq, true, GemmOutput::Store, &mut gu)?;
             swiglu_rows(dev, &gu, pairs, 2 * n)?
         } else {
             let mut h = dev.scratch::<f32>(pairs * n)?;
-            grouped_gemm(
-                dev,
-                &self.gate_up,
-                &xq,
-                routing,
-                true,
-                p,
-                self.seed,
-                mvm_id,
-                GemmOutput::SwiGlu,
-                &mut h,
-            )?;
+            gemm(&self.gate_up, &xq, true, GemmOutput::SwiGlu, &mut h)?;
             h
         };
         let hq = quantize(dev, &h, pairs, n, self.down.k_block, p)?;
         let mut y = dev.zeros::<f32>(t * d)?;
         if bm {
             let mut rows = dev.scratch::<f32>(pairs * d)?;
-            grouped_gemm(
-                dev,
-                &self.down,
-                &hq,
-                routing,
-                false,
-                p,
-                self.seed,
-                mvm_id,
-                GemmOutput::Store,
-                &mut rows,
-            )?;
+            gemm(&self.down, &hq, false, GemmOutput::Store, &mut rows)?;
             scatter_rows(dev, &rows, routing, d, &mut y)?;
         } else {
-            grouped_gemm(
-                dev,
-                &self.down,
-                &hq,
-                routing,
-                false,
-                p,
-                self.seed,
-                mvm_id,
-                GemmOutput::ScatterAdd,
-                &mut y,
-            )?;
+            gemm(&self.down, &hq, false, GemmOutput::ScatterAdd, &mut y)?;
         }
         Ok(y)
     }
