@@ -28,6 +28,7 @@ pub enum BackendRequest {
 /// The resolved backend of a command.
 #[derive(Clone, Debug, Default)]
 pub struct Execution {
+    #[cfg(feature = "cuda")]
     request: BackendRequest,
     #[cfg(feature = "cuda")]
     device: Option<Arc<CudaDevice>>,
@@ -37,6 +38,7 @@ impl Execution {
     /// The CPU backend.
     pub fn cpu() -> Self {
         Self {
+            #[cfg(feature = "cuda")]
             request: BackendRequest::Cpu,
             #[cfg(feature = "cuda")]
             device: None,
@@ -70,15 +72,10 @@ impl Execution {
             ),
             BackendRequest::Auto => {
                 eprintln!("note: running on the CPU backend (built without the `cuda` feature)");
-                Ok(Self { request })
+                Ok(Self {})
             }
-            BackendRequest::Cpu => Ok(Self { request }),
+            BackendRequest::Cpu => Ok(Self {}),
         }
-    }
-
-    /// What was asked for.
-    pub fn request(&self) -> BackendRequest {
-        self.request
     }
 
     /// `cpu` or `cuda (<GPU name>)`, for reports.

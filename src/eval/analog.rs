@@ -244,7 +244,7 @@ pub fn evaluate(
                         crate::backend::cuda::moe::Precision::AnalogSplitF16,
                     )
                     .map_err(|e| anyhow::anyhow!("uploading the experts to the GPU: {e}"))?;
-                    backend = describe_gpu(dev.name(), &g);
+                    backend = describe_gpu(&cfg.execution, &g);
                     Some(g)
                 }
             };
@@ -319,9 +319,15 @@ pub fn evaluate(
 
 /// `cuda (<GPU>): routed experts of layers [..] on the GPU; layer L on the CPU (why)`.
 #[cfg(feature = "cuda")]
-fn describe_gpu(name: &str, g: &crate::backend::cuda::experts::GpuExperts<'_, '_>) -> String {
+fn describe_gpu(
+    execution: &Execution,
+    g: &crate::backend::cuda::experts::GpuExperts<'_, '_>,
+) -> String {
     let on_gpu: Vec<usize> = g.gpu_layers().collect();
-    let mut s = format!("cuda ({name}): routed experts of MoE layers {on_gpu:?} on the GPU");
+    let mut s = format!(
+        "{}: routed experts of MoE layers {on_gpu:?} on the GPU",
+        execution.describe()
+    );
     for (l, why) in g.cpu_layers() {
         s.push_str(&format!("; layer {l} on the CPU ({why})"));
     }

@@ -6,8 +6,7 @@ use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, Arr
 use rayon::prelude::*;
 
 use super::preset::{
-    BoundManagement, DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset,
-    WeightNoise,
+    DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset, WeightNoise,
 };
 use crate::device::{Device, WeightConverter};
 use crate::rng::{Purpose, Stream};
@@ -25,8 +24,6 @@ pub const GDC_READOUT_MVM_ID: u32 = u32::MAX - 1;
 
 /// AIHWKIT `GlobalDriftCompensation` floor of the readout mean |Y| (design.md §2).
 const GDC_MIN_READOUT: f32 = 1e-4;
-/// Largest input down-scaling β when bound management runs without a DAC.
-const BM_MAX_BETA_NO_DAC: f32 = 256.0;
 
 /// A programmed R×C block: weights live as normalised conductance-derived values W̃ (`[n_out,
 /// n_in]`, PyTorch layout), the periphery converts inputs and outputs (design.md §3).
@@ -452,8 +449,7 @@ impl Crossbar {
         // 3–7. analog MVM, IR drop, weight noise, output noise, ADC
         self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut());
         // 8. iterative bound management, only for saturated rows
-        if let (BoundManagement::Iterative, Some(adc)) = (p.bound_management, p.adc) {
-            let limit = p.dac.map_or(BM_MAX_BETA_NO_DAC, |d| 0.25 / d.step());
+        if let (Some(limit), Some(adc)) = (p.bm_beta_limit(), p.adc) {
             let saturated = |o: ndarray::ArrayView1<f32>| o.iter().any(|v| v.abs() >= adc.bound);
             let mut pending: Vec<usize> = (0..rows)
                 .filter(|&r| alpha_nm[r] > 0.0 && saturated(out.row(r)))

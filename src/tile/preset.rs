@@ -224,6 +224,19 @@ pub struct PeripherySpec {
     pub bound_management: BoundManagement,
 }
 
+/// Largest input down-scaling β that iterative bound management may still double when there is
+/// no DAC (with one the limit is 0.25/Δ_in).
+const BM_MAX_BETA_NO_DAC: f32 = 256.0;
+
+impl PeripherySpec {
+    /// Step 8 of design.md §3: `Some(limit)` when iterative bound management is on (it needs an
+    /// ADC to detect saturation); a saturated row is redone at 2β while β ≤ limit.
+    pub fn bm_beta_limit(&self) -> Option<f32> {
+        (self.bound_management == BoundManagement::Iterative && self.adc.is_some())
+            .then(|| self.dac.map_or(BM_MAX_BETA_NO_DAC, |d| 0.25 / d.step()))
+    }
+}
+
 /// 3D geometry: a stack is T tiers of R×C crossbars sharing one periphery (design.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelA
 
 use super::compile::ANALOG_MOE_CU;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
-use crate::tile::{AnalogMatrix, BoundManagement, NoiseManagement, PeripherySpec, WeightNoise};
+use crate::tile::{AnalogMatrix, NoiseManagement, PeripherySpec, WeightNoise};
 
 /// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel).
 pub const TILE_ROWS: usize = 64;
@@ -72,13 +72,10 @@ pub struct GemmPeriphery {
     pub(crate) additive_std: Option<f32>,
     /// IR drop (scale, g_ratio).
     pub(crate) ir_drop: Option<(f32, f32)>,
-    /// Iterative bound management: the largest β that may still be doubled (step 8; only with
-    /// an ADC, as [`crate::tile::Crossbar`]).
+    /// Iterative bound management: the largest β that may still be doubled
+    /// ([`PeripherySpec::bm_beta_limit`]).
     pub(crate) bm_limit: Option<f32>,
 }
-
-/// β limit without a DAC, as `tile::crossbar::BM_MAX_BETA_NO_DAC`.
-const BM_MAX_BETA_NO_DAC: f32 = 256.0;
 
 impl GemmPeriphery {
     /// Kernel form of `spec`. DACs above 11 bits are refused: their codes are not exact fp16
@@ -102,8 +99,6 @@ impl GemmPeriphery {
                 )));
             }
         }
-        let bm_limit = (spec.bound_management == BoundManagement::Iterative && spec.adc.is_some())
-            .then(|| spec.dac.map_or(BM_MAX_BETA_NO_DAC, |d| 0.25 / d.step()));
         Ok(Self {
             nm_kind,
             nm_value,
@@ -116,8 +111,13 @@ impl GemmPeriphery {
             pcm_read_std,
             additive_std,
             ir_drop: spec.ir_drop.map(|ir| (ir.scale, ir.g_ratio)),
-            bm_limit,
+            bm_limit: spec.bm_beta_limit(),
         })
+    }
+
+    /// Whether iterative bound management runs (saturated rows go to `moe_bm_fixup`).
+    pub(crate) fn bound_managed(&self) -> bool {
+        self.bm_limit.is_some()
     }
 
     /// Whether per-output noise is drawn (output noise and/or short-term weight noise).
@@ -237,10 +237,16 @@ impl GroupedMatrix {
             )));
         }
         let (e_count, k, n_kb) = (gate.n_experts, gate.k, gate.k / gate.k_block);
-        let src = |f: usize| -> (&Self, usize) {
+        // Interleaved column f → (source matrix, its column, offset of its crossbar numbers:
+        // up crossbars are numbered after the gate ones).
+        let src = |f: usize| -> (&Self, usize, u32) {
             let g8 = f / 8;
-            let m = if g8.is_multiple_of(2) { gate } else { up };
-            (m, (g8 / 2) * 8 + f % 8)
+            let (m, xbar0) = if g8.is_multiple_of(2) {
+                (gate, 0)
+            } else {
+                (up, gate.n_xbar as u32)
+            };
+            (m, (g8 / 2) * 8 + f % 8, xbar0)
         };
         let nf = 2 * n;
         let mut m = Self {
@@ -257,12 +263,10 @@ impl GroupedMatrix {
             n_xbar: gate.n_xbar + up.n_xbar,
         };
         for f in 0..nf {
-            let (s, c) = src(f);
+            let (s, c, xbar0) = src(f);
             m.col_local[f] = s.col_local[c];
             m.col_block_cols[f] = s.col_block_cols[c];
-            // Up crossbars are numbered after the gate ones.
-            let is_up = (f / 8) % 2 == 1;
-            m.col_xbar[f] = s.col_xbar[c] + if is_up { gate.n_xbar as u32 } else { 0 };
+            m.col_xbar[f] = s.col_xbar[c] + xbar0;
             for e in 0..e_count {
                 m.weights[(e * nf + f) * k..][..k]
                     .copy_from_slice(&s.weights[(e * n + c) * k..][..k]);
@@ -684,7 +688,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
         ir_drop: false,
         ..store
     });
-    // The standard-hwa configuration of the benchmarks: split weights, noise and ADC.
+    // Split weights with output noise and ADC (standard-hwa without its PCM_READ and IR drop).
     v.push(GemmVariant {
         split_w: true,
         out_noise: true,
@@ -696,7 +700,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
 
 /// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct GemmParams {
     a: u64,
     a_alpha: u64,
@@ -801,8 +805,8 @@ pub fn grouped_gemm(
         )));
     }
     let p = periphery.copied();
-    let bm = p.is_some_and(|p| p.bm_limit.is_some() && p.adc.is_some());
-    let additive = p.is_some_and(|p| p.additive_std.is_some() && p.pcm_read_std.is_none());
+    let bm = p.is_some_and(|p| p.bound_managed());
+    let additive = p.is_some_and(|p| p.additive_std.is_some());
     if bm && (output != GemmOutput::Store || input.x.is_none() || m.n_xbar > BM_MAX_XBARS) {
         return Err(CudaError::Unsupported(format!(
             "grouped GEMM with bound management: needs store mode ({output:?}), the unquantised \
@@ -1025,7 +1029,7 @@ impl GpuMoeLayer {
         let (t, d, n) = (routing.n_tokens, self.gate_up.k, self.down.k);
         let pairs = t * routing.top_k;
         let p = self.periphery.as_ref();
-        let bm = p.is_some_and(|p| p.bm_limit.is_some() && p.adc.is_some());
+        let bm = p.is_some_and(GemmPeriphery::bound_managed);
         let gemm = |m: &GpuGroupedMatrix,
                     input: &GemmInput<'_>,
                     gather: bool,
