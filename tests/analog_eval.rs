@@ -1,36 +1,23 @@
 //! The analog model against the digital baseline on the embedded model (issue 4 acceptance tests).
 
+mod common;
+
 use aimc::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport};
 use aimc::mapping::{
     map_matrices, ChipGeometry, Mapping, MappingOptions, MatrixSpec, RoutingTrace, Strategy,
 };
-use aimc::model::{embedded, Model, RouterKind};
+use aimc::model::{Model, RouterKind};
 use aimc::tile::{DriftCompensation, TilePreset};
 
 const TOKENS: usize = 512;
 const SEQ_LEN: usize = 256;
 
 fn model_and_tokens() -> (Model, Vec<u32>) {
-    let model = embedded::load().unwrap();
-    let mut ids = model
-        .tokenizer()
-        .unwrap()
-        .encode(embedded::default_text().unwrap())
-        .unwrap();
-    ids.truncate(TOKENS);
-    (model, ids)
+    common::embedded_model_and_tokens(TOKENS)
 }
 
 fn mapping(model: &Model, preset: &TilePreset) -> Mapping {
-    let specs = MatrixSpec::from_model(model);
-    let geo = ChipGeometry {
-        rows: preset.stack.rows,
-        cols: preset.stack.cols,
-        tiers_per_stack: 8,
-        stacks: 1024,
-    };
-    let lookup = |id| model.matrix(id);
-    map_matrices(&specs, geo, &MappingOptions::default(), &lookup, None).unwrap()
+    common::default_mapping(model, preset)
 }
 
 fn run(

@@ -2,6 +2,8 @@
 //! exists (CI machines); run them on a GPU machine with `--nocapture` to see the measured bounds.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use aimc::backend::cuda::moe::{
     grouped_gemm, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
     GroupedMatrix, Precision,
@@ -849,29 +851,14 @@ fn backend_request_cuda_errors_and_auto_falls_back_without_a_gpu() {
 fn embedded_model_eval_on_the_gpu_matches_the_cpu() {
     use aimc::backend::{BackendRequest, Execution};
     use aimc::eval::analog::{evaluate, AnalogEvalConfig};
-    use aimc::mapping::{map_matrices, ChipGeometry, MappingOptions, MatrixSpec};
-    use aimc::model::{embedded, RouterKind};
+    use aimc::model::RouterKind;
     if gpu("whole-model eval").is_none() {
         return;
     }
-    let model = embedded::load().unwrap();
-    let mut ids = model
-        .tokenizer()
-        .unwrap()
-        .encode(embedded::default_text().unwrap())
-        .unwrap();
-    ids.truncate(2048);
+    let (model, ids) = common::embedded_model_and_tokens(2048);
     for name in ["standard-hwa", "pcm-3d-8tier"] {
         let preset = TilePreset::resolve(name).unwrap();
-        let geo = ChipGeometry {
-            rows: preset.stack.rows,
-            cols: preset.stack.cols,
-            tiers_per_stack: 8,
-            stacks: 1024,
-        };
-        let lookup = |id| model.matrix(id);
-        let specs = MatrixSpec::from_model(&model);
-        let mapping = map_matrices(&specs, geo, &MappingOptions::default(), &lookup, None).unwrap();
+        let mapping = common::default_mapping(&model, &preset);
         let run = |execution| {
             let cfg = AnalogEvalConfig {
                 times_s: vec![0.0, 86_400.0],
