@@ -8,6 +8,7 @@
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
 //   MOE_BM       1: iterative bound management: rows with a saturated ADC output are listed and
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
+//   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
@@ -46,6 +47,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_MODE
 #define MOE_MODE 0
+#endif
+#ifndef MOE_NOISE_QUADS
+#define MOE_NOISE_QUADS 0
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -175,20 +179,44 @@ extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The grouped GEMM. CTA tile BM×BN over (rows of one expert) × (output columns), 8 warps of
-// 32×32, BK = 32 per pipeline stage (cp.async, two stages), ldmatrix + mma.sync m16n8k16.
+// The grouped GEMM. CTA tile BM×BN over (rows of one expert) × (output columns), WARPS_M×WARPS_N
+// warps of (BM/WARPS_M)×(BN/WARPS_N), BK = 32 per pipeline stage (cp.async, STAGES deep),
+// ldmatrix + mma.sync m16n8k16. The host picks the tile per variant (moe::GemmTile): big tiles
+// for the digital and plain analog variants, narrow ones where PCM_READ / IR drop add
+// accumulators. CTAs run N-tile fastest, so the CTAs in flight share their A rows in L2 and
+// an expert's weights stay in L2 across its M tiles.
 
-#define BM 64
-#define BN 128
+#ifndef MOE_TILE_M
+#define MOE_TILE_M 128
+#endif
+#ifndef MOE_TILE_N
+#define MOE_TILE_N 128
+#endif
+#ifndef MOE_WARPS_M
+#define MOE_WARPS_M 2
+#endif
+#ifndef MOE_WARPS_N
+#define MOE_WARPS_N 4
+#endif
+#ifndef MOE_STAGES
+#define MOE_STAGES 3
+#endif
+#define BM MOE_TILE_M
+#define BN MOE_TILE_N
 #define BK 32
 #define LDS 40  // shared row stride in halves: 80 B keeps the 8 rows of an ldmatrix on distinct banks
-#define NTHREADS 256
+#define NTHREADS (MOE_WARPS_M * MOE_WARPS_N * 32)
+#define MI (BM / MOE_WARPS_M / 16)  // m16 fragments per warp
+#define TN (BN / MOE_WARPS_N / 8)   // n8 fragments per warp
 #if MOE_ANALOG && MOE_SPLIT_W
 #define NB_MAT 2
 #else
 #define NB_MAT 1
 #endif
 #define STAGE_HALVES (BM * LDS + NB_MAT * BN * LDS)
+#if (BM * 4) % NTHREADS != 0 || (BN * 4) % NTHREADS != 0 || TN % 2 != 0 || MI < 1 || MOE_STAGES < 2
+#error "moe_gemm tile configuration"
+#endif
 
 struct GemmParams {
     const u16* a;               // [a_rows, K] operand rows
@@ -271,7 +299,8 @@ __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 pur
 
 extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     extern __shared__ __align__(16) u16 smem[];
-    const u32 tile = blockIdx.x;
+    const u32 n_tiles_n = p.n / BN;
+    const u32 tile = blockIdx.x / n_tiles_n;
     if (tile >= p.tile_offsets[p.n_experts]) return;
     u32 lo = 0, hi = p.n_experts;  // expert e with tile_offsets[e] <= tile < tile_offsets[e+1]
     while (hi - lo > 1) {
@@ -280,50 +309,65 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     }
     const u32 e = lo;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = (tile - p.tile_offsets[e]) * BM, n0 = blockIdx.y * BN;
-    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5, wm = warp >> 2, wn = warp & 3;
+    const u32 m0 = (tile - p.tile_offsets[e]) * BM, n0 = (blockIdx.x % n_tiles_n) * BN;
+    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const u32 wm = warp / MOE_WARPS_N, wn = warp % MOE_WARPS_N;
     const u32 K = p.k;
 
-    // Loader assignment: A one 16-byte chunk per thread, B two per matrix.
-    const u32 a_r = t >> 2, a_c = (t & 3) * 8;
-    const bool a_ok = m0 + a_r < rows_e;
-    const u32 a_pos = row_begin + m0 + a_r;
-    const u32 a_row = a_ok ? (p.a_row_of ? p.a_row_of[a_pos] : a_pos) : 0;
-    const u16* a_src = p.a + (u64)a_row * K + a_c;
-    const u64 w_base = (u64)e * p.n * K;
+    // Loader assignment: 16-byte chunks, 4 per 32-half row; A rows gathered once here.
+    constexpr u32 A_CHUNKS = BM * 4 / NTHREADS, B_CHUNKS = BN * 4 / NTHREADS;
+    const u16* a_src[A_CHUNKS];
+    u32 a_bytes[A_CHUNKS];
+#pragma unroll
+    for (u32 i = 0; i < A_CHUNKS; ++i) {
+        const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
+        const bool ok = m0 + r < rows_e;
+        const u32 pos = row_begin + m0 + r;
+        const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
+        a_src[i] = p.a + (u64)row * K + c;
+        a_bytes[i] = ok ? 16u : 0u;
+    }
+    const u16* w_src = p.w_hi + ((u64)e * p.n + n0) * K;
+#if NB_MAT == 2
+    const u16* wl_src = p.w_lo + ((u64)e * p.n + n0) * K;
+#endif
 
     auto load_stage = [&](u32 stage, u32 k0) {
         u16* s = smem + stage * STAGE_HALVES;
-        cp_async16(smem_addr(s + a_r * LDS + a_c), a_src + k0, a_ok ? 16u : 0u);
 #pragma unroll
-        for (u32 i = 0; i < 2; ++i) {
-            u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
-            u64 g = w_base + (u64)(n0 + r) * K + k0 + c;
-            cp_async16(smem_addr(s + BM * LDS + r * LDS + c), p.w_hi + g, 16u);
+        for (u32 i = 0; i < A_CHUNKS; ++i) {
+            const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
+            cp_async16(smem_addr(s + r * LDS + c), a_src[i] + k0, a_bytes[i]);
+        }
+#pragma unroll
+        for (u32 i = 0; i < B_CHUNKS; ++i) {
+            const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
+            const u64 g = (u64)r * K + k0 + c;
+            cp_async16(smem_addr(s + BM * LDS + r * LDS + c), w_src + g, 16u);
 #if NB_MAT == 2
-            cp_async16(smem_addr(s + BM * LDS + BN * LDS + r * LDS + c), p.w_lo + g, 16u);
+            cp_async16(smem_addr(s + BM * LDS + BN * LDS + r * LDS + c), wl_src + g, 16u);
 #endif
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
 
-    float acc[2][4][4];
+    float acc[MI][TN][4];
 #if MOE_ANALOG
-    float total[2][4][4];
+    float total[MI][TN][4];
 #endif
 #if MOE_BM
     u32 bm_rows = 0;  // bit mi·2 + half: that row had a saturated output in some crossbar block
 #endif
 #if MOE_PCM_READ
-    float acc_s2[2][4][4];
+    float acc_s2[MI][TN][4];
 #endif
 #if MOE_IR_DROP
-    float acc_abs[2][4][4], acc_ir[2][4][4];
+    float acc_abs[MI][TN][4], acc_ir[MI][TN][4];
 #endif
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < TN; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 acc[i][j][r] = 0.0f;
@@ -340,62 +384,72 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             }
 
     const u32 n_steps = K / BK, steps_per_block = p.k_block / BK;
-    load_stage(0, 0);
-    for (u32 step = 0; step < n_steps; ++step) {
-        if (step + 1 < n_steps) load_stage((step + 1) & 1, (step + 1) * BK);
+    // Prologue: STAGES − 1 stages in flight (empty groups keep the group count uniform).
+#pragma unroll
+    for (u32 st = 0; st < MOE_STAGES - 1; ++st) {
+        if (st < n_steps) load_stage(st, st * BK);
         else asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group 1;\n" ::);
+    }
+    for (u32 step = 0; step < n_steps; ++step) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(MOE_STAGES - 2));
+        // Stage `step` has landed for every thread, and every thread is done with the stage
+        // consumed at step − 1, which the load below overwrites.
         __syncthreads();
-        const u16* s = smem + (step & 1) * STAGE_HALVES;
+        {
+            const u32 next = step + MOE_STAGES - 1;
+            if (next < n_steps) load_stage(next % MOE_STAGES, next * BK);
+            else asm volatile("cp.async.commit_group;\n" ::);
+        }
+        const u16* s = smem + (step % MOE_STAGES) * STAGE_HALVES;
 #pragma unroll
         for (u32 kk = 0; kk < BK; kk += 16) {
-            u32 a[2][4];
+            u32 a[MI][4];
 #pragma unroll
-            for (u32 mi = 0; mi < 2; ++mi) {
-                u32 row = wm * 32 + mi * 16 + (lane & 15), col = kk + (lane >> 4) * 8;
+            for (u32 mi = 0; mi < MI; ++mi) {
+                u32 row = wm * (MI * 16) + mi * 16 + (lane & 15), col = kk + (lane >> 4) * 8;
                 ldmatrix_x4(smem_addr(s + row * LDS + col), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
             }
-            u32 b[4][2];
+            u32 b[TN][2];
 #pragma unroll
-            for (u32 tp = 0; tp < 2; ++tp) {
-                u32 row = wn * 32 + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
+            for (u32 tp = 0; tp < TN / 2; ++tp) {
+                u32 row = wn * (TN * 8) + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
                 ldmatrix_x4(smem_addr(s + BM * LDS + row * LDS + col), b[2 * tp][0], b[2 * tp][1],
                             b[2 * tp + 1][0], b[2 * tp + 1][1]);
             }
 #pragma unroll
-            for (u32 mi = 0; mi < 2; ++mi)
+            for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (u32 tn = 0; tn < 4; ++tn) mma16816(acc[mi][tn], a[mi], b[tn][0], b[tn][1]);
+                for (u32 tn = 0; tn < TN; ++tn) mma16816(acc[mi][tn], a[mi], b[tn][0], b[tn][1]);
 #if NB_MAT == 2
             {
-                u32 bl[4][2];
+                u32 bl[TN][2];
 #pragma unroll
-                for (u32 tp = 0; tp < 2; ++tp) {
-                    u32 row = wn * 32 + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
+                for (u32 tp = 0; tp < TN / 2; ++tp) {
+                    u32 row = wn * (TN * 8) + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
                     ldmatrix_x4(smem_addr(s + BM * LDS + BN * LDS + row * LDS + col), bl[2 * tp][0],
                                 bl[2 * tp][1], bl[2 * tp + 1][0], bl[2 * tp + 1][1]);
                 }
 #pragma unroll
-                for (u32 mi = 0; mi < 2; ++mi)
+                for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
-                    for (u32 tn = 0; tn < 4; ++tn) mma16816(acc[mi][tn], a[mi], bl[tn][0], bl[tn][1]);
+                    for (u32 tn = 0; tn < TN; ++tn) mma16816(acc[mi][tn], a[mi], bl[tn][0], bl[tn][1]);
             }
 #endif
 #if MOE_PCM_READ || MOE_IR_DROP
-            u32 babs[4][2];
+            u32 babs[TN][2];
 #pragma unroll
-            for (u32 tn = 0; tn < 4; ++tn) {
+            for (u32 tn = 0; tn < TN; ++tn) {
                 babs[tn][0] = b[tn][0] & 0x7fff7fffu;
                 babs[tn][1] = b[tn][1] & 0x7fff7fffu;
             }
 #endif
 #if MOE_PCM_READ
 #pragma unroll
-            for (u32 mi = 0; mi < 2; ++mi) {
+            for (u32 mi = 0; mi < MI; ++mi) {
                 u32 a2[4] = {hmul2(a[mi][0], a[mi][0]), hmul2(a[mi][1], a[mi][1]), hmul2(a[mi][2], a[mi][2]),
                              hmul2(a[mi][3], a[mi][3])};
 #pragma unroll
-                for (u32 tn = 0; tn < 4; ++tn) mma16816(acc_s2[mi][tn], a2, babs[tn][0], babs[tn][1]);
+                for (u32 tn = 0; tn < TN; ++tn) mma16816(acc_s2[mi][tn], a2, babs[tn][0], babs[tn][1]);
             }
 #endif
 #if MOE_IR_DROP
@@ -405,13 +459,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                 u32 f_lo = pack_f16x2(ir_row_factor(j0, nf), ir_row_factor(j0 + 1, nf));
                 u32 f_hi = pack_f16x2(ir_row_factor(j0 + 8, nf), ir_row_factor(j0 + 9, nf));
 #pragma unroll
-                for (u32 mi = 0; mi < 2; ++mi) {
+                for (u32 mi = 0; mi < MI; ++mi) {
                     u32 aa[4] = {a[mi][0] & 0x7fff7fffu, a[mi][1] & 0x7fff7fffu, a[mi][2] & 0x7fff7fffu,
                                  a[mi][3] & 0x7fff7fffu};
                     u32 af[4] = {hmul2(a[mi][0], f_lo), hmul2(a[mi][1], f_lo), hmul2(a[mi][2], f_hi),
                                  hmul2(a[mi][3], f_hi)};
 #pragma unroll
-                    for (u32 tn = 0; tn < 4; ++tn) {
+                    for (u32 tn = 0; tn < TN; ++tn) {
                         mma16816(acc_abs[mi][tn], aa, babs[tn][0], babs[tn][1]);
                         mma16816(acc_ir[mi][tn], af, b[tn][0], b[tn][1]);
                     }
@@ -419,24 +473,48 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             }
 #endif
         }
-        __syncthreads();
 
 #if MOE_ANALOG
         if ((step + 1) % steps_per_block == 0) {
             // Epilogue of crossbar block kb: steps 4–7 and 9 of design.md §3 per output.
             const u32 kb = step / steps_per_block;
 #pragma unroll
-            for (u32 mi = 0; mi < 2; ++mi)
+            for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (u32 half = 0; half < 2; ++half) {
-                    const u32 row_local = m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                    const u32 row_local = m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
                     if (row_local >= rows_e) continue;
                     const u32 pos = row_begin + row_local;
                     const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
                     const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+#if (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE) && MOE_NOISE_QUADS
+                    // Every 4 columns sit in one crossbar at a multiple of 4 (host-checked), so
+                    // one Philox block holds the normals of a lane pair's 4 columns (words x, y
+                    // of the even lane, z, w of the odd one). Each lane of the pair draws the
+                    // block of one fragment of (tn, tn + 1) and passes the partner its words:
+                    // half the Philox work, the same values as stream_normal_pair.
+                    float2 zq[TN];
+                    {
+                        const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
 #pragma unroll
-                    for (u32 tn = 0; tn < 4; ++tn) {
-                        const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+                        for (u32 tn = 0; tn < TN; tn += 2) {
+                            const u32 col = n0 + wn * (TN * 8) + (tn + odd) * 8 + (lane & 3) * 2;
+                            const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+                            const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                            const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
+                                                         idx / 4, p.mvm_id, 0);
+                            const u32 got0 = __shfl_xor_sync(pair_mask, odd ? r.x : r.z, 1);
+                            const u32 got1 = __shfl_xor_sync(pair_mask, odd ? r.y : r.w, 1);
+                            const float2 mine = odd ? box_muller(r.z, r.w) : box_muller(r.x, r.y);
+                            const float2 theirs = box_muller(got0, got1);
+                            zq[tn] = odd ? theirs : mine;
+                            zq[tn + 1] = odd ? mine : theirs;
+                        }
+                    }
+#endif
+#pragma unroll
+                    for (u32 tn = 0; tn < TN; ++tn) {
+                        const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
                         const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                         float y[2];
 #pragma unroll
@@ -455,10 +533,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                             // Short-term weight noise and output noise: one normal per output of
                             // the summed variance, keyed under OutputNoise, as
                             // tile::Crossbar::analog draws it (σ = out_noise without PCM_READ).
+#if MOE_NOISE_QUADS
+                            const float2 z = zq[tn];
+#else
                             const u32 tid0 = p.col_tensor_id[tab], tid1 = p.col_tensor_id[tab + 1];
                             const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
                             const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
-                            float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
+                            const float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
+#endif
 #if MOE_PCM_READ
                             const float out_var = __fmul_rn(p.out_noise, p.out_noise);
                             const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
@@ -496,9 +578,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                     }
                 }
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < TN; ++j)
 #pragma unroll
                     for (int r = 0; r < 4; ++r) {
                         acc[i][j][r] = 0.0f;
@@ -517,11 +599,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if MOE_BM
     // List each saturated row once for moe_bm_fixup, which recomputes it whole.
 #pragma unroll
-    for (u32 mi = 0; mi < 2; ++mi)
+    for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (u32 half = 0; half < 2; ++half)
             if (bm_rows & (1u << (mi * 2 + half))) {
-                const u32 pos = row_begin + m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+                const u32 pos = row_begin + m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
                 if (atomicExch(p.bm_flag + pos, 1u) == 0u) p.bm_list[atomicAdd(p.bm_count, 1u)] = pos;
             }
 #endif
@@ -533,24 +615,24 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
     // Output: store, SwiGLU, or weighted scatter-add (gather/scatter fused, no padded copies).
 #pragma unroll
-    for (u32 mi = 0; mi < 2; ++mi)
+    for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (u32 half = 0; half < 2; ++half) {
-            const u32 row_local = m0 + wm * 32 + mi * 16 + (lane >> 2) + half * 8;
+            const u32 row_local = m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
             if (row_local >= rows_e) continue;
             const u32 pos = row_begin + row_local;
 #if MOE_MODE == 0
 #pragma unroll
-            for (u32 tn = 0; tn < 4; ++tn) {
-                const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+            for (u32 tn = 0; tn < TN; ++tn) {
+                const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
                 float2 v = make_float2(RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
                 *(float2*)(p.out + (u64)pos * p.n + col) = v;
             }
 #elif MOE_MODE == 1
             // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
 #pragma unroll
-            for (u32 tn = 0; tn < 4; tn += 2) {
-                const u32 col = n0 + wn * 32 + tn * 8;
+            for (u32 tn = 0; tn < TN; tn += 2) {
+                const u32 col = n0 + wn * (TN * 8) + tn * 8;
                 const u32 hcol = (col / 16) * 8 + (lane & 3) * 2;
                 float h[2];
 #pragma unroll
@@ -564,8 +646,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             const u32 token = p.sorted_token[pos];
             const float w = p.sorted_weight[pos];
 #pragma unroll
-            for (u32 tn = 0; tn < 4; ++tn) {
-                const u32 col = n0 + wn * 32 + tn * 8 + (lane & 3) * 2;
+            for (u32 tn = 0; tn < TN; ++tn) {
+                const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
                 float* dst = p.out + (u64)token * p.n + col;
                 atomicAdd(dst, w * RESULT[mi][tn][half * 2]);
                 atomicAdd(dst + 1, w * RESULT[mi][tn][half * 2 + 1]);

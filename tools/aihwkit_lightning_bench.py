@@ -20,6 +20,9 @@ import json
 import os
 
 os.environ.setdefault("AIHWKIT_USE_TRITON", "1")
+# Lightning 2.1.0's Triton kernels read a module-level float (FLOAT32_TINY); Triton 3.6 refuses
+# non-constexpr globals unless this is set.
+os.environ.setdefault("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

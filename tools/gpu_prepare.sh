@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build here (no GPU needed) what tools/gpu_session.sh runs on the GPU machine, into the
-# git-ignored .dev/ (pass `carry: [".dev/cuda", ".dev/wheels"]` to the device call, ~60 MB):
-#   .dev/cuda/{aimc, gpu_backend, kernels_compile}  release binary and the two GPU test binaries
+# git-ignored .dev/ (pass `carry: [".dev/cuda.tar.xz", ".dev/wheels"]` to the device call; the
+# device tool takes 64 MiB with the tracked tree, ~27 MB, so the binaries travel stripped and xz'd):
+#   .dev/cuda.tar.xz: cuda/{aimc, gpu_backend, kernels_compile}  release binary, GPU test binaries
 #   .dev/wheels/aihwkit_lightning-*.whl             pure-Python wheel for the Lightning timing
 set -eu
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ for t in gpu_backend kernels_compile; do
   bin=$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)
   cp "$bin" .dev/cuda/$t
 done
+strip .dev/cuda/*
+tar -C .dev -cf - cuda | xz -T0 -6 > .dev/cuda.tar.xz
 ls .dev/wheels/aihwkit_lightning-*.whl >/dev/null 2>&1 ||
   pip download --no-deps --dest .dev/wheels "aihwkit-lightning==2.1.0"
-du -sh .dev/cuda .dev/wheels
+du -sh .dev/cuda.tar.xz .dev/wheels

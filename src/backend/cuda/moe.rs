@@ -15,16 +15,135 @@ use super::compile::ANALOG_MOE_CU;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::tile::{AnalogMatrix, NoiseManagement, PeripherySpec, WeightNoise};
 
-/// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel).
-pub const TILE_ROWS: usize = 64;
-/// Output columns per CTA tile (`BN`): matrix widths must be multiples of it.
+/// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel), for every variant: the
+/// routing counts tiles in these units.
+pub const TILE_ROWS: usize = 128;
+/// Matrix widths must be multiples of this (the widest output tile the host picks by default).
 pub const TILE_COLS: usize = 128;
 /// K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
 pub const TILE_K: usize = 32;
 /// Shared-memory row stride in halves (`LDS`: 32 + 8 padding keeps ldmatrix conflict-free).
 const SMEM_ROW_HALVES: usize = 40;
-/// cp.async pipeline stages of the grouped GEMM.
-const STAGES: usize = 2;
+/// Dynamic shared memory one CTA may use on sm_80 / sm_90 (227 KiB).
+const MAX_SHARED_BYTES: usize = 227 * 1024;
+
+/// CTA tile of one `moe_gemm` instantiation besides its [`TILE_ROWS`] rows: output columns,
+/// warp grid and cp.async pipeline depth (`MOE_TILE_N`, `MOE_WARPS_M`, `MOE_WARPS_N`,
+/// `MOE_STAGES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTile {
+    /// Output columns per CTA.
+    pub cols: usize,
+    /// Warps along the rows.
+    pub warps_m: usize,
+    /// Warps along the columns.
+    pub warps_n: usize,
+    /// cp.async stages in flight.
+    pub stages: usize,
+}
+
+impl GemmTile {
+    /// The default tile of `v`. Each f32 accumulator set costs `TILE_ROWS·cols/threads`
+    /// registers per thread; PCM_READ and IR drop add one and two sets to the result and the
+    /// running total, so those variants take 64-column tiles (32 registers a set) to stay
+    /// under 255 registers without spills; the others take 128 columns (64 a set), which
+    /// halves the shared-memory traffic per MMA of a 64×32 tile.
+    pub fn for_variant(v: &GemmVariant) -> Self {
+        let side_sets =
+            usize::from(v.analog && v.pcm_read) + 2 * usize::from(v.analog && v.ir_drop);
+        if side_sets > 0 {
+            Self {
+                cols: 64,
+                warps_m: 4,
+                warps_n: 2,
+                stages: 3,
+            }
+        } else if v.analog {
+            Self {
+                cols: 128,
+                warps_m: 2,
+                warps_n: 4,
+                stages: 3,
+            }
+        } else {
+            Self {
+                cols: 128,
+                warps_m: 2,
+                warps_n: 4,
+                stages: 4,
+            }
+        }
+    }
+
+    /// `AIMC_GEMM_TILE=cols,warps_m,warps_n,stages` overrides the default (a tuning knob for
+    /// `aimc bench`; a malformed or unfit value is an error, not ignored).
+    fn choose(v: &GemmVariant, n_cols: usize, nb_mat: usize) -> CudaResult<Self> {
+        let tile = match std::env::var("AIMC_GEMM_TILE") {
+            Ok(text) => {
+                let f: Vec<usize> = text
+                    .split(',')
+                    .map(|x| x.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| {
+                        CudaError::Unsupported(format!(
+                            "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
+                        ))
+                    })?;
+                match f[..] {
+                    [cols, warps_m, warps_n, stages] => Self {
+                        cols,
+                        warps_m,
+                        warps_n,
+                        stages,
+                    },
+                    _ => {
+                        return Err(CudaError::Unsupported(format!(
+                            "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
+                        )))
+                    }
+                }
+            }
+            Err(_) => Self::for_variant(v),
+        };
+        tile.check(n_cols, nb_mat)?;
+        Ok(tile)
+    }
+
+    fn threads(self) -> usize {
+        32 * self.warps_m * self.warps_n
+    }
+
+    fn shared_bytes(self, nb_mat: usize) -> usize {
+        self.stages
+            * (TILE_ROWS + nb_mat * self.cols)
+            * SMEM_ROW_HALVES
+            * std::mem::size_of::<u16>()
+    }
+
+    /// The kernel's `#error` conditions, as a clear error before compiling.
+    fn check(self, n_cols: usize, nb_mat: usize) -> CudaResult<()> {
+        let threads = self.threads();
+        let ok = self.warps_m > 0
+            && self.warps_n > 0
+            && threads <= 1024
+            && self.cols > 0
+            && n_cols.is_multiple_of(self.cols)
+            && (TILE_ROWS * 4).is_multiple_of(threads)
+            && (self.cols * 4).is_multiple_of(threads)
+            && TILE_ROWS.is_multiple_of(16 * self.warps_m)
+            && self.cols.is_multiple_of(16 * self.warps_n)
+            && self.stages >= 2
+            && self.shared_bytes(nb_mat) <= MAX_SHARED_BYTES;
+        if ok {
+            Ok(())
+        } else {
+            Err(CudaError::Unsupported(format!(
+                "grouped GEMM tile {self:?} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES})",
+                self.shared_bytes(nb_mat)
+            )))
+        }
+    }
+}
 
 /// Operand precision of a grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +275,22 @@ pub struct GroupedMatrix {
 }
 
 impl GroupedMatrix {
+    /// Every 4 consecutive columns (from column 0) lie in one crossbar, starting at a crossbar
+    /// column that is a multiple of 4, in a crossbar whose width is a multiple of 4. The output
+    /// noise of 4 such columns of one row is then one Philox block (`rng::Stream::block`),
+    /// which `moe_gemm` (`MOE_NOISE_QUADS`) draws once for two lanes.
+    pub fn noise_quads(&self) -> bool {
+        self.n_cols.is_multiple_of(4)
+            && (0..self.n_cols).step_by(4).all(|c| {
+                self.col_local[c].is_multiple_of(4)
+                    && self.col_block_cols[c].is_multiple_of(4)
+                    && (1..4).all(|i| {
+                        self.col_xbar[c + i] == self.col_xbar[c]
+                            && self.col_local[c + i] == self.col_local[c] + i as u32
+                    })
+            })
+    }
+
     /// Kernel layout of one programmed (and drifted) [`AnalogMatrix`] per expert.
     pub fn from_analog(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
         let first = experts
@@ -296,6 +431,7 @@ pub struct GpuGroupedMatrix {
     col_block_cols: CudaSlice<u32>,
     col_xbar: CudaSlice<u32>,
     n_xbar: usize,
+    noise_quads: bool,
 }
 
 impl GpuGroupedMatrix {
@@ -355,6 +491,7 @@ impl GpuGroupedMatrix {
             col_block_cols: dev.upload(&m.col_block_cols)?,
             col_xbar: dev.upload(&m.col_xbar)?,
             n_xbar: m.n_xbar,
+            noise_quads: m.noise_quads(),
         })
     }
 
@@ -597,10 +734,13 @@ pub struct GemmVariant {
     pub adc: bool,
     /// What the epilogue does with the rows.
     pub output: GemmOutput,
+    /// Every 4 output columns lie in one crossbar at a multiple of 4 ([`GroupedMatrix::noise_quads`]):
+    /// a lane pair shares one Philox block per 4 columns.
+    pub noise_quads: bool,
 }
 
-/// The `#define`s NVRTC compiles `moe_gemm` with for `v`.
-pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 9] {
+/// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
     let flag = |b: bool| i64::from(b);
     let mode = match v.output {
         GemmOutput::Store => 0,
@@ -617,12 +757,19 @@ pub fn gemm_defines(v: &GemmVariant) -> [(&'static str, i64); 9] {
         ("MOE_OUT_NOISE", flag(v.analog && v.out_noise)),
         ("MOE_ADC", flag(v.analog && v.adc)),
         ("MOE_MODE", mode),
+        ("MOE_NOISE_QUADS", flag(v.analog && v.noise_quads)),
+        ("MOE_TILE_M", TILE_ROWS as i64),
+        ("MOE_TILE_N", tile.cols as i64),
+        ("MOE_WARPS_M", tile.warps_m as i64),
+        ("MOE_WARPS_N", tile.warps_n as i64),
+        ("MOE_STAGES", tile.stages as i64),
     ]
 }
 
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
+/// Each on its default [`GemmTile`].
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -638,6 +785,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
         out_noise: on,
         adc: on,
         output,
+        noise_quads: true,
     };
     let mut v = Vec::new();
     for output in modes {
@@ -663,6 +811,11 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
         ..base
     });
     v.push(GemmVariant { adc: true, ..base });
+    v.push(GemmVariant {
+        out_noise: true,
+        noise_quads: false,
+        ..base
+    });
     v.push(GemmVariant {
         additive: true,
         out_noise: true,
@@ -695,7 +848,9 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 9]> {
         adc: true,
         ..base
     });
-    v.iter().map(gemm_defines).collect()
+    v.iter()
+        .map(|v| gemm_defines(v, GemmTile::for_variant(v)))
+        .collect()
 }
 
 /// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
@@ -819,7 +974,7 @@ pub fn grouped_gemm(
             "grouped GEMM with ADDITIVE weight noise: the input has no ‖x̃‖² (quantize with the same periphery)".into(),
         ));
     }
-    let defines = gemm_defines(&GemmVariant {
+    let variant = GemmVariant {
         analog: p.is_some(),
         split_w: m.precision == Precision::AnalogSplitF16,
         pcm_read: p.is_some_and(|p| p.pcm_read_std.is_some()),
@@ -829,15 +984,18 @@ pub fn grouped_gemm(
         out_noise: p.is_some_and(|p| p.out_noise > 0.0),
         adc: p.is_some_and(|p| p.adc.is_some()),
         output,
-    });
-    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
+        noise_quads: m.noise_quads,
+    };
     let nb_mat = if m.precision == Precision::AnalogSplitF16 {
         2
     } else {
         1
     };
-    let stage_halves = (TILE_ROWS + nb_mat * TILE_COLS) * SMEM_ROW_HALVES;
-    let shared = (STAGES * stage_halves * std::mem::size_of::<u16>()) as u32;
+    let tile = GemmTile::choose(&variant, m.n_cols, nb_mat)?;
+    let defines = gemm_defines(&variant, tile);
+    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
+    let shared = tile.shared_bytes(nb_mat) as u32;
+    let threads = tile.threads() as u32;
     // SAFETY: raising the dynamic shared-memory limit of a loaded function.
     unsafe {
         cudarc::driver::result::function::set_function_attribute(
@@ -849,7 +1007,7 @@ pub fn grouped_gemm(
     .map_err(|source| CudaError::Kernel {
         kernel: "moe_gemm".into(),
         grid: (0, 0, 0),
-        block: (256, 1, 1),
+        block: (threads, 1, 1),
         shared_bytes: shared,
         source,
     })?;
@@ -926,13 +1084,15 @@ pub fn grouped_gemm(
         dac_max_code,
         bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
+    // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row
+    // tiles (CTAs past the last tile return at once).
     let cfg = LaunchConfig {
         grid_dim: (
-            (pairs.div_ceil(TILE_ROWS) + m.n_experts) as u32,
-            (m.n_cols / TILE_COLS) as u32,
+            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
+            1,
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     };
     dev.launch(&f, "moe_gemm", cfg, |b| {
