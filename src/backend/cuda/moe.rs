@@ -43,11 +43,17 @@ pub struct GemmTile {
 }
 
 impl GemmTile {
-    /// The default tile of `v`. Each f32 accumulator set costs `TILE_ROWS·cols/threads`
-    /// registers per thread; PCM_READ and IR drop add one and two sets to the result and the
-    /// running total, so those variants take 64-column tiles (32 registers a set) to stay
-    /// under 255 registers without spills; the others take 128 columns (64 a set), which
-    /// halves the shared-memory traffic per MMA of a 64×32 tile.
+    /// The default tile of `v`, from sweeps on an H100 (`tools/gpu_sweep.sh`,
+    /// reports/bench/2026-11-23-gpu.md). Each f32 accumulator set costs
+    /// `TILE_ROWS·cols/threads` registers per thread.
+    /// - Digital: one set; 128 columns on 2×4 warps (64 registers a set, 128 in all, 2 CTAs per
+    ///   SM) halves the shared-memory traffic per MMA of a 64-column tile (7.9 vs 10.8 ms on
+    ///   the OLMoE layer).
+    /// - Analog: the block result and the running total are two sets. 64 columns on 4×2 warps
+    ///   keep 2 CTAs per SM, so one CTA's periphery epilogue (CUDA cores) overlaps the other's
+    ///   MMAs (22.5 vs 28.9 ms with 128 columns, 1 CTA per SM).
+    /// - PCM_READ and IR drop add one and two sets: 64 columns stay under 255 registers
+    ///   without spills (1 CTA per SM).
     pub fn for_variant(v: &GemmVariant) -> Self {
         let side_sets =
             usize::from(v.analog && v.pcm_read) + 2 * usize::from(v.analog && v.ir_drop);
@@ -60,10 +66,10 @@ impl GemmTile {
             }
         } else if v.analog {
             Self {
-                cols: 128,
-                warps_m: 2,
-                warps_n: 4,
-                stages: 3,
+                cols: 64,
+                warps_m: 4,
+                warps_n: 2,
+                stages: 4,
             }
         } else {
             Self {
