@@ -9,9 +9,11 @@
 //! forward pass (attention, router, norms, shared experts, dense MLPs) stays on the CPU path.
 //!
 //! A layer stays on the CPU (listed in [`GpuExperts::cpu_layers`] with the reason) when some of
-//! its routed experts are digital (heterogeneous mappings) or when its crossbar blocks do not
+//! its routed experts are digital (heterogeneous mappings), when its crossbar blocks do not
 //! fit the kernel tiles (output columns a multiple of [`super::moe::TILE_COLS`], crossbar rows
-//! a multiple of [`super::moe::TILE_K`]).
+//! a multiple of [`super::moe::TILE_K`]), or when the device memory left would not hold its
+//! weights plus a reserve for the activations ([`memory_plan`]): a model larger than the GPU
+//! runs its first layers there and the rest on the CPU instead of failing with out-of-memory.
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -24,6 +26,40 @@ use super::{CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
 use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
 use crate::tile::{AnalogMatrix, PeripherySpec};
+
+/// Device memory kept free for the activations of the grouped layers (routing, DAC codes,
+/// hidden rows, outputs) and the cuBLAS/NVRTC workspaces: the larger of 1 GiB and 1/16 of the
+/// device.
+pub fn activation_reserve_bytes(total: usize) -> usize {
+    (1usize << 30).max(total / 16)
+}
+
+/// Whether a layer with grouped matrices of (resident, transient) device bytes `gate_up` and
+/// `down` fits in `free` of `total` bytes, keeping [`activation_reserve_bytes`] free: the
+/// resident bytes of both plus the larger transient f32 staging copy (uploads run one matrix
+/// at a time). The error names both sizes.
+pub fn memory_plan(
+    gate_up: (usize, usize),
+    down: (usize, usize),
+    free: usize,
+    total: usize,
+) -> Result<(), String> {
+    let need = gate_up.0 + down.0 + gate_up.1.max(down.1);
+    let reserve = activation_reserve_bytes(total);
+    if need.saturating_add(reserve) <= free {
+        return Ok(());
+    }
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    Err(format!(
+        "device memory: the layer needs {:.2} GiB ({:.2} GiB resident) and {:.2} GiB stay reserved for \
+         activations, {:.2} of {:.2} GiB are free",
+        gib(need),
+        gib(gate_up.0 + down.0),
+        gib(reserve),
+        gib(free),
+        gib(total)
+    ))
+}
 
 /// Every MoE layer whose routed experts are all analog, as grouped GPU layers.
 pub struct GpuExperts<'a, 'm> {
@@ -73,6 +109,14 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     &GroupedMatrix::from_analog(&up)?,
                 )?;
                 let down = GroupedMatrix::from_analog(&down)?;
+                let (free, total) = dev.memory_bytes()?;
+                memory_plan(
+                    GpuGroupedMatrix::device_bytes(&gate_up, precision),
+                    GpuGroupedMatrix::device_bytes(&down, precision),
+                    free,
+                    total,
+                )
+                .map_err(CudaError::Unsupported)?;
                 Ok(GpuMoeLayer {
                     gate_up: GpuGroupedMatrix::upload(dev, &gate_up, precision)?,
                     down: GpuGroupedMatrix::upload(dev, &down, precision)?,
@@ -231,5 +275,57 @@ mod tests {
         assert_eq!(uniform_top_k(&[a(0, 4), a(1, 0)], 2, 4), None);
         assert_eq!(uniform_top_k(&[], 2, 4), None);
         assert_eq!(uniform_top_k(&[a(0, 0)], 0, 4), None);
+    }
+
+    const GIB: usize = 1 << 30;
+
+    #[test]
+    fn device_bytes_count_operands_tables_and_the_f32_staging_copy() {
+        let (e, n, k, k_block) = (2, 256, 1024, 512);
+        let m = GroupedMatrix {
+            n_experts: e,
+            n_cols: n,
+            k,
+            k_block,
+            weights: Vec::new(),
+            col_tensor_id: vec![0; e * 2 * n],
+            col_scale: vec![0.0; e * 2 * n],
+            col_local: vec![0; n],
+            col_block_cols: vec![0; n],
+            col_xbar: vec![0; n],
+            n_xbar: 1,
+        };
+        let elems = e * n * k;
+        // Tables: [E, KB, N] u32 ids + f32 scales; [N] three u32 arrays.
+        let tables = 8 * e * 2 * n + 12 * n;
+        assert_eq!(
+            GpuGroupedMatrix::device_bytes(&m, Precision::AnalogSplitF16),
+            (4 * elems + tables, 4 * elems)
+        );
+        assert_eq!(
+            GpuGroupedMatrix::device_bytes(&m, Precision::DigitalBf16),
+            (2 * elems + tables, 4 * elems)
+        );
+    }
+
+    #[test]
+    fn memory_plan_keeps_the_activation_reserve_and_names_the_sizes() {
+        let total = 80 * GIB;
+        let reserve = activation_reserve_bytes(total);
+        assert_eq!(reserve, 5 * GIB);
+        assert_eq!(activation_reserve_bytes(8 * GIB), GIB);
+        let (gate_up, down) = ((2 * GIB, 3 * GIB), (GIB, GIB + GIB / 2));
+        // Resident 3 GiB plus the larger staging copy (3 GiB), plus the reserve.
+        let need = 6 * GIB + reserve;
+        assert_eq!(memory_plan(gate_up, down, need, total), Ok(()));
+        let err = memory_plan(gate_up, down, need - 1, total).unwrap_err();
+        assert!(
+            err.contains("needs 6.00 GiB (3.00 GiB resident)")
+                && err.contains("5.00 GiB stay reserved")
+                && err.contains("of 80.00 GiB are free"),
+            "{err}"
+        );
+        // Sizes near usize::MAX do not wrap into a false fit.
+        assert!(memory_plan((usize::MAX / 2, 0), (usize::MAX / 2, 0), total, total).is_err());
     }
 }

@@ -441,6 +441,21 @@ pub struct GpuGroupedMatrix {
 }
 
 impl GpuGroupedMatrix {
+    /// Device bytes of `m` uploaded in `precision`: (resident, transient). Resident are the
+    /// operand weights (fp16 hi + lo or one 16-bit array) and the column tables; transient is
+    /// the f32 copy of the weights that [`Self::upload`] converts from and then frees.
+    pub fn device_bytes(m: &GroupedMatrix, precision: Precision) -> (usize, usize) {
+        let elems = m.n_experts * m.n_cols * m.k;
+        let operand = match precision {
+            Precision::AnalogSplitF16 => 4,
+            Precision::AnalogF16 | Precision::DigitalBf16 => 2,
+        };
+        // [E, KB, N] tensor ids (u32) and scales (f32); [N] local column, crossbar width and
+        // crossbar index (u32 each).
+        let tables = 8 * m.n_experts * (m.k / m.k_block.max(1)) * m.n_cols + 12 * m.n_cols;
+        (elems * operand + tables, elems * 4)
+    }
+
     /// Upload `m` and convert its weights on the device.
     pub fn upload(dev: &CudaDevice, m: &GroupedMatrix, precision: Precision) -> CudaResult<Self> {
         let w = dev.upload(&m.weights)?;
