@@ -1242,3 +1242,62 @@ impl GpuMoeLayer {
         Ok(y)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(analog: bool, pcm_read: bool) -> GemmVariant {
+        GemmVariant {
+            analog,
+            split_w: analog,
+            pcm_read,
+            ir_drop: false,
+            additive: false,
+            bound_management: false,
+            out_noise: analog,
+            adc: analog,
+            output: GemmOutput::SwiGlu,
+            noise_quads: true,
+        }
+    }
+
+    #[test]
+    fn default_tiles_fit_every_width_the_uploads_accept() {
+        // Uploads accept N = any multiple of TILE_COLS.
+        for v in [
+            variant(false, false),
+            variant(true, false),
+            variant(true, true),
+        ] {
+            let tile = GemmTile::for_variant(&v);
+            let nb_mat = if v.split_w { 2 } else { 1 };
+            for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
+                tile.check(n, nb_mat).unwrap();
+            }
+            // The kernel's per-thread loader and warp-fragment conditions.
+            assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
+            assert_eq!((tile.cols / tile.warps_n / 8) % 2, 0, "{tile:?}");
+        }
+    }
+
+    #[test]
+    fn unfit_tiles_are_refused_before_compiling() {
+        let t = |cols, warps_m, warps_n, stages| GemmTile {
+            cols,
+            warps_m,
+            warps_n,
+            stages,
+        };
+        // 256 columns do not divide N = 384.
+        assert!(t(256, 2, 4, 3).check(384, 1).is_err());
+        assert!(t(128, 2, 4, 3).check(384, 1).is_ok());
+        // 8 stages of 128 + 2·256 rows × 80 B = 400 KiB > 227 KiB.
+        let err = t(256, 2, 4, 8).check(1024, 2).unwrap_err().to_string();
+        assert!(err.contains("409600 B of shared memory"), "{err}");
+        // 3 warps along M do not tile 128 rows in m16 fragments; 1 stage is no pipeline.
+        assert!(t(128, 3, 2, 3).check(1024, 1).is_err());
+        assert!(t(128, 2, 4, 1).check(1024, 1).is_err());
+        assert!(t(128, 0, 4, 3).check(1024, 1).is_err());
+    }
+}
