@@ -1,15 +1,10 @@
 #!/bin/bash
-# Nsight Compute sections of one grouped-GEMM launch (the digital gate/up GEMM, then the first
-# analog one) of `aimc bench --suite gpu` on the OLMoE shape, into $OUT/ncu-*.txt.
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-B=.dev/cuda
-[ -x $B/aimc ] || tar -C .dev -xJf .dev/cuda.tar.xz
-export AIMC_CACHE_DIR=/tmp/aimc-kernel-cache PATH=/usr/local/cuda/bin:$PATH
-BASIC=tools/presets/standard-hwa-no-pcm-read-no-ir-drop.json
+# Nsight Compute sections of one grouped-GEMM launch of `aimc bench --suite gpu` on the OLMoE
+# shape, into $OUT/ncu-*.txt: the digital gate/up GEMM (skip 0) and the first analog one (skip
+# 46: the digital case runs 3 warm-ups + 20 timed runs, the least `--repeats` allows, of 2 GEMMs).
+. "$(dirname "$0")/gpu_env.sh"
 sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section InstructionStats"
-for skip in ${SKIPS:-0 12}; do
+for skip in ${SKIPS:-0 46}; do
   timeout 200 ncu $sections -k regex:moe_gemm --launch-skip $skip -c 1 \
     $B/aimc bench --suite gpu --shapes olmoe --repeats 3 --gpu-preset $BASIC > "$OUT/ncu-$skip.txt" 2>&1
   echo "== launch-skip $skip rc=$?"

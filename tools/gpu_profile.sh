@@ -2,16 +2,10 @@
 # Per-kernel GPU time of one grouped MoE layer forward (OLMoE shape) for the digital and the
 # analog kernels, with Nsight Systems when the GPU machine has it (else Nsight Compute), into
 # $OUT/profile-*.txt. Run after tools/gpu_prepare.sh, like tools/gpu_session.sh.
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-B=.dev/cuda
-[ -x $B/aimc ] || tar -C .dev -xJf .dev/cuda.tar.xz
-export AIMC_CACHE_DIR=/tmp/aimc-kernel-cache PATH=/usr/local/cuda/bin:$PATH
+. "$(dirname "$0")/gpu_env.sh"
 NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute*/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -1)
 echo "nsys: ${NSYS:-none}  ncu: ${NCU:-none}"
-BASIC=tools/presets/standard-hwa-no-pcm-read-no-ir-drop.json
 for preset in ${PRESETS:-$BASIC standard-hwa}; do
   tag=$(basename $preset .json)
   cmd="$B/aimc bench --suite gpu --shapes ${SHAPES:-olmoe} --repeats ${REPEATS:-3} --gpu-preset $preset --report $OUT/profile-$tag.md"

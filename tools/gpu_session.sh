@@ -1,17 +1,13 @@
 #!/bin/bash
 # One GPU-machine call for issue 5 (after tools/gpu_prepare.sh here; carry .dev/cuda.tar.xz and
 # .dev/wheels). Writes to $OUT:
-#   device.txt, kernels_compile.log, gpu_backend.log, gpu-bench.md + bench.log, lightning.json,
+#   device.txt, kernels_compile.log, gpu_backend.log, gpu-bench-<preset>.md + bench-<preset>.log,
+#   lightning.json,
 #   eval-{cuda,cpu}.log (whole embedded-model analog eval, wall time of each backend).
-set -u
-OUT=${OUT:-/tmp/out}
+. "$(dirname "$0")/gpu_env.sh"
 # STEPS picks a subset (default all), e.g. STEPS="1 2" to fit one 600 s device call.
 STEPS=${STEPS:-"1 2 3 4 5"}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
-mkdir -p "$OUT"
-B=.dev/cuda
-[ -x $B/aimc ] || tar -C .dev -xJf .dev/cuda.tar.xz
-export PATH=/usr/local/cuda/bin:$PATH AIMC_CACHE_DIR=/tmp/aimc-kernel-cache
 { date -u +%FT%TZ; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } | tee "$OUT/device.txt"
 
 if step 1; then
@@ -31,7 +27,7 @@ fi
 if step 3; then
 # 3. Speed: cuBLAS vs digital vs analog grouped layers on the issue's shapes + one expert, with
 #    standard-hwa and with the AIHWKIT-Lightning feature set (no PCM_READ, no IR drop).
-for preset in standard-hwa tools/presets/standard-hwa-no-pcm-read-no-ir-drop.json; do
+for preset in standard-hwa $BASIC; do
   tag=$(basename $preset .json)
   timeout 150 $B/aimc bench --suite gpu --shapes olmoe,fine-grained,mixtral,expert --repeats 21 \
     --gpu-preset $preset --report "$OUT/gpu-bench-$tag.md" > "$OUT/bench-$tag.log" 2>&1

@@ -3,13 +3,7 @@
 # Mixtral shapes, by default on the preset without PCM_READ / IR drop (the AIHWKIT-Lightning
 # feature set; PRESETS=standard-hwa adds the full one, whose extra accumulators spill on wide
 # tiles and run for minutes), into $OUT/sweep-*.md. Run after tools/gpu_prepare.sh, like tools/gpu_session.sh.
-set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-B=.dev/cuda
-[ -x $B/aimc ] || tar -C .dev -xJf .dev/cuda.tar.xz
-export AIMC_CACHE_DIR=/tmp/aimc-kernel-cache
-BASIC=tools/presets/standard-hwa-no-pcm-read-no-ir-drop.json
+. "$(dirname "$0")/gpu_env.sh"
 SHAPES=${SHAPES:-olmoe,mixtral}
 for tile in ${TILES:-default}; do
   for preset in ${PRESETS:-$BASIC}; do
