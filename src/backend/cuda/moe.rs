@@ -85,34 +85,34 @@ impl GemmTile {
     /// `aimc bench`; a malformed or unfit value is an error, not ignored).
     fn choose(v: &GemmVariant, n_cols: usize, nb_mat: usize) -> CudaResult<Self> {
         let tile = match std::env::var("AIMC_GEMM_TILE") {
-            Ok(text) => {
-                let f: Vec<usize> = text
-                    .split(',')
-                    .map(|x| x.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| {
-                        CudaError::Unsupported(format!(
-                            "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
-                        ))
-                    })?;
-                match f[..] {
-                    [cols, warps_m, warps_n, stages] => Self {
-                        cols,
-                        warps_m,
-                        warps_n,
-                        stages,
-                    },
-                    _ => {
-                        return Err(CudaError::Unsupported(format!(
-                            "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
-                        )))
-                    }
-                }
-            }
+            Ok(text) => Self::parse(&text)?,
             Err(_) => Self::for_variant(v),
         };
         tile.check(n_cols, nb_mat)?;
         Ok(tile)
+    }
+
+    /// `cols,warps_m,warps_n,stages` (the `AIMC_GEMM_TILE` format).
+    fn parse(text: &str) -> CudaResult<Self> {
+        let malformed = || {
+            CudaError::Unsupported(format!(
+                "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
+            ))
+        };
+        let f: Vec<usize> = text
+            .split(',')
+            .map(|x| x.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| malformed())?;
+        let [cols, warps_m, warps_n, stages] = f[..] else {
+            return Err(malformed());
+        };
+        Ok(Self {
+            cols,
+            warps_m,
+            warps_n,
+            stages,
+        })
     }
 
     fn threads(self) -> usize {
@@ -1278,6 +1278,26 @@ mod tests {
             // The kernel's per-thread loader and warp-fragment conditions.
             assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
             assert_eq!((tile.cols / tile.warps_n / 8) % 2, 0, "{tile:?}");
+        }
+    }
+
+    #[test]
+    fn tile_override_parses_four_numbers_or_names_the_format() {
+        assert_eq!(
+            GemmTile::parse("64, 4,2,3").unwrap(),
+            GemmTile {
+                cols: 64,
+                warps_m: 4,
+                warps_n: 2,
+                stages: 3
+            }
+        );
+        for bad in ["", "64,4,2", "64,4,2,3,1", "64,4,x,3", "-64,4,2,3"] {
+            let err = GemmTile::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("want cols,warps_m,warps_n,stages"),
+                "{bad}: {err}"
+            );
         }
     }
 
