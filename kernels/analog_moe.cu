@@ -314,6 +314,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     const u32 wm = warp / MOE_WARPS_N, wn = warp % MOE_WARPS_N;
     const u32 K = p.k;
 
+    // Accumulator fragment of this thread (mma.sync m16n8 C layout): row of fragment (mi, half)
+    // inside the expert's rows, first of the two columns of n8 fragment tn.
+    auto frag_row = [&](u32 mi, u32 half) { return m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8; };
+    auto frag_col = [&](u32 tn) { return n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2; };
+
     // Loader assignment: 16-byte chunks, 4 per 32-half row; A rows gathered once here.
     constexpr u32 A_CHUNKS = BM * 4 / NTHREADS, B_CHUNKS = BN * 4 / NTHREADS;
     const u16* a_src[A_CHUNKS];
@@ -364,24 +369,33 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if MOE_IR_DROP
     float acc_abs[MI][TN][4], acc_ir[MI][TN][4];
 #endif
+    // Zero the accumulators of one crossbar block along K (before each block's MMAs).
+    auto reset_block = [&]() {
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    acc[i][j][r] = 0.0f;
+#if MOE_PCM_READ
+                    acc_s2[i][j][r] = 0.0f;
+#endif
+#if MOE_IR_DROP
+                    acc_abs[i][j][r] = 0.0f;
+                    acc_ir[i][j][r] = 0.0f;
+#endif
+                }
+    };
+    reset_block();
+#if MOE_ANALOG
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                acc[i][j][r] = 0.0f;
-#if MOE_ANALOG
-                total[i][j][r] = 0.0f;
+            for (int r = 0; r < 4; ++r) total[i][j][r] = 0.0f;
 #endif
-#if MOE_PCM_READ
-                acc_s2[i][j][r] = 0.0f;
-#endif
-#if MOE_IR_DROP
-                acc_abs[i][j][r] = 0.0f;
-                acc_ir[i][j][r] = 0.0f;
-#endif
-            }
 
     const u32 n_steps = K / BK, steps_per_block = p.k_block / BK;
     // Prologue: STAGES − 1 stages in flight (empty groups keep the group count uniform).
@@ -482,7 +496,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (u32 half = 0; half < 2; ++half) {
-                    const u32 row_local = m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
+                    const u32 row_local = frag_row(mi, half);
                     if (row_local >= rows_e) continue;
                     const u32 pos = row_begin + row_local;
                     const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
@@ -498,7 +512,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                         const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
 #pragma unroll
                         for (u32 tn = 0; tn < TN; tn += 2) {
-                            const u32 col = n0 + wn * (TN * 8) + (tn + odd) * 8 + (lane & 3) * 2;
+                            const u32 col = frag_col(tn + odd);
                             const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                             const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
                             const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
@@ -514,7 +528,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
 #pragma unroll
                     for (u32 tn = 0; tn < TN; ++tn) {
-                        const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
+                        const u32 col = frag_col(tn);
                         const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                         float y[2];
 #pragma unroll
@@ -577,21 +591,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                         }
                     }
                 }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < TN; ++j)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        acc[i][j][r] = 0.0f;
-#if MOE_PCM_READ
-                        acc_s2[i][j][r] = 0.0f;
-#endif
-#if MOE_IR_DROP
-                        acc_abs[i][j][r] = 0.0f;
-                        acc_ir[i][j][r] = 0.0f;
-#endif
-                    }
+            reset_block();
         }
 #endif
     }
@@ -603,7 +603,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #pragma unroll
         for (u32 half = 0; half < 2; ++half)
             if (bm_rows & (1u << (mi * 2 + half))) {
-                const u32 pos = row_begin + m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
+                const u32 pos = row_begin + frag_row(mi, half);
                 if (atomicExch(p.bm_flag + pos, 1u) == 0u) p.bm_list[atomicAdd(p.bm_count, 1u)] = pos;
             }
 #endif
@@ -618,13 +618,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (u32 half = 0; half < 2; ++half) {
-            const u32 row_local = m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8;
+            const u32 row_local = frag_row(mi, half);
             if (row_local >= rows_e) continue;
             const u32 pos = row_begin + row_local;
 #if MOE_MODE == 0
 #pragma unroll
             for (u32 tn = 0; tn < TN; ++tn) {
-                const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
+                const u32 col = frag_col(tn);
                 float2 v = make_float2(RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
                 *(float2*)(p.out + (u64)pos * p.n + col) = v;
             }
@@ -647,7 +647,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             const float w = p.sorted_weight[pos];
 #pragma unroll
             for (u32 tn = 0; tn < TN; ++tn) {
-                const u32 col = n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2;
+                const u32 col = frag_col(tn);
                 float* dst = p.out + (u64)token * p.n + col;
                 atomicAdd(dst, w * RESULT[mi][tn][half * 2]);
                 atomicAdd(dst + 1, w * RESULT[mi][tn][half * 2 + 1]);
