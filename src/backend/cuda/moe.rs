@@ -55,40 +55,31 @@ impl GemmTile {
     /// - PCM_READ and IR drop add one and two sets: 64 columns stay under 255 registers
     ///   without spills (1 CTA per SM).
     pub fn for_variant(v: &GemmVariant) -> Self {
-        let side_sets =
-            usize::from(v.analog && v.pcm_read) + 2 * usize::from(v.analog && v.ir_drop);
-        if side_sets > 0 {
-            Self {
-                cols: 64,
-                warps_m: 4,
-                warps_n: 2,
-                stages: 3,
-            }
-        } else if v.analog {
-            Self {
-                cols: 64,
-                warps_m: 4,
-                warps_n: 2,
-                stages: 4,
-            }
-        } else {
-            Self {
+        if !v.analog {
+            return Self {
                 cols: 128,
                 warps_m: 2,
                 warps_n: 4,
                 stages: 4,
-            }
+            };
+        }
+        // The side-accumulator variants keep the 3 stages they were measured with.
+        Self {
+            cols: 64,
+            warps_m: 4,
+            warps_n: 2,
+            stages: if v.pcm_read || v.ir_drop { 3 } else { 4 },
         }
     }
 
     /// `AIMC_GEMM_TILE=cols,warps_m,warps_n,stages` overrides the default (a tuning knob for
     /// `aimc bench`; a malformed or unfit value is an error, not ignored).
-    fn choose(v: &GemmVariant, n_cols: usize, nb_mat: usize) -> CudaResult<Self> {
+    fn choose(v: &GemmVariant, n_cols: usize) -> CudaResult<Self> {
         let tile = match std::env::var("AIMC_GEMM_TILE") {
             Ok(text) => Self::parse(&text)?,
             Err(_) => Self::for_variant(v),
         };
-        tile.check(n_cols, nb_mat)?;
+        tile.check(n_cols, v.weight_operands())?;
         Ok(tile)
     }
 
@@ -760,6 +751,17 @@ pub struct GemmVariant {
     pub noise_quads: bool,
 }
 
+impl GemmVariant {
+    /// Weight matrices staged per K step (`NB_MAT` in the kernel): fp16 hi and lo when split.
+    pub fn weight_operands(&self) -> usize {
+        if self.analog && self.split_w {
+            2
+        } else {
+            1
+        }
+    }
+}
+
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
 pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
     let flag = |b: bool| i64::from(b);
@@ -1007,12 +1009,8 @@ pub fn grouped_gemm(
         output,
         noise_quads: m.noise_quads,
     };
-    let nb_mat = if m.precision == Precision::AnalogSplitF16 {
-        2
-    } else {
-        1
-    };
-    let tile = GemmTile::choose(&variant, m.n_cols, nb_mat)?;
+    let nb_mat = variant.weight_operands();
+    let tile = GemmTile::choose(&variant, m.n_cols)?;
     let defines = gemm_defines(&variant, tile);
     let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
     let shared = tile.shared_bytes(nb_mat) as u32;
@@ -1271,9 +1269,8 @@ mod tests {
             variant(true, true),
         ] {
             let tile = GemmTile::for_variant(&v);
-            let nb_mat = if v.split_w { 2 } else { 1 };
             for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
-                tile.check(n, nb_mat).unwrap();
+                tile.check(n, v.weight_operands()).unwrap();
             }
             // The kernel's per-thread loader and warp-fragment conditions.
             assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
