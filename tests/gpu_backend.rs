@@ -12,7 +12,7 @@ use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
 use aimc::rng::{Purpose, Stream};
 use aimc::tile::{AnalogMatrix, BoundManagement, Crossbar, TilePreset, WeightNoise};
-use ndarray::{s, Array2};
+use ndarray::{s, Array2, ArrayView2};
 
 /// Relative RMS difference allowed between the analog MoE layer on the GPU and the CPU crossbar
 /// path for a token without an ADC flip (the median token), and for the emulated operands.
@@ -96,6 +96,19 @@ fn test_matrix(rows: usize, cols: usize, id: u32, scale: f32) -> Array2<f32> {
     Array2::from_shape_fn((rows, cols), |(i, j)| {
         s.normal((i * cols + j) as u64, 0) * scale
     })
+}
+
+/// `w` programmed on `preset` under (`seed`, `tensor_id`) and drifted to `t_seconds`.
+fn drifted(
+    preset: &TilePreset,
+    w: ArrayView2<'_, f32>,
+    seed: u64,
+    tensor_id: u32,
+    t_seconds: f64,
+) -> AnalogMatrix {
+    let mut m = AnalogMatrix::program(w, preset, seed, tensor_id).unwrap();
+    m.drift_to(t_seconds);
+    m
 }
 
 #[test]
@@ -222,17 +235,15 @@ fn analog_adc_codes_match_the_cpu_crossbar() {
     let Some(dev) = gpu("adc codes") else { return };
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let (t, k, e, n, d) = (256, 2, 4, 256, 512);
-    let mats: Vec<AnalogMatrix> = (0..e)
+    let mats: Vec<AnalogMatrix> = (0..e as u32)
         .map(|i| {
-            let mut m = AnalogMatrix::program(
-                test_matrix(n, d, 10 + i as u32, 0.05).view(),
+            drifted(
                 &preset,
+                test_matrix(n, d, 10 + i, 0.05).view(),
                 11,
-                100 + i as u32,
+                100 + i,
+                3600.0,
             )
-            .unwrap();
-            m.drift_to(3600.0);
-            m
         })
         .collect();
     let grouped = GroupedMatrix::from_analog(&mats.iter().collect::<Vec<_>>()).unwrap();
@@ -312,9 +323,7 @@ fn moe_layer_gpu_and_cpu(
     let seed = 21u64;
     let program = |rows, cols, id: u32| {
         let w = test_matrix(rows, cols, id, 0.04);
-        let mut m = AnalogMatrix::program(w.view(), preset, seed, id).unwrap();
-        m.drift_to(86400.0);
-        (m, w)
+        (drifted(preset, w.view(), seed, id, 86400.0), w)
     };
     let (gates, gate_w): (Vec<_>, Vec<_>) =
         (0..e as u32).map(|i| program(n, d, 200 + 3 * i)).unzip();
@@ -579,11 +588,13 @@ fn kernel_reference_reproduces_crossbar_adc_codes() {
     let (e, n, d, rows) = (2, 256, 512, 48);
     let mats: Vec<AnalogMatrix> = (0..e)
         .map(|i| {
-            let mut m =
-                AnalogMatrix::program(test_matrix(n, d, 40 + i, 0.05).view(), &preset, 3, 500 + i)
-                    .unwrap();
-            m.drift_to(3600.0);
-            m
+            drifted(
+                &preset,
+                test_matrix(n, d, 40 + i, 0.05).view(),
+                3,
+                500 + i,
+                3600.0,
+            )
         })
         .collect();
     let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
@@ -618,11 +629,13 @@ fn split_f16_operands_keep_adc_codes_within_bound() {
     let (e, n, d, rows) = (2u32, 256, 512, 64);
     let mats: Vec<AnalogMatrix> = (0..e)
         .map(|i| {
-            let mut m =
-                AnalogMatrix::program(test_matrix(n, d, 70 + i, 0.05).view(), &preset, 5, 900 + i)
-                    .unwrap();
-            m.drift_to(3600.0);
-            m
+            drifted(
+                &preset,
+                test_matrix(n, d, 70 + i, 0.05).view(),
+                5,
+                900 + i,
+                3600.0,
+            )
         })
         .collect();
     let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
@@ -667,9 +680,7 @@ fn kernel_reference_matches_tiled_matrix_with_abs_max() {
     preset.periphery.noise_management = aimc::tile::NoiseManagement::AbsMax;
     // 640 outputs → 2 crossbars of 320 columns; 1024 inputs → 2 crossbars of 512 rows.
     let (n, d, rows) = (640, 1024, 24);
-    let mut mat =
-        AnalogMatrix::program(test_matrix(n, d, 60, 0.05).view(), &preset, 4, 700).unwrap();
-    mat.drift_to(86400.0);
+    let mat = drifted(&preset, test_matrix(n, d, 60, 0.05).view(), 4, 700, 86400.0);
     let grouped = GroupedMatrix::from_analog(&[&mat]).unwrap();
     assert_eq!(grouped.col_block_cols[0], 320);
     assert_eq!(grouped.col_local[330], 10);
@@ -697,11 +708,13 @@ fn kernel_reference_layer_matches_per_expert_crossbars() {
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let (t, k, e, n, d, seed, mvm_id) = (40, 2, 3, 128, 512, 8u64, 3u32);
     let program = |rows, cols, id: u32| {
-        let mut m =
-            AnalogMatrix::program(test_matrix(rows, cols, id, 0.04).view(), &preset, seed, id)
-                .unwrap();
-        m.drift_to(60.0);
-        m
+        drifted(
+            &preset,
+            test_matrix(rows, cols, id, 0.04).view(),
+            seed,
+            id,
+            60.0,
+        )
     };
     let gates: Vec<_> = (0..e as u32).map(|i| program(n, d, 800 + 3 * i)).collect();
     let ups: Vec<_> = (0..e as u32).map(|i| program(n, d, 801 + 3 * i)).collect();
@@ -811,12 +824,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
     let w = test_matrix(n, d, 900, 0.04);
     let x = saturating_inputs(&w, rows, 901);
     for preset in bound_managed_presets() {
-        let program = |preset: &TilePreset| {
-            let mut m = AnalogMatrix::program(w.view(), preset, seed, 77).unwrap();
-            m.drift_to(3600.0);
-            m
-        };
-        let mat = program(&preset);
+        let mat = drifted(&preset, w.view(), seed, 77, 3600.0);
         let cpu = mat.mvm(x.view(), mvm_id);
         let grouped = GroupedMatrix::from_analog(&[&mat]).unwrap();
         assert!(grouped.n_xbar >= 2);
@@ -844,7 +852,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
         // Bound management acted: the same crossbars without it give other outputs.
         let mut plain = preset.clone();
         plain.periphery.bound_management = BoundManagement::None;
-        let unmanaged = program(&plain).mvm(x.view(), mvm_id);
+        let unmanaged = drifted(&plain, w.view(), seed, 77, 3600.0).mvm(x.view(), mvm_id);
         let effect = rel_rms(unmanaged.iter(), cpu.iter());
         println!(
             "{}: kernel reference vs crossbars rel. RMS {rel:.2e}, {flips} ADC flips ({:.3}%); \
