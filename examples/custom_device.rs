@@ -44,14 +44,7 @@ fn main() -> anyhow::Result<()> {
     let mut tokens = model.tokenizer()?.encode(embedded::default_text()?)?;
     tokens.truncate(1024);
     let preset = TilePreset::builtin("pcm-3d-8tier")?;
-    let specs: Vec<MatrixSpec> = model
-        .matrices()
-        .map(|(id, w)| MatrixSpec {
-            id,
-            n_out: w.nrows(),
-            n_in: w.ncols(),
-        })
-        .collect();
+    let specs = MatrixSpec::from_model(&model);
     let geo = ChipGeometry {
         rows: 512,
         cols: 512,

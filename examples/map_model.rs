@@ -21,14 +21,7 @@ fn main() -> anyhow::Result<()> {
         tiers_per_stack: preset.stack.tiers_per_stack,
         stacks: preset.stack.stacks,
     };
-    let specs: Vec<MatrixSpec> = model
-        .matrices()
-        .map(|(id, w)| MatrixSpec {
-            id,
-            n_out: w.nrows(),
-            n_in: w.ncols(),
-        })
-        .collect();
+    let specs = MatrixSpec::from_model(&model);
     // Routing trace on calibration text: which experts fire together.
     let text = embedded::default_text()?;
     let mut tokens = model.tokenizer()?.encode(text)?;

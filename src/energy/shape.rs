@@ -259,15 +259,7 @@ mod tests {
     fn matrix_specs_match_the_loaded_model() {
         let model = crate::model::embedded::load().unwrap();
         let shape = ModelShape::from_model("embedded", &model);
-        let from_model: Vec<MatrixSpec> = model
-            .matrices()
-            .map(|(id, w)| MatrixSpec {
-                id,
-                n_out: w.nrows(),
-                n_in: w.ncols(),
-            })
-            .collect();
-        assert_eq!(shape.matrix_specs(), from_model);
+        assert_eq!(shape.matrix_specs(), MatrixSpec::from_model(&model));
     }
 
     #[test]
