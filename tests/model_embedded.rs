@@ -2,6 +2,8 @@
 //! logits equal transformers' on its reference tokens, both from the checkpoint directory
 //! `models/kjv-moe/` (memory-mapped, sharded) and from the copy compiled into the binary; and the
 //! held-out perplexity equals the training report's.
+mod common;
+
 use std::path::PathBuf;
 
 use aimc::eval::perplexity;
@@ -60,12 +62,7 @@ fn kjv_moe_matches_transformers_reference() {
 
 #[test]
 fn kjv_moe_heldout_perplexity_matches_training_report() {
-    let model = embedded::load().unwrap();
-    let mut ids = model
-        .tokenizer()
-        .unwrap()
-        .encode(embedded::default_text().unwrap())
-        .unwrap();
+    let (model, mut ids) = common::embedded_model_and_tokens(usize::MAX);
     // The training script scores whole 512-token windows only; drop the partial last one.
     ids.truncate(ids.len() / 512 * 512);
     let r = perplexity(&model, &ids, 512, &ForwardOptions::default(), false).unwrap();
