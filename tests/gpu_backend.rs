@@ -98,6 +98,27 @@ fn test_matrix(rows: usize, cols: usize, id: u32, scale: f32) -> Array2<f32> {
     })
 }
 
+/// `e` standard-hwa experts of `n×d` test weights (`test_matrix(n, d, data_id + i, 0.05)`)
+/// programmed under (`seed`, tensor id `tensor_id + i`) and drifted 1 h, with the preset and
+/// their grouped kernel layout.
+fn hwa_experts(
+    e: u32,
+    (n, d): (usize, usize),
+    data_id: u32,
+    seed: u64,
+    tensor_id: u32,
+) -> (TilePreset, Vec<AnalogMatrix>, GroupedMatrix) {
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let mats: Vec<AnalogMatrix> = (0..e)
+        .map(|i| {
+            let w = test_matrix(n, d, data_id + i, 0.05);
+            drifted(&preset, w.view(), seed, tensor_id + i, 3600.0)
+        })
+        .collect();
+    let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
+    (preset, mats, grouped)
+}
+
 /// `w` programmed on `preset` under (`seed`, `tensor_id`) and drifted to `t_seconds`.
 fn drifted(
     preset: &TilePreset,
@@ -233,20 +254,8 @@ fn routing_sort_is_stable_and_exact() {
 #[test]
 fn analog_adc_codes_match_the_cpu_crossbar() {
     let Some(dev) = gpu("adc codes") else { return };
-    let preset = TilePreset::resolve("standard-hwa").unwrap();
     let (t, k, e, n, d) = (256, 2, 4, 256, 512);
-    let mats: Vec<AnalogMatrix> = (0..e as u32)
-        .map(|i| {
-            drifted(
-                &preset,
-                test_matrix(n, d, 10 + i, 0.05).view(),
-                11,
-                100 + i,
-                3600.0,
-            )
-        })
-        .collect();
-    let grouped = GroupedMatrix::from_analog(&mats.iter().collect::<Vec<_>>()).unwrap();
+    let (preset, mats, grouped) = hwa_experts(e as u32, (n, d), 10, 11, 100);
     let x = test_matrix(t, d, 5, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
     let (experts, weights) = routing(t, k, e);
     let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
@@ -584,20 +593,8 @@ fn code_diff(a: &Array2<f32>, b: &Array2<f32>, unit: impl Fn(usize) -> f32) -> (
 
 #[test]
 fn kernel_reference_reproduces_crossbar_adc_codes() {
-    let preset = TilePreset::resolve("standard-hwa").unwrap();
-    let (e, n, d, rows) = (2, 256, 512, 48);
-    let mats: Vec<AnalogMatrix> = (0..e)
-        .map(|i| {
-            drifted(
-                &preset,
-                test_matrix(n, d, 40 + i, 0.05).view(),
-                3,
-                500 + i,
-                3600.0,
-            )
-        })
-        .collect();
-    let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
+    let (n, d, rows) = (256, 512, 48);
+    let (preset, mats, grouped) = hwa_experts(2, (n, d), 40, 3, 500);
     let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
     let x = test_matrix(rows, d, 8, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
     let step = preset.periphery.adc.unwrap().step();
@@ -625,20 +622,8 @@ fn kernel_reference_reproduces_crossbar_adc_codes() {
 /// (< 0.1 % differ, by ≤ 1 step); a single fp16 weight operand would not be enough.
 #[test]
 fn split_f16_operands_keep_adc_codes_within_bound() {
-    let preset = TilePreset::resolve("standard-hwa").unwrap();
-    let (e, n, d, rows) = (2u32, 256, 512, 64);
-    let mats: Vec<AnalogMatrix> = (0..e)
-        .map(|i| {
-            drifted(
-                &preset,
-                test_matrix(n, d, 70 + i, 0.05).view(),
-                5,
-                900 + i,
-                3600.0,
-            )
-        })
-        .collect();
-    let grouped = GroupedMatrix::from_analog(&refs(&mats)).unwrap();
+    let (n, d, rows) = (256, 512, 64);
+    let (preset, mats, grouped) = hwa_experts(2, (n, d), 70, 5, 900);
     let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
     let x = test_matrix(rows, d, 11, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
     let step = preset.periphery.adc.unwrap().step();
