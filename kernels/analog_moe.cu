@@ -9,6 +9,7 @@
 //   MOE_BM       1: iterative bound management: rows with a saturated ADC output are listed and
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
+//   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (experimental, see there)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
@@ -50,6 +51,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_NOISE_QUADS
 #define MOE_NOISE_QUADS 0
+#endif
+#ifndef MOE_WGMMA
+#define MOE_WGMMA 0
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -655,6 +659,157 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
         }
 }
+
+#if MOE_WGMMA && !MOE_ANALOG
+// ---------------------------------------------------------------------------------------------
+// EXPERIMENTAL (compiled and ptxas-checked, not yet run on a GPU): the digital grouped GEMM for
+// sm_90a with wgmma.mma_async from 128B-swizzled shared memory. Same contract as moe_gemm with
+// MOE_ANALOG 0 (GemmParams, MOE_MODE 0/1/2, 128-row tiles of the routing). CTA 128×128, two
+// warpgroups of 64 rows each issuing m64n128k16, BK = 64 (one 128-byte swizzle atom per row),
+// WG_STAGES cp.async stages; A rows are gathered token rows, which sm_90 TMA cannot gather, so
+// every thread loads with cp.async and writes the swizzled layout itself.
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "MOE_WGMMA needs --gpu-architecture=compute_90a"
+#endif
+#define WG_BM 128
+#define WG_BN 128
+#define WG_BK 64
+#define WG_STAGES 4
+#define WG_THREADS 256
+#define WG_TILE_BYTES (WG_BM * WG_BK * 2)
+#define WG_STAGE_BYTES (WG_TILE_BYTES + WG_BN * WG_BK * 2)
+
+// Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows in 128B-swizzle
+// atoms of 8 rows: start address >> 4, leading byte offset 16 (unused by this layout), stride
+// byte offset 1024 (between 8-row atoms), swizzle mode 1 (128B) in bits 62–63.
+__device__ __forceinline__ u64 wg_desc(u32 saddr) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)(16 >> 4) << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// Byte offset of 16-byte chunk c (0..7) of row r in a 128B-swizzled tile (1024-byte aligned).
+__device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c ^ (r & 7u)) << 4); }
+
+// d[64] += A[64×16] · B[128×16]ᵀ for this warpgroup (scale-d = 1: d is zeroed before the loop).
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
+    const u32 n_tiles_n = p.n / WG_BN;
+    const u32 tile = blockIdx.x / n_tiles_n;
+    if (tile >= p.tile_offsets[p.n_experts]) return;
+    u32 lo = 0, hi = p.n_experts;
+    while (hi - lo > 1) {
+        u32 mid = (lo + hi) / 2;
+        if (p.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
+    }
+    const u32 e = lo;
+    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+    const u32 m0 = (tile - p.tile_offsets[e]) * WG_BM, n0 = (blockIdx.x % n_tiles_n) * WG_BN;
+    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
+    const u32 K = p.k;
+
+    // 128 rows × 8 chunks per operand and stage: 4 chunks per thread, rows t/8 + 32·i.
+    constexpr u32 CHUNKS = WG_BM * 8 / WG_THREADS;
+    const u16* a_src[CHUNKS];
+    u32 a_bytes[CHUNKS];
+#pragma unroll
+    for (u32 i = 0; i < CHUNKS; ++i) {
+        const u32 r = (t + i * WG_THREADS) >> 3;
+        const bool ok = m0 + r < rows_e;
+        const u32 pos = row_begin + m0 + r;
+        const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
+        a_src[i] = p.a + (u64)row * K + (t & 7) * 8;
+        a_bytes[i] = ok ? 16u : 0u;
+    }
+    const u16* w_src = p.w_hi + ((u64)e * p.n + n0) * K + (t & 7) * 8;
+
+    auto load_stage = [&](u32 stage, u32 k0) {
+        const u32 s_a = base + stage * WG_STAGE_BYTES, s_b = s_a + WG_TILE_BYTES;
+#pragma unroll
+        for (u32 i = 0; i < CHUNKS; ++i) {
+            const u32 r = (t + i * WG_THREADS) >> 3, off = wg_swizzle(r, t & 7);
+            cp_async16(s_a + off, a_src[i] + k0, a_bytes[i]);
+            cp_async16(s_b + off, w_src + (u64)r * K + k0, 16u);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+
+    const u32 n_steps = K / WG_BK;
+#pragma unroll
+    for (u32 st = 0; st < WG_STAGES - 1; ++st) {
+        if (st < n_steps) load_stage(st, st * WG_BK);
+        else asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (u32 step = 0; step < n_steps; ++step) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_STAGES - 2));
+        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        {
+            const u32 next = step + WG_STAGES - 1;
+            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
+            else asm volatile("cp.async.commit_group;\n" ::);
+        }
+        const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES + wg * (64 * 128);
+        const u32 s_b = base + (step % WG_STAGES) * WG_STAGE_BYTES + WG_TILE_BYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (u32 kk = 0; kk < WG_BK / 16; ++kk) wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        // The stage is refilled after the next barrier: its MMAs must be done by then.
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+
+    // Accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8),
+    // n8 block j holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
+#pragma unroll
+    for (u32 half = 0; half < 2; ++half) {
+        const u32 row_local = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2) + half * 8;
+        if (row_local >= rows_e) continue;
+        const u32 pos = row_begin + row_local;
+#if MOE_MODE == 0
+#pragma unroll
+        for (u32 j = 0; j < WG_BN / 8; ++j) {
+            const u32 col = n0 + j * 8 + (lane & 3) * 2;
+            *(float2*)(p.out + (u64)pos * p.n + col) = make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
+        }
+#elif MOE_MODE == 1
+#pragma unroll
+        for (u32 j = 0; j < WG_BN / 8; j += 2) {
+            const u32 col = n0 + j * 8;
+            const u32 hcol = (col / 16) * 8 + (lane & 3) * 2;
+            float h[2];
+#pragma unroll
+            for (u32 c = 0; c < 2; ++c) {
+                const float g = d[4 * j + 2 * half + c], u = d[4 * (j + 1) + 2 * half + c];
+                h[c] = g / (1.0f + expf(-g)) * u;
+            }
+            *(float2*)(p.out + (u64)pos * (p.n / 2) + hcol) = make_float2(h[0], h[1]);
+        }
+#else
+        const u32 token = p.sorted_token[pos];
+        const float w = p.sorted_weight[pos];
+#pragma unroll
+        for (u32 j = 0; j < WG_BN / 8; ++j) {
+            float* dst = p.out + (u64)token * p.n + n0 + j * 8 + (lane & 3) * 2;
+            atomicAdd(dst, w * d[4 * j + 2 * half]);
+            atomicAdd(dst + 1, w * d[4 * j + 2 * half + 1]);
+        }
+#endif
+    }
+}
+#endif
 
 // Weights f32 → fp16 hi + fp16 lo with hi + lo ≈ w to ~22 significant bits (analog operands).
 extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {

@@ -576,6 +576,101 @@ fn digital_moe_layer_matches_f32_within_bf16() {
     assert!(rel <= 1e-2);
 }
 
+#[test]
+fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
+    let Some(dev) = gpu("digital wgmma") else {
+        return;
+    };
+    if dev.compute_capability() != (9, 0) {
+        println!(
+            "digital wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
+            dev.compute_capability().0,
+            dev.compute_capability().1
+        );
+        return;
+    }
+    // Several row tiles per expert with a ragged last one, K = 4 and 2 wgmma stages.
+    let (t, k, e, n, d) = (600, 2, 3, 128, 256);
+    let table = |rows: usize, cols: usize, id: u32| GroupedMatrix {
+        n_experts: e,
+        n_cols: rows,
+        k: cols,
+        k_block: cols,
+        weights: (0..e as u32)
+            .flat_map(|i| {
+                test_matrix(rows, cols, id + i, 0.06)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect(),
+        col_tensor_id: vec![0; e * rows],
+        col_scale: vec![1.0; e * rows],
+        col_local: (0..rows as u32).collect(),
+        col_block_cols: vec![rows as u32; rows],
+        col_xbar: vec![0; rows],
+        n_xbar: 1,
+    };
+    let gate_up = GroupedMatrix::interleave_swiglu(&table(n, d, 300), &table(n, d, 310)).unwrap();
+    let down = table(d, n, 320);
+    let layer = |wgmma: bool| GpuMoeLayer {
+        gate_up: GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
+            .unwrap()
+            .use_wgmma(wgmma),
+        down: GpuGroupedMatrix::upload(&dev, &down, Precision::DigitalBf16)
+            .unwrap()
+            .use_wgmma(wgmma),
+        periphery: None,
+        seed: 0,
+    };
+    let (mma, wg) = (layer(false), layer(true));
+    let x = test_matrix(t, d, 8, 1.0);
+    let (experts, weights) = routing(t, k, e);
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let xd = dev.upload(x.as_slice().unwrap()).unwrap();
+    // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation in
+    // another order: a hidden value may round to the neighbouring bf16 (2^-8 relative) before
+    // the down GEMM, far below the O(1) error of a wrong fragment or swizzle layout.
+    let y_mma = dev
+        .download(&mma.forward(&dev, &xd, &r, 0).unwrap())
+        .unwrap();
+    let y_wg = dev
+        .download(&wg.forward(&dev, &xd, &r, 0).unwrap())
+        .unwrap();
+    let rel = rel_rms(y_wg.iter(), y_mma.iter());
+    println!("digital wgmma layer vs mma.sync layer: rel. RMS {rel:.2e} (bound 1e-3)");
+    assert!(rel <= 1e-3, "{rel}");
+    // Store epilogue of the gate/up GEMM: f32 sums of identical bf16 products.
+    let input = quantize(&dev, &xd, t, d, d, None).unwrap();
+    let store = |m: &GpuGroupedMatrix| {
+        let mut out = dev.zeros::<f32>(t * k * 2 * n).unwrap();
+        grouped_gemm(
+            &dev,
+            m,
+            &input,
+            &r,
+            true,
+            None,
+            0,
+            0,
+            GemmOutput::Store,
+            &mut out,
+        )
+        .unwrap();
+        dev.download(&out).unwrap()
+    };
+    let rel = rel_rms(store(&wg.gate_up).iter(), store(&mma.gate_up).iter());
+    println!("digital wgmma store vs mma.sync store: rel. RMS {rel:.2e} (bound 1e-5)");
+    assert!(rel <= 1e-5, "{rel}");
+}
+
 // ---- CPU-only checks of the kernel design (run everywhere): the reference model of the
 // ---- kernels (same tables and epilogue, exact operands) against the CPU crossbar path.
 

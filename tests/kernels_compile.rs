@@ -10,7 +10,7 @@
 #![cfg(feature = "cuda")]
 
 use aimc::backend::cuda::compile::{compile, KernelFile, ANALOG_MOE_CU, PROGRAM_CU, RNG_CU};
-use aimc::backend::cuda::moe::{moe_gemm_variants, GEMM_PARAMS_BYTES};
+use aimc::backend::cuda::moe::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
 
 /// Compute capabilities the kernels must build for: Ampere (mma.sync, cp.async, ldmatrix) and
 /// Hopper (the H100 the benchmarks run on).
@@ -50,7 +50,12 @@ fn assemble(ptxas: &std::path::Path, ptx: &str, cc: (i32, i32), what: &str) -> S
     let src = dir.join("k.ptx");
     std::fs::write(&src, ptx).unwrap();
     let out = std::process::Command::new(ptxas)
-        .arg(format!("-arch=sm_{}{}", cc.0, cc.1))
+        .arg(format!(
+            "-arch=sm_{}{}{}",
+            cc.0,
+            cc.1,
+            if cc == (9, 0) { "a" } else { "" }
+        ))
         .arg("-v")
         .arg("-o")
         .arg(dir.join("k.cubin"))
@@ -63,11 +68,20 @@ fn assemble(ptxas: &std::path::Path, ptx: &str, cc: (i32, i32), what: &str) -> S
 }
 
 fn check(kernel: &KernelFile, defines: &[(&str, i64)], ptxas: Option<&std::path::Path>) {
-    for cc in ARCHS {
+    check_on(&ARCHS, kernel, defines, ptxas);
+}
+
+fn check_on(
+    archs: &[(i32, i32)],
+    kernel: &KernelFile,
+    defines: &[(&str, i64)],
+    ptxas: Option<&std::path::Path>,
+) {
+    for &cc in archs {
         let what = format!("{} {defines:?} sm_{}{}", kernel.file, cc.0, cc.1);
         let ptx = compile(kernel, defines, cc).unwrap_or_else(|e| panic!("{what}: {e}"));
         // The host mirrors of the kernel parameter structs have the size NVRTC lays out.
-        for entry in ["moe_gemm", "moe_bm_fixup"] {
+        for entry in ["moe_gemm", "moe_bm_fixup", "moe_gemm_wgmma"] {
             if let Some(bytes) = param_bytes(&ptx.to_src(), entry) {
                 assert_eq!(bytes, GEMM_PARAMS_BYTES, "{what}: .param of {entry}");
             }
@@ -81,6 +95,12 @@ fn check(kernel: &KernelFile, defines: &[(&str, i64)], ptxas: Option<&std::path:
                     line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
                     "{what}: {line}"
                 );
+            }
+            // ptxas serialises wgmma (and says so) when the accumulators are touched between
+            // issue and wait, which would forfeit the async tensor-core path.
+            for line in log.lines().filter(|l| l.contains("warning")) {
+                println!("{what}: {line}");
+                assert!(!line.contains("serialized"), "{what}: {line}");
             }
             let mut function = "";
             for line in log.lines() {
@@ -115,9 +135,14 @@ fn every_kernel_configuration_compiles() {
     for defines in &variants {
         check(&ANALOG_MOE_CU, defines, p);
     }
+    // The experimental wgmma GEMM (digital, sm_90a only), each output mode.
+    let wgmma = moe_gemm_wgmma_variants();
+    for defines in &wgmma {
+        check_on(&[(9, 0)], &ANALOG_MOE_CU, defines, p);
+    }
     // One PTX cache entry per (file, defines, architecture), and a second compile reads it.
     let entries = std::fs::read_dir(cache.join("kernels")).unwrap().count();
-    assert_eq!(entries, (3 + variants.len()) * ARCHS.len());
+    assert_eq!(entries, (3 + variants.len()) * ARCHS.len() + wgmma.len());
     let again = compile(&ANALOG_MOE_CU, &variants[0], (9, 0)).unwrap();
     let first = std::fs::read_dir(cache.join("kernels"))
         .unwrap()

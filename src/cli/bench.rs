@@ -655,17 +655,34 @@ mod gpu {
         let weight_elems = (e * 3 * n * d) as f64;
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
-        for (case, precision) in [
-            ("(b) digital grouped (bf16)", Precision::DigitalBf16),
+        // The experimental wgmma kernel (sm_90a) is timed beside the mma.sync one on Hopper.
+        let hopper = dev.compute_capability() == (9, 0);
+        for (case, precision, wgmma) in [
+            ("(b) digital grouped (bf16)", Precision::DigitalBf16, false),
+            (
+                "(b') digital grouped, wgmma (bf16, sm_90a, experimental)",
+                Precision::DigitalBf16,
+                true,
+            ),
             (
                 "(c) analog grouped (split fp16, exact parity)",
                 Precision::AnalogSplitF16,
+                false,
             ),
-            ("(c') analog grouped (fp16, fast)", Precision::AnalogF16),
+            (
+                "(c') analog grouped (fp16, fast)",
+                Precision::AnalogF16,
+                false,
+            ),
         ] {
+            if wgmma && !hopper {
+                continue;
+            }
             let layer = GpuMoeLayer {
-                gate_up: GpuGroupedMatrix::from_device_weights(dev, &gate_up_tab, &w1, precision)?,
-                down: GpuGroupedMatrix::from_device_weights(dev, &down_tab, &w2, precision)?,
+                gate_up: GpuGroupedMatrix::from_device_weights(dev, &gate_up_tab, &w1, precision)?
+                    .use_wgmma(wgmma),
+                down: GpuGroupedMatrix::from_device_weights(dev, &down_tab, &w2, precision)?
+                    .use_wgmma(wgmma),
                 periphery: (precision != Precision::DigitalBf16).then_some(*periphery),
                 seed: 9,
             };

@@ -56,7 +56,10 @@ pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
 /// Compile (or fetch from the cache) `kernel` with `defines` for compute capability `cc`.
 pub fn compile(kernel: &KernelFile, defines: &[(&str, i64)], cc: (i32, i32)) -> CudaResult<Ptx> {
     let source = full_source(kernel, defines);
-    let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
+    // Hopper compiles for compute_90a, the architecture-specific target that admits wgmma; its
+    // PTX loads only on sm_90 devices, which is all this per-device compile serves.
+    let suffix = if cc == (9, 0) { "a" } else { "" };
+    let arch = format!("--gpu-architecture=compute_{}{}{suffix}", cc.0, cc.1);
     let mut options = vec![arch.clone(), "--std=c++17".to_string()];
     if kernel.exact_fp {
         options.push("--fmad=false".to_string());

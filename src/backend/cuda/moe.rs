@@ -429,6 +429,7 @@ pub struct GpuGroupedMatrix {
     col_xbar: CudaSlice<u32>,
     n_xbar: usize,
     noise_quads: bool,
+    wgmma: bool,
 }
 
 impl GpuGroupedMatrix {
@@ -504,7 +505,15 @@ impl GpuGroupedMatrix {
             col_xbar: dev.upload(&m.col_xbar)?,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
+            wgmma: false,
         })
+    }
+
+    /// Run this matrix's GEMMs with the experimental sm_90a wgmma kernel (digital bf16 only;
+    /// not yet run on a GPU, so never the default).
+    pub fn use_wgmma(mut self, on: bool) -> Self {
+        self.wgmma = on;
+        self
     }
 
     /// Output columns.
@@ -789,6 +798,14 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15
     ]
 }
 
+/// The `#define`s of the experimental sm_90a wgmma GEMM (`moe_gemm_wgmma`, digital only), one per
+/// output mode.
+pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 3]> {
+    (0..3)
+        .map(|mode| [("MOE_ANALOG", 0), ("MOE_MODE", mode), ("MOE_WGMMA", 1)])
+        .collect()
+}
+
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
 /// Each on its default [`GemmTile`].
@@ -1009,27 +1026,6 @@ pub fn grouped_gemm(
         output,
         noise_quads: m.noise_quads,
     };
-    let nb_mat = variant.weight_operands();
-    let tile = GemmTile::choose(&variant, m.n_cols)?;
-    let defines = gemm_defines(&variant, tile);
-    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
-    let shared = tile.shared_bytes(nb_mat) as u32;
-    let threads = tile.threads() as u32;
-    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
-    unsafe {
-        cudarc::driver::result::function::set_function_attribute(
-            f.cu_function(),
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-    }
-    .map_err(|source| CudaError::Kernel {
-        kernel: "moe_gemm".into(),
-        grid: (0, 0, 0),
-        block: (threads, 1, 1),
-        shared_bytes: shared,
-        source,
-    })?;
     // Bound-management state: a flag and list slot per sorted row, a counter, fix-up scratch.
     let bm_state = if bm {
         Some((
@@ -1103,6 +1099,30 @@ pub fn grouped_gemm(
         dac_max_code,
         bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
+    if m.wgmma {
+        return wgmma_gemm(dev, m, routing, output, &params);
+    }
+    let nb_mat = variant.weight_operands();
+    let tile = GemmTile::choose(&variant, m.n_cols)?;
+    let defines = gemm_defines(&variant, tile);
+    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
+    let shared = tile.shared_bytes(nb_mat) as u32;
+    let threads = tile.threads() as u32;
+    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+    }
+    .map_err(|source| CudaError::Kernel {
+        kernel: "moe_gemm".into(),
+        grid: (0, 0, 0),
+        block: (threads, 1, 1),
+        shared_bytes: shared,
+        source,
+    })?;
     // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row
     // tiles (CTAs past the last tile return at once).
     let cfg = LaunchConfig {
@@ -1132,6 +1152,76 @@ pub fn grouped_gemm(
     // this stream), after the kernels that use them.
     drop(bm_state);
     Ok(())
+}
+
+/// K per stage of the experimental wgmma GEMM (one 128-byte swizzle atom of bf16).
+const WGMMA_TILE_K: usize = 64;
+/// cp.async stages of the wgmma GEMM (`WG_STAGES`).
+const WGMMA_STAGES: usize = 4;
+
+/// The experimental sm_90a digital GEMM (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128×128
+/// CTA tiles, two warpgroups issuing wgmma.m64n128k16. Compiled and ptxas-checked; not yet
+/// run on a GPU (issue 5), so it runs only when asked for ([`GpuGroupedMatrix::use_wgmma`]).
+fn wgmma_gemm(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    routing: &GpuRouting,
+    output: GemmOutput,
+    params: &GemmParams,
+) -> CudaResult<()> {
+    if m.precision != Precision::DigitalBf16
+        || dev.compute_capability() != (9, 0)
+        || !m.k.is_multiple_of(WGMMA_TILE_K)
+        || !m.n_cols.is_multiple_of(TILE_ROWS)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "the wgmma grouped GEMM needs bf16 weights ({:?}), an sm_90 device (sm_{}{}), K a multiple \
+             of {WGMMA_TILE_K} ({}) and N of {TILE_ROWS} ({})",
+            m.precision,
+            dev.compute_capability().0,
+            dev.compute_capability().1,
+            m.k,
+            m.n_cols
+        )));
+    }
+    let mode = match output {
+        GemmOutput::Store => 0,
+        GemmOutput::SwiGlu => 1,
+        GemmOutput::ScatterAdd => 2,
+    };
+    let defines = moe_gemm_wgmma_variants()[mode];
+    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm_wgmma")?;
+    // Two 128×64 bf16 tiles per stage, plus 1 KiB to align the base to the 1024-byte swizzle
+    // atom.
+    let shared = (WGMMA_STAGES * 2 * TILE_ROWS * WGMMA_TILE_K * 2 + 1024) as u32;
+    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+    }
+    .map_err(|source| CudaError::Kernel {
+        kernel: "moe_gemm_wgmma".into(),
+        grid: (0, 0, 0),
+        block: (256, 1, 1),
+        shared_bytes: shared,
+        source,
+    })?;
+    let pairs = routing.n_tokens * routing.top_k;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / TILE_ROWS)) as u32,
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
+        b.arg(params);
+    })
 }
 
 /// `[P, N]` store-mode rows with interleaved gate/up columns → SwiGLU `[P, N/2]`.
