@@ -9,7 +9,7 @@
 //   MOE_BM       1: iterative bound management: rows with a saturated ADC output are listed and
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
-//   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (experimental, see there)
+//   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (see there)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
@@ -662,22 +662,41 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 
 #if MOE_WGMMA && !MOE_ANALOG
 // ---------------------------------------------------------------------------------------------
-// EXPERIMENTAL (compiled and ptxas-checked, not yet run on a GPU): the digital grouped GEMM for
-// sm_90a with wgmma.mma_async from 128B-swizzled shared memory. Same contract as moe_gemm with
-// MOE_ANALOG 0 (GemmParams, MOE_MODE 0/1/2, 128-row tiles of the routing). CTA 128×128, two
-// warpgroups of 64 rows each issuing m64n128k16, BK = 64 (one 128-byte swizzle atom per row),
-// WG_STAGES cp.async stages; A rows are gathered token rows, which sm_90 TMA cannot gather, so
-// every thread loads with cp.async and writes the swizzled layout itself.
+// The digital grouped GEMM for sm_90a: wgmma.mma_async from 128B-swizzled shared memory. Same
+// contract as moe_gemm with MOE_ANALOG 0 (GemmParams, MOE_MODE 0/1/2, 128-row tiles of the
+// routing). CTA 128 × WG_BN, two warpgroups of 64 rows each issuing m64n{WG_BN}k16, BK = 64 (one
+// 128-byte swizzle atom per row), WG_STAGES shared-memory stages. A rows are gathered token rows,
+// which sm_90 TMA cannot gather, so every thread loads with cp.async and writes the swizzled
+// layout itself.
+//   WG_PIPE 0: wgmma.wait_group 0 after each step; loads run WG_STAGES − 1 steps ahead.
+//   WG_PIPE 1: one wgmma group stays in flight across the barrier (wait_group 1), so the tensor
+//              cores never wait on the loop's bookkeeping; loads run WG_STAGES − 2 steps ahead
+//              (the slot refilled at step s was read by the MMAs of step s − 2, retired by every
+//              warpgroup before the barrier of step s).
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "MOE_WGMMA needs --gpu-architecture=compute_90a"
 #endif
-#define WG_BM 128
+#ifndef WG_BN
 #define WG_BN 128
-#define WG_BK 64
+#endif
+#ifndef WG_STAGES
 #define WG_STAGES 4
+#endif
+#ifndef WG_PIPE
+#define WG_PIPE 1
+#endif
+#if WG_BN != 128 && WG_BN != 256
+#error "WG_BN must be 128 or 256"
+#endif
+#if WG_STAGES < 2 + WG_PIPE
+#error "WG_STAGES too small for WG_PIPE"
+#endif
+#define WG_BM 128
+#define WG_BK 64
 #define WG_THREADS 256
-#define WG_TILE_BYTES (WG_BM * WG_BK * 2)
-#define WG_STAGE_BYTES (WG_TILE_BYTES + WG_BN * WG_BK * 2)
+#define WG_A_BYTES (WG_BM * WG_BK * 2)
+#define WG_STAGE_BYTES (WG_A_BYTES + WG_BN * WG_BK * 2)
+#define WG_AHEAD (WG_STAGES - 1 - WG_PIPE)
 
 // Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows in 128B-swizzle
 // atoms of 8 rows: start address >> 4, leading byte offset 16 (unused by this layout), stride
@@ -689,13 +708,68 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr) {
 // Byte offset of 16-byte chunk c (0..7) of row r in a 128B-swizzled tile (1024-byte aligned).
 __device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c ^ (r & 7u)) << 4); }
 
-// d[64] += A[64×16] · B[128×16]ᵀ for this warpgroup (scale-d = 1: d is zeroed before the loop).
+// d[64] += A[64×16] · B[128×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db));
+}
+
+// d[128] += A[64×16] · B[256×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+          "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+          "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),
+          "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
+          "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),
+          "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),
+          "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),
+          "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]),
+          "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),
+          "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),
+          "+f"(d[127])
+        : "l"(da), "l"(db));
+}
+
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMAs.
+__device__ __forceinline__ void wg_fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
@@ -715,61 +789,69 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
     const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
     const u32 K = p.k;
 
-    // 128 rows × 8 chunks per operand and stage: 4 chunks per thread, rows t/8 + 32·i.
-    constexpr u32 CHUNKS = WG_BM * 8 / WG_THREADS;
-    const u16* a_src[CHUNKS];
-    u32 a_bytes[CHUNKS];
+    // 16-byte chunks per stage: A 128 rows × 8, B WG_BN rows × 8; thread t takes rows t/8 + 32·i.
+    constexpr u32 A_CH = WG_BM * 8 / WG_THREADS, B_CH = WG_BN * 8 / WG_THREADS;
+    const u16* a_src[A_CH];
+    u32 a_bytes[A_CH];
 #pragma unroll
-    for (u32 i = 0; i < CHUNKS; ++i) {
-        const u32 r = (t + i * WG_THREADS) >> 3;
+    for (u32 i = 0; i < A_CH; ++i) {
+        const u32 r = (t >> 3) + 32 * i;
         const bool ok = m0 + r < rows_e;
         const u32 pos = row_begin + m0 + r;
         const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
         a_src[i] = p.a + (u64)row * K + (t & 7) * 8;
         a_bytes[i] = ok ? 16u : 0u;
     }
-    const u16* w_src = p.w_hi + ((u64)e * p.n + n0) * K + (t & 7) * 8;
+    const u16* w_src = p.w_hi + ((u64)e * p.n + n0 + (t >> 3)) * K + (t & 7) * 8;
 
     auto load_stage = [&](u32 stage, u32 k0) {
-        const u32 s_a = base + stage * WG_STAGE_BYTES, s_b = s_a + WG_TILE_BYTES;
+        const u32 s_a = base + stage * WG_STAGE_BYTES, s_b = s_a + WG_A_BYTES;
 #pragma unroll
-        for (u32 i = 0; i < CHUNKS; ++i) {
-            const u32 r = (t + i * WG_THREADS) >> 3, off = wg_swizzle(r, t & 7);
-            cp_async16(s_a + off, a_src[i] + k0, a_bytes[i]);
-            cp_async16(s_b + off, w_src + (u64)r * K + k0, 16u);
-        }
+        for (u32 i = 0; i < A_CH; ++i) cp_async16(s_a + wg_swizzle((t >> 3) + 32 * i, t & 7), a_src[i] + k0, a_bytes[i]);
+#pragma unroll
+        for (u32 i = 0; i < B_CH; ++i)
+            cp_async16(s_b + wg_swizzle((t >> 3) + 32 * i, t & 7), w_src + (u64)(32 * i) * K + k0, 16u);
         asm volatile("cp.async.commit_group;\n" ::);
     };
 
-    float d[64];
+    float d[WG_BN / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
+    wg_fence_acc(d);
 
     const u32 n_steps = K / WG_BK;
+    // Prologue: WG_AHEAD stages in flight (empty groups keep the group count uniform).
 #pragma unroll
-    for (u32 st = 0; st < WG_STAGES - 1; ++st) {
+    for (u32 st = 0; st < WG_AHEAD; ++st) {
         if (st < n_steps) load_stage(st, st * WG_BK);
         else asm volatile("cp.async.commit_group;\n" ::);
     }
     for (u32 step = 0; step < n_steps; ++step) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_STAGES - 2));
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
         // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         {
-            const u32 next = step + WG_STAGES - 1;
+            const u32 next = step + WG_AHEAD;
             if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
             else asm volatile("cp.async.commit_group;\n" ::);
         }
         const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES + wg * (64 * 128);
-        const u32 s_b = base + (step % WG_STAGES) * WG_STAGE_BYTES + WG_TILE_BYTES;
+        const u32 s_b = base + (step % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (u32 kk = 0; kk < WG_BK / 16; ++kk) wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+        for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
+#if WG_BN == 128
+            wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+#else
+            wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+#endif
+        }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        // The stage is refilled after the next barrier: its MMAs must be done by then.
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wg_fence_acc(d);
 
     // Accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8),
     // n8 block j holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
@@ -785,6 +867,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
             *(float2*)(p.out + (u64)pos * p.n + col) = make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
         }
 #elif MOE_MODE == 1
+        // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; j += 2) {
             const u32 col = n0 + j * 8;

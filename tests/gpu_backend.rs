@@ -6,7 +6,7 @@ mod common;
 
 use aimc::backend::cuda::moe::{
     grouped_gemm, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
-    GroupedMatrix, Precision,
+    GroupedMatrix, Precision, WgmmaTile,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -612,17 +612,17 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     };
     let gate_up = GroupedMatrix::interleave_swiglu(&table(n, d, 300), &table(n, d, 310)).unwrap();
     let down = table(d, n, 320);
-    let layer = |wgmma: bool| GpuMoeLayer {
+    let layer = |tile: Option<WgmmaTile>| GpuMoeLayer {
         gate_up: GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
             .unwrap()
-            .use_wgmma(wgmma),
+            .use_wgmma(tile),
         down: GpuGroupedMatrix::upload(&dev, &down, Precision::DigitalBf16)
             .unwrap()
-            .use_wgmma(wgmma),
+            .use_wgmma(tile),
         periphery: None,
         seed: 0,
     };
-    let (mma, wg) = (layer(false), layer(true));
+    let mma = layer(None);
     let x = test_matrix(t, d, 8, 1.0);
     let (experts, weights) = routing(t, k, e);
     let r = route(
@@ -635,19 +635,9 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     )
     .unwrap();
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
-    // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation in
-    // another order: a hidden value may round to the neighbouring bf16 (2^-8 relative) before
-    // the down GEMM, far below the O(1) error of a wrong fragment or swizzle layout.
     let y_mma = dev
         .download(&mma.forward(&dev, &xd, &r, 0).unwrap())
         .unwrap();
-    let y_wg = dev
-        .download(&wg.forward(&dev, &xd, &r, 0).unwrap())
-        .unwrap();
-    let rel = rel_rms(y_wg.iter(), y_mma.iter());
-    println!("digital wgmma layer vs mma.sync layer: rel. RMS {rel:.2e} (bound 1e-3)");
-    assert!(rel <= 1e-3, "{rel}");
-    // Store epilogue of the gate/up GEMM: f32 sums of identical bf16 products.
     let input = quantize(&dev, &xd, t, d, d, None).unwrap();
     let store = |m: &GpuGroupedMatrix| {
         let mut out = dev.zeros::<f32>(t * k * 2 * n).unwrap();
@@ -666,9 +656,32 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         .unwrap();
         dev.download(&out).unwrap()
     };
-    let rel = rel_rms(store(&wg.gate_up).iter(), store(&mma.gate_up).iter());
-    println!("digital wgmma store vs mma.sync store: rel. RMS {rel:.2e} (bound 1e-5)");
-    assert!(rel <= 1e-5, "{rel}");
+    let store_mma = store(&mma.gate_up);
+    // Every tile width, pipelining mode and a stage count at the minimum and above the number
+    // of K steps (the down GEMM has 2).
+    for (cols, stages, pipe) in [
+        (128, 4, 0),
+        (128, 4, 1),
+        (128, 5, 1),
+        (256, 3, 1),
+        (256, 4, 1),
+    ] {
+        let tile = WgmmaTile { cols, stages, pipe };
+        let wg = layer(Some(tile));
+        // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation
+        // in another order: a hidden value may round to the neighbouring bf16 (2^-8 relative)
+        // before the down GEMM, far below the O(1) error of a wrong fragment or swizzle layout.
+        let y_wg = dev
+            .download(&wg.forward(&dev, &xd, &r, 0).unwrap())
+            .unwrap();
+        let rel = rel_rms(y_wg.iter(), y_mma.iter());
+        println!("digital wgmma {tile:?} layer vs mma.sync layer: rel. RMS {rel:.2e} (bound 1e-3)");
+        assert!(rel <= 1e-3, "{tile:?}: {rel}");
+        // Store epilogue of the gate/up GEMM: f32 sums of identical bf16 products.
+        let rel = rel_rms(store(&wg.gate_up).iter(), store_mma.iter());
+        println!("digital wgmma {tile:?} store vs mma.sync store: rel. RMS {rel:.2e} (bound 1e-5)");
+        assert!(rel <= 1e-5, "{tile:?}: {rel}");
+    }
 }
 
 // ---- CPU-only checks of the kernel design (run everywhere): the reference model of the
@@ -1034,4 +1047,103 @@ fn embedded_model_eval_on_the_gpu_matches_the_cpu() {
             assert!((c.agreement - g.agreement).abs() < 0.01);
         }
     }
+}
+
+#[test]
+fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
+    use aimc::backend::cpu::AnalogExperts;
+    use aimc::backend::cuda::experts::{activation_reserve_bytes, layer_need_bytes, GpuExperts};
+    use aimc::model::{ExpertSlot, ForwardOptions, MatrixId, Proj};
+    let Some(dev) = gpu("memory plan") else {
+        return;
+    };
+    let (model, ids) = common::embedded_model_and_tokens(512);
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let mapping = common::default_mapping(&model, &preset);
+    let mut experts =
+        AnalogExperts::program_with_device(&model, &mapping, &preset, preset.device.build(), 0)
+            .unwrap();
+    experts.drift_to(3600.0);
+    let precision = Precision::AnalogSplitF16;
+    let cfg = &model.config;
+    let n_moe = cfg.moe_layers.iter().filter(|&&m| m).count();
+    assert!(n_moe >= 2, "the embedded model has {n_moe} MoE layers");
+    // The first MoE layer's need, as the plan counts it (all layers have one shape).
+    let first = (0..cfg.num_layers).find(|&l| cfg.moe_layers[l]).unwrap();
+    let grouped = |proj| {
+        let ms: Vec<&AnalogMatrix> = (0..cfg.num_experts)
+            .map(|e| {
+                experts
+                    .matrix(MatrixId {
+                        layer: first,
+                        slot: ExpertSlot::Routed(e),
+                        proj,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        GroupedMatrix::from_analog(&ms).unwrap()
+    };
+    let gate_up =
+        GroupedMatrix::interleave_swiglu(&grouped(Proj::Gate), &grouped(Proj::Up)).unwrap();
+    let down = grouped(Proj::Down);
+    let (gu_bytes, down_bytes) = (
+        GpuGroupedMatrix::device_bytes(&gate_up, precision),
+        GpuGroupedMatrix::device_bytes(&down, precision),
+    );
+    let need = layer_need_bytes(gu_bytes, down_bytes);
+    let resident = gu_bytes.0 + down_bytes.0;
+    // A limit that leaves room for the reserve and 1.25 layers beside what is in use now: the
+    // first layer fits; the second does not, as the first holds its resident bytes, more than
+    // a quarter of a layer's need.
+    assert!(4 * resident > need, "resident {resident} of {need} bytes");
+    let (free, total) = dev.memory_bytes().unwrap();
+    let limit = (total - free) + (1 << 30) + need * 5 / 4;
+    assert_eq!(activation_reserve_bytes(limit), 1 << 30);
+    dev.set_memory_limit(Some(limit));
+    let capped = GpuExperts::upload(&dev, &experts, &preset.periphery, precision).unwrap();
+    dev.set_memory_limit(None);
+    let on_gpu: Vec<usize> = capped.gpu_layers().collect();
+    println!(
+        "memory limit {:.3} GiB (layer need {:.2} MiB): layers {on_gpu:?} on the GPU, on the CPU: {:?}",
+        limit as f64 / (1u64 << 30) as f64,
+        need as f64 / (1u64 << 20) as f64,
+        capped.cpu_layers()
+    );
+    assert_eq!(on_gpu, vec![first]);
+    assert_eq!(capped.cpu_layers().len(), n_moe - 1);
+    assert!(capped
+        .cpu_layers()
+        .iter()
+        .all(|(_, why)| why.contains("device memory")));
+    // The split forward (first layer on the GPU, the rest on the CPU) computes the CPU's
+    // function: same mean NLL within the ADC-flip bound of the whole-model test.
+    let nll = |call: &dyn aimc::model::ExpertLinear| {
+        let out = model
+            .forward(
+                &ids,
+                &ForwardOptions {
+                    experts: Some(call),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut total = 0.0f64;
+        for (i, &target) in ids[1..].iter().enumerate() {
+            let row = out.logits.row(i);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|&v| ((v - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            total += lse - row[target as usize] as f64;
+        }
+        total / (ids.len() - 1) as f64
+    };
+    let (cpu, mixed) = (nll(&experts.call(0)), nll(&capped.call(0)));
+    let rel = (cpu - mixed).abs() / cpu;
+    println!("mean NLL CPU {cpu:.5}, GPU layer {first} + CPU rest {mixed:.5} (rel {rel:.1e}, bound 5e-3)");
+    assert!(rel < 5e-3, "{rel}");
 }

@@ -135,7 +135,7 @@ fn every_kernel_configuration_compiles() {
     for defines in &variants {
         check(&ANALOG_MOE_CU, defines, p);
     }
-    // The experimental wgmma GEMM (digital, sm_90a only), each output mode.
+    // The wgmma GEMM (digital, sm_90a only): each output mode and tile shape.
     let wgmma = moe_gemm_wgmma_variants();
     for defines in &wgmma {
         check_on(&[(9, 0)], &ANALOG_MOE_CU, defines, p);

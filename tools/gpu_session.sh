@@ -3,9 +3,11 @@
 # .dev/wheels). Writes to $OUT:
 #   device.txt, kernels_compile.log, gpu_backend.log, gpu-bench-<preset>.md + bench-<preset>.log,
 #   lightning.json,
-#   eval-{cuda,cpu}.log (whole embedded-model analog eval, wall time of each backend).
+#   eval-{cuda,cpu}.log (whole embedded-model analog eval, wall time of each backend),
+#   wgmma-<tile>.md (step 6).
 . "$(dirname "$0")/gpu_env.sh"
-# STEPS picks a subset (default all), e.g. STEPS="1 2" to fit one 600 s device call.
+# STEPS picks a subset (default 1–5), e.g. STEPS="1 2" to fit one 600 s device call; 6 is the
+# wgmma tile sweep (WG_TILES, WG_SHAPES).
 STEPS=${STEPS:-"1 2 3 4 5"}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 { date -u +%FT%TZ; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } | tee "$OUT/device.txt"
@@ -49,6 +51,15 @@ for be in cuda cpu; do
   rc=$?
   echo "eval $be rc=$rc wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
   tail -12 "$OUT/eval-$be.log"
+done
+fi
+if step 6; then
+# 6. wgmma tile sweep (AIMC_WGMMA_TILE=cols,stages,pipe) of the digital case (b') on the OLMoE
+#    and Mixtral shapes, beside cuBLAS and the mma.sync kernel of the same process.
+for tile in ${WG_TILES:-128,4,0 128,4,1 128,5,1 256,3,1 256,4,1}; do
+  AIMC_WGMMA_TILE=$tile timeout 150 $B/aimc bench --suite gpu --shapes ${WG_SHAPES:-olmoe,mixtral} --repeats 21 \
+    --gpu-preset $BASIC --report "$OUT/wgmma-${tile//,/x}.md" > "$OUT/wgmma-${tile//,/x}.log" 2>&1
+  echo "wgmma tile $tile rc=$?"; grep -E "^\| .*\((a|b|b')\)" "$OUT/wgmma-${tile//,/x}.md" | awk -F'|' '{print $2 "|" $3 "|" $4 "|" $6}'
 done
 fi
 ls -la "$OUT"

@@ -451,7 +451,7 @@ mod gpu {
     use crate::backend::cuda::blas::Blas;
     use crate::backend::cuda::moe::{
         route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix,
-        Precision,
+        Precision, WgmmaTile,
     };
     use crate::backend::cuda::rng::fill_normal;
     use crate::backend::cuda::{CudaDevice, CudaResult};
@@ -655,12 +655,17 @@ mod gpu {
         let weight_elems = (e * 3 * n * d) as f64;
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
-        // The experimental wgmma kernel (sm_90a) is timed beside the mma.sync one on Hopper.
+        // On Hopper the digital layer runs the wgmma kernel (sm_90a); the mma.sync kernel (the
+        // one of other GPUs) is timed beside it.
         let hopper = dev.compute_capability() == (9, 0);
         for (case, precision, wgmma) in [
-            ("(b) digital grouped (bf16)", Precision::DigitalBf16, false),
             (
-                "(b') digital grouped, wgmma (bf16, sm_90a, experimental)",
+                "(b) digital grouped, mma.sync (bf16)",
+                Precision::DigitalBf16,
+                false,
+            ),
+            (
+                "(b') digital grouped, wgmma (bf16, sm_90a)",
                 Precision::DigitalBf16,
                 true,
             ),
@@ -678,11 +683,27 @@ mod gpu {
             if wgmma && !hopper {
                 continue;
             }
+            let tile = |n_cols: usize| -> Result<Option<WgmmaTile>> {
+                Ok(if wgmma {
+                    WgmmaTile::choose(n_cols)?
+                } else {
+                    None
+                })
+            };
+            let (tile_gu, tile_down) = (tile(2 * n)?, tile(d)?);
+            let case = match (tile_gu, tile_down) {
+                (Some(a), Some(b)) => format!(
+                    "{case}, tiles 128×{}/128×{}, {} stages, pipe {}",
+                    a.cols, b.cols, a.stages, a.pipe
+                ),
+                _ => case.to_string(),
+            };
+            let case = case.as_str();
             let layer = GpuMoeLayer {
                 gate_up: GpuGroupedMatrix::from_device_weights(dev, &gate_up_tab, &w1, precision)?
-                    .use_wgmma(wgmma),
+                    .use_wgmma(tile_gu),
                 down: GpuGroupedMatrix::from_device_weights(dev, &down_tab, &w2, precision)?
-                    .use_wgmma(wgmma),
+                    .use_wgmma(tile_down),
                 periphery: (precision != Precision::DigitalBf16).then_some(*periphery),
                 seed: 9,
             };

@@ -1,5 +1,6 @@
 //! Device discovery, kernel modules and launches with errors that name the kernel and shape.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -9,6 +10,20 @@ use cudarc::driver::{
 
 use super::compile::{compile, KernelFile};
 use super::error::{CudaError, CudaResult, DriverContext};
+
+/// Environment variable with the device memory aimc may plan with, in GiB
+/// ([`CudaDevice::set_memory_limit`]).
+pub const MEMORY_LIMIT_ENV: &str = "AIMC_GPU_MEMORY_GIB";
+
+/// (free, total) of a device with `free` of `total` bytes free under a limit of `limit` bytes
+/// (0: none): the device counts as `limit` bytes, of which what is in use now is taken.
+fn limited_memory(free: usize, total: usize, limit: usize) -> (usize, usize) {
+    if limit == 0 {
+        return (free, total);
+    }
+    let used = total.saturating_sub(free);
+    (free.min(limit.saturating_sub(used)), total.min(limit))
+}
 
 /// Shape of the last launch, kept to name the kernel when an asynchronous error surfaces.
 #[derive(Clone, Debug)]
@@ -28,6 +43,9 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     last_launch: Mutex<Option<LaunchRecord>>,
+    /// Device memory aimc plans with, in bytes (0: the whole device); see
+    /// [`CudaDevice::set_memory_limit`].
+    memory_limit: AtomicUsize,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -64,14 +82,29 @@ impl CudaDevice {
             .compute_capability()
             .while_(|| "reading the compute capability".into())?;
         let stream = ctx.default_stream();
-        Ok(Self {
+        let dev = Self {
             ctx,
             stream,
             name,
             compute_capability,
             modules: Mutex::new(HashMap::new()),
             last_launch: Mutex::new(None),
-        })
+            memory_limit: AtomicUsize::new(0),
+        };
+        if let Ok(text) = std::env::var(MEMORY_LIMIT_ENV) {
+            let gib: f64 = text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|g: &f64| g.is_finite() && *g > 0.0)
+                .ok_or_else(|| {
+                    CudaError::Unsupported(format!(
+                        "{MEMORY_LIMIT_ENV}={text:?}: want a positive number of GiB"
+                    ))
+                })?;
+            dev.set_memory_limit(Some((gib * (1u64 << 30) as f64) as usize));
+        }
+        Ok(dev)
     }
 
     /// Device 0 if a driver and a GPU exist, else `None` (the caller prints the fallback notice).
@@ -95,11 +128,27 @@ impl CudaDevice {
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
-    /// (free, total) device memory in bytes.
+    /// (free, total) device memory in bytes, as the memory plans see it: under a limit `L`
+    /// ([`CudaDevice::set_memory_limit`]) the device counts as `L` bytes of which what is in
+    /// use now (by every process) is taken, so a plan never counts on more than `L`.
     pub fn memory_bytes(&self) -> CudaResult<(usize, usize)> {
-        self.ctx
+        let (free, total) = self
+            .ctx
             .mem_get_info()
-            .while_(|| "querying device memory".into())
+            .while_(|| "querying device memory".into())?;
+        Ok(limited_memory(
+            free,
+            total,
+            self.memory_limit.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Plan with at most `bytes` of device memory (`None`: the whole device). The CLI sets it
+    /// from `AIMC_GPU_MEMORY_GIB`, for a GPU shared with other jobs; the tests use it to run
+    /// the out-of-memory fallbacks on any GPU.
+    pub fn set_memory_limit(&self, bytes: Option<usize>) {
+        self.memory_limit
+            .store(bytes.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Function `name` of `kernel` compiled with `defines` (compiled once per process, PTX
@@ -213,5 +262,29 @@ pub fn linear_launch(n: u64) -> LaunchConfig {
         grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limited_memory;
+
+    #[test]
+    fn a_memory_limit_counts_what_is_in_use() {
+        const GIB: usize = 1 << 30;
+        // No limit: the driver's figures.
+        assert_eq!(limited_memory(70 * GIB, 80 * GIB, 0), (70 * GIB, 80 * GIB));
+        // 10 GiB in use of a 16 GiB limit: 6 GiB free.
+        assert_eq!(
+            limited_memory(70 * GIB, 80 * GIB, 16 * GIB),
+            (6 * GIB, 16 * GIB)
+        );
+        // More in use than the limit: nothing free.
+        assert_eq!(limited_memory(70 * GIB, 80 * GIB, 8 * GIB), (0, 8 * GIB));
+        // A limit above the device: the device's figures.
+        assert_eq!(
+            limited_memory(70 * GIB, 80 * GIB, 100 * GIB),
+            (70 * GIB, 80 * GIB)
+        );
     }
 }

@@ -34,6 +34,13 @@ pub fn activation_reserve_bytes(total: usize) -> usize {
     (1usize << 30).max(total / 16)
 }
 
+/// Device bytes a layer with grouped matrices of (resident, transient) bytes `gate_up` and
+/// `down` needs while it uploads: both resident parts plus the larger transient f32 staging
+/// copy (uploads run one matrix at a time).
+pub fn layer_need_bytes(gate_up: (usize, usize), down: (usize, usize)) -> usize {
+    gate_up.0 + down.0 + gate_up.1.max(down.1)
+}
+
 /// Whether a layer with grouped matrices of (resident, transient) device bytes `gate_up` and
 /// `down` fits in `free` of `total` bytes, keeping [`activation_reserve_bytes`] free: the
 /// resident bytes of both plus the larger transient f32 staging copy (uploads run one matrix
@@ -44,7 +51,7 @@ pub fn memory_plan(
     free: usize,
     total: usize,
 ) -> Result<(), String> {
-    let need = gate_up.0 + down.0 + gate_up.1.max(down.1);
+    let need = layer_need_bytes(gate_up, down);
     let reserve = activation_reserve_bytes(total);
     if need.saturating_add(reserve) <= free {
         return Ok(());
@@ -85,6 +92,10 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let cfg = &cpu.model().config;
         let mut layers = BTreeMap::new();
         let mut cpu_layers = Vec::new();
+        // Free memory is read once and the resident bytes of each uploaded layer subtracted:
+        // the driver's figure lags the stream-ordered frees and reuses of the memory pool.
+        let (free_at_start, total) = dev.memory_bytes()?;
+        let mut resident = 0usize;
         for l in (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]) {
             let proj = |proj| -> Option<Vec<&AnalogMatrix>> {
                 (0..cfg.num_experts)
@@ -109,14 +120,18 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     &GroupedMatrix::from_analog(&up)?,
                 )?;
                 let down = GroupedMatrix::from_analog(&down)?;
-                let (free, total) = dev.memory_bytes()?;
-                memory_plan(
+                let (gu_bytes, down_bytes) = (
                     GpuGroupedMatrix::device_bytes(&gate_up, precision),
                     GpuGroupedMatrix::device_bytes(&down, precision),
-                    free,
+                );
+                memory_plan(
+                    gu_bytes,
+                    down_bytes,
+                    free_at_start.saturating_sub(resident),
                     total,
                 )
                 .map_err(CudaError::Unsupported)?;
+                resident += gu_bytes.0 + down_bytes.0;
                 Ok(GpuMoeLayer {
                     gate_up: GpuGroupedMatrix::upload(dev, &gate_up, precision)?,
                     down: GpuGroupedMatrix::upload(dev, &down, precision)?,

@@ -429,7 +429,7 @@ pub struct GpuGroupedMatrix {
     col_xbar: CudaSlice<u32>,
     n_xbar: usize,
     noise_quads: bool,
-    wgmma: bool,
+    wgmma: Option<WgmmaTile>,
 }
 
 impl GpuGroupedMatrix {
@@ -505,14 +505,24 @@ impl GpuGroupedMatrix {
             col_xbar: dev.upload(&m.col_xbar)?,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
-            wgmma: false,
+            // Digital bf16 on Hopper runs the wgmma kernel (1.6× the mma.sync one on the
+            // OLMoE layer, bit-identical outputs: reports/bench/2026-11-23-wgmma.md) where its
+            // tile fits; `AIMC_WGMMA_TILE` picks the tile.
+            wgmma: if precision == Precision::DigitalBf16
+                && dev.compute_capability() == (9, 0)
+                && m.k.is_multiple_of(WGMMA_TILE_K)
+            {
+                WgmmaTile::choose(m.n_cols)?
+            } else {
+                None
+            },
         })
     }
 
-    /// Run this matrix's GEMMs with the experimental sm_90a wgmma kernel (digital bf16 only;
-    /// not yet run on a GPU, so never the default).
-    pub fn use_wgmma(mut self, on: bool) -> Self {
-        self.wgmma = on;
+    /// Run this matrix's GEMMs with the sm_90a wgmma kernel on `tile` (digital bf16 on Hopper
+    /// only; `None`: the mma.sync kernel). See [`WgmmaTile::choose`] for the default tile.
+    pub fn use_wgmma(mut self, tile: Option<WgmmaTile>) -> Self {
+        self.wgmma = tile;
         self
     }
 
@@ -798,12 +808,118 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15
     ]
 }
 
-/// The `#define`s of the experimental sm_90a wgmma GEMM (`moe_gemm_wgmma`, digital only), one per
-/// output mode.
-pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 3]> {
-    (0..3)
-        .map(|mode| [("MOE_ANALOG", 0), ("MOE_MODE", mode), ("MOE_WGMMA", 1)])
-        .collect()
+/// CTA tile of the sm_90a digital GEMM `moe_gemm_wgmma` besides its [`TILE_ROWS`] rows
+/// (`WG_BN`, `WG_STAGES`, `WG_PIPE` of kernels/analog_moe.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgmmaTile {
+    /// Output columns per CTA: 128 or 256 (wgmma m64n128k16 or m64n256k16 per warpgroup).
+    pub cols: usize,
+    /// Shared-memory stages of [`WGMMA_TILE_K`] columns of K.
+    pub stages: usize,
+    /// wgmma groups left in flight at each step's barrier: 0 or 1.
+    pub pipe: usize,
+}
+
+/// K per stage of the wgmma GEMM (one 128-byte swizzle atom of bf16).
+pub const WGMMA_TILE_K: usize = 64;
+
+impl WgmmaTile {
+    /// The tile for `n_cols` output columns: `AIMC_WGMMA_TILE=cols,stages,pipe` if set (a
+    /// tuning knob for `aimc bench`; malformed or unfit is an error), else 256 columns where
+    /// they divide `n_cols`, else 128, with 4 stages and one wgmma group in flight (the fastest
+    /// of the sweep in reports/bench/2026-11-23-wgmma.md: a 128 × 256 tile reads 48 KiB of L2
+    /// per 4.2 MFLOP where 128 × 128 reads 32 KiB per 2.1). `None` when no tile divides N.
+    pub fn choose(n_cols: usize) -> CudaResult<Option<Self>> {
+        let tile = match std::env::var("AIMC_WGMMA_TILE") {
+            Ok(text) => Self::parse(&text)?,
+            Err(_) => Self {
+                cols: if n_cols.is_multiple_of(256) { 256 } else { 128 },
+                stages: 4,
+                pipe: 1,
+            },
+        };
+        if std::env::var_os("AIMC_WGMMA_TILE").is_none() && !n_cols.is_multiple_of(tile.cols) {
+            return Ok(None);
+        }
+        tile.check(n_cols)?;
+        Ok(Some(tile))
+    }
+
+    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format).
+    pub fn parse(text: &str) -> CudaResult<Self> {
+        let malformed =
+            || CudaError::Unsupported(format!("AIMC_WGMMA_TILE={text:?}: want cols,stages,pipe"));
+        let f: Vec<usize> = text
+            .split(',')
+            .map(|x| x.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| malformed())?;
+        let [cols, stages, pipe] = f[..] else {
+            return Err(malformed());
+        };
+        Ok(Self { cols, stages, pipe })
+    }
+
+    /// Dynamic shared memory: the stages of A (128 rows) and B (`cols` rows) of 128 bytes,
+    /// plus 1 KiB to align the base to the 1024-byte swizzle atom.
+    pub fn shared_bytes(self) -> usize {
+        self.stages * (TILE_ROWS + self.cols) * WGMMA_TILE_K * 2 + 1024
+    }
+
+    /// The kernel's `#error` conditions and the shared-memory limit, as a clear error.
+    pub fn check(self, n_cols: usize) -> CudaResult<()> {
+        let ok = (self.cols == 128 || self.cols == 256)
+            && self.pipe <= 1
+            && self.stages >= 2 + self.pipe
+            && n_cols.is_multiple_of(self.cols)
+            && self.shared_bytes() <= MAX_SHARED_BYTES;
+        if ok {
+            Ok(())
+        } else {
+            Err(CudaError::Unsupported(format!(
+                "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
+                 pipe 0 or 1, stages ≥ 2 + pipe, {} B of shared memory, at most {MAX_SHARED_BYTES})",
+                self.shared_bytes()
+            )))
+        }
+    }
+
+    /// The `#define`s of `moe_gemm_wgmma` for output `mode` (0 store, 1 SwiGLU, 2 scatter-add).
+    pub fn defines(self, mode: i64) -> [(&'static str, i64); 6] {
+        [
+            ("MOE_ANALOG", 0),
+            ("MOE_MODE", mode),
+            ("MOE_WGMMA", 1),
+            ("WG_BN", self.cols as i64),
+            ("WG_STAGES", self.stages as i64),
+            ("WG_PIPE", self.pipe as i64),
+        ]
+    }
+}
+
+/// The `#define`s of the sm_90a wgmma GEMM checked at build time: each output mode on the
+/// 256-column pipelined tile, and the 128-column tiles with and without pipelining.
+pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 6]> {
+    let tiles = [
+        WgmmaTile {
+            cols: 256,
+            stages: 4,
+            pipe: 1,
+        },
+        WgmmaTile {
+            cols: 128,
+            stages: 5,
+            pipe: 1,
+        },
+        WgmmaTile {
+            cols: 128,
+            stages: 4,
+            pipe: 0,
+        },
+    ];
+    let mut v: Vec<_> = (0..3).map(|mode| tiles[0].defines(mode)).collect();
+    v.extend(tiles[1..].iter().map(|t| t.defines(2)));
+    v
 }
 
 /// Representative instantiations for compile checks: every output mode digital, analog with
@@ -1099,8 +1215,8 @@ pub fn grouped_gemm(
         dac_max_code,
         bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
-    if m.wgmma {
-        return wgmma_gemm(dev, m, routing, output, &params);
+    if let Some(tile) = m.wgmma {
+        return wgmma_gemm(dev, m, tile, routing, output, &params);
     }
     let nb_mat = variant.weight_operands();
     let tile = GemmTile::choose(&variant, m.n_cols)?;
@@ -1154,17 +1270,12 @@ pub fn grouped_gemm(
     Ok(())
 }
 
-/// K per stage of the experimental wgmma GEMM (one 128-byte swizzle atom of bf16).
-const WGMMA_TILE_K: usize = 64;
-/// cp.async stages of the wgmma GEMM (`WG_STAGES`).
-const WGMMA_STAGES: usize = 4;
-
-/// The experimental sm_90a digital GEMM (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128×128
-/// CTA tiles, two warpgroups issuing wgmma.m64n128k16. Compiled and ptxas-checked; not yet
-/// run on a GPU (issue 5), so it runs only when asked for ([`GpuGroupedMatrix::use_wgmma`]).
+/// The sm_90a digital GEMM (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128 × `tile.cols` CTA
+/// tiles, two warpgroups issuing wgmma from 128B-swizzled shared memory.
 fn wgmma_gemm(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
+    tile: WgmmaTile,
     routing: &GpuRouting,
     output: GemmOutput,
     params: &GemmParams,
@@ -1172,28 +1283,24 @@ fn wgmma_gemm(
     if m.precision != Precision::DigitalBf16
         || dev.compute_capability() != (9, 0)
         || !m.k.is_multiple_of(WGMMA_TILE_K)
-        || !m.n_cols.is_multiple_of(TILE_ROWS)
     {
         return Err(CudaError::Unsupported(format!(
-            "the wgmma grouped GEMM needs bf16 weights ({:?}), an sm_90 device (sm_{}{}), K a multiple \
-             of {WGMMA_TILE_K} ({}) and N of {TILE_ROWS} ({})",
+            "the wgmma grouped GEMM needs bf16 weights ({:?}), an sm_90 device (sm_{}{}) and K a \
+             multiple of {WGMMA_TILE_K} ({})",
             m.precision,
             dev.compute_capability().0,
             dev.compute_capability().1,
             m.k,
-            m.n_cols
         )));
     }
+    tile.check(m.n_cols)?;
     let mode = match output {
         GemmOutput::Store => 0,
         GemmOutput::SwiGlu => 1,
         GemmOutput::ScatterAdd => 2,
     };
-    let defines = moe_gemm_wgmma_variants()[mode];
-    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm_wgmma")?;
-    // Two 128×64 bf16 tiles per stage, plus 1 KiB to align the base to the 1024-byte swizzle
-    // atom.
-    let shared = (WGMMA_STAGES * 2 * TILE_ROWS * WGMMA_TILE_K * 2 + 1024) as u32;
+    let f = dev.function(&ANALOG_MOE_CU, &tile.defines(mode), "moe_gemm_wgmma")?;
+    let shared = tile.shared_bytes() as u32;
     // SAFETY: raising the dynamic shared-memory limit of a loaded function.
     unsafe {
         cudarc::driver::result::function::set_function_attribute(
@@ -1212,7 +1319,7 @@ fn wgmma_gemm(
     let pairs = routing.n_tokens * routing.top_k;
     let cfg = LaunchConfig {
         grid_dim: (
-            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / TILE_ROWS)) as u32,
+            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
             1,
             1,
         ),
