@@ -10,7 +10,8 @@
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
 //   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (see there)
-//   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N]
+//   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N];
+//                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16)
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
 // here, the oracle of the GPU tests, is backend::cuda::reference.
@@ -54,6 +55,11 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_WGMMA
 #define MOE_WGMMA 0
+#endif
+// Output columns per raster group of one expert's CTAs (tile_of_block): 2048 columns keep the
+// group's weight tiles (≤ 2048 × K × 4 bytes) and the expert's gathered rows within the L2.
+#ifndef MOE_RASTER_COLS
+#define MOE_RASTER_COLS 2048
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -187,8 +193,8 @@ extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
 // warps of (BM/WARPS_M)×(BN/WARPS_N), BK = 32 per pipeline stage (cp.async, STAGES deep),
 // ldmatrix + mma.sync m16n8k16. The host picks the tile per variant (moe::GemmTile): big tiles
 // for the digital and plain analog variants, narrow ones where PCM_READ / IR drop add
-// accumulators. CTAs run N-tile fastest, so the CTAs in flight share their A rows in L2 and
-// an expert's weights stay in L2 across its M tiles.
+// accumulators. Each expert's CTAs run in raster groups of MOE_RASTER_COLS columns, N tile
+// fastest (tile_of_block), so the CTAs in flight share their A rows and weight tiles in L2.
 
 #ifndef MOE_TILE_M
 #define MOE_TILE_M 128
@@ -301,19 +307,61 @@ __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 pur
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
-    extern __shared__ __align__(16) u16 smem[];
-    const u32 n_tiles_n = p.n / BN;
-    const u32 tile = blockIdx.x / n_tiles_n;
-    if (tile >= p.tile_offsets[p.n_experts]) return;
-    u32 lo = 0, hi = p.n_experts;  // expert e with tile_offsets[e] <= tile < tile_offsets[e+1]
+// CTA blockIdx.x → (expert e, row tile m_tile inside the expert, column tile n_tile), false past
+// the last tile. Each expert's CTAs run in groups of `width` column tiles, all of the expert's
+// row tiles per group, column tile fastest: the CTAs resident at once share a few weight column
+// tiles in L2. Column-fastest over all of N instead streams every weight tile from DRAM once per
+// row tile where one expert's weights exceed the L2 (Mixtral's gate/up: 235 MB in bf16).
+__device__ __forceinline__ bool tile_of_block(const GemmParams& p, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
+                                              u32& n_tile) {
+    const u32 b = blockIdx.x;
+    if (b >= p.tile_offsets[p.n_experts] * n_tiles_n) return false;
+    u32 lo = 0, hi = p.n_experts;  // the last expert whose first CTA is at or before b
     while (hi - lo > 1) {
         u32 mid = (lo + hi) / 2;
-        if (p.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
+        if (p.tile_offsets[mid] * n_tiles_n <= b) lo = mid; else hi = mid;
     }
-    const u32 e = lo;
+    e = lo;
+    const u32 tiles_e = p.tile_offsets[e + 1] - p.tile_offsets[e];
+    const u32 local = b - p.tile_offsets[e] * n_tiles_n;
+    const u32 group = local / (width * tiles_e), r = local - group * width * tiles_e;
+    const u32 w = min(width, n_tiles_n - group * width);
+    m_tile = r / w;
+    n_tile = group * width + r % w;
+    return true;
+}
+
+// out[0..2] += (a, b): one 8-byte vector atomic on sm_90 (half the atomic operations of the
+// weighted scatter-add), two scalar ones before. `out` is 8-byte aligned (even column).
+__device__ __forceinline__ void atomic_add2(float* out, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd((float2*)out, make_float2(a, b));
+#else
+    atomicAdd(out, a);
+    atomicAdd(out + 1, b);
+#endif
+}
+
+// Two adjacent SwiGLU outputs at element `i` (even) of the hidden rows: f32 (MOE_MODE 1) or the
+// bf16 bits of the next GEMM's operand (MOE_MODE 3, digital: round to nearest even as to_bf16).
+__device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b) {
+#if MOE_MODE == 3
+    *(u32*)((u16*)out + i) = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+#else
+    *(float2*)(out + i) = make_float2(a, b);
+#endif
+}
+
+#if MOE_MODE == 3 && MOE_ANALOG
+#error "MOE_MODE 3 (bf16 hidden rows) is digital only"
+#endif
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
+    extern __shared__ __align__(16) u16 smem[];
+    u32 e, m_tile, n_tile;
+    if (!tile_of_block(p, p.n / BN, MOE_RASTER_COLS / BN, e, m_tile, n_tile)) return;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = (tile - p.tile_offsets[e]) * BM, n0 = (blockIdx.x % n_tiles_n) * BN;
+    const u32 m0 = m_tile * BM, n0 = n_tile * BN;
     const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const u32 wm = warp / MOE_WARPS_N, wn = warp % MOE_WARPS_N;
     const u32 K = p.k;
@@ -632,7 +680,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                 float2 v = make_float2(RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
                 *(float2*)(p.out + (u64)pos * p.n + col) = v;
             }
-#elif MOE_MODE == 1
+#elif MOE_MODE == 1 || MOE_MODE == 3
             // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
 #pragma unroll
             for (u32 tn = 0; tn < TN; tn += 2) {
@@ -644,7 +692,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                     float g = RESULT[mi][tn][half * 2 + c], u = RESULT[mi][tn + 1][half * 2 + c];
                     h[c] = g / (1.0f + expf(-g)) * u;
                 }
-                *(float2*)(p.out + (u64)pos * (p.n / 2) + hcol) = make_float2(h[0], h[1]);
+                store_hidden(p.out, (u64)pos * (p.n / 2) + hcol, h[0], h[1]);
             }
 #else
             const u32 token = p.sorted_token[pos];
@@ -653,8 +701,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             for (u32 tn = 0; tn < TN; ++tn) {
                 const u32 col = frag_col(tn);
                 float* dst = p.out + (u64)token * p.n + col;
-                atomicAdd(dst, w * RESULT[mi][tn][half * 2]);
-                atomicAdd(dst + 1, w * RESULT[mi][tn][half * 2 + 1]);
+                atomic_add2(dst, w * RESULT[mi][tn][half * 2], w * RESULT[mi][tn][half * 2 + 1]);
             }
 #endif
         }
@@ -775,17 +822,10 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
-    const u32 n_tiles_n = p.n / WG_BN;
-    const u32 tile = blockIdx.x / n_tiles_n;
-    if (tile >= p.tile_offsets[p.n_experts]) return;
-    u32 lo = 0, hi = p.n_experts;
-    while (hi - lo > 1) {
-        u32 mid = (lo + hi) / 2;
-        if (p.tile_offsets[mid] <= tile) lo = mid; else hi = mid;
-    }
-    const u32 e = lo;
+    u32 e, m_tile, n_tile;
+    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = (tile - p.tile_offsets[e]) * WG_BM, n0 = (blockIdx.x % n_tiles_n) * WG_BN;
+    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
     const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
     const u32 K = p.k;
 
@@ -866,7 +906,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
             const u32 col = n0 + j * 8 + (lane & 3) * 2;
             *(float2*)(p.out + (u64)pos * p.n + col) = make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
         }
-#elif MOE_MODE == 1
+#elif MOE_MODE == 1 || MOE_MODE == 3
         // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; j += 2) {
@@ -878,7 +918,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
                 const float g = d[4 * j + 2 * half + c], u = d[4 * (j + 1) + 2 * half + c];
                 h[c] = g / (1.0f + expf(-g)) * u;
             }
-            *(float2*)(p.out + (u64)pos * (p.n / 2) + hcol) = make_float2(h[0], h[1]);
+            store_hidden(p.out, (u64)pos * (p.n / 2) + hcol, h[0], h[1]);
         }
 #else
         const u32 token = p.sorted_token[pos];
@@ -886,8 +926,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; ++j) {
             float* dst = p.out + (u64)token * p.n + n0 + j * 8 + (lane & 3) * 2;
-            atomicAdd(dst, w * d[4 * j + 2 * half]);
-            atomicAdd(dst + 1, w * d[4 * j + 2 * half + 1]);
+            atomic_add2(dst, w * d[4 * j + 2 * half], w * d[4 * j + 2 * half + 1]);
         }
 #endif
     }

@@ -5,8 +5,8 @@
 mod common;
 
 use aimc::backend::cuda::moe::{
-    grouped_gemm, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
-    GroupedMatrix, Precision, WgmmaTile,
+    grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
+    GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -576,21 +576,13 @@ fn digital_moe_layer_matches_f32_within_bf16() {
     assert!(rel <= 1e-2);
 }
 
-#[test]
-fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
-    let Some(dev) = gpu("digital wgmma") else {
-        return;
-    };
-    if dev.compute_capability() != (9, 0) {
-        println!(
-            "digital wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
-            dev.compute_capability().0,
-            dev.compute_capability().1
-        );
-        return;
-    }
-    // Several row tiles per expert with a ragged last one, K = 4 and 2 wgmma stages.
-    let (t, k, e, n, d) = (600, 2, 3, 128, 256);
+/// (tokens, top-k, experts, hidden n, model d) of the digital kernel tests: several row tiles per
+/// expert with a ragged last one, K = 4 and 2 wgmma stages.
+const DIGITAL_LAYER: (usize, usize, usize, usize, usize) = (600, 2, 3, 128, 256);
+
+/// Interleaved gate/up `[E, 2n, d]` and down `[E, d, n]` tables of [`DIGITAL_LAYER`].
+fn digital_layer_tables() -> (GroupedMatrix, GroupedMatrix) {
+    let (_, _, e, n, d) = DIGITAL_LAYER;
     let table = |rows: usize, cols: usize, id: u32| GroupedMatrix {
         n_experts: e,
         n_cols: rows,
@@ -611,7 +603,105 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         n_xbar: 1,
     };
     let gate_up = GroupedMatrix::interleave_swiglu(&table(n, d, 300), &table(n, d, 310)).unwrap();
-    let down = table(d, n, 320);
+    (gate_up, table(d, n, 320))
+}
+
+#[test]
+fn digital_swiglu_epilogue_writes_the_bf16_operand() {
+    let Some(dev) = gpu("digital bf16 SwiGLU") else {
+        return;
+    };
+    let (t, k, e, n, d) = DIGITAL_LAYER;
+    let (gate_up, _) = digital_layer_tables();
+    let x = test_matrix(t, d, 8, 1.0);
+    let (experts, weights) = routing(t, k, e);
+    let r = route(
+        &dev,
+        &dev.upload(&experts).unwrap(),
+        &dev.upload(&weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap();
+    let xd = dev.upload(x.as_slice().unwrap()).unwrap();
+    let input = quantize(&dev, &xd, t, d, d, None).unwrap();
+    // The mma.sync kernel everywhere, and the wgmma kernel's default tile on Hopper.
+    let mut tiles = vec![None];
+    if dev.compute_capability() == (9, 0) {
+        tiles.push(WgmmaTile::choose(2 * n).unwrap());
+    }
+    for tile in tiles {
+        let m = GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
+            .unwrap()
+            .use_wgmma(tile);
+        let mut h = dev.zeros::<f32>(t * k * n).unwrap();
+        grouped_gemm(
+            &dev,
+            &m,
+            &input,
+            &r,
+            true,
+            None,
+            0,
+            0,
+            GemmOutput::SwiGlu,
+            &mut h,
+        )
+        .unwrap();
+        let want = dev.download(&to_bf16_device(&dev, &h).unwrap()).unwrap();
+        let mut hb = dev.zeros::<u16>(t * k * n).unwrap();
+        grouped_gemm(
+            &dev,
+            &m,
+            &input,
+            &r,
+            true,
+            None,
+            0,
+            0,
+            GemmOutput::SwiGluBf16,
+            &mut hb,
+        )
+        .unwrap();
+        let got = dev.download(&hb).unwrap();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        println!("bf16 SwiGLU epilogue ({tile:?}): {differ} of {} bf16 values differ from to_bf16(f32 SwiGLU)", got.len());
+        assert_eq!(differ, 0);
+        // An f32 buffer for bf16 rows is a clear error, not a silent reinterpretation.
+        let err = grouped_gemm(
+            &dev,
+            &m,
+            &input,
+            &r,
+            true,
+            None,
+            0,
+            0,
+            GemmOutput::SwiGluBf16,
+            &mut h,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("SwiGluBf16"), "{err}");
+    }
+}
+
+#[test]
+fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
+    let Some(dev) = gpu("digital wgmma") else {
+        return;
+    };
+    if dev.compute_capability() != (9, 0) {
+        println!(
+            "digital wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
+            dev.compute_capability().0,
+            dev.compute_capability().1
+        );
+        return;
+    }
+    let (t, k, e, n, d) = DIGITAL_LAYER;
+    let (gate_up, down) = digital_layer_tables();
     let layer = |tile: Option<WgmmaTile>| GpuMoeLayer {
         gate_up: GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
             .unwrap()

@@ -742,6 +742,22 @@ pub enum GemmOutput {
     SwiGlu,
     /// `out[token, col] += router weight · result` (`[T, N]`, zero it first).
     ScatterAdd,
+    /// Digital only: [`GemmOutput::SwiGlu`] rounded to bf16 (`[P, N/2]` `u16` bits), the down
+    /// GEMM's operand as [`quantize`] would make it, without the f32 round trip.
+    SwiGluBf16,
+}
+
+/// Element type of a grouped GEMM's output buffer: `f32`, or `u16` bf16 bits for
+/// [`GemmOutput::SwiGluBf16`].
+pub trait GemmOutElem: cudarc::driver::DeviceRepr {
+    /// Whether the buffer holds bf16 bits.
+    const BF16: bool;
+}
+impl GemmOutElem for f32 {
+    const BF16: bool = false;
+}
+impl GemmOutElem for u16 {
+    const BF16: bool = true;
 }
 
 /// Compile-time configuration of one `moe_gemm` instantiation.
@@ -788,6 +804,7 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15
         GemmOutput::Store => 0,
         GemmOutput::SwiGlu => 1,
         GemmOutput::ScatterAdd => 2,
+        GemmOutput::SwiGluBf16 => 3,
     };
     [
         ("MOE_ANALOG", flag(v.analog)),
@@ -884,7 +901,8 @@ impl WgmmaTile {
         }
     }
 
-    /// The `#define`s of `moe_gemm_wgmma` for output `mode` (0 store, 1 SwiGLU, 2 scatter-add).
+    /// The `#define`s of `moe_gemm_wgmma` for output `mode` (0 store, 1 SwiGLU, 2 scatter-add,
+    /// 3 SwiGLU to bf16).
     pub fn defines(self, mode: i64) -> [(&'static str, i64); 6] {
         [
             ("MOE_ANALOG", 0),
@@ -917,7 +935,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 6]> {
             pipe: 0,
         },
     ];
-    let mut v: Vec<_> = (0..3).map(|mode| tiles[0].defines(mode)).collect();
+    let mut v: Vec<_> = (0..4).map(|mode| tiles[0].defines(mode)).collect();
     v.extend(tiles[1..].iter().map(|t| t.defines(2)));
     v
 }
@@ -949,6 +967,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
         v.push(all(true, true, output));
         v.push(all(true, false, output));
     }
+    v.push(all(false, false, GemmOutput::SwiGluBf16));
     let base = all(true, false, GemmOutput::SwiGlu);
     v.push(GemmVariant {
         split_w: true,
@@ -1074,7 +1093,7 @@ const BM_MAX_XBARS: usize = 256;
 /// listed by `moe_gemm` and recomputed by `moe_bm_fixup` ([`GpuMoeLayer::forward`] composes
 /// SwiGLU and the scatter-add after it).
 #[allow(clippy::too_many_arguments)]
-pub fn grouped_gemm(
+pub fn grouped_gemm<T: GemmOutElem>(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
     input: &GemmInput<'_>,
@@ -1084,14 +1103,24 @@ pub fn grouped_gemm(
     seed: u64,
     mvm_id: u32,
     output: GemmOutput,
-    out: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<T>,
 ) -> CudaResult<()> {
     let pairs = routing.n_tokens * routing.top_k;
     let out_len = match output {
         GemmOutput::Store => pairs * m.n_cols,
-        GemmOutput::SwiGlu => pairs * m.n_cols / 2,
+        GemmOutput::SwiGlu | GemmOutput::SwiGluBf16 => pairs * m.n_cols / 2,
         GemmOutput::ScatterAdd => routing.n_tokens * m.n_cols,
     };
+    if T::BF16 != (output == GemmOutput::SwiGluBf16)
+        || (output == GemmOutput::SwiGluBf16 && m.precision != Precision::DigitalBf16)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "grouped GEMM: output {output:?} into {} elements of {:?} weights (bf16 hidden rows \
+             are for digital layers, into u16)",
+            if T::BF16 { "bf16" } else { "f32" },
+            m.precision
+        )));
+    }
     let in_rows = if gather_tokens {
         routing.n_tokens
     } else {
@@ -1298,6 +1327,7 @@ fn wgmma_gemm(
         GemmOutput::Store => 0,
         GemmOutput::SwiGlu => 1,
         GemmOutput::ScatterAdd => 2,
+        GemmOutput::SwiGluBf16 => 3,
     };
     let f = dev.function(&ANALOG_MOE_CU, &tile.defines(mode), "moe_gemm_wgmma")?;
     let shared = tile.shared_bytes() as u32;
@@ -1416,16 +1446,44 @@ impl GpuMoeLayer {
             )
         };
         let xq = quantize(dev, x, t, d, self.gate_up.k_block, p)?;
-        let h = if bm {
+        // Digital: the SwiGLU epilogue writes the down GEMM's bf16 operand itself. Analog: f32
+        // hidden rows, then noise management and DAC (bound management keeps them for 2β).
+        let h = if p.is_none() {
+            None
+        } else if bm {
             let mut gu = dev.scratch::<f32>(pairs * 2 * n)?;
             gemm(&self.gate_up, &xq, true, GemmOutput::Store, &mut gu)?;
-            swiglu_rows(dev, &gu, pairs, 2 * n)?
+            Some(swiglu_rows(dev, &gu, pairs, 2 * n)?)
         } else {
             let mut h = dev.scratch::<f32>(pairs * n)?;
             gemm(&self.gate_up, &xq, true, GemmOutput::SwiGlu, &mut h)?;
-            h
+            Some(h)
         };
-        let hq = quantize(dev, &h, pairs, n, self.down.k_block, p)?;
+        let hq = match &h {
+            Some(h) => quantize(dev, h, pairs, n, self.down.k_block, p)?,
+            None => {
+                let mut a = dev.scratch::<u16>(pairs * n)?;
+                grouped_gemm(
+                    dev,
+                    &self.gate_up,
+                    &xq,
+                    routing,
+                    true,
+                    None,
+                    self.seed,
+                    mvm_id,
+                    GemmOutput::SwiGluBf16,
+                    &mut a,
+                )?;
+                GemmInput {
+                    a,
+                    alpha: dev.zeros::<f32>(1)?,
+                    sumsq: None,
+                    x: None,
+                    rows: pairs,
+                }
+            }
+        };
         let mut y = dev.zeros::<f32>(t * d)?;
         if bm {
             let mut rows = dev.scratch::<f32>(pairs * d)?;
