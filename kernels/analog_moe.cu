@@ -68,40 +68,62 @@ typedef unsigned short u16;
 // One block per expert keeps the scatter stable without a global sort: pairs keep their
 // (token, slot) order inside an expert, the order the CPU path gathers tokens in.
 
-extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32* counts) {
-    u32 e = blockIdx.x, total = 0;
-    for (u32 base = 0; base < n_pairs; base += blockDim.x) {
+// Blocks (expert e = blockIdx.x, slice s = blockIdx.y) count and place the pairs of slice s, the
+// host's `slice` consecutive pairs: E × ⌈P/slice⌉ blocks share the work (E blocks scanning all P
+// pairs each left most SMs idle: 0.21 ms of the OLMoE layer).
+extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32 slice, u32* counts) {
+    const u32 e = blockIdx.x, s = blockIdx.y, end = min(n_pairs, (s + 1) * slice);
+    u32 total = 0;
+    for (u32 base = s * slice; base < end; base += blockDim.x) {
         u32 i = base + threadIdx.x;
-        total += __syncthreads_count(i < n_pairs && expert_of_pair[i] == e);
+        total += __syncthreads_count(i < end && expert_of_pair[i] == e);
     }
-    if (threadIdx.x == 0) counts[e] = total;
+    if (threadIdx.x == 0) counts[e * gridDim.y + s] = total;
 }
 
-// offsets[e] = Σ_{e'<e} counts[e'], tile_offsets[e] = Σ ⌈counts/tile_rows⌉ (one thread: E is small).
-extern "C" __global__ void moe_scan(const u32* counts, u32 n_experts, u32 tile_rows, u32* offsets,
-                                    u32* tile_offsets) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    u32 acc = 0, tiles = 0;
-    for (u32 e = 0; e < n_experts; ++e) {
+// From counts[e][s]: offsets[e] = Σ_{e'<e} pairs of e', tile_offsets[e] = Σ_{e'<e} ⌈pairs/tile_rows⌉,
+// slice_offsets[e][s] = offsets[e] + Σ_{s'<s} counts[e][s'] (where slice s of expert e starts).
+extern "C" __global__ void moe_scan(const u32* counts, u32 n_experts, u32 n_slices, u32 tile_rows, u32* offsets,
+                                    u32* tile_offsets, u32* slice_offsets) {
+    // Each expert's slices, relative to the expert's start; offsets[e] holds its total for now.
+    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) {
+        u32 acc = 0;
+        for (u32 s = 0; s < n_slices; ++s) {
+            slice_offsets[e * n_slices + s] = acc;
+            acc += counts[e * n_slices + s];
+        }
         offsets[e] = acc;
-        tile_offsets[e] = tiles;
-        acc += counts[e];
-        tiles += (counts[e] + tile_rows - 1) / tile_rows;
     }
-    offsets[n_experts] = acc;
-    tile_offsets[n_experts] = tiles;
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the experts in order (E is small)
+        u32 acc = 0, tiles = 0;
+        for (u32 e = 0; e < n_experts; ++e) {
+            const u32 total = offsets[e];
+            offsets[e] = acc;
+            tile_offsets[e] = tiles;
+            acc += total;
+            tiles += (total + tile_rows - 1) / tile_rows;
+        }
+        offsets[n_experts] = acc;
+        tile_offsets[n_experts] = tiles;
+    }
+    __syncthreads();
+    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x)
+        for (u32 s = 0; s < n_slices; ++s) slice_offsets[e * n_slices + s] += offsets[e];
 }
 
+// Stable: block (e, s) writes the pairs of expert e in slice s in pair order from slice_offsets[e][s].
 extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* weight_of_pair, u32 n_pairs,
-                                       u32 top_k, const u32* offsets, u32* sorted_token, float* sorted_weight,
-                                       u32* sorted_pair) {
+                                       u32 slice, u32 top_k, const u32* slice_offsets, u32* sorted_token,
+                                       float* sorted_weight, u32* sorted_pair) {
     __shared__ u32 warp_prefix[32];
     __shared__ u32 block_total;
-    u32 e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    u32 running = offsets[e];
-    for (u32 base = 0; base < n_pairs; base += blockDim.x) {
+    const u32 e = blockIdx.x, s = blockIdx.y, end = min(n_pairs, (s + 1) * slice);
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    u32 running = slice_offsets[e * gridDim.y + s];
+    for (u32 base = s * slice; base < end; base += blockDim.x) {
         u32 i = base + threadIdx.x;
-        bool hit = i < n_pairs && expert_of_pair[i] == e;
+        bool hit = i < end && expert_of_pair[i] == e;
         u32 mask = __ballot_sync(0xffffffffu, hit);
         u32 before = __popc(mask & ((1u << lane) - 1u));
         if (lane == 0) warp_prefix[warp] = __popc(mask);

@@ -6,7 +6,7 @@ mod common;
 
 use aimc::backend::cuda::moe::{
     grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
-    GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile,
+    GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -221,33 +221,41 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 #[test]
 fn routing_sort_is_stable_and_exact() {
     let Some(dev) = gpu("routing") else { return };
+    // 24,000 pairs: 6 slices of the sort, the last ragged; all experts, then the even ones only
+    // (empty experts between full ones).
     let (t, k, e) = (3000, 8, 64);
-    let (experts, weights) = routing(t, k, e);
-    let r = route(
-        &dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
-    let offsets = dev.download(&r.offsets).unwrap();
-    let tokens = dev.download(&r.sorted_token).unwrap();
-    let pairs = dev.download(&r.sorted_pair).unwrap();
-    let w = dev.download(&r.sorted_weight).unwrap();
-    let mut expect_pairs: Vec<u32> = (0..(t * k) as u32).collect();
-    expect_pairs.sort_by_key(|&p| experts[p as usize]); // stable
-    assert_eq!(pairs, expect_pairs);
-    for (i, &p) in pairs.iter().enumerate() {
-        assert_eq!(tokens[i] as usize, p as usize / k);
-        assert_eq!(w[i], weights[p as usize]);
-    }
-    for ex in 0..e {
-        assert_eq!(
-            (offsets[ex + 1] - offsets[ex]) as usize,
-            tokens_of(&experts, k, ex as u32).len()
-        );
+    let (all, weights) = routing(t, k, e);
+    let even: Vec<u32> = all.iter().map(|&c| c & !1).collect();
+    for experts in [all, even] {
+        let r = route(
+            &dev,
+            &dev.upload(&experts).unwrap(),
+            &dev.upload(&weights).unwrap(),
+            t,
+            k,
+            e,
+        )
+        .unwrap();
+        let offsets = dev.download(&r.offsets).unwrap();
+        let tile_offsets = dev.download(&r.tile_offsets).unwrap();
+        let tokens = dev.download(&r.sorted_token).unwrap();
+        let pairs = dev.download(&r.sorted_pair).unwrap();
+        let w = dev.download(&r.sorted_weight).unwrap();
+        let mut expect_pairs: Vec<u32> = (0..(t * k) as u32).collect();
+        expect_pairs.sort_by_key(|&p| experts[p as usize]); // stable
+        assert_eq!(pairs, expect_pairs);
+        for (i, &p) in pairs.iter().enumerate() {
+            assert_eq!(tokens[i] as usize, p as usize / k);
+            assert_eq!(w[i], weights[p as usize]);
+        }
+        let mut tiles = 0;
+        for ex in 0..e {
+            let n = tokens_of(&experts, k, ex as u32).len();
+            assert_eq!((offsets[ex + 1] - offsets[ex]) as usize, n);
+            assert_eq!(tile_offsets[ex] as usize, tiles);
+            tiles += n.div_ceil(TILE_ROWS);
+        }
+        assert_eq!(tile_offsets[e] as usize, tiles);
     }
 }
 

@@ -571,6 +571,9 @@ pub struct GpuRouting {
     pub sorted_pair: CudaSlice<u32>,
 }
 
+/// Pairs per slice of the routing sort: one block per (expert, slice) counts and places them.
+const ROUTE_SLICE_PAIRS: usize = 4096;
+
 /// Counting sort of the `[T·k]` pairs (expert of pair, weight of pair) by expert:
 /// histogram → scan → stable scatter, all on the device.
 pub fn route(
@@ -589,47 +592,57 @@ pub fn route(
             weight_of_pair.len()
         )));
     }
-    let mut counts = dev.scratch::<u32>(n_experts)?;
+    let slices = pairs.div_ceil(ROUTE_SLICE_PAIRS).max(1);
+    let mut counts = dev.scratch::<u32>(n_experts * slices)?;
+    let mut slice_offsets = dev.scratch::<u32>(n_experts * slices)?;
     let mut offsets = dev.scratch::<u32>(n_experts + 1)?;
     let mut tile_offsets = dev.scratch::<u32>(n_experts + 1)?;
     let mut sorted_token = dev.scratch::<u32>(pairs)?;
     let mut sorted_weight = dev.scratch::<f32>(pairs)?;
     let mut sorted_pair = dev.scratch::<u32>(pairs)?;
-    let per_expert = LaunchConfig {
-        grid_dim: (n_experts as u32, 1, 1),
+    let per_slice = LaunchConfig {
+        grid_dim: (n_experts as u32, slices as u32, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (p32, e32, k32, tile32) = (
+    let (p32, e32, k32, tile32, s32, slice32) = (
         pairs as u32,
         n_experts as u32,
         top_k as u32,
         TILE_ROWS as u32,
+        slices as u32,
+        ROUTE_SLICE_PAIRS as u32,
     );
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_count")?;
-    dev.launch(&f, "moe_count", per_expert, |b| {
-        b.arg(expert_of_pair).arg(&p32).arg(&mut counts);
+    dev.launch(&f, "moe_count", per_slice, |b| {
+        b.arg(expert_of_pair)
+            .arg(&p32)
+            .arg(&slice32)
+            .arg(&mut counts);
     })?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scan")?;
     let one = LaunchConfig {
         grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     dev.launch(&f, "moe_scan", one, |b| {
         b.arg(&counts)
             .arg(&e32)
+            .arg(&s32)
             .arg(&tile32)
             .arg(&mut offsets)
-            .arg(&mut tile_offsets);
+            .arg(&mut tile_offsets)
+            .arg(&mut slice_offsets);
     })?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scatter")?;
-    dev.launch(&f, "moe_scatter", per_expert, |b| {
+    dev.launch(&f, "moe_scatter", per_slice, |b| {
         b.arg(expert_of_pair)
             .arg(weight_of_pair)
             .arg(&p32)
+            .arg(&slice32)
             .arg(&k32)
-            .arg(&offsets)
+            .arg(&slice_offsets)
             .arg(&mut sorted_token)
             .arg(&mut sorted_weight)
             .arg(&mut sorted_pair);
