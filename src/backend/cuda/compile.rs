@@ -64,6 +64,11 @@ pub fn compile(kernel: &KernelFile, defines: &[(&str, i64)], cc: (i32, i32)) -> 
     if kernel.exact_fp {
         options.push("--fmad=false".to_string());
     }
+    // Source lines in the PTX for Nsight Compute's source view (tools/gpu_ncu.sh); the same
+    // machine code otherwise.
+    if std::env::var_os("AIMC_NVRTC_LINEINFO").is_some() {
+        options.push("--generate-line-info".to_string());
+    }
     let key = fnv1a64(&[source.as_bytes(), options.join(" ").as_bytes()]);
     let cache_file = cache_dir().map(|d| {
         let stem = kernel.file.trim_end_matches(".cu");
