@@ -393,42 +393,55 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     auto frag_row = [&](u32 mi, u32 half) { return m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8; };
     auto frag_col = [&](u32 tn) { return n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2; };
 
-    // Loader assignment: 16-byte chunks, 4 per 32-half row; A rows gathered once here.
+    // Loader plan, fixed for the whole K loop: 16-byte chunks, 4 per 32-half row; chunk i of a
+    // thread lies NTHREADS/4 rows below chunk 0 in shared memory. The global sources advance by
+    // BK per stage, so a stage costs one add per source (the 64-bit index arithmetic per stage
+    // was a quarter of the K loop's instructions). A rows are gathered once here.
     constexpr u32 A_CHUNKS = BM * 4 / NTHREADS, B_CHUNKS = BN * 4 / NTHREADS;
+    constexpr u32 CHUNK_ROWS = NTHREADS / 4, STAGE_BYTES = STAGE_HALVES * 2;
+    const u32 smem_base = smem_addr(smem);
+    const u32 ld_dst = ((t >> 2) * LDS + (t & 3) * 8) * 2;  // bytes, chunk 0 of A (B: + BM rows)
     const u16* a_src[A_CHUNKS];
     u32 a_bytes[A_CHUNKS];
 #pragma unroll
     for (u32 i = 0; i < A_CHUNKS; ++i) {
-        const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
+        const u32 r = (t >> 2) + i * CHUNK_ROWS;
         const bool ok = m0 + r < rows_e;
         const u32 pos = row_begin + m0 + r;
         const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
-        a_src[i] = p.a + (u64)row * K + c;
+        a_src[i] = p.a + (u64)row * K + (t & 3) * 8;
         a_bytes[i] = ok ? 16u : 0u;
     }
-    const u16* w_src = p.w_hi + ((u64)e * p.n + n0) * K;
+    const u64 w_off = ((u64)e * p.n + n0 + (t >> 2)) * K + (t & 3) * 8, b_stride = (u64)CHUNK_ROWS * K;
+    const u16* w_src = p.w_hi + w_off;
 #if NB_MAT == 2
-    const u16* wl_src = p.w_lo + ((u64)e * p.n + n0) * K;
+    const u16* wl_src = p.w_lo + w_off;
 #endif
 
-    auto load_stage = [&](u32 stage, u32 k0) {
-        u16* s = smem + stage * STAGE_HALVES;
+    // Copies the next BK columns of K into the stage at byte offset `stage_off`.
+    auto load_stage = [&](u32 stage_off) {
+        const u32 s = smem_base + stage_off + ld_dst;
 #pragma unroll
         for (u32 i = 0; i < A_CHUNKS; ++i) {
-            const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
-            cp_async16(smem_addr(s + r * LDS + c), a_src[i] + k0, a_bytes[i]);
+            cp_async16(s + i * CHUNK_ROWS * LDS * 2, a_src[i], a_bytes[i]);
+            a_src[i] += BK;
         }
 #pragma unroll
         for (u32 i = 0; i < B_CHUNKS; ++i) {
-            const u32 idx = t + i * NTHREADS, r = idx >> 2, c = (idx & 3) * 8;
-            const u64 g = (u64)r * K + k0 + c;
-            cp_async16(smem_addr(s + BM * LDS + r * LDS + c), w_src + g, 16u);
+            cp_async16(s + (BM + i * CHUNK_ROWS) * LDS * 2, w_src + i * b_stride, 16u);
 #if NB_MAT == 2
-            cp_async16(smem_addr(s + BM * LDS + BN * LDS + r * LDS + c), wl_src + g, 16u);
+            cp_async16(s + (BM + BN + i * CHUNK_ROWS) * LDS * 2, wl_src + i * b_stride, 16u);
 #endif
         }
+        w_src += BK;
+#if NB_MAT == 2
+        wl_src += BK;
+#endif
         asm volatile("cp.async.commit_group;\n" ::);
     };
+    // Per-thread ldmatrix offsets (bytes) inside a stage: A fragment rows of this warp, B rows.
+    const u32 a_ld = ((wm * (MI * 16) + (lane & 15)) * LDS + (lane >> 4) * 8) * 2;
+    const u32 b_ld = ((BM + wn * (TN * 8) + (lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8) * 2;
 
     float acc[MI][TN][4];
 #if MOE_ANALOG
@@ -475,35 +488,36 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     // Prologue: STAGES − 1 stages in flight (empty groups keep the group count uniform).
 #pragma unroll
     for (u32 st = 0; st < MOE_STAGES - 1; ++st) {
-        if (st < n_steps) load_stage(st, st * BK);
+        if (st < n_steps) load_stage(st * STAGE_BYTES);
         else asm volatile("cp.async.commit_group;\n" ::);
     }
+    // Rotating stage offsets (read: this step's stage; write: the one STAGES − 1 ahead) and the
+    // position inside the current crossbar block, as counters instead of divisions.
+    u32 read_off = 0, write_off = (MOE_STAGES - 1) * STAGE_BYTES;
+#if MOE_ANALOG
+    u32 kb = 0, step_in_block = 0;
+#endif
     for (u32 step = 0; step < n_steps; ++step) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(MOE_STAGES - 2));
         // Stage `step` has landed for every thread, and every thread is done with the stage
         // consumed at step − 1, which the load below overwrites.
         __syncthreads();
-        {
-            const u32 next = step + MOE_STAGES - 1;
-            if (next < n_steps) load_stage(next % MOE_STAGES, next * BK);
-            else asm volatile("cp.async.commit_group;\n" ::);
-        }
-        const u16* s = smem + (step % MOE_STAGES) * STAGE_HALVES;
+        if (step + MOE_STAGES - 1 < n_steps) load_stage(write_off);
+        else asm volatile("cp.async.commit_group;\n" ::);
+        write_off = write_off == (MOE_STAGES - 1) * STAGE_BYTES ? 0 : write_off + STAGE_BYTES;
+        const u32 s = smem_base + read_off;
+        read_off = read_off == (MOE_STAGES - 1) * STAGE_BYTES ? 0 : read_off + STAGE_BYTES;
 #pragma unroll
         for (u32 kk = 0; kk < BK; kk += 16) {
             u32 a[MI][4];
 #pragma unroll
-            for (u32 mi = 0; mi < MI; ++mi) {
-                u32 row = wm * (MI * 16) + mi * 16 + (lane & 15), col = kk + (lane >> 4) * 8;
-                ldmatrix_x4(smem_addr(s + row * LDS + col), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
-            }
+            for (u32 mi = 0; mi < MI; ++mi)
+                ldmatrix_x4(s + a_ld + (mi * 16 * LDS + kk) * 2, a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
             u32 b[TN][2];
 #pragma unroll
-            for (u32 tp = 0; tp < TN / 2; ++tp) {
-                u32 row = wn * (TN * 8) + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
-                ldmatrix_x4(smem_addr(s + BM * LDS + row * LDS + col), b[2 * tp][0], b[2 * tp][1],
-                            b[2 * tp + 1][0], b[2 * tp + 1][1]);
-            }
+            for (u32 tp = 0; tp < TN / 2; ++tp)
+                ldmatrix_x4(s + b_ld + (tp * 16 * LDS + kk) * 2, b[2 * tp][0], b[2 * tp][1], b[2 * tp + 1][0],
+                            b[2 * tp + 1][1]);
 #pragma unroll
             for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -512,11 +526,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
             {
                 u32 bl[TN][2];
 #pragma unroll
-                for (u32 tp = 0; tp < TN / 2; ++tp) {
-                    u32 row = wn * (TN * 8) + tp * 16 + (lane >> 4) * 8 + (lane & 7), col = kk + ((lane >> 3) & 1) * 8;
-                    ldmatrix_x4(smem_addr(s + BM * LDS + BN * LDS + row * LDS + col), bl[2 * tp][0],
-                                bl[2 * tp][1], bl[2 * tp + 1][0], bl[2 * tp + 1][1]);
-                }
+                for (u32 tp = 0; tp < TN / 2; ++tp)
+                    ldmatrix_x4(s + b_ld + ((BN + tp * 16) * LDS + kk) * 2, bl[2 * tp][0], bl[2 * tp][1],
+                                bl[2 * tp + 1][0], bl[2 * tp + 1][1]);
 #pragma unroll
                 for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -542,7 +554,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #endif
 #if MOE_IR_DROP
             {
-                u32 j0 = (step % steps_per_block) * BK + kk + (lane & 3) * 2;
+                u32 j0 = step_in_block * BK + kk + (lane & 3) * 2;
                 float nf = (float)p.k_block;
                 u32 f_lo = pack_f16x2(ir_row_factor(j0, nf), ir_row_factor(j0 + 1, nf));
                 u32 f_hi = pack_f16x2(ir_row_factor(j0 + 8, nf), ir_row_factor(j0 + 9, nf));
@@ -563,9 +575,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
         }
 
 #if MOE_ANALOG
-        if ((step + 1) % steps_per_block == 0) {
-            // Epilogue of crossbar block kb: steps 4–7 and 9 of design.md §3 per output.
-            const u32 kb = step / steps_per_block;
+        if (++step_in_block == steps_per_block) {
+            step_in_block = 0;
+            // Epilogue of crossbar block kb: steps 4–7 and 9 of design.md §3 per output. The
+            // block's column tables (tensor id, scale) as row pointers: 32-bit indexing below.
+            const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
+            const u32* tid_of_col = p.col_tensor_id + tab_row;
+            const float* scale_of_col = p.col_scale + tab_row;
 #pragma unroll
             for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -587,9 +603,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #pragma unroll
                         for (u32 tn = 0; tn < TN; tn += 2) {
                             const u32 col = frag_col(tn + odd);
-                            const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                             const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
-                            const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
+                            const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]),
                                                          idx / 4, p.mvm_id, 0);
                             const u32 got0 = __shfl_xor_sync(pair_mask, odd ? r.x : r.z, 1);
                             const u32 got1 = __shfl_xor_sync(pair_mask, odd ? r.y : r.w, 1);
@@ -603,7 +618,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #pragma unroll
                     for (u32 tn = 0; tn < TN; ++tn) {
                         const u32 col = frag_col(tn);
-                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                         float y[2];
 #pragma unroll
                         for (u32 c = 0; c < 2; ++c) {
@@ -624,7 +638,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if MOE_NOISE_QUADS
                             const float2 z = zq[tn];
 #else
-                            const u32 tid0 = p.col_tensor_id[tab], tid1 = p.col_tensor_id[tab + 1];
+                            const u32 tid0 = tid_of_col[col], tid1 = tid_of_col[col + 1];
                             const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
                             const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
                             const float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
@@ -661,11 +675,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if MOE_BM
                             if (alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) bm_rows |= 1u << (mi * 2 + half);
 #endif
-                            total[mi][tn][half * 2 + c] += v * (alpha_nm * p.col_scale[tab + c]);
+                            total[mi][tn][half * 2 + c] += v * (alpha_nm * scale_of_col[col + c]);
                         }
                     }
                 }
             reset_block();
+            ++kb;
         }
 #endif
     }

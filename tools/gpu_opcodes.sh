@@ -13,7 +13,8 @@ echo "import rc=$? $(wc -l < "$OUT/sass.csv") lines"
 python3 - "$OUT/sass.csv" > "$OUT/opcodes.txt" <<'PY'
 import csv, sys, collections
 rows = list(csv.reader(open(sys.argv[1])))
-head = rows[0]
+h0 = next(i for i, r in enumerate(rows) if any(c.strip() == "Source" for c in r))
+head, rows = rows[h0], rows[h0:]
 print("columns:", head[:12])
 src = next(i for i, h in enumerate(head) if h.strip().lower() == "source")
 ex = next(i for i, h in enumerate(head) if "Instructions Executed" in h and "Predicated" not in h)
@@ -39,4 +40,4 @@ for n, addr, text in sorted(lines, reverse=True)[:60]:
     print(f"{n:12.4g} {addr} {text[:90]}")
 PY
 head -120 "$OUT/opcodes.txt"
-rm -f "$OUT/sass.csv" "$OUT/k.ncu-rep"
+gzip -f "$OUT/sass.csv"; rm -f "$OUT/k.ncu-rep"
