@@ -329,28 +329,35 @@ __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 pur
 }
 #endif
 
-// CTA blockIdx.x → (expert e, row tile m_tile inside the expert, column tile n_tile), false past
-// the last tile. Each expert's CTAs run in groups of `width` column tiles, all of the expert's
-// row tiles per group, column tile fastest: the CTAs resident at once share a few weight column
-// tiles in L2. Column-fastest over all of N instead streams every weight tile from DRAM once per
-// row tile where one expert's weights exceed the L2 (Mixtral's gate/up: 235 MB in bf16).
-__device__ __forceinline__ bool tile_of_block(const GemmParams& p, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
-                                              u32& n_tile) {
-    const u32 b = blockIdx.x;
-    if (b >= p.tile_offsets[p.n_experts] * n_tiles_n) return false;
-    u32 lo = 0, hi = p.n_experts;  // the last expert whose first CTA is at or before b
+// CTA b → (expert e, row tile m_tile inside the expert, column tile n_tile), false past the last
+// tile. Each expert's CTAs run in groups of `width` column tiles, all of the expert's row tiles
+// per group, column tile fastest: the CTAs resident at once share a few weight column tiles in
+// L2. Column-fastest over all of N instead streams every weight tile from DRAM once per row tile
+// where one expert's weights exceed the L2 (Mixtral's gate/up: 235 MB in bf16).
+// BEGIN raster_tile (plain C++: tests/raster_host.rs compiles it on the host and checks that it
+// is a bijection onto the (expert, row tile, column tile) triples)
+__device__ __forceinline__ bool raster_tile(const u32* tile_offsets, u32 n_experts, u32 b, u32 n_tiles_n, u32 width,
+                                            u32& e, u32& m_tile, u32& n_tile) {
+    if (b >= tile_offsets[n_experts] * n_tiles_n) return false;
+    u32 lo = 0, hi = n_experts;  // the last expert whose first CTA is at or before b
     while (hi - lo > 1) {
         u32 mid = (lo + hi) / 2;
-        if (p.tile_offsets[mid] * n_tiles_n <= b) lo = mid; else hi = mid;
+        if (tile_offsets[mid] * n_tiles_n <= b) lo = mid; else hi = mid;
     }
     e = lo;
-    const u32 tiles_e = p.tile_offsets[e + 1] - p.tile_offsets[e];
-    const u32 local = b - p.tile_offsets[e] * n_tiles_n;
+    const u32 tiles_e = tile_offsets[e + 1] - tile_offsets[e];
+    const u32 local = b - tile_offsets[e] * n_tiles_n;
     const u32 group = local / (width * tiles_e), r = local - group * width * tiles_e;
-    const u32 w = min(width, n_tiles_n - group * width);
+    const u32 left = n_tiles_n - group * width, w = left < width ? left : width;
     m_tile = r / w;
     n_tile = group * width + r % w;
     return true;
+}
+// END raster_tile
+
+__device__ __forceinline__ bool tile_of_block(const GemmParams& p, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
+                                              u32& n_tile) {
+    return raster_tile(p.tile_offsets, p.n_experts, blockIdx.x, n_tiles_n, width, e, m_tile, n_tile);
 }
 
 // out[0..2] += (a, b): one 8-byte vector atomic on sm_90 (half the atomic operations of the
