@@ -1529,6 +1529,44 @@ mod tests {
     }
 
     #[test]
+    fn wgmma_tiles_parse_check_and_default() {
+        let t = WgmmaTile::parse("256, 4,1").unwrap();
+        assert_eq!(
+            t,
+            WgmmaTile {
+                cols: 256,
+                stages: 4,
+                pipe: 1
+            }
+        );
+        for bad in ["256,4", "256,4,1,0", "a,4,1", ""] {
+            assert!(WgmmaTile::parse(bad).is_err(), "{bad:?}");
+        }
+        // 4 stages of 128 + 256 rows × 128 bytes, plus the 1 KiB alignment slack.
+        assert_eq!(t.shared_bytes(), 4 * 384 * 128 + 1024);
+        t.check(2048).unwrap();
+        assert!(t.check(128 * 3).is_err()); // 256 does not divide N
+        let bad_tiles = [
+            (192, 4, 1), // no such wgmma width
+            (128, 2, 1), // pipelining needs a third stage
+            (128, 4, 2), // at most one group in flight
+            (256, 5, 1), // 241 KiB of shared memory
+        ];
+        for (cols, stages, pipe) in bad_tiles {
+            let tile = WgmmaTile { cols, stages, pipe };
+            assert!(tile.check(2048).is_err(), "{tile:?}");
+        }
+        let mode =
+            |t: WgmmaTile, m: i64| t.defines(m).iter().find(|d| d.0 == "MOE_MODE").unwrap().1;
+        assert_eq!(mode(t, 3), 3);
+        if std::env::var_os("AIMC_WGMMA_TILE").is_none() {
+            assert_eq!(WgmmaTile::choose(2048).unwrap().map(|t| t.cols), Some(256));
+            assert_eq!(WgmmaTile::choose(384).unwrap().map(|t| t.cols), Some(128));
+            assert_eq!(WgmmaTile::choose(96).unwrap(), None);
+        }
+    }
+
+    #[test]
     fn default_tiles_fit_every_width_the_uploads_accept() {
         // Uploads accept N = any multiple of TILE_COLS.
         for v in [
