@@ -6,7 +6,7 @@ mod common;
 
 use aimc::backend::cuda::moe::{
     grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
-    GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
+    GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -201,6 +201,50 @@ fn routing(t: usize, k: usize, e: usize) -> (Vec<u32>, Vec<f32>) {
     (experts, weights)
 }
 
+/// A digital grouped matrix of `e` experts, `rows` outputs × `cols` inputs, test weights of
+/// scale 0.06 (ids `id`..`id + e`), one crossbar block per expert (`k_block = cols`).
+fn digital_table(e: usize, rows: usize, cols: usize, id: u32) -> GroupedMatrix {
+    GroupedMatrix {
+        n_experts: e,
+        n_cols: rows,
+        k: cols,
+        k_block: cols,
+        weights: (0..e as u32)
+            .flat_map(|i| {
+                test_matrix(rows, cols, id + i, 0.06)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect(),
+        col_tensor_id: vec![0; e * rows],
+        col_scale: vec![1.0; e * rows],
+        col_local: (0..rows as u32).collect(),
+        col_block_cols: vec![rows as u32; rows],
+        col_xbar: vec![0; rows],
+        n_xbar: 1,
+    }
+}
+
+/// The (token, expert, weight) pairs of `experts`/`weights` (host), sorted on the device.
+fn route_host(
+    dev: &CudaDevice,
+    experts: &[u32],
+    weights: &[f32],
+    t: usize,
+    k: usize,
+    e: usize,
+) -> GpuRouting {
+    route(
+        dev,
+        &dev.upload(experts).unwrap(),
+        &dev.upload(weights).unwrap(),
+        t,
+        k,
+        e,
+    )
+    .unwrap()
+}
+
 fn tokens_of(experts: &[u32], k: usize, e: u32) -> Vec<usize> {
     experts
         .iter()
@@ -227,15 +271,7 @@ fn routing_sort_is_stable_and_exact() {
     let (all, weights) = routing(t, k, e);
     let even: Vec<u32> = all.iter().map(|&c| c & !1).collect();
     for experts in [all, even] {
-        let r = route(
-            &dev,
-            &dev.upload(&experts).unwrap(),
-            &dev.upload(&weights).unwrap(),
-            t,
-            k,
-            e,
-        )
-        .unwrap();
+        let r = route_host(&dev, &experts, &weights, t, k, e);
         let offsets = dev.download(&r.offsets).unwrap();
         let tile_offsets = dev.download(&r.tile_offsets).unwrap();
         let tokens = dev.download(&r.sorted_token).unwrap();
@@ -268,15 +304,7 @@ fn analog_adc_codes_match_the_cpu_crossbar() {
     let (experts, weights) = routing(t, k, e);
     let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
     let gm = GpuGroupedMatrix::upload(&dev, &grouped, Precision::AnalogSplitF16).unwrap();
-    let r = route(
-        &dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
+    let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
     let input = quantize(&dev, &xd, t, d, grouped.k_block, Some(&periphery)).unwrap();
     let mut out = dev.zeros::<f32>(t * k * n).unwrap();
@@ -378,15 +406,7 @@ fn moe_layer_gpu_and_cpu(
         periphery: Some(GemmPeriphery::from_spec(&preset.periphery).unwrap()),
         seed,
     };
-    let r = route(
-        dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
+    let r = route_host(dev, &experts, &weights, t, k, e);
     let y = dev
         .download(
             &layer
@@ -504,25 +524,7 @@ fn digital_moe_layer_matches_f32_within_bf16() {
         return;
     };
     let (t, k, e, n, d) = (160, 2, 3, 128, 256);
-    let table = |rows: usize, cols: usize, id: u32| GroupedMatrix {
-        n_experts: e,
-        n_cols: rows,
-        k: cols,
-        k_block: cols,
-        weights: (0..e as u32)
-            .flat_map(|i| {
-                test_matrix(rows, cols, id + i, 0.06)
-                    .into_raw_vec_and_offset()
-                    .0
-            })
-            .collect(),
-        col_tensor_id: vec![0; e * rows],
-        col_scale: vec![1.0; e * rows],
-        col_local: (0..rows as u32).collect(),
-        col_block_cols: vec![rows as u32; rows],
-        col_xbar: vec![0; rows],
-        n_xbar: 1,
-    };
+    let table = |rows, cols, id| digital_table(e, rows, cols, id);
     let gate = table(n, d, 300);
     let up = table(n, d, 310);
     let down = table(d, n, 320);
@@ -535,15 +537,7 @@ fn digital_moe_layer_matches_f32_within_bf16() {
     };
     let x = test_matrix(t, d, 7, 1.0);
     let (experts, weights) = routing(t, k, e);
-    let r = route(
-        &dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
+    let r = route_host(&dev, &experts, &weights, t, k, e);
     let y = dev
         .download(
             &layer
@@ -591,25 +585,7 @@ const DIGITAL_LAYER: (usize, usize, usize, usize, usize) = (600, 2, 3, 128, 256)
 /// Interleaved gate/up `[E, 2n, d]` and down `[E, d, n]` tables of [`DIGITAL_LAYER`].
 fn digital_layer_tables() -> (GroupedMatrix, GroupedMatrix) {
     let (_, _, e, n, d) = DIGITAL_LAYER;
-    let table = |rows: usize, cols: usize, id: u32| GroupedMatrix {
-        n_experts: e,
-        n_cols: rows,
-        k: cols,
-        k_block: cols,
-        weights: (0..e as u32)
-            .flat_map(|i| {
-                test_matrix(rows, cols, id + i, 0.06)
-                    .into_raw_vec_and_offset()
-                    .0
-            })
-            .collect(),
-        col_tensor_id: vec![0; e * rows],
-        col_scale: vec![1.0; e * rows],
-        col_local: (0..rows as u32).collect(),
-        col_block_cols: vec![rows as u32; rows],
-        col_xbar: vec![0; rows],
-        n_xbar: 1,
-    };
+    let table = |rows, cols, id| digital_table(e, rows, cols, id);
     let gate_up = GroupedMatrix::interleave_swiglu(&table(n, d, 300), &table(n, d, 310)).unwrap();
     (gate_up, table(d, n, 320))
 }
@@ -623,15 +599,7 @@ fn digital_swiglu_epilogue_writes_the_bf16_operand() {
     let (gate_up, _) = digital_layer_tables();
     let x = test_matrix(t, d, 8, 1.0);
     let (experts, weights) = routing(t, k, e);
-    let r = route(
-        &dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
+    let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
     let input = quantize(&dev, &xd, t, d, d, None).unwrap();
     // The mma.sync kernel everywhere, and the wgmma kernel's default tile on Hopper.
@@ -723,15 +691,7 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     let mma = layer(None);
     let x = test_matrix(t, d, 8, 1.0);
     let (experts, weights) = routing(t, k, e);
-    let r = route(
-        &dev,
-        &dev.upload(&experts).unwrap(),
-        &dev.upload(&weights).unwrap(),
-        t,
-        k,
-        e,
-    )
-    .unwrap();
+    let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
     let y_mma = dev
         .download(&mma.forward(&dev, &xd, &r, 0).unwrap())

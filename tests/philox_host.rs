@@ -9,7 +9,8 @@
 //! This checks the kernel source, not the GPU's arithmetic; `tests/gpu_backend.rs`
 //! (`philox_uniforms_and_normals_bit_identical`) checks the device itself. Skips with a
 //! printed reason when no C++ compiler is found (`$CXX`, else `c++`/`g++`/`clang++`).
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -80,55 +81,15 @@ int main(int argc, char** argv) {
 }
 "#;
 
-fn compiler() -> Option<String> {
-    if let Ok(cxx) = std::env::var("CXX") {
-        return Some(cxx);
-    }
-    ["c++", "g++", "clang++"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(str::to_string)
-}
-
 /// The harness binary, built once per test process.
 fn harness() -> Option<PathBuf> {
     static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let Some(cxx) = compiler() else {
-                println!("philox_host: skipped, no C++ compiler ($CXX, c++, g++, clang++)");
-                return None;
-            };
-            let dir = std::env::temp_dir().join(format!("aimc-philox-host-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let src = dir.join("philox_host.cpp");
-            let bin = dir.join("philox_host");
-            let mut f = std::fs::File::create(&src).unwrap();
-            write!(f, "{PRELUDE}\n#line 1 \"philox.cuh\"\n{PHILOX_CUH}\n{MAIN}").unwrap();
-            drop(f);
-            let out = Command::new(&cxx)
-                .args([
-                    "-std=c++17",
-                    "-O2",
-                    "-ffp-contract=off",
-                    "-fno-fast-math",
-                    "-o",
-                ])
-                .arg(&bin)
-                .arg(&src)
-                .output()
-                .expect("running the C++ compiler");
-            assert!(
-                out.status.success(),
-                "{cxx} failed on kernels/philox.cuh:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Some(bin)
+            common::build_host_cpp(
+                "philox_host",
+                &format!("{PRELUDE}\n#line 1 \"philox.cuh\"\n{PHILOX_CUH}\n{MAIN}"),
+            )
         })
         .clone()
 }

@@ -5,23 +5,11 @@
 //! consecutive column tiles of one expert. A wrong raster would skip or repeat output tiles
 //! silently in the benchmarks of shapes wider than one group (Mixtral's gate/up: 14 groups).
 //! Skips with a printed reason when no C++ compiler is found (`$CXX`, else `c++`/`g++`/`clang++`).
-use std::io::Write;
+mod common;
+
 use std::process::Command;
 
 const KERNEL: &str = include_str!("../kernels/analog_moe.cu");
-
-fn compiler() -> Option<String> {
-    let candidates = std::env::var("CXX")
-        .ok()
-        .into_iter()
-        .chain(["c++", "g++", "clang++"].map(String::from));
-    candidates.into_iter().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
 
 /// The text between the BEGIN/END raster_tile markers.
 fn raster_source() -> &'static str {
@@ -35,16 +23,7 @@ fn raster_source() -> &'static str {
 
 #[test]
 fn raster_covers_every_output_tile_once() {
-    let Some(cxx) = compiler() else {
-        println!("raster host test: skipped, no C++ compiler (set CXX)");
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("aimc-raster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("raster.cpp");
-    let mut f = std::fs::File::create(&src).unwrap();
-    write!(
-        f,
+    let source = format!(
         "#include <cstdio>\n#include <cstdlib>\n#include <vector>\n#define __device__\n\
          #define __forceinline__ inline\ntypedef unsigned int u32;\n{}\n\
          int main(int argc, char** argv) {{\n\
@@ -58,21 +37,10 @@ fn raster_covers_every_output_tile_once() {
            }}\n\
          }}\n",
         raster_source()
-    )
-    .unwrap();
-    drop(f);
-    let exe = dir.join("raster");
-    let out = Command::new(&cxx)
-        .args(["-O1", "-std=c++17", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
+    let Some(exe) = common::build_host_cpp("raster_host", &source) else {
+        return;
+    };
     // (column tiles, raster width, row tiles per expert).
     let cases: [(u32, u32, &[u32]); 6] = [
         (8, 8, &[16, 16, 15, 1]),     // OLMoE-like: one group
@@ -118,5 +86,5 @@ fn raster_covers_every_output_tile_once() {
         }
         assert_eq!(seen.len() as u32, total, "{n_tiles} {width} {tiles:?}");
     }
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
 }

@@ -30,3 +30,50 @@ pub fn default_mapping(model: &Model, preset: &TilePreset) -> Mapping {
     let lookup = |id| model.matrix(id);
     map_matrices(&specs, geo, &MappingOptions::default(), &lookup, None).unwrap()
 }
+
+/// Builds `source` as a host C++17 executable (no floating-point contraction, no fast math, so
+/// float code rounds as Rust's) under a fresh temporary directory named after `name`, with
+/// `$CXX`, else the first of `c++`, `g++`, `clang++` that runs. `None`, with the reason
+/// printed, when there is no compiler; a compile error fails the test with the compiler's log.
+/// For the tests that check kernel source on the host (`philox_host`, `raster_host`).
+pub fn build_host_cpp(name: &str, source: &str) -> Option<std::path::PathBuf> {
+    use std::process::Command;
+    let cxx = std::env::var("CXX").ok().or_else(|| {
+        ["c++", "g++", "clang++"]
+            .into_iter()
+            .find(|c| {
+                Command::new(c)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .map(str::to_string)
+    });
+    let Some(cxx) = cxx else {
+        println!("{name}: skipped, no C++ compiler ($CXX, c++, g++, clang++)");
+        return None;
+    };
+    let dir = std::env::temp_dir().join(format!("aimc-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{name}.cpp"));
+    let bin = dir.join(name);
+    std::fs::write(&src, source).unwrap();
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++17",
+            "-O2",
+            "-ffp-contract=off",
+            "-fno-fast-math",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("running the C++ compiler");
+    assert!(
+        out.status.success(),
+        "{cxx} failed on {name}.cpp:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(bin)
+}

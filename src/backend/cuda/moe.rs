@@ -9,7 +9,7 @@
 //! Operand precision (stated in every output): analog = DAC codes exact in fp16 × weights as
 //! fp16 hi + fp16 lo (≈ 22-bit significand, two MMAs), f32 accumulation; digital = bf16 × bf16,
 //! f32 accumulation.
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::ANALOG_MOE_CU;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
@@ -26,6 +26,16 @@ pub const TILE_K: usize = 32;
 const SMEM_ROW_HALVES: usize = 40;
 /// Dynamic shared memory one CTA may use on sm_80 / sm_90 (227 KiB).
 const MAX_SHARED_BYTES: usize = 227 * 1024;
+
+/// The `N` comma-separated integers of a tile override `var=text` (format `want`), or an error
+/// naming the variable and the format.
+fn tile_fields<const N: usize>(var: &str, text: &str, want: &str) -> CudaResult<[usize; N]> {
+    text.split(',')
+        .map(|x| x.trim().parse::<usize>().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|f| <[usize; N]>::try_from(f).ok())
+        .ok_or_else(|| CudaError::Unsupported(format!("{var}={text:?}: want {want}")))
+}
 
 /// CTA tile of one `moe_gemm` instantiation besides its [`TILE_ROWS`] rows: output columns,
 /// warp grid and cp.async pipeline depth (`MOE_TILE_N`, `MOE_WARPS_M`, `MOE_WARPS_N`,
@@ -85,19 +95,8 @@ impl GemmTile {
 
     /// `cols,warps_m,warps_n,stages` (the `AIMC_GEMM_TILE` format).
     fn parse(text: &str) -> CudaResult<Self> {
-        let malformed = || {
-            CudaError::Unsupported(format!(
-                "AIMC_GEMM_TILE={text:?}: want cols,warps_m,warps_n,stages"
-            ))
-        };
-        let f: Vec<usize> = text
-            .split(',')
-            .map(|x| x.trim().parse::<usize>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| malformed())?;
-        let [cols, warps_m, warps_n, stages] = f[..] else {
-            return Err(malformed());
-        };
+        let [cols, warps_m, warps_n, stages] =
+            tile_fields("AIMC_GEMM_TILE", text, "cols,warps_m,warps_n,stages")?;
         Ok(Self {
             cols,
             warps_m,
@@ -760,6 +759,18 @@ pub enum GemmOutput {
     SwiGluBf16,
 }
 
+impl GemmOutput {
+    /// The kernels' `MOE_MODE`.
+    pub fn mode(self) -> i64 {
+        match self {
+            Self::Store => 0,
+            Self::SwiGlu => 1,
+            Self::ScatterAdd => 2,
+            Self::SwiGluBf16 => 3,
+        }
+    }
+}
+
 /// Element type of a grouped GEMM's output buffer: `f32`, or `u16` bf16 bits for
 /// [`GemmOutput::SwiGluBf16`].
 pub trait GemmOutElem: cudarc::driver::DeviceRepr {
@@ -813,12 +824,7 @@ impl GemmVariant {
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
 pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
     let flag = |b: bool| i64::from(b);
-    let mode = match v.output {
-        GemmOutput::Store => 0,
-        GemmOutput::SwiGlu => 1,
-        GemmOutput::ScatterAdd => 2,
-        GemmOutput::SwiGluBf16 => 3,
-    };
+    let mode = v.output.mode();
     [
         ("MOE_ANALOG", flag(v.analog)),
         ("MOE_SPLIT_W", flag(v.analog && v.split_w)),
@@ -877,16 +883,7 @@ impl WgmmaTile {
 
     /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format).
     pub fn parse(text: &str) -> CudaResult<Self> {
-        let malformed =
-            || CudaError::Unsupported(format!("AIMC_WGMMA_TILE={text:?}: want cols,stages,pipe"));
-        let f: Vec<usize> = text
-            .split(',')
-            .map(|x| x.trim().parse::<usize>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| malformed())?;
-        let [cols, stages, pipe] = f[..] else {
-            return Err(malformed());
-        };
+        let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
         Ok(Self { cols, stages, pipe })
     }
 
@@ -1266,21 +1263,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
     let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
     let shared = tile.shared_bytes(nb_mat) as u32;
     let threads = tile.threads() as u32;
-    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
-    unsafe {
-        cudarc::driver::result::function::set_function_attribute(
-            f.cu_function(),
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-    }
-    .map_err(|source| CudaError::Kernel {
-        kernel: "moe_gemm".into(),
-        grid: (0, 0, 0),
-        block: (threads, 1, 1),
-        shared_bytes: shared,
-        source,
-    })?;
+    allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
     // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row
     // tiles (CTAs past the last tile return at once).
     let cfg = LaunchConfig {
@@ -1312,6 +1295,26 @@ pub fn grouped_gemm<T: GemmOutElem>(
     Ok(())
 }
 
+/// Lets `f` (kernel `name`, launched with `threads` threads) use `shared` bytes of dynamic
+/// shared memory, beyond the 48 KiB default; a refusal names the kernel and the size.
+fn allow_dynamic_shared(f: &CudaFunction, name: &str, threads: u32, shared: u32) -> CudaResult<()> {
+    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+    }
+    .map_err(|source| CudaError::Kernel {
+        kernel: name.into(),
+        grid: (0, 0, 0),
+        block: (threads, 1, 1),
+        shared_bytes: shared,
+        source,
+    })
+}
+
 /// The sm_90a digital GEMM (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128 × `tile.cols` CTA
 /// tiles, two warpgroups issuing wgmma from 128B-swizzled shared memory.
 fn wgmma_gemm(
@@ -1336,29 +1339,13 @@ fn wgmma_gemm(
         )));
     }
     tile.check(m.n_cols)?;
-    let mode = match output {
-        GemmOutput::Store => 0,
-        GemmOutput::SwiGlu => 1,
-        GemmOutput::ScatterAdd => 2,
-        GemmOutput::SwiGluBf16 => 3,
-    };
-    let f = dev.function(&ANALOG_MOE_CU, &tile.defines(mode), "moe_gemm_wgmma")?;
+    let f = dev.function(
+        &ANALOG_MOE_CU,
+        &tile.defines(output.mode()),
+        "moe_gemm_wgmma",
+    )?;
     let shared = tile.shared_bytes() as u32;
-    // SAFETY: raising the dynamic shared-memory limit of a loaded function.
-    unsafe {
-        cudarc::driver::result::function::set_function_attribute(
-            f.cu_function(),
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-    }
-    .map_err(|source| CudaError::Kernel {
-        kernel: "moe_gemm_wgmma".into(),
-        grid: (0, 0, 0),
-        block: (256, 1, 1),
-        shared_bytes: shared,
-        source,
-    })?;
+    allow_dynamic_shared(&f, "moe_gemm_wgmma", 256, shared)?;
     let pairs = routing.n_tokens * routing.top_k;
     let cfg = LaunchConfig {
         grid_dim: (
