@@ -1205,3 +1205,141 @@ fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
     println!("mean NLL CPU {cpu:.5}, GPU layer {first} + CPU rest {mixed:.5} (rel {rel:.1e}, bound 5e-3)");
     assert!(rel < 5e-3, "{rel}");
 }
+
+/// `(input_ids, logits [S·V])` of a transformers parity fixture (`tests/fixtures/parity/`).
+fn parity_fixture(name: &str) -> (aimc::model::Model, Vec<u32>, Vec<f32>) {
+    use safetensors::SafeTensors;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
+    let model = aimc::model::Model::load(&dir).unwrap();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logits = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (model, ids, logits)
+}
+
+#[test]
+fn whole_forward_on_the_gpu_matches_transformers_on_every_family() {
+    use aimc::backend::cpu::AnalogExperts;
+    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::model::GpuModel;
+    use aimc::model::RouterKind;
+    let Some(dev) = gpu("whole forward, every family") else {
+        return;
+    };
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    // The CPU forward's bound against transformers (tests/model_parity.rs): the dense parts on
+    // the GPU (f32 cuBLAS, online-softmax attention) must keep it. Every expert is digital, so
+    // the feed-forwards take the GPU model's CPU fallback (tiny expert shapes, no analog
+    // layer): what is compared is attention, norms, RoPE, biases, clipping, router, shared
+    // gates, residual stream and LM head, and MLA's CPU detour.
+    for name in [
+        "deepseek_v2",
+        "deepseek_v2_qlora",
+        "mixtral",
+        "olmoe",
+        "olmoe_clipqkv",
+        "olmoe_fused",
+        "qwen2_moe",
+        "qwen3_moe",
+    ] {
+        let (model, ids, want) = parity_fixture(name);
+        let mut mapping = common::default_mapping(&model, &preset);
+        mapping.analog.clear();
+        let experts = AnalogExperts::program(&model, &mapping, &preset, 0).unwrap();
+        let g = GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16)
+            .unwrap();
+        let mut gm = GpuModel::upload(&dev, &model).unwrap();
+        let logits = gm.forward(&ids, &g, &RouterKind::default(), 0).unwrap();
+        let got = dev.download(&logits).unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: logits size");
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        println!(
+            "{name}: GPU forward vs transformers max |logit diff| {d:.2e} (bound 1e-4); \
+             attention on the CPU in layers {:?}",
+            gm.cpu_attention_layers()
+        );
+        assert!(d <= 1e-4, "{name}: {d}");
+    }
+}
+
+#[test]
+fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
+    use aimc::backend::cpu::AnalogExperts;
+    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::model::GpuModel;
+    use aimc::model::{ForwardOptions, RouterKind};
+    let Some(dev) = gpu("whole forward, embedded model") else {
+        return;
+    };
+    let (model, ids) = common::embedded_model_and_tokens(512);
+    let preset = TilePreset::resolve("standard-hwa").unwrap();
+    let mapping = common::default_mapping(&model, &preset);
+    let mut experts =
+        AnalogExperts::program_with_device(&model, &mapping, &preset, preset.device.build(), 0)
+            .unwrap();
+    experts.drift_to(86_400.0);
+    let g =
+        GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16).unwrap();
+    assert!(g.cpu_layers().is_empty(), "{:?}", g.cpu_layers());
+    let mut gm = GpuModel::upload(&dev, &model).unwrap();
+    let mvm_id = 3;
+    let got = dev
+        .download(
+            &gm.forward(&ids, &g, &RouterKind::default(), mvm_id)
+                .unwrap(),
+        )
+        .unwrap();
+    let v = model.config.vocab_size;
+    let got = Array2::from_shape_vec((ids.len(), v), got).unwrap();
+    // The same GPU expert kernels with the dense parts on the CPU.
+    let call = g.call(mvm_id);
+    let opts = ForwardOptions {
+        experts: Some(&call),
+        ..Default::default()
+    };
+    let want = model.forward(&ids, &opts).unwrap().logits;
+    let mut per_token: Vec<f64> = (0..ids.len())
+        .map(|t| rel_rms(got.row(t).iter(), want.row(t).iter()))
+        .collect();
+    per_token.sort_by(f64::total_cmp);
+    let nll = |l: &Array2<f32>| {
+        let lp = aimc::eval::analog::log_softmax_rows(l.view());
+        (0..ids.len() - 1)
+            .map(|t| -f64::from(lp[[t, ids[t + 1] as usize]]))
+            .sum::<f64>()
+            / (ids.len() - 1) as f64
+    };
+    let (n_gpu, n_cpu) = (nll(&got), nll(&want));
+    let off = per_token.iter().filter(|&&r| r > 1e-2).count();
+    println!(
+        "whole forward GPU vs CPU dense parts (same GPU experts): per-token logits rel. RMS median {:.2e}, \
+         max {:.2e}, {off}/{} tokens > 1e-2; mean NLL {n_gpu:.5} vs {n_cpu:.5}",
+        per_token[per_token.len() / 2],
+        per_token[per_token.len() - 1],
+        ids.len()
+    );
+    // f32 summation order only, except where it moves a DAC or ADC code by one step (rare:
+    // the analog layers' parity bound, LAYER_REL_RMS_BOUND, per token).
+    assert!(per_token[per_token.len() / 2] <= LAYER_REL_RMS_BOUND);
+    assert!(off * 20 <= ids.len(), "{off} tokens differ");
+    assert!((n_gpu - n_cpu).abs() / n_cpu < 1e-3);
+}

@@ -9,7 +9,9 @@
 //! cargo test --release --test kernels_compile -- --nocapture`.
 #![cfg(feature = "cuda")]
 
-use aimc::backend::cuda::compile::{compile, KernelFile, ANALOG_MOE_CU, PROGRAM_CU, RNG_CU};
+use aimc::backend::cuda::compile::{
+    compile, KernelFile, ANALOG_MOE_CU, MODEL_CU, PROGRAM_CU, RNG_CU,
+};
 use aimc::backend::cuda::moe::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
 
 /// Compute capabilities the kernels must build for: Ampere (mma.sync, cp.async, ldmatrix) and
@@ -129,6 +131,7 @@ fn every_kernel_configuration_compiles() {
     let p = ptxas.as_deref();
     check(&RNG_CU, &[], p);
     check(&PROGRAM_CU, &[], p);
+    check(&MODEL_CU, &[], p);
     check(&ANALOG_MOE_CU, &[], p);
     let variants = moe_gemm_variants();
     assert!(variants.len() >= 10, "{} variants", variants.len());
@@ -142,7 +145,7 @@ fn every_kernel_configuration_compiles() {
     }
     // One PTX cache entry per (file, defines, architecture), and a second compile reads it.
     let entries = std::fs::read_dir(cache.join("kernels")).unwrap().count();
-    assert_eq!(entries, (3 + variants.len()) * ARCHS.len() + wgmma.len());
+    assert_eq!(entries, (4 + variants.len()) * ARCHS.len() + wgmma.len());
     let again = compile(&ANALOG_MOE_CU, &variants[0], (9, 0)).unwrap();
     let first = std::fs::read_dir(cache.join("kernels"))
         .unwrap()

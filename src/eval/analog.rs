@@ -72,6 +72,20 @@ pub struct AnalogEvalReport {
     /// Backend of the analog forwards: `cpu`, or `cuda (<GPU>)` with the MoE layers it ran.
     #[serde(default)]
     pub backend: String,
+    /// Where `analog_seconds` went: programming (once per seed), drift + GDC (once per point),
+    /// building and uploading the GPU expert operands (once per point), forward passes and
+    /// metrics.
+    #[serde(default)]
+    pub phases: EvalPhases,
+}
+
+/// Wall seconds of the phases of an analog sweep.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct EvalPhases {
+    pub program_s: f64,
+    pub drift_s: f64,
+    pub upload_s: f64,
+    pub forward_s: f64,
 }
 
 /// Sums over the positions of one sequence.
@@ -219,20 +233,39 @@ pub fn evaluate(
 
     #[cfg(feature = "cuda")]
     let gpu = cfg.execution.gpu_for(preset)?;
+    // The whole forward on the GPU when the dense weights and the reference fit there; else
+    // only the routed experts (the rest of the forward on the CPU).
+    #[cfg(feature = "cuda")]
+    let mut whole = match &gpu {
+        None => None,
+        Some(dev) => match whole_model_on_gpu(dev, model, &references, &seqs) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("note: attention, norms and LM head run on the CPU ({e})");
+                None
+            }
+        },
+    };
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut backend = "cpu".to_string();
     let bar = progress_bar(cfg.progress, (cfg.times_s.len() * cfg.seeds.len()) as u64);
     let mut points = Vec::new();
+    let mut phases = EvalPhases::default();
     let t1 = Instant::now();
     for &seed in &cfg.seeds {
         let device = cfg.device.clone().unwrap_or_else(|| preset.device.build());
+        let clock = Instant::now();
         let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
+        phases.program_s += clock.elapsed().as_secs_f64();
         for &t in &cfg.times_s {
             bar.set_message(format!(
                 "seed {seed}, t = {}",
                 crate::eval::format_duration(t)
             ));
+            let clock = Instant::now();
             experts.drift_to(t);
+            phases.drift_s += clock.elapsed().as_secs_f64();
+            let clock = Instant::now();
             #[cfg(feature = "cuda")]
             let gpu_experts = match &gpu {
                 None => None,
@@ -248,6 +281,29 @@ pub fn evaluate(
                     Some(g)
                 }
             };
+            phases.upload_s += clock.elapsed().as_secs_f64();
+            let clock = Instant::now();
+            #[cfg(feature = "cuda")]
+            if let (Some(g), Some((gm, gref))) = (&gpu_experts, whole.as_mut()) {
+                let mut total = Sums::default();
+                for (k, s) in seqs.iter().enumerate() {
+                    let logits = gm.forward(s, g, &cfg.router, k as u32)?;
+                    let p = gref
+                        .compare(g.device(), k, &logits)
+                        .map_err(|e| anyhow::anyhow!("metrics on the GPU: {e}"))?;
+                    total += Sums {
+                        nll: p.nll,
+                        agree: p.agree,
+                        kl: p.kl,
+                        positions: p.positions,
+                    };
+                }
+                backend = format!("{backend}; whole forward on the GPU");
+                phases.forward_s += clock.elapsed().as_secs_f64();
+                points.push(point(t, seed, total));
+                bar.inc(1);
+                continue;
+            }
             let per_seq: Vec<Sums> = seqs
                 .par_iter()
                 .enumerate()
@@ -274,13 +330,8 @@ pub fn evaluate(
             for s in per_seq {
                 total += s;
             }
-            points.push(PointMetrics {
-                t_seconds: t,
-                seed,
-                perplexity: (total.nll / total.positions as f64).exp(),
-                agreement: total.agree as f64 / total.positions as f64,
-                kl: total.kl / total.positions as f64,
-            });
+            phases.forward_s += clock.elapsed().as_secs_f64();
+            points.push(point(t, seed, total));
             bar.inc(1);
         }
     }
@@ -314,7 +365,40 @@ pub fn evaluate(
         analog_seconds: t1.elapsed().as_secs_f64(),
         digital_seconds,
         backend,
+        phases,
     })
+}
+
+fn point(t_seconds: f64, seed: u64, total: Sums) -> PointMetrics {
+    PointMetrics {
+        t_seconds,
+        seed,
+        perplexity: (total.nll / total.positions as f64).exp(),
+        agreement: total.agree as f64 / total.positions as f64,
+        kl: total.kl / total.positions as f64,
+    }
+}
+
+/// The dense weights of `model` and the digital reference of `seqs` on the GPU.
+#[cfg(feature = "cuda")]
+fn whole_model_on_gpu<'m>(
+    dev: &crate::backend::cuda::CudaDevice,
+    model: &'m Model,
+    references: &[Reference],
+    seqs: &[&[u32]],
+) -> Result<(
+    crate::backend::cuda::model::GpuModel<'m>,
+    crate::backend::cuda::model::GpuReference,
+)> {
+    use crate::backend::cuda::model::{GpuModel, GpuReference};
+    let gm = GpuModel::upload(dev, model)?;
+    let refs: Vec<_> = references
+        .iter()
+        .zip(seqs)
+        .map(|(r, s)| (r.logp.view(), r.argmax.as_slice(), &s[1..]))
+        .collect();
+    let gref = GpuReference::upload(dev, &refs)?;
+    Ok((gm, gref))
 }
 
 /// `cuda (<GPU>): routed experts of layers [..] on the GPU; layer L on the CPU (why)`.

@@ -239,6 +239,21 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// cos of position p and frequency i at `[p, i]` (`[positions, rotated width / 2]`).
+    pub fn cos(&self) -> ndarray::ArrayView2<'_, f32> {
+        self.cos.view()
+    }
+
+    /// sin, laid out as [`RopeTable::cos`].
+    pub fn sin(&self) -> ndarray::ArrayView2<'_, f32> {
+        self.sin.view()
+    }
+
+    /// Whether pairs are (2i, 2i + 1) (DeepSeek-V2) rather than (i, i + d/2).
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     /// Rotates `x` (`[positions, heads·head_width]`) in place: for each head, the slice
     /// `[offset, offset + dim)` of its `head_width` columns, row r at position r.
     pub fn apply(&self, mut x: ArrayViewMut2<'_, f32>, head_width: usize, offset: usize) {

@@ -1,4 +1,5 @@
-//! cuBLAS dense BF16 GEMM: the reference every GPU kernel is timed against (design.md §8).
+//! cuBLAS: the dense BF16 GEMM every GPU kernel is timed against (design.md §8), and the f32
+//! GEMMs of the dense model parts on the GPU ([`super::model`]).
 use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
@@ -74,6 +75,65 @@ impl Blas {
         }
         .map_err(|source| CudaError::Cublas {
             what: format!("bf16 GEMM m={m} n={n} k={k}"),
+            source,
+        })
+    }
+
+    /// Y[m, n] = X[m, k] · W[n, k]ᵀ + β·Y, row-major f32 (`nn.Linear` layout for W), f32
+    /// arithmetic (CUBLAS_COMPUTE_32F: no TF32 unless the NVIDIA_TF32_OVERRIDE environment
+    /// variable asks for it).
+    pub fn sgemm_nt(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> CudaResult<()> {
+        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
+            return Err(CudaError::Unsupported(format!(
+                "sgemm_nt: buffers of {}, {}, {} elements for m={m} n={n} k={k}",
+                x.len(),
+                w.len(),
+                y.len()
+            )));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let stream = dev.stream();
+        let (px, _gx) = x.device_ptr(stream);
+        let (pw, _gw) = w.device_ptr(stream);
+        let (py, _gy) = y.device_ptr_mut(stream);
+        let alpha = 1.0f32;
+        // As gemm_bf16_nt: column-major Yᵀ (n × m) = W · Xᵀ.
+        // SAFETY: pointers come from live buffers of the sizes checked above.
+        unsafe {
+            cublas_result::gemm_ex(
+                *self.handle.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                pw as *const _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                k as i32,
+                px as *const _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                k as i32,
+                (&beta as *const f32).cast(),
+                py as *mut _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|source| CudaError::Cublas {
+            what: format!("f32 GEMM m={m} n={n} k={k}"),
             source,
         })
     }

@@ -39,6 +39,13 @@ pub const ANALOG_MOE_CU: KernelFile = KernelFile {
     text: include_str!("../../../kernels/analog_moe.cu"),
     exact_fp: false,
 };
+/// `kernels/model.cu`: embedding, norms, RoPE, attention, SwiGLU and evaluation metrics of the
+/// whole-model forward pass.
+pub const MODEL_CU: KernelFile = KernelFile {
+    file: "model.cu",
+    text: include_str!("../../../kernels/model.cu"),
+    exact_fp: false,
+};
 
 /// The full source NVRTC sees: configuration macros, `philox.cuh`, then the file.
 pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {

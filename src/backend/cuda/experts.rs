@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use anyhow::Result;
+use cudarc::driver::CudaSlice;
 use ndarray::{Array2, ArrayView2};
 
 use super::error::DriverContext;
@@ -176,7 +177,66 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         }
     }
 
-    /// One grouped layer: upload, sort by expert, gate/up → SwiGLU → down, copy back.
+    /// The CPU backend these layers were built from (programmed and drifted crossbars, and the
+    /// digital weights of every matrix that is not analog).
+    pub fn cpu(&self) -> &'a AnalogExperts<'m> {
+        self.cpu
+    }
+
+    /// The device the layers live on.
+    pub fn device(&self) -> &'a CudaDevice {
+        self.dev
+    }
+
+    /// The routed experts of MoE layer `layer` applied to the device rows `x` (`[n_tokens, d]`):
+    /// `Σ w · expert_e(x[t])` over `assignments`, or `None` when the layer stays on the CPU or
+    /// the routing does not give every token the same number of experts.
+    pub fn routed_on_device(
+        &self,
+        layer: usize,
+        x: &CudaSlice<f32>,
+        n_tokens: usize,
+        assignments: &[Assignment],
+        n_experts: usize,
+        mvm_id: u32,
+    ) -> CudaResult<Option<CudaSlice<f32>>> {
+        let Some(gpu_layer) = self.layers.get(&layer) else {
+            return Ok(None);
+        };
+        let Some(k) = uniform_top_k(assignments, n_tokens, n_experts) else {
+            return Ok(None);
+        };
+        self.run_device(gpu_layer, x, n_tokens, assignments, k, n_experts, mvm_id)
+            .map(Some)
+    }
+
+    /// One grouped layer on device rows: sort the pairs by expert, gate/up → SwiGLU → down.
+    #[allow(clippy::too_many_arguments)]
+    fn run_device(
+        &self,
+        layer: &GpuMoeLayer,
+        x: &CudaSlice<f32>,
+        n_tokens: usize,
+        assignments: &[Assignment],
+        top_k: usize,
+        n_experts: usize,
+        mvm_id: u32,
+    ) -> CudaResult<CudaSlice<f32>> {
+        let dev = self.dev;
+        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
+        let routing = route(
+            dev,
+            &dev.upload(&experts)?,
+            &dev.upload(&weights)?,
+            n_tokens,
+            top_k,
+            n_experts,
+        )?;
+        layer.forward(dev, x, &routing, mvm_id)
+    }
+
+    /// One grouped layer from host rows: upload, [`GpuExperts::run_device`], copy back.
     fn run(
         &self,
         layer: &GpuMoeLayer,
@@ -194,17 +254,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (t, d) = x.dim();
         let x = x.as_standard_layout();
         let x_dev = dev.upload(x.as_slice().expect("standard layout"))?;
-        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
-        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
-        let routing = route(
-            dev,
-            &dev.upload(&experts)?,
-            &dev.upload(&weights)?,
-            t,
-            top_k,
-            n_experts,
-        )?;
-        let y = layer.forward(dev, &x_dev, &routing, mvm_id)?;
+        let y = self.run_device(layer, &x_dev, t, assignments, top_k, n_experts, mvm_id)?;
         let host = dev.download(&y)?;
         Ok(Array2::from_shape_vec((t, d), host).expect("kernel output is [T, d]"))
     }

@@ -22,6 +22,7 @@ pub mod compile;
 mod device;
 mod error;
 pub mod experts;
+pub mod model;
 pub mod moe;
 pub mod program;
 pub mod reference;

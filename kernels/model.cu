@@ -1,0 +1,235 @@
+// The dense parts of a decoder forward pass on the GPU (backend::cuda::model): embedding
+// gather, RMSNorm, bias, clamp, RoPE, causal attention, SwiGLU, residual adds, and the
+// per-position metrics of an evaluation. Prepended by the host: philox.cuh (for u32/u64).
+// f32 throughout; each kernel names the Rust function it mirrors (src/model/, src/eval/). The
+// products with weight matrices go through cuBLAS SGEMM (backend::cuda::blas::Blas::sgemm_nt).
+
+// Mirrors `embed_tokens.select(Axis(0), ids)` in Model::forward_batch: out[r] = table[ids[r]].
+extern "C" __global__ void embed_gather(const float* table, const u32* ids, float* out, u32 rows, u32 width) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * width) return;
+    const u64 r = i / width, c = i % width;
+    out[i] = table[(u64)ids[r] * width + c];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Mirrors RmsNorm::forward_inplace: each consecutive `width`-wide group of a row is normalised,
+// y = w ⊙ (x · 1/sqrt(mean(x²) + ε)). One warp per group; x = nullptr normalises y in place.
+extern "C" __global__ void rms_norm(const float* x, float* y, const float* w, u64 groups, u32 width, float eps) {
+    const u64 g = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const u32 lane = threadIdx.x & 31;
+    if (g >= groups) return;
+    const float* xs = (x ? x : y) + g * width;
+    float* ys = y + g * width;
+    float ss = 0.0f;
+    for (u32 c = lane; c < width; c += 32) ss += xs[c] * xs[c];
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)width + eps);
+    for (u32 c = lane; c < width; c += 32) ys[c] = w[c] * (xs[c] * inv);
+}
+
+// Mirrors Linear::forward's `y += b` (rows of `width`).
+extern "C" __global__ void add_bias(float* y, const float* b, u64 n, u32 width) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += b[i % width];
+}
+
+// Mirrors StandardAttention::forward's clip_qkv: x = clamp(x, −c, c).
+extern "C" __global__ void clamp_abs(float* x, u64 n, float c) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = fminf(fmaxf(x[i], -c), c);
+}
+
+// Mirrors RopeTable::apply with offset 0: `cos`, `sin` are the table's [positions, half] rows;
+// row r of x sits at position r. Pairs (i, i + half) or, interleaved, (2i, 2i + 1) of each head.
+extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t, u32 rows, u32 heads,
+                                u32 head_width, u32 half, u32 interleaved) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * heads * half) return;
+    const u32 k = i % half;
+    const u64 rh = i / half;
+    const u32 h = rh % heads;
+    const u64 r = rh / heads;
+    float* row = x + r * ((u64)heads * head_width) + (u64)h * head_width;
+    const u32 a = interleaved ? 2 * k : k, b = interleaved ? 2 * k + 1 : k + half;
+    const float c = cos_t[r * half + k], s = sin_t[r * half + k];
+    const float x0 = row[a], x1 = row[b];
+    row[a] = x0 * c - x1 * s;
+    row[b] = x1 * c + x0 * s;
+}
+
+// Rows of queries per CTA of causal_attention (one warp each) and keys per shared-memory tile.
+#define ATT_ROWS 8
+#define ATT_KEYS 32
+// Largest value head width: each lane keeps ATT_DV_MAX / 32 output accumulators.
+#define ATT_DV_MAX 256
+
+// Mirrors multi_head_attention / causal_attention for one sequence of `s` rows:
+// out[i, h·dv..] = softmax_j≤i(q_i·k_j · scale) · v_j, query head h reading key/value head
+// h / (heads / kv_heads). Online softmax over tiles of 32 keys (Milakov & Gimelshein 2018): the
+// same function as the CPU's max-subtracted softmax, rounded in another order.
+// Grid (⌈s / ATT_ROWS⌉, heads); block ATT_ROWS warps; dynamic shared memory
+// (ATT_KEYS·(dq + 1) + ATT_KEYS·dv + ATT_ROWS·dq) floats.
+extern "C" __global__ void causal_attention(const float* q, const float* k, const float* v, float* out, u32 s,
+                                            u32 heads, u32 kv_heads, u32 dq, u32 dv, float scale) {
+    extern __shared__ float smem[];
+    float* ks = smem;                          // [ATT_KEYS][dq + 1]
+    float* vs = ks + ATT_KEYS * (dq + 1);      // [ATT_KEYS][dv]
+    float* qs = vs + ATT_KEYS * dv;            // [ATT_ROWS][dq]
+    const u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const u32 h = blockIdx.y, g = h / (heads / kv_heads);
+    const u32 row0 = blockIdx.x * ATT_ROWS;
+    const u32 i = row0 + warp;
+    const u64 q_stride = (u64)heads * dq, k_stride = (u64)kv_heads * dq, v_stride = (u64)kv_heads * dv;
+    if (i < s)
+        for (u32 d = lane; d < dq; d += 32) qs[warp * dq + d] = q[i * q_stride + (u64)h * dq + d];
+    float acc[ATT_DV_MAX / 32];
+#pragma unroll
+    for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] = 0.0f;
+    float m = -__int_as_float(0x7f800000), l = 0.0f;
+    const u32 last = min(row0 + ATT_ROWS, s);  // keys 0..last are visible to some row
+    for (u32 j0 = 0; j0 < last; j0 += ATT_KEYS) {
+        __syncthreads();
+        for (u32 e = threadIdx.x; e < ATT_KEYS * dq; e += blockDim.x) {
+            const u32 jj = e / dq, d = e % dq, j = j0 + jj;
+            ks[jj * (dq + 1) + d] = j < s ? k[j * k_stride + (u64)g * dq + d] : 0.0f;
+        }
+        for (u32 e = threadIdx.x; e < ATT_KEYS * dv; e += blockDim.x) {
+            const u32 jj = e / dv, d = e % dv, j = j0 + jj;
+            vs[jj * dv + d] = j < s ? v[j * v_stride + (u64)g * dv + d] : 0.0f;
+        }
+        __syncthreads();
+        if (i >= s || j0 > i) continue;
+        const u32 j = j0 + lane;
+        float score = -__int_as_float(0x7f800000);
+        if (j <= i) {
+            float dot = 0.0f;
+            for (u32 d = 0; d < dq; ++d) dot += qs[warp * dq + d] * ks[lane * (dq + 1) + d];
+            score = dot * scale;
+        }
+        const float m_new = fmaxf(m, warp_max(score));
+        const float corr = expf(m - m_new);
+        const float p = j <= i ? expf(score - m_new) : 0.0f;
+        l = l * corr + warp_sum(p);
+#pragma unroll
+        for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] *= corr;
+        const u32 n_keys = min(ATT_KEYS, i + 1 - j0);
+        for (u32 jj = 0; jj < n_keys; ++jj) {
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+            for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) {
+                const u32 d = lane + 32 * c;
+                if (d < dv) acc[c] += pj * vs[jj * dv + d];
+            }
+        }
+        m = m_new;
+    }
+    if (i >= s) return;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) {
+        const u32 d = lane + 32 * c;
+        if (d < dv) out[i * ((u64)heads * dv) + (u64)h * dv + d] = acc[c] * inv;
+    }
+}
+
+// Mirrors common::silu_mul: h[r, c] = silu(gu[r, c]) · gu[r, inter + c].
+extern "C" __global__ void silu_mul(const float* gu, float* h, u64 rows, u32 inter) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * inter) return;
+    const u64 r = i / inter, c = i % inter;
+    const float g = gu[r * 2 * inter + c], u = gu[r * 2 * inter + inter + c];
+    h[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// h += y, or with `gate_logit` (one per row, Qwen2-MoE shared_expert_gate) h += y · σ(gate):
+// the residual adds of DecoderLayer::forward and MoeBlock::forward.
+extern "C" __global__ void add_rows(float* h, const float* y, const float* gate_logit, u64 n, u32 width) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = y[i];
+    if (gate_logit) v *= 1.0f / (1.0f + expf(-gate_logit[i / width]));
+    h[i] += v;
+}
+
+#define MET_THREADS 256
+
+// Mirrors eval::analog::compare for one position per CTA: with la = log_softmax(logits row)
+// (max subtracted, Σ exp in f64, as log_softmax_rows), nll = −la[target], agree = (argmax la ==
+// the digital argmax, first index on ties), kl = Σ_v exp(pd_v)·(pd_v − la_v) in f64.
+extern "C" __global__ void token_metrics(const float* logits, const float* ref_logp, const u32* ref_argmax,
+                                         const u32* targets, u32 vocab, double* nll, double* kl, u32* agree) {
+    __shared__ float s_f[MET_THREADS / 32];
+    __shared__ double s_d[MET_THREADS / 32];
+    __shared__ u32 s_i[MET_THREADS / 32];
+    const u32 r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    const float* x = logits + (u64)r * vocab;
+    const float* pd = ref_logp + (u64)r * vocab;
+    // max
+    float m = -__int_as_float(0x7f800000);
+    for (u32 c = threadIdx.x; c < vocab; c += MET_THREADS) m = fmaxf(m, x[c]);
+    m = warp_max(m);
+    if (lane == 0) s_f[warp] = m;
+    __syncthreads();
+    m = s_f[0];
+    for (u32 w = 1; w < MET_THREADS / 32; ++w) m = fmaxf(m, s_f[w]);
+    // Σ exp(x − m) in f64
+    double z = 0.0;
+    for (u32 c = threadIdx.x; c < vocab; c += MET_THREADS) z += exp((double)(x[c] - m));
+    for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+    __syncthreads();
+    if (lane == 0) s_d[warp] = z;
+    __syncthreads();
+    z = 0.0;
+    for (u32 w = 0; w < MET_THREADS / 32; ++w) z += s_d[w];
+    const double lse = (double)m + log(z);
+    // argmax of la (first index of the largest) and the KL sum
+    float best = -__int_as_float(0x7f800000);
+    u32 best_i = 0xffffffffu;
+    double k_sum = 0.0;
+    for (u32 c = threadIdx.x; c < vocab; c += MET_THREADS) {
+        const float la = (float)((double)x[c] - lse);
+        if (la > best) {
+            best = la;
+            best_i = c;
+        }
+        const double p = (double)pd[c];
+        k_sum += exp(p) * (p - (double)la);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+        if (ob > best || (ob == best && oi < best_i)) {
+            best = ob;
+            best_i = oi;
+        }
+        k_sum += __shfl_xor_sync(0xffffffffu, k_sum, o);
+    }
+    __syncthreads();
+    if (lane == 0) {
+        s_f[warp] = best;
+        s_i[warp] = best_i;
+        s_d[warp] = k_sum;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (u32 w = 1; w < MET_THREADS / 32; ++w) {
+        if (s_f[w] > best || (s_f[w] == best && s_i[w] < best_i)) {
+            best = s_f[w];
+            best_i = s_i[w];
+        }
+    }
+    k_sum = 0.0;
+    for (u32 w = 0; w < MET_THREADS / 32; ++w) k_sum += s_d[w];
+    nll[r] = -(double)(float)((double)x[targets[r]] - lse);
+    kl[r] = k_sum;
+    agree[r] = best_i == ref_argmax[r] ? 1u : 0u;
+}
