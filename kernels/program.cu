@@ -131,3 +131,56 @@ extern "C" __global__ void abs_max(const float* x, u64 n, u32* out_bits) {
     for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) atomicMax(out_bits, m);
 }
+
+// drift_weights over the experts of a grouped matrix (backend::cuda::moe::GroupedMatrix,
+// [E, N, K]): element (e, c, k) is input j = k − kb·k_block of local row col_local[c] of the
+// crossbar col_tensor_id[(e·n_kb + kb)·n + c] (k_block inputs), whose conductance scale is
+// col_g_scale[same index]; its read-noise counter is 2·(col_local[c]·k_block + j), as
+// tile::Crossbar::drift_to draws it. nu holds the two devices' exponents as [2, E·N·K].
+extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, float* w, u64 len, u32 n, u32 k,
+                                         u32 k_block, const u32* col_tensor_id, const u32* col_local,
+                                         const float* col_g_scale, u64 seed, float ratio, float time_factor,
+                                         PcmParams p) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const u32 kk = i % k;
+    const u64 ec = i / k;
+    const u32 c = ec % n;
+    const u64 e = ec / n;
+    const u32 n_kb = k / k_block, kb = kk / k_block, j = kk % k_block;
+    const u64 tab = (e * n_kb + kb) * n + c;
+    const float g_scale_us = col_g_scale[tab];
+    PhiloxStream read = make_stream(seed, PURPOSE_READ_NOISE, col_tensor_id[tab]);
+    const u64 local = (u64)col_local[c] * k_block + j;
+    float2 xi = stream_normal_pair(read, 2 * local, 0, 0);
+    float2 gp = pair_conductances(w_prog[i], g_scale_us, p.g_max_us);
+    float g0 = pcm_read(p, gp.x, nu[i], ratio, time_factor, xi.x);
+    float g1 = pcm_read(p, gp.y, nu[len + i], ratio, time_factor, xi.y);
+    w[i] = (g0 - g1) / g_scale_us;
+}
+
+// [E, N, K] → [E·n_kb, N, k_block]: each crossbar block along K becomes a matrix of its own,
+// for the per-crossbar GDC readout forward.
+extern "C" __global__ void regroup_blocks(const float* w, float* out, u64 len, u32 n, u32 k, u32 k_block) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const u32 kk = i % k;
+    const u64 ec = i / k;
+    const u32 c = ec % n;
+    const u64 e = ec / n;
+    const u32 n_kb = k / k_block, kb = kk / k_block, j = kk % k_block;
+    out[((e * n_kb + kb) * n + c) * k_block + j] = w[i];
+}
+
+// out[g·n + c] = Σ_j |a[g·sg + j·sj + c·sc]| for j < rows, in f64 as tile::crossbar's
+// mean_abs_f64 accumulates the GDC readouts. One thread per (g, c).
+extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 groups, u32 rows, u32 n, u64 sg, u64 sj,
+                                           u64 sc) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)groups * n) return;
+    const u64 g = i / n, c = i % n;
+    const float* base = a + g * sg + c * sc;
+    double s = 0.0;
+    for (u32 j = 0; j < rows; ++j) s += (double)fabsf(base[(u64)j * sj]);
+    out[i] = s;
+}

@@ -252,11 +252,61 @@ pub fn evaluate(
     let mut points = Vec::new();
     let mut phases = EvalPhases::default();
     let t1 = Instant::now();
+    #[cfg(feature = "cuda")]
+    let mut gpu_drift_note = false;
     for &seed in &cfg.seeds {
         let device = cfg.device.clone().unwrap_or_else(|| preset.device.build());
         let clock = Instant::now();
         let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
         phases.program_s += clock.elapsed().as_secs_f64();
+        // Drift on the GPU when it holds every analog matrix and the device is the preset's.
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = gpu
+            .as_ref()
+            .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
+        {
+            use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
+            let clock = Instant::now();
+            let programmed = GpuExperts::program(dev, &experts, preset, Precision::AnalogSplitF16);
+            phases.upload_s += clock.elapsed().as_secs_f64();
+            match programmed {
+                Ok(mut g) => {
+                    for &t in &cfg.times_s {
+                        bar.set_message(format!(
+                            "seed {seed}, t = {}",
+                            crate::eval::format_duration(t)
+                        ));
+                        let clock = Instant::now();
+                        g.drift_to(t)
+                            .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
+                        phases.drift_s += clock.elapsed().as_secs_f64();
+                        backend = format!("{}; drift on the GPU", describe_gpu(&cfg.execution, &g));
+                        let clock = Instant::now();
+                        let total = forwards(
+                            model,
+                            &seqs,
+                            &references,
+                            &opts,
+                            &experts,
+                            Some(&g),
+                            whole.as_mut(),
+                            &mut backend,
+                        )?;
+                        phases.forward_s += clock.elapsed().as_secs_f64();
+                        points.push(point(t, seed, total));
+                        bar.inc(1);
+                    }
+                    continue;
+                }
+                Err(CudaError::Unsupported(why)) => {
+                    if !gpu_drift_note {
+                        eprintln!("note: drift runs on the CPU ({why})");
+                        gpu_drift_note = true;
+                    }
+                }
+                Err(e) => anyhow::bail!("uploading the programmed experts to the GPU: {e}"),
+            }
+        }
         for &t in &cfg.times_s {
             bar.set_message(format!(
                 "seed {seed}, t = {}",
@@ -283,59 +333,31 @@ pub fn evaluate(
             };
             phases.upload_s += clock.elapsed().as_secs_f64();
             let clock = Instant::now();
-            #[cfg(feature = "cuda")]
-            if let (Some(g), Some((gm, gref))) = (&gpu_experts, whole.as_mut()) {
-                let mut total = Sums::default();
-                for (k, s) in seqs.iter().enumerate() {
-                    let logits = gm.forward(s, g, &cfg.router, k as u32)?;
-                    let p = gref
-                        .compare(g.device(), k, &logits)
-                        .map_err(|e| anyhow::anyhow!("metrics on the GPU: {e}"))?;
-                    total += Sums {
-                        nll: p.nll,
-                        agree: p.agree,
-                        kl: p.kl,
-                        positions: p.positions,
-                    };
-                }
-                backend = format!("{backend}; whole forward on the GPU");
-                phases.forward_s += clock.elapsed().as_secs_f64();
-                points.push(point(t, seed, total));
-                bar.inc(1);
-                continue;
-            }
-            let per_seq: Vec<Sums> = seqs
-                .par_iter()
-                .enumerate()
-                .map(|(k, s)| {
-                    let cpu_call = experts.call(k as u32);
-                    #[cfg(feature = "cuda")]
-                    let gpu_call = gpu_experts.as_ref().map(|g| g.call(k as u32));
-                    #[cfg(feature = "cuda")]
-                    let call: &dyn crate::model::ExpertLinear = match &gpu_call {
-                        Some(g) => g,
-                        None => &cpu_call,
-                    };
-                    #[cfg(not(feature = "cuda"))]
-                    let call: &dyn crate::model::ExpertLinear = &cpu_call;
-                    let o = ForwardOptions {
-                        experts: Some(call),
-                        ..opts
-                    };
-                    let out = model.forward(s, &o)?;
-                    Ok(compare(&references[k], out.logits.view(), &s[1..]))
-                })
-                .collect::<Result<_>>()?;
-            let mut total = Sums::default();
-            for s in per_seq {
-                total += s;
-            }
+            let total = forwards(
+                model,
+                &seqs,
+                &references,
+                &opts,
+                &experts,
+                #[cfg(feature = "cuda")]
+                gpu_experts.as_ref(),
+                #[cfg(feature = "cuda")]
+                whole.as_mut(),
+                #[cfg(feature = "cuda")]
+                &mut backend,
+            )?;
             phases.forward_s += clock.elapsed().as_secs_f64();
             points.push(point(t, seed, total));
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
+    #[cfg(feature = "cuda")]
+    if let Some(stages) = whole.as_ref().and_then(|(gm, _)| gm.stage_seconds()) {
+        for (name, s) in stages {
+            eprintln!("  GPU forward stage {name}: {s:.3} s");
+        }
+    }
     let summary = cfg
         .times_s
         .iter()
@@ -367,6 +389,70 @@ pub fn evaluate(
         backend,
         phases,
     })
+}
+
+/// The analog forward passes of one (time, seed) point over every sequence, with the metrics
+/// summed: the whole forward on the GPU (`whole`) when the GPU holds the experts, else the CPU
+/// forward in parallel over sequences with the routed experts on the GPU or the CPU.
+#[allow(clippy::too_many_arguments)]
+fn forwards(
+    model: &Model,
+    seqs: &[&[u32]],
+    references: &[Reference],
+    opts: &ForwardOptions<'_>,
+    cpu: &AnalogExperts<'_>,
+    #[cfg(feature = "cuda")] gpu: Option<&crate::backend::cuda::experts::GpuExperts<'_, '_>>,
+    #[cfg(feature = "cuda")] whole: Option<&mut (
+        crate::backend::cuda::model::GpuModel<'_>,
+        crate::backend::cuda::model::GpuReference,
+    )>,
+    #[cfg(feature = "cuda")] backend: &mut String,
+) -> Result<Sums> {
+    #[cfg(feature = "cuda")]
+    if let (Some(g), Some((gm, gref))) = (gpu, whole) {
+        let mut total = Sums::default();
+        for (k, s) in seqs.iter().enumerate() {
+            let logits = gm.forward(s, g, &opts.router, k as u32)?;
+            let p = gref
+                .compare(g.device(), k, &logits)
+                .map_err(|e| anyhow::anyhow!("metrics on the GPU: {e}"))?;
+            total += Sums {
+                nll: p.nll,
+                agree: p.agree,
+                kl: p.kl,
+                positions: p.positions,
+            };
+        }
+        backend.push_str("; whole forward on the GPU");
+        return Ok(total);
+    }
+    let per_seq: Vec<Sums> = seqs
+        .par_iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let cpu_call = cpu.call(k as u32);
+            #[cfg(feature = "cuda")]
+            let gpu_call = gpu.map(|g| g.call(k as u32));
+            #[cfg(feature = "cuda")]
+            let call: &dyn crate::model::ExpertLinear = match &gpu_call {
+                Some(g) => g,
+                None => &cpu_call,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let call: &dyn crate::model::ExpertLinear = &cpu_call;
+            let o = ForwardOptions {
+                experts: Some(call),
+                ..*opts
+            };
+            let out = model.forward(s, &o)?;
+            Ok(compare(&references[k], out.logits.view(), &s[1..]))
+        })
+        .collect::<Result<_>>()?;
+    let mut total = Sums::default();
+    for s in per_seq {
+        total += s;
+    }
+    Ok(total)
 }
 
 fn point(t_seconds: f64, seed: u64, total: Sums) -> PointMetrics {

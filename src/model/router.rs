@@ -63,6 +63,11 @@ pub enum RouterKind {
 }
 
 impl RouterKind {
+    /// Whether every token gets the same number of experts (all but ReLU and adaptive-k).
+    pub fn fixed_k(&self) -> bool {
+        !matches!(self, RouterKind::Relu | RouterKind::AdaptiveK { .. })
+    }
+
     /// Routes every token (row of `logits`), returning assignments in token order.
     pub fn route(&self, logits: ArrayView2<'_, f32>, rule: &RouterRule) -> Vec<Assignment> {
         let experts = logits.ncols();

@@ -23,7 +23,23 @@ pub const GDC_REFERENCE_MVM_ID: u32 = u32::MAX;
 pub const GDC_READOUT_MVM_ID: u32 = u32::MAX - 1;
 
 /// AIHWKIT `GlobalDriftCompensation` floor of the readout mean |Y| (design.md §2).
-const GDC_MIN_READOUT: f32 = 1e-4;
+pub const GDC_MIN_READOUT: f32 = 1e-4;
+
+/// mean |x| of a GDC readout, accumulated in f64 and rounded once to f32: a sequential f32 sum
+/// over a 512×512 readout drifts by up to ~1e-4 relative, the f64 one by ~1e-13, so another
+/// summation order (the CUDA backend's, `GpuExperts::drift_to`) gives the same α.
+fn mean_abs_f64<'a>(x: impl ExactSizeIterator<Item = &'a f32>) -> f32 {
+    let n = x.len();
+    (x.map(|v| f64::from(v.abs())).sum::<f64>() / n as f64) as f32
+}
+
+/// [`mean_abs_f64`] of every element of `a`.
+fn mean_abs(a: ndarray::ArrayView2<'_, f32>) -> f32 {
+    match a.as_slice() {
+        Some(s) => mean_abs_f64(s.iter()),
+        None => mean_abs_f64(a.iter().collect::<Vec<_>>().into_iter()),
+    }
+}
 
 /// A programmed R×C block: weights live as normalised conductance-derived values W̃ (`[n_out,
 /// n_in]`, PyTorch layout), the periphery converts inputs and outputs (design.md §3).
@@ -185,7 +201,7 @@ impl Crossbar {
                 xbar.gdc_readout(GDC_REFERENCE_MVM_ID)
             }
             DriftCompensation::GlobalExact => {
-                vec![w_target.iter().map(|x| x.abs()).sum::<f32>() / w_target.len() as f32]
+                vec![mean_abs(w_target.view())]
             }
         };
         xbar.gdc_alpha = vec![1.0; xbar.gdc_ref.len().max(1)];
@@ -332,6 +348,19 @@ impl Crossbar {
     pub fn gdc_alpha(&self) -> &[f32] {
         &self.gdc_alpha
     }
+    /// GDC reference mean |Y₀| taken after programming (one, or one per column; empty
+    /// without GDC).
+    pub fn gdc_reference(&self) -> &[f32] {
+        &self.gdc_ref
+    }
+    /// The drift compensation of the block's preset.
+    pub fn drift_compensation(&self) -> DriftCompensation {
+        self.drift_compensation
+    }
+    /// Drift exponents ν, one `[n_out, n_in]` array per device of a weight.
+    pub fn drift_exponents(&self) -> &[Array2<f32>] {
+        &self.nu
+    }
     /// Time of the last drift, `None` right after programming.
     pub fn t_seconds(&self) -> Option<f64> {
         self.t_seconds
@@ -363,7 +392,7 @@ impl Crossbar {
             let y = self.forward(Array2::eye(self.n_in).view(), mvm_id, false);
             y.columns()
                 .into_iter()
-                .map(|c| c.iter().map(|v| v.abs()).sum::<f32>() / self.n_in as f32)
+                .map(|c| mean_abs_f64(c.iter()))
                 .collect()
         } else {
             self.mean_abs_readout(mvm_id, true)
@@ -372,7 +401,7 @@ impl Crossbar {
 
     /// One value: mean |Y| of the identity forward (`noisy`) or of W̃ itself.
     fn mean_abs_readout(&self, mvm_id: u32, noisy: bool) -> Vec<f32> {
-        let mean = |a: &Array2<f32>| a.iter().map(|v| v.abs()).sum::<f32>() / a.len() as f32;
+        let mean = |a: &Array2<f32>| mean_abs(a.view());
         if noisy {
             vec![mean(&self.forward(
                 Array2::eye(self.n_in).view(),

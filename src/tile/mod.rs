@@ -12,7 +12,7 @@ mod matrix;
 mod preset;
 mod stack;
 
-pub use crossbar::{Crossbar, GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID};
+pub use crossbar::{Crossbar, GDC_MIN_READOUT, GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID};
 pub use drift_study::{
     drift_study, DriftFan, DriftFanLevel, DriftPoint, DriftStudy, DriftStudyConfig, DEFAULT_TIMES_S,
 };

@@ -21,12 +21,23 @@ use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use ndarray::{Array2, ArrayView2};
 
+use cudarc::driver::PushKernelArg;
+
+use super::compile::PROGRAM_CU;
 use super::error::DriverContext;
-use super::moe::{route, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix, Precision};
-use super::{CudaDevice, CudaError, CudaResult};
+use super::moe::{
+    grouped_gemm, interleave_rows, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
+    GpuMoeLayer, GroupedMatrix, Precision,
+};
+use super::program::PcmParams;
+use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
+use crate::device::PcmLike;
 use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
-use crate::tile::{AnalogMatrix, PeripherySpec};
+use crate::tile::{
+    AnalogMatrix, Crossbar, DriftCompensation, PeripherySpec, TilePreset, GDC_MIN_READOUT,
+    GDC_READOUT_MVM_ID,
+};
 
 /// Device memory kept free for the activations of the grouped layers (routing, DAC codes,
 /// hidden rows, outputs) and the cuBLAS/NVRTC workspaces: the larger of 1 GiB and 1/16 of the
@@ -78,6 +89,11 @@ pub struct GpuExperts<'a, 'm> {
     /// One layer at a time on the device's single stream (the CPU side runs sequences in
     /// parallel; their GPU layers queue here).
     lock: Mutex<()>,
+    /// Programmed state of every layer, when the GPU drifts them itself ([`GpuExperts::program`]).
+    drift: Option<GpuDrift>,
+    /// Operand format of the layers.
+    precision: Precision,
+    periphery: Option<GemmPeriphery>,
 }
 
 impl<'a, 'm> GpuExperts<'a, 'm> {
@@ -154,7 +170,143 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             layers,
             cpu_layers,
             lock: Mutex::new(()),
+            drift: None,
+            precision,
+            periphery: Some(gemm),
         })
+    }
+
+    /// Uploads the programmed state (programmed weights W̃_prog, drift exponents ν, conductance
+    /// scales, GDC references) of every MoE layer of `cpu`, freshly programmed with the PCM-family
+    /// `device`, so that [`GpuExperts::drift_to`] drifts them on the GPU: drift and read noise by
+    /// `kernels/program.cu` with the CPU's Philox keys, the GDC readout as the noisy identity
+    /// forward through the grouped kernel. The CPU crossbars stay at their programmed state.
+    ///
+    /// `cpu` must have been programmed with `preset` and its own device.
+    ///
+    /// `Unsupported` when any analog matrix of `cpu` is not a routed expert of a MoE layer
+    /// whose experts are all analog (shared experts, dense MLPs, heterogeneous layers), when the
+    /// device is not PCM-like, or when the programmed state does not fit in device memory: the
+    /// caller then drifts on the CPU and uploads with [`GpuExperts::upload`].
+    pub fn program(
+        dev: &'a CudaDevice,
+        cpu: &'a AnalogExperts<'m>,
+        preset: &TilePreset,
+        precision: Precision,
+    ) -> CudaResult<Self> {
+        let gemm = GemmPeriphery::from_spec(&preset.periphery)?;
+        let pcm = preset.device.pcm_like().ok_or_else(|| {
+            CudaError::Unsupported(format!(
+                "device kind {:?}: GPU drift supports the PCM family only",
+                preset.device.kind
+            ))
+        })?;
+        let params = PcmParams::new(&pcm)?;
+        let cfg = &cpu.model().config;
+        let moe: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
+        let routed = moe.len() * cfg.num_experts * 3;
+        if cpu.len() != routed {
+            return Err(CudaError::Unsupported(format!(
+                "GPU drift needs exactly the routed experts analog ({routed} matrices), the mapping has {}",
+                cpu.len()
+            )));
+        }
+        let (free, total) = dev.memory_bytes()?;
+        let mut need = 0usize;
+        let mut sources = BTreeMap::new();
+        for &l in &moe {
+            let proj = |proj| -> CudaResult<Vec<&AnalogMatrix>> {
+                (0..cfg.num_experts)
+                    .map(|e| {
+                        cpu.matrix(MatrixId {
+                            layer: l,
+                            slot: ExpertSlot::Routed(e),
+                            proj,
+                        })
+                        .ok_or_else(|| {
+                            CudaError::Unsupported(format!("layer {l}: expert {e} is digital"))
+                        })
+                    })
+                    .collect()
+            };
+            let (gate, up, down) = (proj(Proj::Gate)?, proj(Proj::Up)?, proj(Proj::Down)?);
+            if gate.iter().chain(&up).chain(&down).any(|m| {
+                m.blocks()
+                    .iter()
+                    .any(|b| b.t_seconds().is_some() || b.drift_exponents().len() != 2)
+            }) {
+                return Err(CudaError::Unsupported(
+                    "GPU drift starts from freshly programmed differential-pair crossbars".into(),
+                ));
+            }
+            // Programmed state (3 f32 per weight) stays; the operands (4 B), the drifted f32
+            // weights, their per-crossbar copy and its operands (12 B) exist while drifting.
+            let elems = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size;
+            need += 12 * elems + 4 * elems;
+            if need + 12 * elems + activation_reserve_bytes(total) > free {
+                return Err(CudaError::Unsupported(format!(
+                    "device memory: the programmed state of {} MoE layers needs more than the {:.2} GiB free",
+                    sources.len() + 1,
+                    free as f64 / (1u64 << 30) as f64
+                )));
+            }
+            let gate_up = DriftSource::interleaved(dev, &gate, &up)?;
+            let down = DriftSource::new(dev, &down)?;
+            sources.insert(l, (gate_up, down));
+        }
+        Ok(Self {
+            dev,
+            cpu,
+            layers: BTreeMap::new(),
+            cpu_layers: Vec::new(),
+            lock: Mutex::new(()),
+            drift: Some(GpuDrift {
+                pcm,
+                params,
+                compensation: preset.drift_compensation,
+                sources,
+            }),
+            precision,
+            periphery: Some(gemm),
+        })
+    }
+
+    /// Drifts every layer to `t_seconds` after programming on the GPU and rebuilds its
+    /// operands and digital scales s_map·α_GDC (layers built by [`GpuExperts::program`]).
+    pub fn drift_to(&mut self, t_seconds: f64) -> CudaResult<()> {
+        let Some(drift) = &self.drift else {
+            return Err(CudaError::Unsupported(
+                "these GPU experts were uploaded drifted; drift the CPU crossbars and upload again"
+                    .into(),
+            ));
+        };
+        if !(t_seconds.is_finite() && t_seconds >= 0.0) {
+            return Err(CudaError::Unsupported(format!(
+                "drift time must be finite and ≥ 0 s, got {t_seconds}"
+            )));
+        }
+        let (dev, seed) = (self.dev, self.cpu.seed());
+        let periphery = self.periphery.as_ref();
+        let mut layers = BTreeMap::new();
+        for (&l, (gate_up, down)) in &drift.sources {
+            let build = |src: &DriftSource| {
+                src.drifted(dev, drift, t_seconds, seed, periphery, self.precision)
+            };
+            let layer = GpuMoeLayer {
+                gate_up: build(gate_up)?,
+                down: build(down)?,
+                periphery: self.periphery,
+                seed,
+            };
+            layers.insert(l, layer);
+        }
+        self.layers = layers;
+        Ok(())
+    }
+
+    /// The grouped layer of MoE layer `l`, if it runs on the GPU.
+    pub fn layer(&self, l: usize) -> Option<&GpuMoeLayer> {
+        self.layers.get(&l)
     }
 
     /// MoE layers whose routed experts run on the GPU.
@@ -204,10 +356,24 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             return Ok(None);
         };
         let Some(k) = uniform_top_k(assignments, n_tokens, n_experts) else {
-            return Ok(None);
+            return self.stale_cpu().map(|()| None);
         };
         self.run_device(gpu_layer, x, n_tokens, assignments, k, n_experts, mvm_id)
             .map(Some)
+    }
+
+    /// An error when the CPU crossbars were not drifted with the GPU layers
+    /// ([`GpuExperts::program`]): a product that would fall back to them would run the
+    /// programmed state instead of the drifted one.
+    fn stale_cpu(&self) -> CudaResult<()> {
+        match self.drift {
+            None => Ok(()),
+            Some(_) => Err(CudaError::Unsupported(
+                "a routing with a varying number of experts per token runs on the CPU crossbars, \
+                 which GpuExperts::program leaves undrifted; drift on the CPU and use GpuExperts::upload"
+                    .into(),
+            )),
+        }
     }
 
     /// One grouped layer on device rows: sort the pairs by expert, gate/up → SwiGLU → down.
@@ -260,6 +426,297 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     }
 }
 
+/// The programmed state of every MoE layer on the device ([`GpuExperts::program`]).
+struct GpuDrift {
+    pcm: PcmLike,
+    params: PcmParams,
+    compensation: DriftCompensation,
+    /// Per MoE layer: (interleaved gate/up, down).
+    sources: BTreeMap<usize, (DriftSource, DriftSource)>,
+}
+
+/// One grouped matrix's programmed crossbars on the device, in the kernel layout `[E, N, K]`.
+struct DriftSource {
+    /// Kernel tables (column tensor ids, crossbar columns); `weights` empty, `col_scale` s_map.
+    tables: GroupedMatrix,
+    w_prog: CudaSlice<f32>,
+    /// `[2, E·N·K]`: drift exponents of the two devices of each weight.
+    nu: CudaSlice<f32>,
+    /// `[E, KB, N]`: conductance scale (µS per normalised unit) of each column's crossbar.
+    g_scale: CudaSlice<f32>,
+    /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
+    gdc_ref: Vec<f32>,
+}
+
+/// `[E, KB, N]` table of `f(crossbar, local column)` over the experts' crossbars.
+fn column_table(experts: &[&AnalogMatrix], f: impl Fn(&Crossbar, usize) -> f32) -> Vec<f32> {
+    let (n, n_kb) = (experts[0].n_out(), experts[0].in_ranges().len());
+    let mut t = vec![0.0; experts.len() * n_kb * n];
+    for (e, mat) in experts.iter().enumerate() {
+        for (g, block) in mat.geometry().iter().zip(mat.blocks()) {
+            for (lc, c) in g.out_range.clone().enumerate() {
+                t[(e * n_kb + g.in_block) * n + c] = f(block, lc);
+            }
+        }
+    }
+    t
+}
+
+fn gdc_reference_of(block: &Crossbar, lc: usize) -> f32 {
+    match block.gdc_reference() {
+        [] => 1.0,
+        [r] => *r,
+        r => r[lc],
+    }
+}
+
+/// Host arrays of a [`DriftSource`] before upload.
+struct DriftHost {
+    /// Kernel tables with s_map as `col_scale`; `weights` empty.
+    tables: GroupedMatrix,
+    w_prog: Vec<f32>,
+    nu0: Vec<f32>,
+    nu1: Vec<f32>,
+    g_scale: Vec<f32>,
+    gdc_ref: Vec<f32>,
+}
+
+impl DriftHost {
+    fn new(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+        let mut tables = GroupedMatrix::from_blocks(experts, |b| b.programmed_weights())?;
+        let w_prog = std::mem::take(&mut tables.weights);
+        let nu0 = GroupedMatrix::from_blocks(experts, |b| b.drift_exponents()[0].view())?.weights;
+        let nu1 = GroupedMatrix::from_blocks(experts, |b| b.drift_exponents()[1].view())?.weights;
+        tables.col_scale = column_table(experts, |b, lc| b.map_scale()[lc]);
+        Ok(Self {
+            tables,
+            w_prog,
+            nu0,
+            nu1,
+            g_scale: column_table(experts, |b, _| b.conductance_scale_us()),
+            gdc_ref: column_table(experts, gdc_reference_of),
+        })
+    }
+
+    /// Gate and up interleaved as [`GroupedMatrix::interleave_swiglu`] lays them out.
+    fn interleave(g: &Self, u: &Self) -> CudaResult<Self> {
+        let t = &g.tables;
+        let (e, n, k) = (t.n_experts, t.n_cols, t.k);
+        let groups = e * (k / t.k_block);
+        Ok(Self {
+            tables: GroupedMatrix::interleave_swiglu(&g.tables, &u.tables)?,
+            w_prog: interleave_rows(&g.w_prog, &u.w_prog, e, n, k),
+            nu0: interleave_rows(&g.nu0, &u.nu0, e, n, k),
+            nu1: interleave_rows(&g.nu1, &u.nu1, e, n, k),
+            g_scale: interleave_rows(&g.g_scale, &u.g_scale, groups, n, 1),
+            gdc_ref: interleave_rows(&g.gdc_ref, &u.gdc_ref, groups, n, 1),
+        })
+    }
+}
+
+impl DriftSource {
+    fn upload(dev: &CudaDevice, mut h: DriftHost) -> CudaResult<Self> {
+        let mut nu = std::mem::take(&mut h.nu0);
+        nu.append(&mut h.nu1);
+        Ok(Self {
+            w_prog: dev.upload(&h.w_prog)?,
+            nu: dev.upload(&nu)?,
+            g_scale: dev.upload(&h.g_scale)?,
+            gdc_ref: h.gdc_ref,
+            tables: h.tables,
+        })
+    }
+
+    fn new(dev: &CudaDevice, experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+        Self::upload(dev, DriftHost::new(experts)?)
+    }
+
+    fn interleaved(
+        dev: &CudaDevice,
+        gate: &[&AnalogMatrix],
+        up: &[&AnalogMatrix],
+    ) -> CudaResult<Self> {
+        Self::upload(
+            dev,
+            DriftHost::interleave(&DriftHost::new(gate)?, &DriftHost::new(up)?)?,
+        )
+    }
+
+    /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
+    fn drifted(
+        &self,
+        dev: &CudaDevice,
+        drift: &GpuDrift,
+        t_seconds: f64,
+        seed: u64,
+        periphery: Option<&GemmPeriphery>,
+        precision: Precision,
+    ) -> CudaResult<GpuGroupedMatrix> {
+        let m = &self.tables;
+        let (n, k, kb) = (m.n_cols, m.k, m.k_block);
+        let len = m.n_experts * n * k;
+        let tids = dev.upload(&m.col_tensor_id)?;
+        let local = dev.upload(&m.col_local)?;
+        let mut w = dev.scratch::<f32>(len)?;
+        let f = dev.function(&PROGRAM_CU, &[], "drift_grouped")?;
+        let (len64, n32, k32, kb32) = (len as u64, n as u32, k as u32, kb as u32);
+        let ratio = drift.pcm.drift_time_ratio(t_seconds);
+        let time_factor = drift.pcm.read_noise_time_factor(t_seconds);
+        dev.launch(&f, "drift_grouped", linear_launch(len64), |b| {
+            b.arg(&self.w_prog)
+                .arg(&self.nu)
+                .arg(&mut w)
+                .arg(&len64)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&kb32)
+                .arg(&tids)
+                .arg(&local)
+                .arg(&self.g_scale)
+                .arg(&seed)
+                .arg(&ratio)
+                .arg(&time_factor)
+                .arg(&drift.params);
+        })?;
+        let alpha = match drift.compensation {
+            DriftCompensation::None => None,
+            c => Some(self.gdc_alpha(dev, &w, c, seed, periphery, precision)?),
+        };
+        let mut scaled = GroupedMatrix {
+            weights: Vec::new(),
+            ..m.clone()
+        };
+        if let Some(alpha) = alpha {
+            for (s, a) in scaled.col_scale.iter_mut().zip(alpha) {
+                *s *= a;
+            }
+        }
+        GpuGroupedMatrix::from_device_weights(dev, &scaled, &w, precision)
+    }
+
+    /// α_GDC per (expert, K block, column) of the drifted weights `w`, as
+    /// `tile::Crossbar::drift_to` computes it: ref / max(readout, GDC_MIN_READOUT), the readout
+    /// being mean |Y| of the noisy identity forward through each crossbar (per column under
+    /// `global_per_column`) or, under `global_exact`, mean |W̃|.
+    fn gdc_alpha(
+        &self,
+        dev: &CudaDevice,
+        w: &CudaSlice<f32>,
+        compensation: DriftCompensation,
+        seed: u64,
+        periphery: Option<&GemmPeriphery>,
+        precision: Precision,
+    ) -> CudaResult<Vec<f32>> {
+        let m = &self.tables;
+        let (n, k, kb) = (m.n_cols, m.k, m.k_block);
+        let groups = m.n_experts * (k / kb);
+        let len = m.n_experts * n * k;
+        // Each crossbar block along K as a matrix of its own: [E·KB, N, k_block].
+        let mut wb = dev.scratch::<f32>(len)?;
+        let f = dev.function(&PROGRAM_CU, &[], "regroup_blocks")?;
+        let (len64, n32, k32, kb32) = (len as u64, n as u32, k as u32, kb as u32);
+        dev.launch(&f, "regroup_blocks", linear_launch(len64), |b| {
+            b.arg(w)
+                .arg(&mut wb)
+                .arg(&len64)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&kb32);
+        })?;
+        // Σ_j |·| per (crossbar block, column) over its k_block rows: of W̃ (exact) or of Y.
+        let (src, sg, sj, sc) = if compensation == DriftCompensation::GlobalExact {
+            (wb, (n * kb) as u64, 1u64, kb as u64)
+        } else {
+            let readout = GroupedMatrix {
+                n_experts: groups,
+                n_cols: n,
+                k: kb,
+                k_block: kb,
+                weights: Vec::new(),
+                col_tensor_id: m.col_tensor_id.clone(),
+                col_scale: vec![1.0; groups * n],
+                col_local: m.col_local.clone(),
+                col_block_cols: m.col_block_cols.clone(),
+                col_xbar: m.col_xbar.clone(),
+                n_xbar: m.n_xbar,
+            };
+            let gm = GpuGroupedMatrix::from_device_weights(dev, &readout, &wb, precision)?;
+            let mut eye = vec![0.0f32; kb * kb];
+            for j in 0..kb {
+                eye[j * kb + j] = 1.0;
+            }
+            let eye = dev.upload(&eye)?;
+            let xq = quantize(dev, &eye, kb, kb, kb, periphery)?;
+            // Every identity row to every crossbar block, in row order within each.
+            let experts: Vec<u32> = (0..kb * groups).map(|p| (p % groups) as u32).collect();
+            let routing = route(
+                dev,
+                &dev.upload(&experts)?,
+                &dev.upload(&vec![1.0f32; kb * groups])?,
+                kb,
+                groups,
+                groups,
+            )?;
+            let mut y = dev.scratch::<f32>(kb * groups * n)?;
+            grouped_gemm(
+                dev,
+                &gm,
+                &xq,
+                &routing,
+                true,
+                periphery,
+                seed,
+                GDC_READOUT_MVM_ID,
+                GemmOutput::Store,
+                &mut y,
+            )?;
+            // Block g's rows are g·k_block + j (sorted by block, identity rows in order).
+            (y, (kb * n) as u64, n as u64, 1u64)
+        };
+        let mut sums = dev.scratch::<f64>(groups * n)?;
+        let f = dev.function(&PROGRAM_CU, &[], "abs_column_sums")?;
+        let (g32, rows) = (groups as u32, kb as u32);
+        dev.launch(
+            &f,
+            "abs_column_sums",
+            linear_launch((groups * n) as u64),
+            |b| {
+                b.arg(&src)
+                    .arg(&mut sums)
+                    .arg(&g32)
+                    .arg(&rows)
+                    .arg(&n32)
+                    .arg(&sg)
+                    .arg(&sj)
+                    .arg(&sc);
+            },
+        )?;
+        // Means in f64, rounded once to f32, and α in f32: as tile::Crossbar::drift_to.
+        let sums = dev.download(&sums)?;
+        let rows = kb as f64;
+        let mut alpha = vec![1.0f32; groups * n];
+        if compensation == DriftCompensation::GlobalPerColumn {
+            for (i, a) in alpha.iter_mut().enumerate() {
+                *a = self.gdc_ref[i] / ((sums[i] / rows) as f32).max(GDC_MIN_READOUT);
+            }
+        } else {
+            // One value per crossbar: Σ over its columns, / (rows · columns).
+            for g in 0..groups {
+                let mut per_xbar = vec![0.0f64; m.n_xbar];
+                for c in 0..n {
+                    per_xbar[m.col_xbar[c] as usize] += sums[g * n + c];
+                }
+                for c in 0..n {
+                    let mean =
+                        per_xbar[m.col_xbar[c] as usize] / (rows * f64::from(m.col_block_cols[c]));
+                    alpha[g * n + c] = self.gdc_ref[g * n + c] / (mean as f32).max(GDC_MIN_READOUT);
+                }
+            }
+        }
+        Ok(alpha)
+    }
+}
+
 /// [`GpuExperts`] bound to one MVM call id; implements the model's [`ExpertLinear`].
 pub struct GpuCall<'g, 'a, 'm> {
     experts: &'g GpuExperts<'a, 'm>,
@@ -299,6 +756,9 @@ impl ExpertLinear for GpuCall<'_, '_, '_> {
         // Routers with a variable number of experts per token (relu, adaptive) take the
         // per-expert CPU path.
         let Some(k) = uniform_top_k(assignments, x.nrows(), n_experts) else {
+            self.experts
+                .stale_cpu()
+                .map_err(|e| anyhow::anyhow!("MoE layer {layer}: {e}"))?;
             return Ok(None);
         };
         self.experts

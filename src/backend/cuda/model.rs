@@ -112,6 +112,35 @@ struct GpuLayer {
     ffn: GpuFfn,
 }
 
+/// Environment variable that makes [`GpuModel::forward`] synchronise after each stage and sum
+/// the wall time per stage ([`GpuModel::stage_seconds`]), to see where a forward pass goes.
+pub const PROFILE_ENV: &str = "AIMC_PROFILE_FORWARD";
+
+/// Wall time per stage of the forward passes, when [`PROFILE_ENV`] is set.
+#[derive(Default)]
+struct StageClock {
+    last: Option<std::time::Instant>,
+    seconds: Vec<(&'static str, f64)>,
+}
+
+impl StageClock {
+    /// Ends the running stage as `name` (after the device finished it).
+    fn lap(&mut self, dev: &CudaDevice, name: &'static str) -> CudaResult<()> {
+        let Some(last) = self.last else {
+            return Ok(());
+        };
+        dev.synchronize()?;
+        let now = std::time::Instant::now();
+        let dt = (now - last).as_secs_f64();
+        match self.seconds.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s += dt,
+            None => self.seconds.push((name, dt)),
+        }
+        self.last = Some(now);
+        Ok(())
+    }
+}
+
 /// The digital weights of a model on the device, ready to run forward passes.
 pub struct GpuModel<'m> {
     model: &'m Model,
@@ -123,6 +152,7 @@ pub struct GpuModel<'m> {
     /// RoPE cos/sin for positions 0..n, grown on demand: (n, cos, sin).
     rope: Option<(usize, RopeTable, CudaSlice<f32>, CudaSlice<f32>)>,
     bytes: usize,
+    clock: Option<StageClock>,
 }
 
 fn upload_matrix(dev: &CudaDevice, m: ArrayView2<'_, f32>) -> CudaResult<CudaSlice<f32>> {
@@ -246,7 +276,13 @@ impl<'m> GpuModel<'m> {
             },
             rope: None,
             bytes: need,
+            clock: std::env::var_os(PROFILE_ENV).map(|_| StageClock::default()),
         })
+    }
+
+    /// Seconds per forward stage so far, when [`PROFILE_ENV`] is set.
+    pub fn stage_seconds(&self) -> Option<&[(&'static str, f64)]> {
+        self.clock.as_ref().map(|c| c.seconds.as_slice())
     }
 
     /// Device bytes of the uploaded weights.
@@ -302,6 +338,15 @@ impl<'m> GpuModel<'m> {
             );
         }
         self.rope_for(dev, s)?;
+        let mut clock = self.clock.take();
+        if let Some(c) = clock.as_mut() {
+            dev.synchronize()?;
+            c.last = Some(std::time::Instant::now());
+        }
+        let mut lap = |name| match clock.as_mut() {
+            Some(c) => c.lap(dev, name),
+            None => Ok(()),
+        };
         let h_dim = cfg.hidden_size;
         let call = experts.call(mvm_id);
         let ids = dev.upload(tokens)?;
@@ -317,6 +362,7 @@ impl<'m> GpuModel<'m> {
                 .arg(&width);
         })?;
         let mut x = dev.scratch::<f32>(s * h_dim)?;
+        lap("embedding")?;
         for (l, layer) in self.layers.iter().enumerate() {
             let at = |e: CudaError| anyhow!("layer {l} on the GPU: {e}");
             rms_norm(
@@ -346,6 +392,7 @@ impl<'m> GpuModel<'m> {
                     add_host(dev, &mut h, a.view()).map_err(at)?;
                 }
             }
+            lap("attention").map_err(at)?;
             rms_norm(
                 dev,
                 Some(&h),
@@ -380,6 +427,7 @@ impl<'m> GpuModel<'m> {
                         .map_err(at)?;
                     let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
                     let assignments = router.route(logits.view(), &cfg.router);
+                    lap("router").map_err(at)?;
                     match experts
                         .routed_on_device(l, &x, s, &assignments, e, mvm_id)
                         .map_err(at)?
@@ -394,6 +442,7 @@ impl<'m> GpuModel<'m> {
                             add_host(dev, &mut h, y.view()).map_err(at)?;
                         }
                     }
+                    lap("routed experts").map_err(at)?;
                     if let Some((m, gate)) = shared {
                         let slot = ExpertSlot::Shared(0);
                         if is_digital(experts, l, slot) {
@@ -413,6 +462,7 @@ impl<'m> GpuModel<'m> {
                     }
                 }
             }
+            lap("shared and dense feed-forwards").map_err(at)?;
         }
         let at = |e: CudaError| anyhow!("LM head on the GPU: {e}");
         let (x_final, v) = (&mut x, cfg.vocab_size);
@@ -431,6 +481,8 @@ impl<'m> GpuModel<'m> {
         self.blas
             .sgemm_nt(dev, x_final, head, &mut logits, (s, v, h_dim), 0.0)
             .map_err(at)?;
+        lap("LM head").map_err(at)?;
+        self.clock = clock;
         Ok(logits)
     }
 

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfi
 
 use super::compile::ANALOG_MOE_CU;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
-use crate::tile::{AnalogMatrix, NoiseManagement, PeripherySpec, WeightNoise};
+use crate::tile::{AnalogMatrix, Crossbar, NoiseManagement, PeripherySpec, WeightNoise};
 
 /// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel), for every variant: the
 /// routing counts tiles in these units.
@@ -289,6 +289,15 @@ impl GroupedMatrix {
 
     /// Kernel layout of one programmed (and drifted) [`AnalogMatrix`] per expert.
     pub fn from_analog(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+        Self::from_blocks(experts, |b| b.weights())
+    }
+
+    /// The layout of [`GroupedMatrix::from_analog`] with `weights` taken from `select` of each
+    /// crossbar (`[n_out, n_in]` of the block: programmed weights, drift exponents, …).
+    pub fn from_blocks<'x>(
+        experts: &[&'x AnalogMatrix],
+        select: impl Fn(&'x Crossbar) -> ndarray::ArrayView2<'x, f32>,
+    ) -> CudaResult<Self> {
         let first = experts
             .first()
             .ok_or_else(|| CudaError::Unsupported("grouped matrix: no experts".into()))?;
@@ -334,7 +343,7 @@ impl GroupedMatrix {
                 )));
             }
             for (g, block) in mat.geometry().iter().zip(mat.blocks()) {
-                let w = block.weights();
+                let w = select(block);
                 let alpha = block.gdc_alpha();
                 for (lc, c) in g.out_range.clone().enumerate() {
                     let row = &mut m.weights[(e * n + c) * k..][g.in_range.clone()];
@@ -368,48 +377,70 @@ impl GroupedMatrix {
             )));
         }
         let (e_count, k, n_kb) = (gate.n_experts, gate.k, gate.k / gate.k_block);
-        // Interleaved column f → (source matrix, its column, offset of its crossbar numbers:
-        // up crossbars are numbered after the gate ones).
-        let src = |f: usize| -> (&Self, usize, u32) {
-            let g8 = f / 8;
-            let (m, xbar0) = if g8.is_multiple_of(2) {
-                (gate, 0)
-            } else {
-                (up, gate.n_xbar as u32)
-            };
-            (m, (g8 / 2) * 8 + f % 8, xbar0)
-        };
         let nf = 2 * n;
         let mut m = Self {
             n_experts: e_count,
             n_cols: nf,
             k,
             k_block: gate.k_block,
-            weights: vec![0.0; e_count * nf * k],
-            col_tensor_id: vec![0; e_count * n_kb * nf],
-            col_scale: vec![0.0; e_count * n_kb * nf],
+            weights: interleave_rows(&gate.weights, &up.weights, e_count, n, k),
+            col_tensor_id: interleave_rows(
+                &gate.col_tensor_id,
+                &up.col_tensor_id,
+                e_count * n_kb,
+                n,
+                1,
+            ),
+            col_scale: interleave_rows(&gate.col_scale, &up.col_scale, e_count * n_kb, n, 1),
             col_local: vec![0; nf],
             col_block_cols: vec![0; nf],
             col_xbar: vec![0; nf],
             n_xbar: gate.n_xbar + up.n_xbar,
         };
         for f in 0..nf {
-            let (s, c, xbar0) = src(f);
+            // Up crossbars are numbered after the gate ones.
+            let (is_up, c) = swiglu_source(f);
+            let (s, xbar0) = if is_up {
+                (up, gate.n_xbar as u32)
+            } else {
+                (gate, 0)
+            };
             m.col_local[f] = s.col_local[c];
             m.col_block_cols[f] = s.col_block_cols[c];
             m.col_xbar[f] = s.col_xbar[c] + xbar0;
-            for e in 0..e_count {
-                m.weights[(e * nf + f) * k..][..k]
-                    .copy_from_slice(&s.weights[(e * n + c) * k..][..k]);
-                for kb in 0..n_kb {
-                    m.col_tensor_id[(e * n_kb + kb) * nf + f] =
-                        s.col_tensor_id[(e * n_kb + kb) * n + c];
-                    m.col_scale[(e * n_kb + kb) * nf + f] = s.col_scale[(e * n_kb + kb) * n + c];
-                }
-            }
         }
         Ok(m)
     }
+}
+
+/// Interleaved gate/up column `f` → (from the up matrix, its column there): groups of 8.
+fn swiglu_source(f: usize) -> (bool, usize) {
+    let g8 = f / 8;
+    (g8 % 2 == 1, (g8 / 2) * 8 + f % 8)
+}
+
+/// `[G, N, row]` gate and up arrays → `[G, 2N, row]` with the columns interleaved as
+/// [`GroupedMatrix::interleave_swiglu`] does (N a multiple of 8). Empty inputs stay empty.
+pub fn interleave_rows<T: Copy>(
+    gate: &[T],
+    up: &[T],
+    groups: usize,
+    n: usize,
+    row: usize,
+) -> Vec<T> {
+    if gate.is_empty() {
+        return Vec::new();
+    }
+    let nf = 2 * n;
+    let mut out = Vec::with_capacity(groups * nf * row);
+    for g in 0..groups {
+        for f in 0..nf {
+            let (is_up, c) = swiglu_source(f);
+            let src = if is_up { up } else { gate };
+            out.extend_from_slice(&src[(g * n + c) * row..][..row]);
+        }
+    }
+    out
 }
 
 /// A [`GroupedMatrix`] on the device with its weights in the operand format of `precision`.
@@ -523,6 +554,16 @@ impl GpuGroupedMatrix {
     pub fn use_wgmma(mut self, tile: Option<WgmmaTile>) -> Self {
         self.wgmma = tile;
         self
+    }
+
+    /// The digital scales s_map·α_GDC per (expert, K block, column), copied back.
+    pub fn col_scale(&self, dev: &CudaDevice) -> CudaResult<Vec<f32>> {
+        dev.download(&self.col_scale)
+    }
+
+    /// The (high) 16-bit operand words of the weights `[E, N, K]`, copied back.
+    pub fn weight_bits(&self, dev: &CudaDevice) -> CudaResult<Vec<u16>> {
+        dev.download(&self.w_hi)
     }
 
     /// Output columns.
