@@ -164,9 +164,10 @@ extern "C" __global__ void add_rows(float* h, const float* y, const float* gate_
 
 // Mirrors eval::analog::compare for one position per CTA: with la = log_softmax(logits row)
 // (max subtracted, Σ exp in f64, as log_softmax_rows), nll = −la[target], agree = (argmax la ==
-// the digital argmax, first index on ties), kl = Σ_v exp(pd_v)·(pd_v − la_v) in f64.
+// the digital argmax, first index on ties), kl = Σ_v exp(pd_v)·(pd_v − la_v) in f64. Writes
+// out[3r..3r + 3] = (nll, kl, agree as 0 or 1): one copy back for all three.
 extern "C" __global__ void token_metrics(const float* logits, const float* ref_logp, const u32* ref_argmax,
-                                         const u32* targets, u32 vocab, double* nll, double* kl, u32* agree) {
+                                         const u32* targets, u32 vocab, double* out) {
     __shared__ float s_f[MET_THREADS / 32];
     __shared__ double s_d[MET_THREADS / 32];
     __shared__ u32 s_i[MET_THREADS / 32];
@@ -229,7 +230,7 @@ extern "C" __global__ void token_metrics(const float* logits, const float* ref_l
     }
     k_sum = 0.0;
     for (u32 w = 0; w < MET_THREADS / 32; ++w) k_sum += s_d[w];
-    nll[r] = -(double)(float)((double)x[targets[r]] - lse);
-    kl[r] = k_sum;
-    agree[r] = best_i == ref_argmax[r] ? 1u : 0u;
+    out[3 * r] = -(double)(float)((double)x[targets[r]] - lse);
+    out[3 * r + 1] = k_sum;
+    out[3 * r + 2] = best_i == ref_argmax[r] ? 1.0 : 0.0;
 }

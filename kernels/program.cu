@@ -132,6 +132,18 @@ extern "C" __global__ void abs_max(const float* x, u64 n, u32* out_bits) {
     if ((threadIdx.x & 31) == 0) atomicMax(out_bits, m);
 }
 
+// Element i of a grouped matrix [E, N, K] with crossbar blocks of k_block rows along K: its
+// expert e, column c, K block kb and row j inside the block (backend::cuda::moe::GroupedMatrix).
+struct GroupedIndex {
+    u64 e;
+    u32 c, kb, j, n_kb;
+};
+__device__ __forceinline__ GroupedIndex grouped_index(u64 i, u32 n, u32 k, u32 k_block) {
+    const u32 kk = i % k;
+    const u64 ec = i / k;
+    return GroupedIndex{ec / n, (u32)(ec % n), kk / k_block, kk % k_block, k / k_block};
+}
+
 // drift_weights over the experts of a grouped matrix (backend::cuda::moe::GroupedMatrix,
 // [E, N, K]): element (e, c, k) is input j = k − kb·k_block of local row col_local[c] of the
 // crossbar col_tensor_id[(e·n_kb + kb)·n + c] (k_block inputs), whose conductance scale is
@@ -143,12 +155,9 @@ extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, f
                                          PcmParams p) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    const u32 kk = i % k;
-    const u64 ec = i / k;
-    const u32 c = ec % n;
-    const u64 e = ec / n;
-    const u32 n_kb = k / k_block, kb = kk / k_block, j = kk % k_block;
-    const u64 tab = (e * n_kb + kb) * n + c;
+    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    const u32 c = g.c, j = g.j;
+    const u64 tab = (g.e * g.n_kb + g.kb) * n + c;
     const float g_scale_us = col_g_scale[tab];
     PhiloxStream read = make_stream(seed, PURPOSE_READ_NOISE, col_tensor_id[tab]);
     const u64 local = (u64)col_local[c] * k_block + j;
@@ -164,12 +173,8 @@ extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, f
 extern "C" __global__ void regroup_blocks(const float* w, float* out, u64 len, u32 n, u32 k, u32 k_block) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    const u32 kk = i % k;
-    const u64 ec = i / k;
-    const u32 c = ec % n;
-    const u64 e = ec / n;
-    const u32 n_kb = k / k_block, kb = kk / k_block, j = kk % k_block;
-    out[((e * n_kb + kb) * n + c) * k_block + j] = w[i];
+    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    out[((g.e * g.n_kb + g.kb) * n + g.c) * k_block + g.j] = w[i];
 }
 
 // out[g·n + c] = Σ_j |a[g·sg + j·sj + c·sc]| for j < rows, in f64 as tile::crossbar's

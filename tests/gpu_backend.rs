@@ -1110,9 +1110,21 @@ fn embedded_model_eval_on_the_gpu_matches_the_cpu() {
     }
 }
 
+/// The analog matrices of `mapping` programmed with `preset` (seed 0) and drifted to `t_seconds`.
+fn drifted_experts<'m>(
+    model: &'m aimc::model::Model,
+    mapping: &aimc::mapping::Mapping,
+    preset: &TilePreset,
+    t_seconds: f64,
+) -> aimc::backend::cpu::AnalogExperts<'m> {
+    let mut experts =
+        aimc::backend::cpu::AnalogExperts::program(model, mapping, preset, 0).unwrap();
+    experts.drift_to(t_seconds);
+    experts
+}
+
 #[test]
 fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
-    use aimc::backend::cpu::AnalogExperts;
     use aimc::backend::cuda::experts::{activation_reserve_bytes, layer_need_bytes, GpuExperts};
     use aimc::model::{ExpertSlot, ForwardOptions, MatrixId, Proj};
     let Some(dev) = gpu("memory plan") else {
@@ -1121,10 +1133,7 @@ fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
     let (model, ids) = common::embedded_model_and_tokens(512);
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let mapping = common::default_mapping(&model, &preset);
-    let mut experts =
-        AnalogExperts::program_with_device(&model, &mapping, &preset, preset.device.build(), 0)
-            .unwrap();
-    experts.drift_to(3600.0);
+    let experts = drifted_experts(&model, &mapping, &preset, 3600.0);
     let precision = Precision::AnalogSplitF16;
     let cfg = &model.config;
     let n_moe = cfg.moe_layers.iter().filter(|&&m| m).count();
@@ -1209,29 +1218,13 @@ fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
     assert!(rel < 5e-3, "{rel}");
 }
 
-/// `(input_ids, logits [S·V])` of a transformers parity fixture (`tests/fixtures/parity/`).
+/// A transformers parity fixture (`tests/fixtures/parity/`): model, input ids, logits `[S·V]`.
 fn parity_fixture(name: &str) -> (aimc::model::Model, Vec<u32>, Vec<f32>) {
-    use safetensors::SafeTensors;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/parity")
         .join(name);
     let model = aimc::model::Model::load(&dir).unwrap();
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let logits = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let (ids, logits) = common::reference_ids_and_logits(&dir.join("reference.safetensors"));
     (model, ids, logits)
 }
 
@@ -1286,7 +1279,6 @@ fn whole_forward_on_the_gpu_matches_transformers_on_every_family() {
 
 #[test]
 fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
-    use aimc::backend::cpu::AnalogExperts;
     use aimc::backend::cuda::experts::GpuExperts;
     use aimc::backend::cuda::model::GpuModel;
     use aimc::model::{ForwardOptions, RouterKind};
@@ -1296,10 +1288,7 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
     let (model, ids) = common::embedded_model_and_tokens(512);
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let mapping = common::default_mapping(&model, &preset);
-    let mut experts =
-        AnalogExperts::program_with_device(&model, &mapping, &preset, preset.device.build(), 0)
-            .unwrap();
-    experts.drift_to(86_400.0);
+    let experts = drifted_experts(&model, &mapping, &preset, 86_400.0);
     let g =
         GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16).unwrap();
     assert!(g.cpu_layers().is_empty(), "{:?}", g.cpu_layers());

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use aimc::eval::perplexity;
 use aimc::model::{embedded, ForwardOptions, Model};
-use safetensors::SafeTensors;
 
 fn kjv_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/kjv-moe")
@@ -22,24 +21,10 @@ const LOGIT_BOUND: f32 = 1e-4;
 fn kjv_moe_matches_transformers_reference() {
     let from_dir = Model::load(&kjv_dir()).unwrap();
     let from_binary = embedded::load().unwrap();
-    let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/kjv-moe-reference.safetensors");
-    let bytes = std::fs::read(reference).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let want: Vec<f32> = st
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let (ids, want) = common::reference_ids_and_logits(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/kjv-moe-reference.safetensors"),
+    );
     for model in [&from_dir, &from_binary] {
         let got = model
             .forward(&ids, &ForwardOptions::default())

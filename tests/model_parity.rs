@@ -2,10 +2,11 @@
 //! `tests/fixtures/parity/` made by `tools/make_parity_fixtures.py`: max |logit − reference| ≤ 1e-4.
 //! The fixtures' router margins (> 2e-3, see their README) make the expert choice stable at that
 //! precision, so a wrong routing, norm, RoPE or attention rule shows up as an O(0.1) difference.
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use aimc::model::{ForwardOptions, Model};
-use safetensors::SafeTensors;
 
 const BOUND: f32 = 1e-4;
 
@@ -15,29 +16,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Reference `(input_ids, logits [S·V])` of a fixture.
-fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = st.tensor("input_ids").unwrap();
-    let ids = ids
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let logits = st.tensor("logits").unwrap();
-    let logits = logits
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (ids, logits)
-}
-
 fn max_diff(name: &str) -> f32 {
     let dir = fixture(name);
     let model = Model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    let (ids, want) = reference(&dir);
+    let (ids, want) = common::reference_ids_and_logits(&dir.join("reference.safetensors"));
     let out = model.forward(&ids, &ForwardOptions::default()).unwrap();
     assert_eq!(out.logits.len(), want.len(), "{name}: logits size");
     out.logits
@@ -73,7 +55,7 @@ parity! {
 fn batched_forward_equals_single_sequences() {
     let dir = fixture("qwen2_moe");
     let model = Model::load(&dir).unwrap();
-    let (ids, _) = reference(&dir);
+    let (ids, _) = common::reference_ids_and_logits(&dir.join("reference.safetensors"));
     let (a, b) = (&ids[..15], &ids[3..10]);
     let opts = ForwardOptions {
         record_routing: true,

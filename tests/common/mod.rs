@@ -77,3 +77,25 @@ pub fn build_host_cpp(name: &str, source: &str) -> Option<std::path::PathBuf> {
     );
     Some(bin)
 }
+
+/// `(input_ids, logits)` of a transformers reference file written by `tools/` (safetensors with
+/// i64 `input_ids` and f32 `logits`, flattened).
+pub fn reference_ids_and_logits(path: &std::path::Path) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logits = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (ids, logits)
+}

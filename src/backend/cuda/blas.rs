@@ -38,45 +38,8 @@ impl Blas {
         c: &mut CudaSlice<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> CudaResult<()> {
-        if a.len() < m * k || b.len() < n * k || c.len() < m * n {
-            return Err(CudaError::Unsupported(format!(
-                "gemm_bf16_nt: buffers too small for m={m} n={n} k={k}"
-            )));
-        }
-        let stream = dev.stream();
-        let (pa, _ga) = a.device_ptr(stream);
-        let (pb, _gb) = b.device_ptr(stream);
-        let (pc, _gc) = c.device_ptr_mut(stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS sees (n × m) = op(B)ᵀ-free form.
-        // SAFETY: pointers come from live buffers of the sizes checked above.
-        unsafe {
-            cublas_result::gemm_ex(
-                *self.handle.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                pb as *const _,
-                cublas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                pa as *const _,
-                cublas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                (&beta as *const f32).cast(),
-                pc as *mut _,
-                cublas_sys::cudaDataType::CUDA_R_32F,
-                n as i32,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|source| CudaError::Cublas {
-            what: format!("bf16 GEMM m={m} n={n} k={k}"),
-            source,
-        })
+        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        self.gemm_nt("bf16", bf16, dev, a, b, c, (m, n, k), 0.0)
     }
 
     /// Y[m, n] = X[m, k] · W[n, k]ᵀ + β·Y, row-major f32 (`nn.Linear` layout for W), f32
@@ -91,23 +54,41 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> CudaResult<()> {
-        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
+        let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
+        self.gemm_nt("f32", f32_, dev, x, w, y, (m, n, k), beta)
+    }
+
+    /// C[m, n] = A[m, k] · B[n, k]ᵀ + β·C for row-major operands of cuBLAS type `operand`
+    /// (`what` names it in errors), f32 output and accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_nt<T>(
+        &self,
+        what: &str,
+        operand: cublas_sys::cudaDataType,
+        dev: &CudaDevice,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> CudaResult<()> {
+        if a.len() < m * k || b.len() < n * k || c.len() < m * n {
             return Err(CudaError::Unsupported(format!(
-                "sgemm_nt: buffers of {}, {}, {} elements for m={m} n={n} k={k}",
-                x.len(),
-                w.len(),
-                y.len()
+                "{what} GEMM: buffers of {}, {}, {} elements for m={m} n={n} k={k}",
+                a.len(),
+                b.len(),
+                c.len()
             )));
         }
         if m == 0 || n == 0 {
             return Ok(());
         }
         let stream = dev.stream();
-        let (px, _gx) = x.device_ptr(stream);
-        let (pw, _gw) = w.device_ptr(stream);
-        let (py, _gy) = y.device_ptr_mut(stream);
+        let (pa, _ga) = a.device_ptr(stream);
+        let (pb, _gb) = b.device_ptr(stream);
+        let (pc, _gc) = c.device_ptr_mut(stream);
         let alpha = 1.0f32;
-        // As gemm_bf16_nt: column-major Yᵀ (n × m) = W · Xᵀ.
+        // Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS sees (n × m) = op(B)ᵀ-free form.
         // SAFETY: pointers come from live buffers of the sizes checked above.
         unsafe {
             cublas_result::gemm_ex(
@@ -118,14 +99,14 @@ impl Blas {
                 m as i32,
                 k as i32,
                 (&alpha as *const f32).cast(),
-                pw as *const _,
-                cublas_sys::cudaDataType::CUDA_R_32F,
+                pb as *const _,
+                operand,
                 k as i32,
-                px as *const _,
-                cublas_sys::cudaDataType::CUDA_R_32F,
+                pa as *const _,
+                operand,
                 k as i32,
                 (&beta as *const f32).cast(),
-                py as *mut _,
+                pc as *mut _,
                 cublas_sys::cudaDataType::CUDA_R_32F,
                 n as i32,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -133,7 +114,7 @@ impl Blas {
             )
         }
         .map_err(|source| CudaError::Cublas {
-            what: format!("f32 GEMM m={m} n={n} k={k}"),
+            what: format!("{what} GEMM m={m} n={n} k={k}"),
             source,
         })
     }

@@ -114,17 +114,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (free_at_start, total) = dev.memory_bytes()?;
         let mut resident = 0usize;
         for l in (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]) {
-            let proj = |proj| -> Option<Vec<&AnalogMatrix>> {
-                (0..cfg.num_experts)
-                    .map(|e| {
-                        cpu.matrix(MatrixId {
-                            layer: l,
-                            slot: ExpertSlot::Routed(e),
-                            proj,
-                        })
-                    })
-                    .collect()
-            };
+            let proj = |proj| routed_matrices(cpu, l, proj).ok();
             let (Some(gate), Some(up), Some(down)) =
                 (proj(Proj::Gate), proj(Proj::Up), proj(Proj::Down))
             else {
@@ -215,19 +205,10 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let mut need = 0usize;
         let mut sources = BTreeMap::new();
         for &l in &moe {
-            let proj = |proj| -> CudaResult<Vec<&AnalogMatrix>> {
-                (0..cfg.num_experts)
-                    .map(|e| {
-                        cpu.matrix(MatrixId {
-                            layer: l,
-                            slot: ExpertSlot::Routed(e),
-                            proj,
-                        })
-                        .ok_or_else(|| {
-                            CudaError::Unsupported(format!("layer {l}: expert {e} is digital"))
-                        })
-                    })
-                    .collect()
+            let proj = |proj| {
+                routed_matrices(cpu, l, proj).map_err(|e| {
+                    CudaError::Unsupported(format!("layer {l}: expert {e} is digital"))
+                })
             };
             let (gate, up, down) = (proj(Proj::Gate)?, proj(Proj::Up)?, proj(Proj::Down)?);
             if gate.iter().chain(&up).chain(&down).any(|m| {
@@ -426,6 +407,25 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     }
 }
 
+/// Projection `proj` of every routed expert of MoE layer `l`, or the first expert for which
+/// it is digital.
+fn routed_matrices<'a>(
+    cpu: &'a AnalogExperts<'_>,
+    l: usize,
+    proj: Proj,
+) -> Result<Vec<&'a AnalogMatrix>, usize> {
+    (0..cpu.model().config.num_experts)
+        .map(|e| {
+            cpu.matrix(MatrixId {
+                layer: l,
+                slot: ExpertSlot::Routed(e),
+                proj,
+            })
+            .ok_or(e)
+        })
+        .collect()
+}
+
 /// The programmed state of every MoE layer on the device ([`GpuExperts::program`]).
 struct GpuDrift {
     pcm: PcmLike,
@@ -446,6 +446,9 @@ struct DriftSource {
     g_scale: CudaSlice<f32>,
     /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
     gdc_ref: Vec<f32>,
+    /// Device copies of `tables.col_tensor_id` and `tables.col_local`, read by `drift_grouped`.
+    col_tensor_id: CudaSlice<u32>,
+    col_local: CudaSlice<u32>,
 }
 
 /// `[E, KB, N]` table of `f(crossbar, local column)` over the experts' crossbars.
@@ -523,6 +526,8 @@ impl DriftSource {
             nu: dev.upload(&nu)?,
             g_scale: dev.upload(&h.g_scale)?,
             gdc_ref: h.gdc_ref,
+            col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
+            col_local: dev.upload(&h.tables.col_local)?,
             tables: h.tables,
         })
     }
@@ -555,8 +560,6 @@ impl DriftSource {
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let len = m.n_experts * n * k;
-        let tids = dev.upload(&m.col_tensor_id)?;
-        let local = dev.upload(&m.col_local)?;
         let mut w = dev.scratch::<f32>(len)?;
         let f = dev.function(&PROGRAM_CU, &[], "drift_grouped")?;
         let (len64, n32, k32, kb32) = (len as u64, n as u32, k as u32, kb as u32);
@@ -570,8 +573,8 @@ impl DriftSource {
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&kb32)
-                .arg(&tids)
-                .arg(&local)
+                .arg(&self.col_tensor_id)
+                .arg(&self.col_local)
                 .arg(&self.g_scale)
                 .arg(&seed)
                 .arg(&ratio)

@@ -19,6 +19,7 @@ use ndarray::{Array2, ArrayView2};
 use super::blas::Blas;
 use super::compile::MODEL_CU;
 use super::experts::GpuExperts;
+use super::moe::allow_dynamic_shared;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
@@ -151,7 +152,6 @@ pub struct GpuModel<'m> {
     lm_head: Option<CudaSlice<f32>>,
     /// RoPE cos/sin for positions 0..n, grown on demand: (n, cos, sin).
     rope: Option<(usize, RopeTable, CudaSlice<f32>, CudaSlice<f32>)>,
-    bytes: usize,
     clock: Option<StageClock>,
 }
 
@@ -275,7 +275,6 @@ impl<'m> GpuModel<'m> {
                 None => None,
             },
             rope: None,
-            bytes: need,
             clock: std::env::var_os(PROFILE_ENV).map(|_| StageClock::default()),
         })
     }
@@ -283,11 +282,6 @@ impl<'m> GpuModel<'m> {
     /// Seconds per forward stage so far, when [`PROFILE_ENV`] is set.
     pub fn stage_seconds(&self) -> Option<&[(&'static str, f64)]> {
         self.clock.as_ref().map(|c| c.seconds.as_slice())
-    }
-
-    /// Device bytes of the uploaded weights.
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// Which decoder layers run their attention on the CPU (latent attention), for reports.
@@ -563,23 +557,13 @@ impl<'m> GpuModel<'m> {
         let mut out = dev.scratch::<f32>(s * a.heads * d)?;
         let shared = (ATT_KEYS * (d + 1) + ATT_KEYS * d + ATT_ROWS * d) * 4;
         let f = dev.function(&MODEL_CU, &[], "causal_attention")?;
+        let threads = 32 * ATT_ROWS as u32;
         if shared > 48 * 1024 {
-            // SAFETY: raising the dynamic shared-memory limit of a loaded function.
-            unsafe {
-                cudarc::driver::result::function::set_function_attribute(
-                    f.cu_function(),
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-            }
-            .map_err(|source| CudaError::Driver {
-                what: format!("allowing {shared} B of shared memory for causal_attention"),
-                source,
-            })?;
+            allow_dynamic_shared(&f, "causal_attention", threads, shared as u32)?;
         }
         let cfg = LaunchConfig {
             grid_dim: (s.div_ceil(ATT_ROWS) as u32, a.heads as u32, 1),
-            block_dim: (32 * ATT_ROWS as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let (s32, heads, kv, dq, scale) = (
@@ -837,9 +821,7 @@ impl GpuReference {
         if n == 0 {
             return Ok(PositionSums::default());
         }
-        let mut nll = dev.scratch::<f64>(n)?;
-        let mut kl = dev.scratch::<f64>(n)?;
-        let mut agree = dev.scratch::<u32>(n)?;
+        let mut out = dev.scratch::<f64>(3 * n)?;
         let f = dev.function(&MODEL_CU, &[], "token_metrics")?;
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
@@ -853,20 +835,17 @@ impl GpuReference {
                 .arg(argmax)
                 .arg(targets)
                 .arg(&vocab)
-                .arg(&mut nll)
-                .arg(&mut kl)
-                .arg(&mut agree);
+                .arg(&mut out);
         })?;
-        let (nll, kl, agree) = (
-            dev.download(&nll)?,
-            dev.download(&kl)?,
-            dev.download(&agree)?,
-        );
-        Ok(PositionSums {
-            nll: nll.iter().sum(),
-            agree: agree.iter().map(|&a| a as usize).sum(),
-            kl: kl.iter().sum(),
+        let mut sums = PositionSums {
             positions: n,
-        })
+            ..Default::default()
+        };
+        for row in dev.download(&out)?.chunks_exact(3) {
+            sums.nll += row[0];
+            sums.kl += row[1];
+            sums.agree += usize::from(row[2] > 0.5);
+        }
+        Ok(sums)
     }
 }

@@ -1338,7 +1338,12 @@ pub fn grouped_gemm<T: GemmOutElem>(
 
 /// Lets `f` (kernel `name`, launched with `threads` threads) use `shared` bytes of dynamic
 /// shared memory, beyond the 48 KiB default; a refusal names the kernel and the size.
-fn allow_dynamic_shared(f: &CudaFunction, name: &str, threads: u32, shared: u32) -> CudaResult<()> {
+pub(crate) fn allow_dynamic_shared(
+    f: &CudaFunction,
+    name: &str,
+    threads: u32,
+    shared: u32,
+) -> CudaResult<()> {
     // SAFETY: raising the dynamic shared-memory limit of a loaded function.
     unsafe {
         cudarc::driver::result::function::set_function_attribute(
