@@ -149,6 +149,30 @@ extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* w
     }
 }
 
+// Noise keys of a batch of sequences routed together: token t belongs to sequence t / window
+// (every sequence `window` tokens long but the last), which the CPU runs as its own call
+// first_call + t / window; inside it, the pair is row r of its expert (the expert's pairs of
+// that sequence before it). Sorted pairs of an expert are in token order, so the sequence's
+// first pair is found by binary search. key[pos] = (r, call), read by noise_key_of.
+extern "C" __global__ void moe_noise_keys(const u32* sorted_token, const u32* offsets, u32 n_experts, u32 n_pairs,
+                                          u32 window, u32 first_call, u32* key) {
+    const u32 pos = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pos >= n_pairs) return;
+    u32 lo = 0, hi = n_experts;  // expert e with offsets[e] <= pos < offsets[e + 1]
+    while (hi - lo > 1) {
+        const u32 mid = (lo + hi) / 2;
+        if (offsets[mid] <= pos) lo = mid; else hi = mid;
+    }
+    const u32 seq = sorted_token[pos] / window, seq_start = seq * window;
+    u32 a = offsets[lo], b = pos;  // first sorted position in [a, pos] with token ≥ seq_start
+    while (a < b) {
+        const u32 mid = (a + b) / 2;
+        if (sorted_token[mid] < seq_start) a = mid + 1; else b = mid;
+    }
+    key[2 * pos] = pos - a;
+    key[2 * pos + 1] = first_call + seq;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Prologue: noise management + DAC per crossbar block along K, once per input row (not per
 // expert). Mirrors tile::Crossbar::forward_chunk steps 1–2 (encode_row, Quantizer::quantize);
@@ -272,6 +296,8 @@ struct GemmParams {
     u32* bm_count;              // [1] entries of bm_list
     float* bm_scratch;          // [fix-up CTAs, N] outputs of the attempt in flight
     const u32* col_xbar;        // [N] crossbar column block of each column
+    const u32* noise_key;       // [P, 2] (noise row, call) of each sorted pair (0: row inside the
+                                // expert, mvm_id): a batch of sequences keys each as its own call
     u64 seed;
     u32 k, n, n_kb, k_block, n_experts, mvm_id, n_xbar, use_dac;
     float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code, bm_limit;
@@ -321,13 +347,22 @@ __device__ __forceinline__ float ir_row_factor(u32 j, float n) {
 // Two normals of `purpose` for columns (c, c + 1) of one output row; one Philox call when both
 // sit in one crossbar at an even index (the common case), else two (same values either way).
 __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 purpose, u32 tid0, u32 tid1, u64 idx0,
-                                                    u64 idx1) {
+                                                    u64 idx1, u32 call) {
     if (tid0 == tid1 && idx1 == idx0 + 1 && (idx0 & 1) == 0)
-        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, p.mvm_id, 0);
-    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, p.mvm_id, 0),
-                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, p.mvm_id, 0));
+        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, call, 0);
+    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, call, 0),
+                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, call, 0));
 }
 #endif
+
+// Noise row and call of sorted pair `pos`, the `row_local`-th row of its expert: the keys of
+// the per-MVM noise (tile::Crossbar::forward_chunk keys it by batch row and mvm_id).
+__device__ __forceinline__ u32 noise_row_of(const GemmParams& p, u32 pos, u32 row_local) {
+    return p.noise_key ? p.noise_key[2 * pos] : row_local;
+}
+__device__ __forceinline__ u32 noise_call_of(const GemmParams& p, u32 pos) {
+    return p.noise_key ? p.noise_key[2 * pos + 1] : p.mvm_id;
+}
 
 // CTA b → (expert e, row tile m_tile inside the expert, column tile n_tile), false past the last
 // tile. Each expert's CTAs run in groups of `width` column tiles, all of the expert's row tiles
@@ -598,6 +633,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                     const u32 pos = row_begin + row_local;
                     const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
                     const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+                    const u32 nrow = noise_row_of(p, pos, row_local), ncall = noise_call_of(p, pos);
+#endif
 #if (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE) && MOE_NOISE_QUADS
                     // Every 4 columns sit in one crossbar at a multiple of 4 (host-checked), so
                     // one Philox block holds the normals of a lane pair's 4 columns (words x, y
@@ -610,9 +648,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #pragma unroll
                         for (u32 tn = 0; tn < TN; tn += 2) {
                             const u32 col = frag_col(tn + odd);
-                            const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                            const u64 idx = (u64)nrow * p.col_block_cols[col] + p.col_local[col];
                             const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]),
-                                                         idx / 4, p.mvm_id, 0);
+                                                         idx / 4, ncall, 0);
                             const u32 got0 = __shfl_xor_sync(pair_mask, odd ? r.x : r.z, 1);
                             const u32 got1 = __shfl_xor_sync(pair_mask, odd ? r.y : r.w, 1);
                             const float2 mine = odd ? box_muller(r.z, r.w) : box_muller(r.x, r.y);
@@ -646,9 +684,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                             const float2 z = zq[tn];
 #else
                             const u32 tid0 = tid_of_col[col], tid1 = tid_of_col[col + 1];
-                            const u64 idx0 = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
-                            const u64 idx1 = (u64)row_local * p.col_block_cols[col + 1] + p.col_local[col + 1];
-                            const float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1);
+                            const u64 idx0 = (u64)nrow * p.col_block_cols[col] + p.col_local[col];
+                            const u64 idx1 = (u64)nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
+                            const float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1, ncall);
 #endif
 #if MOE_PCM_READ
                             const float out_var = __fmul_rn(p.out_noise, p.out_noise);
@@ -1020,7 +1058,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
             u32 mid = (lo + hi) / 2;
             if (p.offsets[mid] <= pos) lo = mid; else hi = mid;
         }
-        const u32 e = lo, row_local = pos - p.offsets[e];
+        const u32 e = lo;
         const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
         float* out_row = p.out + (u64)pos * p.n;
         for (u32 kb = 0; kb < p.n_kb; ++kb) {
@@ -1081,9 +1119,10 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
                     const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
                     {
-                        const u64 idx = (u64)row_local * p.col_block_cols[col] + p.col_local[col];
+                        const u64 idx = (u64)noise_row_of(p, pos, pos - p.offsets[e]) * p.col_block_cols[col] +
+                                        p.col_local[col];
                         const float z = stream_normal(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
-                                                      idx, p.mvm_id, attempt);
+                                                      idx, noise_call_of(p, pos), attempt);
 #if MOE_PCM_READ
                         const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, __fmul_rn(s2, step2))));
 #elif MOE_ADDITIVE

@@ -48,10 +48,11 @@ extern "C" __global__ void clamp_abs(float* x, u64 n, float c) {
     if (i < n) x[i] = fminf(fmaxf(x[i], -c), c);
 }
 
-// Mirrors RopeTable::apply with offset 0: `cos`, `sin` are the table's [positions, half] rows;
-// row r of x sits at position r. Pairs (i, i + half) or, interleaved, (2i, 2i + 1) of each head.
+// Mirrors RopeTable::apply with offset 0 per sequence: `cos`, `sin` are the table's
+// [positions, half] rows; the rows are sequences of `window` tokens one after another, row r at
+// position r mod window. Pairs (i, i + half) or, interleaved, (2i, 2i + 1) of each head.
 extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t, u32 rows, u32 heads,
-                                u32 head_width, u32 half, u32 interleaved) {
+                                u32 head_width, u32 half, u32 interleaved, u32 window) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * heads * half) return;
     const u32 k = i % half;
@@ -60,7 +61,8 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
     const u64 r = rh / heads;
     float* row = x + r * ((u64)heads * head_width) + (u64)h * head_width;
     const u32 a = interleaved ? 2 * k : k, b = interleaved ? 2 * k + 1 : k + half;
-    const float c = cos_t[r * half + k], s = sin_t[r * half + k];
+    const u64 pos = r % window;
+    const float c = cos_t[pos * half + k], s = sin_t[pos * half + k];
     const float x0 = row[a], x1 = row[b];
     row[a] = x0 * c - x1 * s;
     row[b] = x1 * c + x0 * s;
@@ -72,14 +74,15 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
 // Largest value head width: each lane keeps ATT_DV_MAX / 32 output accumulators.
 #define ATT_DV_MAX 256
 
-// Mirrors multi_head_attention / causal_attention for one sequence of `s` rows:
-// out[i, h·dv..] = softmax_j≤i(q_i·k_j · scale) · v_j, query head h reading key/value head
+// Mirrors multi_head_attention / causal_attention for `s` rows that are sequences of `window`
+// rows one after another (the last may be shorter): with b the first row of row i's sequence,
+// out[i, h·dv..] = softmax_{b≤j≤i}(q_i·k_j · scale) · v_j, query head h reading key/value head
 // h / (heads / kv_heads). Online softmax over tiles of 32 keys (Milakov & Gimelshein 2018): the
 // same function as the CPU's max-subtracted softmax, rounded in another order.
 // Grid (⌈s / ATT_ROWS⌉, heads); block ATT_ROWS warps; dynamic shared memory
 // (ATT_KEYS·(dq + 1) + ATT_KEYS·dv + ATT_ROWS·dq) floats.
 extern "C" __global__ void causal_attention(const float* q, const float* k, const float* v, float* out, u32 s,
-                                            u32 heads, u32 kv_heads, u32 dq, u32 dv, float scale) {
+                                            u32 heads, u32 kv_heads, u32 dq, u32 dv, float scale, u32 window) {
     extern __shared__ float smem[];
     float* ks = smem;                          // [ATT_KEYS][dq + 1]
     float* vs = ks + ATT_KEYS * (dq + 1);      // [ATT_KEYS][dv]
@@ -95,8 +98,10 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
 #pragma unroll
     for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] = 0.0f;
     float m = -__int_as_float(0x7f800000), l = 0.0f;
-    const u32 last = min(row0 + ATT_ROWS, s);  // keys 0..last are visible to some row
-    for (u32 j0 = 0; j0 < last; j0 += ATT_KEYS) {
+    const u32 last = min(row0 + ATT_ROWS, s);  // keys first..last are visible to some row
+    const u32 first = row0 / window * window;
+    const u32 b = i / window * window;         // this row's first key
+    for (u32 j0 = first / ATT_KEYS * ATT_KEYS; j0 < last; j0 += ATT_KEYS) {
         __syncthreads();
         for (u32 e = threadIdx.x; e < ATT_KEYS * dq; e += blockDim.x) {
             const u32 jj = e / dq, d = e % dq, j = j0 + jj;
@@ -107,17 +112,20 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
             vs[jj * dv + d] = j < s ? v[j * v_stride + (u64)g * dv + d] : 0.0f;
         }
         __syncthreads();
-        if (i >= s || j0 > i) continue;
+        // Tiles wholly before the row's sequence are skipped (a tile of masked keys only would
+        // make the running max −∞ and its correction NaN).
+        if (i >= s || j0 > i || j0 + ATT_KEYS <= b) continue;
         const u32 j = j0 + lane;
+        const bool seen = j >= b && j <= i;
         float score = -__int_as_float(0x7f800000);
-        if (j <= i) {
+        if (seen) {
             float dot = 0.0f;
             for (u32 d = 0; d < dq; ++d) dot += qs[warp * dq + d] * ks[lane * (dq + 1) + d];
             score = dot * scale;
         }
         const float m_new = fmaxf(m, warp_max(score));
         const float corr = expf(m - m_new);
-        const float p = j <= i ? expf(score - m_new) : 0.0f;
+        const float p = seen ? expf(score - m_new) : 0.0f;
         l = l * corr + warp_sum(p);
 #pragma unroll
         for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] *= corr;
@@ -162,17 +170,19 @@ extern "C" __global__ void add_rows(float* h, const float* y, const float* gate_
 
 #define MET_THREADS 256
 
-// Mirrors eval::analog::compare for one position per CTA: with la = log_softmax(logits row)
+// Mirrors eval::analog::compare for one position per CTA (reference row r; its logits are row
+// r + r / per_seq: sequences of per_seq + 1 rows, the last row of each scoring nothing; per_seq =
+// 0: row r): with la = log_softmax(logits row)
 // (max subtracted, Σ exp in f64, as log_softmax_rows), nll = −la[target], agree = (argmax la ==
 // the digital argmax, first index on ties), kl = Σ_v exp(pd_v)·(pd_v − la_v) in f64. Writes
 // out[3r..3r + 3] = (nll, kl, agree as 0 or 1): one copy back for all three.
 extern "C" __global__ void token_metrics(const float* logits, const float* ref_logp, const u32* ref_argmax,
-                                         const u32* targets, u32 vocab, double* out) {
+                                         const u32* targets, u32 vocab, u32 per_seq, double* out) {
     __shared__ float s_f[MET_THREADS / 32];
     __shared__ double s_d[MET_THREADS / 32];
     __shared__ u32 s_i[MET_THREADS / 32];
     const u32 r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-    const float* x = logits + (u64)r * vocab;
+    const float* x = logits + (u64)(per_seq ? r + r / per_seq : r) * vocab;
     const float* pd = ref_logp + (u64)r * vocab;
     // max
     float m = -__int_as_float(0x7f800000);
@@ -233,4 +243,81 @@ extern "C" __global__ void token_metrics(const float* logits, const float* ref_l
     out[3 * r] = -(double)(float)((double)x[targets[r]] - lse);
     out[3 * r + 1] = k_sum;
     out[3 * r + 2] = best_i == ref_argmax[r] ? 1.0 : 0.0;
+}
+
+// Mirrors RouterKind::route for the rules with a fixed number k of experts per token (the
+// checkpoint's softmax rule with its optional group limit, softmax:K, sigmoid:K), one thread per
+// token, in the CPU's order: scores (softmax with the max subtracted and a sequential sum, or
+// independent sigmoids), group limit (groups ranked by their best score, ties to the lower
+// group; scores outside the kept groups become 0), top-k descending with ties to the lower
+// expert, optional renormalisation by the sequential sum of the kept weights, × scaling.
+// `scores` is [T, E] scratch. Writes expert_of_pair / weight_of_pair [T·k] in (token, slot) order.
+extern "C" __global__ void route_topk(const float* logits, float* scores, u32 tokens, u32 experts, u32 k,
+                                      u32 sigmoid, u32 n_group, u32 topk_group, u32 renormalize, float scaling,
+                                      u32* expert_of_pair, float* weight_of_pair) {
+    const u32 t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    const float* l = logits + (u64)t * experts;
+    float* s = scores + (u64)t * experts;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    if (sigmoid) {
+        for (u32 e = 0; e < experts; ++e) s[e] = 1.0f / (1.0f + expf(-l[e]));
+    } else {
+        float m = NEG_INF;
+        for (u32 e = 0; e < experts; ++e) m = fmaxf(m, l[e]);
+        float sum = 0.0f;
+        for (u32 e = 0; e < experts; ++e) {
+            s[e] = expf(l[e] - m);
+            sum += s[e];
+        }
+        for (u32 e = 0; e < experts; ++e) s[e] /= sum;
+    }
+    if (n_group > 1 && topk_group < n_group) {
+        const u32 size = experts / n_group;
+        // Kept groups as a bit set (n_group ≤ 64, host-checked); the best unkept group each time.
+        unsigned long long kept = 0ull;
+        for (u32 r = 0; r < topk_group; ++r) {
+            float best = NEG_INF;
+            u32 best_g = 0;
+            bool any = false;
+            for (u32 g = 0; g < n_group; ++g) {
+                if (kept >> g & 1ull) continue;
+                float gb = NEG_INF;
+                for (u32 e = g * size; e < (g + 1) * size; ++e) gb = fmaxf(gb, s[e]);
+                if (!any || gb > best) {
+                    best = gb;
+                    best_g = g;
+                    any = true;
+                }
+            }
+            kept |= 1ull << best_g;
+        }
+        for (u32 e = 0; e < experts; ++e)
+            if (!(kept >> (e / size) & 1ull)) s[e] = 0.0f;
+    }
+    u32* eo = expert_of_pair + (u64)t * k;
+    float* wo = weight_of_pair + (u64)t * k;
+    float sum = 0.0f;
+    for (u32 slot = 0; slot < k; ++slot) {
+        float best = NEG_INF;
+        u32 best_e = 0;
+        bool any = false;
+        for (u32 e = 0; e < experts; ++e) {
+            if (s[e] == NEG_INF) continue;  // taken
+            if (!any || s[e] > best) {
+                best = s[e];
+                best_e = e;
+                any = true;
+            }
+        }
+        s[best_e] = NEG_INF;
+        eo[slot] = best_e;
+        wo[slot] = best;
+        sum += best;
+    }
+    for (u32 slot = 0; slot < k; ++slot) {
+        float w = wo[slot];
+        if (renormalize && sum > 0.0f) w /= sum;
+        wo[slot] = w * scaling;
+    }
 }

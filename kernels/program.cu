@@ -90,22 +90,28 @@ __device__ __forceinline__ float2 pair_conductances(float w, float s, float g_ma
     return make_float2(clampf(sw, 0.0f, g_max_us), clampf(-sw, 0.0f, g_max_us));
 }
 
+// Mirrors the per-element body of tile::Crossbar::program for element `local` (row-major
+// index inside its crossbar) of tensor `tensor_id`: target weight (normalised) → programmed net
+// weight, with the drift exponents of the two devices in *nu0, *nu1.
+__device__ __forceinline__ float program_element(const PcmParams& p, float w_target, float g_scale_target, u64 seed,
+                                                 u32 tensor_id, u64 local, float* nu0, float* nu1) {
+    const float2 xp = stream_normal_pair(make_stream(seed, PURPOSE_PROGRAM_NOISE, tensor_id), 2 * local, 0, 0);
+    const float2 xd = stream_normal_pair(make_stream(seed, PURPOSE_DRIFT_EXPONENT, tensor_id), 2 * local, 0, 0);
+    const float2 gt = pair_conductances(w_target, g_scale_target, p.g_max_us);
+    const float gp0 = pcm_program(p, gt.x, xp.x);
+    const float gp1 = pcm_program(p, gt.y, xp.y);
+    *nu0 = pcm_drift_exponent(p, gt.x, xd.x);
+    *nu1 = pcm_drift_exponent(p, gt.y, xd.y);
+    return (gp0 - gp1) / g_scale_target;
+}
+
 // Mirrors the per-element loop of tile::Crossbar::program: w_target (normalised, [n]) →
 // programmed net weight w_prog and drift exponents nu[2·i + d].
 extern "C" __global__ void program_weights(const float* w_target, float* w_prog, float* nu, u64 n,
                                            u64 seed, u32 tensor_id, float g_scale_target, PcmParams p) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    PhiloxStream prog = make_stream(seed, PURPOSE_PROGRAM_NOISE, tensor_id);
-    PhiloxStream drift = make_stream(seed, PURPOSE_DRIFT_EXPONENT, tensor_id);
-    float2 xp = stream_normal_pair(prog, 2 * i, 0, 0);
-    float2 xd = stream_normal_pair(drift, 2 * i, 0, 0);
-    float2 gt = pair_conductances(w_target[i], g_scale_target, p.g_max_us);
-    float gp0 = pcm_program(p, gt.x, xp.x);
-    float gp1 = pcm_program(p, gt.y, xp.y);
-    nu[2 * i] = pcm_drift_exponent(p, gt.x, xd.x);
-    nu[2 * i + 1] = pcm_drift_exponent(p, gt.y, xd.y);
-    w_prog[i] = (gp0 - gp1) / g_scale_target;
+    w_prog[i] = program_element(p, w_target[i], g_scale_target, seed, tensor_id, i, nu + 2 * i, nu + 2 * i + 1);
 }
 
 // Mirrors the per-element loop of tile::Crossbar::drift_to: re-convert w_prog with the scale
@@ -188,4 +194,50 @@ extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 grou
     double s = 0.0;
     for (u32 j = 0; j < rows; ++j) s += (double)fabsf(base[(u64)j * sj]);
     out[i] = s;
+}
+
+// Crossbar slot of grouped element (e, kb, column c): (e·n_kb + kb)·n_xbar + col_xbar[c], one
+// per crossbar (backend::cuda::moe::GroupedMatrix numbers its column blocks by col_xbar).
+__device__ __forceinline__ u64 crossbar_slot(const GroupedIndex& g, const u32* col_xbar, u32 n_xbar) {
+    return (g.e * g.n_kb + g.kb) * n_xbar + col_xbar[g.c];
+}
+
+// max |x / s| per crossbar of a grouped matrix [E, N, K] as IEEE bits (non-negative floats order
+// as unsigned integers; out_bits starts at 0), s = col_div[(e·n_kb + kb)·n + c] or 1 when
+// col_div is null: max_abs of tile::Crossbar::program's w_target (x = W, s = s_map) or of its
+// programmed weights (x = W̃_prog).
+extern "C" __global__ void crossbar_abs_max(const float* x, const float* col_div, u64 len, u32 n, u32 k, u32 k_block,
+                                            const u32* col_xbar, u32 n_xbar, u32* out_bits) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    const float v = col_div ? x[i] / col_div[(g.e * g.n_kb + g.kb) * n + g.c] : x[i];
+    atomicMax(out_bits + crossbar_slot(g, col_xbar, n_xbar), __float_as_uint(fabsf(v)));
+}
+
+// Per (e, kb, c): WeightConverter::scale of the column's crossbar max (differential pair:
+// g_max / max(|W|max, ZERO_CLIP)). len = E·n_kb·n.
+extern "C" __global__ void crossbar_scales(const u32* max_bits, u64 len, u32 n, const u32* col_xbar, u32 n_xbar,
+                                           float g_max_us, float* scale) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const u64 group = i / n;
+    const u32 c = i % n;
+    scale[i] = g_max_us / fmaxf(__uint_as_float(max_bits[group * n_xbar + col_xbar[c]]), 1e-7f);
+}
+
+// tile::Crossbar::program over the experts of a grouped matrix [E, N, K]: element (e, c, k) is
+// input j of local row col_local[c] of crossbar col_tensor_id[tab] (tab = (e·n_kb + kb)·n + c),
+// target w / s_map[tab] under the conductance scale g_target[tab]; programming and drift
+// exponent counters 2·(col_local[c]·k_block + j), as drift_grouped reads them. nu is [2, len].
+extern "C" __global__ void program_grouped(const float* w, const float* s_map, const float* g_target, float* w_prog,
+                                           float* nu, u64 len, u32 n, u32 k, u32 k_block, const u32* col_tensor_id,
+                                           const u32* col_local, u64 seed, PcmParams p) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    const u64 tab = (g.e * g.n_kb + g.kb) * n + g.c;
+    const u64 local = (u64)col_local[g.c] * k_block + g.j;
+    w_prog[i] = program_element(p, w[i] / s_map[tab], g_target[tab], seed, col_tensor_id[tab], local, nu + i,
+                                nu + len + i);
 }

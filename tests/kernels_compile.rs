@@ -92,10 +92,15 @@ fn check_on(
             let log = assemble(p, &ptx.to_src(), cc, &what);
             // Spilling the GEMM accumulators to local memory would cost far more than any
             // arithmetic in the epilogue: the launch bounds must hold them in registers.
-            for line in log.lines().filter(|l| l.contains("spill")) {
+            let mut function = "";
+            for line in log.lines() {
+                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                    function = rest.split('\'').next().unwrap_or("");
+                }
                 assert!(
-                    line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
-                    "{what}: {line}"
+                    !line.contains("spill")
+                        || line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "{what} {function}: {line}"
                 );
             }
             // ptxas serialises wgmma (and says so) when the accumulators are touched between

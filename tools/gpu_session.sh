@@ -4,7 +4,7 @@
 #   device.txt, kernels_compile.log, gpu_backend.log, gpu-bench-<preset>.md + bench-<preset>.log,
 #   lightning.json,
 #   eval-{cuda,cpu}.log (whole embedded-model analog eval, wall time of each backend),
-#   wgmma-<tile>.md (step 6).
+#   wgmma-<tile>.md (step 6), eval-full-{cuda,cpu}*.log (step 7: the full default eval).
 . "$(dirname "$0")/gpu_env.sh"
 # STEPS picks a subset (default 1–5), e.g. STEPS="1 2" to fit one 600 s device call; 6 is the
 # wgmma tile sweep (WG_TILES, WG_SHAPES).
@@ -61,5 +61,33 @@ for tile in ${WG_TILES:-128,4,0 128,4,1 128,5,1 256,3,1 256,4,1}; do
     --gpu-preset $BASIC --report "$OUT/wgmma-${tile//,/x}.md" > "$OUT/wgmma-${tile//,/x}.log" 2>&1
   echo "wgmma tile $tile rc=$?"; grep -E "^\| .*\((a|b|b')\)" "$OUT/wgmma-${tile//,/x}.md" | awk -F'|' '{print $2 "|" $3 "|" $4 "|" $6}'
 done
+fi
+if step 7; then
+# 7. The full default `aimc eval` (7 drift times × 5 seeds, 4,096 tokens) on each backend: one
+#    warm-up run (fills the PTX cache), then timed runs; the eval prints its phases.
+timeout 120 $B/aimc eval --backend cuda --out /tmp/eval-warm > /dev/null 2>&1
+for run in 1 2; do
+  s=$(date +%s%N)
+  timeout 120 $B/aimc eval --backend cuda --out "$OUT/eval-full-cuda-$run" > "$OUT/eval-full-cuda-$run.log" 2>&1
+  echo "eval cuda run $run rc=$? wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
+  grep -E "analog sweep|note|backend" "$OUT/eval-full-cuda-$run.log" | head -6
+done
+AIMC_PROFILE_FORWARD=1 timeout 120 $B/aimc eval --backend cuda --out /tmp/eval-prof > "$OUT/eval-full-cuda-profile.log" 2>&1
+grep -E "stage" "$OUT/eval-full-cuda-profile.log"
+s=$(date +%s%N)
+timeout 120 $B/aimc eval --backend cpu --out "$OUT/eval-full-cpu" > "$OUT/eval-full-cpu.log" 2>&1
+echo "eval cpu rc=$? wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
+grep -E "analog sweep" "$OUT/eval-full-cpu.log"
+fi
+if step 8; then
+# 8. Where the GPU eval's time goes, per kernel (Nsight Systems, when installed).
+NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+if [ -n "$NSYS" ]; then
+  timeout 200 $NSYS profile -t cuda -o /tmp/eval-nsys -f true $B/aimc eval --backend cuda --out /tmp/eval-nsys-out > /dev/null 2>&1
+  timeout 100 $NSYS stats -r cuda_gpu_kern_sum,cuda_api_sum -f csv -o "$OUT/nsys" /tmp/eval-nsys.nsys-rep > /dev/null 2>&1
+  for f in "$OUT"/nsys*.csv; do echo "== $f"; head -25 "$f" | cut -c1-220; done
+else
+  echo "nsys not found"
+fi
 fi
 ls -la "$OUT"

@@ -252,25 +252,39 @@ pub fn evaluate(
     let mut points = Vec::new();
     let mut phases = EvalPhases::default();
     let t1 = Instant::now();
+    // Program, drift and run on the GPU when it holds every analog matrix and the device is
+    // the preset's: the CPU programs the first seed (the crossbar layout and the GPU's check
+    // of it), the GPU programs the others itself.
     #[cfg(feature = "cuda")]
-    let mut gpu_drift_note = false;
-    for &seed in &cfg.seeds {
-        let device = cfg.device.clone().unwrap_or_else(|| preset.device.build());
+    let mut done_on_gpu = false;
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = gpu
+        .as_ref()
+        .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
+    {
+        use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
         let clock = Instant::now();
-        let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
+        let first = AnalogExperts::program_with_device(
+            model,
+            mapping,
+            preset,
+            preset.device.build(),
+            cfg.seeds[0],
+        )?;
         phases.program_s += clock.elapsed().as_secs_f64();
-        // Drift on the GPU when it holds every analog matrix and the device is the preset's.
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = gpu
-            .as_ref()
-            .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
-        {
-            use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
-            let clock = Instant::now();
-            let programmed = GpuExperts::program(dev, &experts, preset, Precision::AnalogSplitF16);
-            phases.upload_s += clock.elapsed().as_secs_f64();
-            match programmed {
-                Ok(mut g) => {
+        let clock = Instant::now();
+        let programmed = GpuExperts::program(dev, &first, preset, Precision::AnalogSplitF16);
+        phases.upload_s += clock.elapsed().as_secs_f64();
+        match programmed {
+            Ok(mut g) => {
+                for (i, &seed) in cfg.seeds.iter().enumerate() {
+                    if i > 0 {
+                        let clock = Instant::now();
+                        g.reprogram(seed).map_err(|e| {
+                            anyhow::anyhow!("programming seed {seed} on the GPU: {e}")
+                        })?;
+                        phases.program_s += clock.elapsed().as_secs_f64();
+                    }
                     for &t in &cfg.times_s {
                         bar.set_message(format!(
                             "seed {seed}, t = {}",
@@ -280,14 +294,17 @@ pub fn evaluate(
                         g.drift_to(t)
                             .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
                         phases.drift_s += clock.elapsed().as_secs_f64();
-                        backend = format!("{}; drift on the GPU", describe_gpu(&cfg.execution, &g));
+                        backend = format!(
+                            "{}; programming and drift on the GPU",
+                            describe_gpu(&cfg.execution, &g)
+                        );
                         let clock = Instant::now();
                         let total = forwards(
                             model,
                             &seqs,
                             &references,
                             &opts,
-                            &experts,
+                            &first,
                             Some(&g),
                             whole.as_mut(),
                             &mut backend,
@@ -296,17 +313,24 @@ pub fn evaluate(
                         points.push(point(t, seed, total));
                         bar.inc(1);
                     }
-                    continue;
                 }
-                Err(CudaError::Unsupported(why)) => {
-                    if !gpu_drift_note {
-                        eprintln!("note: drift runs on the CPU ({why})");
-                        gpu_drift_note = true;
-                    }
-                }
-                Err(e) => anyhow::bail!("uploading the programmed experts to the GPU: {e}"),
+                done_on_gpu = true;
             }
+            Err(CudaError::Unsupported(why)) => {
+                eprintln!("note: programming and drift run on the CPU ({why})");
+            }
+            Err(e) => anyhow::bail!("uploading the programmed experts to the GPU: {e}"),
         }
+    }
+    #[cfg(feature = "cuda")]
+    let cpu_seeds: &[u64] = if done_on_gpu { &[] } else { &cfg.seeds };
+    #[cfg(not(feature = "cuda"))]
+    let cpu_seeds: &[u64] = &cfg.seeds;
+    for &seed in cpu_seeds {
+        let device = cfg.device.clone().unwrap_or_else(|| preset.device.build());
+        let clock = Instant::now();
+        let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
+        phases.program_s += clock.elapsed().as_secs_f64();
         for &t in &cfg.times_s {
             bar.set_message(format!(
                 "seed {seed}, t = {}",
@@ -410,11 +434,17 @@ fn forwards(
 ) -> Result<Sums> {
     #[cfg(feature = "cuda")]
     if let (Some(g), Some((gm, gref))) = (gpu, whole) {
+        // As many sequences per pass as the free device memory holds (all of them for the
+        // embedded model): one pass over the layers instead of one per sequence.
+        let per_pass = gm
+            .sequences_per_pass(g.device(), seqs[0].len())
+            .map_err(|e| anyhow::anyhow!("sizing the GPU batch: {e}"))?;
         let mut total = Sums::default();
-        for (k, s) in seqs.iter().enumerate() {
-            let logits = gm.forward(s, g, &opts.router, k as u32)?;
+        for start in (0..seqs.len()).step_by(per_pass) {
+            let end = (start + per_pass).min(seqs.len());
+            let logits = gm.forward_sequences(&seqs[start..end], g, &opts.router, start as u32)?;
             let p = gref
-                .compare(g.device(), k, &logits)
+                .compare_sequences(g.device(), start..end, &logits)
                 .map_err(|e| anyhow::anyhow!("metrics on the GPU: {e}"))?;
             total += Sums {
                 nll: p.nll,
@@ -423,7 +453,10 @@ fn forwards(
                 positions: p.positions,
             };
         }
-        backend.push_str("; whole forward on the GPU");
+        backend.push_str(&format!(
+            "; whole forward on the GPU, {} sequences per pass",
+            per_pass.min(seqs.len())
+        ));
         return Ok(total);
     }
     let per_seq: Vec<Sums> = seqs

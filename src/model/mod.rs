@@ -35,7 +35,7 @@ pub use checkpoint::{CheckpointSource, TensorStore};
 pub use config::{Family, ModelConfig};
 pub use layer::{Attention, DecoderLayer, Ffn};
 pub use moe::{ExpertLinear, ExpertSlot, MatrixId, Proj};
-pub use router::{Assignment, RouterKind, RouterRule};
+pub use router::{Assignment, GroupLimit, RouterKind, RouterRule};
 pub use tokenizer::Tokenizer;
 
 use common::{matmul_t, RmsNorm, SwiGlu};

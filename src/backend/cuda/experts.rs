@@ -36,7 +36,7 @@ use crate::device::PcmLike;
 use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
 use crate::tile::{
     AnalogMatrix, Crossbar, DriftCompensation, PeripherySpec, TilePreset, GDC_MIN_READOUT,
-    GDC_READOUT_MVM_ID,
+    GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID,
 };
 
 /// Device memory kept free for the activations of the grouped layers (routing, DAC codes,
@@ -80,6 +80,25 @@ pub fn memory_plan(
     ))
 }
 
+/// How the per-MVM noise of a batch of rows is keyed: the rows are consecutive sequences of
+/// `window` tokens (the last may be shorter), sequence q drawing the noise of call
+/// `first_call + q`, as each would alone. One sequence: `window` ≥ the rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceKeys {
+    pub window: usize,
+    pub first_call: u32,
+}
+
+impl SequenceKeys {
+    /// The rows are one sequence, call `mvm_id`.
+    pub fn single(mvm_id: u32) -> Self {
+        Self {
+            window: usize::MAX,
+            first_call: mvm_id,
+        }
+    }
+}
+
 /// Every MoE layer whose routed experts are all analog, as grouped GPU layers.
 pub struct GpuExperts<'a, 'm> {
     dev: &'a CudaDevice,
@@ -94,6 +113,8 @@ pub struct GpuExperts<'a, 'm> {
     /// Operand format of the layers.
     precision: Precision,
     periphery: Option<GemmPeriphery>,
+    /// Seed of the programmed state and of the per-MVM noise.
+    seed: u64,
 }
 
 impl<'a, 'm> GpuExperts<'a, 'm> {
@@ -163,14 +184,18 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             drift: None,
             precision,
             periphery: Some(gemm),
+            seed: cpu.seed(),
         })
     }
 
-    /// Uploads the programmed state (programmed weights W̃_prog, drift exponents ν, conductance
-    /// scales, GDC references) of every MoE layer of `cpu`, freshly programmed with the PCM-family
-    /// `device`, so that [`GpuExperts::drift_to`] drifts them on the GPU: drift and read noise by
-    /// `kernels/program.cu` with the CPU's Philox keys, the GDC readout as the noisy identity
-    /// forward through the grouped kernel. The CPU crossbars stay at their programmed state.
+    /// The programmed state (programmed weights W̃_prog, drift exponents ν, conductance scales,
+    /// GDC references) of every MoE layer of `cpu`, freshly programmed with the PCM-family
+    /// `device`, on the GPU, so that [`GpuExperts::drift_to`] drifts them there: the crossbar
+    /// layout and mapping scales come from `cpu`, the programmed state is computed again on the
+    /// device from the digital weights with the CPU's Philox keys ([`GpuExperts::reprogram`]
+    /// with `cpu`'s seed); drift and read noise by `kernels/program.cu`, the GDC readout as the
+    /// noisy identity forward through the grouped kernel. The CPU crossbars stay at their
+    /// programmed state.
     ///
     /// `cpu` must have been programmed with `preset` and its own device.
     ///
@@ -220,10 +245,11 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     "GPU drift starts from freshly programmed differential-pair crossbars".into(),
                 ));
             }
-            // Programmed state (3 f32 per weight) stays; the operands (4 B), the drifted f32
-            // weights, their per-crossbar copy and its operands (12 B) exist while drifting.
+            // Programmed state and digital weights (4 f32 per weight) stay; the operands
+            // (4 B), the drifted f32 weights, their per-crossbar copy and its operands (12 B)
+            // exist while drifting.
             let elems = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size;
-            need += 12 * elems + 4 * elems;
+            need += 16 * elems + 4 * elems;
             if need + 12 * elems + activation_reserve_bytes(total) > free {
                 return Err(CudaError::Unsupported(format!(
                     "device memory: the programmed state of {} MoE layers needs more than the {:.2} GiB free",
@@ -231,8 +257,30 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     free as f64 / (1u64 << 30) as f64
                 )));
             }
-            let gate_up = DriftSource::interleaved(dev, &gate, &up)?;
-            let down = DriftSource::new(dev, &down)?;
+            let model = cpu.model();
+            let weights = |proj| -> CudaResult<Vec<ArrayView2<'_, f32>>> {
+                (0..cfg.num_experts)
+                    .map(|e| {
+                        model
+                            .matrix(MatrixId {
+                                layer: l,
+                                slot: ExpertSlot::Routed(e),
+                                proj,
+                            })
+                            .ok_or_else(|| {
+                                CudaError::Unsupported(format!("layer {l}: no routed expert {e}"))
+                            })
+                    })
+                    .collect()
+            };
+            let g_max = pcm.g_max_us;
+            let gate_up = DriftSource::interleaved(
+                dev,
+                (&gate, &weights(Proj::Gate)?),
+                (&up, &weights(Proj::Up)?),
+                g_max,
+            )?;
+            let down = DriftSource::new(dev, &down, &weights(Proj::Down)?, g_max)?;
             sources.insert(l, (gate_up, down));
         }
         Ok(Self {
@@ -249,7 +297,60 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             }),
             precision,
             periphery: Some(gemm),
+            seed: cpu.seed(),
         })
+        .and_then(|mut g| {
+            g.reprogram(cpu.seed())?;
+            Ok(g)
+        })
+    }
+
+    /// Programs every layer again under `seed`, on the device ([`GpuExperts::program`]'s
+    /// layers; drift with [`GpuExperts::drift_to`] before running them): the state
+    /// `AnalogExperts::program` would give for `seed`, without programming the CPU crossbars
+    /// and uploading them.
+    pub fn reprogram(&mut self, seed: u64) -> CudaResult<()> {
+        let (dev, periphery, precision) = (self.dev, self.periphery, self.precision);
+        let Some(drift) = self.drift.as_mut() else {
+            return Err(CudaError::Unsupported(
+                "these GPU experts were uploaded programmed and drifted; program them with GpuExperts::program"
+                    .into(),
+            ));
+        };
+        let state = (&drift.params, drift.compensation, drift.pcm.g_max_us);
+        for (gate_up, down) in drift.sources.values_mut() {
+            gate_up.reprogram(dev, state, seed, periphery.as_ref(), precision)?;
+            down.reprogram(dev, state, seed, periphery.as_ref(), precision)?;
+        }
+        self.seed = seed;
+        self.layers.clear();
+        Ok(())
+    }
+
+    /// Seed of the programmed state (the CPU crossbars' unless [`GpuExperts::reprogram`]ed).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Host copies of the programmed state of MoE layer `l` as `[gate/up, down]`: (W̃_prog,
+    /// ν `[2, E·N·K]`, conductance scale and GDC reference per `[E, KB, N]`), for tests.
+    #[allow(clippy::type_complexity)]
+    pub fn programmed_state(
+        &self,
+        l: usize,
+    ) -> CudaResult<Option<[(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>); 2]>> {
+        let Some((gu, down)) = self.drift.as_ref().and_then(|d| d.sources.get(&l)) else {
+            return Ok(None);
+        };
+        let host = |s: &DriftSource| -> CudaResult<_> {
+            Ok((
+                self.dev.download(&s.w_prog)?,
+                self.dev.download(&s.nu)?,
+                self.dev.download(&s.g_scale)?,
+                s.gdc_ref.clone(),
+            ))
+        };
+        Ok(Some([host(gu)?, host(down)?]))
     }
 
     /// Drifts every layer to `t_seconds` after programming on the GPU and rebuilds its
@@ -266,7 +367,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 "drift time must be finite and ≥ 0 s, got {t_seconds}"
             )));
         }
-        let (dev, seed) = (self.dev, self.cpu.seed());
+        let (dev, seed) = (self.dev, self.seed);
         let periphery = self.periphery.as_ref();
         let mut layers = BTreeMap::new();
         for (&l, (gate_up, down)) in &drift.sources {
@@ -323,7 +424,9 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
 
     /// The routed experts of MoE layer `layer` applied to the device rows `x` (`[n_tokens, d]`):
     /// `Σ w · expert_e(x[t])` over `assignments`, or `None` when the layer stays on the CPU or
-    /// the routing does not give every token the same number of experts.
+    /// the routing does not give every token the same number of experts. The rows are
+    /// sequences of `keys.window` tokens, sequence q drawing the noise of call
+    /// `keys.first_call + q` ([`SequenceKeys`]).
     pub fn routed_on_device(
         &self,
         layer: usize,
@@ -331,15 +434,54 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         n_tokens: usize,
         assignments: &[Assignment],
         n_experts: usize,
-        mvm_id: u32,
+        keys: SequenceKeys,
+    ) -> CudaResult<Option<CudaSlice<f32>>> {
+        if !self.layers.contains_key(&layer) {
+            return Ok(None);
+        }
+        let Some(k) = uniform_top_k(assignments, n_tokens, n_experts) else {
+            return self.stale_cpu().map(|()| None);
+        };
+        let dev = self.dev;
+        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
+        self.pairs_on_device(
+            layer,
+            x,
+            &dev.upload(&experts)?,
+            &dev.upload(&weights)?,
+            (n_tokens, k, n_experts),
+            keys,
+        )
+    }
+
+    /// [`GpuExperts::routed_on_device`] for `(expert, weight)` pairs already on the device in
+    /// `(token, slot)` order (`[T·k]` each; `shape` = (T, k, E)), `None` when the layer stays
+    /// on the CPU.
+    pub fn pairs_on_device(
+        &self,
+        layer: usize,
+        x: &CudaSlice<f32>,
+        expert_of_pair: &CudaSlice<u32>,
+        weight_of_pair: &CudaSlice<f32>,
+        (n_tokens, top_k, n_experts): (usize, usize, usize),
+        keys: SequenceKeys,
     ) -> CudaResult<Option<CudaSlice<f32>>> {
         let Some(gpu_layer) = self.layers.get(&layer) else {
             return Ok(None);
         };
-        let Some(k) = uniform_top_k(assignments, n_tokens, n_experts) else {
-            return self.stale_cpu().map(|()| None);
-        };
-        self.run_device(gpu_layer, x, n_tokens, assignments, k, n_experts, mvm_id)
+        let dev = self.dev;
+        let mut routing = route(
+            dev,
+            expert_of_pair,
+            weight_of_pair,
+            n_tokens,
+            top_k,
+            n_experts,
+        )?;
+        routing.key_sequences(dev, keys.window, keys.first_call)?;
+        gpu_layer
+            .forward(dev, x, &routing, keys.first_call)
             .map(Some)
     }
 
@@ -357,33 +499,8 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         }
     }
 
-    /// One grouped layer on device rows: sort the pairs by expert, gate/up → SwiGLU → down.
-    #[allow(clippy::too_many_arguments)]
-    fn run_device(
-        &self,
-        layer: &GpuMoeLayer,
-        x: &CudaSlice<f32>,
-        n_tokens: usize,
-        assignments: &[Assignment],
-        top_k: usize,
-        n_experts: usize,
-        mvm_id: u32,
-    ) -> CudaResult<CudaSlice<f32>> {
-        let dev = self.dev;
-        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
-        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
-        let routing = route(
-            dev,
-            &dev.upload(&experts)?,
-            &dev.upload(&weights)?,
-            n_tokens,
-            top_k,
-            n_experts,
-        )?;
-        layer.forward(dev, x, &routing, mvm_id)
-    }
-
-    /// One grouped layer from host rows: upload, [`GpuExperts::run_device`], copy back.
+    /// One grouped layer from host rows: upload, sort the pairs by expert, gate/up → SwiGLU →
+    /// down, copy back.
     fn run(
         &self,
         layer: &GpuMoeLayer,
@@ -401,7 +518,17 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (t, d) = x.dim();
         let x = x.as_standard_layout();
         let x_dev = dev.upload(x.as_slice().expect("standard layout"))?;
-        let y = self.run_device(layer, &x_dev, t, assignments, top_k, n_experts, mvm_id)?;
+        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
+        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
+        let routing = route(
+            dev,
+            &dev.upload(&experts)?,
+            &dev.upload(&weights)?,
+            t,
+            top_k,
+            n_experts,
+        )?;
+        let y = layer.forward(dev, &x_dev, &routing, mvm_id)?;
         let host = dev.download(&y)?;
         Ok(Array2::from_shape_vec((t, d), host).expect("kernel output is [T, d]"))
     }
@@ -426,6 +553,52 @@ fn routed_matrices<'a>(
         .collect()
 }
 
+/// The programmed state of the CPU crossbars of MoE layer `l` in the layout of
+/// [`GpuExperts::programmed_state`] (`[gate/up, down]`, each (W̃_prog, ν `[2, E·N·K]`,
+/// conductance scale and GDC reference per `[E, KB, N]`)), to compare the GPU's programming
+/// with; `None` when a routed expert of the layer is digital.
+#[allow(clippy::type_complexity)]
+pub fn cpu_programmed_state(
+    cpu: &AnalogExperts<'_>,
+    l: usize,
+) -> CudaResult<Option<[(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>); 2]>> {
+    let state = |experts: &[&AnalogMatrix]| -> CudaResult<_> {
+        let grouped = |f: &dyn Fn(&Crossbar) -> ArrayView2<'_, f32>| -> CudaResult<Vec<f32>> {
+            Ok(GroupedMatrix::from_blocks(experts, f)?.weights)
+        };
+        let mut nu = grouped(&|b| b.drift_exponents()[0].view())?;
+        nu.extend(grouped(&|b| b.drift_exponents()[1].view())?);
+        Ok((
+            grouped(&|b| b.programmed_weights())?,
+            nu,
+            column_table(experts, |b, _| b.conductance_scale_us()),
+            column_table(experts, gdc_reference_of),
+        ))
+    };
+    let proj = |p| routed_matrices(cpu, l, p).ok();
+    let (Some(gate), Some(up), Some(down)) = (proj(Proj::Gate), proj(Proj::Up), proj(Proj::Down))
+    else {
+        return Ok(None);
+    };
+    let (g, u) = (state(&gate)?, state(&up)?);
+    let t = GroupedMatrix::from_blocks(&gate, |b| b.programmed_weights())?;
+    let (e, n, k) = (t.n_experts, t.n_cols, t.k);
+    let groups = e * (k / t.k_block);
+    let len = e * n * k;
+    let nu = [
+        interleave_rows(&g.1[..len], &u.1[..len], e, n, k),
+        interleave_rows(&g.1[len..], &u.1[len..], e, n, k),
+    ]
+    .concat();
+    let gate_up = (
+        interleave_rows(&g.0, &u.0, e, n, k),
+        nu,
+        interleave_rows(&g.2, &u.2, groups, n, 1),
+        interleave_rows(&g.3, &u.3, groups, n, 1),
+    );
+    Ok(Some([gate_up, state(&down)?]))
+}
+
 /// The programmed state of every MoE layer on the device ([`GpuExperts::program`]).
 struct GpuDrift {
     pcm: PcmLike,
@@ -446,9 +619,17 @@ struct DriftSource {
     g_scale: CudaSlice<f32>,
     /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
     gdc_ref: Vec<f32>,
-    /// Device copies of `tables.col_tensor_id` and `tables.col_local`, read by `drift_grouped`.
+    /// Device copies of `tables.col_tensor_id`, `tables.col_local` and `tables.col_xbar`,
+    /// read by `drift_grouped` and `program_grouped`.
     col_tensor_id: CudaSlice<u32>,
     col_local: CudaSlice<u32>,
+    col_xbar: CudaSlice<u32>,
+    /// The digital weights `[E, N, K]` (what programming targets), s_map per `[E, KB, N]` and
+    /// the target conductance scale of each column's crossbar (seed-independent), for
+    /// [`DriftSource::reprogram`].
+    w: CudaSlice<f32>,
+    s_map: CudaSlice<f32>,
+    g_target: CudaSlice<f32>,
 }
 
 /// `[E, KB, N]` table of `f(crossbar, local column)` over the experts' crossbars.
@@ -477,26 +658,34 @@ fn gdc_reference_of(block: &Crossbar, lc: usize) -> f32 {
 struct DriftHost {
     /// Kernel tables with s_map as `col_scale`; `weights` empty.
     tables: GroupedMatrix,
-    w_prog: Vec<f32>,
-    nu0: Vec<f32>,
-    nu1: Vec<f32>,
-    g_scale: Vec<f32>,
+    /// The digital weights `[E, N, K]`.
+    w: Vec<f32>,
+    /// `[E, KB, N]`: the CPU crossbars' GDC reference per column (the seed-independent one of
+    /// `global_exact`; 1 under `none`; recomputed on the device otherwise).
     gdc_ref: Vec<f32>,
 }
 
 impl DriftHost {
-    fn new(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+    /// `weights`: the digital matrices the crossbars of `experts` were programmed from.
+    fn new(experts: &[&AnalogMatrix], weights: &[ArrayView2<'_, f32>]) -> CudaResult<Self> {
         let mut tables = GroupedMatrix::from_blocks(experts, |b| b.programmed_weights())?;
-        let w_prog = std::mem::take(&mut tables.weights);
-        let nu0 = GroupedMatrix::from_blocks(experts, |b| b.drift_exponents()[0].view())?.weights;
-        let nu1 = GroupedMatrix::from_blocks(experts, |b| b.drift_exponents()[1].view())?.weights;
+        let mut w = std::mem::take(&mut tables.weights);
+        w.clear();
+        for m in weights {
+            if m.dim() != (tables.n_cols, tables.k) {
+                return Err(CudaError::Unsupported(format!(
+                    "programming on the GPU: a {:?} weight matrix for crossbars of {}×{}",
+                    m.dim(),
+                    tables.n_cols,
+                    tables.k
+                )));
+            }
+            w.extend(m.iter());
+        }
         tables.col_scale = column_table(experts, |b, lc| b.map_scale()[lc]);
         Ok(Self {
             tables,
-            w_prog,
-            nu0,
-            nu1,
-            g_scale: column_table(experts, |b, _| b.conductance_scale_us()),
+            w,
             gdc_ref: column_table(experts, gdc_reference_of),
         })
     }
@@ -508,43 +697,153 @@ impl DriftHost {
         let groups = e * (k / t.k_block);
         Ok(Self {
             tables: GroupedMatrix::interleave_swiglu(&g.tables, &u.tables)?,
-            w_prog: interleave_rows(&g.w_prog, &u.w_prog, e, n, k),
-            nu0: interleave_rows(&g.nu0, &u.nu0, e, n, k),
-            nu1: interleave_rows(&g.nu1, &u.nu1, e, n, k),
-            g_scale: interleave_rows(&g.g_scale, &u.g_scale, groups, n, 1),
+            w: interleave_rows(&g.w, &u.w, e, n, k),
             gdc_ref: interleave_rows(&g.gdc_ref, &u.gdc_ref, groups, n, 1),
         })
     }
 }
 
 impl DriftSource {
-    fn upload(dev: &CudaDevice, mut h: DriftHost) -> CudaResult<Self> {
-        let mut nu = std::mem::take(&mut h.nu0);
-        nu.append(&mut h.nu1);
-        Ok(Self {
-            w_prog: dev.upload(&h.w_prog)?,
-            nu: dev.upload(&nu)?,
-            g_scale: dev.upload(&h.g_scale)?,
+    /// The tables and digital weights on the device; the programmed state is left for
+    /// [`DriftSource::reprogram`] to compute.
+    fn upload(dev: &CudaDevice, h: DriftHost, g_max_us: f32) -> CudaResult<Self> {
+        let len = h.w.len();
+        let mut src = Self {
+            w_prog: dev.zeros::<f32>(len)?,
+            nu: dev.zeros::<f32>(2 * len)?,
+            g_scale: dev.zeros::<f32>(h.tables.col_scale.len())?,
             gdc_ref: h.gdc_ref,
             col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
             col_local: dev.upload(&h.tables.col_local)?,
+            col_xbar: dev.upload(&h.tables.col_xbar)?,
+            w: dev.upload(&h.w)?,
+            s_map: dev.upload(&h.tables.col_scale)?,
+            g_target: dev.zeros::<f32>(1)?,
             tables: h.tables,
-        })
+        };
+        // tile::Crossbar::program's g_scale_target: the scale of max |W / s_map| per crossbar.
+        src.g_target = src.crossbar_scales(dev, &src.w, Some(&src.s_map), g_max_us)?;
+        Ok(src)
     }
 
-    fn new(dev: &CudaDevice, experts: &[&AnalogMatrix]) -> CudaResult<Self> {
-        Self::upload(dev, DriftHost::new(experts)?)
+    fn new(
+        dev: &CudaDevice,
+        experts: &[&AnalogMatrix],
+        weights: &[ArrayView2<'_, f32>],
+        g_max_us: f32,
+    ) -> CudaResult<Self> {
+        Self::upload(dev, DriftHost::new(experts, weights)?, g_max_us)
     }
 
     fn interleaved(
         dev: &CudaDevice,
-        gate: &[&AnalogMatrix],
-        up: &[&AnalogMatrix],
+        (gate, gate_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
+        (up, up_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
+        g_max_us: f32,
     ) -> CudaResult<Self> {
         Self::upload(
             dev,
-            DriftHost::interleave(&DriftHost::new(gate)?, &DriftHost::new(up)?)?,
+            DriftHost::interleave(&DriftHost::new(gate, gate_w)?, &DriftHost::new(up, up_w)?)?,
+            g_max_us,
         )
+    }
+
+    /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|
+    /// over the entry's crossbar (`div` per entry, or none).
+    fn crossbar_scales(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<f32>,
+        div: Option<&CudaSlice<f32>>,
+        g_max_us: f32,
+    ) -> CudaResult<CudaSlice<f32>> {
+        let m = &self.tables;
+        let (n, k, kb) = (m.n_cols, m.k, m.k_block);
+        let (len, groups) = (m.n_experts * n * k, m.n_experts * (k / kb));
+        let mut bits = dev.zeros::<u32>(groups * m.n_xbar)?;
+        let f = dev.function(&PROGRAM_CU, &[], "crossbar_abs_max")?;
+        let (len64, n32, k32, kb32, nx32) =
+            (len as u64, n as u32, k as u32, kb as u32, m.n_xbar as u32);
+        let null = 0u64;
+        dev.launch(&f, "crossbar_abs_max", linear_launch(len64), |b| {
+            b.arg(x);
+            match div {
+                Some(d) => b.arg(d),
+                None => b.arg(&null),
+            };
+            b.arg(&len64)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&kb32)
+                .arg(&self.col_xbar)
+                .arg(&nx32)
+                .arg(&mut bits);
+        })?;
+        let entries = (groups * n) as u64;
+        let mut scale = dev.scratch::<f32>(groups * n)?;
+        let f = dev.function(&PROGRAM_CU, &[], "crossbar_scales")?;
+        dev.launch(&f, "crossbar_scales", linear_launch(entries), |b| {
+            b.arg(&bits)
+                .arg(&entries)
+                .arg(&n32)
+                .arg(&self.col_xbar)
+                .arg(&nx32)
+                .arg(&g_max_us)
+                .arg(&mut scale);
+        })?;
+        Ok(scale)
+    }
+
+    /// Programs the crossbars again under `seed` on the device, as `tile::Crossbar::program`
+    /// does on the CPU: W̃_prog and ν from the digital weights (`program_grouped`), the
+    /// conductance scale of W̃_prog per crossbar, and the GDC reference (the noisy identity
+    /// readout of W̃_prog under `global`/`global_per_column`; `global_exact`'s mean |W/s_map|
+    /// and `none` do not depend on the seed).
+    fn reprogram(
+        &mut self,
+        dev: &CudaDevice,
+        drift: (&PcmParams, DriftCompensation, f32),
+        seed: u64,
+        periphery: Option<&GemmPeriphery>,
+        precision: Precision,
+    ) -> CudaResult<()> {
+        let (params, compensation, g_max_us) = drift;
+        let m = &self.tables;
+        let (n, k, kb) = (m.n_cols, m.k, m.k_block);
+        let len = m.n_experts * n * k;
+        let f = dev.function(&PROGRAM_CU, &[], "program_grouped")?;
+        let (len64, n32, k32, kb32) = (len as u64, n as u32, k as u32, kb as u32);
+        dev.launch(&f, "program_grouped", linear_launch(len64), |b| {
+            b.arg(&self.w)
+                .arg(&self.s_map)
+                .arg(&self.g_target)
+                .arg(&mut self.w_prog)
+                .arg(&mut self.nu)
+                .arg(&len64)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&kb32)
+                .arg(&self.col_tensor_id)
+                .arg(&self.col_local)
+                .arg(&seed)
+                .arg(params);
+        })?;
+        self.g_scale = self.crossbar_scales(dev, &self.w_prog, None, g_max_us)?;
+        if matches!(
+            compensation,
+            DriftCompensation::Global | DriftCompensation::GlobalPerColumn
+        ) {
+            self.gdc_ref = self.gdc_means(
+                dev,
+                &self.w_prog,
+                compensation,
+                seed,
+                periphery,
+                precision,
+                GDC_REFERENCE_MVM_ID,
+            )?;
+        }
+        Ok(())
     }
 
     /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
@@ -583,7 +882,17 @@ impl DriftSource {
         })?;
         let alpha = match drift.compensation {
             DriftCompensation::None => None,
-            c => Some(self.gdc_alpha(dev, &w, c, seed, periphery, precision)?),
+            c => {
+                let now =
+                    self.gdc_means(dev, &w, c, seed, periphery, precision, GDC_READOUT_MVM_ID)?;
+                Some(
+                    self.gdc_ref
+                        .iter()
+                        .zip(now)
+                        .map(|(r, y)| r / y.max(GDC_MIN_READOUT))
+                        .collect::<Vec<f32>>(),
+                )
+            }
         };
         let mut scaled = GroupedMatrix {
             weights: Vec::new(),
@@ -597,11 +906,12 @@ impl DriftSource {
         GpuGroupedMatrix::from_device_weights(dev, &scaled, &w, precision)
     }
 
-    /// α_GDC per (expert, K block, column) of the drifted weights `w`, as
-    /// `tile::Crossbar::drift_to` computes it: ref / max(readout, GDC_MIN_READOUT), the readout
-    /// being mean |Y| of the noisy identity forward through each crossbar (per column under
-    /// `global_per_column`) or, under `global_exact`, mean |W̃|.
-    fn gdc_alpha(
+    /// The GDC readout per (expert, K block, column) of the weights `w`, as `tile::Crossbar`
+    /// computes it (the reference at programming, the readout after drift): mean |Y| of the
+    /// noisy identity forward of call `mvm_id` through each crossbar (per column under
+    /// `global_per_column`, else one value per crossbar) or, under `global_exact`, mean |W̃|.
+    #[allow(clippy::too_many_arguments)]
+    fn gdc_means(
         &self,
         dev: &CudaDevice,
         w: &CudaSlice<f32>,
@@ -609,6 +919,7 @@ impl DriftSource {
         seed: u64,
         periphery: Option<&GemmPeriphery>,
         precision: Precision,
+        mvm_id: u32,
     ) -> CudaResult<Vec<f32>> {
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
@@ -669,7 +980,7 @@ impl DriftSource {
                 true,
                 periphery,
                 seed,
-                GDC_READOUT_MVM_ID,
+                mvm_id,
                 GemmOutput::Store,
                 &mut y,
             )?;
@@ -694,13 +1005,13 @@ impl DriftSource {
                     .arg(&sc);
             },
         )?;
-        // Means in f64, rounded once to f32, and α in f32: as tile::Crossbar::drift_to.
+        // Means in f64, rounded once to f32: as tile::Crossbar's mean_abs_f64.
         let sums = dev.download(&sums)?;
         let rows = kb as f64;
-        let mut alpha = vec![1.0f32; groups * n];
+        let mut means = vec![0.0f32; groups * n];
         if compensation == DriftCompensation::GlobalPerColumn {
-            for (i, a) in alpha.iter_mut().enumerate() {
-                *a = self.gdc_ref[i] / ((sums[i] / rows) as f32).max(GDC_MIN_READOUT);
+            for (mean, sum) in means.iter_mut().zip(&sums) {
+                *mean = (sum / rows) as f32;
             }
         } else {
             // One value per crossbar: Σ over its columns, / (rows · columns).
@@ -710,13 +1021,13 @@ impl DriftSource {
                     per_xbar[m.col_xbar[c] as usize] += sums[g * n + c];
                 }
                 for c in 0..n {
-                    let mean =
-                        per_xbar[m.col_xbar[c] as usize] / (rows * f64::from(m.col_block_cols[c]));
-                    alpha[g * n + c] = self.gdc_ref[g * n + c] / (mean as f32).max(GDC_MIN_READOUT);
+                    means[g * n + c] = (per_xbar[m.col_xbar[c] as usize]
+                        / (rows * f64::from(m.col_block_cols[c])))
+                        as f32;
                 }
             }
         }
-        Ok(alpha)
+        Ok(means)
     }
 }
 

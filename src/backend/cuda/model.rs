@@ -18,13 +18,16 @@ use ndarray::{Array2, ArrayView2};
 
 use super::blas::Blas;
 use super::compile::MODEL_CU;
-use super::experts::GpuExperts;
+use super::experts::{GpuExperts, SequenceKeys};
 use super::moe::allow_dynamic_shared;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
 use crate::model::rope::RopeTable;
-use crate::model::{Attention, ExpertLinear, ExpertSlot, Ffn, MatrixId, Model, Proj, RouterKind};
+use crate::model::{
+    Assignment, Attention, ExpertLinear, ExpertSlot, Ffn, MatrixId, Model, Proj, RouterKind,
+    RouterRule,
+};
 
 /// Query rows per CTA and keys per shared tile of `causal_attention` (`ATT_ROWS`, `ATT_KEYS`
 /// in `kernels/model.cu`), and the widest value head it takes (`ATT_DV_MAX`).
@@ -284,6 +287,31 @@ impl<'m> GpuModel<'m> {
         self.clock.as_ref().map(|c| c.seconds.as_slice())
     }
 
+    /// Device bytes one token row of a forward pass holds at most at once (activations and
+    /// scratch in f32, the routed experts' pairs included), with a factor 2 for the memory
+    /// pool's fragmentation.
+    pub fn bytes_per_token(&self) -> usize {
+        let c = &self.model.config;
+        let attn = self
+            .layers
+            .iter()
+            .filter_map(|l| l.attention.as_ref())
+            .map(|a| 2 * a.q.out + a.k.out + a.v.out + a.o.out)
+            .max()
+            .unwrap_or(0);
+        let ffn = (c.top_k.max(1) * (c.moe_intermediate_size * 6 + c.hidden_size))
+            .max(3 * c.dense_intermediate_size.max(c.shared_intermediate_size));
+        let floats = c.vocab_size + 4 * c.hidden_size + attn + 2 * c.num_experts + ffn;
+        2 * 4 * floats + 64
+    }
+
+    /// How many sequences of `window` tokens one [`GpuModel::forward_sequences`] pass takes:
+    /// as many as half the free device memory holds (at least one).
+    pub fn sequences_per_pass(&self, dev: &CudaDevice, window: usize) -> CudaResult<usize> {
+        let (free, _) = dev.memory_bytes()?;
+        Ok((free / 2 / (self.bytes_per_token() * window.max(1))).max(1))
+    }
+
     /// Which decoder layers run their attention on the CPU (latent attention), for reports.
     pub fn cpu_attention_layers(&self) -> Vec<usize> {
         (0..self.layers.len())
@@ -313,25 +341,58 @@ impl<'m> GpuModel<'m> {
         router: &RouterKind,
         mvm_id: u32,
     ) -> Result<CudaSlice<f32>> {
+        self.forward_sequences(&[tokens], experts, router, mvm_id)
+    }
+
+    /// Next-token logits `[Σ len, vocab]` of several sequences run as one batch (rows one
+    /// sequence after another). Every sequence but the last has the length of the first; each
+    /// is computed as [`GpuModel::forward`] computes it alone with call `first_call + q`
+    /// (attention and RoPE positions per sequence, per-MVM noise keyed per sequence): one pass
+    /// over the layers for all of them instead of one per sequence.
+    pub fn forward_sequences(
+        &mut self,
+        seqs: &[&[u32]],
+        experts: &GpuExperts<'_, '_>,
+        router: &RouterKind,
+        first_call: u32,
+    ) -> Result<CudaSlice<f32>> {
         let dev = experts.device();
         dev.context()
             .bind_to_thread()
             .map_err(|e| anyhow!("binding the CUDA context: {e}"))?;
         let cfg = &self.model.config;
+        anyhow::ensure!(
+            !seqs.is_empty() && seqs.iter().all(|q| !q.is_empty()),
+            "forward: empty sequence"
+        );
+        let window = seqs[0].len();
+        if let Some(q) = seqs[..seqs.len() - 1]
+            .iter()
+            .position(|q| q.len() != window)
+        {
+            anyhow::bail!(
+                "forward: sequence {q} of the batch has {} tokens, the first {window} (only the last may be shorter)",
+                seqs[q].len()
+            );
+        }
+        if seqs.last().is_some_and(|q| q.len() > window) {
+            anyhow::bail!("forward: the last sequence of the batch is longer than the first");
+        }
+        let tokens: Vec<u32> = seqs.concat();
         let s = tokens.len();
-        anyhow::ensure!(s > 0, "forward: empty sequence");
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             anyhow::bail!(
                 "forward: token id {bad} is outside the vocabulary (vocab_size {})",
                 cfg.vocab_size
             );
         }
-        if let Some(w) = cfg.sliding_window.filter(|&w| s > w) {
+        if let Some(w) = cfg.sliding_window.filter(|&w| window > w) {
             anyhow::bail!(
-                "forward: a sequence of {s} tokens exceeds the checkpoint's sliding window ({w})"
+                "forward: a sequence of {window} tokens exceeds the checkpoint's sliding window ({w})"
             );
         }
-        self.rope_for(dev, s)?;
+        let batch = Batch { window, first_call };
+        self.rope_for(dev, window)?;
         let mut clock = self.clock.take();
         if let Some(c) = clock.as_mut() {
             dev.synchronize()?;
@@ -342,8 +403,7 @@ impl<'m> GpuModel<'m> {
             None => Ok(()),
         };
         let h_dim = cfg.hidden_size;
-        let call = experts.call(mvm_id);
-        let ids = dev.upload(tokens)?;
+        let ids = dev.upload(&tokens)?;
         let mut h = dev.scratch::<f32>(s * h_dim)?;
         let n = (s * h_dim) as u64;
         let (rows, width) = (s as u32, h_dim as u32);
@@ -372,7 +432,7 @@ impl<'m> GpuModel<'m> {
             match &layer.attention {
                 Some(a) => {
                     let rope = self.rope.as_ref().expect("rope_for ran");
-                    self.attention(dev, a, &x, &mut h, s, (&rope.2, &rope.3, &rope.1))
+                    self.attention(dev, a, &x, &mut h, s, window, (&rope.2, &rope.3, &rope.1))
                         .map_err(at)?;
                 }
                 None => {
@@ -381,8 +441,11 @@ impl<'m> GpuModel<'m> {
                     };
                     let rope = &self.rope.as_ref().expect("rope_for ran").1;
                     let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                    #[allow(clippy::single_range_in_vec_init)]
-                    let a = mla.forward(xh.view(), &[0..s], rope);
+                    let ranges: Vec<_> = (0..s)
+                        .step_by(window)
+                        .map(|a| a..(a + window).min(s))
+                        .collect();
+                    let a = mla.forward(xh.view(), &ranges, rope);
                     add_host(dev, &mut h, a.view()).map_err(at)?;
                 }
             }
@@ -405,7 +468,9 @@ impl<'m> GpuModel<'m> {
                             .map_err(at)?;
                     } else {
                         let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                        let y = swiglu(&call, l, slot, xh.view());
+                        let y = batch.per_sequence(xh.view(), |call, rows| {
+                            Ok(swiglu(&experts.call(call), l, slot, rows))
+                        })?;
                         add_host(dev, &mut h, y.view()).map_err(at)?;
                     }
                 }
@@ -419,22 +484,54 @@ impl<'m> GpuModel<'m> {
                     self.blas
                         .sgemm_nt(dev, &x, w_router, &mut logits, (s, e, h_dim), 0.0)
                         .map_err(at)?;
-                    let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
-                    let assignments = router.route(logits.view(), &cfg.router);
-                    lap("router").map_err(at)?;
-                    match experts
-                        .routed_on_device(l, &x, s, &assignments, e, mvm_id)
-                        .map_err(at)?
-                    {
-                        Some(y) => add_rows(dev, &mut h, &y, None, s, h_dim).map_err(at)?,
-                        None => {
-                            let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                            let y = match call.routed_experts(l, xh.view(), &assignments, e)? {
-                                Some(y) => y,
-                                None => dispatch(l, xh.view(), &assignments, e, &call),
-                            };
-                            add_host(dev, &mut h, y.view()).map_err(at)?;
+                    let keys = SequenceKeys { window, first_call };
+                    // Fixed-k rules route on the device when the layer's experts are there.
+                    let on_device = match (experts.layer(l), device_top_k(router, &cfg.router, e)) {
+                        (Some(_), Some(k)) => {
+                            let (eop, wop) =
+                                route_top_k(dev, &logits, s, e, k, router, &cfg.router)
+                                    .map_err(at)?;
+                            lap("router").map_err(at)?;
+                            experts
+                                .pairs_on_device(l, &x, &eop, &wop, (s, k, e), keys)
+                                .map_err(at)?
                         }
+                        _ => {
+                            let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
+                            let assignments = router.route(logits.view(), &cfg.router);
+                            lap("router").map_err(at)?;
+                            match experts
+                                .routed_on_device(l, &x, s, &assignments, e, keys)
+                                .map_err(at)?
+                            {
+                                Some(y) => Some(y),
+                                None => {
+                                    let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
+                                    let y = batch.per_sequence(xh.view(), |call, rows| {
+                                        let r0 = (call - first_call) as usize * window;
+                                        let r = r0 as u32..(r0 + rows.nrows()) as u32;
+                                        let mine: Vec<Assignment> = assignments
+                                            .iter()
+                                            .filter(|a| r.contains(&a.token))
+                                            .map(|a| Assignment {
+                                                token: a.token - r.start,
+                                                ..*a
+                                            })
+                                            .collect();
+                                        let c = experts.call(call);
+                                        Ok(match c.routed_experts(l, rows, &mine, e)? {
+                                            Some(y) => y,
+                                            None => dispatch(l, rows, &mine, e, &c),
+                                        })
+                                    })?;
+                                    add_host(dev, &mut h, y.view()).map_err(at)?;
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    if let Some(y) = on_device {
+                        add_rows(dev, &mut h, &y, None, s, h_dim).map_err(at)?;
                     }
                     lap("routed experts").map_err(at)?;
                     if let Some((m, gate)) = shared {
@@ -444,7 +541,9 @@ impl<'m> GpuModel<'m> {
                                 .map_err(at)?;
                         } else {
                             let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                            let mut y = swiglu(&call, l, slot, xh.view());
+                            let mut y = batch.per_sequence(xh.view(), |call, rows| {
+                                Ok(swiglu(&experts.call(call), l, slot, rows))
+                            })?;
                             if let Some(g) = &self.shared_gate_host(l) {
                                 for (mut row, xr) in y.rows_mut().into_iter().zip(xh.rows()) {
                                     let z = xr.dot(g);
@@ -488,7 +587,9 @@ impl<'m> GpuModel<'m> {
         }
     }
 
-    /// h += o(attention(q, k, v)) for normalised rows `x` (StandardAttention::forward).
+    /// h += o(attention(q, k, v)) for normalised rows `x` (StandardAttention::forward), the
+    /// rows being sequences of `window` tokens.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         dev: &CudaDevice,
@@ -496,8 +597,10 @@ impl<'m> GpuModel<'m> {
         x: &CudaSlice<f32>,
         h: &mut CudaSlice<f32>,
         s: usize,
+        window: usize,
         (cos, sin, table): (&CudaSlice<f32>, &CudaSlice<f32>, &RopeTable),
     ) -> CudaResult<()> {
+        let window32 = window.min(s) as u32;
         let mut q = self.linear(dev, &a.q, x, s)?;
         let mut k = self.linear(dev, &a.k, x, s)?;
         let mut v = self.linear(dev, &a.v, x, s)?;
@@ -550,7 +653,8 @@ impl<'m> GpuModel<'m> {
                     .arg(&heads)
                     .arg(&width)
                     .arg(&half)
-                    .arg(&inter);
+                    .arg(&inter)
+                    .arg(&window32);
             })?;
         }
         let d = a.head_dim;
@@ -583,7 +687,8 @@ impl<'m> GpuModel<'m> {
                 .arg(&kv)
                 .arg(&dq)
                 .arg(&dq)
-                .arg(&scale);
+                .arg(&scale)
+                .arg(&window32);
         })?;
         // h += out · Woᵀ (+ b)
         self.blas
@@ -647,6 +752,110 @@ impl<'m> GpuModel<'m> {
             }
         }
     }
+}
+
+/// The sequences of a batched forward: `window` rows each (the last may be shorter), sequence
+/// q with the per-MVM noise of call `first_call + q`.
+#[derive(Clone, Copy)]
+struct Batch {
+    window: usize,
+    first_call: u32,
+}
+
+impl Batch {
+    /// `f(call, rows)` per sequence of the host rows `x`, stacked: the host parts of a batched
+    /// forward key their noise per sequence as the device parts do.
+    fn per_sequence(
+        &self,
+        x: ArrayView2<'_, f32>,
+        mut f: impl FnMut(u32, ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+    ) -> Result<Array2<f32>> {
+        let parts = (0..x.nrows())
+            .step_by(self.window)
+            .enumerate()
+            .map(|(q, r0)| {
+                let r1 = (r0 + self.window).min(x.nrows());
+                f(self.first_call + q as u32, x.slice(ndarray::s![r0..r1, ..]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        Ok(ndarray::concatenate(ndarray::Axis(0), &views)?)
+    }
+}
+
+/// Experts per token when `router` routes on the device (a fixed-k rule; group limits of at
+/// most 64 groups), else `None`.
+fn device_top_k(router: &RouterKind, rule: &RouterRule, n_experts: usize) -> Option<usize> {
+    let k = match *router {
+        RouterKind::CheckpointDefault => {
+            if rule.group_limit.is_some_and(|g| {
+                g.n_group > 64 || g.n_group == 0 || !n_experts.is_multiple_of(g.n_group)
+            }) {
+                return None;
+            }
+            rule.top_k
+        }
+        RouterKind::SoftmaxTopK { k, .. } | RouterKind::SigmoidTopK { k } => k.min(n_experts),
+        RouterKind::Relu | RouterKind::AdaptiveK { .. } => return None,
+    };
+    (k > 0 && k <= n_experts).then_some(k)
+}
+
+/// `[T·k]` (expert, weight) pairs of the router logits `[T, E]` on the device, in `(token,
+/// slot)` order: [`RouterKind::route`] for the rules [`device_top_k`] accepts.
+pub fn route_top_k(
+    dev: &CudaDevice,
+    logits: &CudaSlice<f32>,
+    tokens: usize,
+    n_experts: usize,
+    k: usize,
+    router: &RouterKind,
+    rule: &RouterRule,
+) -> CudaResult<(CudaSlice<u32>, CudaSlice<f32>)> {
+    let (sigmoid, renormalize, group) = match *router {
+        RouterKind::CheckpointDefault => (false, rule.renormalize, rule.group_limit),
+        RouterKind::SoftmaxTopK { renormalize, .. } => (false, renormalize, None),
+        RouterKind::SigmoidTopK { .. } => (true, false, None),
+        RouterKind::Relu | RouterKind::AdaptiveK { .. } => {
+            return Err(CudaError::Unsupported(format!(
+                "router {router:?} gives tokens different numbers of experts; it routes on the CPU"
+            )))
+        }
+    };
+    if logits.len() < tokens * n_experts || device_top_k(router, rule, n_experts) != Some(k) {
+        return Err(CudaError::Unsupported(format!(
+            "device routing: {} logits for {tokens}×{n_experts}, k = {k}",
+            logits.len()
+        )));
+    }
+    let mut scores = dev.scratch::<f32>(tokens * n_experts)?;
+    let mut eop = dev.scratch::<u32>(tokens * k)?;
+    let mut wop = dev.scratch::<f32>(tokens * k)?;
+    let f = dev.function(&MODEL_CU, &[], "route_topk")?;
+    let (t32, e32, k32) = (tokens as u32, n_experts as u32, k as u32);
+    let (n_group, topk_group) =
+        group.map_or((1u32, 1u32), |g| (g.n_group as u32, g.topk_group as u32));
+    let (sig, renorm) = (u32::from(sigmoid), u32::from(renormalize));
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.div_ceil(128).max(1) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    dev.launch(&f, "route_topk", cfg, |b| {
+        b.arg(logits)
+            .arg(&mut scores)
+            .arg(&t32)
+            .arg(&e32)
+            .arg(&k32)
+            .arg(&sig)
+            .arg(&n_group)
+            .arg(&topk_group)
+            .arg(&renorm)
+            .arg(&rule.scaling)
+            .arg(&mut eop)
+            .arg(&mut wop);
+    })?;
+    Ok((eop, wop))
 }
 
 /// Whether every matrix of the feed-forward at (`l`, `slot`) is digital in `experts`.
@@ -756,21 +965,18 @@ pub struct PositionSums {
 }
 
 /// The digital reference of an evaluation on the device: per sequence the log-probabilities
-/// `[n, V]` of its scored positions, their argmax and the target tokens.
+/// `[n, V]` of its scored positions, their argmax and the target tokens, the sequences one
+/// after another.
 pub struct GpuReference {
-    seqs: Vec<ReferenceSeq>,
-    vocab: usize,
-}
-
-/// One sequence of a [`GpuReference`].
-struct ReferenceSeq {
-    /// `[n, V]` digital log-probabilities.
+    /// `[Σn, V]` digital log-probabilities.
     logp: CudaSlice<f32>,
-    /// `[n]` digital argmax.
+    /// `[Σn]` digital argmax.
     argmax: CudaSlice<u32>,
-    /// `[n]` next tokens.
+    /// `[Σn]` next tokens.
     targets: CudaSlice<u32>,
-    n: usize,
+    /// First row of each sequence, and the total: `[seqs + 1]`.
+    starts: Vec<usize>,
+    vocab: usize,
 }
 
 impl GpuReference {
@@ -789,19 +995,29 @@ impl GpuReference {
                 free as f64 / (1u64 << 30) as f64
             )));
         }
-        let seqs = seqs
-            .iter()
-            .map(|(logp, argmax, targets)| {
-                let am: Vec<u32> = argmax.iter().map(|&a| a as u32).collect();
-                Ok(ReferenceSeq {
-                    logp: upload_matrix(dev, *logp)?,
-                    argmax: dev.upload(&am)?,
-                    targets: dev.upload(targets)?,
-                    n: targets.len(),
-                })
-            })
-            .collect::<CudaResult<Vec<_>>>()?;
-        Ok(Self { seqs, vocab })
+        let mut starts = vec![0];
+        let (mut logp, mut argmax, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        for (lp, am, tg) in seqs {
+            if lp.dim() != (tg.len(), vocab) || am.len() != tg.len() {
+                return Err(CudaError::Unsupported(format!(
+                    "reference: {:?} log-probabilities, {} argmax and {} targets (vocabulary {vocab})",
+                    lp.dim(),
+                    am.len(),
+                    tg.len()
+                )));
+            }
+            logp.extend(lp.iter());
+            argmax.extend(am.iter().map(|&a| a as u32));
+            targets.extend_from_slice(tg);
+            starts.push(targets.len());
+        }
+        Ok(Self {
+            logp: dev.upload(&logp)?,
+            argmax: dev.upload(&argmax)?,
+            targets: dev.upload(&targets)?,
+            starts,
+            vocab,
+        })
     }
 
     /// Metrics of sequence `k` for the device logits `[≥ n, V]` of its forward pass.
@@ -811,15 +1027,31 @@ impl GpuReference {
         k: usize,
         logits: &CudaSlice<f32>,
     ) -> CudaResult<PositionSums> {
-        let ReferenceSeq {
-            logp,
-            argmax,
-            targets,
-            n,
-        } = &self.seqs[k];
-        let n = *n;
+        self.compare_sequences(dev, k..k + 1, logits)
+    }
+
+    /// Metrics of sequences `seqs` for the logits of their batched forward pass
+    /// ([`GpuModel::forward_sequences`]: `n + 1` rows per sequence, the last scoring nothing;
+    /// every sequence but the last as long as the first).
+    pub fn compare_sequences(
+        &self,
+        dev: &CudaDevice,
+        seqs: std::ops::Range<usize>,
+        logits: &CudaSlice<f32>,
+    ) -> CudaResult<PositionSums> {
+        let (a, b) = (self.starts[seqs.start], self.starts[seqs.end]);
+        let n = b - a;
         if n == 0 {
             return Ok(PositionSums::default());
+        }
+        let per_seq = (self.starts[seqs.start + 1] - a) as u32;
+        let v = self.vocab;
+        let rows = n + seqs.len();
+        if logits.len() < (rows - 1) * v {
+            return Err(CudaError::Unsupported(format!(
+                "metrics: {} logits for {rows} rows of {v}",
+                logits.len()
+            )));
         }
         let mut out = dev.scratch::<f64>(3 * n)?;
         let f = dev.function(&MODEL_CU, &[], "token_metrics")?;
@@ -828,13 +1060,19 @@ impl GpuReference {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let vocab = self.vocab as u32;
-        dev.launch(&f, "token_metrics", cfg, |b| {
-            b.arg(logits)
-                .arg(logp)
-                .arg(argmax)
-                .arg(targets)
+        let vocab = v as u32;
+        let (logp, argmax, targets) = (
+            self.logp.slice(a * v..b * v),
+            self.argmax.slice(a..b),
+            self.targets.slice(a..b),
+        );
+        dev.launch(&f, "token_metrics", cfg, |bld| {
+            bld.arg(logits)
+                .arg(&logp)
+                .arg(&argmax)
+                .arg(&targets)
                 .arg(&vocab)
+                .arg(&per_seq)
                 .arg(&mut out);
         })?;
         let mut sums = PositionSums {
@@ -847,5 +1085,15 @@ impl GpuReference {
             sums.agree += usize::from(row[2] > 0.5);
         }
         Ok(sums)
+    }
+
+    /// Sequences held.
+    pub fn len(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    /// Whether no sequence is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -609,6 +609,47 @@ pub struct GpuRouting {
     pub sorted_weight: CudaSlice<f32>,
     /// `[T·k]` original pair index (token·k + slot) of each sorted pair.
     pub sorted_pair: CudaSlice<u32>,
+    /// `[T·k]` (noise row, call) of each sorted pair when the tokens are several sequences
+    /// run together ([`GpuRouting::key_sequences`]); `None`: row inside the expert, the GEMM's
+    /// `mvm_id`.
+    pub noise_key: Option<CudaSlice<u32>>,
+}
+
+impl GpuRouting {
+    /// Keys the per-MVM noise of the tokens as consecutive sequences of `window` tokens (the
+    /// last may be shorter), sequence q being call `first_call + q`: each draws the noise it
+    /// draws when routed alone (`AnalogExperts::call(first_call + q)` on the CPU).
+    pub fn key_sequences(
+        &mut self,
+        dev: &CudaDevice,
+        window: usize,
+        first_call: u32,
+    ) -> CudaResult<()> {
+        let pairs = self.n_tokens * self.top_k;
+        if window == 0 {
+            return Err(CudaError::Unsupported(
+                "noise keys: sequences of 0 tokens".into(),
+            ));
+        }
+        if window >= self.n_tokens || pairs == 0 {
+            self.noise_key = None;
+            return Ok(());
+        }
+        let mut key = dev.scratch::<u32>(2 * pairs)?;
+        let f = dev.function(&ANALOG_MOE_CU, &[], "moe_noise_keys")?;
+        let (e32, p32, w32) = (self.n_experts as u32, pairs as u32, window as u32);
+        dev.launch(&f, "moe_noise_keys", linear_launch(pairs as u64), |b| {
+            b.arg(&self.sorted_token)
+                .arg(&self.offsets)
+                .arg(&e32)
+                .arg(&p32)
+                .arg(&w32)
+                .arg(&first_call)
+                .arg(&mut key);
+        })?;
+        self.noise_key = Some(key);
+        Ok(())
+    }
 }
 
 /// Pairs per slice of the routing sort: one block per (expert, slice) counts and places them.
@@ -696,6 +737,7 @@ pub fn route(
         sorted_token,
         sorted_weight,
         sorted_pair,
+        noise_key: None,
     })
 }
 
@@ -1104,6 +1146,7 @@ struct GemmParams {
     bm_count: u64,
     bm_scratch: u64,
     col_xbar: u64,
+    noise_key: u64,
     seed: u64,
     k: u32,
     n: u32,
@@ -1272,6 +1315,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
         bm_count,
         bm_scratch,
         col_xbar: m.col_xbar.device_ptr(s).0,
+        noise_key: routing.noise_key.as_ref().map_or(0, |k| k.device_ptr(s).0),
         seed,
         k: m.k as u32,
         n: m.n_cols as u32,
