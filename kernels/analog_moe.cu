@@ -1043,6 +1043,10 @@ __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
 // tile::Crossbar::forward_chunk step 8 as backend::cuda::reference::grouped_rows models it.
 // Dynamic shared memory: k_block floats (the DAC codes of the attempt).
 #define BM_MAX_XBARS 256
+__device__ __forceinline__ float fixup_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
 extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
     extern __shared__ float codes[];
     __shared__ u32 pending[BM_MAX_XBARS], saturated[BM_MAX_XBARS];
@@ -1086,7 +1090,10 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
                     sum_x2 += xv * xv;
                 }
 #endif
-                for (u32 col = threadIdx.x; col < p.n; col += blockDim.x) {
+                // One warp per column, its lanes along the crossbar rows: the weight row is read
+                // coalesced (a thread per column read 32 rows per load, 16× the L2 traffic).
+                const u32 lane = threadIdx.x & 31u;
+                for (u32 col = threadIdx.x >> 5; col < p.n; col += blockDim.x >> 5) {
                     const u32 xb = p.col_xbar[col];
                     if (!pending[xb]) continue;
                     const u64 wrow = ((u64)e * p.n + col) * p.k + (u64)kb * p.k_block;
@@ -1097,7 +1104,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
 #if MOE_IR_DROP
                     float aabs = 0.0f, air = 0.0f;
 #endif
-                    for (u32 j = 0; j < p.k_block; ++j) {
+#pragma unroll 4
+                    for (u32 j = lane; j < p.k_block; j += 32) {
                         const float hi_w = f16_bits_to_f32(p.w_hi[wrow + j]);
                         const float w = p.w_lo ? hi_w + f16_bits_to_f32(p.w_lo[wrow + j]) : hi_w;
                         const float q = codes[j];
@@ -1110,6 +1118,15 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
                         air += hi_w * (q * ir_row_factor(j, (float)p.k_block));
 #endif
                     }
+                    acc = fixup_warp_sum(acc);
+#if MOE_PCM_READ
+                    s2 = fixup_warp_sum(s2);
+#endif
+#if MOE_IR_DROP
+                    aabs = fixup_warp_sum(aabs);
+                    air = fixup_warp_sum(air);
+#endif
+                    if (lane != 0) continue;
                     float v = acc * p.dac_step;
 #if MOE_IR_DROP
                     const float aa = p.ir_k * (aabs * p.dac_step);

@@ -69,10 +69,18 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
 }
 
 // Rows of queries per CTA of causal_attention (one warp each) and keys per shared-memory tile.
-#define ATT_ROWS 8
+#define ATT_ROWS 16
 #define ATT_KEYS 32
 // Largest value head width: each lane keeps ATT_DV_MAX / 32 output accumulators.
 #define ATT_DV_MAX 256
+// Accumulators per lane the host compiles for (⌈dv / 32⌉: 2 for 64-wide heads instead of 8
+// mostly idle ones).
+#ifndef ATT_DV_SLOTS
+#define ATT_DV_SLOTS (ATT_DV_MAX / 32)
+#endif
+#if ATT_DV_SLOTS > ATT_DV_MAX / 32
+#error "ATT_DV_SLOTS"
+#endif
 
 // Mirrors multi_head_attention / causal_attention for `s` rows that are sequences of `window`
 // rows one after another (the last may be shorter): with b the first row of row i's sequence,
@@ -94,22 +102,21 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
     const u64 q_stride = (u64)heads * dq, k_stride = (u64)kv_heads * dq, v_stride = (u64)kv_heads * dv;
     if (i < s)
         for (u32 d = lane; d < dq; d += 32) qs[warp * dq + d] = q[i * q_stride + (u64)h * dq + d];
-    float acc[ATT_DV_MAX / 32];
+    float acc[ATT_DV_SLOTS];
 #pragma unroll
-    for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] = 0.0f;
+    for (u32 c = 0; c < ATT_DV_SLOTS; ++c) acc[c] = 0.0f;
     float m = -__int_as_float(0x7f800000), l = 0.0f;
     const u32 last = min(row0 + ATT_ROWS, s);  // keys first..last are visible to some row
     const u32 first = row0 / window * window;
     const u32 b = i / window * window;         // this row's first key
     for (u32 j0 = first / ATT_KEYS * ATT_KEYS; j0 < last; j0 += ATT_KEYS) {
         __syncthreads();
-        for (u32 e = threadIdx.x; e < ATT_KEYS * dq; e += blockDim.x) {
-            const u32 jj = e / dq, d = e % dq, j = j0 + jj;
-            ks[jj * (dq + 1) + d] = j < s ? k[j * k_stride + (u64)g * dq + d] : 0.0f;
-        }
-        for (u32 e = threadIdx.x; e < ATT_KEYS * dv; e += blockDim.x) {
-            const u32 jj = e / dv, d = e % dv, j = j0 + jj;
-            vs[jj * dv + d] = j < s ? v[j * v_stride + (u64)g * dv + d] : 0.0f;
+        // Warp per key, lanes along the head: coalesced rows, no index division.
+        for (u32 jj = warp; jj < ATT_KEYS; jj += ATT_ROWS) {
+            const u32 j = j0 + jj;
+            for (u32 d = lane; d < dq; d += 32)
+                ks[jj * (dq + 1) + d] = j < s ? k[j * k_stride + (u64)g * dq + d] : 0.0f;
+            for (u32 d = lane; d < dv; d += 32) vs[jj * dv + d] = j < s ? v[j * v_stride + (u64)g * dv + d] : 0.0f;
         }
         __syncthreads();
         // Tiles wholly before the row's sequence are skipped (a tile of masked keys only would
@@ -128,12 +135,12 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
         const float p = seen ? expf(score - m_new) : 0.0f;
         l = l * corr + warp_sum(p);
 #pragma unroll
-        for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) acc[c] *= corr;
+        for (u32 c = 0; c < ATT_DV_SLOTS; ++c) acc[c] *= corr;
         const u32 n_keys = min(ATT_KEYS, i + 1 - j0);
         for (u32 jj = 0; jj < n_keys; ++jj) {
             const float pj = __shfl_sync(0xffffffffu, p, jj);
 #pragma unroll
-            for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) {
+            for (u32 c = 0; c < ATT_DV_SLOTS; ++c) {
                 const u32 d = lane + 32 * c;
                 if (d < dv) acc[c] += pj * vs[jj * dv + d];
             }
@@ -143,7 +150,7 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
     if (i >= s) return;
     const float inv = 1.0f / l;
 #pragma unroll
-    for (u32 c = 0; c < ATT_DV_MAX / 32; ++c) {
+    for (u32 c = 0; c < ATT_DV_SLOTS; ++c) {
         const u32 d = lane + 32 * c;
         if (d < dv) out[i * ((u64)heads * dv) + (u64)h * dv + d] = acc[c] * inv;
     }

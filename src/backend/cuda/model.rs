@@ -31,7 +31,7 @@ use crate::model::{
 
 /// Query rows per CTA and keys per shared tile of `causal_attention` (`ATT_ROWS`, `ATT_KEYS`
 /// in `kernels/model.cu`), and the widest value head it takes (`ATT_DV_MAX`).
-const ATT_ROWS: usize = 8;
+const ATT_ROWS: usize = 16;
 const ATT_KEYS: usize = 32;
 const ATT_DV_MAX: usize = 256;
 
@@ -660,7 +660,11 @@ impl<'m> GpuModel<'m> {
         let d = a.head_dim;
         let mut out = dev.scratch::<f32>(s * a.heads * d)?;
         let shared = (ATT_KEYS * (d + 1) + ATT_KEYS * d + ATT_ROWS * d) * 4;
-        let f = dev.function(&MODEL_CU, &[], "causal_attention")?;
+        let f = dev.function(
+            &MODEL_CU,
+            &[("ATT_DV_SLOTS", d.div_ceil(32) as i64)],
+            "causal_attention",
+        )?;
         let threads = 32 * ATT_ROWS as u32;
         if shared > 48 * 1024 {
             allow_dynamic_shared(&f, "causal_attention", threads, shared as u32)?;

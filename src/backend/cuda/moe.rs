@@ -1174,8 +1174,10 @@ unsafe impl DeviceRepr for GemmParams {}
 /// `.param` size in NVRTC's PTX by `tests/kernels_compile.rs`).
 pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
 
-/// CTAs of the bound-management fix-up (grid-stride over the listed rows).
-const BM_FIXUP_CTAS: usize = 264;
+/// CTAs of the bound-management fix-up (grid-stride over the listed rows): 8 per SM of an
+/// H100 (132 SMs), the most its 256-thread CTAs can keep resident; at 2 per SM the fix-up of
+/// a layer whose rows mostly saturate (pcm-3d-8tier) waited on L2 latency.
+const BM_FIXUP_CTAS: usize = 1056;
 /// Crossbar column blocks one fix-up CTA tracks (`BM_MAX_XBARS` in the kernel).
 const BM_MAX_XBARS: usize = 256;
 
@@ -1271,7 +1273,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
             dev.zeros::<u32>(pairs.max(1))?,
             dev.scratch::<u32>(pairs.max(1))?,
             dev.zeros::<u32>(1)?,
-            dev.scratch::<f32>(BM_FIXUP_CTAS * m.n_cols)?,
+            dev.scratch::<f32>(BM_FIXUP_CTAS.min(pairs.max(1)) * m.n_cols)?,
         ))
     } else {
         None
