@@ -1123,6 +1123,71 @@ fn drifted_experts<'m>(
     experts
 }
 
+/// Random top-k routed rows for one MoE layer of `cfg` (`routing`, `test_matrix(t, d, id, 1.0)`)
+/// on the device, run through the routed experts of a [`GpuExperts`].
+struct LayerProbe {
+    assignments: Vec<aimc::model::Assignment>,
+    x_dev: cudarc::driver::CudaSlice<f32>,
+    t: usize,
+    d: usize,
+    e: usize,
+}
+
+impl LayerProbe {
+    fn new(dev: &CudaDevice, cfg: &aimc::model::ModelConfig, t: usize, id: u32) -> Self {
+        let (k, e, d) = (cfg.top_k, cfg.num_experts, cfg.hidden_size);
+        let (experts_of, weights) = routing(t, k, e);
+        let assignments = (0..t * k)
+            .map(|p| aimc::model::Assignment {
+                token: (p / k) as u32,
+                expert: experts_of[p],
+                weight: weights[p],
+            })
+            .collect();
+        let x = test_matrix(t, d, id, 1.0);
+        let x_dev = dev.upload(x.as_slice().unwrap()).unwrap();
+        Self {
+            assignments,
+            x_dev,
+            t,
+            d,
+            e,
+        }
+    }
+
+    /// The routed experts of `layer` in `g` on the probe rows, MVM call `call`.
+    fn run(
+        &self,
+        dev: &CudaDevice,
+        g: &aimc::backend::cuda::experts::GpuExperts,
+        layer: usize,
+        call: u32,
+    ) -> Array2<f32> {
+        use aimc::backend::cuda::experts::SequenceKeys;
+        let y = g
+            .routed_on_device(
+                layer,
+                &self.x_dev,
+                self.t,
+                &self.assignments,
+                self.e,
+                SequenceKeys::single(call),
+            )
+            .unwrap()
+            .expect("layer on the GPU");
+        Array2::from_shape_vec((self.t, self.d), dev.download(&y).unwrap()).unwrap()
+    }
+}
+
+/// Per-row relative RMS differences of `a` and `b`, ascending.
+fn sorted_row_diffs(a: &Array2<f32>, b: &Array2<f32>) -> Vec<f64> {
+    let mut d: Vec<f64> = (0..a.nrows())
+        .map(|r| rel_rms(a.row(r).iter(), b.row(r).iter()))
+        .collect();
+    d.sort_by(f64::total_cmp);
+    d
+}
+
 #[test]
 fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
     use aimc::backend::cuda::experts::{activation_reserve_bytes, layer_need_bytes, GpuExperts};
@@ -1309,10 +1374,7 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
         ..Default::default()
     };
     let want = model.forward(&ids, &opts).unwrap().logits;
-    let mut per_token: Vec<f64> = (0..ids.len())
-        .map(|t| rel_rms(got.row(t).iter(), want.row(t).iter()))
-        .collect();
-    per_token.sort_by(f64::total_cmp);
+    let per_token = sorted_row_diffs(&got, &want);
     let nll = |l: &Array2<f32>| {
         let lp = aimc::eval::analog::log_softmax_rows(l.view());
         (0..ids.len() - 1)
@@ -1339,25 +1401,15 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
 #[test]
 fn gpu_drift_matches_cpu_drift_and_upload() {
     use aimc::backend::cpu::AnalogExperts;
-    use aimc::backend::cuda::experts::{GpuExperts, SequenceKeys};
-    use aimc::model::Assignment;
+    use aimc::backend::cuda::experts::GpuExperts;
     use aimc::tile::DriftCompensation;
     let Some(dev) = gpu("drift on the GPU") else {
         return;
     };
     let (model, _) = common::embedded_model_and_tokens(16);
     let cfg = &model.config;
-    let (t, k, e, d) = (384, cfg.top_k, cfg.num_experts, cfg.hidden_size);
-    let (experts_of, weights) = routing(t, k, e);
-    let assignments: Vec<Assignment> = (0..t * k)
-        .map(|p| Assignment {
-            token: (p / k) as u32,
-            expert: experts_of[p],
-            weight: weights[p],
-        })
-        .collect();
-    let x = test_matrix(t, d, 41, 1.0);
-    let x_dev = dev.upload(x.as_slice().unwrap()).unwrap();
+    let t = 384;
+    let probe = LayerProbe::new(&dev, cfg, t, 41);
     let layer = (0..cfg.num_layers).find(|&l| cfg.moe_layers[l]).unwrap();
     let (mut failures, mut worst_scale, mut worst_words) = (Vec::new(), 0.0f32, 0usize);
     let (mut scales, mut scales_off) = (0usize, 0usize);
@@ -1386,14 +1438,7 @@ fn gpu_drift_matches_cpu_drift_and_upload() {
             on_cpu.drift_to(t_s);
             let u = GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogSplitF16)
                 .unwrap();
-            let run = |ge: &GpuExperts| {
-                let y = ge
-                    .routed_on_device(layer, &x_dev, t, &assignments, e, SequenceKeys::single(9))
-                    .unwrap()
-                    .expect("layer on the GPU");
-                Array2::from_shape_vec((t, d), dev.download(&y).unwrap()).unwrap()
-            };
-            let (y_gpu, y_cpu) = (run(&g), run(&u));
+            let (y_gpu, y_cpu) = (probe.run(&dev, &g, layer, 9), probe.run(&dev, &u, layer, 9));
             // Where a difference comes from: the weights' operand words and the scales.
             let (lg, lu) = (g.layer(layer).unwrap(), u.layer(layer).unwrap());
             for (what, mg, mu) in [
@@ -1421,10 +1466,7 @@ fn gpu_drift_matches_cpu_drift_and_upload() {
                 scales += sg.len();
                 worst_words += w_diff;
             }
-            let mut per_token: Vec<f64> = (0..t)
-                .map(|r| rel_rms(y_gpu.row(r).iter(), y_cpu.row(r).iter()))
-                .collect();
-            per_token.sort_by(f64::total_cmp);
+            let per_token = sorted_row_diffs(&y_gpu, &y_cpu);
             let off = per_token.iter().filter(|&&r| r > 1e-2).count();
             println!(
                 "{} GDC {:?}, t = {t_s} s: GPU drift vs CPU drift + upload, per-token rel. diff median {:.2e}, \
@@ -1657,25 +1699,15 @@ fn device_router_matches_the_cpu_router() {
 #[test]
 fn gpu_programming_matches_cpu_programming() {
     use aimc::backend::cpu::AnalogExperts;
-    use aimc::backend::cuda::experts::{cpu_programmed_state, GpuExperts, SequenceKeys};
-    use aimc::model::Assignment;
+    use aimc::backend::cuda::experts::{cpu_programmed_state, GpuExperts};
     use aimc::tile::DriftCompensation;
     let Some(dev) = gpu("programming on the GPU") else {
         return;
     };
     let (model, _) = common::embedded_model_and_tokens(16);
     let cfg = &model.config;
-    let (t, k, e, d) = (256, cfg.top_k, cfg.num_experts, cfg.hidden_size);
-    let (experts_of, weights) = routing(t, k, e);
-    let assignments: Vec<Assignment> = (0..t * k)
-        .map(|p| Assignment {
-            token: (p / k) as u32,
-            expert: experts_of[p],
-            weight: weights[p],
-        })
-        .collect();
-    let x = test_matrix(t, d, 43, 1.0);
-    let x_dev = dev.upload(x.as_slice().unwrap()).unwrap();
+    let t = 256;
+    let probe = LayerProbe::new(&dev, cfg, t, 43);
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
     let mut failures = Vec::new();
     let (mut ref_off, mut refs, mut worst_ref) = (0usize, 0usize, 0.0f32);
@@ -1745,25 +1777,11 @@ fn gpu_programming_matches_cpu_programming() {
             let want =
                 GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogSplitF16)
                     .unwrap();
-            let run = |ge: &GpuExperts| {
-                let y = ge
-                    .routed_on_device(
-                        moe_layers[0],
-                        &x_dev,
-                        t,
-                        &assignments,
-                        e,
-                        SequenceKeys::single(4),
-                    )
-                    .unwrap()
-                    .expect("layer on the GPU");
-                Array2::from_shape_vec((t, d), dev.download(&y).unwrap()).unwrap()
-            };
-            let (y_g, y_w) = (run(&g), run(&want));
-            let mut per_token: Vec<f64> = (0..t)
-                .map(|r| rel_rms(y_g.row(r).iter(), y_w.row(r).iter()))
-                .collect();
-            per_token.sort_by(f64::total_cmp);
+            let (y_g, y_w) = (
+                probe.run(&dev, &g, moe_layers[0], 4),
+                probe.run(&dev, &want, moe_layers[0], 4),
+            );
+            let per_token = sorted_row_diffs(&y_g, &y_w);
             let off = per_token.iter().filter(|&&r| r > 1e-2).count();
             println!(
                 "{name} {gdc:?} t = {t_s} s: reprogrammed vs CPU-programmed layer, per-token median {:.2e}, {off}/{t} > 1e-2",

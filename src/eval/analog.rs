@@ -249,6 +249,12 @@ pub fn evaluate(
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut backend = "cpu".to_string();
     let bar = progress_bar(cfg.progress, (cfg.times_s.len() * cfg.seeds.len()) as u64);
+    let show_point = |seed: u64, t: f64| {
+        bar.set_message(format!(
+            "seed {seed}, t = {}",
+            crate::eval::format_duration(t)
+        ))
+    };
     let mut points = Vec::new();
     let mut phases = EvalPhases::default();
     let t1 = Instant::now();
@@ -286,10 +292,7 @@ pub fn evaluate(
                         phases.program_s += clock.elapsed().as_secs_f64();
                     }
                     for &t in &cfg.times_s {
-                        bar.set_message(format!(
-                            "seed {seed}, t = {}",
-                            crate::eval::format_duration(t)
-                        ));
+                        show_point(seed, t);
                         let clock = Instant::now();
                         g.drift_to(t)
                             .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
@@ -332,10 +335,7 @@ pub fn evaluate(
         let mut experts = AnalogExperts::program_with_device(model, mapping, preset, device, seed)?;
         phases.program_s += clock.elapsed().as_secs_f64();
         for &t in &cfg.times_s {
-            bar.set_message(format!(
-                "seed {seed}, t = {}",
-                crate::eval::format_duration(t)
-            ));
+            show_point(seed, t);
             let clock = Instant::now();
             experts.drift_to(t);
             phases.drift_s += clock.elapsed().as_secs_f64();

@@ -442,17 +442,18 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let Some(k) = uniform_top_k(assignments, n_tokens, n_experts) else {
             return self.stale_cpu().map(|()| None);
         };
-        let dev = self.dev;
+        let (eop, wop) = self.upload_pairs(assignments)?;
+        self.pairs_on_device(layer, x, &eop, &wop, (n_tokens, k, n_experts), keys)
+    }
+
+    /// The `(expert, weight)` of each assignment on the device, in `assignments`' order.
+    fn upload_pairs(
+        &self,
+        assignments: &[Assignment],
+    ) -> CudaResult<(CudaSlice<u32>, CudaSlice<f32>)> {
         let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
         let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
-        self.pairs_on_device(
-            layer,
-            x,
-            &dev.upload(&experts)?,
-            &dev.upload(&weights)?,
-            (n_tokens, k, n_experts),
-            keys,
-        )
+        Ok((self.dev.upload(&experts)?, self.dev.upload(&weights)?))
     }
 
     /// [`GpuExperts::routed_on_device`] for `(expert, weight)` pairs already on the device in
@@ -499,17 +500,16 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         }
     }
 
-    /// One grouped layer from host rows: upload, sort the pairs by expert, gate/up → SwiGLU →
-    /// down, copy back.
+    /// MoE layer `layer` on host rows ([`GpuExperts::pairs_on_device`] with one call
+    /// `mvm_id`): upload, run, copy back; `None` when the layer stays on the CPU.
     fn run(
         &self,
-        layer: &GpuMoeLayer,
+        layer: usize,
         x: ArrayView2<'_, f32>,
         assignments: &[Assignment],
-        top_k: usize,
-        n_experts: usize,
+        (top_k, n_experts): (usize, usize),
         mvm_id: u32,
-    ) -> CudaResult<Array2<f32>> {
+    ) -> CudaResult<Option<Array2<f32>>> {
         let _queue = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let dev = self.dev;
         dev.context()
@@ -518,19 +518,17 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (t, d) = x.dim();
         let x = x.as_standard_layout();
         let x_dev = dev.upload(x.as_slice().expect("standard layout"))?;
-        let experts: Vec<u32> = assignments.iter().map(|a| a.expert).collect();
-        let weights: Vec<f32> = assignments.iter().map(|a| a.weight).collect();
-        let routing = route(
-            dev,
-            &dev.upload(&experts)?,
-            &dev.upload(&weights)?,
-            t,
-            top_k,
-            n_experts,
-        )?;
-        let y = layer.forward(dev, &x_dev, &routing, mvm_id)?;
+        let (eop, wop) = self.upload_pairs(assignments)?;
+        let keys = SequenceKeys::single(mvm_id);
+        let Some(y) =
+            self.pairs_on_device(layer, &x_dev, &eop, &wop, (t, top_k, n_experts), keys)?
+        else {
+            return Ok(None);
+        };
         let host = dev.download(&y)?;
-        Ok(Array2::from_shape_vec((t, d), host).expect("kernel output is [T, d]"))
+        Ok(Some(
+            Array2::from_shape_vec((t, d), host).expect("kernel output is [T, d]"),
+        ))
     }
 }
 
@@ -581,9 +579,8 @@ pub fn cpu_programmed_state(
         return Ok(None);
     };
     let (g, u) = (state(&gate)?, state(&up)?);
-    let t = GroupedMatrix::from_blocks(&gate, |b| b.programmed_weights())?;
-    let (e, n, k) = (t.n_experts, t.n_cols, t.k);
-    let groups = e * (k / t.k_block);
+    let (e, n, k) = (gate.len(), gate[0].n_out(), gate[0].n_in());
+    let groups = e * gate[0].in_ranges().len();
     let len = e * n * k;
     let nu = [
         interleave_rows(&g.1[..len], &u.1[..len], e, n, k),
@@ -1064,9 +1061,9 @@ impl ExpertLinear for GpuCall<'_, '_, '_> {
         assignments: &[Assignment],
         n_experts: usize,
     ) -> Result<Option<Array2<f32>>> {
-        let Some(gpu_layer) = self.experts.layers.get(&layer) else {
+        if !self.experts.layers.contains_key(&layer) {
             return Ok(None);
-        };
+        }
         // Routers with a variable number of experts per token (relu, adaptive) take the
         // per-expert CPU path.
         let Some(k) = uniform_top_k(assignments, x.nrows(), n_experts) else {
@@ -1076,8 +1073,7 @@ impl ExpertLinear for GpuCall<'_, '_, '_> {
             return Ok(None);
         };
         self.experts
-            .run(gpu_layer, x, assignments, k, n_experts, self.mvm_id)
-            .map(Some)
+            .run(layer, x, assignments, (k, n_experts), self.mvm_id)
             .map_err(|e| anyhow::anyhow!("MoE layer {layer} on the GPU: {e}"))
     }
 }

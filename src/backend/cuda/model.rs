@@ -391,7 +391,7 @@ impl<'m> GpuModel<'m> {
                 "forward: a sequence of {window} tokens exceeds the checkpoint's sliding window ({w})"
             );
         }
-        let batch = Batch { window, first_call };
+        let keys = SequenceKeys { window, first_call };
         self.rope_for(dev, window)?;
         let mut clock = self.clock.take();
         if let Some(c) = clock.as_mut() {
@@ -468,7 +468,7 @@ impl<'m> GpuModel<'m> {
                             .map_err(at)?;
                     } else {
                         let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                        let y = batch.per_sequence(xh.view(), |call, rows| {
+                        let y = per_sequence(keys, xh.view(), |call, rows| {
                             Ok(swiglu(&experts.call(call), l, slot, rows))
                         })?;
                         add_host(dev, &mut h, y.view()).map_err(at)?;
@@ -484,7 +484,6 @@ impl<'m> GpuModel<'m> {
                     self.blas
                         .sgemm_nt(dev, &x, w_router, &mut logits, (s, e, h_dim), 0.0)
                         .map_err(at)?;
-                    let keys = SequenceKeys { window, first_call };
                     // Fixed-k rules route on the device when the layer's experts are there.
                     let on_device = match (experts.layer(l), device_top_k(router, &cfg.router, e)) {
                         (Some(_), Some(k)) => {
@@ -507,7 +506,7 @@ impl<'m> GpuModel<'m> {
                                 Some(y) => Some(y),
                                 None => {
                                     let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                                    let y = batch.per_sequence(xh.view(), |call, rows| {
+                                    let y = per_sequence(keys, xh.view(), |call, rows| {
                                         let r0 = (call - first_call) as usize * window;
                                         let r = r0 as u32..(r0 + rows.nrows()) as u32;
                                         let mine: Vec<Assignment> = assignments
@@ -541,7 +540,7 @@ impl<'m> GpuModel<'m> {
                                 .map_err(at)?;
                         } else {
                             let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                            let mut y = batch.per_sequence(xh.view(), |call, rows| {
+                            let mut y = per_sequence(keys, xh.view(), |call, rows| {
                                 Ok(swiglu(&experts.call(call), l, slot, rows))
                             })?;
                             if let Some(g) = &self.shared_gate_host(l) {
@@ -758,33 +757,24 @@ impl<'m> GpuModel<'m> {
     }
 }
 
-/// The sequences of a batched forward: `window` rows each (the last may be shorter), sequence
-/// q with the per-MVM noise of call `first_call + q`.
-#[derive(Clone, Copy)]
-struct Batch {
-    window: usize,
-    first_call: u32,
-}
-
-impl Batch {
-    /// `f(call, rows)` per sequence of the host rows `x`, stacked: the host parts of a batched
-    /// forward key their noise per sequence as the device parts do.
-    fn per_sequence(
-        &self,
-        x: ArrayView2<'_, f32>,
-        mut f: impl FnMut(u32, ArrayView2<'_, f32>) -> Result<Array2<f32>>,
-    ) -> Result<Array2<f32>> {
-        let parts = (0..x.nrows())
-            .step_by(self.window)
-            .enumerate()
-            .map(|(q, r0)| {
-                let r1 = (r0 + self.window).min(x.nrows());
-                f(self.first_call + q as u32, x.slice(ndarray::s![r0..r1, ..]))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        Ok(ndarray::concatenate(ndarray::Axis(0), &views)?)
-    }
+/// `f(call, rows)` per sequence of the host rows `x` (sequences of `keys.window` rows, call
+/// `keys.first_call + q`), stacked: the host parts of a batched forward key their noise per
+/// sequence as the device parts do.
+fn per_sequence(
+    keys: SequenceKeys,
+    x: ArrayView2<'_, f32>,
+    mut f: impl FnMut(u32, ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+) -> Result<Array2<f32>> {
+    let parts = (0..x.nrows())
+        .step_by(keys.window)
+        .enumerate()
+        .map(|(q, r0)| {
+            let r1 = (r0 + keys.window).min(x.nrows());
+            f(keys.first_call + q as u32, x.slice(ndarray::s![r0..r1, ..]))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    Ok(ndarray::concatenate(ndarray::Axis(0), &views)?)
 }
 
 /// Experts per token when `router` routes on the device (a fixed-k rule; group limits of at
@@ -1089,15 +1079,5 @@ impl GpuReference {
             sums.agree += usize::from(row[2] > 0.5);
         }
         Ok(sums)
-    }
-
-    /// Sequences held.
-    pub fn len(&self) -> usize {
-        self.starts.len() - 1
-    }
-
-    /// Whether no sequence is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
