@@ -6,7 +6,7 @@
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
 //   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
-//   MOE_BM       1: iterative bound management: rows with a saturated ADC output are listed and
+//   MOE_BM       1: iterative bound management: rows with a saturated ADC output are flagged and
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
 //   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (see there)
@@ -291,10 +291,8 @@ struct GemmParams {
     float* out;
     const float* a_sumsq;       // [a_rows, KB] ‖x̃‖² (ADDITIVE)
     const float* x_f32;         // [a_rows, K] the unquantised rows (bound-management fix-up)
-    u32* bm_flag;               // [P] row already listed for the fix-up
-    u32* bm_list;               // [P] rows with a saturated output
-    u32* bm_count;              // [1] entries of bm_list
-    float* bm_scratch;          // [fix-up CTAs, N] outputs of the attempt in flight
+    u32* bm_flag;               // [P] 1: the row has a saturated output (moe_bm_fixup redoes it)
+    float* bm_scratch;          // [fix-up CTAs, BM_ROWS, N] outputs of the attempt in flight
     const u32* col_xbar;        // [N] crossbar column block of each column
     const u32* noise_key;       // [P, 2] (noise row, call) of each sorted pair (0: row inside the
                                 // expert, mvm_id): a batch of sequences keys each as its own call
@@ -731,14 +729,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     }
 
 #if MOE_BM
-    // List each saturated row once for moe_bm_fixup, which recomputes it whole.
+    // Flag each saturated row for moe_bm_fixup, which recomputes it whole.
 #pragma unroll
     for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (u32 half = 0; half < 2; ++half)
             if (bm_rows & (1u << (mi * 2 + half))) {
                 const u32 pos = row_begin + frag_row(mi, half);
-                if (atomicExch(p.bm_flag + pos, 1u) == 0u) p.bm_list[atomicAdd(p.bm_count, 1u)] = pos;
+                p.bm_flag[pos] = 1u;
             }
 #endif
 
@@ -1035,146 +1033,230 @@ __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
 
 #if MOE_ANALOG
 // ---------------------------------------------------------------------------------------------
-// Step 8 of design.md §3, iterative bound management, for the rows moe_gemm listed: one CTA per
-// listed row (grid-stride over the list), the whole row recomputed with CUDA-core f32 products
-// of the same operands (W = hi + lo). Per crossbar block along K every crossbar column block
-// starts at β = 1; those with a saturated ADC output redo their outputs at 2β with the next
-// noise `attempt`, all pending ones together, while β ≤ bm_limit and α_nm > 0. Mirrors
-// tile::Crossbar::forward_chunk step 8 as backend::cuda::reference::grouped_rows models it.
-// Dynamic shared memory: k_block floats (the DAC codes of the attempt).
+// Step 8 of design.md §3, iterative bound management, for the rows moe_gemm flagged: the whole
+// row recomputed with CUDA-core f32 products of the same operands (W = hi + lo). Per crossbar
+// block along K every crossbar column block starts at β = 1; those with a saturated ADC output
+// redo their outputs at 2β with the next noise `attempt`, all pending ones together, while
+// β ≤ bm_limit and α_nm > 0. Mirrors tile::Crossbar::forward_chunk step 8 as
+// backend::cuda::reference::grouped_rows models it.
+//
+// A CTA takes BM_ROWS consecutive sorted rows (grid-stride over such chunks) and runs the flagged
+// ones of each expert together: every weight row is read once per attempt for all of them
+// (one CTA per row re-read its expert's weights per row: ~1 ms of a 4,096-token layer pass of
+// pcm-3d-8tier, whose gate/up rows mostly saturate). β = 2^attempt is the same for every row;
+// each row keeps its own pending crossbars. One warp per column, lanes along the crossbar rows;
+// each row's sum keeps the lane-strided order and the butterfly of fixup_warp_sum, and lane r
+// finishes row r (noise, ADC). Dynamic shared memory: BM_ROWS · k_block floats (DAC codes).
 #define BM_MAX_XBARS 256
+#define BM_ROWS 8
 __device__ __forceinline__ float fixup_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p) {
-    extern __shared__ float codes[];
-    __shared__ u32 pending[BM_MAX_XBARS], saturated[BM_MAX_XBARS];
-    const u32 count = *p.bm_count;
-    float* ybuf = p.bm_scratch + (u64)blockIdx.x * p.n;
+extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32 n_rows) {
+    extern __shared__ float codes[];  // [BM_ROWS][k_block]
+    __shared__ unsigned char pending[BM_ROWS][BM_MAX_XBARS], saturated[BM_ROWS][BM_MAX_XBARS];
+    __shared__ u32 row_pos[BM_ROWS];
+    __shared__ float row_alpha[BM_ROWS];
+    __shared__ u32 live_acc;  // OR of the rows still pending after an attempt
+#if MOE_ADDITIVE
+    __shared__ float row_x2[BM_ROWS];
+#endif
+    const u32 lane = threadIdx.x & 31u;
+    float* ybuf = p.bm_scratch + (u64)blockIdx.x * BM_ROWS * p.n;  // [BM_ROWS][N]
     const float out_var = __fmul_rn(p.out_noise, p.out_noise);
     const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
     const float step2 = __fmul_rn(p.dac_step, p.dac_step);
-    for (u32 li = blockIdx.x; li < count; li += gridDim.x) {
-        const u32 pos = p.bm_list[li];
-        u32 lo = 0, hi = p.n_experts;  // expert e with offsets[e] <= pos < offsets[e+1]
-        while (hi - lo > 1) {
-            u32 mid = (lo + hi) / 2;
-            if (p.offsets[mid] <= pos) lo = mid; else hi = mid;
-        }
-        const u32 e = lo;
-        const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
-        float* out_row = p.out + (u64)pos * p.n;
-        for (u32 kb = 0; kb < p.n_kb; ++kb) {
-            const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
-            const float* xs = p.x_f32 + (u64)arow * p.k + (u64)kb * p.k_block;
-            for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) pending[i] = 1u;
-            float beta = 1.0f;
-            for (u32 attempt = 0; attempt < 256; ++attempt) {
-                const float scale = alpha_nm * beta;
-                // DAC at α_nm·β (moe_quantize / tile::Crossbar::encode_row).
-                for (u32 j = threadIdx.x; j < p.k_block; j += blockDim.x) {
-                    float q = 0.0f;
-                    if (scale != 0.0f) {
-                        const float v = xs[j] / scale;
-                        q = p.use_dac ? fminf(fmaxf(rintf(v / p.dac_step), -p.dac_max_code), p.dac_max_code) : v;
-                    }
-                    codes[j] = q;
+    const u32 n_chunks = (n_rows + BM_ROWS - 1) / BM_ROWS;
+    if (threadIdx.x == 0) live_acc = 0u;  // read after a barrier below
+    for (u32 chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
+        const u32 first = chunk * BM_ROWS, last = min(n_rows, first + BM_ROWS);
+        // The chunk's flagged rows, one expert at a time (sorted rows: each expert's a run).
+        u32 next = first;
+        while (true) {
+            while (next < last && p.bm_flag[next] == 0u) ++next;
+            if (next >= last) break;
+            u32 lo = 0, hi = p.n_experts;  // expert e with offsets[e] <= next < offsets[e+1]
+            while (hi - lo > 1) {
+                const u32 mid = (lo + hi) / 2;
+                if (p.offsets[mid] <= next) lo = mid; else hi = mid;
+            }
+            const u32 e = lo, end = min(last, p.offsets[e + 1]);
+            // Rows of this pass: flagged rows of expert e in [next, end), slot r = pos − next.
+            u32 rows = 0;  // bit r: row next + r is flagged
+            for (u32 r = 0; next + r < end; ++r)
+                if (p.bm_flag[next + r]) rows |= 1u << r;
+            const u32 base = next;
+            next = end;
+            for (u32 kb = 0; kb < p.n_kb; ++kb) {
+                if (threadIdx.x < BM_ROWS) {
+                    const u32 pos = base + threadIdx.x;
+                    const u32 arow = (rows >> threadIdx.x) & 1u ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0u;
+                    row_pos[threadIdx.x] = pos;
+                    row_alpha[threadIdx.x] = (rows >> threadIdx.x) & 1u ? p.a_alpha[(u64)arow * p.n_kb + kb] : 0.0f;
                 }
-                for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) saturated[i] = 0u;
+                for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x)
+                    pending[i / p.n_xbar][i % p.n_xbar] = (rows >> (i / p.n_xbar)) & 1u;
                 __syncthreads();
+                u32 live = rows;  // rows with a pending crossbar
+                float beta = 1.0f;
+                for (u32 attempt = 0; attempt < 256; ++attempt) {
+                    // DAC at α_nm·β (moe_quantize / tile::Crossbar::encode_row), live rows.
+                    for (u32 i = threadIdx.x; i < BM_ROWS * p.k_block; i += blockDim.x) {
+                        const u32 r = i / p.k_block, j = i - r * p.k_block;
+                        if (!((live >> r) & 1u)) continue;
+                        const u32 pos = base + r;
+                        const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+                        const float scale = row_alpha[r] * beta;
+                        float q = 0.0f;
+                        if (scale != 0.0f) {
+                            const float v = p.x_f32[(u64)arow * p.k + (u64)kb * p.k_block + j] / scale;
+                            q = p.use_dac ? fminf(fmaxf(rintf(v / p.dac_step), -p.dac_max_code), p.dac_max_code) : v;
+                        }
+                        codes[i] = q;
+                    }
+                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x)
+                        saturated[i / p.n_xbar][i % p.n_xbar] = 0u;
+                    __syncthreads();
 #if MOE_ADDITIVE
-                float sum_x2 = 0.0f;
-                for (u32 j = 0; j < p.k_block; ++j) {
-                    const float xv = p.use_dac ? codes[j] * p.dac_step : codes[j];
-                    sum_x2 += xv * xv;
-                }
-#endif
-                // One warp per column, its lanes along the crossbar rows: the weight row is read
-                // coalesced (a thread per column read 32 rows per load, 16× the L2 traffic).
-                const u32 lane = threadIdx.x & 31u;
-                for (u32 col = threadIdx.x >> 5; col < p.n; col += blockDim.x >> 5) {
-                    const u32 xb = p.col_xbar[col];
-                    if (!pending[xb]) continue;
-                    const u64 wrow = ((u64)e * p.n + col) * p.k + (u64)kb * p.k_block;
-                    float acc = 0.0f;
-#if MOE_PCM_READ
-                    float s2 = 0.0f;
-#endif
-#if MOE_IR_DROP
-                    float aabs = 0.0f, air = 0.0f;
-#endif
-#pragma unroll 4
-                    for (u32 j = lane; j < p.k_block; j += 32) {
-                        const float hi_w = f16_bits_to_f32(p.w_hi[wrow + j]);
-                        const float w = p.w_lo ? hi_w + f16_bits_to_f32(p.w_lo[wrow + j]) : hi_w;
-                        const float q = codes[j];
-                        acc += w * q;
-#if MOE_PCM_READ
-                        s2 += fabsf(hi_w) * (q * q);
-#endif
-#if MOE_IR_DROP
-                        aabs += fabsf(hi_w) * fabsf(q);
-                        air += hi_w * (q * ir_row_factor(j, (float)p.k_block));
-#endif
+                    if (threadIdx.x < BM_ROWS && ((live >> threadIdx.x) & 1u)) {
+                        float sum_x2 = 0.0f;
+                        const float* c = codes + threadIdx.x * p.k_block;
+                        for (u32 j = 0; j < p.k_block; ++j) {
+                            const float xv = p.use_dac ? c[j] * p.dac_step : c[j];
+                            sum_x2 += xv * xv;
+                        }
+                        row_x2[threadIdx.x] = sum_x2;
                     }
-                    acc = fixup_warp_sum(acc);
+                    __syncthreads();
+#endif
+                    for (u32 col = threadIdx.x >> 5; col < p.n; col += blockDim.x >> 5) {
+                        const u32 xb = p.col_xbar[col];
+                        u32 todo = 0;  // rows with this column's crossbar pending
+#pragma unroll
+                        for (u32 r = 0; r < BM_ROWS; ++r) todo |= (u32)pending[r][xb] << r;
+                        if (!todo) continue;
+                        const u64 wrow = ((u64)e * p.n + col) * p.k + (u64)kb * p.k_block;
+                        float acc[BM_ROWS];
 #if MOE_PCM_READ
-                    s2 = fixup_warp_sum(s2);
+                        float s2[BM_ROWS];
 #endif
 #if MOE_IR_DROP
-                    aabs = fixup_warp_sum(aabs);
-                    air = fixup_warp_sum(air);
+                        float aabs[BM_ROWS], air[BM_ROWS];
 #endif
-                    if (lane != 0) continue;
-                    float v = acc * p.dac_step;
+#pragma unroll
+                        for (u32 r = 0; r < BM_ROWS; ++r) {
+                            acc[r] = 0.0f;
+#if MOE_PCM_READ
+                            s2[r] = 0.0f;
+#endif
 #if MOE_IR_DROP
-                    const float aa = p.ir_k * (aabs * p.dac_step);
-                    const float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
-                    v -= p.ir_scale * cc * (air * p.dac_step);
+                            aabs[r] = 0.0f;
+                            air[r] = 0.0f;
 #endif
-                    const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+                        }
+#pragma unroll 2
+                        for (u32 j = lane; j < p.k_block; j += 32) {
+                            const float hi_w = f16_bits_to_f32(p.w_hi[wrow + j]);
+                            const float w = p.w_lo ? hi_w + f16_bits_to_f32(p.w_lo[wrow + j]) : hi_w;
+#if MOE_IR_DROP
+                            const float f = ir_row_factor(j, (float)p.k_block);
+#endif
+#pragma unroll
+                            for (u32 r = 0; r < BM_ROWS; ++r) {
+                                const float q = codes[r * p.k_block + j];
+                                acc[r] += w * q;
+#if MOE_PCM_READ
+                                s2[r] += fabsf(hi_w) * (q * q);
+#endif
+#if MOE_IR_DROP
+                                aabs[r] += fabsf(hi_w) * fabsf(q);
+                                air[r] += hi_w * (q * f);
+#endif
+                            }
+                        }
+                        // Lane r keeps row r's sums.
+                        float mine = 0.0f;
+#if MOE_PCM_READ
+                        float mine_s2 = 0.0f;
+#endif
+#if MOE_IR_DROP
+                        float mine_abs = 0.0f, mine_ir = 0.0f;
+#endif
+#pragma unroll
+                        for (u32 r = 0; r < BM_ROWS; ++r) {
+                            const float a = fixup_warp_sum(acc[r]);
+                            mine = lane == r ? a : mine;
+#if MOE_PCM_READ
+                            const float b = fixup_warp_sum(s2[r]);
+                            mine_s2 = lane == r ? b : mine_s2;
+#endif
+#if MOE_IR_DROP
+                            const float c = fixup_warp_sum(aabs[r]), d = fixup_warp_sum(air[r]);
+                            mine_abs = lane == r ? c : mine_abs;
+                            mine_ir = lane == r ? d : mine_ir;
+#endif
+                        }
+                        if (lane >= BM_ROWS || !((todo >> lane) & 1u)) continue;
+                        const u32 r = lane, pos = row_pos[r];
+                        float v = mine * p.dac_step;
+#if MOE_IR_DROP
+                        const float aa = p.ir_k * (mine_abs * p.dac_step);
+                        const float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+                        v -= p.ir_scale * cc * (mine_ir * p.dac_step);
+#endif
+                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                    {
-                        const u64 idx = (u64)noise_row_of(p, pos, pos - p.offsets[e]) * p.col_block_cols[col] +
-                                        p.col_local[col];
-                        const float z = stream_normal(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
-                                                      idx, noise_call_of(p, pos), attempt);
+                        {
+                            const u64 idx = (u64)noise_row_of(p, pos, pos - p.offsets[e]) * p.col_block_cols[col] +
+                                            p.col_local[col];
+                            const float z = stream_normal(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
+                                                          idx, noise_call_of(p, pos), attempt);
 #if MOE_PCM_READ
-                        const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, __fmul_rn(s2, step2))));
+                            const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, __fmul_rn(mine_s2, step2))));
 #elif MOE_ADDITIVE
-                        const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, sum_x2)));
+                            const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, row_x2[r])));
 #else
-                        const float sd = p.out_noise;
+                            const float sd = p.out_noise;
 #endif
-                        v += sd * z;
+                            v += sd * z;
+                        }
+#endif
+                        v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+                        if (fabsf(v) >= p.adc_bound) saturated[r][xb] = 1u;
+                        ybuf[r * p.n + col] = v;
                     }
-#endif
-                    v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
-                    if (fabsf(v) >= p.adc_bound) saturated[xb] = 1u;
-                    ybuf[col] = v;
+                    __syncthreads();
+                    const bool again = beta <= p.bm_limit;
+                    // Crossbars that are done add their outputs, in K-block order as moe_gemm.
+                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n; i += blockDim.x) {
+                        const u32 r = i / p.n, col = i - r * p.n, xb = p.col_xbar[col];
+                        const bool again_ok = again && row_alpha[r] > 0.0f;
+                        if (!pending[r][xb] || (saturated[r][xb] && again_ok)) continue;
+                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
+                        const float v = ybuf[i] * (row_alpha[r] * beta * p.col_scale[tab]);
+                        float* o = p.out + (u64)row_pos[r] * p.n + col;
+                        *o = kb == 0 ? v : *o + v;
+                    }
+                    __syncthreads();
+                    u32 any = 0;  // bit r: row r still has a pending crossbar
+                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x) {
+                        const u32 r = i / p.n_xbar, xb = i - r * p.n_xbar;
+                        const bool keep = pending[r][xb] && saturated[r][xb] && again && row_alpha[r] > 0.0f;
+                        pending[r][xb] = keep;
+                        any |= (u32)keep << r;
+                    }
+                    any = __reduce_or_sync(0xffffffffu, any);
+                    if (lane == 0 && any) atomicOr(&live_acc, any);
+                    __syncthreads();
+                    live = live_acc;
+                    __syncthreads();  // every thread has read live_acc
+                    if (threadIdx.x == 0) live_acc = 0u;
+                    if (!live) break;
+                    beta *= 2.0f;
                 }
-                __syncthreads();
-                const bool again_ok = beta <= p.bm_limit && alpha_nm > 0.0f;
-                // Crossbars that are done add their outputs, in K-block order as moe_gemm.
-                for (u32 col = threadIdx.x; col < p.n; col += blockDim.x) {
-                    const u32 xb = p.col_xbar[col];
-                    if (!pending[xb] || (saturated[xb] && again_ok)) continue;
-                    const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
-                    const float v = ybuf[col] * (scale * p.col_scale[tab]);
-                    out_row[col] = kb == 0 ? v : out_row[col] + v;
-                }
-                __syncthreads();
-                u32 any = 0;
-                for (u32 i = threadIdx.x; i < p.n_xbar; i += blockDim.x) {
-                    pending[i] = pending[i] && saturated[i] && again_ok;
-                    any |= pending[i];
-                }
-                if (!__syncthreads_or(any)) break;
-                beta *= 2.0f;
             }
         }
-        __syncthreads();
     }
 }
 #endif

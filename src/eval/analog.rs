@@ -378,8 +378,11 @@ pub fn evaluate(
     bar.finish_and_clear();
     #[cfg(feature = "cuda")]
     if let Some(stages) = whole.as_ref().and_then(|(gm, _)| gm.stage_seconds()) {
-        for (name, s) in stages {
-            eprintln!("  GPU forward stage {name}: {s:.3} s");
+        for s in stages {
+            eprintln!(
+                "  GPU forward stage {}: {:.3} s (host enqueue {:.3} s)",
+                s.name, s.seconds, s.host_seconds
+            );
         }
     }
     let summary = cfg

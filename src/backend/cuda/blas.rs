@@ -7,6 +7,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{CudaDevice, CudaError, CudaResult};
 
+/// Side of the square f32 GEMM run once when a handle is created ([`Blas::new`]).
+const WARM_UP_SIZE: usize = 256;
+
 /// A cuBLAS handle on the device's stream.
 pub struct Blas {
     handle: Arc<CudaBlas>,
@@ -23,9 +26,18 @@ impl Blas {
             what: "creating a handle".into(),
             source,
         })?;
-        Ok(Self {
+        let blas = Self {
             handle: Arc::new(handle),
-        })
+        };
+        // cuBLAS initialises itself (and loads its kernels) at the first GEMM of a process:
+        // ~0.1 s of host time on the H100, which otherwise lands in whichever forward pass
+        // comes first (the first point of an eval sweep). Pay it here, with the set-up.
+        let n = WARM_UP_SIZE;
+        let (a, b) = (dev.zeros::<f32>(n * n)?, dev.zeros::<f32>(n * n)?);
+        let mut c = dev.zeros::<f32>(n * n)?;
+        blas.sgemm_nt(dev, &a, &b, &mut c, (n, n, n), 0.0)?;
+        dev.synchronize()?;
+        Ok(blas)
     }
 
     /// C[m, n] = A[m, k] · B[n, k]ᵀ, row-major bf16 operands (`u16` bits), f32 output, f32

@@ -124,7 +124,18 @@ pub const PROFILE_ENV: &str = "AIMC_PROFILE_FORWARD";
 #[derive(Default)]
 struct StageClock {
     last: Option<std::time::Instant>,
-    seconds: Vec<(&'static str, f64)>,
+    stages: Vec<StageTime>,
+}
+
+/// Time of one forward stage summed over the passes ([`GpuModel::stage_seconds`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StageTime {
+    pub name: &'static str,
+    /// Wall seconds from the stage's start until the device finished it.
+    pub seconds: f64,
+    /// Of those, the seconds the host took to enqueue the stage's work (launches, allocations,
+    /// copies): when they are near `seconds`, the stage is bound by the host, not the kernels.
+    pub host_seconds: f64,
 }
 
 impl StageClock {
@@ -133,12 +144,20 @@ impl StageClock {
         let Some(last) = self.last else {
             return Ok(());
         };
+        let host = last.elapsed().as_secs_f64();
         dev.synchronize()?;
         let now = std::time::Instant::now();
         let dt = (now - last).as_secs_f64();
-        match self.seconds.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, s)) => *s += dt,
-            None => self.seconds.push((name, dt)),
+        match self.stages.iter_mut().find(|s| s.name == name) {
+            Some(s) => {
+                s.seconds += dt;
+                s.host_seconds += host;
+            }
+            None => self.stages.push(StageTime {
+                name,
+                seconds: dt,
+                host_seconds: host,
+            }),
         }
         self.last = Some(now);
         Ok(())
@@ -282,9 +301,9 @@ impl<'m> GpuModel<'m> {
         })
     }
 
-    /// Seconds per forward stage so far, when [`PROFILE_ENV`] is set.
-    pub fn stage_seconds(&self) -> Option<&[(&'static str, f64)]> {
-        self.clock.as_ref().map(|c| c.seconds.as_slice())
+    /// Time per forward stage so far, when [`PROFILE_ENV`] is set.
+    pub fn stage_seconds(&self) -> Option<&[StageTime]> {
+        self.clock.as_ref().map(|c| c.stages.as_slice())
     }
 
     /// Device bytes one token row of a forward pass holds at most at once (activations and
@@ -432,8 +451,17 @@ impl<'m> GpuModel<'m> {
             match &layer.attention {
                 Some(a) => {
                     let rope = self.rope.as_ref().expect("rope_for ran");
-                    self.attention(dev, a, &x, &mut h, s, window, (&rope.2, &rope.3, &rope.1))
-                        .map_err(at)?;
+                    lap("attention: input norm").map_err(at)?;
+                    self.attention(
+                        dev,
+                        a,
+                        &x,
+                        &mut h,
+                        (s, window),
+                        (&rope.2, &rope.3, &rope.1),
+                        &mut lap,
+                    )
+                    .map_err(at)?;
                 }
                 None => {
                     let Attention::Mla(mla) = &self.model.layers[l].attention else {
@@ -447,9 +475,10 @@ impl<'m> GpuModel<'m> {
                         .collect();
                     let a = mla.forward(xh.view(), &ranges, rope);
                     add_host(dev, &mut h, a.view()).map_err(at)?;
+                    lap("attention: latent attention on the CPU").map_err(at)?;
                 }
             }
-            lap("attention").map_err(at)?;
+            lap("attention: output projection").map_err(at)?;
             rms_norm(
                 dev,
                 Some(&h),
@@ -595,47 +624,32 @@ impl<'m> GpuModel<'m> {
         a: &GpuAttention,
         x: &CudaSlice<f32>,
         h: &mut CudaSlice<f32>,
-        s: usize,
-        window: usize,
+        (s, window): (usize, usize),
         (cos, sin, table): (&CudaSlice<f32>, &CudaSlice<f32>, &RopeTable),
+        lap: &mut dyn FnMut(&'static str) -> CudaResult<()>,
     ) -> CudaResult<()> {
         let window32 = window.min(s) as u32;
-        let mut q = self.linear(dev, &a.q, x, s)?;
-        let mut k = self.linear(dev, &a.k, x, s)?;
-        let mut v = self.linear(dev, &a.v, x, s)?;
+        let q = &mut self.linear(dev, &a.q, x, s)?;
+        let k = &mut self.linear(dev, &a.k, x, s)?;
+        let v = &mut self.linear(dev, &a.v, x, s)?;
+        lap("attention: q/k/v projections")?;
         if let Some((qn, kn)) = &a.qk_norm {
             let eps = self.model.config.rms_norm_eps;
-            rms_norm(
-                dev,
-                None,
-                &mut q,
-                &qn.w,
-                s * a.q.out / qn.width,
-                qn.width,
-                eps,
-            )?;
-            rms_norm(
-                dev,
-                None,
-                &mut k,
-                &kn.w,
-                s * a.k.out / kn.width,
-                kn.width,
-                eps,
-            )?;
+            rms_norm(dev, None, q, &qn.w, s * a.q.out / qn.width, qn.width, eps)?;
+            rms_norm(dev, None, k, &kn.w, s * a.k.out / kn.width, kn.width, eps)?;
         }
         if let Some(c) = a.clip_qkv {
             let f = dev.function(&MODEL_CU, &[], "clamp_abs")?;
-            for m in [&mut q, &mut k, &mut v] {
-                let n = m.len() as u64;
+            for (m, width) in [(&mut *q, a.q.out), (&mut *k, a.k.out), (&mut *v, a.v.out)] {
+                let n = (s * width) as u64;
                 dev.launch(&f, "clamp_abs", linear_launch(n), |b| {
-                    b.arg(&mut *m).arg(&n).arg(&c);
+                    b.arg(m).arg(&n).arg(&c);
                 })?;
             }
         }
         let half = table.cos().ncols();
         let f = dev.function(&MODEL_CU, &[], "rope")?;
-        for (m, heads) in [(&mut q, a.heads), (&mut k, a.kv_heads)] {
+        for (m, heads) in [(&mut *q, a.heads), (&mut *k, a.kv_heads)] {
             let n = (s * heads * half) as u64;
             let (rows, heads, width, half, inter) = (
                 s as u32,
@@ -645,7 +659,7 @@ impl<'m> GpuModel<'m> {
                 u32::from(table.interleaved()),
             );
             dev.launch(&f, "rope", linear_launch(n), |b| {
-                b.arg(&mut *m)
+                b.arg(m)
                     .arg(cos)
                     .arg(sin)
                     .arg(&rows)
@@ -656,8 +670,9 @@ impl<'m> GpuModel<'m> {
                     .arg(&window32);
             })?;
         }
+        lap("attention: q/k norms and RoPE")?;
         let d = a.head_dim;
-        let mut out = dev.scratch::<f32>(s * a.heads * d)?;
+        let out = &mut dev.scratch::<f32>(s * a.heads * d)?;
         let shared = (ATT_KEYS * (d + 1) + ATT_KEYS * d + ATT_ROWS * d) * 4;
         let f = dev.function(
             &MODEL_CU,
@@ -681,10 +696,10 @@ impl<'m> GpuModel<'m> {
             1.0 / (d as f32).sqrt(),
         );
         dev.launch(&f, "causal_attention", cfg, |b| {
-            b.arg(&q)
-                .arg(&k)
-                .arg(&v)
-                .arg(&mut out)
+            b.arg(&*q)
+                .arg(&*k)
+                .arg(&*v)
+                .arg(&mut *out)
                 .arg(&s32)
                 .arg(&heads)
                 .arg(&kv)
@@ -693,9 +708,10 @@ impl<'m> GpuModel<'m> {
                 .arg(&scale)
                 .arg(&window32);
         })?;
+        lap("attention: causal attention kernel")?;
         // h += out · Woᵀ (+ b)
         self.blas
-            .sgemm_nt(dev, &out, &a.o.w, h, (s, a.o.out, a.o.inp), 1.0)?;
+            .sgemm_nt(dev, out, &a.o.w, h, (s, a.o.out, a.o.inp), 1.0)?;
         if let Some(b) = &a.o.b {
             add_bias(dev, h, b, s, a.o.out)?;
         }

@@ -880,7 +880,7 @@ pub struct GemmVariant {
     pub ir_drop: bool,
     /// ADDITIVE weight noise (‖x̃‖² per row from the prologue).
     pub additive: bool,
-    /// Iterative bound management (saturated rows listed for `moe_bm_fixup`; store mode).
+    /// Iterative bound management (saturated rows flagged for `moe_bm_fixup`; store mode).
     pub bound_management: bool,
     /// Output noise.
     pub out_noise: bool,
@@ -1142,8 +1142,6 @@ struct GemmParams {
     a_sumsq: u64,
     x_f32: u64,
     bm_flag: u64,
-    bm_list: u64,
-    bm_count: u64,
     bm_scratch: u64,
     col_xbar: u64,
     noise_key: u64,
@@ -1174,10 +1172,13 @@ unsafe impl DeviceRepr for GemmParams {}
 /// `.param` size in NVRTC's PTX by `tests/kernels_compile.rs`).
 pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
 
-/// CTAs of the bound-management fix-up (grid-stride over the listed rows): 8 per SM of an
-/// H100 (132 SMs), the most its 256-thread CTAs can keep resident; at 2 per SM the fix-up of
-/// a layer whose rows mostly saturate (pcm-3d-8tier) waited on L2 latency.
+/// CTAs of the bound-management fix-up (grid-stride over chunks of [`BM_ROWS`] sorted rows):
+/// 8 per SM of an H100 (132 SMs), the most its 256-thread CTAs can keep resident; at 2 per SM
+/// the fix-up of a layer whose rows mostly saturate (pcm-3d-8tier) waited on L2 latency.
 const BM_FIXUP_CTAS: usize = 1056;
+/// Sorted rows per chunk of the fix-up (`BM_ROWS` in the kernel): the flagged rows of one
+/// expert in a chunk share every weight load.
+const BM_ROWS: usize = 8;
 /// Crossbar column blocks one fix-up CTA tracks (`BM_MAX_XBARS` in the kernel).
 const BM_MAX_XBARS: usize = 256;
 
@@ -1186,7 +1187,7 @@ const BM_MAX_XBARS: usize = 256;
 /// `gather_tokens`: operand row of sorted pair p is its token (first layer); otherwise row p
 /// itself (hidden rows in sorted order). `periphery = None` runs the digital variant. With
 /// iterative bound management the output must be [`GemmOutput::Store`]: saturated rows are
-/// listed by `moe_gemm` and recomputed by `moe_bm_fixup` ([`GpuMoeLayer::forward`] composes
+/// flagged by `moe_gemm` and recomputed by `moe_bm_fixup` ([`GpuMoeLayer::forward`] composes
 /// SwiGLU and the scatter-add after it).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm<T: GemmOutElem>(
@@ -1267,13 +1268,12 @@ pub fn grouped_gemm<T: GemmOutElem>(
         output,
         noise_quads: m.noise_quads,
     };
-    // Bound-management state: a flag and list slot per sorted row, a counter, fix-up scratch.
+    // Bound-management state: a flag per sorted row and the fix-up CTAs' scratch rows.
+    let fixup_ctas = pairs.div_ceil(BM_ROWS).clamp(1, BM_FIXUP_CTAS);
     let bm_state = if bm {
         Some((
             dev.zeros::<u32>(pairs.max(1))?,
-            dev.scratch::<u32>(pairs.max(1))?,
-            dev.zeros::<u32>(1)?,
-            dev.scratch::<f32>(BM_FIXUP_CTAS.min(pairs.max(1)) * m.n_cols)?,
+            dev.scratch::<f32>(fixup_ctas * BM_ROWS * m.n_cols)?,
         ))
     } else {
         None
@@ -1281,14 +1281,9 @@ pub fn grouped_gemm<T: GemmOutElem>(
     // Raw pointers: all work is on this one stream and event tracking is off, so the guards
     // `device_ptr` returns have nothing to synchronise.
     let s = dev.stream();
-    let (bm_flag, bm_list, bm_count, bm_scratch) = match bm_state.as_ref() {
-        Some((flag, list, count, scratch)) => (
-            flag.device_ptr(s).0,
-            list.device_ptr(s).0,
-            count.device_ptr(s).0,
-            scratch.device_ptr(s).0,
-        ),
-        None => (0, 0, 0, 0),
+    let (bm_flag, bm_scratch) = match bm_state.as_ref() {
+        Some((flag, scratch)) => (flag.device_ptr(s).0, scratch.device_ptr(s).0),
+        None => (0, 0),
     };
     let (dac_step, dac_max_code) = p.and_then(|p| p.dac).unwrap_or((1.0, 0.0));
     let params = GemmParams {
@@ -1313,8 +1308,6 @@ pub fn grouped_gemm<T: GemmOutElem>(
         a_sumsq: input.sumsq.as_ref().map_or(0, |b| b.device_ptr(s).0),
         x_f32: input.x.map_or(0, |x| x.device_ptr(s).0),
         bm_flag,
-        bm_list,
-        bm_count,
         bm_scratch,
         col_xbar: m.col_xbar.device_ptr(s).0,
         noise_key: routing.noise_key.as_ref().map_or(0, |k| k.device_ptr(s).0),
@@ -1367,13 +1360,16 @@ pub fn grouped_gemm<T: GemmOutElem>(
     })?;
     if bm {
         let fixup = dev.function(&ANALOG_MOE_CU, &defines, "moe_bm_fixup")?;
+        let shared = (BM_ROWS * m.k_block * std::mem::size_of::<f32>()) as u32;
+        allow_dynamic_shared(&fixup, "moe_bm_fixup", 256, shared)?;
         let cfg = LaunchConfig {
-            grid_dim: (BM_FIXUP_CTAS.min(pairs.max(1)) as u32, 1, 1),
+            grid_dim: (fixup_ctas as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (m.k_block * std::mem::size_of::<f32>()) as u32,
+            shared_mem_bytes: shared,
         };
+        let rows = pairs as u32;
         dev.launch(&fixup, "moe_bm_fixup", cfg, |b| {
-            b.arg(&params);
+            b.arg(&params).arg(&rows);
         })?;
     }
     // Dropping the bound-management buffers frees them in stream order (cuMemFreeAsync on
