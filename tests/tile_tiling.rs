@@ -136,3 +136,53 @@ fn crossbar_memory_is_accounted() {
     .unwrap();
     assert_eq!(s.memory_bytes(), 28 * n);
 }
+
+/// `AnalogMatrix::layout` (what the GPU eval builds instead of programming the CPU crossbars)
+/// has the blocks, tensor ids, mapping scales and `global_exact` references of the programmed
+/// matrix; its weights are W/s_map exactly and its drift exponents 0 (ideal devices, no draws).
+#[test]
+fn layout_has_the_programmed_matrix_geometry_and_scales_without_noise() {
+    let mut preset = TilePreset::builtin("pcm-3d-8tier").unwrap();
+    let (n_out, n_in) = (700, 600);
+    let w = Array2::from_shape_fn((n_out, n_in), |(i, j)| {
+        (((i * 7919 + j * 104729) % 1000) as f32 - 500.0) / 250.0
+    });
+    for gdc in [
+        aimc::tile::DriftCompensation::GlobalExact,
+        aimc::tile::DriftCompensation::Global,
+    ] {
+        preset.drift_compensation = gdc;
+        let device = preset.device.build();
+        let prog =
+            AnalogMatrix::program_with_device(w.view(), &preset, device.clone(), 3, 9).unwrap();
+        let lay = AnalogMatrix::layout(w.view(), &preset, device, 3, 9).unwrap();
+        assert!(prog.num_blocks() > 1, "the test needs a split matrix");
+        assert_eq!(lay.geometry(), prog.geometry());
+        for ((b, p), g) in lay.blocks().iter().zip(prog.blocks()).zip(lay.geometry()) {
+            assert_eq!(b.map_scale(), p.map_scale());
+            assert_eq!(b.tensor_id(), p.tensor_id());
+            let target = w.slice(ndarray::s![g.out_range.clone(), g.in_range.clone()]);
+            for ((i, j), &v) in b.programmed_weights().indexed_iter() {
+                assert_eq!(v, target[[i, j]] / b.map_scale()[i], "W̃ = W/s_map exactly");
+            }
+            assert_eq!(b.weights(), b.programmed_weights());
+            assert_eq!(b.drift_exponents().len(), p.drift_exponents().len());
+            assert!(b
+                .drift_exponents()
+                .iter()
+                .all(|nu| nu.iter().all(|&v| v == 0.0)));
+            assert_ne!(
+                p.programmed_weights(),
+                b.programmed_weights(),
+                "programming adds noise"
+            );
+            match gdc {
+                aimc::tile::DriftCompensation::GlobalExact => {
+                    assert_eq!(b.gdc_reference(), p.gdc_reference())
+                }
+                _ => assert!(b.gdc_reference().is_empty()),
+            }
+            assert!(b.gdc_alpha().iter().all(|&a| a == 1.0));
+        }
+    }
+}

@@ -56,6 +56,40 @@ impl<'m> AnalogExperts<'m> {
         device: Arc<dyn Device>,
         seed: u64,
     ) -> Result<Self> {
+        Self::build(
+            model,
+            mapping,
+            |w, id| AnalogMatrix::program_with_device(w, preset, device.clone(), seed, id),
+            seed,
+        )
+    }
+
+    /// The crossbars of [`AnalogExperts::program_with_device`] as ideal-device layouts
+    /// ([`crate::tile::Crossbar::layout`]): block split, tensor ids and mapping scales, with no
+    /// programming noise or drift drawn. For a backend that programs the devices itself (the
+    /// CUDA backend's `GpuExperts::program`, with `seed`) and needs only the layout.
+    pub fn layout(
+        model: &'m Model,
+        mapping: &Mapping,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(
+            model,
+            mapping,
+            |w, id| AnalogMatrix::layout(w, preset, device.clone(), seed, id),
+            seed,
+        )
+    }
+
+    /// Every analog matrix of `mapping`, built from its weights by `build(w, tensor id)`.
+    fn build(
+        model: &'m Model,
+        mapping: &Mapping,
+        build: impl Fn(ArrayView2<'_, f32>, u32) -> Result<AnalogMatrix> + Sync,
+        seed: u64,
+    ) -> Result<Self> {
         let matrices = mapping
             .analog
             .par_iter()
@@ -66,8 +100,7 @@ impl<'m> AnalogExperts<'m> {
                         p.id
                     )
                 })?;
-                let id = matrix_tensor_id(p.id);
-                let a = AnalogMatrix::program_with_device(w, preset, device.clone(), seed, id)
+                let a = build(w, matrix_tensor_id(p.id))
                     .with_context(|| format!("programming {:?}", p.id))?;
                 Ok((p.id, a))
             })

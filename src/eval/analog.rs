@@ -259,8 +259,8 @@ pub fn evaluate(
     let mut phases = EvalPhases::default();
     let t1 = Instant::now();
     // Program, drift and run on the GPU when it holds every analog matrix and the device is
-    // the preset's: the CPU programs the first seed (the crossbar layout and the GPU's check
-    // of it), the GPU programs the others itself.
+    // the preset's: the CPU builds the crossbar layout (block split, tensor ids, mapping
+    // scales; no devices programmed), the GPU programs every seed itself.
     #[cfg(feature = "cuda")]
     let mut done_on_gpu = false;
     #[cfg(feature = "cuda")]
@@ -270,13 +270,8 @@ pub fn evaluate(
     {
         use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
         let clock = Instant::now();
-        let first = AnalogExperts::program_with_device(
-            model,
-            mapping,
-            preset,
-            preset.device.build(),
-            cfg.seeds[0],
-        )?;
+        let first =
+            AnalogExperts::layout(model, mapping, preset, preset.device.build(), cfg.seeds[0])?;
         phases.program_s += clock.elapsed().as_secs_f64();
         let clock = Instant::now();
         let programmed = GpuExperts::program(dev, &first, preset, Precision::AnalogSplitF16);

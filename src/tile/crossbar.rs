@@ -104,41 +104,8 @@ impl Crossbar {
         tensor_id: u32,
     ) -> Result<Self> {
         let (n_out, n_in) = w.dim();
-        ensure!(
-            n_out > 0 && n_in > 0,
-            "tensor {tensor_id}: empty weight matrix {n_out}×{n_in}"
-        );
-        ensure!(
-            n_in <= preset.stack.rows && n_out <= preset.stack.cols,
-            "tensor {tensor_id}: {n_out}×{n_in} (n_out×n_in) exceeds one {}×{} crossbar of preset `{}`; \
-             split it with AnalogMatrix",
-            preset.stack.rows,
-            preset.stack.cols,
-            preset.name
-        );
-        if let Some(((i, j), v)) = w.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            bail!("tensor {tensor_id}: non-finite weight {v} at [{i}, {j}]");
-        }
-        validate_preset(preset)?;
+        let (map_scale, w_target) = map_weights(w, preset, tensor_id)?;
         let converter = WeightConverter::for_device(device.as_ref());
-
-        let omega = preset.mapping.weight_scaling_omega;
-        let abs_max = |v: ndarray::ArrayView1<f32>| v.fold(0.0f32, |m, x| m.max(x.abs()));
-        let nonzero = |s: f32| if s > 0.0 { s } else { 1.0 };
-        let map_scale: Vec<f32> = if preset.mapping.per_column {
-            w.rows()
-                .into_iter()
-                .map(|r| nonzero(abs_max(r) / omega))
-                .collect()
-        } else {
-            let m = nonzero(w.fold(0.0f32, |m, x| m.max(x.abs())) / omega);
-            vec![m; n_out]
-        };
-        let mut w_target = w.to_owned();
-        for (mut row, s) in w_target.rows_mut().into_iter().zip(&map_scale) {
-            row.mapv_inplace(|x| x / s);
-        }
-
         let g_scale_target = converter.scale(max_abs(&w_target));
         let n_dev = converter.devices_per_weight();
         let prog = Stream::new(seed, Purpose::ProgramNoise, tensor_id);
@@ -205,6 +172,51 @@ impl Crossbar {
             }
         };
         xbar.gdc_alpha = vec![1.0; xbar.gdc_ref.len().max(1)];
+        Ok(xbar)
+    }
+
+    /// The crossbar `program` would build for `w`, with ideal devices: every device at its
+    /// target conductance (W̃ = W/s_map exactly), drift exponents 0, no GDC reference under
+    /// `global` / `global_per_column` (α stays 1), the preset's `global_exact` reference. Draws
+    /// no random numbers. For backends that program the devices themselves and need only the
+    /// block layout, tensor ids and mapping scales of the CPU crossbars (the CUDA backend's
+    /// `GpuExperts::program`); its MVMs are those of noise-free, drift-free devices.
+    pub fn layout(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
+        let (n_out, n_in) = w.dim();
+        let (map_scale, w_target) = map_weights(w, preset, tensor_id)?;
+        let converter = WeightConverter::for_device(device.as_ref());
+        let g_scale_us = converter.scale(max_abs(&w_target));
+        let gdc_ref = match preset.drift_compensation {
+            DriftCompensation::GlobalExact => vec![mean_abs(w_target.view())],
+            _ => Vec::new(),
+        };
+        let mut xbar = Self {
+            n_out,
+            n_in,
+            seed,
+            tensor_id,
+            device,
+            converter,
+            periphery: preset.periphery,
+            drift_compensation: preset.drift_compensation,
+            map_scale,
+            w: w_target.clone(),
+            w_prog: w_target,
+            nu: vec![Array2::zeros((n_out, n_in)); converter.devices_per_weight()],
+            g_scale_us,
+            abs_w: None,
+            w_ir: None,
+            gdc_alpha: vec![1.0; gdc_ref.len().max(1)],
+            gdc_ref,
+            t_seconds: None,
+        };
+        xbar.refresh_derived();
         Ok(xbar)
     }
 
@@ -666,6 +678,50 @@ enum WeightVar<'a> {
     Additive {
         per_row: Vec<f32>,
     },
+}
+
+/// The mapping step of programming (design.md §3, "Mapping scale"): checks `w` against one
+/// crossbar of `preset` and returns the mapping scales s_map (one per output) and the target
+/// weights W/s_map.
+fn map_weights(
+    w: ArrayView2<f32>,
+    preset: &TilePreset,
+    tensor_id: u32,
+) -> Result<(Vec<f32>, Array2<f32>)> {
+    let (n_out, n_in) = w.dim();
+    ensure!(
+        n_out > 0 && n_in > 0,
+        "tensor {tensor_id}: empty weight matrix {n_out}×{n_in}"
+    );
+    ensure!(
+        n_in <= preset.stack.rows && n_out <= preset.stack.cols,
+        "tensor {tensor_id}: {n_out}×{n_in} (n_out×n_in) exceeds one {}×{} crossbar of preset `{}`; \
+         split it with AnalogMatrix",
+        preset.stack.rows,
+        preset.stack.cols,
+        preset.name
+    );
+    if let Some(((i, j), v)) = w.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        bail!("tensor {tensor_id}: non-finite weight {v} at [{i}, {j}]");
+    }
+    validate_preset(preset)?;
+    let omega = preset.mapping.weight_scaling_omega;
+    let abs_max = |v: ndarray::ArrayView1<f32>| v.fold(0.0f32, |m, x| m.max(x.abs()));
+    let nonzero = |s: f32| if s > 0.0 { s } else { 1.0 };
+    let map_scale: Vec<f32> = if preset.mapping.per_column {
+        w.rows()
+            .into_iter()
+            .map(|r| nonzero(abs_max(r) / omega))
+            .collect()
+    } else {
+        let m = nonzero(w.fold(0.0f32, |m, x| m.max(x.abs())) / omega);
+        vec![m; n_out]
+    };
+    let mut w_target = w.to_owned();
+    for (mut row, s) in w_target.rows_mut().into_iter().zip(&map_scale) {
+        row.mapv_inplace(|x| x / s);
+    }
+    Ok((map_scale, w_target))
 }
 
 /// A preset built in code (not loaded) may be invalid: check it before use.

@@ -85,6 +85,20 @@ impl AnalogMatrix {
         })
     }
 
+    /// The blocks [`AnalogMatrix::program_with_device`] would build, as ideal-device layouts
+    /// ([`Crossbar::layout`]): the block split, tensor ids and mapping scales, no random draws.
+    pub fn layout(
+        w: ArrayView2<f32>,
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        seed: u64,
+        tensor_id: u32,
+    ) -> Result<Self> {
+        Self::program_blocks(w, preset, tensor_id, |block, id| {
+            Crossbar::layout(block, preset, device.clone(), seed, id)
+        })
+    }
+
     /// Split `w` by the preset's crossbar size and program each block with `program(block, id)`.
     fn program_blocks(
         w: ArrayView2<f32>,

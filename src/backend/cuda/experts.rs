@@ -197,7 +197,9 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     /// noisy identity forward through the grouped kernel. The CPU crossbars stay at their
     /// programmed state.
     ///
-    /// `cpu` must have been programmed with `preset` and its own device.
+    /// `cpu` must have been built with `preset` and its own device, programmed or only laid out
+    /// ([`AnalogExperts::layout`]: the eval's path, which programs no CPU crossbar); its
+    /// crossbars are never run.
     ///
     /// `Unsupported` when any analog matrix of `cpu` is not a routed expert of a MoE layer
     /// whose experts are all analog (shared experts, dense MLPs, heterogeneous layers), when the
