@@ -667,9 +667,8 @@ struct DriftHost {
 impl DriftHost {
     /// `weights`: the digital matrices the crossbars of `experts` were programmed from.
     fn new(experts: &[&AnalogMatrix], weights: &[ArrayView2<'_, f32>]) -> CudaResult<Self> {
-        let mut tables = GroupedMatrix::from_blocks(experts, |b| b.programmed_weights())?;
-        let mut w = std::mem::take(&mut tables.weights);
-        w.clear();
+        let mut tables = GroupedMatrix::tables(experts)?;
+        let mut w = Vec::with_capacity(tables.n_experts * tables.n_cols * tables.k);
         for m in weights {
             if m.dim() != (tables.n_cols, tables.k) {
                 return Err(CudaError::Unsupported(format!(

@@ -298,6 +298,21 @@ impl GroupedMatrix {
         experts: &[&'x AnalogMatrix],
         select: impl Fn(&'x Crossbar) -> ndarray::ArrayView2<'x, f32>,
     ) -> CudaResult<Self> {
+        Self::grouped(experts, Some(&select))
+    }
+
+    /// The column tables of [`GroupedMatrix::from_blocks`] with no weights (`weights` empty):
+    /// for a backend that computes the weights on the device (GPU programming).
+    pub fn tables(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
+        Self::grouped(experts, None)
+    }
+
+    /// [`GroupedMatrix::from_blocks`], copying the weights when `select` is given.
+    #[allow(clippy::type_complexity)]
+    fn grouped<'x>(
+        experts: &[&'x AnalogMatrix],
+        select: Option<&dyn Fn(&'x Crossbar) -> ndarray::ArrayView2<'x, f32>>,
+    ) -> CudaResult<Self> {
         let first = experts
             .first()
             .ok_or_else(|| CudaError::Unsupported("grouped matrix: no experts".into()))?;
@@ -318,7 +333,11 @@ impl GroupedMatrix {
             n_cols: n,
             k,
             k_block,
-            weights: vec![0.0; e_count * n * k],
+            weights: if select.is_some() {
+                vec![0.0; e_count * n * k]
+            } else {
+                Vec::new()
+            },
             col_tensor_id: vec![0; e_count * n_kb * n],
             col_scale: vec![0.0; e_count * n_kb * n],
             col_local: vec![0; n],
@@ -343,12 +362,14 @@ impl GroupedMatrix {
                 )));
             }
             for (g, block) in mat.geometry().iter().zip(mat.blocks()) {
-                let w = select(block);
+                let w = select.map(|f| f(block));
                 let alpha = block.gdc_alpha();
                 for (lc, c) in g.out_range.clone().enumerate() {
-                    let row = &mut m.weights[(e * n + c) * k..][g.in_range.clone()];
-                    for (dst, src) in row.iter_mut().zip(w.row(lc)) {
-                        *dst = *src;
+                    if let Some(w) = &w {
+                        let row = &mut m.weights[(e * n + c) * k..][g.in_range.clone()];
+                        for (dst, src) in row.iter_mut().zip(w.row(lc)) {
+                            *dst = *src;
+                        }
                     }
                     let t = (e * n_kb + g.in_block) * n + c;
                     m.col_tensor_id[t] = g.tensor_id;
