@@ -139,29 +139,15 @@ impl Crossbar {
                 Array2::from_shape_fn((n_out, n_in), |(i, j)| nu_flat[(i * n_in + j) * n_dev + d])
             })
             .collect();
-        let g_scale_us = converter.scale(max_abs(&w_prog));
-
-        let mut xbar = Self {
-            n_out,
-            n_in,
-            seed,
-            tensor_id,
+        let mut xbar = Self::assemble(
+            preset,
             device,
             converter,
-            periphery: preset.periphery,
-            drift_compensation: preset.drift_compensation,
+            (seed, tensor_id),
             map_scale,
-            w: w_prog.clone(),
             w_prog,
             nu,
-            g_scale_us,
-            abs_w: None,
-            w_ir: None,
-            gdc_ref: Vec::new(),
-            gdc_alpha: vec![1.0],
-            t_seconds: None,
-        };
-        xbar.refresh_derived();
+        );
         xbar.gdc_ref = match xbar.drift_compensation {
             DriftCompensation::None => Vec::new(),
             DriftCompensation::Global | DriftCompensation::GlobalPerColumn => {
@@ -188,14 +174,37 @@ impl Crossbar {
         seed: u64,
         tensor_id: u32,
     ) -> Result<Self> {
-        let (n_out, n_in) = w.dim();
         let (map_scale, w_target) = map_weights(w, preset, tensor_id)?;
         let converter = WeightConverter::for_device(device.as_ref());
-        let g_scale_us = converter.scale(max_abs(&w_target));
-        let gdc_ref = match preset.drift_compensation {
-            DriftCompensation::GlobalExact => vec![mean_abs(w_target.view())],
-            _ => Vec::new(),
-        };
+        let nu = vec![Array2::zeros(w.dim()); converter.devices_per_weight()];
+        let mut xbar = Self::assemble(
+            preset,
+            device,
+            converter,
+            (seed, tensor_id),
+            map_scale,
+            w_target,
+            nu,
+        );
+        if xbar.drift_compensation == DriftCompensation::GlobalExact {
+            xbar.gdc_ref = vec![mean_abs(xbar.w_prog.view())];
+        }
+        Ok(xbar)
+    }
+
+    /// The crossbar right after programming: programmed weights `w_prog` (normalised units),
+    /// drift exponents `nu` (one array per device of a weight), the conductance scale of
+    /// `w_prog`, no GDC reference yet (α = 1); the caller takes the reference.
+    fn assemble(
+        preset: &TilePreset,
+        device: Arc<dyn Device>,
+        converter: WeightConverter,
+        (seed, tensor_id): (u64, u32),
+        map_scale: Vec<f32>,
+        w_prog: Array2<f32>,
+        nu: Vec<Array2<f32>>,
+    ) -> Self {
+        let (n_out, n_in) = w_prog.dim();
         let mut xbar = Self {
             n_out,
             n_in,
@@ -206,18 +215,18 @@ impl Crossbar {
             periphery: preset.periphery,
             drift_compensation: preset.drift_compensation,
             map_scale,
-            w: w_target.clone(),
-            w_prog: w_target,
-            nu: vec![Array2::zeros((n_out, n_in)); converter.devices_per_weight()],
-            g_scale_us,
+            w: w_prog.clone(),
+            g_scale_us: converter.scale(max_abs(&w_prog)),
+            w_prog,
+            nu,
             abs_w: None,
             w_ir: None,
-            gdc_alpha: vec![1.0; gdc_ref.len().max(1)],
-            gdc_ref,
+            gdc_ref: Vec::new(),
+            gdc_alpha: vec![1.0],
             t_seconds: None,
         };
         xbar.refresh_derived();
-        Ok(xbar)
+        xbar
     }
 
     /// Drift every device to `t_seconds` after programming: re-convert the programmed net
