@@ -1056,7 +1056,7 @@ __device__ __forceinline__ float fixup_warp_sum(float v) {
 extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32 n_rows) {
     extern __shared__ float codes[];  // [BM_ROWS][k_block]
     __shared__ unsigned char pending[BM_ROWS][BM_MAX_XBARS], saturated[BM_ROWS][BM_MAX_XBARS];
-    __shared__ u32 row_pos[BM_ROWS];
+    __shared__ u32 row_arow[BM_ROWS];  // operand row (a_row_of) of each row of the pass
     __shared__ float row_alpha[BM_ROWS];
     __shared__ u32 live_acc;  // OR of the rows still pending after an attempt
 #if MOE_ADDITIVE
@@ -1092,7 +1092,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32
                 if (threadIdx.x < BM_ROWS) {
                     const u32 pos = base + threadIdx.x;
                     const u32 arow = (rows >> threadIdx.x) & 1u ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0u;
-                    row_pos[threadIdx.x] = pos;
+                    row_arow[threadIdx.x] = arow;
                     row_alpha[threadIdx.x] = (rows >> threadIdx.x) & 1u ? p.a_alpha[(u64)arow * p.n_kb + kb] : 0.0f;
                 }
                 for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x)
@@ -1105,8 +1105,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32
                     for (u32 i = threadIdx.x; i < BM_ROWS * p.k_block; i += blockDim.x) {
                         const u32 r = i / p.k_block, j = i - r * p.k_block;
                         if (!((live >> r) & 1u)) continue;
-                        const u32 pos = base + r;
-                        const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+                        const u32 arow = row_arow[r];
                         const float scale = row_alpha[r] * beta;
                         float q = 0.0f;
                         if (scale != 0.0f) {
@@ -1198,7 +1197,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32
 #endif
                         }
                         if (lane >= BM_ROWS || !((todo >> lane) & 1u)) continue;
-                        const u32 r = lane, pos = row_pos[r];
+                        const u32 r = lane, pos = base + r;
                         float v = mine * p.dac_step;
 #if MOE_IR_DROP
                         const float aa = p.ir_k * (mine_abs * p.dac_step);
@@ -1235,7 +1234,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32
                         if (!pending[r][xb] || (saturated[r][xb] && again_ok)) continue;
                         const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
                         const float v = ybuf[i] * (row_alpha[r] * beta * p.col_scale[tab]);
-                        float* o = p.out + (u64)row_pos[r] * p.n + col;
+                        float* o = p.out + (u64)(base + r) * p.n + col;
                         *o = kb == 0 ? v : *o + v;
                     }
                     __syncthreads();
