@@ -183,6 +183,17 @@ extern "C" __global__ void regroup_blocks(const float* w, float* out, u64 len, u
     out[((g.e * g.n_kb + g.kb) * n + g.c) * k_block + g.j] = w[i];
 }
 
+// [G, N, row] gate and up → [G, 2N, row], rows interleaved in groups of 8 (gate group g, then up
+// group g). Mirrors backend::cuda::moe::interleave_rows and its swiglu_source.
+extern "C" __global__ void interleave_swiglu_rows(const float* gate, const float* up, float* out, u64 len, u32 n,
+                                                  u32 row) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    const u64 r = i / row, j = i % row, g = r / (2 * n);
+    const u32 f = (u32)(r % (2 * n)), g8 = f / 8, c = (g8 / 2) * 8 + f % 8;
+    out[i] = ((g8 & 1) ? up : gate)[(g * n + c) * row + j];
+}
+
 // out[g·n + c] = Σ_j |a[g·sg + j·sj + c·sc]| for j < rows, in f64 as tile::crossbar's
 // mean_abs_f64 accumulates the GDC readouts. One thread per (g, c).
 extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 groups, u32 rows, u32 n, u64 sg, u64 sj,

@@ -1696,6 +1696,86 @@ fn device_router_matches_the_cpu_router() {
     .is_err());
 }
 
+/// The programmed state recomputed per drift point (`Residency::Transient`, what a model too
+/// large for a resident state runs) gives the resident path's programmed state, operands
+/// and scales bit for bit (and so the layer outputs, up to the order of the atomic
+/// scatter-add), from a layout (no CPU programming), across a reseed and two drift times.
+#[test]
+fn transient_programmed_state_is_bit_identical_to_resident() {
+    use aimc::backend::cpu::AnalogExperts;
+    use aimc::backend::cuda::experts::{GpuExperts, Residency};
+    use aimc::tile::DriftCompensation;
+    let Some(dev) = gpu("programmed state per drift point") else {
+        return;
+    };
+    let (model, _) = common::embedded_model_and_tokens(16);
+    let cfg = &model.config;
+    let t = 256;
+    let probe = LayerProbe::new(&dev, cfg, t, 47);
+    let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
+    for (name, gdc) in [
+        ("pcm-3d-8tier", DriftCompensation::Global),
+        ("standard-hwa", DriftCompensation::GlobalPerColumn),
+        ("pcm-3d-8tier", DriftCompensation::GlobalExact),
+    ] {
+        let mut preset = TilePreset::resolve(name).unwrap();
+        preset.drift_compensation = gdc;
+        let mapping = common::default_mapping(&model, &preset);
+        let layout =
+            AnalogExperts::layout(&model, &mapping, &preset, preset.device.build(), 11).unwrap();
+        let build = |r| {
+            GpuExperts::program_with(&dev, &layout, &preset, Precision::AnalogSplitF16, Some(r))
+                .unwrap()
+        };
+        let (mut res, mut tra) = (build(Residency::Resident), build(Residency::Transient));
+        assert_eq!(
+            (res.residency(), tra.residency()),
+            (Some(Residency::Resident), Some(Residency::Transient))
+        );
+        for seed in [11, 23] {
+            res.reprogram(seed).unwrap();
+            tra.reprogram(seed).unwrap();
+            let l0 = moe_layers[0];
+            assert_eq!(
+                res.programmed_state(l0).unwrap().unwrap(),
+                tra.programmed_state(l0).unwrap().unwrap(),
+                "{name} {gdc:?} seed {seed}: programmed state"
+            );
+            for t_s in [0.0, 86_400.0 * 365.0] {
+                res.drift_to(t_s).unwrap();
+                tra.drift_to(t_s).unwrap();
+                for &l in &moe_layers {
+                    let (a, b) = (res.layer(l).unwrap(), tra.layer(l).unwrap());
+                    for (ma, mb) in [(&a.gate_up, &b.gate_up), (&a.down, &b.down)] {
+                        assert_eq!(ma.weight_bits(&dev).unwrap(), mb.weight_bits(&dev).unwrap());
+                        assert_eq!(ma.col_scale(&dev).unwrap(), mb.col_scale(&dev).unwrap());
+                    }
+                    // Equal operands give equal products; the weighted scatter-add of the k
+                    // experts of a token is a float atomicAdd, whose order varies run to run:
+                    // ≤ k rounding steps of the largest output.
+                    let (ya, yb) = (probe.run(&dev, &res, l, 5), probe.run(&dev, &tra, l, 5));
+                    assert!(ya.iter().all(|v| v.is_finite()));
+                    let top = ya.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let diff = ya
+                        .iter()
+                        .zip(&yb)
+                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let bound = cfg.top_k as f32 * f32::EPSILON * top;
+                    assert!(
+                        diff <= bound,
+                        "{name} {gdc:?} seed {seed} t {t_s} layer {l}: max |Δy| {diff:e} > {bound:e}"
+                    );
+                }
+            }
+        }
+        println!(
+            "{name} {gdc:?}: transient programmed state = resident (state, operands, scales; outputs within the \
+             scatter-add reordering; {} MoE layers, 2 seeds × 2 times)",
+            moe_layers.len()
+        );
+    }
+}
+
 #[test]
 fn gpu_programming_matches_cpu_programming() {
     use aimc::backend::cpu::AnalogExperts;

@@ -80,14 +80,28 @@ echo "eval cpu rc=$? wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
 grep -E "analog sweep" "$OUT/eval-full-cpu.log"
 fi
 if step 8; then
-# 8. Where the GPU eval's time goes, per kernel (Nsight Systems, when installed).
-NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
-if [ -n "$NSYS" ]; then
-  timeout 200 $NSYS profile -t cuda -o /tmp/eval-nsys -f true $B/aimc eval --backend cuda --out /tmp/eval-nsys-out > /dev/null 2>&1
-  timeout 100 $NSYS stats -r cuda_gpu_kern_sum,cuda_api_sum -f csv -o "$OUT/nsys" /tmp/eval-nsys.nsys-rep > /dev/null 2>&1
-  for f in "$OUT"/nsys*.csv; do echo "== $f"; head -25 "$f" | cut -c1-220; done
-else
-  echo "nsys not found"
+# 8. An OLMoE-1B-7B-size checkpoint (random bf16 weights, tools/make_olmoe_size_checkpoint.py;
+#    6.4 B routed-expert weights) through `aimc eval --backend cuda` on the aimc-3d chip (4096
+#    stacks of 8 tiers hold it): phases, wall time, peak host RSS, peak device memory (nvidia-smi
+#    every 100 ms). OLMOE_RUNS lists the sweeps as tokens:seeds:times (default: a short one and
+#    the full default sweep, 4,096 tokens × 5 seeds × 7 times).
+CK=/tmp/olmoe-size
+s=$(date +%s)
+[ -f $CK/config.json ] || python3 tools/make_olmoe_size_checkpoint.py --out $CK > "$OUT/olmoe-size-make.log" 2>&1
+echo "checkpoint ready in $(( $(date +%s) - s )) s: $(du -sh $CK | cut -f1)"
+TIME=""; [ -x /usr/bin/time ] && TIME="/usr/bin/time -v"
+for run in ${OLMOE_RUNS:-2048:2:0,1d,1y 4096:5:0,60,1h,1d,1w,1mo,1y}; do
+  IFS=: read -r tokens seeds times <<< "$run"
+  tag=olmoe-size-$tokens-$seeds
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem.txt 2>/dev/null &
+  SMI=$!
+  s=$(date +%s%N)
+  $TIME timeout ${OLMOE_LIMIT:-300} $B/aimc eval --backend cuda --model $CK --preset aimc-3d \
+    --tokens $tokens --seeds $seeds --times $times --out "$OUT/eval-$tag" > "$OUT/eval-$tag.log" 2>&1
+  echo "$tag eval rc=$? wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
+  kill $SMI
+  echo "peak device memory used: $(sort -n /tmp/gpumem.txt | tail -1) MiB" | tee -a "$OUT/eval-$tag.log"
+  grep -E "analog sweep|note|backend|evaluating|Maximum resident|Elapsed|rror|^\| [0-9]" "$OUT/eval-$tag.log" | head -30
+  rm -f "$OUT/eval-$tag"/*.png
+done
 fi
-fi
-ls -la "$OUT"

@@ -148,6 +148,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ph.forward_s,
             report.digital_seconds
         );
+        eprintln!("  backend: {}", report.backend);
         runs.push(RunResult { spec, report });
     }
     plot_runs(&runs, &args.out)?;

@@ -268,7 +268,11 @@ pub fn evaluate(
         .as_ref()
         .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
     {
-        use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
+        use crate::backend::cuda::{
+            experts::{GpuExperts, Residency},
+            moe::Precision,
+            CudaError,
+        };
         let clock = Instant::now();
         let first =
             AnalogExperts::layout(model, mapping, preset, preset.device.build(), cfg.seeds[0])?;
@@ -293,8 +297,14 @@ pub fn evaluate(
                             .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
                         phases.drift_s += clock.elapsed().as_secs_f64();
                         backend = format!(
-                            "{}; programming and drift on the GPU",
-                            describe_gpu(&cfg.execution, &g)
+                            "{}; programming and drift on the GPU{}",
+                            describe_gpu(&cfg.execution, &g),
+                            match g.residency() {
+                                Some(Residency::Transient) => {
+                                    " (programmed state recomputed per point: too large to stay)"
+                                }
+                                _ => "",
+                            }
                         );
                         let clock = Instant::now();
                         let total = forwards(

@@ -161,12 +161,16 @@ impl Crossbar {
         Ok(xbar)
     }
 
-    /// The crossbar `program` would build for `w`, with ideal devices: every device at its
-    /// target conductance (W̃ = W/s_map exactly), drift exponents 0, no GDC reference under
-    /// `global` / `global_per_column` (α stays 1), the preset's `global_exact` reference. Draws
-    /// no random numbers. For backends that program the devices themselves and need only the
-    /// block layout, tensor ids and mapping scales of the CPU crossbars (the CUDA backend's
-    /// `GpuExperts::program`); its MVMs are those of noise-free, drift-free devices.
+    /// The layout of the crossbar `program` would build for `w`: its shape, tensor id, mapping
+    /// scales s_map, the target conductance scale and the preset's `global_exact` GDC reference
+    /// (no reference under `global` / `global_per_column`: it is a noisy readout of programmed
+    /// devices; α stays 1). It holds no weight arrays (no W̃, ν, |W̃|: [`Crossbar::memory_bytes`]
+    /// is 0) and draws no random numbers. For backends that program the devices themselves from
+    /// the digital weights and need only the block layout (the CUDA backend's
+    /// `GpuExperts::program`), so that a large model's host memory holds its weights once.
+    ///
+    /// [`Crossbar::mvm`] and [`Crossbar::drift_to`] panic on a layout ([`Crossbar::is_layout`]);
+    /// its weight views are empty.
     pub fn layout(
         w: ArrayView2<f32>,
         preset: &TilePreset,
@@ -176,20 +180,39 @@ impl Crossbar {
     ) -> Result<Self> {
         let (map_scale, w_target) = map_weights(w, preset, tensor_id)?;
         let converter = WeightConverter::for_device(device.as_ref());
-        let nu = vec![Array2::zeros(w.dim()); converter.devices_per_weight()];
+        let (n_out, n_in) = w_target.dim();
+        let g_scale_us = converter.scale(max_abs(&w_target));
+        let gdc_ref = match preset.drift_compensation {
+            DriftCompensation::GlobalExact => vec![mean_abs(w_target.view())],
+            _ => Vec::new(),
+        };
+        let empty = || Array2::<f32>::zeros((0, 0));
+        let nu = vec![empty(); converter.devices_per_weight()];
         let mut xbar = Self::assemble(
             preset,
             device,
             converter,
             (seed, tensor_id),
             map_scale,
-            w_target,
+            empty(),
             nu,
         );
-        if xbar.drift_compensation == DriftCompensation::GlobalExact {
-            xbar.gdc_ref = vec![mean_abs(xbar.w_prog.view())];
-        }
+        (xbar.n_out, xbar.n_in, xbar.g_scale_us, xbar.gdc_ref) = (n_out, n_in, g_scale_us, gdc_ref);
         Ok(xbar)
+    }
+
+    /// Whether this is a [`Crossbar::layout`] (no devices programmed, no weight arrays).
+    pub fn is_layout(&self) -> bool {
+        self.w.is_empty()
+    }
+
+    /// Panics on a layout: a caller bug (running a backend's placeholder), not a data error.
+    fn assert_programmed(&self, what: &str) {
+        assert!(
+            !self.is_layout(),
+            "tensor {}: {what} a crossbar layout, which holds no conductances (program it first)",
+            self.tensor_id
+        );
     }
 
     /// The crossbar right after programming: programmed weights `w_prog` (normalised units),
@@ -238,8 +261,9 @@ impl Crossbar {
     ///
     /// # Panics
     /// If `t_seconds` is negative or not finite (callers validate user input first, as
-    /// [`crate::tile::drift_study`] does).
+    /// [`crate::tile::drift_study`] does), or on a [`Crossbar::layout`].
     pub fn drift_to(&mut self, t_seconds: f64) {
+        self.assert_programmed("drifting");
         assert!(
             t_seconds.is_finite() && t_seconds >= 0.0,
             "tensor {}: drift time must be finite and ≥ 0 s, got {t_seconds}",
@@ -293,7 +317,8 @@ impl Crossbar {
     /// output index), so equal ids reproduce equal noise. Must be below [`GDC_READOUT_MVM_ID`].
     ///
     /// # Panics
-    /// If `x` does not have `n_in` columns (a shape bug in the caller, not a data error).
+    /// If `x` does not have `n_in` columns (a shape bug in the caller, not a data error), or on
+    /// a [`Crossbar::layout`].
     pub fn mvm(&self, x: ArrayView2<f32>, mvm_id: u32) -> Array2<f32> {
         self.forward(x, mvm_id, true)
     }
@@ -389,6 +414,9 @@ impl Crossbar {
 
     /// Recompute |W̃| and the IR-drop weights after the weights changed.
     fn refresh_derived(&mut self) {
+        if self.is_layout() {
+            return;
+        }
         let p = &self.periphery;
         let need_abs = p.ir_drop.is_some() || matches!(p.w_noise, WeightNoise::PcmRead { .. });
         self.abs_w = need_abs.then(|| self.w.mapv(f32::abs));
@@ -436,6 +464,7 @@ impl Crossbar {
 
     /// Full periphery forward; `digital_scales` applies s_map and GDC α (off for GDC readouts).
     fn forward(&self, x: ArrayView2<f32>, mvm_id: u32, digital_scales: bool) -> Array2<f32> {
+        self.assert_programmed("running");
         assert_eq!(
             x.ncols(),
             self.n_in,

@@ -221,6 +221,26 @@ impl CudaDevice {
             .while_(|| format!("copying {} elements to the device", host.len()))
     }
 
+    /// Copies `host` into `dst[offset..offset + host.len()]`; an error (not a panic) when it
+    /// does not fit.
+    pub fn upload_into<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        dst: &mut CudaSlice<T>,
+        offset: usize,
+    ) -> CudaResult<()> {
+        let (len, end) = (dst.len(), offset.saturating_add(host.len()));
+        let Some(mut view) = dst.try_slice_mut(offset..end) else {
+            return Err(CudaError::Unsupported(format!(
+                "copying {} elements to offset {offset} of a device buffer of {len}",
+                host.len()
+            )));
+        };
+        self.stream
+            .memcpy_htod(host, &mut view)
+            .while_(|| format!("copying {} elements to the device", host.len()))
+    }
+
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
         self.stream

@@ -8,6 +8,10 @@
 //! gate/up → SwiGLU → down kernels, then copies the weighted sum back. Everything else of the
 //! forward pass (attention, router, norms, shared experts, dense MLPs) stays on the CPU path.
 //!
+//! [`GpuExperts::program`] instead programs and drifts the crossbars on the device from the
+//! digital weights, keeping the programmed state resident or, for models whose state does not
+//! fit, recomputing it per drift point ([`Residency`]).
+//!
 //! A layer stays on the CPU (listed in [`GpuExperts::cpu_layers`] with the reason) when some of
 //! its routed experts are digital (heterogeneous mappings), when its crossbar blocks do not
 //! fit the kernel tiles (output columns a multiple of [`super::moe::TILE_COLS`], crossbar rows
@@ -108,7 +112,8 @@ pub struct GpuExperts<'a, 'm> {
     /// One layer at a time on the device's single stream (the CPU side runs sequences in
     /// parallel; their GPU layers queue here).
     lock: Mutex<()>,
-    /// Programmed state of every layer, when the GPU drifts them itself ([`GpuExperts::program`]).
+    /// Digital weights and programmed state of every layer, when the GPU programs and drifts
+    /// them itself ([`GpuExperts::program`]).
     drift: Option<GpuDrift>,
     /// Operand format of the layers.
     precision: Precision,
@@ -203,13 +208,28 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     ///
     /// `Unsupported` when any analog matrix of `cpu` is not a routed expert of a MoE layer
     /// whose experts are all analog (shared experts, dense MLPs, heterogeneous layers), when the
-    /// device is not PCM-like, or when the programmed state does not fit in device memory: the
-    /// caller then drifts on the CPU and uploads with [`GpuExperts::upload`].
+    /// device is not PCM-like, or when the digital weights and operands do not fit in device
+    /// memory even with the programmed state recomputed per drift point
+    /// ([`Residency::choose`]): the caller then drifts on the CPU and uploads with
+    /// [`GpuExperts::upload`].
     pub fn program(
         dev: &'a CudaDevice,
         cpu: &'a AnalogExperts<'m>,
         preset: &TilePreset,
         precision: Precision,
+    ) -> CudaResult<Self> {
+        Self::program_with(dev, cpu, preset, precision, None)
+    }
+
+    /// [`GpuExperts::program`] with the programmed state kept per `residency`, or (`None`)
+    /// resident when it fits in device memory and recomputed per drift point otherwise
+    /// ([`Residency::choose`]).
+    pub fn program_with(
+        dev: &'a CudaDevice,
+        cpu: &'a AnalogExperts<'m>,
+        preset: &TilePreset,
+        precision: Precision,
+        residency: Option<Residency>,
     ) -> CudaResult<Self> {
         let gemm = GemmPeriphery::from_spec(&preset.periphery)?;
         let pcm = preset.device.pcm_like().ok_or_else(|| {
@@ -228,9 +248,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 cpu.len()
             )));
         }
-        let (free, total) = dev.memory_bytes()?;
-        let mut need = 0usize;
-        let mut sources = BTreeMap::new();
+        let mut matrices = BTreeMap::new();
         for &l in &moe {
             let proj = |proj| {
                 routed_matrices(cpu, l, proj).map_err(|e| {
@@ -247,19 +265,19 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     "GPU drift starts from freshly programmed differential-pair crossbars".into(),
                 ));
             }
-            // Programmed state and digital weights (4 f32 per weight) stay; the operands
-            // (4 B), the drifted f32 weights, their per-crossbar copy and its operands (12 B)
-            // exist while drifting.
-            let elems = cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size;
-            need += 16 * elems + 4 * elems;
-            if need + 12 * elems + activation_reserve_bytes(total) > free {
-                return Err(CudaError::Unsupported(format!(
-                    "device memory: the programmed state of {} MoE layers needs more than the {:.2} GiB free",
-                    sources.len() + 1,
-                    free as f64 / (1u64 << 30) as f64
-                )));
-            }
-            let model = cpu.model();
+            matrices.insert(l, (gate, up, down));
+        }
+        // Weights per grouped matrix (interleaved gate/up, down) of each layer.
+        let per_matrix = cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size;
+        let sizes = vec![[2 * per_matrix, per_matrix]; moe.len()];
+        let (free, total) = dev.memory_bytes()?;
+        let residency = match residency {
+            Some(r) => r,
+            None => Residency::choose(&sizes, free, total).map_err(CudaError::Unsupported)?,
+        };
+        let model = cpu.model();
+        let mut sources = BTreeMap::new();
+        for (l, (gate, up, down)) in matrices {
             let weights = |proj| -> CudaResult<Vec<ArrayView2<'_, f32>>> {
                 (0..cfg.num_experts)
                     .map(|e| {
@@ -285,32 +303,34 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             let down = DriftSource::new(dev, &down, &weights(Proj::Down)?, g_max)?;
             sources.insert(l, (gate_up, down));
         }
-        Ok(Self {
+        let mut g = Self {
             dev,
             cpu,
             layers: BTreeMap::new(),
             cpu_layers: Vec::new(),
             lock: Mutex::new(()),
             drift: Some(GpuDrift {
-                pcm,
-                params,
-                compensation: preset.drift_compensation,
+                device: DeviceModel {
+                    pcm,
+                    params,
+                    compensation: preset.drift_compensation,
+                },
+                residency,
                 sources,
             }),
             precision,
             periphery: Some(gemm),
             seed: cpu.seed(),
-        })
-        .and_then(|mut g| {
-            g.reprogram(cpu.seed())?;
-            Ok(g)
-        })
+        };
+        g.reprogram(cpu.seed())?;
+        Ok(g)
     }
 
     /// Programs every layer again under `seed`, on the device ([`GpuExperts::program`]'s
     /// layers; drift with [`GpuExperts::drift_to`] before running them): the state
     /// `AnalogExperts::program` would give for `seed`, without programming the CPU crossbars
-    /// and uploading them.
+    /// and uploading them. Under [`Residency::Transient`] it only records the seed: each drift
+    /// point programs it again.
     pub fn reprogram(&mut self, seed: u64) -> CudaResult<()> {
         let (dev, periphery, precision) = (self.dev, self.periphery, self.precision);
         let Some(drift) = self.drift.as_mut() else {
@@ -319,14 +339,28 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     .into(),
             ));
         };
-        let state = (&drift.params, drift.compensation, drift.pcm.g_max_us);
+        self.layers.clear();
         for (gate_up, down) in drift.sources.values_mut() {
-            gate_up.reprogram(dev, state, seed, periphery.as_ref(), precision)?;
-            down.reprogram(dev, state, seed, periphery.as_ref(), precision)?;
+            for src in [gate_up, down] {
+                src.programmed = None;
+                if drift.residency == Residency::Resident {
+                    src.programmed = Some(src.program(
+                        dev,
+                        &drift.device,
+                        seed,
+                        periphery.as_ref(),
+                        precision,
+                    )?);
+                }
+            }
         }
         self.seed = seed;
-        self.layers.clear();
         Ok(())
+    }
+
+    /// Where the programmed state lives (`None`: uploaded drifted, [`GpuExperts::upload`]).
+    pub fn residency(&self) -> Option<Residency> {
+        self.drift.as_ref().map(|d| d.residency)
     }
 
     /// Seed of the programmed state (the CPU crossbars' unless [`GpuExperts::reprogram`]ed).
@@ -341,15 +375,32 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         &self,
         l: usize,
     ) -> CudaResult<Option<[(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>); 2]>> {
-        let Some((gu, down)) = self.drift.as_ref().and_then(|d| d.sources.get(&l)) else {
+        let Some(drift) = self.drift.as_ref() else {
+            return Ok(None);
+        };
+        let Some((gu, down)) = drift.sources.get(&l) else {
             return Ok(None);
         };
         let host = |s: &DriftSource| -> CudaResult<_> {
+            let fresh;
+            let p = match &s.programmed {
+                Some(p) => p,
+                None => {
+                    fresh = s.program(
+                        self.dev,
+                        &drift.device,
+                        self.seed,
+                        self.periphery.as_ref(),
+                        self.precision,
+                    )?;
+                    &fresh
+                }
+            };
             Ok((
-                self.dev.download(&s.w_prog)?,
-                self.dev.download(&s.nu)?,
-                self.dev.download(&s.g_scale)?,
-                s.gdc_ref.clone(),
+                self.dev.download(&p.w_prog)?,
+                self.dev.download(&p.nu)?,
+                self.dev.download(&p.g_scale)?,
+                p.gdc_ref.clone(),
             ))
         };
         Ok(Some([host(gu)?, host(down)?]))
@@ -371,10 +422,20 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         }
         let (dev, seed) = (self.dev, self.seed);
         let periphery = self.periphery.as_ref();
+        // The previous point's operands go first: they are a resident share of the memory
+        // plan, not a second copy.
+        self.layers.clear();
         let mut layers = BTreeMap::new();
         for (&l, (gate_up, down)) in &drift.sources {
             let build = |src: &DriftSource| {
-                src.drifted(dev, drift, t_seconds, seed, periphery, self.precision)
+                src.drifted(
+                    dev,
+                    &drift.device,
+                    t_seconds,
+                    seed,
+                    periphery,
+                    self.precision,
+                )
             };
             let layer = GpuMoeLayer {
                 gate_up: build(gate_up)?,
@@ -600,24 +661,32 @@ pub fn cpu_programmed_state(
 
 /// The programmed state of every MoE layer on the device ([`GpuExperts::program`]).
 struct GpuDrift {
-    pcm: PcmLike,
-    params: PcmParams,
-    compensation: DriftCompensation,
+    device: DeviceModel,
+    residency: Residency,
     /// Per MoE layer: (interleaved gate/up, down).
     sources: BTreeMap<usize, (DriftSource, DriftSource)>,
 }
 
-/// One grouped matrix's programmed crossbars on the device, in the kernel layout `[E, N, K]`.
+/// The device physics programming and drift run with.
+struct DeviceModel {
+    pcm: PcmLike,
+    params: PcmParams,
+    compensation: DriftCompensation,
+}
+
+/// One grouped matrix's crossbars on the device, in the kernel layout `[E, N, K]`: the
+/// digital weights and tables programming starts from, and the programmed state when it stays
+/// resident ([`Residency::Resident`]).
 struct DriftSource {
     /// Kernel tables (column tensor ids, crossbar columns); `weights` empty, `col_scale` s_map.
     tables: GroupedMatrix,
-    w_prog: CudaSlice<f32>,
-    /// `[2, E·N·K]`: drift exponents of the two devices of each weight.
-    nu: CudaSlice<f32>,
-    /// `[E, KB, N]`: conductance scale (µS per normalised unit) of each column's crossbar.
-    g_scale: CudaSlice<f32>,
-    /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
-    gdc_ref: Vec<f32>,
+    /// The programmed state under the current seed ([`Residency::Resident`]); `None` when it is
+    /// programmed again at each drift point ([`Residency::Transient`]).
+    programmed: Option<Programmed>,
+    /// `[E, KB, N]`: the CPU layout's GDC reference per column (the seed-independent one of
+    /// `global_exact`; 1 under `none`); `global`/`global_per_column` take theirs from the
+    /// programmed state.
+    host_gdc_ref: Vec<f32>,
     /// Device copies of `tables.col_tensor_id`, `tables.col_local` and `tables.col_xbar`,
     /// read by `drift_grouped` and `program_grouped`.
     col_tensor_id: CudaSlice<u32>,
@@ -625,10 +694,85 @@ struct DriftSource {
     col_xbar: CudaSlice<u32>,
     /// The digital weights `[E, N, K]` (what programming targets), s_map per `[E, KB, N]` and
     /// the target conductance scale of each column's crossbar (seed-independent), for
-    /// [`DriftSource::reprogram`].
+    /// [`DriftSource::program`].
     w: CudaSlice<f32>,
     s_map: CudaSlice<f32>,
     g_target: CudaSlice<f32>,
+}
+
+/// The programmed state of one grouped matrix (what `tile::Crossbar::program` keeps).
+struct Programmed {
+    w_prog: CudaSlice<f32>,
+    /// `[2, E·N·K]`: drift exponents of the two devices of each weight.
+    nu: CudaSlice<f32>,
+    /// `[E, KB, N]`: conductance scale (µS per normalised unit) of each column's crossbar.
+    g_scale: CudaSlice<f32>,
+    /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
+    gdc_ref: Vec<f32>,
+}
+
+/// Where the programmed state of [`GpuExperts::program`]'s layers lives between drift points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// W̃_prog and ν of every layer stay on the device (12 B per weight beside the digital
+    /// weights and the operands): each seed is programmed once, each drift point only drifts.
+    Resident,
+    /// Each matrix is programmed again from the digital weights at each drift point and its
+    /// programmed state freed after drifting: 8 B per weight stay (digital weights and
+    /// operands), for models whose resident state does not fit. Same Philox keys, same
+    /// kernels, so the drifted operands are bit-identical to [`Residency::Resident`]'s.
+    Transient,
+}
+
+impl Residency {
+    /// Device bytes per weight that stay for the whole sweep (digital f32 weights, split fp16
+    /// operands, and under `Resident` W̃_prog and ν).
+    pub fn resident_bytes_per_weight(self) -> usize {
+        match self {
+            Self::Resident => 20,
+            Self::Transient => 8,
+        }
+    }
+
+    /// Device bytes per weight of the matrix being drifted that exist only while it drifts:
+    /// the drifted f32 weights, their per-crossbar regrouping and its readout operands, and
+    /// under `Transient` the freshly programmed W̃_prog and ν.
+    pub fn transient_bytes_per_weight(self) -> usize {
+        match self {
+            Self::Resident => 12,
+            Self::Transient => 24,
+        }
+    }
+
+    /// The residency that fits `layers` (weights per grouped matrix of each layer) in `free`
+    /// of `total` device bytes beside [`activation_reserve_bytes`]: `Resident` when it fits,
+    /// else `Transient`, else an error naming the sizes.
+    pub fn choose(layers: &[[usize; 2]], free: usize, total: usize) -> Result<Self, String> {
+        let all: usize = layers.iter().flatten().sum();
+        let largest = layers.iter().flatten().copied().max().unwrap_or(0);
+        let need = |r: Self| {
+            all.saturating_mul(r.resident_bytes_per_weight())
+                .saturating_add(largest.saturating_mul(r.transient_bytes_per_weight()))
+                .saturating_add(activation_reserve_bytes(total))
+        };
+        if let Some(r) = [Self::Resident, Self::Transient]
+            .into_iter()
+            .find(|&r| need(r) <= free)
+        {
+            return Ok(r);
+        }
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        Err(format!(
+            "device memory: programming {} analog weights on the GPU needs {:.2} GiB even with \
+             the programmed state recomputed per drift point ({:.2} GiB reserved for activations \
+             included), {:.2} of {:.2} GiB are free",
+            all,
+            gib(need(Self::Transient)),
+            gib(activation_reserve_bytes(total)),
+            gib(free),
+            gib(total)
+        ))
+    }
 }
 
 /// `[E, KB, N]` table of `f(crossbar, local column)` over the experts' crossbars.
@@ -653,37 +797,22 @@ fn gdc_reference_of(block: &Crossbar, lc: usize) -> f32 {
     }
 }
 
-/// Host arrays of a [`DriftSource`] before upload.
+/// Host tables of a [`DriftSource`] before upload (the weights go to the device directly,
+/// [`upload_matrices`]).
 struct DriftHost {
     /// Kernel tables with s_map as `col_scale`; `weights` empty.
     tables: GroupedMatrix,
-    /// The digital weights `[E, N, K]`.
-    w: Vec<f32>,
     /// `[E, KB, N]`: the CPU crossbars' GDC reference per column (the seed-independent one of
     /// `global_exact`; 1 under `none`; recomputed on the device otherwise).
     gdc_ref: Vec<f32>,
 }
 
 impl DriftHost {
-    /// `weights`: the digital matrices the crossbars of `experts` were programmed from.
-    fn new(experts: &[&AnalogMatrix], weights: &[ArrayView2<'_, f32>]) -> CudaResult<Self> {
+    fn new(experts: &[&AnalogMatrix]) -> CudaResult<Self> {
         let mut tables = GroupedMatrix::tables(experts)?;
-        let mut w = Vec::with_capacity(tables.n_experts * tables.n_cols * tables.k);
-        for m in weights {
-            if m.dim() != (tables.n_cols, tables.k) {
-                return Err(CudaError::Unsupported(format!(
-                    "programming on the GPU: a {:?} weight matrix for crossbars of {}×{}",
-                    m.dim(),
-                    tables.n_cols,
-                    tables.k
-                )));
-            }
-            w.extend(m.iter());
-        }
         tables.col_scale = column_table(experts, |b, lc| b.map_scale()[lc]);
         Ok(Self {
             tables,
-            w,
             gdc_ref: column_table(experts, gdc_reference_of),
         })
     }
@@ -691,30 +820,51 @@ impl DriftHost {
     /// Gate and up interleaved as [`GroupedMatrix::interleave_swiglu`] lays them out.
     fn interleave(g: &Self, u: &Self) -> CudaResult<Self> {
         let t = &g.tables;
-        let (e, n, k) = (t.n_experts, t.n_cols, t.k);
-        let groups = e * (k / t.k_block);
+        let groups = t.n_experts * (t.k / t.k_block);
         Ok(Self {
             tables: GroupedMatrix::interleave_swiglu(&g.tables, &u.tables)?,
-            w: interleave_rows(&g.w, &u.w, e, n, k),
-            gdc_ref: interleave_rows(&g.gdc_ref, &u.gdc_ref, groups, n, 1),
+            gdc_ref: interleave_rows(&g.gdc_ref, &u.gdc_ref, groups, t.n_cols, 1),
         })
     }
 }
 
+/// The matrices `weights` (each `[n, k]`) as one `[E, n, k]` device array, copied straight from
+/// the model's arrays (no host staging copy: at OLMoE size a layer's gate/up is 1 GB).
+fn upload_matrices(
+    dev: &CudaDevice,
+    weights: &[ArrayView2<'_, f32>],
+    (n, k): (usize, usize),
+) -> CudaResult<CudaSlice<f32>> {
+    let mut w = dev.scratch::<f32>(weights.len() * n * k)?;
+    for (e, m) in weights.iter().enumerate() {
+        if m.dim() != (n, k) {
+            return Err(CudaError::Unsupported(format!(
+                "programming on the GPU: a {:?} weight matrix for crossbars of {n}×{k}",
+                m.dim()
+            )));
+        }
+        let m = m.as_standard_layout();
+        dev.upload_into(m.as_slice().expect("standard layout"), &mut w, e * n * k)?;
+    }
+    Ok(w)
+}
+
 impl DriftSource {
-    /// The tables and digital weights on the device; the programmed state is left for
-    /// [`DriftSource::reprogram`] to compute.
-    fn upload(dev: &CudaDevice, h: DriftHost, g_max_us: f32) -> CudaResult<Self> {
-        let len = h.w.len();
+    /// The tables and the digital weights `w` (`[E, N, K]`) on the device; the programmed
+    /// state is left for [`DriftSource::program`] to compute.
+    fn upload(
+        dev: &CudaDevice,
+        h: DriftHost,
+        w: CudaSlice<f32>,
+        g_max_us: f32,
+    ) -> CudaResult<Self> {
         let mut src = Self {
-            w_prog: dev.zeros::<f32>(len)?,
-            nu: dev.zeros::<f32>(2 * len)?,
-            g_scale: dev.zeros::<f32>(h.tables.col_scale.len())?,
-            gdc_ref: h.gdc_ref,
+            programmed: None,
+            host_gdc_ref: h.gdc_ref,
             col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
             col_local: dev.upload(&h.tables.col_local)?,
             col_xbar: dev.upload(&h.tables.col_xbar)?,
-            w: dev.upload(&h.w)?,
+            w,
             s_map: dev.upload(&h.tables.col_scale)?,
             g_target: dev.zeros::<f32>(1)?,
             tables: h.tables,
@@ -724,26 +874,52 @@ impl DriftSource {
         Ok(src)
     }
 
+    /// `weights`: the digital matrices the crossbars of `experts` were laid out from.
     fn new(
         dev: &CudaDevice,
         experts: &[&AnalogMatrix],
         weights: &[ArrayView2<'_, f32>],
         g_max_us: f32,
     ) -> CudaResult<Self> {
-        Self::upload(dev, DriftHost::new(experts, weights)?, g_max_us)
+        let h = DriftHost::new(experts)?;
+        let w = upload_matrices(dev, weights, (h.tables.n_cols, h.tables.k))?;
+        Self::upload(dev, h, w, g_max_us)
     }
 
+    /// Gate and up interleaved in groups of 8 rows (on the device), as the SwiGLU epilogue
+    /// reads them.
     fn interleaved(
         dev: &CudaDevice,
         (gate, gate_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
         (up, up_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
         g_max_us: f32,
     ) -> CudaResult<Self> {
-        Self::upload(
-            dev,
-            DriftHost::interleave(&DriftHost::new(gate, gate_w)?, &DriftHost::new(up, up_w)?)?,
-            g_max_us,
-        )
+        let (hg, hu) = (DriftHost::new(gate)?, DriftHost::new(up)?);
+        let (n, k) = (hg.tables.n_cols, hg.tables.k);
+        if (hu.tables.n_cols, hu.tables.k, hu.tables.n_experts) != (n, k, hg.tables.n_experts) {
+            return Err(CudaError::Unsupported(format!(
+                "gate {}×{}×{} and up {}×{}×{} crossbar layouts differ",
+                hg.tables.n_experts, n, k, hu.tables.n_experts, hu.tables.n_cols, hu.tables.k
+            )));
+        }
+        let (wg, wu) = (
+            upload_matrices(dev, gate_w, (n, k))?,
+            upload_matrices(dev, up_w, (n, k))?,
+        );
+        let len = 2 * wg.len();
+        let mut w = dev.scratch::<f32>(len)?;
+        let f = dev.function(&PROGRAM_CU, &[], "interleave_swiglu_rows")?;
+        let (len64, n32, k32) = (len as u64, n as u32, k as u32);
+        dev.launch(&f, "interleave_swiglu_rows", linear_launch(len64), |b| {
+            b.arg(&wg)
+                .arg(&wu)
+                .arg(&mut w)
+                .arg(&len64)
+                .arg(&n32)
+                .arg(&k32);
+        })?;
+        drop((wg, wu));
+        Self::upload(dev, DriftHost::interleave(&hg, &hu)?, w, g_max_us)
     }
 
     /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|
@@ -792,31 +968,32 @@ impl DriftSource {
         Ok(scale)
     }
 
-    /// Programs the crossbars again under `seed` on the device, as `tile::Crossbar::program`
-    /// does on the CPU: W̃_prog and ν from the digital weights (`program_grouped`), the
-    /// conductance scale of W̃_prog per crossbar, and the GDC reference (the noisy identity
+    /// The crossbars programmed under `seed` on the device, as `tile::Crossbar::program`
+    /// programs them on the CPU: W̃_prog and ν from the digital weights (`program_grouped`),
+    /// the conductance scale of W̃_prog per crossbar, and the GDC reference (the noisy identity
     /// readout of W̃_prog under `global`/`global_per_column`; `global_exact`'s mean |W/s_map|
     /// and `none` do not depend on the seed).
-    fn reprogram(
-        &mut self,
+    fn program(
+        &self,
         dev: &CudaDevice,
-        drift: (&PcmParams, DriftCompensation, f32),
+        drift: &DeviceModel,
         seed: u64,
         periphery: Option<&GemmPeriphery>,
         precision: Precision,
-    ) -> CudaResult<()> {
-        let (params, compensation, g_max_us) = drift;
+    ) -> CudaResult<Programmed> {
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let len = m.n_experts * n * k;
+        let mut w_prog = dev.scratch::<f32>(len)?;
+        let mut nu = dev.scratch::<f32>(2 * len)?;
         let f = dev.function(&PROGRAM_CU, &[], "program_grouped")?;
         let (len64, n32, k32, kb32) = (len as u64, n as u32, k as u32, kb as u32);
         dev.launch(&f, "program_grouped", linear_launch(len64), |b| {
             b.arg(&self.w)
                 .arg(&self.s_map)
                 .arg(&self.g_target)
-                .arg(&mut self.w_prog)
-                .arg(&mut self.nu)
+                .arg(&mut w_prog)
+                .arg(&mut nu)
                 .arg(&len64)
                 .arg(&n32)
                 .arg(&k32)
@@ -824,36 +1001,50 @@ impl DriftSource {
                 .arg(&self.col_tensor_id)
                 .arg(&self.col_local)
                 .arg(&seed)
-                .arg(params);
+                .arg(&drift.params);
         })?;
-        self.g_scale = self.crossbar_scales(dev, &self.w_prog, None, g_max_us)?;
-        if matches!(
-            compensation,
-            DriftCompensation::Global | DriftCompensation::GlobalPerColumn
-        ) {
-            self.gdc_ref = self.gdc_means(
-                dev,
-                &self.w_prog,
-                compensation,
-                seed,
-                periphery,
-                precision,
-                GDC_REFERENCE_MVM_ID,
-            )?;
-        }
-        Ok(())
+        let g_scale = self.crossbar_scales(dev, &w_prog, None, drift.pcm.g_max_us)?;
+        let gdc_ref = match drift.compensation {
+            c @ (DriftCompensation::Global | DriftCompensation::GlobalPerColumn) => self
+                .gdc_means(
+                    dev,
+                    &w_prog,
+                    c,
+                    seed,
+                    periphery,
+                    precision,
+                    GDC_REFERENCE_MVM_ID,
+                )?,
+            _ => self.host_gdc_ref.clone(),
+        };
+        Ok(Programmed {
+            w_prog,
+            nu,
+            g_scale,
+            gdc_ref,
+        })
     }
 
     /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
+    /// The programmed state is this source's resident one, else programmed under `seed` now
+    /// and freed on return ([`Residency::Transient`]).
     fn drifted(
         &self,
         dev: &CudaDevice,
-        drift: &GpuDrift,
+        drift: &DeviceModel,
         t_seconds: f64,
         seed: u64,
         periphery: Option<&GemmPeriphery>,
         precision: Precision,
     ) -> CudaResult<GpuGroupedMatrix> {
+        let fresh;
+        let state = match &self.programmed {
+            Some(p) => p,
+            None => {
+                fresh = self.program(dev, drift, seed, periphery, precision)?;
+                &fresh
+            }
+        };
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let len = m.n_experts * n * k;
@@ -863,8 +1054,8 @@ impl DriftSource {
         let ratio = drift.pcm.drift_time_ratio(t_seconds);
         let time_factor = drift.pcm.read_noise_time_factor(t_seconds);
         dev.launch(&f, "drift_grouped", linear_launch(len64), |b| {
-            b.arg(&self.w_prog)
-                .arg(&self.nu)
+            b.arg(&state.w_prog)
+                .arg(&state.nu)
                 .arg(&mut w)
                 .arg(&len64)
                 .arg(&n32)
@@ -872,7 +1063,7 @@ impl DriftSource {
                 .arg(&kb32)
                 .arg(&self.col_tensor_id)
                 .arg(&self.col_local)
-                .arg(&self.g_scale)
+                .arg(&state.g_scale)
                 .arg(&seed)
                 .arg(&ratio)
                 .arg(&time_factor)
@@ -884,7 +1075,8 @@ impl DriftSource {
                 let now =
                     self.gdc_means(dev, &w, c, seed, periphery, precision, GDC_READOUT_MVM_ID)?;
                 Some(
-                    self.gdc_ref
+                    state
+                        .gdc_ref
                         .iter()
                         .zip(now)
                         .map(|(r, y)| r / y.max(GDC_MIN_READOUT))
@@ -1163,5 +1355,43 @@ mod tests {
         );
         // Sizes near usize::MAX do not wrap into a false fit.
         assert!(memory_plan((usize::MAX / 2, 0), (usize::MAX / 2, 0), total, total).is_err());
+    }
+
+    #[test]
+    fn residency_is_resident_where_it_fits_then_transient_then_an_error() {
+        let total = 80 * GIB;
+        let reserve = activation_reserve_bytes(total);
+        let layers = [[2000, 1000], [2000, 1000], [4000, 500]];
+        let (all, largest) = (10_500, 4000);
+        let resident = 20 * all + 12 * largest + reserve;
+        let transient = 8 * all + 24 * largest + reserve;
+        assert_eq!(
+            Residency::choose(&layers, resident, total),
+            Ok(Residency::Resident)
+        );
+        assert_eq!(
+            Residency::choose(&layers, resident - 1, total),
+            Ok(Residency::Transient)
+        );
+        assert_eq!(
+            Residency::choose(&layers, transient, total),
+            Ok(Residency::Transient)
+        );
+        let err = Residency::choose(&layers, transient - 1, total).unwrap_err();
+        assert!(
+            err.contains("10500 analog weights") && err.contains("5.00 GiB reserved"),
+            "{err}"
+        );
+        // OLMoE-1B-7B (16 MoE layers, 64 experts of 2048 → 1024 → 2048) on an 80 GB H100 with
+        // 78.6 GiB free: 129 GB resident does not fit, 51.5 GB + 6.4 GB transient does.
+        let per_matrix = 64 * 1024 * 2048;
+        let olmoe = vec![[2 * per_matrix, per_matrix]; 16];
+        let free = 786 * GIB / 10;
+        assert_eq!(
+            Residency::choose(&olmoe, free, 79 * GIB),
+            Ok(Residency::Transient)
+        );
+        assert!(Residency::choose(&olmoe, 40 * GIB, 79 * GIB).is_err());
+        assert!(Residency::choose(&[[usize::MAX / 4, 1]], free, total).is_err());
     }
 }
