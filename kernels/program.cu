@@ -216,18 +216,23 @@ __device__ __forceinline__ u64 crossbar_slot(const GroupedIndex& g, const u32* c
 // max |x / s| per crossbar of a grouped matrix [E, N, K] as IEEE bits (non-negative floats order
 // as unsigned integers; out_bits starts at 0), s = col_div[(e·n_kb + kb)·n + c] or 1 when
 // col_div is null: max_abs of tile::Crossbar::program's w_target (x = W, s = s_map) or of its
-// programmed weights (x = W̃_prog). The lanes of a warp that hit one crossbar (all of them but
-// at row ends) reduce first and one of them does the atomic: an atomic per element put up to
-// 2^20 of them on each of a few addresses (0.76 ms for the embedded model's gate/up).
+// programmed weights (x = W̃_prog). Each thread reduces 8 elements, then the lanes of a warp
+// that hit one crossbar (all of them but at row ends) reduce and one of them does the atomic:
+// an atomic per element put up to 2^20 of them on each of a few addresses.
 extern "C" __global__ void crossbar_abs_max(const float* x, const float* col_div, u64 len, u32 n, u32 k, u32 k_block,
                                             const u32* col_xbar, u32 n_xbar, u32* out_bits) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    // 8 consecutive elements per thread: one row segment of one crossbar (k_block % 8 == 0,
+    // host-checked). max |x/d| = (max |x|)/d for d > 0, as division rounds monotonically.
+    const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i >= len) return;
     const GroupedIndex g = grouped_index(i, n, k, k_block);
-    const float v = col_div ? x[i] / col_div[(g.e * g.n_kb + g.kb) * n + g.c] : x[i];
+    const float4 a = *(const float4*)(x + i), b = *(const float4*)(x + i + 4);
+    float v = fmaxf(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))),
+                    fmaxf(fmaxf(fabsf(b.x), fabsf(b.y)), fmaxf(fabsf(b.z), fabsf(b.w))));
+    if (col_div) v = v / col_div[(g.e * g.n_kb + g.kb) * n + g.c];
     const u64 slot = crossbar_slot(g, col_xbar, n_xbar);
     const u32 peers = __match_any_sync(__activemask(), slot);
-    const u32 m = __reduce_max_sync(peers, __float_as_uint(fabsf(v)));
+    const u32 m = __reduce_max_sync(peers, __float_as_uint(v));
     if ((threadIdx.x & 31u) == (u32)(__ffs(peers) - 1)) atomicMax(out_bits + slot, m);
 }
 

@@ -322,6 +322,12 @@ pub fn evaluate(
                         bar.inc(1);
                     }
                 }
+                for st in g.stage_seconds().unwrap_or_default() {
+                    eprintln!(
+                        "  GPU programming/drift stage {}: {:.3} s (host enqueue {:.3} s)",
+                        st.name, st.seconds, st.host_seconds
+                    );
+                }
                 done_on_gpu = true;
             }
             Err(CudaError::Unsupported(why)) => {

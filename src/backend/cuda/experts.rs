@@ -33,6 +33,7 @@ use super::moe::{
     grouped_gemm, interleave_rows, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
     GpuMoeLayer, GroupedMatrix, Precision,
 };
+use super::profile::{StageClock, StageTime};
 use super::program::PcmParams;
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
@@ -120,6 +121,8 @@ pub struct GpuExperts<'a, 'm> {
     periphery: Option<GemmPeriphery>,
     /// Seed of the programmed state and of the per-MVM noise.
     seed: u64,
+    /// Stage times of programming and drift ([`super::profile::PROFILE_ENV`]).
+    clock: Option<StageClock>,
 }
 
 impl<'a, 'm> GpuExperts<'a, 'm> {
@@ -190,6 +193,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             precision,
             periphery: Some(gemm),
             seed: cpu.seed(),
+            clock: None,
         })
     }
 
@@ -321,6 +325,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             precision,
             periphery: Some(gemm),
             seed: cpu.seed(),
+            clock: StageClock::from_env(),
         };
         g.reprogram(cpu.seed())?;
         Ok(g)
@@ -332,7 +337,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     /// and uploading them. Under [`Residency::Transient`] it only records the seed: each drift
     /// point programs it again.
     pub fn reprogram(&mut self, seed: u64) -> CudaResult<()> {
-        let (dev, periphery, precision) = (self.dev, self.periphery, self.precision);
+        let (dev, precision) = (self.dev, self.precision);
         let Some(drift) = self.drift.as_mut() else {
             return Err(CudaError::Unsupported(
                 "these GPU experts were uploaded programmed and drifted; program them with GpuExperts::program"
@@ -340,20 +345,27 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             ));
         };
         self.layers.clear();
+        let run = Run {
+            dev,
+            device: &drift.device,
+            periphery: self.periphery.as_ref(),
+            precision,
+            seed,
+        };
+        let mut clock = self.clock.take();
+        if let Some(c) = clock.as_mut() {
+            c.start(dev)?;
+        }
+        let mut lap = |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name));
         for (gate_up, down) in drift.sources.values_mut() {
             for src in [gate_up, down] {
                 src.programmed = None;
                 if drift.residency == Residency::Resident {
-                    src.programmed = Some(src.program(
-                        dev,
-                        &drift.device,
-                        seed,
-                        periphery.as_ref(),
-                        precision,
-                    )?);
+                    src.programmed = Some(src.program(run, &mut lap)?);
                 }
             }
         }
+        self.clock = clock;
         self.seed = seed;
         Ok(())
     }
@@ -386,13 +398,14 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             let p = match &s.programmed {
                 Some(p) => p,
                 None => {
-                    fresh = s.program(
-                        self.dev,
-                        &drift.device,
-                        self.seed,
-                        self.periphery.as_ref(),
-                        self.precision,
-                    )?;
+                    let run = Run {
+                        dev: self.dev,
+                        device: &drift.device,
+                        periphery: self.periphery.as_ref(),
+                        precision: self.precision,
+                        seed: self.seed,
+                    };
+                    fresh = s.program(run, &mut |_| Ok(()))?;
                     &fresh
                 }
             };
@@ -421,32 +434,39 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             )));
         }
         let (dev, seed) = (self.dev, self.seed);
-        let periphery = self.periphery.as_ref();
+        let run = Run {
+            dev,
+            device: &drift.device,
+            periphery: self.periphery.as_ref(),
+            precision: self.precision,
+            seed,
+        };
         // The previous point's operands go first: they are a resident share of the memory
         // plan, not a second copy.
         self.layers.clear();
+        let mut clock = self.clock.take();
+        if let Some(c) = clock.as_mut() {
+            c.start(dev)?;
+        }
+        let mut lap = |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name));
         let mut layers = BTreeMap::new();
         for (&l, (gate_up, down)) in &drift.sources {
-            let build = |src: &DriftSource| {
-                src.drifted(
-                    dev,
-                    &drift.device,
-                    t_seconds,
-                    seed,
-                    periphery,
-                    self.precision,
-                )
-            };
             let layer = GpuMoeLayer {
-                gate_up: build(gate_up)?,
-                down: build(down)?,
+                gate_up: gate_up.drifted(run, t_seconds, &mut lap)?,
+                down: down.drifted(run, t_seconds, &mut lap)?,
                 periphery: self.periphery,
                 seed,
             };
             layers.insert(l, layer);
         }
+        self.clock = clock;
         self.layers = layers;
         Ok(())
+    }
+
+    /// Wall time per stage of programming and drift so far, when [`super::profile::PROFILE_ENV`] is set.
+    pub fn stage_seconds(&self) -> Option<&[StageTime]> {
+        self.clock.as_ref().map(|c| c.stages())
     }
 
     /// The grouped layer of MoE layer `l`, if it runs on the GPU.
@@ -673,6 +693,20 @@ struct DeviceModel {
     params: PcmParams,
     compensation: DriftCompensation,
 }
+
+/// What one programming or drift of a [`DriftSource`] runs with.
+#[derive(Clone, Copy)]
+struct Run<'c> {
+    dev: &'c CudaDevice,
+    device: &'c DeviceModel,
+    /// The kernel periphery of the GDC readouts.
+    periphery: Option<&'c GemmPeriphery>,
+    precision: Precision,
+    seed: u64,
+}
+
+/// Ends a profiled stage ([`StageClock::lap`]; a no-op unless profiling).
+type Lap<'l> = &'l mut dyn FnMut(&'static str) -> CudaResult<()>;
 
 /// One grouped matrix's crossbars on the device, in the kernel layout `[E, N, K]`: the
 /// digital weights and tables programming starts from, and the programmed state when it stays
@@ -934,12 +968,19 @@ impl DriftSource {
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let (len, groups) = (m.n_experts * n * k, m.n_experts * (k / kb));
+        if !kb.is_multiple_of(8) || x.len() != len {
+            return Err(CudaError::Unsupported(format!(
+                "crossbar maxima: crossbar rows {kb} must be a multiple of 8, {} weights for {len}",
+                x.len()
+            )));
+        }
         let mut bits = dev.zeros::<u32>(groups * m.n_xbar)?;
         let f = dev.function(&PROGRAM_CU, &[], "crossbar_abs_max")?;
         let (len64, n32, k32, kb32, nx32) =
             (len as u64, n as u32, k as u32, kb as u32, m.n_xbar as u32);
         let null = 0u64;
-        dev.launch(&f, "crossbar_abs_max", linear_launch(len64), |b| {
+        // 8 elements per thread.
+        dev.launch(&f, "crossbar_abs_max", linear_launch(len64 / 8), |b| {
             b.arg(x);
             match div {
                 Some(d) => b.arg(d),
@@ -973,14 +1014,8 @@ impl DriftSource {
     /// the conductance scale of W̃_prog per crossbar, and the GDC reference (the noisy identity
     /// readout of W̃_prog under `global`/`global_per_column`; `global_exact`'s mean |W/s_map|
     /// and `none` do not depend on the seed).
-    fn program(
-        &self,
-        dev: &CudaDevice,
-        drift: &DeviceModel,
-        seed: u64,
-        periphery: Option<&GemmPeriphery>,
-        precision: Precision,
-    ) -> CudaResult<Programmed> {
+    fn program(&self, run: Run<'_>, lap: Lap<'_>) -> CudaResult<Programmed> {
+        let (dev, seed, drift) = (run.dev, run.seed, run.device);
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let len = m.n_experts * n * k;
@@ -1003,18 +1038,15 @@ impl DriftSource {
                 .arg(&seed)
                 .arg(&drift.params);
         })?;
+        lap("program: W̃_prog, ν")?;
         let g_scale = self.crossbar_scales(dev, &w_prog, None, drift.pcm.g_max_us)?;
+        lap("program: conductance scales")?;
         let gdc_ref = match drift.compensation {
-            c @ (DriftCompensation::Global | DriftCompensation::GlobalPerColumn) => self
-                .gdc_means(
-                    dev,
-                    &w_prog,
-                    c,
-                    seed,
-                    periphery,
-                    precision,
-                    GDC_REFERENCE_MVM_ID,
-                )?,
+            DriftCompensation::Global | DriftCompensation::GlobalPerColumn => {
+                let r = self.gdc_means(run, &w_prog, GDC_REFERENCE_MVM_ID)?;
+                lap("program: GDC reference readout")?;
+                r
+            }
             _ => self.host_gdc_ref.clone(),
         };
         Ok(Programmed {
@@ -1028,20 +1060,13 @@ impl DriftSource {
     /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
     /// The programmed state is this source's resident one, else programmed under `seed` now
     /// and freed on return ([`Residency::Transient`]).
-    fn drifted(
-        &self,
-        dev: &CudaDevice,
-        drift: &DeviceModel,
-        t_seconds: f64,
-        seed: u64,
-        periphery: Option<&GemmPeriphery>,
-        precision: Precision,
-    ) -> CudaResult<GpuGroupedMatrix> {
+    fn drifted(&self, run: Run<'_>, t_seconds: f64, lap: Lap<'_>) -> CudaResult<GpuGroupedMatrix> {
+        let (dev, seed, drift) = (run.dev, run.seed, run.device);
         let fresh;
         let state = match &self.programmed {
             Some(p) => p,
             None => {
-                fresh = self.program(dev, drift, seed, periphery, precision)?;
+                fresh = self.program(run, lap)?;
                 &fresh
             }
         };
@@ -1069,11 +1094,12 @@ impl DriftSource {
                 .arg(&time_factor)
                 .arg(&drift.params);
         })?;
+        lap("drift + read noise")?;
         let alpha = match drift.compensation {
             DriftCompensation::None => None,
-            c => {
-                let now =
-                    self.gdc_means(dev, &w, c, seed, periphery, precision, GDC_READOUT_MVM_ID)?;
+            _ => {
+                let now = self.gdc_means(run, &w, GDC_READOUT_MVM_ID)?;
+                lap("GDC readout")?;
                 Some(
                     state
                         .gdc_ref
@@ -1093,24 +1119,18 @@ impl DriftSource {
                 *s *= a;
             }
         }
-        GpuGroupedMatrix::from_device_weights(dev, &scaled, &w, precision)
+        let operands = GpuGroupedMatrix::from_device_weights(dev, &scaled, &w, run.precision)?;
+        lap("operands")?;
+        Ok(operands)
     }
 
     /// The GDC readout per (expert, K block, column) of the weights `w`, as `tile::Crossbar`
     /// computes it (the reference at programming, the readout after drift): mean |Y| of the
     /// noisy identity forward of call `mvm_id` through each crossbar (per column under
     /// `global_per_column`, else one value per crossbar) or, under `global_exact`, mean |W̃|.
-    #[allow(clippy::too_many_arguments)]
-    fn gdc_means(
-        &self,
-        dev: &CudaDevice,
-        w: &CudaSlice<f32>,
-        compensation: DriftCompensation,
-        seed: u64,
-        periphery: Option<&GemmPeriphery>,
-        precision: Precision,
-        mvm_id: u32,
-    ) -> CudaResult<Vec<f32>> {
+    fn gdc_means(&self, run: Run<'_>, w: &CudaSlice<f32>, mvm_id: u32) -> CudaResult<Vec<f32>> {
+        let (dev, seed, periphery) = (run.dev, run.seed, run.periphery);
+        let compensation = run.device.compensation;
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let groups = m.n_experts * (k / kb);
@@ -1144,7 +1164,7 @@ impl DriftSource {
                 col_xbar: m.col_xbar.clone(),
                 n_xbar: m.n_xbar,
             };
-            let gm = GpuGroupedMatrix::from_device_weights(dev, &readout, &wb, precision)?;
+            let gm = GpuGroupedMatrix::from_device_weights(dev, &readout, &wb, run.precision)?;
             let mut eye = vec![0.0f32; kb * kb];
             for j in 0..kb {
                 eye[j * kb + j] = 1.0;

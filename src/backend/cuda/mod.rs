@@ -24,6 +24,7 @@ mod error;
 pub mod experts;
 pub mod model;
 pub mod moe;
+pub mod profile;
 pub mod program;
 pub mod reference;
 pub mod rng;

@@ -116,53 +116,8 @@ struct GpuLayer {
     ffn: GpuFfn,
 }
 
-/// Environment variable that makes [`GpuModel::forward`] synchronise after each stage and sum
-/// the wall time per stage ([`GpuModel::stage_seconds`]), to see where a forward pass goes.
-pub const PROFILE_ENV: &str = "AIMC_PROFILE_FORWARD";
-
-/// Wall time per stage of the forward passes, when [`PROFILE_ENV`] is set.
-#[derive(Default)]
-struct StageClock {
-    last: Option<std::time::Instant>,
-    stages: Vec<StageTime>,
-}
-
-/// Time of one forward stage summed over the passes ([`GpuModel::stage_seconds`]).
-#[derive(Clone, Copy, Debug)]
-pub struct StageTime {
-    pub name: &'static str,
-    /// Wall seconds from the stage's start until the device finished it.
-    pub seconds: f64,
-    /// Of those, the seconds the host took to enqueue the stage's work (launches, allocations,
-    /// copies): when they are near `seconds`, the stage is bound by the host, not the kernels.
-    pub host_seconds: f64,
-}
-
-impl StageClock {
-    /// Ends the running stage as `name` (after the device finished it).
-    fn lap(&mut self, dev: &CudaDevice, name: &'static str) -> CudaResult<()> {
-        let Some(last) = self.last else {
-            return Ok(());
-        };
-        let host = last.elapsed().as_secs_f64();
-        dev.synchronize()?;
-        let now = std::time::Instant::now();
-        let dt = (now - last).as_secs_f64();
-        match self.stages.iter_mut().find(|s| s.name == name) {
-            Some(s) => {
-                s.seconds += dt;
-                s.host_seconds += host;
-            }
-            None => self.stages.push(StageTime {
-                name,
-                seconds: dt,
-                host_seconds: host,
-            }),
-        }
-        self.last = Some(now);
-        Ok(())
-    }
-}
+use super::profile::StageClock;
+pub use super::profile::{StageTime, PROFILE_ENV};
 
 /// The digital weights of a model on the device, ready to run forward passes.
 pub struct GpuModel<'m> {
@@ -297,13 +252,13 @@ impl<'m> GpuModel<'m> {
                 None => None,
             },
             rope: None,
-            clock: std::env::var_os(PROFILE_ENV).map(|_| StageClock::default()),
+            clock: StageClock::from_env(),
         })
     }
 
     /// Time per forward stage so far, when [`PROFILE_ENV`] is set.
     pub fn stage_seconds(&self) -> Option<&[StageTime]> {
-        self.clock.as_ref().map(|c| c.stages.as_slice())
+        self.clock.as_ref().map(|c| c.stages())
     }
 
     /// Device bytes one token row of a forward pass holds at most at once (activations and
@@ -414,8 +369,7 @@ impl<'m> GpuModel<'m> {
         self.rope_for(dev, window)?;
         let mut clock = self.clock.take();
         if let Some(c) = clock.as_mut() {
-            dev.synchronize()?;
-            c.last = Some(std::time::Instant::now());
+            c.start(dev)?;
         }
         let mut lap = |name| match clock.as_mut() {
             Some(c) => c.lap(dev, name),
