@@ -360,6 +360,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         for (gate_up, down) in drift.sources.values_mut() {
             for src in [gate_up, down] {
                 src.programmed = None;
+                src.seed_scales = None;
                 if drift.residency == Residency::Resident {
                     src.programmed = Some(src.program(run, &mut lap)?);
                 }
@@ -410,10 +411,10 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 }
             };
             Ok((
-                self.dev.download(&p.w_prog)?,
-                self.dev.download(&p.nu)?,
-                self.dev.download(&p.g_scale)?,
-                p.gdc_ref.clone(),
+                self.dev.download(&p.weights.w_prog)?,
+                self.dev.download(&p.weights.nu)?,
+                self.dev.download(&p.scales.g_scale)?,
+                p.scales.gdc_ref.clone(),
             ))
         };
         Ok(Some([host(gu)?, host(down)?]))
@@ -422,7 +423,10 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     /// Drifts every layer to `t_seconds` after programming on the GPU and rebuilds its
     /// operands and digital scales s_map·α_GDC (layers built by [`GpuExperts::program`]).
     pub fn drift_to(&mut self, t_seconds: f64) -> CudaResult<()> {
-        let Some(drift) = &self.drift else {
+        let Some(GpuDrift {
+            device, sources, ..
+        }) = self.drift.as_mut()
+        else {
             return Err(CudaError::Unsupported(
                 "these GPU experts were uploaded drifted; drift the CPU crossbars and upload again"
                     .into(),
@@ -436,7 +440,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (dev, seed) = (self.dev, self.seed);
         let run = Run {
             dev,
-            device: &drift.device,
+            device,
             periphery: self.periphery.as_ref(),
             precision: self.precision,
             seed,
@@ -450,7 +454,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         }
         let mut lap = |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name));
         let mut layers = BTreeMap::new();
-        for (&l, (gate_up, down)) in &drift.sources {
+        for (&l, (gate_up, down)) in sources.iter_mut() {
             let layer = GpuMoeLayer {
                 gate_up: gate_up.drifted(run, t_seconds, &mut lap)?,
                 down: down.drifted(run, t_seconds, &mut lap)?,
@@ -717,6 +721,9 @@ struct DriftSource {
     /// The programmed state under the current seed ([`Residency::Resident`]); `None` when it is
     /// programmed again at each drift point ([`Residency::Transient`]).
     programmed: Option<Programmed>,
+    /// [`Residency::Transient`]: the current seed's scales and GDC reference, from its first
+    /// drift point on (its later points skip the reference readout).
+    seed_scales: Option<SeedScales>,
     /// `[E, KB, N]`: the CPU layout's GDC reference per column (the seed-independent one of
     /// `global_exact`; 1 under `none`); `global`/`global_per_column` take theirs from the
     /// programmed state.
@@ -736,9 +743,20 @@ struct DriftSource {
 
 /// The programmed state of one grouped matrix (what `tile::Crossbar::program` keeps).
 struct Programmed {
+    weights: ProgrammedWeights,
+    scales: SeedScales,
+}
+
+/// The per-weight part of a programmed state (12 B per weight).
+struct ProgrammedWeights {
     w_prog: CudaSlice<f32>,
     /// `[2, E·N·K]`: drift exponents of the two devices of each weight.
     nu: CudaSlice<f32>,
+}
+
+/// The per-column part of a programmed state: small, and a function of the seed alone, so the
+/// transient residency keeps it between the drift points of a seed.
+struct SeedScales {
     /// `[E, KB, N]`: conductance scale (µS per normalised unit) of each column's crossbar.
     g_scale: CudaSlice<f32>,
     /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
@@ -894,6 +912,7 @@ impl DriftSource {
     ) -> CudaResult<Self> {
         let mut src = Self {
             programmed: None,
+            seed_scales: None,
             host_gdc_ref: h.gdc_ref,
             col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
             col_local: dev.upload(&h.tables.col_local)?,
@@ -1015,6 +1034,13 @@ impl DriftSource {
     /// readout of W̃_prog under `global`/`global_per_column`; `global_exact`'s mean |W/s_map|
     /// and `none` do not depend on the seed).
     fn program(&self, run: Run<'_>, lap: Lap<'_>) -> CudaResult<Programmed> {
+        let weights = self.program_weights(run, lap)?;
+        let scales = self.seed_scales(run, &weights, lap)?;
+        Ok(Programmed { weights, scales })
+    }
+
+    /// W̃_prog and ν of [`DriftSource::program`].
+    fn program_weights(&self, run: Run<'_>, lap: Lap<'_>) -> CudaResult<ProgrammedWeights> {
         let (dev, seed, drift) = (run.dev, run.seed, run.device);
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
@@ -1039,36 +1065,50 @@ impl DriftSource {
                 .arg(&drift.params);
         })?;
         lap("program: W̃_prog, ν")?;
-        let g_scale = self.crossbar_scales(dev, &w_prog, None, drift.pcm.g_max_us)?;
+        Ok(ProgrammedWeights { w_prog, nu })
+    }
+
+    /// The conductance scales and GDC reference of [`DriftSource::program`], from `weights`.
+    fn seed_scales(
+        &self,
+        run: Run<'_>,
+        weights: &ProgrammedWeights,
+        lap: Lap<'_>,
+    ) -> CudaResult<SeedScales> {
+        let (dev, drift, w_prog) = (run.dev, run.device, &weights.w_prog);
+        let g_scale = self.crossbar_scales(dev, w_prog, None, drift.pcm.g_max_us)?;
         lap("program: conductance scales")?;
         let gdc_ref = match drift.compensation {
             DriftCompensation::Global | DriftCompensation::GlobalPerColumn => {
-                let r = self.gdc_means(run, &w_prog, GDC_REFERENCE_MVM_ID)?;
+                let r = self.gdc_means(run, w_prog, GDC_REFERENCE_MVM_ID)?;
                 lap("program: GDC reference readout")?;
                 r
             }
             _ => self.host_gdc_ref.clone(),
         };
-        Ok(Programmed {
-            w_prog,
-            nu,
-            g_scale,
-            gdc_ref,
-        })
+        Ok(SeedScales { g_scale, gdc_ref })
     }
 
     /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
     /// The programmed state is this source's resident one, else programmed under `seed` now
-    /// and freed on return ([`Residency::Transient`]).
-    fn drifted(&self, run: Run<'_>, t_seconds: f64, lap: Lap<'_>) -> CudaResult<GpuGroupedMatrix> {
+    /// and freed on return ([`Residency::Transient`]; the seed's scales are kept).
+    fn drifted(
+        &mut self,
+        run: Run<'_>,
+        t_seconds: f64,
+        lap: Lap<'_>,
+    ) -> CudaResult<GpuGroupedMatrix> {
         let (dev, seed, drift) = (run.dev, run.seed, run.device);
         let fresh;
-        let state = match &self.programmed {
-            Some(p) => p,
-            None => {
-                fresh = self.program(run, lap)?;
-                &fresh
+        let (weights, scales) = if let Some(p) = &self.programmed {
+            (&p.weights, &p.scales)
+        } else {
+            fresh = self.program_weights(run, lap)?;
+            if self.seed_scales.is_none() {
+                let s = self.seed_scales(run, &fresh, lap)?;
+                self.seed_scales = Some(s);
             }
+            (&fresh, self.seed_scales.as_ref().expect("computed above"))
         };
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
@@ -1079,8 +1119,8 @@ impl DriftSource {
         let ratio = drift.pcm.drift_time_ratio(t_seconds);
         let time_factor = drift.pcm.read_noise_time_factor(t_seconds);
         dev.launch(&f, "drift_grouped", linear_launch(len64), |b| {
-            b.arg(&state.w_prog)
-                .arg(&state.nu)
+            b.arg(&weights.w_prog)
+                .arg(&weights.nu)
                 .arg(&mut w)
                 .arg(&len64)
                 .arg(&n32)
@@ -1088,7 +1128,7 @@ impl DriftSource {
                 .arg(&kb32)
                 .arg(&self.col_tensor_id)
                 .arg(&self.col_local)
-                .arg(&state.g_scale)
+                .arg(&scales.g_scale)
                 .arg(&seed)
                 .arg(&ratio)
                 .arg(&time_factor)
@@ -1101,7 +1141,7 @@ impl DriftSource {
                 let now = self.gdc_means(run, &w, GDC_READOUT_MVM_ID)?;
                 lap("GDC readout")?;
                 Some(
-                    state
+                    scales
                         .gdc_ref
                         .iter()
                         .zip(now)
