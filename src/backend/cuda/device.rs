@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs,
     LaunchConfig, ValidAsZeroBits,
 };
 
@@ -241,6 +241,30 @@ impl CudaDevice {
             .while_(|| format!("copying {} elements to the device", host.len()))
     }
 
+    /// Keeps the freed blocks of the stream-ordered memory pool for reuse until the guard drops
+    /// (which hands them back to the driver). Programming and drifting a large model frees and
+    /// allocates GB-sized transient buffers per matrix, with a host synchronisation between
+    /// (the GDC readout's download); at the pool's default release threshold (0) each
+    /// synchronisation returns them to the driver, which maps them again at the next
+    /// allocation. The memory plans count that transient peak already.
+    pub fn retain_pool(&self) -> CudaResult<PoolRetention<'_>> {
+        let pool = self.default_pool()?;
+        set_release_threshold(pool, u64::MAX)?;
+        Ok(PoolRetention { dev: self, pool })
+    }
+
+    fn default_pool(&self) -> CudaResult<sys::CUmemoryPool> {
+        self.ctx
+            .bind_to_thread()
+            .while_(|| "binding the CUDA context".into())?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer; the device handle comes from the live context.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()
+            .while_(|| "querying the default memory pool".into())?;
+        Ok(pool)
+    }
+
     /// A zeroed device buffer of `len` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> CudaResult<CudaSlice<T>> {
         self.stream
@@ -283,6 +307,38 @@ pub fn linear_launch(n: u64) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// [`CudaDevice::retain_pool`]'s guard: on drop, the pool's release threshold goes back to 0
+/// and its unused memory back to the driver (after the stream's work).
+pub struct PoolRetention<'d> {
+    dev: &'d CudaDevice,
+    pool: sys::CUmemoryPool,
+}
+
+impl Drop for PoolRetention<'_> {
+    fn drop(&mut self) {
+        // Errors here only leave memory cached in the pool; the next plan reads the driver's
+        // free figure, which then undercounts, never overcounts.
+        let _ = self.dev.synchronize();
+        let _ = set_release_threshold(self.pool, 0);
+        // SAFETY: the pool handle is the device's default pool, alive with the context.
+        let _ = unsafe { sys::cuMemPoolTrimTo(self.pool, 0) }.result();
+    }
+}
+
+fn set_release_threshold(pool: sys::CUmemoryPool, bytes: u64) -> CudaResult<()> {
+    let mut value = bytes;
+    // SAFETY: the attribute takes a u64 through a pointer to it.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut value as *mut u64).cast(),
+        )
+    }
+    .result()
+    .while_(|| "setting the memory pool's release threshold".into())
 }
 
 #[cfg(test)]

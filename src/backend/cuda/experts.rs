@@ -345,6 +345,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             ));
         };
         self.layers.clear();
+        let _pool = dev.retain_pool()?;
         let run = Run {
             dev,
             device: &drift.device,
@@ -448,6 +449,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         // The previous point's operands go first: they are a resident share of the memory
         // plan, not a second copy.
         self.layers.clear();
+        let _pool = dev.retain_pool()?;
         let mut clock = self.clock.take();
         if let Some(c) = clock.as_mut() {
             c.start(dev)?;
