@@ -538,8 +538,8 @@ mod gpu {
             dev.name(),
             dev.compute_capability().0,
             dev.compute_capability().1,
-            free as f64 / (1u64 << 30) as f64,
-            total as f64 / (1u64 << 30) as f64
+            crate::backend::cuda::gib(free),
+            crate::backend::cuda::gib(total)
         );
         // Device-to-device copy bandwidth (bytes read + written).
         let copy_len = 1usize << 28;

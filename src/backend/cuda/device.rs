@@ -341,6 +341,11 @@ fn set_release_threshold(pool: sys::CUmemoryPool, bytes: u64) -> CudaResult<()> 
     .while_(|| "setting the memory pool's release threshold".into())
 }
 
+/// `bytes` in GiB, for the memory plans' messages.
+pub fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::limited_memory;

@@ -33,9 +33,9 @@ use super::moe::{
     grouped_gemm, interleave_rows, quantize, route, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
     GpuMoeLayer, GroupedMatrix, Precision,
 };
-use super::profile::{StageClock, StageTime};
+use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
-use super::{linear_launch, CudaDevice, CudaError, CudaResult};
+use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
 use crate::device::PcmLike;
 use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
@@ -73,7 +73,6 @@ pub fn memory_plan(
     if need.saturating_add(reserve) <= free {
         return Ok(());
     }
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     Err(format!(
         "device memory: the layer needs {:.2} GiB ({:.2} GiB resident) and {:.2} GiB stay reserved for \
          activations, {:.2} of {:.2} GiB are free",
@@ -353,11 +352,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             precision,
             seed,
         };
-        let mut clock = self.clock.take();
-        if let Some(c) = clock.as_mut() {
-            c.start(dev)?;
-        }
-        let mut lap = |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name));
+        let mut lap = laps(&mut self.clock, dev)?;
         for (gate_up, down) in drift.sources.values_mut() {
             for src in [gate_up, down] {
                 src.programmed = None;
@@ -367,7 +362,6 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 }
             }
         }
-        self.clock = clock;
         self.seed = seed;
         Ok(())
     }
@@ -450,11 +444,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         // plan, not a second copy.
         self.layers.clear();
         let _pool = dev.retain_pool()?;
-        let mut clock = self.clock.take();
-        if let Some(c) = clock.as_mut() {
-            c.start(dev)?;
-        }
-        let mut lap = |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name));
+        let mut lap = laps(&mut self.clock, dev)?;
         let mut layers = BTreeMap::new();
         for (&l, (gate_up, down)) in sources.iter_mut() {
             let layer = GpuMoeLayer {
@@ -465,7 +455,6 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             };
             layers.insert(l, layer);
         }
-        self.clock = clock;
         self.layers = layers;
         Ok(())
     }
@@ -815,7 +804,6 @@ impl Residency {
         {
             return Ok(r);
         }
-        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         Err(format!(
             "device memory: programming {} analog weights on the GPU needs {:.2} GiB even with \
              the programmed state recomputed per drift point ({:.2} GiB reserved for activations \
@@ -950,13 +938,9 @@ impl DriftSource {
         g_max_us: f32,
     ) -> CudaResult<Self> {
         let (hg, hu) = (DriftHost::new(gate)?, DriftHost::new(up)?);
+        // Checks that gate and up have one layout (GroupedMatrix::interleave_swiglu).
+        let h = DriftHost::interleave(&hg, &hu)?;
         let (n, k) = (hg.tables.n_cols, hg.tables.k);
-        if (hu.tables.n_cols, hu.tables.k, hu.tables.n_experts) != (n, k, hg.tables.n_experts) {
-            return Err(CudaError::Unsupported(format!(
-                "gate {}×{}×{} and up {}×{}×{} crossbar layouts differ",
-                hg.tables.n_experts, n, k, hu.tables.n_experts, hu.tables.n_cols, hu.tables.k
-            )));
-        }
         let (wg, wu) = (
             upload_matrices(dev, gate_w, (n, k))?,
             upload_matrices(dev, up_w, (n, k))?,
@@ -974,7 +958,7 @@ impl DriftSource {
                 .arg(&k32);
         })?;
         drop((wg, wu));
-        Self::upload(dev, DriftHost::interleave(&hg, &hu)?, w, g_max_us)
+        Self::upload(dev, h, w, g_max_us)
     }
 
     /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|

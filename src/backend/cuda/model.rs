@@ -20,7 +20,7 @@ use super::blas::Blas;
 use super::compile::MODEL_CU;
 use super::experts::{GpuExperts, SequenceKeys};
 use super::moe::allow_dynamic_shared;
-use super::{linear_launch, CudaDevice, CudaError, CudaResult};
+use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
 use crate::model::rope::RopeTable;
@@ -116,7 +116,7 @@ struct GpuLayer {
     ffn: GpuFfn,
 }
 
-use super::profile::StageClock;
+use super::profile::{laps, StageClock};
 pub use super::profile::{StageTime, PROFILE_ENV};
 
 /// The digital weights of a model on the device, ready to run forward passes.
@@ -165,7 +165,6 @@ impl<'m> GpuModel<'m> {
         let need = dense_bytes(model);
         let (free, total) = dev.memory_bytes()?;
         if need.saturating_add(total / 8) > free {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             return Err(CudaError::Unsupported(format!(
                 "device memory: the dense weights need {:.2} GiB in f32 and {:.2} GiB stay reserved, \
                  {:.2} of {:.2} GiB are free",
@@ -368,13 +367,7 @@ impl<'m> GpuModel<'m> {
         let keys = SequenceKeys { window, first_call };
         self.rope_for(dev, window)?;
         let mut clock = self.clock.take();
-        if let Some(c) = clock.as_mut() {
-            c.start(dev)?;
-        }
-        let mut lap = |name| match clock.as_mut() {
-            Some(c) => c.lap(dev, name),
-            None => Ok(()),
-        };
+        let mut lap = laps(&mut clock, dev)?;
         let h_dim = cfg.hidden_size;
         let ids = dev.upload(&tokens)?;
         let mut h = dev.scratch::<f32>(s * h_dim)?;
@@ -557,6 +550,7 @@ impl<'m> GpuModel<'m> {
             .sgemm_nt(dev, x_final, head, &mut logits, (s, v, h_dim), 0.0)
             .map_err(at)?;
         lap("LM head").map_err(at)?;
+        drop(lap);
         self.clock = clock;
         Ok(logits)
     }
@@ -955,8 +949,8 @@ impl GpuReference {
         if need.saturating_add(total / 8) > free {
             return Err(CudaError::Unsupported(format!(
                 "device memory: the digital reference log-probabilities need {:.2} GiB, {:.2} GiB are free",
-                need as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64
+                gib(need),
+                gib(free)
             )));
         }
         let mut starts = vec![0];

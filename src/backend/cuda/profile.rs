@@ -68,3 +68,15 @@ impl StageClock {
         &self.stages
     }
 }
+
+/// Starts `clock` when there is one and returns the lap function of the stages that follow
+/// ([`StageClock::lap`] on it; a no-op without one).
+pub fn laps<'c>(
+    clock: &'c mut Option<StageClock>,
+    dev: &'c CudaDevice,
+) -> CudaResult<impl FnMut(&'static str) -> CudaResult<()> + 'c> {
+    if let Some(c) = clock.as_mut() {
+        c.start(dev)?;
+    }
+    Ok(move |name| clock.as_mut().map_or(Ok(()), |c| c.lap(dev, name)))
+}
