@@ -800,6 +800,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 //              cores never wait on the loop's bookkeeping; loads run WG_STAGES − 2 steps ahead
 //              (the slot refilled at step s was read by the MMAs of step s − 2, retired by every
 //              warpgroup before the barrier of step s).
+//   WG_PIPE 2: warp-specialised persistent kernel, one loading warpgroup and two MMA
+//              warpgroups synchronised by mbarriers, weights by TMA (see there).
+//   WG_PIPE 3: as 2, in clusters of two CTAs that multicast the weight tile.
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "MOE_WGMMA needs --gpu-architecture=compute_90a"
 #endif
@@ -815,8 +818,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if WG_BN != 128 && WG_BN != 256
 #error "WG_BN must be 128 or 256"
 #endif
-#if WG_STAGES < 2 + WG_PIPE
-#error "WG_STAGES too small for WG_PIPE"
+#if WG_PIPE > 3 || (WG_PIPE < 2 && WG_STAGES < 2 + WG_PIPE)
+#error "WG_STAGES too small for WG_PIPE, or no such WG_PIPE"
 #endif
 #define WG_BM 128
 #define WG_BK 64
@@ -899,85 +902,64 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
     for (int i = 0; i < WG_BN / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
-    extern __shared__ __align__(16) unsigned char wg_smem[];
-    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
-    u32 e, m_tile, n_tile;
-    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
-    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
-    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
-    const u32 K = p.k;
-
-    // 16-byte chunks per stage: A 128 rows × 8, B WG_BN rows × 8; thread t takes rows t/8 + 32·i.
-    constexpr u32 A_CH = WG_BM * 8 / WG_THREADS, B_CH = WG_BN * 8 / WG_THREADS;
-    const u16* a_src[A_CH];
-    u32 a_bytes[A_CH];
+// The 4 wgmma of one BK = 64 stage for the warpgroup whose 64 A rows start at s_a.
+__device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-    for (u32 i = 0; i < A_CH; ++i) {
-        const u32 r = (t >> 3) + 32 * i;
-        const bool ok = m0 + r < rows_e;
-        const u32 pos = row_begin + m0 + r;
-        const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
-        a_src[i] = p.a + (u64)row * K + (t & 7) * 8;
-        a_bytes[i] = ok ? 16u : 0u;
+    for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
+#if WG_BN == 128
+        wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+#else
+        wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+#endif
     }
-    const u16* w_src = p.w_hi + ((u64)e * p.n + n0 + (t >> 3)) * K + (t & 7) * 8;
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
 
-    auto load_stage = [&](u32 stage, u32 k0) {
-        const u32 s_a = base + stage * WG_STAGE_BYTES, s_b = s_a + WG_A_BYTES;
+// Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 bf16 of K each) by
+// THREADS threads into the 128B-swizzled layout: thread t takes 16-byte chunk t % 8 of rows
+// t / 8 + (THREADS / 8)·i. A rows are kept as operand row indices (~0u: past the expert's
+// rows, zero-filled), so a 128-thread producer holds 8 registers for them, not 16.
+template <u32 THREADS>
+struct WgLoader {
+    static constexpr u32 STEP = THREADS / 8, A_CH = WG_BM / STEP, B_CH = WG_BN / STEP;
+    u32 a_row[A_CH];
+    const u16* w_src;
+    __device__ __forceinline__ WgLoader(const GemmParams& p, u32 t, u32 e, u32 row_begin, u32 rows_e, u32 m0, u32 n0) {
 #pragma unroll
-        for (u32 i = 0; i < A_CH; ++i) cp_async16(s_a + wg_swizzle((t >> 3) + 32 * i, t & 7), a_src[i] + k0, a_bytes[i]);
+        for (u32 i = 0; i < A_CH; ++i) {
+            const u32 r = (t >> 3) + STEP * i, pos = row_begin + m0 + r;
+            a_row[i] = m0 + r < rows_e ? (p.a_row_of ? p.a_row_of[pos] : pos) : ~0u;
+        }
+        w_src = p.w_hi + ((u64)e * p.n + n0 + (t >> 3)) * p.k + (t & 7) * 8;
+    }
+    // cp.async of stage k0: A into s_a, then (load) B into s_a + WG_A_BYTES; the caller commits.
+    __device__ __forceinline__ void load_a(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
+        const u32 c = t & 7;
+#pragma unroll
+        for (u32 i = 0; i < A_CH; ++i) {
+            const bool ok = a_row[i] != ~0u;
+            const u16* src = p.a + (u64)(ok ? a_row[i] : 0u) * p.k + c * 8 + k0;
+            cp_async16(s_a + wg_swizzle((t >> 3) + STEP * i, c), src, ok ? 16u : 0u);
+        }
+    }
+    __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
+        load_a(p, t, s_a, k0);
+        const u32 s_b = s_a + WG_A_BYTES, c = t & 7;
 #pragma unroll
         for (u32 i = 0; i < B_CH; ++i)
-            cp_async16(s_b + wg_swizzle((t >> 3) + 32 * i, t & 7), w_src + (u64)(32 * i) * K + k0, 16u);
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-
-    float d[WG_BN / 2];
-#pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
-    wg_fence_acc(d);
-
-    const u32 n_steps = K / WG_BK;
-    // Prologue: WG_AHEAD stages in flight (empty groups keep the group count uniform).
-#pragma unroll
-    for (u32 st = 0; st < WG_AHEAD; ++st) {
-        if (st < n_steps) load_stage(st, st * WG_BK);
-        else asm volatile("cp.async.commit_group;\n" ::);
+            cp_async16(s_b + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k + k0, 16u);
     }
-    for (u32 step = 0; step < n_steps; ++step) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
-        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        {
-            const u32 next = step + WG_AHEAD;
-            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
-            else asm volatile("cp.async.commit_group;\n" ::);
-        }
-        const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES + wg * (64 * 128);
-        const u32 s_b = base + (step % WG_STAGES) * WG_STAGE_BYTES + WG_A_BYTES;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
-#if WG_BN == 128
-            wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
-#else
-            wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
-#endif
-        }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    wg_fence_acc(d);
+};
 
-    // Accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8),
-    // n8 block j holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
+// Output of one warpgroup's 64 × WG_BN accumulators, rows row0 .. row0 + 63 of the expert's
+// tile. Fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8), n8 block j
+// holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
+__device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d, u32 row_begin, u32 rows_e, u32 row0,
+                                            u32 n0, u32 warp_in_wg, u32 lane) {
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
-        const u32 row_local = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2) + half * 8;
+        const u32 row_local = row0 + warp_in_wg * 16 + (lane >> 2) + half * 8;
         if (row_local >= rows_e) continue;
         const u32 pos = row_begin + row_local;
 #if MOE_MODE == 0
@@ -1011,6 +993,275 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
 #endif
     }
 }
+
+#if WG_PIPE < 2
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
+    u32 e, m_tile, n_tile;
+    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
+    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
+    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
+    const WgLoader<WG_THREADS> loader(p, t, e, row_begin, rows_e, m0, n0);
+    auto load_stage = [&](u32 stage, u32 k0) {
+        loader.load(p, t, base + stage * WG_STAGE_BYTES, k0);
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+
+    float d[WG_BN / 2];
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
+    wg_fence_acc(d);
+
+    const u32 n_steps = p.k / WG_BK;
+    // Prologue: WG_AHEAD stages in flight (empty groups keep the group count uniform).
+#pragma unroll
+    for (u32 st = 0; st < WG_AHEAD; ++st) {
+        if (st < n_steps) load_stage(st, st * WG_BK);
+        else asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (u32 step = 0; step < n_steps; ++step) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        {
+            const u32 next = step + WG_AHEAD;
+            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
+            else asm volatile("cp.async.commit_group;\n" ::);
+        }
+        const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES;
+        wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
+        asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wg_fence_acc(d);
+    wg_epilogue(p, d, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+}
+#else
+// WG_PIPE 2 and 3: warp-specialised and persistent. 384 threads: warpgroup 0 loads, warpgroups
+// 1 and 2 issue the wgmma of rows 0–63 and 64–127 of the tile. The weight tile of each stage
+// comes by TMA (the host's tensor map `w_map` of w_hi as [E·N, K] bf16, 128B swizzle: the same
+// layout as wg_swizzle); the gathered A rows by cp.async from the producer's 128 threads. Stage
+// s has two mbarriers: full[s] (the weight tile's bytes, and one arrival per producer thread
+// that the hardware makes once the thread's cp.async have landed: cp.async.mbarrier.arrive
+// .noinc) and empty[s] (one arrival per consumer warp of every CTA that writes into the slot).
+// cp.async writes through the generic proxy and wgmma reads through the async proxy, so each
+// consumer fences the proxies after its wait on full[s] and before its wgmma. (A first version
+// had each producer thread wait for its own group i − 2 and fence before arriving; that tied
+// stage i's arrival to the producer's progress two stages on, and the consumers waited on it:
+// no faster than WG_PIPE 1, Nsight Compute's stall samples split between the two waits.)
+// WG_PIPE 3 pairs CTAs in clusters of 2 that take row tiles 2j and 2j + 1 of one expert and the
+// same column tile: each CTA loads half of the weight tile and multicasts it to both, halving
+// the weight traffic from L2 (a 128 × 256 tile moves 48 KiB of L2 per 4.2 MFLOP stage without,
+// 32 KiB with). Work units are then pairs of row tiles (cluster_tile_offsets), a CTA past its
+// expert's last row tile loads no A, skips its wgmma and still takes part in the barriers.
+// Each CTA walks the units u, u + units_in_flight, ... in tile_of_block's raster order, so the
+// producer fills the stages of its next unit while the consumers run the epilogue of the last.
+// Registers: producer 56, consumers 224 per thread (setmaxnreg; 128 × 56 + 256 × 224 = the
+// 384 × 168 of the launch bounds).
+#define WG_WS_THREADS 384
+#define WG_CLUSTER (WG_PIPE == 3 ? 2 : 1)
+#define WG_B_BOX (WG_BN / WG_CLUSTER)  // weight rows each CTA loads per stage
+#if WG_STAGES < 3
+#error "WG_PIPE 2 and 3 need WG_STAGES >= 3"
+#endif
+
+// The host's CUtensorMap (an opaque 128-byte object, 64-byte aligned as a kernel parameter).
+struct __align__(64) TmaMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Arrival on the barrier at the same offset in cluster CTA `rank`. Default (CTA-scope) release
+// semantics: it only tells the producers that this warp's wgmma reads of the slot are done
+// (wgmma.wait_group), no data of ours is published, and a cluster-scope release would cost a
+// memory barrier per arrival (Nsight Compute: 5.7 stall cycles per instruction on it).
+__device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 rank) {
+    asm volatile(
+        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Returns once the phase of parity `parity` of the barrier has completed. The data a full
+// barrier guards is made visible by the TMA's complete-tx and the producer's own release; an
+// empty barrier guards no data (see mbar_arrive_cluster), so CTA scope suffices.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
+// Weight rows [row, row + WG_B_BOX) × K [k0, k0 + 64) into dst (swizzled), signalling `bar` of
+// every CTA of the cluster (multicast) or of this one.
+__device__ __forceinline__ void tma_load_w(const TmaMap* map, u32 dst, u32 bar, u32 k0, u32 row) {
+#if WG_CLUSTER == 2
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"((u64)map), "r"(k0), "r"(row), "r"(bar), "h"((unsigned short)3)
+        : "memory");
+#else
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"((u64)map), "r"(k0), "r"(row), "r"(bar)
+        : "memory");
+#endif
+}
+
+#if WG_CLUSTER == 2
+#define WG_CLUSTER_DIMS __cluster_dims__(2, 1, 1)
+#else
+#define WG_CLUSTER_DIMS
+#endif
+extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
+    moe_gemm_wgmma(GemmParams p, const __grid_constant__ TmaMap w_map) {
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
+    const u32 full = base + WG_STAGES * WG_STAGE_BYTES, empty = full + 8 * WG_STAGES;
+    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7;
+#if WG_CLUSTER == 2
+    const u32 rank = cluster_rank();
+#else
+    const u32 rank = 0;
+#endif
+    // Work units per expert: row tiles (WG_PIPE 2) or pairs of them (3), as offsets.
+    const u32* unit_offsets = p.tile_offsets;
+#if WG_CLUSTER == 2
+    u32* pair_offsets = (u32*)(wg_smem + (empty + 8 * WG_STAGES - smem_addr(wg_smem)));
+    if (t < 32) {  // one warp scans ⌈tiles_e / 2⌉ over the experts
+        u32 carry = 0;
+        for (u32 e0 = 0; e0 < p.n_experts; e0 += 32) {
+            const u32 e = e0 + t;
+            u32 v = e < p.n_experts ? (p.tile_offsets[e + 1] - p.tile_offsets[e] + 1) / 2 : 0;
+#pragma unroll
+            for (u32 o = 1; o < 32; o <<= 1) {
+                const u32 n = __shfl_up_sync(~0u, v, o);
+                if (t >= o) v += n;
+            }
+            if (e < p.n_experts) pair_offsets[e + 1] = carry + v;
+            carry += __shfl_sync(~0u, v, 31);
+        }
+        if (t == 0) pair_offsets[0] = 0;
+    }
+    unit_offsets = pair_offsets;
+#endif
+    if (t == 0) {
+        for (u32 s = 0; s < WG_STAGES; ++s) {
+            mbar_init(full + 8 * s, 128);
+            mbar_init(empty + 8 * s, 8 * WG_CLUSTER);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+#if WG_CLUSTER == 2
+    cluster_sync();  // the other CTA's barriers exist before any multicast
+#endif
+    const u32 n_tiles_n = p.n / WG_BN, width = MOE_RASTER_COLS / WG_BN;
+    const u32 n_units = unit_offsets[p.n_experts] * n_tiles_n, n_steps = p.k / WG_BK;
+    const u32 first = blockIdx.x / WG_CLUSTER, stride = gridDim.x / WG_CLUSTER;
+    u32 it = 0;  // stage iterations of this CTA so far (slot it % WG_STAGES, phase it / WG_STAGES)
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        for (u32 u = first; u < n_units; u += stride) {
+            u32 e, m_unit, n_tile;
+            raster_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, e, m_unit, n_tile);
+            const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+            const u32 m0 = (m_unit * WG_CLUSTER + rank) * WG_BM, n0 = n_tile * WG_BN;
+            const bool active = m0 < rows_e;
+            const WgLoader<128> loader(p, t, e, row_begin, rows_e, m0, n0);
+            for (u32 step = 0; step < n_steps; ++step, ++it) {
+                const u32 slot = it % WG_STAGES, s_a = base + slot * WG_STAGE_BYTES;
+                mbar_wait(empty + 8 * slot, ((it / WG_STAGES) & 1) ^ 1);
+                if (t == 0) {
+                    mbar_expect_tx(full + 8 * slot, WG_BN * 128);
+                    tma_load_w(&w_map, s_a + WG_A_BYTES + rank * (WG_B_BOX * 128), full + 8 * slot, step * WG_BK,
+                               e * p.n + n0 + rank * WG_B_BOX);
+                }
+                if (active) loader.load_a(p, t, s_a, step * WG_BK);
+                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full + 8 * slot)
+                             : "memory");
+            }
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+        const u32 cwg = wg - 1, warp_in_wg = (t >> 5) & 3;
+        // Slot `s` goes back to the producers of every CTA that multicasts into it.
+        auto release = [&](u32 s) {
+            if (lane != 0) return;
+#if WG_CLUSTER == 2
+            mbar_arrive_cluster(empty + 8 * s, 0);
+            mbar_arrive_cluster(empty + 8 * s, 1);
+#else
+            mbar_arrive(empty + 8 * s);
+#endif
+        };
+        float d[WG_BN / 2];
+        for (u32 u = first; u < n_units; u += stride) {
+            u32 e, m_unit, n_tile;
+            raster_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, e, m_unit, n_tile);
+            const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+            const u32 m0 = (m_unit * WG_CLUSTER + rank) * WG_BM;
+            const bool active = m0 < rows_e;
+#pragma unroll
+            for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
+            wg_fence_acc(d);
+            for (u32 step = 0; step < n_steps; ++step, ++it) {
+                const u32 slot = it % WG_STAGES;
+                mbar_wait(full + 8 * slot, (it / WG_STAGES) & 1);
+                if (active) {
+                    const u32 s_a = base + slot * WG_STAGE_BYTES;
+                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                    wg_mma_stage(d, s_a + cwg * (64 * 128), s_a + WG_A_BYTES);
+                    // One group stays in flight: the previous stage's MMAs have retired, so
+                    // its slot goes back to the producers.
+                    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                    if (step > 0) release((it - 1) % WG_STAGES);
+                } else {
+                    release(slot);  // nothing to multiply: the slot is free once filled
+                }
+            }
+            // Unconditional, so that every path into the next unit has no wgmma in flight.
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            wg_fence_acc(d);
+            if (active) {
+                release((it - 1) % WG_STAGES);
+                wg_epilogue(p, d, row_begin, rows_e, m0 + cwg * 64, n_tile * WG_BN, warp_in_wg, lane);
+            }
+        }
+    }
+#if WG_CLUSTER == 2
+    // No CTA leaves while the other may still multicast into it or arrive on its barriers.
+    cluster_sync();
+#endif
+}
+#endif
 #endif
 
 // Weights f32 → fp16 hi + fp16 lo with hi + lo ≈ w to ~22 significant bits (analog operands).

@@ -602,10 +602,17 @@ fn digital_swiglu_epilogue_writes_the_bf16_operand() {
     let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
     let input = quantize(&dev, &xd, t, d, d, None).unwrap();
-    // The mma.sync kernel everywhere, and the wgmma kernel's default tile on Hopper.
+    // The mma.sync kernel everywhere, and on Hopper the wgmma kernel's default tile and its
+    // clustered warp-specialised variant.
     let mut tiles = vec![None];
     if dev.compute_capability() == (9, 0) {
-        tiles.push(WgmmaTile::choose(2 * n).unwrap());
+        tiles.push(WgmmaTile::choose(2 * n, d).unwrap());
+        tiles.push(Some(WgmmaTile {
+            cols: 256,
+            stages: 4,
+            pipe: 3,
+            ctas: 0,
+        }));
     }
     for tile in tiles {
         let m = GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
@@ -717,14 +724,31 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     let store_mma = store(&mma.gate_up);
     // Every tile width, pipelining mode and a stage count at the minimum and above the number
     // of K steps (the down GEMM has 2).
-    for (cols, stages, pipe) in [
-        (128, 4, 0),
-        (128, 4, 1),
-        (128, 5, 1),
-        (256, 3, 1),
-        (256, 4, 1),
+    // The persistent kernels (pipes 2 and 3) also on 3 CTAs or 2 clusters, each walking several
+    // tiles across the barriers' phases; with clusters, experts with an odd number of row
+    // tiles leave the second CTA of their last pair without rows (1,200 pairs over 3 experts: 12 or 13 row tiles, each with 2 column
+    // tiles of 128 in either GEMM; 4 K steps in gate/up, 2 in down).
+    for (cols, stages, pipe, ctas) in [
+        (128, 4, 0, 0),
+        (128, 4, 1, 0),
+        (128, 5, 1, 0),
+        (256, 3, 1, 0),
+        (256, 4, 1, 0),
+        (256, 4, 2, 0),
+        (128, 3, 2, 3),
+        (128, 6, 2, 3),
+        (256, 4, 2, 3),
+        (256, 4, 3, 0),
+        (128, 4, 3, 0),
+        (128, 3, 3, 4),
+        (256, 4, 3, 4),
     ] {
-        let tile = WgmmaTile { cols, stages, pipe };
+        let tile = WgmmaTile {
+            cols,
+            stages,
+            pipe,
+            ctas,
+        };
         let wg = layer(Some(tile));
         // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation
         // in another order: a hidden value may round to the neighbouring bf16 (2^-8 relative)

@@ -683,18 +683,18 @@ mod gpu {
             if wgmma && !hopper {
                 continue;
             }
-            let tile = |n_cols: usize| -> Result<Option<WgmmaTile>> {
+            let tile = |n_cols: usize, k: usize| -> Result<Option<WgmmaTile>> {
                 Ok(if wgmma {
-                    WgmmaTile::choose(n_cols)?
+                    WgmmaTile::choose(n_cols, k)?
                 } else {
                     None
                 })
             };
-            let (tile_gu, tile_down) = (tile(2 * n)?, tile(d)?);
+            let (tile_gu, tile_down) = (tile(2 * n, d)?, tile(d, n)?);
             let case = match (tile_gu, tile_down) {
                 (Some(a), Some(b)) => format!(
-                    "{case}, tiles 128×{}/128×{}, {} stages, pipe {}",
-                    a.cols, b.cols, a.stages, a.pipe
+                    "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}",
+                    a.cols, b.cols, a.stages, a.pipe, b.pipe
                 ),
                 _ => case.to_string(),
             };

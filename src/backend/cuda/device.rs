@@ -41,6 +41,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     name: String,
     compute_capability: (i32, i32),
+    /// Streaming multiprocessors (the grid of the persistent kernels).
+    sm_count: u32,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     last_launch: Mutex<Option<LaunchRecord>>,
     /// Device memory aimc plans with, in bytes (0: the whole device); see
@@ -81,12 +83,19 @@ impl CudaDevice {
         let compute_capability = ctx
             .compute_capability()
             .while_(|| "reading the compute capability".into())?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .while_(|| "reading the multiprocessor count".into())?
+            .max(1) as u32;
         let stream = ctx.default_stream();
         let dev = Self {
             ctx,
             stream,
             name,
             compute_capability,
+            sm_count,
             modules: Mutex::new(HashMap::new()),
             last_launch: Mutex::new(None),
             memory_limit: AtomicUsize::new(0),
@@ -119,6 +128,10 @@ impl CudaDevice {
     /// Compute capability (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
     /// The stream all work of this device goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {

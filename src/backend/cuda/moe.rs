@@ -563,7 +563,7 @@ impl GpuGroupedMatrix {
                 && dev.compute_capability() == (9, 0)
                 && m.k.is_multiple_of(WGMMA_TILE_K)
             {
-                WgmmaTile::choose(m.n_cols)?
+                WgmmaTile::choose(m.n_cols, m.k)?
             } else {
                 None
             },
@@ -956,27 +956,43 @@ pub struct WgmmaTile {
     pub cols: usize,
     /// Shared-memory stages of [`WGMMA_TILE_K`] columns of K.
     pub stages: usize,
-    /// wgmma groups left in flight at each step's barrier: 0 or 1.
+    /// Pipelining: 0 and 1 run one CTA per tile whose 256 threads all load and multiply
+    /// (0: each step waits for its wgmma; 1: one wgmma group stays in flight across the
+    /// barrier); 2 runs the warp-specialised persistent kernel (one loading warpgroup, two
+    /// multiplying ones, mbarriers between them, weights by TMA; at least 3 stages); 3 runs it
+    /// in clusters of two CTAs that multicast each weight tile to both.
     pub pipe: usize,
+    /// CTAs of the persistent kernels (`pipe` 2 and 3): 0 launches as many as can be resident
+    /// at once (one per multiprocessor; for `pipe` 3, two per co-resident cluster). Fewer make
+    /// each CTA walk more tiles (the GPU tests use 3 and 4 to cross tiles and barrier phases).
+    pub ctas: usize,
 }
 
 /// K per stage of the wgmma GEMM (one 128-byte swizzle atom of bf16).
 pub const WGMMA_TILE_K: usize = 64;
 
 impl WgmmaTile {
-    /// The tile for `n_cols` output columns: `AIMC_WGMMA_TILE=cols,stages,pipe` if set (a
-    /// tuning knob for `aimc bench`; malformed or unfit is an error), else 256 columns where
-    /// they divide `n_cols`, else 128, with 4 stages and one wgmma group in flight (the fastest
-    /// of the sweep in reports/bench/2026-11-23-wgmma.md: a 128 × 256 tile reads 48 KiB of L2
-    /// per 4.2 MFLOP where 128 × 128 reads 32 KiB per 2.1). `None` when no tile divides N.
-    pub fn choose(n_cols: usize) -> CudaResult<Option<Self>> {
+    /// The tile for `n_cols` output columns and `k` inputs: `AIMC_WGMMA_TILE=cols,stages,pipe`
+    /// if set (a tuning knob for `aimc bench`; malformed or unfit is an error), else 256
+    /// columns where they divide `n_cols`, else 128, with 4 stages. Pipelining, from the
+    /// sweeps of reports/bench/2026-11-24-wgmma-ws.md: the clustered warp-specialised kernel
+    /// (`pipe` 3) where K ≥ 4096 and the tile is 256 wide (Mixtral's layer 11.6 → 10.7 ms),
+    /// else one wgmma group in flight (`pipe` 1; on the OLMoE and fine-grained layers the
+    /// warp-specialised kernels are no faster: their time goes to the scatter-add's DRAM
+    /// traffic and the epilogue). A 128 × 256 tile reads 48 KiB of L2 per 4.2 MFLOP where
+    /// 128 × 128 reads 32 KiB per 2.1. `None` when no tile divides N.
+    pub fn choose(n_cols: usize, k: usize) -> CudaResult<Option<Self>> {
         let tile = match std::env::var("AIMC_WGMMA_TILE") {
             Ok(text) => Self::parse(&text)?,
-            Err(_) => Self {
-                cols: if n_cols.is_multiple_of(256) { 256 } else { 128 },
-                stages: 4,
-                pipe: 1,
-            },
+            Err(_) => {
+                let cols = if n_cols.is_multiple_of(256) { 256 } else { 128 };
+                Self {
+                    cols,
+                    stages: 4,
+                    pipe: if cols == 256 && k >= 4096 { 3 } else { 1 },
+                    ctas: 0,
+                }
+            }
         };
         if std::env::var_os("AIMC_WGMMA_TILE").is_none() && !n_cols.is_multiple_of(tile.cols) {
             return Ok(None);
@@ -985,32 +1001,66 @@ impl WgmmaTile {
         Ok(Some(tile))
     }
 
-    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format).
+    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format); a persistent kernel gets one CTA
+    /// per multiprocessor.
     pub fn parse(text: &str) -> CudaResult<Self> {
         let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
-        Ok(Self { cols, stages, pipe })
+        Ok(Self {
+            cols,
+            stages,
+            pipe,
+            ctas: 0,
+        })
     }
 
-    /// Dynamic shared memory: the stages of A (128 rows) and B (`cols` rows) of 128 bytes,
-    /// plus 1 KiB to align the base to the 1024-byte swizzle atom.
-    pub fn shared_bytes(self) -> usize {
-        self.stages * (TILE_ROWS + self.cols) * WGMMA_TILE_K * 2 + 1024
+    /// Threads per CTA: 256, or 384 for the warp-specialised kernels.
+    pub fn threads(self) -> u32 {
+        if self.pipe >= 2 {
+            384
+        } else {
+            256
+        }
     }
 
-    /// The kernel's `#error` conditions and the shared-memory limit, as a clear error.
+    /// CTAs per cluster: 2 for the multicasting kernel (`pipe` 3), else 1.
+    pub fn cluster(self) -> usize {
+        if self.pipe == 3 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Dynamic shared memory for `n_experts`: the stages of A (128 rows) and B (`cols` rows)
+    /// of 128 bytes, plus 1 KiB to align the base to the 1024-byte swizzle atom, plus the
+    /// warp-specialised kernels' two 8-byte mbarriers per stage and the clustered kernel's
+    /// `n_experts + 1` row-tile-pair offsets.
+    pub fn shared_bytes(self, n_experts: usize) -> usize {
+        let stages = self.stages * (TILE_ROWS + self.cols) * WGMMA_TILE_K * 2 + 1024;
+        match self.pipe {
+            2 => stages + 16 * self.stages,
+            3 => stages + 16 * self.stages + 4 * (n_experts + 1),
+            _ => stages,
+        }
+    }
+
+    /// The kernel's `#error` conditions and the shared-memory limit (with one expert; the
+    /// launch checks the clustered kernel's per-expert table too), as a clear error.
     pub fn check(self, n_cols: usize) -> CudaResult<()> {
+        let min_stages = if self.pipe >= 2 { 3 } else { 2 + self.pipe };
         let ok = (self.cols == 128 || self.cols == 256)
-            && self.pipe <= 1
-            && self.stages >= 2 + self.pipe
+            && self.pipe <= 3
+            && self.stages >= min_stages
             && n_cols.is_multiple_of(self.cols)
-            && self.shared_bytes() <= MAX_SHARED_BYTES;
+            && self.shared_bytes(1) <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
                 "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
-                 pipe 0 or 1, stages ≥ 2 + pipe, {} B of shared memory, at most {MAX_SHARED_BYTES})",
-                self.shared_bytes()
+                 pipe 0 to 3, stages ≥ 2 + pipe (≥ 3 for pipes 2 and 3), {} B of shared memory, \
+                 at most {MAX_SHARED_BYTES})",
+                self.shared_bytes(1)
             )))
         }
     }
@@ -1030,27 +1080,26 @@ impl WgmmaTile {
 }
 
 /// The `#define`s of the sm_90a wgmma GEMM checked at build time: each output mode on the
-/// 256-column pipelined tile, and the 128-column tiles with and without pipelining.
+/// 256-column pipelined and clustered tiles, and the other pipelines on one mode.
 pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 6]> {
-    let tiles = [
-        WgmmaTile {
-            cols: 256,
-            stages: 4,
-            pipe: 1,
-        },
-        WgmmaTile {
-            cols: 128,
-            stages: 5,
-            pipe: 1,
-        },
-        WgmmaTile {
-            cols: 128,
-            stages: 4,
-            pipe: 0,
-        },
-    ];
-    let mut v: Vec<_> = (0..4).map(|mode| tiles[0].defines(mode)).collect();
-    v.extend(tiles[1..].iter().map(|t| t.defines(2)));
+    let tile = |cols, stages, pipe| WgmmaTile {
+        cols,
+        stages,
+        pipe,
+        ctas: 0,
+    };
+    let mut v: Vec<_> = (0..4).map(|mode| tile(256, 4, 1).defines(mode)).collect();
+    v.extend((0..4).map(|mode| tile(256, 4, 3).defines(mode)));
+    v.extend(
+        [
+            tile(128, 5, 1),
+            tile(128, 4, 0),
+            tile(128, 6, 2),
+            tile(256, 4, 2),
+        ]
+        .iter()
+        .map(|t| t.defines(2)),
+    );
     v
 }
 
@@ -1453,21 +1502,141 @@ fn wgmma_gemm(
         &tile.defines(output.mode()),
         "moe_gemm_wgmma",
     )?;
-    let shared = tile.shared_bytes() as u32;
-    allow_dynamic_shared(&f, "moe_gemm_wgmma", 256, shared)?;
+    let shared = tile.shared_bytes(m.n_experts);
+    if shared > MAX_SHARED_BYTES {
+        return Err(CudaError::Unsupported(format!(
+            "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
+             {MAX_SHARED_BYTES}",
+            m.n_experts
+        )));
+    }
+    let shared = shared as u32;
+    let threads = tile.threads();
+    allow_dynamic_shared(&f, "moe_gemm_wgmma", threads, shared)?;
     let pairs = routing.n_tokens * routing.top_k;
+    // A bound on the row tiles (the routing's count lives on the device): the one-tile kernels
+    // return past the last, the persistent ones walk them with as many CTAs as are resident.
+    let tiles = (pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols);
+    let block = (threads, 1, 1);
+    let grid = match tile.pipe {
+        0 | 1 => tiles,
+        2 => tiles.min(match tile.ctas {
+            0 => dev.sm_count() as usize,
+            c => c,
+        }),
+        _ => {
+            let clusters = match tile.ctas {
+                0 => max_active_clusters(dev, &f, block, shared)?,
+                c => c.div_ceil(2),
+            };
+            2 * clusters.min(tiles.div_ceil(2))
+        }
+    };
     let cfg = LaunchConfig {
-        grid_dim: (
-            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
-            1,
-            1,
-        ),
-        block_dim: (256, 1, 1),
+        grid_dim: (grid.max(tile.cluster()) as u32, 1, 1),
+        block_dim: block,
         shared_mem_bytes: shared,
     };
-    dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
-        b.arg(params);
-    })
+    if tile.pipe >= 2 {
+        let map = weight_tensor_map(m, tile)?;
+        dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
+            b.arg(params).arg(&map);
+        })
+    } else {
+        dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
+            b.arg(params);
+        })
+    }
+}
+
+/// A `CUtensorMap` as the kernel parameter `TmaMap` (128 opaque bytes, 64-byte aligned).
+#[repr(C, align(64))]
+struct TmaMap([u64; 16]);
+// SAFETY: plain bytes, passed by value as the kernel's `const __grid_constant__ TmaMap`.
+unsafe impl DeviceRepr for TmaMap {}
+
+/// The TMA descriptor of `m`'s bf16 weights as a `[E·N, K]` matrix, boxes of 64 K values ×
+/// the rows one CTA loads per stage (`cols`, or half of them when a cluster of two shares the
+/// tile), 128-byte swizzle (the layout `wg_swizzle` writes and the wgmma descriptors read).
+fn weight_tensor_map(m: &GpuGroupedMatrix, tile: WgmmaTile) -> CudaResult<TmaMap> {
+    use cudarc::driver::sys;
+    let rows = (m.n_experts * m.n_cols) as u64;
+    let dims = [m.k as u64, rows];
+    let strides = [(m.k * 2) as u64];
+    let boxes = [WGMMA_TILE_K as u32, (tile.cols / tile.cluster()) as u32];
+    let elem_strides = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let (ptr, _sync) = m.w_hi.device_ptr(m.w_hi.stream());
+    // SAFETY: every array has the rank (2) entries the call reads; the weights outlive the
+    // launch that uses the map (they belong to `m`).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().map_err(|source| CudaError::Driver {
+        what: format!(
+            "encoding the TMA descriptor of a [{rows}, {}] bf16 weight matrix (box {boxes:?})",
+            m.k
+        ),
+        source,
+    })?;
+    // SAFETY: initialised by the successful call above.
+    let map = unsafe { map.assume_init() };
+    let mut out = TmaMap([0; 16]);
+    out.0.copy_from_slice(&map.opaque);
+    Ok(out)
+}
+
+/// Clusters of `f` (compiled with `__cluster_dims__`) that can be resident at once with
+/// `block` threads and `shared` bytes each: the grid of a persistent clustered kernel (a
+/// GPC's SMs pair up, so this can be below half the SMs).
+fn max_active_clusters(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    block: (u32, u32, u32),
+    shared: u32,
+) -> CudaResult<usize> {
+    use cudarc::driver::sys;
+    let config = sys::CUlaunchConfig {
+        gridDimX: 2 * dev.sm_count(),
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: shared,
+        hStream: dev.stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `config` names no attributes; `f` is a loaded function of this context.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+    r.result().map_err(|source| CudaError::Driver {
+        what: "querying how many 2-CTA clusters of moe_gemm_wgmma fit at once".into(),
+        source,
+    })?;
+    if n < 1 {
+        return Err(CudaError::Unsupported(format!(
+            "no 2-CTA cluster of moe_gemm_wgmma ({} threads, {shared} B of shared memory) fits \
+             on {}",
+            block.0,
+            dev.name()
+        )));
+    }
+    Ok(n as usize)
 }
 
 /// `[P, N]` store-mode rows with interleaved gate/up columns → SwiGLU `[P, N/2]`.
@@ -1626,39 +1795,54 @@ mod tests {
 
     #[test]
     fn wgmma_tiles_parse_check_and_default() {
+        let tile = |cols, stages, pipe| WgmmaTile {
+            cols,
+            stages,
+            pipe,
+            ctas: 0,
+        };
         let t = WgmmaTile::parse("256, 4,1").unwrap();
-        assert_eq!(
-            t,
-            WgmmaTile {
-                cols: 256,
-                stages: 4,
-                pipe: 1
-            }
-        );
+        assert_eq!(t, tile(256, 4, 1));
         for bad in ["256,4", "256,4,1,0", "a,4,1", ""] {
             assert!(WgmmaTile::parse(bad).is_err(), "{bad:?}");
         }
         // 4 stages of 128 + 256 rows × 128 bytes, plus the 1 KiB alignment slack.
-        assert_eq!(t.shared_bytes(), 4 * 384 * 128 + 1024);
+        assert_eq!(t.shared_bytes(64), 4 * 384 * 128 + 1024);
+        assert_eq!((t.threads(), t.cluster()), (256, 1));
         t.check(2048).unwrap();
         assert!(t.check(128 * 3).is_err()); // 256 does not divide N
+                                            // The warp-specialised kernels: 384 threads, two mbarriers per stage, and for the
+                                            // clustered one 2 CTAs and a row-tile-pair offset per expert and one more.
+        let ws = WgmmaTile::parse("256,4,2").unwrap();
+        assert_eq!((ws.threads(), ws.cluster()), (384, 1));
+        assert_eq!(ws.shared_bytes(64), 4 * 384 * 128 + 1024 + 64);
+        let cl = WgmmaTile::parse("256,4,3").unwrap();
+        assert_eq!((cl.threads(), cl.cluster()), (384, 2));
+        assert_eq!(cl.shared_bytes(64), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
+        ws.check(2048).unwrap();
+        cl.check(2048).unwrap();
+        tile(128, 3, 2).check(2048).unwrap();
         let bad_tiles = [
             (192, 4, 1), // no such wgmma width
             (128, 2, 1), // pipelining needs a third stage
-            (128, 4, 2), // at most one group in flight
+            (128, 2, 2), // so does the producer's lag
+            (128, 2, 3), // and the clustered one's
+            (128, 4, 4), // no such pipeline
             (256, 5, 1), // 241 KiB of shared memory
         ];
         for (cols, stages, pipe) in bad_tiles {
-            let tile = WgmmaTile { cols, stages, pipe };
-            assert!(tile.check(2048).is_err(), "{tile:?}");
+            let t = tile(cols, stages, pipe);
+            assert!(t.check(2048).is_err(), "{t:?}");
         }
         let mode =
             |t: WgmmaTile, m: i64| t.defines(m).iter().find(|d| d.0 == "MOE_MODE").unwrap().1;
         assert_eq!(mode(t, 3), 3);
         if std::env::var_os("AIMC_WGMMA_TILE").is_none() {
-            assert_eq!(WgmmaTile::choose(2048).unwrap().map(|t| t.cols), Some(256));
-            assert_eq!(WgmmaTile::choose(384).unwrap().map(|t| t.cols), Some(128));
-            assert_eq!(WgmmaTile::choose(96).unwrap(), None);
+            let chosen = |n, k| WgmmaTile::choose(n, k).unwrap().map(|t| (t.cols, t.pipe));
+            assert_eq!(chosen(2048, 2048), Some((256, 1)));
+            assert_eq!(chosen(2048, 4096), Some((256, 3)));
+            assert_eq!(chosen(384, 4096), Some((128, 1)));
+            assert_eq!(chosen(96, 2048), None);
         }
     }
 
