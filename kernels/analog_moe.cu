@@ -386,11 +386,42 @@ __device__ __forceinline__ bool raster_tile(const u32* tile_offsets, u32 n_exper
     n_tile = group * width + r % w;
     return true;
 }
+
+// Column slabs of `slab` column tiles, outermost: every expert's tiles of slab 0 (in
+// raster_tile's order within the slab), then of slab 1, ... The weighted scatter-add of the
+// down GEMM adds each token's k expert outputs into one f32 output row; in expert order those
+// k additions are far apart and the output (OLMoE: 128 MiB) round-trips through DRAM k times,
+// while one slab's output columns can stay in L2 for all of them. slab ≥ n_tiles_n is
+// raster_tile itself.
+__device__ __forceinline__ bool slab_tile(const u32* tile_offsets, u32 n_experts, u32 b, u32 n_tiles_n, u32 width,
+                                          u32 slab, u32& e, u32& m_tile, u32& n_tile) {
+    const u32 rows = tile_offsets[n_experts];
+    if (b >= rows * n_tiles_n) return false;
+    const u32 s = b / (rows * slab), left = n_tiles_n - s * slab, w = left < slab ? left : slab;
+    if (!raster_tile(tile_offsets, n_experts, b - s * rows * slab, w, width < w ? width : w, e, m_tile, n_tile))
+        return false;
+    n_tile += s * slab;
+    return true;
+}
 // END raster_tile
+
+// Output columns per slab of the scatter-add GEMMs (slab_tile; 0: no slabs).
+#ifndef MOE_SLAB_COLS
+#define MOE_SLAB_COLS 0
+#endif
+__device__ __forceinline__ u32 slab_tiles(u32 n_tiles_n, u32 tile_cols) {
+#if MOE_MODE == 2 && MOE_SLAB_COLS > 0
+    const u32 slab = MOE_SLAB_COLS / tile_cols;
+    return slab > 0 ? slab : 1;
+#else
+    return n_tiles_n;
+#endif
+}
 
 __device__ __forceinline__ bool tile_of_block(const GemmParams& p, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
                                               u32& n_tile) {
-    return raster_tile(p.tile_offsets, p.n_experts, blockIdx.x, n_tiles_n, width, e, m_tile, n_tile);
+    return slab_tile(p.tile_offsets, p.n_experts, blockIdx.x, n_tiles_n, width, slab_tiles(n_tiles_n, p.n / n_tiles_n),
+                     e, m_tile, n_tile);
 }
 
 // out[0..2] += (a, b): one 8-byte vector atomic on sm_90 (half the atomic operations of the
@@ -1059,8 +1090,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
 // expert's last row tile loads no A, skips its wgmma and still takes part in the barriers.
 // Each CTA walks the units u, u + units_in_flight, ... in tile_of_block's raster order, so the
 // producer fills the stages of its next unit while the consumers run the epilogue of the last.
-// Registers: producer 56, consumers 224 per thread (setmaxnreg; 128 × 56 + 256 × 224 = the
-// 384 × 168 of the launch bounds).
+// Registers: producer 64, consumers 216 per thread (setmaxnreg; 128 × 64 + 256 × 216 ≤ the
+// 384 × 168 the launch bounds allocate: an increase waits for registers the CTA released).
 #define WG_WS_THREADS 384
 #define WG_CLUSTER (WG_PIPE == 3 ? 2 : 1)
 #define WG_B_BOX (WG_BN / WG_CLUSTER)  // weight rows each CTA loads per stage
@@ -1182,15 +1213,15 @@ extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
 #if WG_CLUSTER == 2
     cluster_sync();  // the other CTA's barriers exist before any multicast
 #endif
-    const u32 n_tiles_n = p.n / WG_BN, width = MOE_RASTER_COLS / WG_BN;
+    const u32 n_tiles_n = p.n / WG_BN, width = MOE_RASTER_COLS / WG_BN, slab = slab_tiles(n_tiles_n, WG_BN);
     const u32 n_units = unit_offsets[p.n_experts] * n_tiles_n, n_steps = p.k / WG_BK;
     const u32 first = blockIdx.x / WG_CLUSTER, stride = gridDim.x / WG_CLUSTER;
     u32 it = 0;  // stage iterations of this CTA so far (slot it % WG_STAGES, phase it / WG_STAGES)
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 64;\n" ::: "memory");
         for (u32 u = first; u < n_units; u += stride) {
             u32 e, m_unit, n_tile;
-            raster_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, e, m_unit, n_tile);
+            slab_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, slab, e, m_unit, n_tile);
             const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
             const u32 m0 = (m_unit * WG_CLUSTER + rank) * WG_BM, n0 = n_tile * WG_BN;
             const bool active = m0 < rows_e;
@@ -1210,7 +1241,7 @@ extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
         }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
         const u32 cwg = wg - 1, warp_in_wg = (t >> 5) & 3;
         // Slot `s` goes back to the producers of every CTA that multicasts into it.
         auto release = [&](u32 s) {
@@ -1225,7 +1256,7 @@ extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
         float d[WG_BN / 2];
         for (u32 u = first; u < n_units; u += stride) {
             u32 e, m_unit, n_tile;
-            raster_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, e, m_unit, n_tile);
+            slab_tile(unit_offsets, p.n_experts, u, n_tiles_n, width, slab, e, m_unit, n_tile);
             const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
             const u32 m0 = (m_unit * WG_CLUSTER + rank) * WG_BM;
             const bool active = m0 < rows_e;

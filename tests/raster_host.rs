@@ -2,7 +2,8 @@
 //! host C++: for expert tile counts with empty experts, ragged raster groups and widths from 1
 //! to beyond the column tiles, every (expert, row tile, column tile) is produced by exactly one
 //! block, blocks past the last tile are rejected, and each raster group covers `width`
-//! consecutive column tiles of one expert. A wrong raster would skip or repeat output tiles
+//! consecutive column tiles of one expert; the same in column slabs (`slab_tile`), whose
+//! blocks come slab by slab. A wrong raster would skip or repeat output tiles
 //! silently in the benchmarks of shapes wider than one group (Mixtral's gate/up: 14 groups).
 //! Skips with a printed reason when no C++ compiler is found (`$CXX`, else `c++`/`g++`/`clang++`).
 mod common;
@@ -27,12 +28,13 @@ fn raster_covers_every_output_tile_once() {
         "#include <cstdio>\n#include <cstdlib>\n#include <vector>\n#define __device__\n\
          #define __forceinline__ inline\ntypedef unsigned int u32;\n{}\n\
          int main(int argc, char** argv) {{\n\
-           u32 n_tiles_n = atoi(argv[1]), width = atoi(argv[2]), n_experts = argc - 3;\n\
+           u32 n_tiles_n = atoi(argv[1]), width = atoi(argv[2]), slab = atoi(argv[3]), n_experts = argc - 4;\n\
            std::vector<u32> off(n_experts + 1, 0);\n\
-           for (u32 i = 0; i < n_experts; ++i) off[i + 1] = off[i] + atoi(argv[3 + i]);\n\
+           for (u32 i = 0; i < n_experts; ++i) off[i + 1] = off[i] + atoi(argv[4 + i]);\n\
            for (u32 b = 0; b < off[n_experts] * n_tiles_n + 5; ++b) {{\n\
              u32 e = 0, m = 0, n = 0;\n\
-             bool ok = raster_tile(off.data(), n_experts, b, n_tiles_n, width, e, m, n);\n\
+             bool ok = slab > 0 ? slab_tile(off.data(), n_experts, b, n_tiles_n, width, slab, e, m, n)\n\
+                                : raster_tile(off.data(), n_experts, b, n_tiles_n, width, e, m, n);\n\
              printf(\"%u %d %u %u %u\\n\", b, ok ? 1 : 0, e, m, n);\n\
            }}\n\
          }}\n",
@@ -50,10 +52,16 @@ fn raster_covers_every_output_tile_once() {
         (5, 1, &[3, 0, 2]),           // width 1
         (3, 32, &[2, 5]),             // width beyond N
     ];
-    for (n_tiles, width, tiles) in cases {
+    // Each case also in column slabs (slab_tile): none, one dividing the column tiles, one
+    // leaving a narrower last slab, and one wider than them all.
+    for (n_tiles, width, tiles, slab) in cases
+        .iter()
+        .flat_map(|&(n, w, t)| [0, 1, 2, 3, n + 1].map(|s| (n, w, t, s)))
+    {
         let out = Command::new(&exe)
             .arg(n_tiles.to_string())
             .arg(width.to_string())
+            .arg(slab.to_string())
             .args(tiles.iter().map(|t| t.to_string()))
             .output()
             .unwrap();
@@ -73,12 +81,24 @@ fn raster_covers_every_output_tile_once() {
                 "{tiles:?}: block {b} -> {e} {m} {n}"
             );
             assert!(seen.insert((e, m, n)), "{tiles:?}: ({e}, {m}, {n}) twice");
-            // Blocks of one raster group of one expert are contiguous.
-            let group = (e, n / width);
+            // Slabs come in order: a block's column tile is in the slab its index says.
+            if let Some(in_slab) = n.checked_div(slab) {
+                let rows: u32 = tiles.iter().sum();
+                assert_eq!(
+                    in_slab,
+                    b / (rows * slab),
+                    "{tiles:?} slab {slab}: block {b}"
+                );
+            }
+            // Blocks of one raster group (of one expert, within one slab) are contiguous.
+            let slab_tiles = if slab == 0 { n_tiles } else { slab };
+            let group_of = |e: u32, n: u32| (e, n / slab_tiles, (n % slab_tiles) / width);
+            let group = group_of(e, n);
             if last_group != Some(group) {
                 assert!(
-                    !seen.iter().any(|&(e2, m2, n2)| (e2, n2 / width) == group
-                        && (e2, m2, n2) != (e, m, n)),
+                    !seen
+                        .iter()
+                        .any(|&(e2, m2, n2)| group_of(e2, n2) == group && (e2, m2, n2) != (e, m, n)),
                     "{tiles:?}: group {group:?} split at block {b}"
                 );
                 last_group = Some(group);
