@@ -611,6 +611,7 @@ fn digital_swiglu_epilogue_writes_the_bf16_operand() {
             cols: 256,
             stages: 4,
             pipe: 3,
+            scatter_pipe: 3,
             ctas: 0,
         }));
     }
@@ -728,7 +729,7 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     // tiles across the barriers' phases; with clusters, experts with an odd number of row
     // tiles leave the second CTA of their last pair without rows (1,200 pairs over 3 experts: 12 or 13 row tiles, each with 2 column
     // tiles of 128 in either GEMM; 4 K steps in gate/up, 2 in down).
-    for (cols, stages, pipe, ctas) in [
+    let mut tiles: Vec<WgmmaTile> = [
         (128, 4, 0, 0),
         (128, 4, 1, 0),
         (128, 5, 1, 0),
@@ -742,13 +743,19 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         (128, 4, 3, 0),
         (128, 3, 3, 4),
         (256, 4, 3, 4),
-    ] {
-        let tile = WgmmaTile {
-            cols,
-            stages,
-            pipe,
-            ctas,
-        };
+    ]
+    .into_iter()
+    .map(|(cols, stages, pipe, ctas)| WgmmaTile {
+        cols,
+        stages,
+        pipe,
+        scatter_pipe: pipe,
+        ctas,
+    })
+    .collect();
+    // The default: the clustered kernel for gate/up, one CTA per tile for the scatter-add.
+    tiles.extend(WgmmaTile::choose(2 * n, d).unwrap());
+    for tile in tiles {
         let wg = layer(Some(tile));
         // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation
         // in another order: a hidden value may round to the neighbouring bf16 (2^-8 relative)

@@ -694,7 +694,11 @@ mod gpu {
             let case = match (tile_gu, tile_down) {
                 (Some(a), Some(b)) => format!(
                     "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}",
-                    a.cols, b.cols, a.stages, a.pipe, b.pipe
+                    a.cols,
+                    b.cols,
+                    a.stages,
+                    a.pipe,
+                    b.for_output(2).pipe
                 ),
                 _ => case.to_string(),
             };

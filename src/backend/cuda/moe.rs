@@ -962,6 +962,8 @@ pub struct WgmmaTile {
     /// multiplying ones, mbarriers between them, weights by TMA; at least 3 stages); 3 runs it
     /// in clusters of two CTAs that multicast each weight tile to both.
     pub pipe: usize,
+    /// The pipelining of the weighted scatter-add GEMMs (output mode 2), as `pipe`.
+    pub scatter_pipe: usize,
     /// CTAs of the persistent kernels (`pipe` 2 and 3): 0 launches as many as can be resident
     /// at once (one per multiprocessor; for `pipe` 3, two per co-resident cluster). Fewer make
     /// each CTA walk more tiles (the GPU tests use 3 and 4 to cross tiles and barrier phases).
@@ -973,23 +975,25 @@ pub const WGMMA_TILE_K: usize = 64;
 
 impl WgmmaTile {
     /// The tile for `n_cols` output columns and `k` inputs: `AIMC_WGMMA_TILE=cols,stages,pipe`
-    /// if set (a tuning knob for `aimc bench`; malformed or unfit is an error), else 256
-    /// columns where they divide `n_cols`, else 128, with 4 stages. Pipelining, from the
-    /// sweeps of reports/bench/2026-11-24-wgmma-ws.md: the clustered warp-specialised kernel
-    /// (`pipe` 3) where K ≥ 4096 and the tile is 256 wide (Mixtral's layer 11.6 → 10.7 ms),
-    /// else one wgmma group in flight (`pipe` 1; on the OLMoE and fine-grained layers the
-    /// warp-specialised kernels are no faster: their time goes to the scatter-add's DRAM
-    /// traffic and the epilogue). A 128 × 256 tile reads 48 KiB of L2 per 4.2 MFLOP where
-    /// 128 × 128 reads 32 KiB per 2.1. `None` when no tile divides N.
+    /// if set (a tuning knob for `aimc bench`, for every output mode; malformed or unfit is an
+    /// error), else 256 columns where they divide `n_cols`, else 128, with 4 stages. The
+    /// schedule, from the per-GEMM times of reports/bench/2026-11-24-wgmma-ws.md: 256-wide
+    /// tiles run the clustered warp-specialised kernel (`pipe` 3; OLMoE gate/up 2.24 → 1.98 ms,
+    /// fine-grained 0.68 → 0.62), except the scatter-add below K = 4096, which runs one CTA
+    /// per tile (`pipe` 1; OLMoE's down GEMM 1.47 ms against 1.52, fine-grained's 0.90 against
+    /// 1.09: bound by its DRAM read-modify-writes, it gains from more CTAs in flight, not from
+    /// the persistent schedule). 128-wide tiles run `pipe` 1. A 128 × 256 tile reads 48 KiB of
+    /// L2 per 4.2 MFLOP where 128 × 128 reads 32 KiB per 2.1. `None` when no tile divides N.
     pub fn choose(n_cols: usize, k: usize) -> CudaResult<Option<Self>> {
         let tile = match std::env::var("AIMC_WGMMA_TILE") {
             Ok(text) => Self::parse(&text)?,
             Err(_) => {
-                let cols = if n_cols.is_multiple_of(256) { 256 } else { 128 };
+                let wide = n_cols.is_multiple_of(256);
                 Self {
-                    cols,
+                    cols: if wide { 256 } else { 128 },
                     stages: 4,
-                    pipe: if cols == 256 && k >= 4096 { 3 } else { 1 },
+                    pipe: if wide { 3 } else { 1 },
+                    scatter_pipe: if wide && k >= 4096 { 3 } else { 1 },
                     ctas: 0,
                 }
             }
@@ -1001,6 +1005,18 @@ impl WgmmaTile {
         Ok(Some(tile))
     }
 
+    /// This tile as it runs output `mode` (2: the scatter-add's schedule).
+    pub fn for_output(self, mode: i64) -> Self {
+        if mode == 2 {
+            Self {
+                pipe: self.scatter_pipe,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+
     /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format); a persistent kernel gets one CTA
     /// per multiprocessor.
     pub fn parse(text: &str) -> CudaResult<Self> {
@@ -1009,6 +1025,7 @@ impl WgmmaTile {
             cols,
             stages,
             pipe,
+            scatter_pipe: pipe,
             ctas: 0,
         })
     }
@@ -1047,12 +1064,13 @@ impl WgmmaTile {
     /// The kernel's `#error` conditions and the shared-memory limit (with one expert; the
     /// launch checks the clustered kernel's per-expert table too), as a clear error.
     pub fn check(self, n_cols: usize) -> CudaResult<()> {
-        let min_stages = if self.pipe >= 2 { 3 } else { 2 + self.pipe };
+        let pipe_ok =
+            |pipe: usize| pipe <= 3 && self.stages >= if pipe >= 2 { 3 } else { 2 + pipe };
         let ok = (self.cols == 128 || self.cols == 256)
-            && self.pipe <= 3
-            && self.stages >= min_stages
+            && pipe_ok(self.pipe)
+            && pipe_ok(self.scatter_pipe)
             && n_cols.is_multiple_of(self.cols)
-            && self.shared_bytes(1) <= MAX_SHARED_BYTES;
+            && self.shared_bytes(1).max(self.for_output(2).shared_bytes(1)) <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
@@ -1115,6 +1133,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 7]> {
         cols,
         stages,
         pipe,
+        scatter_pipe: pipe,
         ctas: 0,
     };
     let mut v: Vec<_> = (0..4)
@@ -1529,6 +1548,7 @@ fn wgmma_gemm(
         )));
     }
     tile.check(m.n_cols)?;
+    let tile = tile.for_output(output.mode());
     let f = dev.function(
         &ANALOG_MOE_CU,
         &tile.defines(output.mode(), scatter_slab_cols(m.k, routing.top_k)),
@@ -1831,6 +1851,7 @@ mod tests {
             cols,
             stages,
             pipe,
+            scatter_pipe: pipe,
             ctas: 0,
         };
         let t = WgmmaTile::parse("256, 4,1").unwrap();
@@ -1892,11 +1913,20 @@ mod tests {
             assert_eq!(scatter_slab_cols(64, 1), 0);
         }
         if std::env::var_os("AIMC_WGMMA_TILE").is_none() {
-            let chosen = |n, k| WgmmaTile::choose(n, k).unwrap().map(|t| (t.cols, t.pipe));
-            assert_eq!(chosen(2048, 2048), Some((256, 1)));
-            assert_eq!(chosen(2048, 4096), Some((256, 3)));
-            assert_eq!(chosen(384, 4096), Some((128, 1)));
+            // (columns, pipe, scatter-add pipe) and, as the scatter-add runs, its pipe.
+            let chosen = |n, k| {
+                WgmmaTile::choose(n, k)
+                    .unwrap()
+                    .map(|t| (t.cols, t.pipe, t.scatter_pipe, t.for_output(2).pipe))
+            };
+            assert_eq!(chosen(2048, 2048), Some((256, 3, 1, 1)));
+            assert_eq!(chosen(2048, 4096), Some((256, 3, 3, 3)));
+            assert_eq!(chosen(384, 4096), Some((128, 1, 1, 1)));
             assert_eq!(chosen(96, 2048), None);
+            // An unfit scatter-add schedule fails the check too.
+            let mut t = tile(256, 3, 1);
+            t.scatter_pipe = 4;
+            assert!(t.check(2048).is_err());
         }
     }
 
