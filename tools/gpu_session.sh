@@ -56,7 +56,7 @@ fi
 if step 6; then
 # 6. wgmma tile sweep (AIMC_WGMMA_TILE=cols,stages,pipe) of the digital case (b') on the OLMoE
 #    and Mixtral shapes, beside cuBLAS and the mma.sync kernel of the same process.
-for tile in ${WG_TILES:-128,4,0 128,4,1 128,5,1 256,3,1 256,4,1}; do
+for tile in ${WG_TILES:-256,4,1 256,4,2 256,4,3 128,6,3}; do
   AIMC_WGMMA_TILE=$tile timeout 150 $B/aimc bench --suite gpu --shapes ${WG_SHAPES:-olmoe,mixtral} --repeats 21 \
     --gpu-preset $BASIC --report "$OUT/wgmma-${tile//,/x}.md" > "$OUT/wgmma-${tile//,/x}.log" 2>&1
   echo "wgmma tile $tile rc=$?"; grep -E "^\| .*\((a|b|b')\)" "$OUT/wgmma-${tile//,/x}.md" | awk -F'|' '{print $2 "|" $3 "|" $4 "|" $6}'
