@@ -1017,8 +1017,8 @@ impl WgmmaTile {
         }
     }
 
-    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format); a persistent kernel gets one CTA
-    /// per multiprocessor.
+    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format), one schedule for every output mode;
+    /// a persistent kernel gets as many CTAs as can be resident.
     pub fn parse(text: &str) -> CudaResult<Self> {
         let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
         Ok(Self {
