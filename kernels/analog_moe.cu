@@ -435,6 +435,9 @@ __device__ __forceinline__ void atomic_add2(float* out, float a, float b) {
 #endif
 }
 
+// SwiGLU of one gate/up pair: silu(g)·u, as model::common::silu_mul.
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // Two adjacent SwiGLU outputs at element `i` (even) of the hidden rows: f32 (MOE_MODE 1) or the
 // bf16 bits of the next GEMM's operand (MOE_MODE 3, digital: round to nearest even as to_bf16).
 __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b) {
@@ -800,8 +803,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                 float h[2];
 #pragma unroll
                 for (u32 c = 0; c < 2; ++c) {
-                    float g = RESULT[mi][tn][half * 2 + c], u = RESULT[mi][tn + 1][half * 2 + c];
-                    h[c] = g / (1.0f + expf(-g)) * u;
+                    h[c] = silu_mul(RESULT[mi][tn][half * 2 + c], RESULT[mi][tn + 1][half * 2 + c]);
                 }
                 store_hidden(p.out, (u64)pos * (p.n / 2) + hcol, h[0], h[1]);
             }
@@ -1008,8 +1010,7 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
             float h[2];
 #pragma unroll
             for (u32 c = 0; c < 2; ++c) {
-                const float g = d[4 * j + 2 * half + c], u = d[4 * (j + 1) + 2 * half + c];
-                h[c] = g / (1.0f + expf(-g)) * u;
+                h[c] = silu_mul(d[4 * j + 2 * half + c], d[4 * (j + 1) + 2 * half + c]);
             }
             store_hidden(p.out, (u64)pos * (p.n / 2) + hcol, h[0], h[1]);
         }
@@ -1549,8 +1550,7 @@ extern "C" __global__ void swiglu_rows(const float* in, u64 rows, u32 n_half, fl
     if (i >= rows * n_half) return;
     const u64 r = i / n_half;
     const u32 j = (u32)(i % n_half), f = (j / 8) * 16 + j % 8;
-    const float g = in[r * 2 * n_half + f], u = in[r * 2 * n_half + f + 8];
-    out[i] = g / (1.0f + expf(-g)) * u;
+    out[i] = silu_mul(in[r * 2 * n_half + f], in[r * 2 * n_half + f + 8]);
 }
 
 // Weighted scatter-add of store-mode rows: y[token of p] += weight of p · in[p] (as moe_gemm's
