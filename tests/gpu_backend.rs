@@ -607,13 +607,7 @@ fn digital_swiglu_epilogue_writes_the_bf16_operand() {
     let mut tiles = vec![None];
     if dev.compute_capability() == (9, 0) {
         tiles.push(WgmmaTile::choose(2 * n, d).unwrap());
-        tiles.push(Some(WgmmaTile {
-            cols: 256,
-            stages: 4,
-            pipe: 3,
-            scatter_pipe: 3,
-            ctas: 0,
-        }));
+        tiles.push(Some(WgmmaTile::new(256, 4, 3)));
     }
     for tile in tiles {
         let m = GpuGroupedMatrix::upload(&dev, &gate_up, Precision::DigitalBf16)
@@ -746,11 +740,8 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     ]
     .into_iter()
     .map(|(cols, stages, pipe, ctas)| WgmmaTile {
-        cols,
-        stages,
-        pipe,
-        scatter_pipe: pipe,
         ctas,
+        ..WgmmaTile::new(cols, stages, pipe)
     })
     .collect();
     // The default: the clustered kernel for gate/up, one CTA per tile for the scatter-add.

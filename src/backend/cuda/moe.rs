@@ -1017,17 +1017,22 @@ impl WgmmaTile {
         }
     }
 
-    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format), one schedule for every output mode;
-    /// a persistent kernel gets as many CTAs as can be resident.
-    pub fn parse(text: &str) -> CudaResult<Self> {
-        let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
-        Ok(Self {
+    /// A tile running schedule `pipe` for every output mode; a persistent kernel gets as many
+    /// CTAs as can be resident.
+    pub fn new(cols: usize, stages: usize, pipe: usize) -> Self {
+        Self {
             cols,
             stages,
             pipe,
             scatter_pipe: pipe,
             ctas: 0,
-        })
+        }
+    }
+
+    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format), as [`WgmmaTile::new`].
+    pub fn parse(text: &str) -> CudaResult<Self> {
+        let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
+        Ok(Self::new(cols, stages, pipe))
     }
 
     /// Threads per CTA: 256, or 384 for the warp-specialised kernels.
@@ -1129,13 +1134,7 @@ pub fn scatter_slab_cols(k: usize, top_k: usize) -> usize {
 /// The `#define`s of the sm_90a wgmma GEMM checked at build time: each output mode on the
 /// 256-column pipelined and clustered tiles, and the other pipelines on one mode.
 pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 7]> {
-    let tile = |cols, stages, pipe| WgmmaTile {
-        cols,
-        stages,
-        pipe,
-        scatter_pipe: pipe,
-        ctas: 0,
-    };
+    let tile = WgmmaTile::new;
     let mut v: Vec<_> = (0..4)
         .map(|mode| tile(256, 4, 1).defines(mode, 0))
         .collect();
@@ -1847,13 +1846,7 @@ mod tests {
 
     #[test]
     fn wgmma_tiles_parse_check_and_default() {
-        let tile = |cols, stages, pipe| WgmmaTile {
-            cols,
-            stages,
-            pipe,
-            scatter_pipe: pipe,
-            ctas: 0,
-        };
+        let tile = WgmmaTile::new;
         let t = WgmmaTile::parse("256, 4,1").unwrap();
         assert_eq!(t, tile(256, 4, 1));
         for bad in ["256,4", "256,4,1,0", "a,4,1", ""] {
