@@ -9,7 +9,7 @@
 //   MOE_BM       1: iterative bound management: rows with a saturated ADC output are flagged and
 //                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
-//   MOE_WGMMA    1 (digital, sm_90a only): also build moe_gemm_wgmma (see there)
+//   MOE_WGMMA    1 (sm_90a only): also build moe_gemm_wgmma (digital) or moe_analog_wgmma (see there)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N];
 //                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16)
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
@@ -273,6 +273,17 @@ extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
 #if (BM * 4) % NTHREADS != 0 || (BN * 4) % NTHREADS != 0 || TN % 2 != 0 || MI < 1 || MOE_STAGES < 2
 #error "moe_gemm tile configuration"
 #endif
+// CTAs per SM the register allocation must allow: 2 (≤ 128 registers per thread on 256
+// threads) where the f32 accumulator sets take at most 64 of them, so that one CTA's periphery
+// epilogue overlaps the other's MMAs (the default tiles of backend::cuda::moe::GemmTile without
+// PCM_READ or IR drop); else 1. Left to ptxas, the Lightning-set variant took 143 registers and
+// ran 1 CTA per SM: 30.3 ms on the OLMoE layer against 20.9 at 2.
+#define MOE_ACC_SETS (MOE_ANALOG ? 2 + MOE_PCM_READ + 2 * MOE_IR_DROP : 1)
+#if MOE_ACC_SETS * BM * BN / NTHREADS <= 64
+#define MOE_MIN_CTAS 2
+#else
+#define MOE_MIN_CTAS 1
+#endif
 
 struct GemmParams {
     const u16* a;               // [a_rows, K] operand rows
@@ -361,6 +372,135 @@ __device__ __forceinline__ u32 noise_row_of(const GemmParams& p, u32 pos, u32 ro
 __device__ __forceinline__ u32 noise_call_of(const GemmParams& p, u32 pos) {
     return p.noise_key ? p.noise_key[2 * pos + 1] : p.mvm_id;
 }
+
+#if MOE_ANALOG
+// One output row of crossbar block kb as the periphery epilogue needs it: the noise-management
+// scale α of its operand row and the keys of its per-MVM noise.
+struct BlockRow {
+    float alpha_nm;
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+    u32 nrow, ncall;
+#endif
+#if MOE_ADDITIVE
+    float sumsq;  // ‖x̃‖² of the row's input segment
+#endif
+};
+
+// Sorted pair `pos`, the `row_local`-th row of its expert, in crossbar block kb.
+__device__ __forceinline__ BlockRow block_row(const GemmParams& p, u32 pos, u32 row_local, u32 kb) {
+    BlockRow r;
+    const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+    r.alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+    r.nrow = noise_row_of(p, pos, row_local);
+    r.ncall = noise_call_of(p, pos);
+#endif
+#if MOE_ADDITIVE
+    r.sumsq = p.a_sumsq[(u64)arow * p.n_kb + kb];
+#endif
+    return r;
+}
+
+// One thread's block sums of outputs (row, col) and (row, col + 1) of a crossbar block, in DAC
+// code units: the product and the side accumulators.
+struct PairSums {
+    float acc[2];
+#if MOE_PCM_READ
+    float s2[2];
+#endif
+#if MOE_IR_DROP
+    float abs[2], ir[2];
+#endif
+};
+
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+// Output normals (purpose OutputNoise) of this thread's columns (col0, col0 + 1) and
+// (col0 + 8, col0 + 9) of one row: two n8 fragments of the mma.sync / wgmma accumulator layout,
+// where lanes l and l ^ 1 hold 4 consecutive columns of each. With MOE_NOISE_QUADS every 4
+// columns sit in one crossbar at a multiple of 4 (host-checked), so one Philox block holds the
+// normals of a lane pair's 4 columns (words x, y of the even lane, z, w of the odd one): each
+// lane of the pair draws the block of one fragment and passes the partner its words, half the
+// Philox work for the same values as stream_normal_pair. Both lanes of a pair must call this.
+__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const u32* tid_of_col,
+                                               u32 col0, u32 lane, float2& z0, float2& z1) {
+#if MOE_NOISE_QUADS
+    const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
+    const u32 col = col0 + 8 * odd;
+    const u64 idx = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
+    const uint4 q = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, 0);
+    const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
+    const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
+    const float2 mine = odd ? box_muller(q.z, q.w) : box_muller(q.x, q.y);
+    const float2 theirs = box_muller(got0, got1);
+    z0 = odd ? theirs : mine;
+    z1 = odd ? mine : theirs;
+#else
+    auto pair = [&](u32 col) {
+        const u64 idx0 = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
+        const u64 idx1 = (u64)r.nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
+        return periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid_of_col[col], tid_of_col[col + 1], idx0, idx1, r.ncall);
+    };
+    z0 = pair(col0);
+    z1 = pair(col0 + 8);
+#endif
+}
+#endif
+
+// Steps 4–7 and 9 of design.md §3 for outputs (row, col), (row, col + 1) of one crossbar block:
+// DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
+// α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
+// tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
+// PCM_READ or ADDITIVE) and forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when
+// an output saturated the ADC in a row that bound management may redo (α_nm > 0).
+__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, const float* scale_of_col,
+                                              u32 col, const PairSums& s, float2 z, float* t, u32& sat,
+                                              u32 sat_bit) {
+    float y[2];
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        float v = s.acc[c] * p.dac_step;
+#if MOE_IR_DROP
+        float aa = p.ir_k * (s.abs[c] * p.dac_step);
+        float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+        v -= p.ir_scale * cc * (s.ir[c] * p.dac_step);
+#endif
+        y[c] = v;
+    }
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+#if MOE_PCM_READ
+    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+    const float step2 = __fmul_rn(p.dac_step, p.dac_step);
+    float sd[2];
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        const float s2 = __fmul_rn(s.s2[c], step2);
+        sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
+    }
+#elif MOE_ADDITIVE
+    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+    const float sdr = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, r.sumsq)));
+    const float sd[2] = {sdr, sdr};
+#else
+    const float sd[2] = {p.out_noise, p.out_noise};
+#endif
+    y[0] += sd[0] * z.x;
+    y[1] += sd[1] * z.y;
+#endif
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        float v = y[c];
+#if MOE_ADC
+        v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+#endif
+#if MOE_BM
+        if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit;
+#endif
+        t[c] += v * (r.alpha_nm * scale_of_col[col + c]);
+    }
+}
+#endif
 
 // CTA b → (expert e, row tile m_tile inside the expert, column tile n_tile), false past the last
 // tile. Each expert's CTAs run in groups of `width` column tiles, all of the expert's row tiles
@@ -452,7 +592,7 @@ __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b
 #error "MOE_MODE 3 (bf16 hidden rows) is digital only"
 #endif
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(GemmParams p) {
     extern __shared__ __align__(16) u16 smem[];
     u32 e, m_tile, n_tile;
     if (!tile_of_block(p, p.n / BN, MOE_RASTER_COLS / BN, e, m_tile, n_tile)) return;
@@ -520,9 +660,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
     float acc[MI][TN][4];
 #if MOE_ANALOG
     float total[MI][TN][4];
-#endif
-#if MOE_BM
-    u32 bm_rows = 0;  // bit mi·2 + half: that row had a saturated output in some crossbar block
+    u32 bm_rows = 0;  // MOE_BM: bit mi·2 + half: that row had a saturated output in some crossbar block
 #endif
 #if MOE_PCM_READ
     float acc_s2[MI][TN][4];
@@ -651,8 +789,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #if MOE_ANALOG
         if (++step_in_block == steps_per_block) {
             step_in_block = 0;
-            // Epilogue of crossbar block kb: steps 4–7 and 9 of design.md §3 per output. The
-            // block's column tables (tensor id, scale) as row pointers: 32-bit indexing below.
+            // Epilogue of crossbar block kb (block_outputs). The block's column tables (tensor
+            // id, scale) as row pointers: 32-bit indexing below.
             const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
             const u32* tid_of_col = p.col_tensor_id + tab_row;
             const float* scale_of_col = p.col_scale + tab_row;
@@ -662,98 +800,32 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
                 for (u32 half = 0; half < 2; ++half) {
                     const u32 row_local = frag_row(mi, half);
                     if (row_local >= rows_e) continue;
-                    const u32 pos = row_begin + row_local;
-                    const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
-                    const float alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
-#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                    const u32 nrow = noise_row_of(p, pos, row_local), ncall = noise_call_of(p, pos);
-#endif
-#if (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE) && MOE_NOISE_QUADS
-                    // Every 4 columns sit in one crossbar at a multiple of 4 (host-checked), so
-                    // one Philox block holds the normals of a lane pair's 4 columns (words x, y
-                    // of the even lane, z, w of the odd one). Each lane of the pair draws the
-                    // block of one fragment of (tn, tn + 1) and passes the partner its words:
-                    // half the Philox work, the same values as stream_normal_pair.
-                    float2 zq[TN];
-                    {
-                        const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
+                    const BlockRow br = block_row(p, row_begin + row_local, row_local, kb);
+                    float2 z[TN];
 #pragma unroll
-                        for (u32 tn = 0; tn < TN; tn += 2) {
-                            const u32 col = frag_col(tn + odd);
-                            const u64 idx = (u64)nrow * p.col_block_cols[col] + p.col_local[col];
-                            const uint4 r = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]),
-                                                         idx / 4, ncall, 0);
-                            const u32 got0 = __shfl_xor_sync(pair_mask, odd ? r.x : r.z, 1);
-                            const u32 got1 = __shfl_xor_sync(pair_mask, odd ? r.y : r.w, 1);
-                            const float2 mine = odd ? box_muller(r.z, r.w) : box_muller(r.x, r.y);
-                            const float2 theirs = box_muller(got0, got1);
-                            zq[tn] = odd ? theirs : mine;
-                            zq[tn + 1] = odd ? mine : theirs;
-                        }
-                    }
+                    for (u32 tn = 0; tn < TN; tn += 2) {
+                        z[tn] = z[tn + 1] = make_float2(0.0f, 0.0f);
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+                        output_normals(p, br, tid_of_col, frag_col(tn), lane, z[tn], z[tn + 1]);
 #endif
+                    }
 #pragma unroll
                     for (u32 tn = 0; tn < TN; ++tn) {
-                        const u32 col = frag_col(tn);
-                        float y[2];
+                        const u32 r0 = half * 2;
+                        PairSums s;
 #pragma unroll
                         for (u32 c = 0; c < 2; ++c) {
-                            const u32 r = half * 2 + c;
-                            float v = acc[mi][tn][r] * p.dac_step;
-#if MOE_IR_DROP
-                            float aa = p.ir_k * (acc_abs[mi][tn][r] * p.dac_step);
-                            float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
-                            v -= p.ir_scale * cc * (acc_ir[mi][tn][r] * p.dac_step);
-#endif
-                            y[c] = v;
-                        }
-#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                        {
-                            // Short-term weight noise and output noise: one normal per output of
-                            // the summed variance, keyed under OutputNoise, as
-                            // tile::Crossbar::analog draws it (σ = out_noise without PCM_READ).
-#if MOE_NOISE_QUADS
-                            const float2 z = zq[tn];
-#else
-                            const u32 tid0 = tid_of_col[col], tid1 = tid_of_col[col + 1];
-                            const u64 idx0 = (u64)nrow * p.col_block_cols[col] + p.col_local[col];
-                            const u64 idx1 = (u64)nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
-                            const float2 z = periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid0, tid1, idx0, idx1, ncall);
-#endif
+                            s.acc[c] = acc[mi][tn][r0 + c];
 #if MOE_PCM_READ
-                            const float out_var = __fmul_rn(p.out_noise, p.out_noise);
-                            const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
-                            const float step2 = __fmul_rn(p.dac_step, p.dac_step);
-                            float sd[2];
-#pragma unroll
-                            for (u32 c = 0; c < 2; ++c) {
-                                const float s2 = __fmul_rn(acc_s2[mi][tn][half * 2 + c], step2);
-                                sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
-                            }
-#elif MOE_ADDITIVE
-                            const float out_var = __fmul_rn(p.out_noise, p.out_noise);
-                            const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
-                            const float sdr = __fsqrt_rn(
-                                __fadd_rn(out_var, __fmul_rn(std2, p.a_sumsq[(u64)arow * p.n_kb + kb])));
-                            const float sd[2] = {sdr, sdr};
-#else
-                            const float sd[2] = {p.out_noise, p.out_noise};
+                            s.s2[c] = acc_s2[mi][tn][r0 + c];
 #endif
-                            y[0] += sd[0] * z.x;
-                            y[1] += sd[1] * z.y;
+#if MOE_IR_DROP
+                            s.abs[c] = acc_abs[mi][tn][r0 + c];
+                            s.ir[c] = acc_ir[mi][tn][r0 + c];
+#endif
                         }
-#endif
-#pragma unroll
-                        for (u32 c = 0; c < 2; ++c) {
-                            float v = y[c];
-#if MOE_ADC
-                            v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
-#endif
-#if MOE_BM
-                            if (alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) bm_rows |= 1u << (mi * 2 + half);
-#endif
-                            total[mi][tn][half * 2 + c] += v * (alpha_nm * scale_of_col[col + c]);
-                        }
+                        block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], &total[mi][tn][r0], bm_rows,
+                                      1u << (mi * 2 + half));
                     }
                 }
             reset_block();
@@ -820,7 +892,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
         }
 }
 
-#if MOE_WGMMA && !MOE_ANALOG
+#if MOE_WGMMA
 // ---------------------------------------------------------------------------------------------
 // The digital grouped GEMM for sm_90a: wgmma.mma_async from 128B-swizzled shared memory. Same
 // contract as moe_gemm with MOE_ANALOG 0 (GemmParams, MOE_MODE 0/1/2, 128-row tiles of the
@@ -858,7 +930,20 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) moe_gemm(GemmParams p) {
 #define WG_BK 64
 #define WG_THREADS 256
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
-#define WG_STAGE_BYTES (WG_A_BYTES + WG_BN * WG_BK * 2)
+// Weight tiles per stage: fp16 hi and lo for split analog weights, else one.
+#if MOE_ANALOG && MOE_SPLIT_W
+#define WG_NB_MAT 2
+#else
+#define WG_NB_MAT 1
+#endif
+#define WG_B_BYTES (WG_BN * WG_BK * 2)
+#define WG_STAGE_BYTES (WG_A_BYTES + WG_NB_MAT * WG_B_BYTES)
+// Operand types: analog DAC codes × fp16 weights, digital bf16 × bf16.
+#if MOE_ANALOG
+#define WG_AB ".f16.f16"
+#else
+#define WG_AB ".bf16.bf16"
+#endif
 #define WG_AHEAD (WG_STAGES - 1 - WG_PIPE)
 
 // Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows in 128B-swizzle
@@ -875,7 +960,7 @@ __device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c 
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32" WG_AB " {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
@@ -897,7 +982,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
 __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 da, u64 db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32" WG_AB " {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
@@ -935,21 +1020,27 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
     for (int i = 0; i < WG_BN / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// The 4 wgmma of one BK = 64 stage for the warpgroup whose 64 A rows start at s_a.
+// The wgmma of one BK = 64 stage for the warpgroup whose 64 A rows start at s_a: 4 of them, or
+// 8 with split analog weights (hi at s_b, lo after it), hi then lo per k16 as moe_gemm adds
+// them.
 __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
+#pragma unroll
+        for (u32 b = 0; b < WG_NB_MAT; ++b) {
 #if WG_BN == 128
-        wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+            wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + b * WG_B_BYTES + kk * 32));
 #else
-        wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+            wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + b * WG_B_BYTES + kk * 32));
 #endif
+        }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
-// Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 bf16 of K each) by
+// Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 halves of K each, and
+// as many rows of w_lo after them for split analog weights) by
 // THREADS threads into the 128B-swizzled layout: thread t takes 16-byte chunk t % 8 of rows
 // t / 8 + (THREADS / 8)·i. A rows are kept as operand row indices (~0u: past the expert's
 // rows, zero-filled), so a 128-thread producer holds 8 registers for them, not 16.
@@ -957,14 +1048,14 @@ template <u32 THREADS>
 struct WgLoader {
     static constexpr u32 STEP = THREADS / 8, A_CH = WG_BM / STEP, B_CH = WG_BN / STEP;
     u32 a_row[A_CH];
-    const u16* w_src;
+    u64 w_off;  // element offset of this thread's first weight chunk
     __device__ __forceinline__ WgLoader(const GemmParams& p, u32 t, u32 e, u32 row_begin, u32 rows_e, u32 m0, u32 n0) {
 #pragma unroll
         for (u32 i = 0; i < A_CH; ++i) {
             const u32 r = (t >> 3) + STEP * i, pos = row_begin + m0 + r;
             a_row[i] = m0 + r < rows_e ? (p.a_row_of ? p.a_row_of[pos] : pos) : ~0u;
         }
-        w_src = p.w_hi + ((u64)e * p.n + n0 + (t >> 3)) * p.k + (t & 7) * 8;
+        w_off = ((u64)e * p.n + n0 + (t >> 3)) * p.k + (t & 7) * 8;
     }
     // cp.async of stage k0: A into s_a, then (load) B into s_a + WG_A_BYTES; the caller commits.
     __device__ __forceinline__ void load_a(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
@@ -980,8 +1071,13 @@ struct WgLoader {
         load_a(p, t, s_a, k0);
         const u32 s_b = s_a + WG_A_BYTES, c = t & 7;
 #pragma unroll
-        for (u32 i = 0; i < B_CH; ++i)
-            cp_async16(s_b + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k + k0, 16u);
+        for (u32 b = 0; b < WG_NB_MAT; ++b) {
+            const u16* w_src = (b == 0 ? p.w_hi : p.w_lo) + w_off + k0;
+#pragma unroll
+            for (u32 i = 0; i < B_CH; ++i)
+                cp_async16(s_b + b * WG_B_BYTES + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k,
+                           16u);
+        }
     }
 };
 
@@ -1026,7 +1122,162 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
     }
 }
 
-#if WG_PIPE < 2
+#if MOE_ANALOG
+// moe_analog_wgmma: the analog grouped GEMM for sm_90a (moe_gemm's contract with MOE_ANALOG 1, output modes 0–2):
+// DAC codes × fp16 weights (hi and lo with MOE_SPLIT_W) by wgmma, 128 × 128 CTA tiles, two
+// warpgroups of 64 rows, cp.async loads by all 256 threads and one wgmma group in flight
+// across the barrier (WG_PIPE 1) or not (0). The crossbar periphery (block_outputs) of block
+// kb runs while the wgmma of block kb + 1 do: at the end of a block each thread moves its
+// accumulators to `prev` in shared memory and zeroes them, and each of the MOE_KB_STEPS steps
+// of the next block issues its wgmma and then finishes 1/MOE_KB_STEPS of prev's fragment pairs
+// on the CUDA cores before it waits for them (wg_block_part). (mma.sync moe_gemm overlaps the
+// two only across its 2 CTAs per SM.) Registers: the block sums d and the running total, 64
+// each per thread; prev in registers too spilled 580 bytes (ptxas). Shared memory: the stages, then prev
+// ([64][256] f32, thread-minor: conflict-free). Side accumulators (PCM_READ, IR drop) would
+// need 64 more registers each: those variants run moe_gemm.
+// Status (reports/bench/2026-11-24-analog-wgmma.md): bit-identical to moe_gemm, but slower on
+// every bench shape (OLMoE layer, Lightning set: 23.8 against 20.7 ms), so the host runs it
+// only with AIMC_ANALOG_WGMMA=1. Nsight Compute: the periphery is issue-latency bound (Philox
+// and Box–Muller dependency chains; 35 % of issue slots busy) on the 8 warps one CTA per SM
+// leaves (200 registers, 208 KiB of shared memory), where moe_gemm has 16. What should lift
+// it: more warps for the periphery (epilogue warpgroups fed through prev while the MMA
+// warpgroups run on), not more MMA throughput.
+#if MOE_PCM_READ || MOE_IR_DROP || MOE_MODE == 3 || WG_BN != 128 || WG_PIPE > 1
+#error "the analog wgmma GEMM: no side accumulators, output modes 0-2, WG_BN 128, WG_PIPE 0 or 1"
+#endif
+#ifndef MOE_KB_STEPS
+#error "MOE_KB_STEPS (crossbar rows per block / 64) must be defined"
+#endif
+#define WG_PAIRS (WG_BN / 16)  // n8 fragment pairs per warpgroup row
+
+// The periphery of the fragment pairs of `prev` (one block; this thread's value i at
+// prev[i·256]) that step j of the next block takes, pairs [j·WG_PAIRS/KB_STEPS,
+// (j + 1)·WG_PAIRS/KB_STEPS), both rows (halves) of this thread. Each output's contribution
+// to the running total replaces its block sum in prev; the caller adds prev to the total once
+// the block is done. One copy of this code, called in a loop: unrolled over the block's steps
+// it made the kernel 226 KB of SASS, and a third of Nsight Compute's stall samples were
+// instruction-cache misses (stall_no_inst).
+__device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float* prev, const BlockRow* br,
+                                              const bool* row_ok, const u32* tid_of_col, const float* scale_of_col,
+                                              u32 n0, u32 lane, u32& bm_rows) {
+#pragma unroll 1
+    for (u32 fp = j * WG_PAIRS / MOE_KB_STEPS; fp < (j + 1) * WG_PAIRS / MOE_KB_STEPS; ++fp) {
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half) {
+            if (!row_ok[half]) continue;
+            const u32 col0 = n0 + fp * 16 + (lane & 3) * 2;
+            float2 z[2] = {make_float2(0.0f, 0.0f), make_float2(0.0f, 0.0f)};
+#if MOE_OUT_NOISE || MOE_ADDITIVE
+            output_normals(p, br[half], tid_of_col, col0, lane, z[0], z[1]);
+#endif
+#pragma unroll
+            for (u32 f = 0; f < 2; ++f) {
+                float* v = prev + (4 * (2 * fp + f) + 2 * half) * WG_THREADS;
+                PairSums s;
+                s.acc[0] = v[0];
+                s.acc[1] = v[WG_THREADS];
+                // 0 + x is x for every x but −0 (→ +0), which adds to the total as −0 would:
+                // the total is never −0 (it starts at +0, and a sum is −0 only of two −0s).
+                float c[2] = {0.0f, 0.0f};
+                block_outputs(p, br[half], scale_of_col, col0 + 8 * f, s, z[f], c, bm_rows, 1u << half);
+                v[0] = c[0];
+                v[WG_THREADS] = c[1];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(GemmParams p) {
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
+    u32 e, m_tile, n_tile;
+    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
+    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
+    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
+    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
+    const WgLoader<WG_THREADS> loader(p, t, e, row_begin, rows_e, m0, n0);
+    auto load_stage = [&](u32 stage, u32 k0) {
+        loader.load(p, t, base + stage * WG_STAGE_BYTES, k0);
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    // This thread's two rows of the tile (accumulator halves 0 and 1).
+    const u32 row_local0 = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
+    const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
+
+    float d[WG_BN / 2], total[WG_BN / 2];
+    float* prev = (float*)(wg_smem + (base - smem_addr(wg_smem)) + WG_STAGES * WG_STAGE_BYTES) + t;
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) {
+        d[i] = 0.0f;
+        total[i] = 0.0f;
+    }
+    wg_fence_acc(d);
+
+    const u32 n_steps = p.k / WG_BK;
+#pragma unroll
+    for (u32 st = 0; st < WG_AHEAD; ++st) {
+        if (st < n_steps) load_stage(st, st * WG_BK);
+        else asm volatile("cp.async.commit_group;\n" ::);
+    }
+    u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
+    BlockRow br[2];   // the rows of the block in prev
+    const u32* tid_of_col = p.col_tensor_id;
+    const float* scale_of_col = p.col_scale;
+    // prev: the contributions of block kb − 1 go to the total (this thread's own values: no
+    // barrier), in block order as moe_gemm adds them; then the sums of block kb replace them.
+    auto finish_block = [&](u32 kb) {
+#pragma unroll
+        for (int i = 0; i < WG_BN / 2; ++i) {
+            if (kb > 0) total[i] += prev[i * WG_THREADS];
+            prev[i * WG_THREADS] = d[i];
+            d[i] = 0.0f;
+        }
+    };
+    u32 step = 0;
+    // Block kb's MMAs, and the periphery of block kb − 1 between each step's wgmma issue and
+    // wait. The wgmma must not sit in a branch: ptxas serialised them all (C7518, "WG.DP in
+    // divergent path") while the MMAs and the periphery were one loop with a pass for each.
+    for (u32 kb = 0; kb < p.n_kb; ++kb) {
+#pragma unroll 1
+        for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
+            asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncthreads();
+            const u32 next = step + WG_AHEAD;
+            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
+            else asm volatile("cp.async.commit_group;\n" ::);
+            const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES;
+            wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
+            if (kb > 0) wg_block_part(p, j, prev, br, row_ok, tid_of_col, scale_of_col, n0, lane, bm_rows);
+            asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        wg_fence_acc(d);
+        finish_block(kb);
+        wg_fence_acc(d);
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half)
+            if (row_ok[half]) br[half] = block_row(p, row_begin + row_local0 + 8 * half, row_local0 + 8 * half, kb);
+        const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
+        tid_of_col = p.col_tensor_id + tab_row;
+        scale_of_col = p.col_scale + tab_row;
+    }
+    // The last block's periphery, with no MMAs left to hide it.
+#pragma unroll 1
+    for (u32 j = 0; j < MOE_KB_STEPS; ++j)
+        wg_block_part(p, j, prev, br, row_ok, tid_of_col, scale_of_col, n0, lane, bm_rows);
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) total[i] += prev[i * WG_THREADS];
+#if MOE_BM
+#pragma unroll
+    for (u32 half = 0; half < 2; ++half)
+        if (bm_rows & (1u << half)) p.bm_flag[row_begin + row_local0 + 8 * half] = 1u;
+#else
+    (void)bm_rows;
+#endif
+    wg_epilogue(p, total, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+}
+#elif WG_PIPE < 2
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack

@@ -5,8 +5,8 @@
 mod common;
 
 use aimc::backend::cuda::moe::{
-    grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery, GpuGroupedMatrix,
-    GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
+    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery,
+    GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -432,12 +432,24 @@ fn analog_moe_layer_matches_the_cpu_path() {
             "analog, standard-hwa, 250-column crossbars",
             narrow_crossbars(),
         ),
+        // No side accumulators (the analog wgmma kernel's feature set).
+        ("analog, Lightning set", lightning_set()),
     ] {
         let (y, y_cpu) = moe_layer_gpu_and_cpu(&dev, &preset, (192, 2, 4, 256, 1024), |_| {
             test_matrix(192, 1024, 6, 0.3).mapv(|v| v.clamp(-1.0, 1.0))
         });
         assert_layer_parity(what, &y, &y_cpu);
     }
+}
+
+/// standard-hwa without PCM_READ and IR drop: the AIHWKIT-Lightning feature set (DAC, ADC,
+/// output noise), which the analog wgmma kernel runs.
+fn lightning_set() -> TilePreset {
+    let mut p = TilePreset::resolve("standard-hwa").unwrap();
+    p.name = "standard-hwa without PCM_READ and IR drop".into();
+    p.periphery.w_noise = WeightNoise::None;
+    p.periphery.ir_drop = None;
+    p
 }
 
 fn narrow_crossbars() -> TilePreset {
@@ -761,6 +773,140 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         let rel = rel_rms(store(&wg.gate_up).iter(), store_mma.iter());
         println!("digital wgmma {tile:?} store vs mma.sync store: rel. RMS {rel:.2e} (bound 1e-5)");
         assert!(rel <= 1e-5, "{tile:?}: {rel}");
+    }
+}
+
+/// Gate/up (interleaved for SwiGLU) and down tables of `e` experts `n × d` programmed on
+/// `preset` and drifted 1 day.
+fn analog_layer_tables(
+    preset: &TilePreset,
+    (e, n, d): (usize, usize, usize),
+) -> (GroupedMatrix, GroupedMatrix) {
+    let program = |rows, cols, id: u32| {
+        drifted(
+            preset,
+            test_matrix(rows, cols, id, 0.04).view(),
+            21,
+            id,
+            86400.0,
+        )
+    };
+    let mats = |first: u32, rows, cols| -> Vec<AnalogMatrix> {
+        (0..e as u32)
+            .map(|i| program(rows, cols, first + 3 * i))
+            .collect()
+    };
+    let gate = GroupedMatrix::from_analog(&refs(&mats(200, n, d))).unwrap();
+    let up = GroupedMatrix::from_analog(&refs(&mats(201, n, d))).unwrap();
+    let down = GroupedMatrix::from_analog(&refs(&mats(202, d, n))).unwrap();
+    (GroupedMatrix::interleave_swiglu(&gate, &up).unwrap(), down)
+}
+
+#[test]
+fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
+    let Some(dev) = gpu("analog wgmma") else {
+        return;
+    };
+    if dev.compute_capability() != (9, 0) {
+        println!(
+            "analog wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
+            dev.compute_capability().0,
+            dev.compute_capability().1
+        );
+        return;
+    }
+    // 1,200 pairs over 3 experts: 3–4 row tiles each, the last partly filled. gate/up: K =
+    // 1024 in two 512-row crossbar blocks (8 wgmma steps each), N = 512; down: K = 256, one
+    // 256-row block (4 steps, two fragment pairs of the previous block per step).
+    let (t, k, e, n, d) = (600, 2, 3, 256, 1024);
+    let (experts, weights) = routing(t, k, e);
+    let r = route_host(&dev, &experts, &weights, t, k, e);
+    let x = test_matrix(t, d, 6, 0.3).mapv(|v| v.clamp(-1.0, 1.0));
+    let xd = dev.upload(x.as_slice().unwrap()).unwrap();
+    let mut bm = lightning_set();
+    bm.name = "Lightning set + iterative bound management".into();
+    bm.periphery.bound_management = BoundManagement::Iterative;
+    let presets = [
+        lightning_set(),
+        {
+            // Philox per lane, not per lane pair: quads straddle the 205-column crossbars.
+            let mut p = lightning_set();
+            p.name = "Lightning set, 250-column crossbars".into();
+            p.stack.cols = 250;
+            p
+        },
+        bm,
+        TilePreset::resolve("aihwkit-default").unwrap(),
+        bound_managed_presets().pop().unwrap(), // ADDITIVE + iterative
+    ];
+    for preset in &presets {
+        let (gate_up, down) = analog_layer_tables(preset, (e, n, d));
+        let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+        for precision in [Precision::AnalogSplitF16, Precision::AnalogF16] {
+            let what = format!("{} ({precision:?})", preset.name);
+            let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
+            let nb = if precision == Precision::AnalogSplitF16 {
+                2
+            } else {
+                1
+            };
+            let wg = GpuMoeLayer {
+                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile(gate_up.k_block, nb)),
+                down: upload(&down).use_wgmma(analog_wgmma_tile(down.k_block, nb)),
+                periphery: Some(periphery),
+                seed: 21,
+            };
+            // Two 512-row blocks for gate/up, one of 256 for down: both on the wgmma kernel.
+            assert_eq!(
+                (gate_up.k_block, down.k_block, wg.down.wgmma().is_some()),
+                (512, 256, true),
+                "{what}"
+            );
+            let mma = GpuMoeLayer {
+                gate_up: upload(&gate_up).use_wgmma(None),
+                down: upload(&down).use_wgmma(None),
+                periphery: Some(periphery),
+                seed: 21,
+            };
+            let run = |l: &GpuMoeLayer| {
+                let y = dev.download(&l.forward(&dev, &xd, &r, 5).unwrap()).unwrap();
+                Array2::from_shape_vec((t, d), y).unwrap()
+            };
+            // Same operands, same f32 accumulation order per k16 (hi then lo) and the same
+            // periphery code (block_outputs): any ADC code that differs is a bug here, not
+            // rounding, but the bound is the layer parity bound of the CPU comparison.
+            assert_layer_parity(&format!("wgmma vs mma.sync, {what}"), &run(&wg), &run(&mma));
+            // Store epilogue of gate/up: the sums of ADC outputs, compared element-wise.
+            let input = quantize(&dev, &xd, t, d, gate_up.k_block, Some(&periphery)).unwrap();
+            let store = |m: &GpuGroupedMatrix| {
+                let mut out = dev.zeros::<f32>(t * k * 2 * n).unwrap();
+                grouped_gemm(
+                    &dev,
+                    m,
+                    &input,
+                    &r,
+                    true,
+                    Some(&periphery),
+                    21,
+                    5,
+                    GemmOutput::Store,
+                    &mut out,
+                )
+                .unwrap();
+                dev.download(&out).unwrap()
+            };
+            let (a, b) = (store(&wg.gate_up), store(&mma.gate_up));
+            let differ = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| (*x - *y).abs() > 1e-6 * (1.0 + y.abs()))
+                .count();
+            println!(
+                "analog wgmma store vs mma.sync ({what}): {differ} of {} outputs differ",
+                a.len()
+            );
+            assert!(differ * 1000 <= a.len(), "{what}: {differ} of {}", a.len());
+        }
     }
 }
 

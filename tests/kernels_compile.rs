@@ -83,7 +83,12 @@ fn check_on(
         let what = format!("{} {defines:?} sm_{}{}", kernel.file, cc.0, cc.1);
         let ptx = compile(kernel, defines, cc).unwrap_or_else(|e| panic!("{what}: {e}"));
         // The host mirrors of the kernel parameter structs have the size NVRTC lays out.
-        for entry in ["moe_gemm", "moe_bm_fixup", "moe_gemm_wgmma"] {
+        for entry in [
+            "moe_gemm",
+            "moe_bm_fixup",
+            "moe_gemm_wgmma",
+            "moe_analog_wgmma",
+        ] {
             if let Some(bytes) = param_bytes(&ptx.to_src(), entry) {
                 assert_eq!(bytes, GEMM_PARAMS_BYTES, "{what}: .param of {entry}");
             }
@@ -109,10 +114,16 @@ fn check_on(
                         .next()
                         .and_then(|n| n.trim().parse().ok())
                         .unwrap_or(u32::MAX);
-                    let limit = if function.starts_with("moe_gemm") {
-                        0
-                    } else {
-                        64
+                    // The GEMMs may not spill, except the mma.sync kernel with every side
+                    // accumulator and bound management (PCM_READ, IR drop and the flags: five
+                    // f32 sets at the 255-register limit), which keeps 8 bytes on the stack.
+                    let everything = ["MOE_PCM_READ", "MOE_IR_DROP", "MOE_BM"]
+                        .iter()
+                        .all(|d| defines.contains(&(*d, 1)));
+                    let limit = match function {
+                        "moe_gemm" if everything => 8,
+                        f if f.starts_with("moe_gemm") || f.starts_with("moe_analog") => 0,
+                        _ => 64,
                     };
                     assert!(stored <= limit, "{what} {function}: {line}");
                 }
@@ -121,10 +132,12 @@ fn check_on(
             // issue and wait, which would forfeit the async tensor-core path.
             // It also says where it injects a wgmma wait because a path reaches accumulator
             // registers with MMAs in flight (a wait in the main loop would serialise it too).
-            for line in log
-                .lines()
-                .filter(|l| l.contains("warning") || l.contains("is injected"))
-            {
+            // Both come as "ptxas info (C7518) Potential Performance Loss: ...", not as
+            // warnings: the analog kernel's first build serialised every wgmma that way and no
+            // warning said so.
+            for line in log.lines().filter(|l| {
+                l.contains("warning") || l.contains("is injected") || l.contains("serialized")
+            }) {
                 println!("{what}: {line}");
                 assert!(
                     !line.contains("serialized") && !line.contains("is injected"),

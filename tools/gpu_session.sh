@@ -23,7 +23,7 @@ if step 2; then
 #    bound management), whole-model eval GPU vs CPU.
 timeout 400 $B/gpu_backend --nocapture --test-threads=1 > "$OUT/gpu_backend.log" 2>&1
 echo "gpu_backend rc=$?"
-grep -E "^test |test result|panicked|rel\.|codes differ|perplexity|forwards|running on|skipped" "$OUT/gpu_backend.log" | head -80
+grep -E "^test |test result|panicked|rel\.|codes differ|outputs differ|perplexity|forwards|running on|skipped" "$OUT/gpu_backend.log" | head -100
 
 fi
 if step 3; then

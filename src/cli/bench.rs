@@ -450,8 +450,8 @@ mod gpu {
     use super::{utc_date, BenchArgs, Shape};
     use crate::backend::cuda::blas::Blas;
     use crate::backend::cuda::moe::{
-        route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix,
-        Precision, WgmmaTile,
+        analog_wgmma_tile, route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
+        GroupedMatrix, Precision, WgmmaTile,
     };
     use crate::backend::cuda::rng::fill_normal;
     use crate::backend::cuda::{CudaDevice, CudaResult};
@@ -655,9 +655,10 @@ mod gpu {
         let weight_elems = (e * 3 * n * d) as f64;
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
-        // On Hopper the digital layer runs the wgmma kernel (sm_90a); the mma.sync kernel (the
-        // one of other GPUs) is timed beside it.
+        // On Hopper the layers run the wgmma kernels (sm_90a; analog where the periphery has
+        // no side accumulators); the mma.sync kernels (those of other GPUs) are timed beside.
         let hopper = dev.compute_capability() == (9, 0);
+        let analog_wgmma = hopper && periphery.wgmma_ready();
         for (case, precision, wgmma) in [
             (
                 "(b) digital grouped, mma.sync (bf16)",
@@ -670,27 +671,43 @@ mod gpu {
                 true,
             ),
             (
-                "(c) analog grouped (split fp16, exact parity)",
+                "(c) analog grouped, mma.sync (split fp16, exact parity)",
                 Precision::AnalogSplitF16,
                 false,
             ),
             (
-                "(c') analog grouped (fp16, fast)",
+                "(c) analog grouped, wgmma (split fp16, exact parity, sm_90a)",
+                Precision::AnalogSplitF16,
+                true,
+            ),
+            (
+                "(c') analog grouped, mma.sync (fp16, fast)",
                 Precision::AnalogF16,
                 false,
             ),
+            (
+                "(c') analog grouped, wgmma (fp16, fast, sm_90a)",
+                Precision::AnalogF16,
+                true,
+            ),
         ] {
-            if wgmma && !hopper {
+            let analog = precision != Precision::DigitalBf16;
+            if wgmma && !(hopper && (!analog || analog_wgmma)) {
                 continue;
             }
-            let tile = |n_cols: usize, k: usize| -> Result<Option<WgmmaTile>> {
-                Ok(if wgmma {
-                    WgmmaTile::choose(n_cols, k)?
-                } else {
-                    None
+            let weight_tiles = if precision == Precision::AnalogSplitF16 {
+                2
+            } else {
+                1
+            };
+            let tile = |n_cols: usize, k: usize, k_block: usize| -> Result<Option<WgmmaTile>> {
+                Ok(match (wgmma, analog) {
+                    (false, _) => None,
+                    (true, false) => WgmmaTile::choose(n_cols, k)?,
+                    (true, true) => analog_wgmma_tile(k_block, weight_tiles),
                 })
             };
-            let (tile_gu, tile_down) = (tile(2 * n, d)?, tile(d, n)?);
+            let (tile_gu, tile_down) = (tile(2 * n, d, kb1)?, tile(d, n, kb2)?);
             let case = match (tile_gu, tile_down) {
                 (Some(a), Some(b)) => format!(
                     "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}",

@@ -231,6 +231,12 @@ impl GemmPeriphery {
     }
 
     /// Whether iterative bound management runs (saturated rows go to `moe_bm_fixup`).
+    /// Whether the analog wgmma kernel runs this periphery: no side accumulators (PCM_READ
+    /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`].
+    pub fn wgmma_ready(&self) -> bool {
+        self.pcm_read_std.is_none() && self.ir_drop.is_none()
+    }
+
     pub(crate) fn bound_managed(&self) -> bool {
         self.bm_limit.is_some()
     }
@@ -556,25 +562,43 @@ impl GpuGroupedMatrix {
             col_xbar: dev.upload(&m.col_xbar)?,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
-            // Digital bf16 on Hopper runs the wgmma kernel (1.6× the mma.sync one on the
-            // OLMoE layer, bit-identical outputs: reports/bench/2026-11-23-wgmma.md) where its
-            // tile fits; `AIMC_WGMMA_TILE` picks the tile.
-            wgmma: if precision == Precision::DigitalBf16
-                && dev.compute_capability() == (9, 0)
-                && m.k.is_multiple_of(WGMMA_TILE_K)
-            {
-                WgmmaTile::choose(m.n_cols, m.k)?
-            } else {
+            // On Hopper the digital wgmma kernel runs where its tile fits: 1.6× the mma.sync
+            // kernel on the OLMoE layer, bit-identical outputs
+            // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. The analog
+            // wgmma kernel (variants without side accumulators, [`GemmVariant::wgmma_ready`])
+            // is bit-identical to mma.sync but slower so far (OLMoE layer, Lightning set:
+            // 23.8 against 20.7 ms, reports/bench/2026-11-24-analog-wgmma.md): it runs only
+            // with `AIMC_ANALOG_WGMMA=1`.
+            wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
+            } else if precision == Precision::DigitalBf16 {
+                WgmmaTile::choose(m.n_cols, m.k)?
+            } else if !std::env::var("AIMC_ANALOG_WGMMA").is_ok_and(|v| v.trim() == "1") {
+                None
+            } else {
+                analog_wgmma_tile(
+                    m.k_block,
+                    if precision == Precision::AnalogSplitF16 {
+                        2
+                    } else {
+                        1
+                    },
+                )
             },
         })
     }
 
-    /// Run this matrix's GEMMs with the sm_90a wgmma kernel on `tile` (digital bf16 on Hopper
-    /// only; `None`: the mma.sync kernel). See [`WgmmaTile::choose`] for the default tile.
+    /// Run this matrix's GEMMs with the sm_90a wgmma kernels on `tile` (Hopper only; `None`:
+    /// the mma.sync kernel). See [`WgmmaTile::choose`] for the default digital tile and
+    /// [`analog_wgmma_tile`] for the analog one (which has a single schedule).
     pub fn use_wgmma(mut self, tile: Option<WgmmaTile>) -> Self {
         self.wgmma = tile;
         self
+    }
+
+    /// The wgmma tile this matrix's GEMMs run on (`None`: the mma.sync kernel).
+    pub fn wgmma(&self) -> Option<WgmmaTile> {
+        self.wgmma
     }
 
     /// The digital scales s_map·α_GDC per (expert, K block, column), copied back.
@@ -915,6 +939,13 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
+    /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog without side
+    /// accumulators (PCM_READ, IR drop: each would add 64 registers per thread to its three
+    /// accumulator sets) and with an f32 output.
+    pub fn wgmma_ready(&self) -> bool {
+        !self.analog || !(self.pcm_read || self.ir_drop || self.output == GemmOutput::SwiGluBf16)
+    }
+
     /// Weight matrices staged per K step (`NB_MAT` in the kernel): fp16 hi and lo when split.
     pub fn weight_operands(&self) -> usize {
         if self.analog && self.split_w {
@@ -1053,12 +1084,13 @@ impl WgmmaTile {
         }
     }
 
-    /// Dynamic shared memory for `n_experts`: the stages of A (128 rows) and B (`cols` rows)
-    /// of 128 bytes, plus 1 KiB to align the base to the 1024-byte swizzle atom, plus the
-    /// warp-specialised kernels' two 8-byte mbarriers per stage and the clustered kernel's
-    /// `n_experts + 1` row-tile-pair offsets.
-    pub fn shared_bytes(self, n_experts: usize) -> usize {
-        let stages = self.stages * (TILE_ROWS + self.cols) * WGMMA_TILE_K * 2 + 1024;
+    /// Dynamic shared memory for `n_experts` and `weight_tiles` weight matrices (2: split
+    /// analog fp16 hi + lo): the stages of A (128 rows) and B (`cols` rows each) of 128 bytes,
+    /// plus 1 KiB to align the base to the 1024-byte swizzle atom, plus the warp-specialised
+    /// kernels' two 8-byte mbarriers per stage and the clustered kernel's `n_experts + 1`
+    /// row-tile-pair offsets.
+    pub fn shared_bytes(self, n_experts: usize, weight_tiles: usize) -> usize {
+        let stages = self.stages * (TILE_ROWS + weight_tiles * self.cols) * WGMMA_TILE_K * 2 + 1024;
         match self.pipe {
             2 => stages + 16 * self.stages,
             3 => stages + 16 * self.stages + 4 * (n_experts + 1),
@@ -1075,7 +1107,10 @@ impl WgmmaTile {
             && pipe_ok(self.pipe)
             && pipe_ok(self.scatter_pipe)
             && n_cols.is_multiple_of(self.cols)
-            && self.shared_bytes(1).max(self.for_output(2).shared_bytes(1)) <= MAX_SHARED_BYTES;
+            && self
+                .shared_bytes(1, 1)
+                .max(self.for_output(2).shared_bytes(1, 1))
+                <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
@@ -1083,7 +1118,7 @@ impl WgmmaTile {
                 "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
                  pipe 0 to 3, stages ≥ 2 + pipe (≥ 3 for pipes 2 and 3), {} B of shared memory, \
                  at most {MAX_SHARED_BYTES})",
-                self.shared_bytes(1)
+                self.shared_bytes(1, 1)
             )))
         }
     }
@@ -1105,6 +1140,55 @@ impl WgmmaTile {
             ),
         ]
     }
+}
+
+/// The analog wgmma GEMM's tile for crossbars of `k_block` rows and `weight_tiles` weight
+/// matrices (2: split fp16 hi + lo), or `None` where it does not apply (`k_block` not a
+/// multiple of [`WGMMA_TILE_K`]). The kernel has one tile, 128 × 128 (two 64-register
+/// accumulator sets per thread, the block's sums and the running total, and the previous
+/// block's sums in [`ANALOG_PREV_BYTES`] of shared memory), and as many stages as fit in
+/// 227 KiB beside those: 3 of 48 KiB split (`pipe` 0: two stages load ahead and each step
+/// waits for its wgmma after the periphery work they hide), 4 of 32 KiB otherwise (`pipe` 1).
+pub fn analog_wgmma_tile(k_block: usize, weight_tiles: usize) -> Option<WgmmaTile> {
+    if k_block == 0 || !k_block.is_multiple_of(WGMMA_TILE_K) {
+        return None;
+    }
+    Some(if weight_tiles == 2 {
+        WgmmaTile::new(128, 3, 0)
+    } else {
+        WgmmaTile::new(128, 4, 1)
+    })
+}
+
+/// Shared memory of the analog wgmma GEMM's previous-block sums (128 × 128 f32).
+pub const ANALOG_PREV_BYTES: usize = TILE_ROWS * 128 * 4;
+
+/// The `#define`s of the analog wgmma GEMM for `v` on `tile` with crossbars of `k_block` rows:
+/// `v`'s periphery switches as [`gemm_defines`] gives them, the tile, and `MOE_KB_STEPS`
+/// (wgmma K steps per crossbar block, which the kernel unrolls).
+pub fn analog_wgmma_defines(
+    v: &GemmVariant,
+    tile: WgmmaTile,
+    k_block: usize,
+    slab_cols: usize,
+) -> Vec<(&'static str, i64)> {
+    let mut d: Vec<_> = gemm_defines(v, GemmTile::for_variant(v)).to_vec();
+    d.extend([
+        ("MOE_WGMMA", 1),
+        ("WG_BN", tile.cols as i64),
+        ("WG_STAGES", tile.stages as i64),
+        ("WG_PIPE", tile.pipe as i64),
+        ("MOE_KB_STEPS", (k_block / WGMMA_TILE_K) as i64),
+        (
+            "MOE_SLAB_COLS",
+            if v.output == GemmOutput::ScatterAdd {
+                slab_cols as i64
+            } else {
+                0
+            },
+        ),
+    ]);
+    d
 }
 
 /// Output columns per slab of the wgmma scatter-add GEMM with `k` inputs per row and `top_k`
@@ -1133,13 +1217,13 @@ pub fn scatter_slab_cols(k: usize, top_k: usize) -> usize {
 
 /// The `#define`s of the sm_90a wgmma GEMM checked at build time: each output mode on the
 /// 256-column pipelined and clustered tiles, and the other pipelines on one mode.
-pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 7]> {
+pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
     let tile = WgmmaTile::new;
     let mut v: Vec<_> = (0..4)
-        .map(|mode| tile(256, 4, 1).defines(mode, 0))
+        .map(|mode| tile(256, 4, 1).defines(mode, 0).to_vec())
         .collect();
-    v.extend((0..4).map(|mode| tile(256, 4, 3).defines(mode, 0)));
-    v.push(tile(256, 4, 1).defines(2, 256));
+    v.extend((0..4).map(|mode| tile(256, 4, 3).defines(mode, 0).to_vec()));
+    v.push(tile(256, 4, 1).defines(2, 256).to_vec());
     v.extend(
         [
             tile(128, 5, 1),
@@ -1148,8 +1232,74 @@ pub fn moe_gemm_wgmma_variants() -> Vec<[(&'static str, i64); 7]> {
             tile(256, 4, 2),
         ]
         .iter()
-        .map(|t| t.defines(2, 0)),
+        .map(|t| t.defines(2, 0).to_vec()),
     );
+    // The analog kernel: split and single fp16 weights in every output mode with output
+    // noise and ADC (Philox quads or not), bound management and ADDITIVE noise in store mode,
+    // 256- and 1024-row crossbars.
+    let analog = GemmVariant {
+        analog: true,
+        split_w: true,
+        pcm_read: false,
+        ir_drop: false,
+        additive: false,
+        bound_management: false,
+        out_noise: true,
+        adc: true,
+        output: GemmOutput::SwiGlu,
+        noise_quads: true,
+    };
+    let mut a = vec![(analog, 512, 0)];
+    for output in [GemmOutput::Store, GemmOutput::ScatterAdd] {
+        a.push((GemmVariant { output, ..analog }, 512, 0));
+    }
+    a.push((
+        GemmVariant {
+            output: GemmOutput::ScatterAdd,
+            ..analog
+        },
+        512,
+        256,
+    ));
+    a.push((
+        GemmVariant {
+            split_w: false,
+            ..analog
+        },
+        512,
+        0,
+    ));
+    a.push((
+        GemmVariant {
+            noise_quads: false,
+            ..analog
+        },
+        256,
+        0,
+    ));
+    a.push((
+        GemmVariant {
+            output: GemmOutput::Store,
+            bound_management: true,
+            additive: true,
+            ..analog
+        },
+        1024,
+        0,
+    ));
+    a.push((
+        GemmVariant {
+            out_noise: false,
+            adc: false,
+            ..analog
+        },
+        512,
+        0,
+    ));
+    v.extend(a.into_iter().map(|(var, k_block, slab)| {
+        let tile = analog_wgmma_tile(k_block, var.weight_operands()).expect("analog wgmma tile");
+        analog_wgmma_defines(&var, tile, k_block, slab)
+    }));
     v
 }
 
@@ -1454,30 +1604,31 @@ pub fn grouped_gemm<T: GemmOutElem>(
         dac_max_code,
         bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
-    if let Some(tile) = m.wgmma {
-        return wgmma_gemm(dev, m, tile, routing, output, &params);
-    }
-    let nb_mat = variant.weight_operands();
     let tile = GemmTile::choose(&variant, m.n_cols)?;
     let defines = gemm_defines(&variant, tile);
-    let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
-    let shared = tile.shared_bytes(nb_mat) as u32;
-    let threads = tile.threads() as u32;
-    allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
-    // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row
-    // tiles (CTAs past the last tile return at once).
-    let cfg = LaunchConfig {
-        grid_dim: (
-            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
-            1,
-            1,
-        ),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared,
-    };
-    dev.launch(&f, "moe_gemm", cfg, |b| {
-        b.arg(&params);
-    })?;
+    match m.wgmma.filter(|_| variant.wgmma_ready()) {
+        Some(wg) => wgmma_gemm(dev, m, wg, routing, &variant, &params)?,
+        None => {
+            let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
+            let shared = tile.shared_bytes(variant.weight_operands()) as u32;
+            let threads = tile.threads() as u32;
+            allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
+            // One CTA per (row tile, column tile), column tile fastest; an upper bound on the
+            // row tiles (CTAs past the last tile return at once).
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            dev.launch(&f, "moe_gemm", cfg, |b| {
+                b.arg(&params);
+            })?;
+        }
+    }
     if bm {
         let fixup = dev.function(&ANALOG_MOE_CU, &defines, "moe_bm_fixup")?;
         let shared = (BM_ROWS * m.k_block * std::mem::size_of::<f32>()) as u32;
@@ -1523,24 +1674,31 @@ pub(crate) fn allow_dynamic_shared(
     })
 }
 
-/// The sm_90a digital GEMM (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128 × `tile.cols` CTA
-/// tiles, two warpgroups issuing wgmma from 128B-swizzled shared memory.
+/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128 × `tile.cols` CTA tiles,
+/// two warpgroups issuing wgmma from 128B-swizzled shared memory; digital on any of the
+/// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`analog_wgmma_tile`]'s.
 fn wgmma_gemm(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
     tile: WgmmaTile,
     routing: &GpuRouting,
-    output: GemmOutput,
+    variant: &GemmVariant,
     params: &GemmParams,
 ) -> CudaResult<()> {
-    if m.precision != Precision::DigitalBf16
+    let output = variant.output;
+    let analog_ok = analog_wgmma_tile(m.k_block, variant.weight_operands()) == Some(tile);
+    if variant.analog != m.precision.analog()
+        || (variant.analog && !(analog_ok && variant.wgmma_ready()))
         || dev.compute_capability() != (9, 0)
         || !m.k.is_multiple_of(WGMMA_TILE_K)
     {
         return Err(CudaError::Unsupported(format!(
-            "the wgmma grouped GEMM needs bf16 weights ({:?}), an sm_90 device (sm_{}{}) and K a \
-             multiple of {WGMMA_TILE_K} ({})",
+            "the wgmma grouped GEMM runs digital bf16 weights on any tile, analog ones without \
+             side accumulators on the analog tile (here {:?} weights, {variant:?}, tile \
+             {tile:?}, crossbar rows {}), on an sm_90 device (sm_{}{}) with K a multiple of \
+             {WGMMA_TILE_K} ({})",
             m.precision,
+            m.k_block,
             dev.compute_capability().0,
             dev.compute_capability().1,
             m.k,
@@ -1548,12 +1706,20 @@ fn wgmma_gemm(
     }
     tile.check(m.n_cols)?;
     let tile = tile.for_output(output.mode());
-    let f = dev.function(
-        &ANALOG_MOE_CU,
-        &tile.defines(output.mode(), scatter_slab_cols(m.k, routing.top_k)),
-        "moe_gemm_wgmma",
-    )?;
-    let shared = tile.shared_bytes(m.n_experts);
+    let slab_cols = scatter_slab_cols(m.k, routing.top_k);
+    let defines = if variant.analog {
+        analog_wgmma_defines(variant, tile, m.k_block, slab_cols)
+    } else {
+        tile.defines(output.mode(), slab_cols).to_vec()
+    };
+    let name = if variant.analog {
+        "moe_analog_wgmma"
+    } else {
+        "moe_gemm_wgmma"
+    };
+    let f = dev.function(&ANALOG_MOE_CU, &defines, name)?;
+    let shared = tile.shared_bytes(m.n_experts, variant.weight_operands())
+        + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
     if shared > MAX_SHARED_BYTES {
         return Err(CudaError::Unsupported(format!(
             "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
@@ -1563,7 +1729,7 @@ fn wgmma_gemm(
     }
     let shared = shared as u32;
     let threads = tile.threads();
-    allow_dynamic_shared(&f, "moe_gemm_wgmma", threads, shared)?;
+    allow_dynamic_shared(&f, name, threads, shared)?;
     let pairs = routing.n_tokens * routing.top_k;
     // A bound on the row tiles (the routing's count lives on the device): the one-tile kernels
     // return past the last, the persistent ones walk them with as many CTAs as are resident.
@@ -1590,11 +1756,11 @@ fn wgmma_gemm(
     };
     if tile.pipe >= 2 {
         let map = weight_tensor_map(m, tile)?;
-        dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
+        dev.launch(&f, name, cfg, |b| {
             b.arg(params).arg(&map);
         })
     } else {
-        dev.launch(&f, "moe_gemm_wgmma", cfg, |b| {
+        dev.launch(&f, name, cfg, |b| {
             b.arg(params);
         })
     }
@@ -1845,6 +2011,45 @@ mod tests {
     }
 
     #[test]
+    fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
+        // Split weights: 3 stages of A (128 rows) + hi and lo (128 rows each) × 128 bytes;
+        // single fp16 weights: 4 stages of 256 rows. Both under the 227 KiB limit with the
+        // previous block's 64 KiB of sums.
+        let split = analog_wgmma_tile(512, 2).unwrap();
+        assert_eq!(split, WgmmaTile::new(128, 3, 0));
+        assert_eq!(split.shared_bytes(64, 2), 3 * 384 * 128 + 1024);
+        let single = analog_wgmma_tile(256, 1).unwrap();
+        assert_eq!(single.shared_bytes(64, 1), 4 * 256 * 128 + 1024);
+        for (t, nb) in [(split, 2), (single, 1)] {
+            assert!(t.shared_bytes(1, nb) + ANALOG_PREV_BYTES <= MAX_SHARED_BYTES);
+            t.check(1024).unwrap();
+        }
+        // Crossbar blocks must be whole 64-row wgmma steps.
+        assert_eq!(analog_wgmma_tile(250, 2), None);
+        assert_eq!(analog_wgmma_tile(0, 2), None);
+        let v = |pcm_read, ir_drop, output| GemmVariant {
+            analog: true,
+            split_w: true,
+            pcm_read,
+            ir_drop,
+            additive: false,
+            bound_management: false,
+            out_noise: true,
+            adc: true,
+            output,
+            noise_quads: true,
+        };
+        assert!(v(false, false, GemmOutput::ScatterAdd).wgmma_ready());
+        assert!(!v(true, false, GemmOutput::Store).wgmma_ready());
+        assert!(!v(false, true, GemmOutput::Store).wgmma_ready());
+        let defines =
+            analog_wgmma_defines(&v(false, false, GemmOutput::ScatterAdd), split, 512, 256);
+        assert!(defines.contains(&("MOE_KB_STEPS", 8)));
+        assert!(defines.contains(&("MOE_SLAB_COLS", 256)));
+        assert!(defines.contains(&("MOE_ANALOG", 1)));
+    }
+
+    #[test]
     fn wgmma_tiles_parse_check_and_default() {
         let tile = WgmmaTile::new;
         let t = WgmmaTile::parse("256, 4,1").unwrap();
@@ -1853,7 +2058,7 @@ mod tests {
             assert!(WgmmaTile::parse(bad).is_err(), "{bad:?}");
         }
         // 4 stages of 128 + 256 rows × 128 bytes, plus the 1 KiB alignment slack.
-        assert_eq!(t.shared_bytes(64), 4 * 384 * 128 + 1024);
+        assert_eq!(t.shared_bytes(64, 1), 4 * 384 * 128 + 1024);
         assert_eq!((t.threads(), t.cluster()), (256, 1));
         t.check(2048).unwrap();
         assert!(t.check(128 * 3).is_err()); // 256 does not divide N
@@ -1861,10 +2066,10 @@ mod tests {
                                             // clustered one 2 CTAs and a row-tile-pair offset per expert and one more.
         let ws = WgmmaTile::parse("256,4,2").unwrap();
         assert_eq!((ws.threads(), ws.cluster()), (384, 1));
-        assert_eq!(ws.shared_bytes(64), 4 * 384 * 128 + 1024 + 64);
+        assert_eq!(ws.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64);
         let cl = WgmmaTile::parse("256,4,3").unwrap();
         assert_eq!((cl.threads(), cl.cluster()), (384, 2));
-        assert_eq!(cl.shared_bytes(64), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
+        assert_eq!(cl.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
         ws.check(2048).unwrap();
         cl.check(2048).unwrap();
         tile(128, 3, 2).check(2048).unwrap();
