@@ -655,8 +655,9 @@ mod gpu {
         let weight_elems = (e * 3 * n * d) as f64;
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
-        // On Hopper the layers run the wgmma kernels (sm_90a; analog where the periphery has
-        // no side accumulators); the mma.sync kernels (those of other GPUs) are timed beside.
+        // On Hopper the digital layer runs the wgmma kernel (sm_90a) and the analog wgmma
+        // kernel (opt-in elsewhere: `AIMC_ANALOG_WGMMA=1`) is timed where the periphery has no
+        // side accumulators; the mma.sync kernels (those of other GPUs) beside them.
         let hopper = dev.compute_capability() == (9, 0);
         let analog_wgmma = hopper && periphery.wgmma_ready();
         for (case, precision, wgmma) in [
@@ -708,6 +709,9 @@ mod gpu {
                 })
             };
             let (tile_gu, tile_down) = (tile(2 * n, d, kb1)?, tile(d, n, kb2)?);
+            if wgmma && analog && (tile_gu.is_none() || tile_down.is_none()) {
+                continue; // crossbar rows not whole 64-row wgmma steps
+            }
             let case = match (tile_gu, tile_down) {
                 (Some(a), Some(b)) => format!(
                     "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}",
