@@ -1081,6 +1081,63 @@ struct WgLoader {
     }
 };
 
+// The tile a CTA of the one-CTA-per-tile kernels (WG_PIPE 0 and 1, digital and analog) takes
+// (tile_of_block) and this thread's place in it.
+struct WgCta {
+    u32 base;             // shared address of the stages, aligned to the 1024-byte swizzle atom
+    u32 e, row_begin, rows_e, m0, n0;  // expert, its sorted rows, the tile's first row and column
+    u32 t, lane, wg, warp_in_wg;
+};
+
+// False past the last tile.
+__device__ __forceinline__ bool wg_cta(const GemmParams& p, unsigned char* smem, WgCta& c) {
+    u32 m_tile, n_tile;
+    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, c.e, m_tile, n_tile)) return false;
+    c.base = (smem_addr(smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
+    c.row_begin = p.offsets[c.e];
+    c.rows_e = p.offsets[c.e + 1] - c.row_begin;
+    c.m0 = m_tile * WG_BM;
+    c.n0 = n_tile * WG_BN;
+    c.t = threadIdx.x;
+    c.lane = c.t & 31;
+    c.wg = c.t >> 7;
+    c.warp_in_wg = (c.t >> 5) & 3;
+    return true;
+}
+
+// The cp.async stage ring of the one-CTA-per-tile kernels: all WG_THREADS threads load,
+// WG_AHEAD K steps ahead of the step being multiplied.
+struct WgStages {
+    WgLoader<WG_THREADS> loader;
+    u32 base, n_steps;  // shared address of slot 0; K steps of WG_BK
+    __device__ __forceinline__ WgStages(const GemmParams& p, const WgCta& c)
+        : loader(p, c.t, c.e, c.row_begin, c.rows_e, c.m0, c.n0), base(c.base), n_steps(p.k / WG_BK) {}
+    __device__ __forceinline__ u32 slot(u32 step) const { return base + (step % WG_STAGES) * WG_STAGE_BYTES; }
+    // K step `step` into its slot, as one commit group (empty past the last step, so that
+    // the group count, which cp.async.wait_group counts in, stays uniform).
+    __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 step) const {
+        if (step < n_steps) loader.load(p, t, slot(step), step * WG_BK);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    // Prologue: the first WG_AHEAD steps in flight.
+    __device__ __forceinline__ void start(const GemmParams& p, u32 t) const {
+#pragma unroll
+        for (u32 st = 0; st < WG_AHEAD; ++st) load(p, t, st);
+    }
+    // Waits until step `step` has landed for every thread, refills the slot WG_AHEAD steps on
+    // and returns step's slot. After the barrier every warpgroup is also done with the slot
+    // the refill overwrites: step + WG_AHEAD − WG_STAGES = step − 1 − WG_PIPE, whose wgmma
+    // retired at the wait_group WG_PIPE of an earlier step.
+    __device__ __forceinline__ u32 next(const GemmParams& p, u32 t, u32 step) const {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        load(p, t, step + WG_AHEAD);
+        return slot(step);
+    }
+};
+
 // Output of one warpgroup's 64 × WG_BN accumulators, rows row0 .. row0 + 63 of the expert's
 // tile. Fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8), n8 block j
 // holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
@@ -1189,17 +1246,10 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
-    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
-    u32 e, m_tile, n_tile;
-    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
-    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
-    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
-    const WgLoader<WG_THREADS> loader(p, t, e, row_begin, rows_e, m0, n0);
-    auto load_stage = [&](u32 stage, u32 k0) {
-        loader.load(p, t, base + stage * WG_STAGE_BYTES, k0);
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
+    WgCta cta;
+    if (!wg_cta(p, wg_smem, cta)) return;
+    const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
+    const WgStages stages(p, cta);
     // This thread's two rows of the tile (accumulator halves 0 and 1).
     const u32 row_local0 = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
     const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
@@ -1213,12 +1263,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
     }
     wg_fence_acc(d);
 
-    const u32 n_steps = p.k / WG_BK;
-#pragma unroll
-    for (u32 st = 0; st < WG_AHEAD; ++st) {
-        if (st < n_steps) load_stage(st, st * WG_BK);
-        else asm volatile("cp.async.commit_group;\n" ::);
-    }
+    stages.start(p, t);
     u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
     BlockRow br[2];   // the rows of the block in prev
     const u32* tid_of_col = p.col_tensor_id;
@@ -1240,13 +1285,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
     for (u32 kb = 0; kb < p.n_kb; ++kb) {
 #pragma unroll 1
         for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
-            asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            __syncthreads();
-            const u32 next = step + WG_AHEAD;
-            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
-            else asm volatile("cp.async.commit_group;\n" ::);
-            const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES;
+            const u32 s_a = stages.next(p, t, step);
             wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
             if (kb > 0) wg_block_part(p, j, prev, br, row_ok, tid_of_col, scale_of_col, n0, lane, bm_rows);
             asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
@@ -1280,41 +1319,19 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
 #elif WG_PIPE < 2
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
-    const u32 base = (smem_addr(wg_smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
-    u32 e, m_tile, n_tile;
-    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, e, m_tile, n_tile)) return;
-    const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
-    const u32 m0 = m_tile * WG_BM, n0 = n_tile * WG_BN;
-    const u32 t = threadIdx.x, lane = t & 31, wg = t >> 7, warp_in_wg = (t >> 5) & 3;
-    const WgLoader<WG_THREADS> loader(p, t, e, row_begin, rows_e, m0, n0);
-    auto load_stage = [&](u32 stage, u32 k0) {
-        loader.load(p, t, base + stage * WG_STAGE_BYTES, k0);
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
+    WgCta cta;
+    if (!wg_cta(p, wg_smem, cta)) return;
+    const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
+    const WgStages stages(p, cta);
 
     float d[WG_BN / 2];
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
     wg_fence_acc(d);
 
-    const u32 n_steps = p.k / WG_BK;
-    // Prologue: WG_AHEAD stages in flight (empty groups keep the group count uniform).
-#pragma unroll
-    for (u32 st = 0; st < WG_AHEAD; ++st) {
-        if (st < n_steps) load_stage(st, st * WG_BK);
-        else asm volatile("cp.async.commit_group;\n" ::);
-    }
-    for (u32 step = 0; step < n_steps; ++step) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
-        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        {
-            const u32 next = step + WG_AHEAD;
-            if (next < n_steps) load_stage(next % WG_STAGES, next * WG_BK);
-            else asm volatile("cp.async.commit_group;\n" ::);
-        }
-        const u32 s_a = base + (step % WG_STAGES) * WG_STAGE_BYTES;
+    stages.start(p, t);
+    for (u32 step = 0; step < stages.n_steps; ++step) {
+        const u32 s_a = stages.next(p, t, step);
         wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
         asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
     }

@@ -5,8 +5,9 @@
 mod common;
 
 use aimc::backend::cuda::moe::{
-    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, GemmOutput, GemmPeriphery,
-    GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile, TILE_ROWS,
+    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, GemmInput, GemmOutput,
+    GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile,
+    TILE_ROWS,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -34,6 +35,20 @@ fn gpu(test: &str) -> Option<CudaDevice> {
             None
         }
     }
+}
+
+/// [`gpu`], for tests of the sm_90a wgmma kernels: `None` (with the reason) on other GPUs too.
+fn hopper(test: &str) -> Option<CudaDevice> {
+    let dev = gpu(test)?;
+    if dev.compute_capability() != (9, 0) {
+        println!(
+            "{test}: skipped, the wgmma kernels need sm_90 (this GPU is sm_{}{})",
+            dev.compute_capability().0,
+            dev.compute_capability().1
+        );
+        return None;
+    }
+    Some(dev)
 }
 
 #[test]
@@ -366,19 +381,8 @@ fn moe_layer_gpu_and_cpu(
     x_of: impl Fn(&Array2<f32>) -> Array2<f32>,
 ) -> (Array2<f32>, Array2<f32>) {
     let seed = 21u64;
-    let program = |rows, cols, id: u32| {
-        let w = test_matrix(rows, cols, id, 0.04);
-        (drifted(preset, w.view(), seed, id, 86400.0), w)
-    };
-    let (gates, gate_w): (Vec<_>, Vec<_>) =
-        (0..e as u32).map(|i| program(n, d, 200 + 3 * i)).unzip();
-    let ups: Vec<_> = (0..e as u32)
-        .map(|i| program(n, d, 201 + 3 * i).0)
-        .collect();
-    let downs: Vec<_> = (0..e as u32)
-        .map(|i| program(d, n, 202 + 3 * i).0)
-        .collect();
-    let x = x_of(&gate_w[0]);
+    let [gates, ups, downs] = analog_experts(preset, (e, n, d));
+    let x = x_of(&test_matrix(n, d, EXPERT_DATA_ID, 0.04));
     let (experts, weights) = routing(t, k, e);
     let mvm_id = 4;
     let mut y_cpu = Array2::<f32>::zeros((t, d));
@@ -396,10 +400,7 @@ fn moe_layer_gpu_and_cpu(
             dst.scaled_add(w, &ye.row(i));
         }
     }
-    let gate = GroupedMatrix::from_analog(&refs(&gates)).unwrap();
-    let up = GroupedMatrix::from_analog(&refs(&ups)).unwrap();
-    let down = GroupedMatrix::from_analog(&refs(&downs)).unwrap();
-    let gate_up = GroupedMatrix::interleave_swiglu(&gate, &up).unwrap();
+    let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
     let layer = GpuMoeLayer {
         gate_up: GpuGroupedMatrix::upload(dev, &gate_up, Precision::AnalogSplitF16).unwrap(),
         down: GpuGroupedMatrix::upload(dev, &down, Precision::AnalogSplitF16).unwrap(),
@@ -677,19 +678,38 @@ fn digital_swiglu_epilogue_writes_the_bf16_operand() {
     }
 }
 
+/// The store-mode output `[pairs, N]` of `m` on the token rows of `input` routed by `r`, analog
+/// with (periphery, seed) or digital.
+fn store_rows(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    input: &GemmInput<'_>,
+    r: &GpuRouting,
+    analog: Option<(&GemmPeriphery, u64)>,
+    mvm_id: u32,
+) -> Vec<f32> {
+    let mut out = dev.zeros::<f32>(r.n_tokens * r.top_k * m.n_cols()).unwrap();
+    grouped_gemm(
+        dev,
+        m,
+        input,
+        r,
+        true,
+        analog.map(|a| a.0),
+        analog.map_or(0, |a| a.1),
+        mvm_id,
+        GemmOutput::Store,
+        &mut out,
+    )
+    .unwrap();
+    dev.download(&out).unwrap()
+}
+
 #[test]
 fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
-    let Some(dev) = gpu("digital wgmma") else {
+    let Some(dev) = hopper("digital wgmma") else {
         return;
     };
-    if dev.compute_capability() != (9, 0) {
-        println!(
-            "digital wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
-            dev.compute_capability().0,
-            dev.compute_capability().1
-        );
-        return;
-    }
     let (t, k, e, n, d) = DIGITAL_LAYER;
     let (gate_up, down) = digital_layer_tables();
     let layer = |tile: Option<WgmmaTile>| GpuMoeLayer {
@@ -711,23 +731,7 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         .download(&mma.forward(&dev, &xd, &r, 0).unwrap())
         .unwrap();
     let input = quantize(&dev, &xd, t, d, d, None).unwrap();
-    let store = |m: &GpuGroupedMatrix| {
-        let mut out = dev.zeros::<f32>(t * k * 2 * n).unwrap();
-        grouped_gemm(
-            &dev,
-            m,
-            &input,
-            &r,
-            true,
-            None,
-            0,
-            0,
-            GemmOutput::Store,
-            &mut out,
-        )
-        .unwrap();
-        dev.download(&out).unwrap()
-    };
+    let store = |m: &GpuGroupedMatrix| store_rows(&dev, m, &input, &r, None, 0);
     let store_mma = store(&mma.gate_up);
     // Every tile width, pipelining mode and a stage count at the minimum and above the number
     // of K steps (the down GEMM has 2).
@@ -776,45 +780,47 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     }
 }
 
-/// Gate/up (interleaved for SwiGLU) and down tables of `e` experts `n × d` programmed on
-/// `preset` and drifted 1 day.
-fn analog_layer_tables(
-    preset: &TilePreset,
-    (e, n, d): (usize, usize, usize),
-) -> (GroupedMatrix, GroupedMatrix) {
-    let program = |rows, cols, id: u32| {
-        drifted(
-            preset,
-            test_matrix(rows, cols, id, 0.04).view(),
-            21,
-            id,
-            86400.0,
-        )
-    };
-    let mats = |first: u32, rows, cols| -> Vec<AnalogMatrix> {
+/// Test-data id of expert 0's gate weights; expert i's gate, up and down matrices take ids
+/// `EXPERT_DATA_ID + 3i + {0, 1, 2}` (as tensor ids too).
+const EXPERT_DATA_ID: u32 = 200;
+
+/// Gate, up (`n × d`) and down (`d × n`) matrices of `e` experts, `test_matrix(…, 0.04)`
+/// programmed on `preset` under seed 21 and drifted 1 day.
+fn analog_experts(preset: &TilePreset, (e, n, d): (usize, usize, usize)) -> [Vec<AnalogMatrix>; 3] {
+    let mats = |which: u32, rows, cols| -> Vec<AnalogMatrix> {
         (0..e as u32)
-            .map(|i| program(rows, cols, first + 3 * i))
+            .map(|i| {
+                let id = EXPERT_DATA_ID + 3 * i + which;
+                drifted(
+                    preset,
+                    test_matrix(rows, cols, id, 0.04).view(),
+                    21,
+                    id,
+                    86400.0,
+                )
+            })
             .collect()
     };
-    let gate = GroupedMatrix::from_analog(&refs(&mats(200, n, d))).unwrap();
-    let up = GroupedMatrix::from_analog(&refs(&mats(201, n, d))).unwrap();
-    let down = GroupedMatrix::from_analog(&refs(&mats(202, d, n))).unwrap();
+    [mats(0, n, d), mats(1, n, d), mats(2, d, n)]
+}
+
+/// The kernel tables of a layer: gate/up interleaved for SwiGLU, and down.
+fn analog_layer_tables(
+    gates: &[AnalogMatrix],
+    ups: &[AnalogMatrix],
+    downs: &[AnalogMatrix],
+) -> (GroupedMatrix, GroupedMatrix) {
+    let gate = GroupedMatrix::from_analog(&refs(gates)).unwrap();
+    let up = GroupedMatrix::from_analog(&refs(ups)).unwrap();
+    let down = GroupedMatrix::from_analog(&refs(downs)).unwrap();
     (GroupedMatrix::interleave_swiglu(&gate, &up).unwrap(), down)
 }
 
 #[test]
 fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
-    let Some(dev) = gpu("analog wgmma") else {
+    let Some(dev) = hopper("analog wgmma") else {
         return;
     };
-    if dev.compute_capability() != (9, 0) {
-        println!(
-            "analog wgmma: skipped, the wgmma kernel needs sm_90 (this GPU is sm_{}{})",
-            dev.compute_capability().0,
-            dev.compute_capability().1
-        );
-        return;
-    }
     // 1,200 pairs over 3 experts: 3–4 row tiles each, the last partly filled. gate/up: K =
     // 1024 in two 512-row crossbar blocks (8 wgmma steps each), N = 512; down: K = 256, one
     // 256-row block (4 steps, two fragment pairs of the previous block per step).
@@ -840,16 +846,13 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         bound_managed_presets().pop().unwrap(), // ADDITIVE + iterative
     ];
     for preset in &presets {
-        let (gate_up, down) = analog_layer_tables(preset, (e, n, d));
+        let [gates, ups, downs] = analog_experts(preset, (e, n, d));
+        let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
         for precision in [Precision::AnalogSplitF16, Precision::AnalogF16] {
             let what = format!("{} ({precision:?})", preset.name);
             let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
-            let nb = if precision == Precision::AnalogSplitF16 {
-                2
-            } else {
-                1
-            };
+            let nb = precision.weight_operands();
             let wg = GpuMoeLayer {
                 gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile(gate_up.k_block, nb)),
                 down: upload(&down).use_wgmma(analog_wgmma_tile(down.k_block, nb)),
@@ -878,23 +881,8 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
             assert_layer_parity(&format!("wgmma vs mma.sync, {what}"), &run(&wg), &run(&mma));
             // Store epilogue of gate/up: the sums of ADC outputs, compared element-wise.
             let input = quantize(&dev, &xd, t, d, gate_up.k_block, Some(&periphery)).unwrap();
-            let store = |m: &GpuGroupedMatrix| {
-                let mut out = dev.zeros::<f32>(t * k * 2 * n).unwrap();
-                grouped_gemm(
-                    &dev,
-                    m,
-                    &input,
-                    &r,
-                    true,
-                    Some(&periphery),
-                    21,
-                    5,
-                    GemmOutput::Store,
-                    &mut out,
-                )
-                .unwrap();
-                dev.download(&out).unwrap()
-            };
+            let store =
+                |m: &GpuGroupedMatrix| store_rows(&dev, m, &input, &r, Some((&periphery, 21)), 5);
             let (a, b) = (store(&wg.gate_up), store(&mma.gate_up));
             let differ = a
                 .iter()

@@ -696,16 +696,11 @@ mod gpu {
             if wgmma && !(hopper && (!analog || analog_wgmma)) {
                 continue;
             }
-            let weight_tiles = if precision == Precision::AnalogSplitF16 {
-                2
-            } else {
-                1
-            };
             let tile = |n_cols: usize, k: usize, k_block: usize| -> Result<Option<WgmmaTile>> {
                 Ok(match (wgmma, analog) {
                     (false, _) => None,
                     (true, false) => WgmmaTile::choose(n_cols, k)?,
-                    (true, true) => analog_wgmma_tile(k_block, weight_tiles),
+                    (true, true) => analog_wgmma_tile(k_block, precision.weight_operands()),
                 })
             };
             let (tile_gu, tile_down) = (tile(2 * n, d, kb1)?, tile(d, n, kb2)?);
@@ -738,11 +733,7 @@ mod gpu {
                 let r = route(dev, &experts, &weights, t, k, e)?;
                 layer.forward(dev, &x, &r, mvm).map(drop)
             })?;
-            let w_bytes = if precision == Precision::AnalogSplitF16 {
-                4.0
-            } else {
-                2.0
-            };
+            let w_bytes = 2.0 * precision.weight_operands() as f64;
             say!(
                 out,
                 "{}",

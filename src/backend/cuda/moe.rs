@@ -166,6 +166,15 @@ impl Precision {
     fn analog(self) -> bool {
         self != Self::DigitalBf16
     }
+
+    /// 16-bit weight matrices per expert matrix: 2 for fp16 hi + lo, else 1.
+    pub fn weight_operands(self) -> usize {
+        if self == Self::AnalogSplitF16 {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// The crossbar periphery as the kernels apply it (design.md §3 steps 1–9).
@@ -495,10 +504,7 @@ impl GpuGroupedMatrix {
     /// the f32 copy of the weights that [`Self::upload`] converts from and then frees.
     pub fn device_bytes(m: &GroupedMatrix, precision: Precision) -> (usize, usize) {
         let elems = m.n_experts * m.n_cols * m.k;
-        let operand = match precision {
-            Precision::AnalogSplitF16 => 4,
-            Precision::AnalogF16 | Precision::DigitalBf16 => 2,
-        };
+        let operand = 2 * precision.weight_operands();
         // [E, KB, N] tensor ids (u32) and scales (f32); [N] local column, crossbar width and
         // crossbar index (u32 each).
         let tables = 8 * m.n_experts * (m.k / m.k_block.max(1)) * m.n_cols + 12 * m.n_cols;
@@ -576,14 +582,7 @@ impl GpuGroupedMatrix {
             } else if !std::env::var("AIMC_ANALOG_WGMMA").is_ok_and(|v| v.trim() == "1") {
                 None
             } else {
-                analog_wgmma_tile(
-                    m.k_block,
-                    if precision == Precision::AnalogSplitF16 {
-                        2
-                    } else {
-                        1
-                    },
-                )
+                analog_wgmma_tile(m.k_block, precision.weight_operands())
             },
         })
     }
@@ -1604,9 +1603,15 @@ pub fn grouped_gemm<T: GemmOutElem>(
         dac_max_code,
         bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
     };
-    let tile = GemmTile::choose(&variant, m.n_cols)?;
+    let wgmma = m.wgmma.filter(|_| variant.wgmma_ready());
+    // The mma.sync tile (`AIMC_GEMM_TILE` applies to it alone); after a wgmma GEMM only the
+    // bound-management fix-up below uses these defines, and its tile fields do not matter.
+    let tile = match wgmma {
+        Some(_) => GemmTile::for_variant(&variant),
+        None => GemmTile::choose(&variant, m.n_cols)?,
+    };
     let defines = gemm_defines(&variant, tile);
-    match m.wgmma.filter(|_| variant.wgmma_ready()) {
+    match wgmma {
         Some(wg) => wgmma_gemm(dev, m, wg, routing, &variant, &params)?,
         None => {
             let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
