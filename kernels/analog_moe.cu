@@ -6,12 +6,14 @@
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
 //   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
-//   MOE_BM       1: iterative bound management: rows with a saturated ADC output are flagged and
-//                   recomputed by moe_bm_fixup (needs MOE_ADC and MOE_MODE 0)
+//   MOE_BM       1: iterative bound management: rows with a saturated ADC output are flagged
+//                   (MOE_MODE 0) and redone by attempt passes (MOE_MODE 4; needs MOE_ADC)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
 //   MOE_WGMMA    1 (sm_90a only): also build moe_gemm_wgmma (digital) or moe_analog_wgmma (see there)
 //   MOE_MODE     0: store [P, N]; 1: SwiGLU of interleaved gate/up → [P, N/2]; 2: weighted scatter-add → [T, N];
-//                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16)
+//                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16);
+//                4 (MOE_BM): one bound-management attempt: per crossbar block, the outputs of the pending
+//                  crossbars of the live rows → bm_scratch [slots, KB, N], saturation → bm_sat
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
 // here, the oracle of the GPU tests, is backend::cuda::reference.
@@ -192,8 +194,8 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
 // nm_kind: 0 ABS_MAX, 1 constant nm_value, 2 none. use_dac: 0 → x/α_nm in fp16 (inexact).
 // sumsq (optional, ADDITIVE weight noise): ‖x̃‖² of each (row, block), x̃ = code·step.
 extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_block, u32 nm_kind, float nm_value,
-                                        u32 use_dac, float dac_step, float dac_max_code, u16* xq, float* alpha,
-                                        float* sumsq) {
+                                        float beta, u32 use_dac, float dac_step, float dac_max_code, u16* xq,
+                                        float* alpha, float* sumsq) {
     u32 n_kb = k / k_block;
     u64 task = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     u32 lane = threadIdx.x & 31;
@@ -210,6 +212,7 @@ extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_b
     } else if (nm_kind == 1) {
         scale = nm_value;
     }
+    scale *= beta;  // bound-management attempt log2 β (1 otherwise)
     float ss = 0.0f;
     for (u32 j = lane; j < k_block; j += 32) {
         float q = 0.0f;
@@ -301,15 +304,19 @@ struct GemmParams {
     const float* sorted_weight; // [P] router weight of each sorted pair (scatter)
     float* out;
     const float* a_sumsq;       // [a_rows, KB] ‖x̃‖² (ADDITIVE)
-    const float* x_f32;         // [a_rows, K] the unquantised rows (bound-management fix-up)
-    u32* bm_flag;               // [P] 1: the row has a saturated output (moe_bm_fixup redoes it)
-    float* bm_scratch;          // [fix-up CTAs, BM_ROWS, N] outputs of the attempt in flight
+    const int* bm_slot;         // [P] (MOE_MODE 4) slot of the row in bm_scratch, −1: not redone
+    u32* bm_flag;               // [P] MOE_MODE 0: 1 = the row has a saturated output (written);
+                                //     MOE_MODE 4: 1 = the row has a pending crossbar (read)
+    float* bm_scratch;          // [slots, KB, N] (MOE_MODE 4) scaled block outputs of the accepted attempts
     const u32* col_xbar;        // [N] crossbar column block of each column
     const u32* noise_key;       // [P, 2] (noise row, call) of each sorted pair (0: row inside the
                                 // expert, mvm_id): a batch of sequences keys each as its own call
+    const unsigned char* bm_pending;  // [slots, KB, n_xbar] (MOE_MODE 4) 1: redo this crossbar now
+    unsigned char* bm_sat;            // [slots, KB, n_xbar] (MOE_MODE 4) set: an output saturated
     u64 seed;
     u32 k, n, n_kb, k_block, n_experts, mvm_id, n_xbar, use_dac;
-    float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code, bm_limit;
+    float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code;
+    u32 attempt;  // bound-management attempt of the output noise (0 outside MOE_MODE 4)
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -358,9 +365,9 @@ __device__ __forceinline__ float ir_row_factor(u32 j, float n) {
 __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 purpose, u32 tid0, u32 tid1, u64 idx0,
                                                     u64 idx1, u32 call) {
     if (tid0 == tid1 && idx1 == idx0 + 1 && (idx0 & 1) == 0)
-        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, call, 0);
-    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, call, 0),
-                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, call, 0));
+        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt);
+    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt),
+                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, call, p.attempt));
 }
 #endif
 
@@ -427,7 +434,8 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
     const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
     const u32 col = col0 + 8 * odd;
     const u64 idx = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
-    const uint4 q = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, 0);
+    const uint4 q =
+        stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, p.attempt);
     const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
     const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
     const float2 mine = odd ? box_muller(q.z, q.w) : box_muller(q.x, q.y);
@@ -451,7 +459,8 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
 // α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
 // tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
 // PCM_READ or ADDITIVE) and forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when
-// an output saturated the ADC in a row that bound management may redo (α_nm > 0).
+// an output saturated the ADC in a row that bound management may redo (α_nm > 0); in
+// MOE_MODE 4, `sat_bit << c` for output (row, col + c).
 __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, const float* scale_of_col,
                                               u32 col, const PairSums& s, float2 z, float* t, u32& sat,
                                               u32 sat_bit) {
@@ -495,7 +504,7 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
         v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
 #endif
 #if MOE_BM
-        if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit;
+        if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);
 #endif
         t[c] += v * (r.alpha_nm * scale_of_col[col + c]);
     }
@@ -591,6 +600,9 @@ __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b
 #if MOE_MODE == 3 && MOE_ANALOG
 #error "MOE_MODE 3 (bf16 hidden rows) is digital only"
 #endif
+#if MOE_MODE == 4 && !(MOE_ANALOG && MOE_BM && MOE_ADC)
+#error "MOE_MODE 4 (bound-management attempt) needs MOE_ANALOG, MOE_BM and MOE_ADC"
+#endif
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(GemmParams p) {
     extern __shared__ __align__(16) u16 smem[];
@@ -598,6 +610,15 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
     if (!tile_of_block(p, p.n / BN, MOE_RASTER_COLS / BN, e, m_tile, n_tile)) return;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
     const u32 m0 = m_tile * BM, n0 = n_tile * BN;
+#if MOE_MODE == 4
+    // A bound-management attempt skips the row tiles without a live row.
+    {
+        bool live = false;
+        for (u32 r = threadIdx.x; r < BM; r += NTHREADS)
+            live |= m0 + r < rows_e && p.bm_flag[row_begin + m0 + r] != 0u;
+        if (!__syncthreads_or(live)) return;
+    }
+#endif
     const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const u32 wm = warp / MOE_WARPS_N, wn = warp % MOE_WARPS_N;
     const u32 K = p.k;
@@ -800,6 +821,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                 for (u32 half = 0; half < 2; ++half) {
                     const u32 row_local = frag_row(mi, half);
                     if (row_local >= rows_e) continue;
+#if MOE_MODE == 4
+                    // Rows without a pending crossbar (lanes l and l ^ 1 share the row).
+                    if (p.bm_flag[row_begin + row_local] == 0u) continue;
+#endif
                     const BlockRow br = block_row(p, row_begin + row_local, row_local, kb);
                     float2 z[TN];
 #pragma unroll
@@ -824,8 +849,25 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                             s.ir[c] = acc_ir[mi][tn][r0 + c];
 #endif
                         }
+#if MOE_MODE == 4
+                        // The attempt's outputs of this row's pending crossbars, scaled as the
+                        // running total would add them; saturation per crossbar for the host.
+                        const int slot = p.bm_slot[row_begin + row_local];
+                        float t2[2] = {0.0f, 0.0f};
+                        u32 sat = 0u;
+                        block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], t2, sat, 1u);
+#pragma unroll
+                        for (u32 c = 0; c < 2; ++c) {
+                            const u32 col = frag_col(tn) + c;
+                            const u64 xb = ((u64)slot * p.n_kb + kb) * p.n_xbar + p.col_xbar[col];
+                            if (!p.bm_pending[xb]) continue;
+                            p.bm_scratch[((u64)slot * p.n_kb + kb) * p.n + col] = t2[c];
+                            if ((sat >> c) & 1u) p.bm_sat[xb] = 1u;
+                        }
+#else
                         block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], &total[mi][tn][r0], bm_rows,
                                       1u << (mi * 2 + half));
+#endif
                     }
                 }
             reset_block();
@@ -834,8 +876,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #endif
     }
 
+#if MOE_MODE == 4
+    return;  // the attempt's outputs are in bm_scratch
+#endif
 #if MOE_BM
-    // Flag each saturated row for moe_bm_fixup, which recomputes it whole.
+    // Flag each saturated row for the bound-management attempts, which redo it.
 #pragma unroll
     for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -1576,240 +1621,21 @@ extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
     lo[i] = f32_to_f16(x - hf);
 }
 
-__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 
-#if MOE_ANALOG
-// ---------------------------------------------------------------------------------------------
-// Step 8 of design.md §3, iterative bound management, for the rows moe_gemm flagged: the whole
-// row recomputed with CUDA-core f32 products of the same operands (W = hi + lo). Per crossbar
-// block along K every crossbar column block starts at β = 1; those with a saturated ADC output
-// redo their outputs at 2β with the next noise `attempt`, all pending ones together, while
-// β ≤ bm_limit and α_nm > 0. Mirrors tile::Crossbar::forward_chunk step 8 as
-// backend::cuda::reference::grouped_rows models it.
-//
-// A CTA takes BM_ROWS consecutive sorted rows (grid-stride over such chunks) and runs the flagged
-// ones of each expert together: every weight row is read once per attempt for all of them
-// (one CTA per row re-read its expert's weights per row: ~1 ms of a 4,096-token layer pass of
-// pcm-3d-8tier, whose gate/up rows mostly saturate). β = 2^attempt is the same for every row;
-// each row keeps its own pending crossbars. One warp per column, lanes along the crossbar rows;
-// each row's sum keeps the lane-strided order and the butterfly of fixup_warp_sum, and lane r
-// finishes row r (noise, ADC). Dynamic shared memory: BM_ROWS · k_block floats (DAC codes).
-#define BM_MAX_XBARS 256
-#define BM_ROWS 8
-__device__ __forceinline__ float fixup_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
+// Step 8 of design.md §3, iterative bound management, after the attempts of MOE_MODE 4
+// (backend::cuda::moe::bound_management): row pos_of_slot[s] of the store-mode output becomes
+// the sum of its crossbar blocks' accepted outputs, in K-block order as moe_gemm's running total
+// and tile::AnalogMatrix::mvm add them. y: [slots, KB, N].
+extern "C" __global__ void bm_combine(const float* y, const u32* pos_of_slot, u32 slots, u32 n_kb, u32 n,
+                                      float* out) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)slots * n) return;
+    const u64 s = i / n, c = i % n;
+    const float* ys = y + s * n_kb * n + c;
+    float v = 0.0f + ys[0];
+    for (u32 kb = 1; kb < n_kb; ++kb) v += ys[(u64)kb * n];
+    out[(u64)pos_of_slot[s] * n + c] = v;
 }
-extern "C" __global__ void __launch_bounds__(256) moe_bm_fixup(GemmParams p, u32 n_rows) {
-    extern __shared__ float codes[];  // [BM_ROWS][k_block]
-    __shared__ unsigned char pending[BM_ROWS][BM_MAX_XBARS], saturated[BM_ROWS][BM_MAX_XBARS];
-    __shared__ u32 row_arow[BM_ROWS];  // operand row (a_row_of) of each row of the pass
-    __shared__ float row_alpha[BM_ROWS];
-    __shared__ u32 live_acc;  // OR of the rows still pending after an attempt
-#if MOE_ADDITIVE
-    __shared__ float row_x2[BM_ROWS];
-#endif
-    const u32 lane = threadIdx.x & 31u;
-    float* ybuf = p.bm_scratch + (u64)blockIdx.x * BM_ROWS * p.n;  // [BM_ROWS][N]
-    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
-    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
-    const float step2 = __fmul_rn(p.dac_step, p.dac_step);
-    const u32 n_chunks = (n_rows + BM_ROWS - 1) / BM_ROWS;
-    if (threadIdx.x == 0) live_acc = 0u;  // read after a barrier below
-    for (u32 chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
-        const u32 first = chunk * BM_ROWS, last = min(n_rows, first + BM_ROWS);
-        // The chunk's flagged rows, one expert at a time (sorted rows: each expert's a run).
-        u32 next = first;
-        while (true) {
-            while (next < last && p.bm_flag[next] == 0u) ++next;
-            if (next >= last) break;
-            u32 lo = 0, hi = p.n_experts;  // expert e with offsets[e] <= next < offsets[e+1]
-            while (hi - lo > 1) {
-                const u32 mid = (lo + hi) / 2;
-                if (p.offsets[mid] <= next) lo = mid; else hi = mid;
-            }
-            const u32 e = lo, end = min(last, p.offsets[e + 1]);
-            // Rows of this pass: flagged rows of expert e in [next, end), slot r = pos − next.
-            u32 rows = 0;  // bit r: row next + r is flagged
-            for (u32 r = 0; next + r < end; ++r)
-                if (p.bm_flag[next + r]) rows |= 1u << r;
-            const u32 base = next;
-            next = end;
-            for (u32 kb = 0; kb < p.n_kb; ++kb) {
-                if (threadIdx.x < BM_ROWS) {
-                    const u32 pos = base + threadIdx.x;
-                    const u32 arow = (rows >> threadIdx.x) & 1u ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0u;
-                    row_arow[threadIdx.x] = arow;
-                    row_alpha[threadIdx.x] = (rows >> threadIdx.x) & 1u ? p.a_alpha[(u64)arow * p.n_kb + kb] : 0.0f;
-                }
-                for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x)
-                    pending[i / p.n_xbar][i % p.n_xbar] = (rows >> (i / p.n_xbar)) & 1u;
-                __syncthreads();
-                u32 live = rows;  // rows with a pending crossbar
-                float beta = 1.0f;
-                for (u32 attempt = 0; attempt < 256; ++attempt) {
-                    // DAC at α_nm·β (moe_quantize / tile::Crossbar::encode_row), live rows.
-                    for (u32 i = threadIdx.x; i < BM_ROWS * p.k_block; i += blockDim.x) {
-                        const u32 r = i / p.k_block, j = i - r * p.k_block;
-                        if (!((live >> r) & 1u)) continue;
-                        const u32 arow = row_arow[r];
-                        const float scale = row_alpha[r] * beta;
-                        float q = 0.0f;
-                        if (scale != 0.0f) {
-                            const float v = p.x_f32[(u64)arow * p.k + (u64)kb * p.k_block + j] / scale;
-                            q = p.use_dac ? fminf(fmaxf(rintf(v / p.dac_step), -p.dac_max_code), p.dac_max_code) : v;
-                        }
-                        codes[i] = q;
-                    }
-                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x)
-                        saturated[i / p.n_xbar][i % p.n_xbar] = 0u;
-                    __syncthreads();
-#if MOE_ADDITIVE
-                    if (threadIdx.x < BM_ROWS && ((live >> threadIdx.x) & 1u)) {
-                        float sum_x2 = 0.0f;
-                        const float* c = codes + threadIdx.x * p.k_block;
-                        for (u32 j = 0; j < p.k_block; ++j) {
-                            const float xv = p.use_dac ? c[j] * p.dac_step : c[j];
-                            sum_x2 += xv * xv;
-                        }
-                        row_x2[threadIdx.x] = sum_x2;
-                    }
-                    __syncthreads();
-#endif
-                    for (u32 col = threadIdx.x >> 5; col < p.n; col += blockDim.x >> 5) {
-                        const u32 xb = p.col_xbar[col];
-                        u32 todo = 0;  // rows with this column's crossbar pending
-#pragma unroll
-                        for (u32 r = 0; r < BM_ROWS; ++r) todo |= (u32)pending[r][xb] << r;
-                        if (!todo) continue;
-                        const u64 wrow = ((u64)e * p.n + col) * p.k + (u64)kb * p.k_block;
-                        float acc[BM_ROWS];
-#if MOE_PCM_READ
-                        float s2[BM_ROWS];
-#endif
-#if MOE_IR_DROP
-                        float aabs[BM_ROWS], air[BM_ROWS];
-#endif
-#pragma unroll
-                        for (u32 r = 0; r < BM_ROWS; ++r) {
-                            acc[r] = 0.0f;
-#if MOE_PCM_READ
-                            s2[r] = 0.0f;
-#endif
-#if MOE_IR_DROP
-                            aabs[r] = 0.0f;
-                            air[r] = 0.0f;
-#endif
-                        }
-#pragma unroll 2
-                        for (u32 j = lane; j < p.k_block; j += 32) {
-                            const float hi_w = f16_bits_to_f32(p.w_hi[wrow + j]);
-                            const float w = p.w_lo ? hi_w + f16_bits_to_f32(p.w_lo[wrow + j]) : hi_w;
-#if MOE_IR_DROP
-                            const float f = ir_row_factor(j, (float)p.k_block);
-#endif
-#pragma unroll
-                            for (u32 r = 0; r < BM_ROWS; ++r) {
-                                const float q = codes[r * p.k_block + j];
-                                acc[r] += w * q;
-#if MOE_PCM_READ
-                                s2[r] += fabsf(hi_w) * (q * q);
-#endif
-#if MOE_IR_DROP
-                                aabs[r] += fabsf(hi_w) * fabsf(q);
-                                air[r] += hi_w * (q * f);
-#endif
-                            }
-                        }
-                        // Lane r keeps row r's sums.
-                        float mine = 0.0f;
-#if MOE_PCM_READ
-                        float mine_s2 = 0.0f;
-#endif
-#if MOE_IR_DROP
-                        float mine_abs = 0.0f, mine_ir = 0.0f;
-#endif
-#pragma unroll
-                        for (u32 r = 0; r < BM_ROWS; ++r) {
-                            const float a = fixup_warp_sum(acc[r]);
-                            mine = lane == r ? a : mine;
-#if MOE_PCM_READ
-                            const float b = fixup_warp_sum(s2[r]);
-                            mine_s2 = lane == r ? b : mine_s2;
-#endif
-#if MOE_IR_DROP
-                            const float c = fixup_warp_sum(aabs[r]), d = fixup_warp_sum(air[r]);
-                            mine_abs = lane == r ? c : mine_abs;
-                            mine_ir = lane == r ? d : mine_ir;
-#endif
-                        }
-                        if (lane >= BM_ROWS || !((todo >> lane) & 1u)) continue;
-                        const u32 r = lane, pos = base + r;
-                        float v = mine * p.dac_step;
-#if MOE_IR_DROP
-                        const float aa = p.ir_k * (mine_abs * p.dac_step);
-                        const float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
-                        v -= p.ir_scale * cc * (mine_ir * p.dac_step);
-#endif
-                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
-#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                        {
-                            const u64 idx = (u64)noise_row_of(p, pos, pos - p.offsets[e]) * p.col_block_cols[col] +
-                                            p.col_local[col];
-                            const float z = stream_normal(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, p.col_tensor_id[tab]),
-                                                          idx, noise_call_of(p, pos), attempt);
-#if MOE_PCM_READ
-                            const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, __fmul_rn(mine_s2, step2))));
-#elif MOE_ADDITIVE
-                            const float sd = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, row_x2[r])));
-#else
-                            const float sd = p.out_noise;
-#endif
-                            v += sd * z;
-                        }
-#endif
-                        v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
-                        if (fabsf(v) >= p.adc_bound) saturated[r][xb] = 1u;
-                        ybuf[r * p.n + col] = v;
-                    }
-                    __syncthreads();
-                    const bool again = beta <= p.bm_limit;
-                    // Crossbars that are done add their outputs, in K-block order as moe_gemm.
-                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n; i += blockDim.x) {
-                        const u32 r = i / p.n, col = i - r * p.n, xb = p.col_xbar[col];
-                        const bool again_ok = again && row_alpha[r] > 0.0f;
-                        if (!pending[r][xb] || (saturated[r][xb] && again_ok)) continue;
-                        const u64 tab = ((u64)e * p.n_kb + kb) * p.n + col;
-                        const float v = ybuf[i] * (row_alpha[r] * beta * p.col_scale[tab]);
-                        float* o = p.out + (u64)(base + r) * p.n + col;
-                        *o = kb == 0 ? v : *o + v;
-                    }
-                    __syncthreads();
-                    u32 any = 0;  // bit r: row r still has a pending crossbar
-                    for (u32 i = threadIdx.x; i < BM_ROWS * p.n_xbar; i += blockDim.x) {
-                        const u32 r = i / p.n_xbar, xb = i - r * p.n_xbar;
-                        const bool keep = pending[r][xb] && saturated[r][xb] && again && row_alpha[r] > 0.0f;
-                        pending[r][xb] = keep;
-                        any |= (u32)keep << r;
-                    }
-                    any = __reduce_or_sync(0xffffffffu, any);
-                    if (lane == 0 && any) atomicOr(&live_acc, any);
-                    __syncthreads();
-                    live = live_acc;
-                    __syncthreads();  // every thread has read live_acc
-                    if (threadIdx.x == 0) live_acc = 0u;
-                    if (!live) break;
-                    beta *= 2.0f;
-                }
-            }
-        }
-    }
-}
-#endif
 
 // SwiGLU of store-mode rows whose columns interleave gate and up in groups of 8 (the host
 // layout): out[p, g·8 + c] = silu(in[p, 16g + c])·in[p, 16g + 8 + c]; `n_half` = N/2.

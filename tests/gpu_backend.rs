@@ -524,9 +524,9 @@ fn analog_moe_layer_with_bound_management_matches_the_cpu_path() {
             saturating_inputs(w, t, 6)
         });
         // A token whose saturation decision sits on an ADC code boundary in one crossbar row
-        // may also take another β path (≲ 1e-3 per crossbar row, 16 rows per token). Without a
-        // working fix-up every token routed to expert 0 with a saturating input (≈ 1/4 of
-        // them) would differ.
+        // may also take another β path (≲ 1e-3 per crossbar row, 16 rows per token). Without
+        // working bound-management attempts every token routed to expert 0 with a saturating
+        // input (≈ 1/4 of them) would differ.
         assert_layer_parity(&preset.name, &y, &y_cpu);
     }
 }
@@ -1179,7 +1179,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
 #[test]
 fn kernel_parameter_structs_match_the_cuda_layout() {
     // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
-    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 240);
+    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 256);
     assert_eq!(
         std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
         56

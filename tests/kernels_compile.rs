@@ -83,12 +83,7 @@ fn check_on(
         let what = format!("{} {defines:?} sm_{}{}", kernel.file, cc.0, cc.1);
         let ptx = compile(kernel, defines, cc).unwrap_or_else(|e| panic!("{what}: {e}"));
         // The host mirrors of the kernel parameter structs have the size NVRTC lays out.
-        for entry in [
-            "moe_gemm",
-            "moe_bm_fixup",
-            "moe_gemm_wgmma",
-            "moe_analog_wgmma",
-        ] {
+        for entry in ["moe_gemm", "moe_gemm_wgmma", "moe_analog_wgmma"] {
             if let Some(bytes) = param_bytes(&ptx.to_src(), entry) {
                 assert_eq!(bytes, GEMM_PARAMS_BYTES, "{what}: .param of {entry}");
             }
@@ -103,7 +98,7 @@ fn check_on(
                     function = rest.split('\'').next().unwrap_or("");
                 }
                 // Other kernels may keep a few words on the stack around a slow-path call
-                // (ptxas does for the bound-management fix-up on sm_80: 12 bytes).
+                // (ptxas did for the CUDA-core bound-management fix-up on sm_80: 12 bytes).
                 if let Some(head) = line
                     .split(" bytes spill stores")
                     .next()

@@ -239,7 +239,7 @@ impl GemmPeriphery {
         })
     }
 
-    /// Whether iterative bound management runs (saturated rows go to `moe_bm_fixup`).
+    /// Whether iterative bound management runs (saturated rows are redone by attempt passes).
     /// Whether the analog wgmma kernel runs this periphery: no side accumulators (PCM_READ
     /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`].
     pub fn wgmma_ready(&self) -> bool {
@@ -810,6 +810,21 @@ pub fn quantize<'x>(
     k_block: usize,
     periphery: Option<&GemmPeriphery>,
 ) -> CudaResult<GemmInput<'x>> {
+    quantize_scaled(dev, x, rows, k, k_block, periphery, 1.0)
+}
+
+/// [`quantize`] with the noise-management scale of every block multiplied by `beta` (a power
+/// of two): the operand rows of bound-management attempt log2 β, x / (α_nm·β), whose α is
+/// α_nm·β (design.md §3 step 8).
+pub fn quantize_scaled<'x>(
+    dev: &CudaDevice,
+    x: &'x CudaSlice<f32>,
+    rows: usize,
+    k: usize,
+    k_block: usize,
+    periphery: Option<&GemmPeriphery>,
+    beta: f32,
+) -> CudaResult<GemmInput<'x>> {
     if x.len() != rows * k || k_block == 0 || !k.is_multiple_of(k_block) {
         return Err(CudaError::Unsupported(format!(
             "quantize: {} values for {rows}×{k} in blocks of {k_block}",
@@ -855,6 +870,7 @@ pub fn quantize<'x>(
                 .arg(&kb32)
                 .arg(&p.nm_kind)
                 .arg(&p.nm_value)
+                .arg(&beta)
                 .arg(&use_dac)
                 .arg(&dac_step)
                 .arg(&dac_max)
@@ -884,6 +900,10 @@ pub enum GemmOutput {
     /// Digital only: [`GemmOutput::SwiGlu`] rounded to bf16 (`[P, N/2]` `u16` bits), the down
     /// GEMM's operand as [`quantize`] would make it, without the f32 round trip.
     SwiGluBf16,
+    /// One attempt of iterative bound management (the kernel's mode 4): the outputs of the
+    /// crossbars still pending, per crossbar block, into the bound-management scratch. Run by
+    /// [`grouped_gemm`] after a [`GemmOutput::Store`] pass flags rows; not an output of its own.
+    BmAttempt,
 }
 
 impl GemmOutput {
@@ -894,6 +914,7 @@ impl GemmOutput {
             Self::SwiGlu => 1,
             Self::ScatterAdd => 2,
             Self::SwiGluBf16 => 3,
+            Self::BmAttempt => 4,
         }
     }
 }
@@ -924,7 +945,8 @@ pub struct GemmVariant {
     pub ir_drop: bool,
     /// ADDITIVE weight noise (‖x̃‖² per row from the prologue).
     pub additive: bool,
-    /// Iterative bound management (saturated rows flagged for `moe_bm_fixup`; store mode).
+    /// Iterative bound management (saturated rows flagged in store mode, redone by
+    /// [`GemmOutput::BmAttempt`] passes).
     pub bound_management: bool,
     /// Output noise.
     pub out_noise: bool,
@@ -942,7 +964,10 @@ impl GemmVariant {
     /// accumulators (PCM_READ, IR drop: each would add 64 registers per thread to its three
     /// accumulator sets) and with an f32 output.
     pub fn wgmma_ready(&self) -> bool {
-        !self.analog || !(self.pcm_read || self.ir_drop || self.output == GemmOutput::SwiGluBf16)
+        !self.analog
+            || !(self.pcm_read
+                || self.ir_drop
+                || matches!(self.output, GemmOutput::SwiGluBf16 | GemmOutput::BmAttempt))
     }
 
     /// Weight matrices staged per K step (`NB_MAT` in the kernel): fp16 hi and lo when split.
@@ -1385,6 +1410,16 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
         adc: true,
         ..base
     });
+    // The attempt passes of each bound-managed variant.
+    let attempts: Vec<GemmVariant> = v
+        .iter()
+        .filter(|v| v.bound_management)
+        .map(|v| GemmVariant {
+            output: GemmOutput::BmAttempt,
+            ..*v
+        })
+        .collect();
+    v.extend(attempts);
     v.iter()
         .map(|v| gemm_defines(v, GemmTile::for_variant(v)))
         .collect()
@@ -1409,11 +1444,13 @@ struct GemmParams {
     sorted_weight: u64,
     out: u64,
     a_sumsq: u64,
-    x_f32: u64,
+    bm_slot: u64,
     bm_flag: u64,
     bm_scratch: u64,
     col_xbar: u64,
     noise_key: u64,
+    bm_pending: u64,
+    bm_sat: u64,
     seed: u64,
     k: u32,
     n: u32,
@@ -1431,32 +1468,27 @@ struct GemmParams {
     ir_scale: f32,
     ir_k: f32,
     dac_max_code: f32,
-    bm_limit: f32,
+    attempt: u32,
 }
 
 // SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
 unsafe impl DeviceRepr for GemmParams {}
 
-/// Size of the kernel parameter block of `moe_gemm` and `moe_bm_fixup` (checked against the
+/// Size of the kernel parameter block of `moe_gemm` (checked against the
 /// `.param` size in NVRTC's PTX by `tests/kernels_compile.rs`).
 pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
 
-/// CTAs of the bound-management fix-up (grid-stride over chunks of [`BM_ROWS`] sorted rows):
-/// 8 per SM of an H100 (132 SMs), the most its 256-thread CTAs can keep resident; at 2 per SM
-/// the fix-up of a layer whose rows mostly saturate (pcm-3d-8tier) waited on L2 latency.
-const BM_FIXUP_CTAS: usize = 1056;
-/// Sorted rows per chunk of the fix-up (`BM_ROWS` in the kernel): the flagged rows of one
-/// expert in a chunk share every weight load.
-const BM_ROWS: usize = 8;
-/// Crossbar column blocks one fix-up CTA tracks (`BM_MAX_XBARS` in the kernel).
-const BM_MAX_XBARS: usize = 256;
+/// Bytes of block outputs ([`GemmOutput::BmAttempt`] scratch, f32 per flagged row, crossbar
+/// block and column) bound management holds at once: the flagged rows are redone in groups
+/// that fit (256 MiB: 8,192 rows of OLMoE's gate/up, 4 blocks × 2,048 columns).
+const BM_SCRATCH_BYTES: usize = 256 << 20;
 
 /// One grouped GEMM over the sorted pairs of `routing`.
 ///
 /// `gather_tokens`: operand row of sorted pair p is its token (first layer); otherwise row p
 /// itself (hidden rows in sorted order). `periphery = None` runs the digital variant. With
 /// iterative bound management the output must be [`GemmOutput::Store`]: saturated rows are
-/// flagged by `moe_gemm` and recomputed by `moe_bm_fixup` ([`GpuMoeLayer::forward`] composes
+/// flagged by `moe_gemm` and redone by [`GemmOutput::BmAttempt`] passes ([`GpuMoeLayer::forward`] composes
 /// SwiGLU and the scatter-add after it).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm<T: GemmOutElem>(
@@ -1473,7 +1505,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
 ) -> CudaResult<()> {
     let pairs = routing.n_tokens * routing.top_k;
     let out_len = match output {
-        GemmOutput::Store => pairs * m.n_cols,
+        GemmOutput::Store | GemmOutput::BmAttempt => pairs * m.n_cols,
         GemmOutput::SwiGlu | GemmOutput::SwiGluBf16 => pairs * m.n_cols / 2,
         GemmOutput::ScatterAdd => routing.n_tokens * m.n_cols,
     };
@@ -1513,12 +1545,15 @@ pub fn grouped_gemm<T: GemmOutElem>(
     let p = periphery.copied();
     let bm = p.is_some_and(|p| p.bound_managed());
     let additive = p.is_some_and(|p| p.additive_std.is_some());
-    if bm && (output != GemmOutput::Store || input.x.is_none() || m.n_xbar > BM_MAX_XBARS) {
+    if bm && (output != GemmOutput::Store || input.x.is_none()) {
         return Err(CudaError::Unsupported(format!(
-            "grouped GEMM with bound management: needs store mode ({output:?}), the unquantised \
-             input, and at most {BM_MAX_XBARS} crossbar column blocks ({})",
-            m.n_xbar
+            "grouped GEMM with bound management: needs store mode ({output:?}) and the unquantised input"
         )));
+    }
+    if output == GemmOutput::BmAttempt {
+        return Err(CudaError::Unsupported(
+            "grouped GEMM: bound-management attempts run inside a store-mode GEMM".into(),
+        ));
     }
     if additive && input.sumsq.is_none() {
         return Err(CudaError::Unsupported(
@@ -1537,23 +1572,17 @@ pub fn grouped_gemm<T: GemmOutElem>(
         output,
         noise_quads: m.noise_quads,
     };
-    // Bound-management state: a flag per sorted row and the fix-up CTAs' scratch rows.
-    let fixup_ctas = pairs.div_ceil(BM_ROWS).clamp(1, BM_FIXUP_CTAS);
-    let bm_state = if bm {
-        Some((
-            dev.zeros::<u32>(pairs.max(1))?,
-            dev.scratch::<f32>(fixup_ctas * BM_ROWS * m.n_cols)?,
-        ))
+    // Bound management: a flag per sorted row, set where an output saturated.
+    let bm = bm && variant.adc;
+    let bm_flags = if bm {
+        Some(dev.zeros::<u32>(pairs.max(1))?)
     } else {
         None
     };
     // Raw pointers: all work is on this one stream and event tracking is off, so the guards
     // `device_ptr` returns have nothing to synchronise.
     let s = dev.stream();
-    let (bm_flag, bm_scratch) = match bm_state.as_ref() {
-        Some((flag, scratch)) => (flag.device_ptr(s).0, scratch.device_ptr(s).0),
-        None => (0, 0),
-    };
+    let bm_flag = bm_flags.as_ref().map_or(0, |f| f.device_ptr(s).0);
     let (dac_step, dac_max_code) = p.and_then(|p| p.dac).unwrap_or((1.0, 0.0));
     let params = GemmParams {
         a: input.a.device_ptr(s).0,
@@ -1575,11 +1604,13 @@ pub fn grouped_gemm<T: GemmOutElem>(
         sorted_weight: routing.sorted_weight.device_ptr(s).0,
         out: out.device_ptr(s).0,
         a_sumsq: input.sumsq.as_ref().map_or(0, |b| b.device_ptr(s).0),
-        x_f32: input.x.map_or(0, |x| x.device_ptr(s).0),
+        bm_slot: 0,
         bm_flag,
-        bm_scratch,
+        bm_scratch: 0,
         col_xbar: m.col_xbar.device_ptr(s).0,
         noise_key: routing.noise_key.as_ref().map_or(0, |k| k.device_ptr(s).0),
+        bm_pending: 0,
+        bm_sat: 0,
         seed,
         k: m.k as u32,
         n: m.n_cols as u32,
@@ -1601,11 +1632,11 @@ pub fn grouped_gemm<T: GemmOutElem>(
             .and_then(|p| p.ir_drop)
             .map_or(0.0, |ir| m.k_block as f32 / ir.1),
         dac_max_code,
-        bm_limit: p.and_then(|p| p.bm_limit).unwrap_or(0.0),
+        attempt: 0,
     };
     let wgmma = m.wgmma.filter(|_| variant.wgmma_ready());
-    // The mma.sync tile (`AIMC_GEMM_TILE` applies to it alone); after a wgmma GEMM only the
-    // bound-management fix-up below uses these defines, and its tile fields do not matter.
+    // The mma.sync tile (`AIMC_GEMM_TILE` applies to it alone; bound management's attempts
+    // run on it after either kernel).
     let tile = match wgmma {
         Some(_) => GemmTile::for_variant(&variant),
         None => GemmTile::choose(&variant, m.n_cols)?,
@@ -1613,44 +1644,191 @@ pub fn grouped_gemm<T: GemmOutElem>(
     let defines = gemm_defines(&variant, tile);
     match wgmma {
         Some(wg) => wgmma_gemm(dev, m, wg, routing, &variant, &params)?,
-        None => {
-            let f = dev.function(&ANALOG_MOE_CU, &defines, "moe_gemm")?;
-            let shared = tile.shared_bytes(variant.weight_operands()) as u32;
-            let threads = tile.threads() as u32;
-            allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
-            // One CTA per (row tile, column tile), column tile fastest; an upper bound on the
-            // row tiles (CTAs past the last tile return at once).
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: shared,
-            };
-            dev.launch(&f, "moe_gemm", cfg, |b| {
-                b.arg(&params);
-            })?;
-        }
+        None => mma_sync_gemm(dev, m, pairs, &defines, tile, &params)?,
     }
-    if bm {
-        let fixup = dev.function(&ANALOG_MOE_CU, &defines, "moe_bm_fixup")?;
-        let shared = (BM_ROWS * m.k_block * std::mem::size_of::<f32>()) as u32;
-        allow_dynamic_shared(&fixup, "moe_bm_fixup", 256, shared)?;
-        let cfg = LaunchConfig {
-            grid_dim: (fixup_ctas as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: shared,
+    if let (Some(flags), Some(p)) = (&bm_flags, p) {
+        let attempt = GemmVariant {
+            output: GemmOutput::BmAttempt,
+            ..variant
         };
-        let rows = pairs as u32;
-        dev.launch(&fixup, "moe_bm_fixup", cfg, |b| {
-            b.arg(&params).arg(&rows);
-        })?;
+        let job = BmJob {
+            m,
+            input,
+            routing,
+            gather_tokens,
+            periphery: &p,
+            defines: gemm_defines(&attempt, tile),
+            tile,
+            params,
+        };
+        bound_management(dev, &job, flags)?;
     }
-    // Dropping the bound-management buffers frees them in stream order (cuMemFreeAsync on
-    // this stream), after the kernels that use them.
-    drop(bm_state);
+    // Dropping the flags frees them in stream order (cuMemFreeAsync on this stream), after
+    // the kernels that use them.
+    drop(bm_flags);
+    Ok(())
+}
+
+/// One `moe_gemm` launch of `defines` on `tile` over the sorted rows (`pairs` of them).
+fn mma_sync_gemm(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    pairs: usize,
+    defines: &[(&'static str, i64)],
+    tile: GemmTile,
+    params: &GemmParams,
+) -> CudaResult<()> {
+    let f = dev.function(&ANALOG_MOE_CU, defines, "moe_gemm")?;
+    let shared = tile.shared_bytes(m.precision.weight_operands()) as u32;
+    let threads = tile.threads() as u32;
+    allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
+    // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row
+    // tiles (CTAs past the last tile return at once).
+    let cfg = LaunchConfig {
+        grid_dim: (
+            ((pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols)) as u32,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    dev.launch(&f, "moe_gemm", cfg, |b| {
+        b.arg(params);
+    })
+}
+
+/// A store-mode analog GEMM whose flagged rows bound management redoes.
+struct BmJob<'j, 'x> {
+    m: &'j GpuGroupedMatrix,
+    input: &'j GemmInput<'x>,
+    routing: &'j GpuRouting,
+    gather_tokens: bool,
+    periphery: &'j GemmPeriphery,
+    /// `moe_gemm` in [`GemmOutput::BmAttempt`] mode, on the tile of the store pass.
+    defines: [(&'static str, i64); 15],
+    tile: GemmTile,
+    /// The store pass's parameters.
+    params: GemmParams,
+}
+
+/// Step 8 of design.md §3, iterative bound management, for the rows the store pass flagged
+/// (`flags`, one per sorted row), as tensor-core passes: attempt a re-encodes the operand rows
+/// at α_nm·2^a ([`quantize_scaled`]) and reruns the GEMM over the row tiles holding a row with a
+/// pending crossbar ([`GemmOutput::BmAttempt`]), drawing the output noise of attempt a; each
+/// pending crossbar's outputs overwrite its slot in the scratch, and its saturation comes back
+/// to the host, which keeps it pending while β = 2^a ≤ the preset's limit and α_nm > 0, as
+/// `tile::Crossbar::forward_chunk` does per crossbar. Then `bm_combine` sums each redone row's
+/// blocks in K-block order into the store output. Flagged rows go in groups whose scratch fits
+/// [`BM_SCRATCH_BYTES`].
+fn bound_management(
+    dev: &CudaDevice,
+    job: &BmJob<'_, '_>,
+    flags: &CudaSlice<u32>,
+) -> CudaResult<()> {
+    let m = job.m;
+    let pairs = job.routing.n_tokens * job.routing.top_k;
+    let flag_host = dev.download(flags)?;
+    let flagged: Vec<u32> = (0..pairs as u32)
+        .filter(|&p| flag_host[p as usize] != 0)
+        .collect();
+    if flagged.is_empty() {
+        return Ok(());
+    }
+    let x = job.input.x.ok_or_else(|| {
+        CudaError::Unsupported("bound management needs the unquantised input rows".into())
+    })?;
+    let limit = job.periphery.bm_limit.unwrap_or(0.0);
+    let (n, n_kb, n_xbar) = (m.n_cols, m.k / m.k_block, m.n_xbar);
+    // α_nm of every sorted row's blocks: a block at α_nm = 0 accepts its first outputs.
+    let alpha = dev.download(&job.input.alpha)?;
+    let row_of: Vec<u32> = if job.gather_tokens {
+        dev.download(&job.routing.sorted_token)?
+    } else {
+        (0..pairs as u32).collect()
+    };
+    let group = (BM_SCRATCH_BYTES / (n_kb * n * std::mem::size_of::<f32>())).max(1);
+    let s = dev.stream();
+    let combine = dev.function(&ANALOG_MOE_CU, &[], "bm_combine")?;
+    for rows in flagged.chunks(group) {
+        let slots = rows.len();
+        let mut slot_of = vec![-1i32; pairs];
+        for (slot, &pos) in rows.iter().enumerate() {
+            slot_of[pos as usize] = slot as i32;
+        }
+        let slot_dev = dev.upload(&slot_of)?;
+        let pos_dev = dev.upload(rows)?;
+        let per_slot = n_kb * n_xbar;
+        let mut pending = vec![1u8; slots * per_slot];
+        let y = dev.scratch::<f32>(slots * n_kb * n)?;
+        let mut beta = 1.0f32;
+        for attempt in 0..=u32::from(u8::MAX) {
+            let mut live = vec![0u32; pairs];
+            for (slot, &pos) in rows.iter().enumerate() {
+                live[pos as usize] =
+                    u32::from(pending[slot * per_slot..(slot + 1) * per_slot].contains(&1));
+            }
+            let live_dev = dev.upload(&live)?;
+            let pending_dev = dev.upload(&pending)?;
+            let sat = dev.zeros::<u8>(pending.len())?;
+            let xq = quantize_scaled(
+                dev,
+                x,
+                job.input.rows,
+                m.k,
+                m.k_block,
+                Some(job.periphery),
+                beta,
+            )?;
+            let params = GemmParams {
+                a: xq.a.device_ptr(s).0,
+                a_alpha: xq.alpha.device_ptr(s).0,
+                a_sumsq: xq.sumsq.as_ref().map_or(0, |b| b.device_ptr(s).0),
+                bm_slot: slot_dev.device_ptr(s).0,
+                bm_flag: live_dev.device_ptr(s).0,
+                bm_scratch: y.device_ptr(s).0,
+                bm_pending: pending_dev.device_ptr(s).0,
+                bm_sat: sat.device_ptr(s).0,
+                attempt,
+                ..job.params
+            };
+            mma_sync_gemm(dev, m, pairs, &job.defines, job.tile, &params)?;
+            let sat = dev.download(&sat)?;
+            let again = beta <= limit;
+            let mut any = false;
+            for (slot, &pos) in rows.iter().enumerate() {
+                let arow = row_of[pos as usize] as usize;
+                for kb in 0..n_kb {
+                    let ok = again && alpha[arow * n_kb + kb] > 0.0;
+                    for xb in 0..n_xbar {
+                        let i = slot * per_slot + kb * n_xbar + xb;
+                        let keep = pending[i] != 0 && sat[i] != 0 && ok;
+                        pending[i] = u8::from(keep);
+                        any |= keep;
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+            beta *= 2.0;
+        }
+        let (slots32, kb32, n32) = (slots as u32, n_kb as u32, n as u32);
+        let out = job.params.out;
+        dev.launch(
+            &combine,
+            "bm_combine",
+            linear_launch((slots * n) as u64),
+            |b| {
+                b.arg(&y)
+                    .arg(&pos_dev)
+                    .arg(&slots32)
+                    .arg(&kb32)
+                    .arg(&n32)
+                    .arg(&out);
+            },
+        )?;
+    }
     Ok(())
 }
 
@@ -1923,7 +2101,7 @@ impl GpuMoeLayer {
     /// y = Σ_k w_k · down_e(SwiGLU(gate_up_e(x))) for the routed pairs; x `[T, d]` → `[T, d]`.
     ///
     /// Without bound management SwiGLU and the scatter-add are fused into the GEMM epilogues;
-    /// with it each GEMM stores its rows, the fix-up recomputes the saturated ones, and SwiGLU
+    /// with it each GEMM stores its rows, bound management redoes the saturated ones, and SwiGLU
     /// and the scatter-add run after.
     pub fn forward(
         &self,

@@ -115,14 +115,14 @@ pub fn grouped_rows(
                 1 => p.nm_value,
                 _ => 1.0,
             };
-            // Step 8 (moe_bm_fixup): every crossbar of the row starts at β = 1; those with a
-            // saturated output re-run at 2β with the next `attempt` of the noise streams, all
-            // still-pending crossbars together, while β ≤ the limit.
+            // Step 8 (moe::bound_management's attempt passes): every crossbar of the row starts
+            // at β = 1; those with a saturated output re-run at 2β with the next `attempt` of the
+            // noise streams, all still-pending crossbars together, while β ≤ the limit.
             pending.fill(true);
             let mut beta = 1.0f32;
             for attempt in 0u8..=u8::MAX {
                 let scale = alpha_nm * beta;
-                // DAC code per input (moe_quantize at β = 1, the fix-up kernel after).
+                // DAC code per input (moe_quantize at α_nm·β).
                 let q: Vec<f32> = seg
                     .iter()
                     .map(|&v| {
