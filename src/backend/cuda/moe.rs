@@ -1698,6 +1698,29 @@ fn mma_sync_gemm(
     })
 }
 
+/// The crossbars of bound-management slots that go again after an attempt, in place:
+/// `pending` and `sat` are `[slots, KB, n_xbar]` (1: the crossbar ran in this attempt / one of
+/// its outputs saturated); a crossbar stays pending when it ran, saturated, `again` holds
+/// (β ≤ the preset's limit) and its block's α_nm (`alpha(slot, kb)`) is positive, as
+/// `tile::Crossbar::forward_chunk`. Returns whether any is still pending.
+fn bm_next_pending(
+    pending: &mut [u8],
+    sat: &[u8],
+    n_kb: usize,
+    n_xbar: usize,
+    again: bool,
+    alpha: impl Fn(usize, usize) -> f32,
+) -> bool {
+    let mut any = false;
+    for (i, (p, &s)) in pending.iter_mut().zip(sat).enumerate() {
+        let (slot, kb) = (i / (n_kb * n_xbar), i / n_xbar % n_kb);
+        let keep = *p != 0 && s != 0 && again && alpha(slot, kb) > 0.0;
+        *p = u8::from(keep);
+        any |= keep;
+    }
+    any
+}
+
 /// A store-mode analog GEMM whose flagged rows bound management redoes.
 struct BmJob<'j, 'x> {
     m: &'j GpuGroupedMatrix,
@@ -1794,21 +1817,9 @@ fn bound_management(
             };
             mma_sync_gemm(dev, m, pairs, &job.defines, job.tile, &params)?;
             let sat = dev.download(&sat)?;
-            let again = beta <= limit;
-            let mut any = false;
-            for (slot, &pos) in rows.iter().enumerate() {
-                let arow = row_of[pos as usize] as usize;
-                for kb in 0..n_kb {
-                    let ok = again && alpha[arow * n_kb + kb] > 0.0;
-                    for xb in 0..n_xbar {
-                        let i = slot * per_slot + kb * n_xbar + xb;
-                        let keep = pending[i] != 0 && sat[i] != 0 && ok;
-                        pending[i] = u8::from(keep);
-                        any |= keep;
-                    }
-                }
-            }
-            if !any {
+            let alpha_of =
+                |slot: usize, kb: usize| alpha[row_of[rows[slot] as usize] as usize * n_kb + kb];
+            if !bm_next_pending(&mut pending, &sat, n_kb, n_xbar, beta <= limit, alpha_of) {
                 break;
             }
             beta *= 2.0;
@@ -2191,6 +2202,19 @@ mod tests {
             output: GemmOutput::SwiGlu,
             noise_quads: true,
         }
+    }
+
+    #[test]
+    fn bound_management_keeps_only_saturated_crossbars_that_may_go_again() {
+        // 2 slots × 2 K blocks × 2 crossbars; slot 1's block 0 has α_nm = 0.
+        let alpha = |slot: usize, kb: usize| if (slot, kb) == (1, 0) { 0.0 } else { 0.5 };
+        let mut pending = vec![1, 1, 1, 0, 1, 1, 1, 1];
+        let sat = vec![1, 0, 1, 1, 1, 1, 0, 1];
+        assert!(bm_next_pending(&mut pending, &sat, 2, 2, true, alpha));
+        assert_eq!(pending, vec![1, 0, 1, 0, 0, 0, 0, 1]);
+        // β past the limit: every crossbar accepts its outputs.
+        assert!(!bm_next_pending(&mut pending, &[1; 8], 2, 2, false, alpha));
+        assert_eq!(pending, vec![0; 8]);
     }
 
     #[test]
