@@ -824,6 +824,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #if MOE_MODE == 4
                     // Rows without a pending crossbar (lanes l and l ^ 1 share the row).
                     if (p.bm_flag[row_begin + row_local] == 0u) continue;
+                    const int slot = p.bm_slot[row_begin + row_local];
 #endif
                     const BlockRow br = block_row(p, row_begin + row_local, row_local, kb);
                     float2 z[TN];
@@ -852,7 +853,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #if MOE_MODE == 4
                         // The attempt's outputs of this row's pending crossbars, scaled as the
                         // running total would add them; saturation per crossbar for the host.
-                        const int slot = p.bm_slot[row_begin + row_local];
                         float t2[2] = {0.0f, 0.0f};
                         u32 sat = 0u;
                         block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], t2, sat, 1u);
@@ -1620,7 +1620,6 @@ extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
     hi[i] = h;
     lo[i] = f32_to_f16(x - hf);
 }
-
 
 // Step 8 of design.md §3, iterative bound management, after the attempts of MOE_MODE 4
 // (backend::cuda::moe::bound_management): row pos_of_slot[s] of the store-mode output becomes

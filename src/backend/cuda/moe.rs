@@ -239,13 +239,13 @@ impl GemmPeriphery {
         })
     }
 
-    /// Whether iterative bound management runs (saturated rows are redone by attempt passes).
     /// Whether the analog wgmma kernel runs this periphery: no side accumulators (PCM_READ
     /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`].
     pub fn wgmma_ready(&self) -> bool {
         self.pcm_read_std.is_none() && self.ir_drop.is_none()
     }
 
+    /// Whether iterative bound management runs (saturated rows are redone by attempt passes).
     pub(crate) fn bound_managed(&self) -> bool {
         self.bm_limit.is_some()
     }
@@ -1794,15 +1794,22 @@ fn bound_management(
             let live_dev = dev.upload(&live)?;
             let pending_dev = dev.upload(&pending)?;
             let sat = dev.zeros::<u8>(pending.len())?;
-            let xq = quantize_scaled(
-                dev,
-                x,
-                job.input.rows,
-                m.k,
-                m.k_block,
-                Some(job.periphery),
-                beta,
-            )?;
+            // Attempt 0 (β = 1) runs on the store pass's operand rows.
+            let scaled;
+            let xq = if attempt == 0 {
+                job.input
+            } else {
+                scaled = quantize_scaled(
+                    dev,
+                    x,
+                    job.input.rows,
+                    m.k,
+                    m.k_block,
+                    Some(job.periphery),
+                    beta,
+                )?;
+                &scaled
+            };
             let params = GemmParams {
                 a: xq.a.device_ptr(s).0,
                 a_alpha: xq.alpha.device_ptr(s).0,
