@@ -151,12 +151,11 @@ impl SwiGlu {
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let m = |n: &str, r, c| store.matrix(&format!("{prefix}.{n}.weight"), r, c);
-        let gate = m(names[0], intermediate, hidden)?;
-        let up = m(names[1], intermediate, hidden)?;
+        let name = |n: &str| format!("{prefix}.{n}.weight");
+        let (gate, up) = (name(names[0]), name(names[1]));
         Ok(Self {
-            gate_up: ndarray::concatenate(Axis(0), &[gate.view(), up.view()])?,
-            down: m(names[2], hidden, intermediate)?,
+            gate_up: store.stacked_matrix(&[&gate, &up], intermediate, hidden)?,
+            down: store.matrix(&name(names[2]), hidden, intermediate)?,
         })
     }
 

@@ -157,13 +157,17 @@ impl MoeBlock {
             let gate_up = store.tensor3(&fused, [e, 2 * i, h])?;
             let down = store.tensor3(&format!("{p}.experts.down_proj"), [e, h, i])?;
             (0..e)
+                .into_par_iter()
                 .map(|x| SwiGlu {
                     gate_up: gate_up.index_axis(Axis(0), x).to_owned(),
                     down: down.index_axis(Axis(0), x).to_owned(),
                 })
                 .collect()
         } else {
+            // Experts in parallel: each tensor's conversion alone is too short to keep every
+            // core busy (and the first touch of its pages with them).
             (0..e)
+                .into_par_iter()
                 .map(|x| SwiGlu::load(store, &format!("{p}.experts.{x}"), names.expert_proj, h, i))
                 .collect::<Result<Vec<_>>>()?
         };
