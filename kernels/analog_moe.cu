@@ -14,6 +14,9 @@
 //                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16);
 //                4 (MOE_BM): one bound-management attempt: per crossbar block, the outputs of the pending
 //                  crossbars of the live rows → bm_scratch [slots, KB, N], saturation → bm_sat
+//   MOE_DIAG     1 (moe_gemm): the GDC readout through every crossbar block of a grouped matrix
+//                (launch expert g = block g % diag_kb of expert g / diag_kb of weights [E, N, diag_k]),
+//                input rows the identity in order: each row tile multiplies only its own K range
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
 // here, the oracle of the GPU tests, is backend::cuda::reference.
@@ -57,6 +60,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_WGMMA
 #define MOE_WGMMA 0
+#endif
+#ifndef MOE_DIAG
+#define MOE_DIAG 0
 #endif
 // Output columns per raster group of one expert's CTAs (tile_of_block): 2048 columns keep the
 // group's weight tiles (≤ 2048 × K × 4 bytes) and the expert's gathered rows within the L2.
@@ -317,6 +323,7 @@ struct GemmParams {
     u32 k, n, n_kb, k_block, n_experts, mvm_id, n_xbar, use_dac;
     float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code;
     u32 attempt;  // bound-management attempt of the output noise (0 outside MOE_MODE 4)
+    u32 diag_k, diag_kb;  // MOE_DIAG: K of the viewed weights [E, N, diag_k], crossbar blocks per row
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -600,6 +607,9 @@ __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b
 #if MOE_MODE == 3 && MOE_ANALOG
 #error "MOE_MODE 3 (bf16 hidden rows) is digital only"
 #endif
+#if MOE_DIAG && !(MOE_ANALOG && (MOE_MODE == 0 || MOE_MODE == 4))
+#error "MOE_DIAG (GDC readout) is analog, store mode or its bound-management attempts"
+#endif
 #if MOE_MODE == 4 && !(MOE_ANALOG && MOE_BM && MOE_ADC)
 #error "MOE_MODE 4 (bound-management attempt) needs MOE_ANALOG, MOE_BM and MOE_ADC"
 #endif
@@ -636,6 +646,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
     constexpr u32 CHUNK_ROWS = NTHREADS / 4, STAGE_BYTES = STAGE_HALVES * 2;
     const u32 smem_base = smem_addr(smem);
     const u32 ld_dst = ((t >> 2) * LDS + (t & 3) * 8) * 2;  // bytes, chunk 0 of A (B: + BM rows)
+#if MOE_DIAG
+    // GDC readout: this launch's expert e is crossbar block e % diag_kb of expert e / diag_kb of
+    // the weights [E, N, diag_k] (the forward's operands, no regrouped copy), and its rows are
+    // the identity rows in order, row r one-hot at input r. The tile's rows [m0, m0 + BM) thus
+    // see inputs [m0, m0 + BM) only: the others are zero, and their products add exact zeros to
+    // every sum (W x̃, Σ|W|x̃², the IR-drop sums), so the result is the whole block's. A quarter
+    // of the MMAs for 512-row crossbars.
+    const u32 k_first = m0, k_len = min(BM, K - m0);
+    const u64 w_ld = p.diag_k;
+    const u64 w_off = ((u64)(e / p.diag_kb) * p.n + n0 + (t >> 2)) * w_ld + (u64)(e % p.diag_kb) * K + k_first +
+                      (t & 3) * 8;
+#else
+    const u32 k_first = 0, k_len = K;
+    const u64 w_ld = K;
+    const u64 w_off = ((u64)e * p.n + n0 + (t >> 2)) * K + (t & 3) * 8;
+#endif
+    const u64 b_stride = (u64)CHUNK_ROWS * w_ld;
     const u16* a_src[A_CHUNKS];
     u32 a_bytes[A_CHUNKS];
 #pragma unroll
@@ -644,10 +671,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
         const bool ok = m0 + r < rows_e;
         const u32 pos = row_begin + m0 + r;
         const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
-        a_src[i] = p.a + (u64)row * K + (t & 3) * 8;
+        a_src[i] = p.a + (u64)row * K + k_first + (t & 3) * 8;
         a_bytes[i] = ok ? 16u : 0u;
     }
-    const u64 w_off = ((u64)e * p.n + n0 + (t >> 2)) * K + (t & 3) * 8, b_stride = (u64)CHUNK_ROWS * K;
     const u16* w_src = p.w_hi + w_off;
 #if NB_MAT == 2
     const u16* wl_src = p.w_lo + w_off;
@@ -717,7 +743,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
             for (int r = 0; r < 4; ++r) total[i][j][r] = 0.0f;
 #endif
 
-    const u32 n_steps = K / BK, steps_per_block = p.k_block / BK;
+    // MOE_DIAG: one crossbar block (n_kb = 1), of which the tile's K range.
+    const u32 n_steps = k_len / BK, steps_per_block = MOE_DIAG ? n_steps : p.k_block / BK;
     // Prologue: STAGES − 1 stages in flight (empty groups keep the group count uniform).
 #pragma unroll
     for (u32 st = 0; st < MOE_STAGES - 1; ++st) {
@@ -787,7 +814,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #endif
 #if MOE_IR_DROP
             {
-                u32 j0 = step_in_block * BK + kk + (lane & 3) * 2;
+                u32 j0 = k_first + step_in_block * BK + kk + (lane & 3) * 2;
                 float nf = (float)p.k_block;
                 u32 f_lo = pack_f16x2(ir_row_factor(j0, nf), ir_row_factor(j0 + 1, nf));
                 u32 f_hi = pack_f16x2(ir_row_factor(j0 + 8, nf), ir_row_factor(j0 + 9, nf));

@@ -165,6 +165,47 @@ extern "C" __global__ void silu_mul(const float* gu, float* h, u64 rows, u32 int
     h[i] = g / (1.0f + expf(-g)) * u;
 }
 
+// Mirrors common::silu_mul on the kernel layout of a grouped gate/up matrix, whose gate and up
+// rows come interleaved in groups of 8 (backend::cuda::moe::interleave_rows): h[r, j] =
+// silu(g)·u with g at column (j / 8)·16 + j % 8 of gu's row r and u 8 columns later.
+extern "C" __global__ void silu_mul_interleaved(const float* gu, float* h, u64 rows, u32 inter) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * inter) return;
+    const u64 r = i / inter;
+    const u32 j = (u32)(i % inter), col = (j / 8) * 16 + j % 8;
+    const float g = gu[r * 2 * inter + col], u = gu[r * 2 * inter + col + 8];
+    h[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// pos_of_pair[sorted_pair[p]] = p: where each (token, slot) pair landed in the expert-sorted
+// order (backend::cuda::moe::GpuRouting).
+extern "C" __global__ void invert_pairs(const u32* sorted_pair, u32* pos_of_pair, u32 pairs) {
+    const u32 p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p < pairs) pos_of_pair[sorted_pair[p]] = p;
+}
+
+#define COMBINE_MAX_K 32
+
+// Mirrors the sum of model::moe::dispatch: out[t, c] = Σ w·y[p, c] over token t's k sorted pairs
+// p in expert order (ascending p: the pairs are sorted by expert), each product rounded before
+// its add as `row *= w; o += &row` does. y is [pairs, width] in sorted order; k ≤ COMBINE_MAX_K.
+extern "C" __global__ void combine_pairs(const float* y, const u32* pos_of_pair, const float* sorted_weight,
+                                         float* out, u32 tokens, u32 k, u32 width) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)tokens * width) return;
+    const u32 t = (u32)(i / width), c = (u32)(i % width);
+    u32 pos[COMBINE_MAX_K];
+    for (u32 j = 0; j < k; ++j) {
+        const u32 p = pos_of_pair[(u64)t * k + j];
+        u32 q = j;
+        for (; q > 0 && pos[q - 1] > p; --q) pos[q] = pos[q - 1];
+        pos[q] = p;
+    }
+    float acc = 0.0f;
+    for (u32 j = 0; j < k; ++j) acc += sorted_weight[pos[j]] * y[(u64)pos[j] * width + c];
+    out[i] = acc;
+}
+
 // h += y, or with `gate_logit` (one per row, Qwen2-MoE shared_expert_gate) h += y · σ(gate):
 // the residual adds of DecoderLayer::forward and MoeBlock::forward.
 extern "C" __global__ void add_rows(float* h, const float* y, const float* gate_logit, u64 n, u32 width) {

@@ -138,16 +138,27 @@ extern "C" __global__ void abs_max(const float* x, u64 n, u32* out_bits) {
     if ((threadIdx.x & 31) == 0) atomicMax(out_bits, m);
 }
 
-// Element i of a grouped matrix [E, N, K] with crossbar blocks of k_block rows along K: its
-// expert e, column c, K block kb and row j inside the block (backend::cuda::moe::GroupedMatrix).
+// Element (e, c, kb, j) of a grouped matrix [E, N, K] with crossbar blocks of k_block rows along
+// K (backend::cuda::moe::GroupedMatrix): expert e, column c, K block kb, row j inside the block.
 struct GroupedIndex {
-    u64 e;
-    u32 c, kb, j, n_kb;
+    u32 e, c, kb, j, n_kb;
 };
-__device__ __forceinline__ GroupedIndex grouped_index(u64 i, u32 n, u32 k, u32 k_block) {
-    const u32 kk = i % k;
-    const u64 ec = i / k;
-    return GroupedIndex{ec / n, (u32)(ec % n), kk / k_block, kk % k_block, k / k_block};
+// The element of this thread in a launch of backend::cuda::row_launch(E·N, K, per): ⌈K /
+// (blockDim·per)⌉ blocks per row e·N + c, `per` consecutive elements per thread, the first at
+// flat index *i; false past the row's end. 32-bit divisions only (a flat 64-bit index costs two
+// 64-bit divisions per element).
+__device__ __forceinline__ bool grouped_element(u32 n, u32 k, u32 k_block, u32 per, GroupedIndex& g, u64& i) {
+    const u32 span = blockDim.x * per, chunks = (k + span - 1) / span;
+    const u32 row = blockIdx.x / chunks;
+    const u32 kk = (blockIdx.x - row * chunks) * span + threadIdx.x * per;
+    if (kk >= k) return false;
+    g.e = row / n;
+    g.c = row - g.e * n;
+    g.kb = kk / k_block;
+    g.j = kk - g.kb * k_block;
+    g.n_kb = k / k_block;
+    i = (u64)row * k + kk;
+    return true;
 }
 
 // drift_weights over the experts of a grouped matrix (backend::cuda::moe::GroupedMatrix,
@@ -159,11 +170,11 @@ extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, f
                                          u32 k_block, const u32* col_tensor_id, const u32* col_local,
                                          const float* col_g_scale, u64 seed, float ratio, float time_factor,
                                          PcmParams p) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    GroupedIndex g;
+    u64 i;
+    if (!grouped_element(n, k, k_block, 1, g, i)) return;
     const u32 c = g.c, j = g.j;
-    const u64 tab = (g.e * g.n_kb + g.kb) * n + c;
+    const u64 tab = ((u64)g.e * g.n_kb + g.kb) * n + c;
     const float g_scale_us = col_g_scale[tab];
     PhiloxStream read = make_stream(seed, PURPOSE_READ_NOISE, col_tensor_id[tab]);
     const u64 local = (u64)col_local[c] * k_block + j;
@@ -172,15 +183,6 @@ extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, f
     float g0 = pcm_read(p, gp.x, nu[i], ratio, time_factor, xi.x);
     float g1 = pcm_read(p, gp.y, nu[len + i], ratio, time_factor, xi.y);
     w[i] = (g0 - g1) / g_scale_us;
-}
-
-// [E, N, K] → [E·n_kb, N, k_block]: each crossbar block along K becomes a matrix of its own,
-// for the per-crossbar GDC readout forward.
-extern "C" __global__ void regroup_blocks(const float* w, float* out, u64 len, u32 n, u32 k, u32 k_block) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    const GroupedIndex g = grouped_index(i, n, k, k_block);
-    out[((g.e * g.n_kb + g.kb) * n + g.c) * k_block + g.j] = w[i];
 }
 
 // [G, N, row] gate and up → [G, 2N, row], rows interleaved in groups of 8 (gate group g, then up
@@ -194,14 +196,16 @@ extern "C" __global__ void interleave_swiglu_rows(const float* gate, const float
     out[i] = ((g8 & 1) ? up : gate)[(g * n + c) * row + j];
 }
 
-// out[g·n + c] = Σ_j |a[g·sg + j·sj + c·sc]| for j < rows, in f64 as tile::crossbar's
-// mean_abs_f64 accumulates the GDC readouts. One thread per (g, c).
-extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 groups, u32 rows, u32 n, u64 sg, u64 sj,
-                                           u64 sc) {
+// out[g·n + c] = Σ_j |a[(g / blocks)·s_e + (g % blocks)·s_kb + j·sj + c·sc]| for j < rows, in
+// f64 as tile::crossbar's mean_abs_f64 accumulates the GDC readouts (crossbar block g =
+// e·blocks + kb: the readout rows [E·KB·k_block, N], or W̃ [E, N, K] in place). One thread per
+// (g, c).
+extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 groups, u32 rows, u32 n, u32 blocks,
+                                           u64 s_e, u64 s_kb, u64 sj, u64 sc) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)groups * n) return;
-    const u64 g = i / n, c = i % n;
-    const float* base = a + g * sg + c * sc;
+    const u32 g = (u32)(i / n), c = (u32)(i % n);
+    const float* base = a + (u64)(g / blocks) * s_e + (u64)(g % blocks) * s_kb + c * sc;
     double s = 0.0;
     for (u32 j = 0; j < rows; ++j) s += (double)fabsf(base[(u64)j * sj]);
     out[i] = s;
@@ -210,7 +214,7 @@ extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 grou
 // Crossbar slot of grouped element (e, kb, column c): (e·n_kb + kb)·n_xbar + col_xbar[c], one
 // per crossbar (backend::cuda::moe::GroupedMatrix numbers its column blocks by col_xbar).
 __device__ __forceinline__ u64 crossbar_slot(const GroupedIndex& g, const u32* col_xbar, u32 n_xbar) {
-    return (g.e * g.n_kb + g.kb) * n_xbar + col_xbar[g.c];
+    return ((u64)g.e * g.n_kb + g.kb) * n_xbar + col_xbar[g.c];
 }
 
 // max |x / s| per crossbar of a grouped matrix [E, N, K] as IEEE bits (non-negative floats order
@@ -223,13 +227,13 @@ extern "C" __global__ void crossbar_abs_max(const float* x, const float* col_div
                                             const u32* col_xbar, u32 n_xbar, u32* out_bits) {
     // 8 consecutive elements per thread: one row segment of one crossbar (k_block % 8 == 0,
     // host-checked). max |x/d| = (max |x|)/d for d > 0, as division rounds monotonically.
-    const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (i >= len) return;
-    const GroupedIndex g = grouped_index(i, n, k, k_block);
+    GroupedIndex g;
+    u64 i;
+    if (!grouped_element(n, k, k_block, 8, g, i)) return;
     const float4 a = *(const float4*)(x + i), b = *(const float4*)(x + i + 4);
     float v = fmaxf(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))),
                     fmaxf(fmaxf(fabsf(b.x), fabsf(b.y)), fmaxf(fabsf(b.z), fabsf(b.w))));
-    if (col_div) v = v / col_div[(g.e * g.n_kb + g.kb) * n + g.c];
+    if (col_div) v = v / col_div[((u64)g.e * g.n_kb + g.kb) * n + g.c];
     const u64 slot = crossbar_slot(g, col_xbar, n_xbar);
     const u32 peers = __match_any_sync(__activemask(), slot);
     const u32 m = __reduce_max_sync(peers, __float_as_uint(v));
@@ -254,10 +258,10 @@ extern "C" __global__ void crossbar_scales(const u32* max_bits, u64 len, u32 n, 
 extern "C" __global__ void program_grouped(const float* w, const float* s_map, const float* g_target, float* w_prog,
                                            float* nu, u64 len, u32 n, u32 k, u32 k_block, const u32* col_tensor_id,
                                            const u32* col_local, u64 seed, PcmParams p) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= len) return;
-    const GroupedIndex g = grouped_index(i, n, k, k_block);
-    const u64 tab = (g.e * g.n_kb + g.kb) * n + g.c;
+    GroupedIndex g;
+    u64 i;
+    if (!grouped_element(n, k, k_block, 1, g, i)) return;
+    const u64 tab = ((u64)g.e * g.n_kb + g.kb) * n + g.c;
     const u64 local = (u64)col_local[g.c] * k_block + g.j;
     w_prog[i] = program_element(p, w[i] / s_map[tab], g_target[tab], seed, col_tensor_id[tab], local, nu + i,
                                 nu + len + i);

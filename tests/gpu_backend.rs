@@ -1179,7 +1179,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
 #[test]
 fn kernel_parameter_structs_match_the_cuda_layout() {
     // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
-    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 256);
+    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 264);
     assert_eq!(
         std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
         56
@@ -1242,10 +1242,19 @@ fn embedded_model_eval_on_the_gpu_matches_the_cpu() {
             gpu.backend.starts_with("cuda")
                 && !gpu.backend.contains("on the CPU")
                 && gpu.backend.contains("drift on the GPU")
-                && gpu.backend.contains("whole forward on the GPU"),
+                && gpu.backend.contains("whole forward on the GPU")
+                && gpu.backend.contains("digital reference on the GPU"),
             "{}",
             gpu.backend
         );
+        // The digital reference: the same function in another f32 summation order.
+        let rel = (cpu.digital_perplexity - gpu.digital_perplexity).abs() / cpu.digital_perplexity;
+        println!(
+            "digital perplexity CPU {:.6} GPU {:.6} (rel {rel:.1e}, bound 1e-5); reference CPU {:.2} s, \
+             GPU {:.2} s",
+            cpu.digital_perplexity, gpu.digital_perplexity, cpu.digital_seconds, gpu.digital_seconds
+        );
+        assert!(rel < 1e-5, "digital perplexity differs by {rel}");
         println!(
             "analog forwards: CPU {:.2} s, GPU experts {:.2} s ({:.1}×)",
             cpu.analog_seconds,
@@ -1552,6 +1561,73 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
     assert!(per_token[per_token.len() / 2] <= LAYER_REL_RMS_BOUND);
     assert!(off * 20 <= ids.len(), "{off} tokens differ");
     assert!((n_gpu - n_cpu).abs() / n_cpu < 1e-3);
+}
+
+#[test]
+fn digital_reference_on_the_gpu_matches_the_cpu_model() {
+    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::model::GpuModel;
+    use aimc::model::{ForwardOptions, RouterKind};
+    let Some(dev) = gpu("digital reference on the GPU") else {
+        return;
+    };
+    let (model, ids) = common::embedded_model_and_tokens(3 * 128 + 50);
+    let preset = TilePreset::resolve("pcm-3d-8tier").unwrap();
+    let mapping = common::default_mapping(&model, &preset);
+    let layout = aimc::backend::cpu::AnalogExperts::layout(
+        &model,
+        &mapping,
+        &preset,
+        preset.device.build(),
+        0,
+    )
+    .unwrap();
+    let g = GpuExperts::program(&dev, &layout, &preset, Precision::AnalogSplitF16).unwrap();
+    let cfg = &model.config;
+    let moe: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
+    assert!(
+        !moe.is_empty() && moe.iter().all(|&l| g.has_digital_weights(l)),
+        "digital expert weights on the device for MoE layers {moe:?}"
+    );
+    let mut gm = GpuModel::upload(&dev, &model).unwrap();
+    let seqs: Vec<&[u32]> = ids.chunks(128).collect();
+    let v = cfg.vocab_size;
+    let got = dev
+        .download(
+            &gm.digital_sequences(&seqs, &g, &RouterKind::default())
+                .unwrap(),
+        )
+        .unwrap();
+    let got = Array2::from_shape_vec((ids.len(), v), got).unwrap();
+    // The CPU model's own forward (digital weights, f32); the GPU sums in other orders (cuBLAS
+    // SGEMM, online-softmax attention, per-expert GEMMs over the sorted pairs). A wrong expert
+    // weight, SwiGLU column or combine order moves logits by O(1).
+    let (mut worst, mut argmax_off) = (0.0f32, 0usize);
+    for (q, s) in seqs.iter().enumerate() {
+        let want = model.forward(s, &ForwardOptions::default()).unwrap().logits;
+        for t in 0..s.len() {
+            let (a, b) = (got.row(q * 128 + t), want.row(t));
+            worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(worst, f32::max);
+            let am = |r: ndarray::ArrayView1<f32>| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+                    .0
+            };
+            argmax_off += usize::from(am(a) != am(b));
+        }
+    }
+    println!(
+        "digital forward on the GPU vs the CPU model: max |logit diff| {worst:.2e} (bound 2e-4), \
+         {argmax_off} of {} argmaxes differ",
+        ids.len()
+    );
+    assert!(worst <= 2e-4, "{worst}");
+    assert!(argmax_off * 200 <= ids.len(), "{argmax_off}");
 }
 
 #[test]

@@ -75,7 +75,9 @@ pub struct EvalArgs {
 
 /// Runs `aimc eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
+    let clock = std::time::Instant::now();
     let model = load_model(args.model.as_deref())?;
+    let load_s = clock.elapsed().as_secs_f64();
     let default_tokens = if args.digital { usize::MAX } else { 4096 };
     let ids = load_tokens(
         &model,
@@ -134,7 +136,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     for spec in specs {
         let preset = TilePreset::resolve(&spec.preset)?;
         eprintln!("evaluating {} on {} tokens", spec.label, ids.len());
+        let clock = std::time::Instant::now();
         let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg)?;
+        let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
         let ph = &report.phases;
         eprintln!(
@@ -147,6 +151,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ph.upload_s,
             ph.forward_s,
             report.digital_seconds
+        );
+        eprintln!(
+            "  wall {total_s:.2} s: the above, mapping and GPU set-up {:.2} s (model loaded in {load_s:.2} s)",
+            total_s - report.analog_seconds - report.digital_seconds
         );
         eprintln!("  backend: {}", report.backend);
         runs.push(RunResult { spec, report });

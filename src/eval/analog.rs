@@ -141,6 +141,13 @@ struct Reference {
     argmax: Vec<usize>,
 }
 
+/// The reference of a sequence of `len` tokens from its digital logits (`[len, vocab]`).
+fn reference(logits: ArrayView2<f32>, len: usize) -> Reference {
+    let logp = log_softmax_rows(logits.slice(ndarray::s![..len - 1, ..]));
+    let argmax = logp.axis_iter(Axis(0)).map(argmax).collect();
+    Reference { logp, argmax }
+}
+
 /// Compares analog logits with the digital reference on `targets` (the next tokens).
 fn compare(reference: &Reference, analog_logits: ArrayView2<f32>, targets: &[u32]) -> Sums {
     let n = targets.len();
@@ -209,16 +216,78 @@ pub fn evaluate(
         router: cfg.router,
         ..Default::default()
     };
+    // The whole forward on the GPU when the dense weights fit there; else only the routed
+    // experts (the rest of the forward on the CPU).
+    #[cfg(feature = "cuda")]
+    let gpu = cfg.execution.gpu_for(preset)?;
+    #[cfg(feature = "cuda")]
+    let mut gpu_model = match &gpu {
+        None => None,
+        Some(dev) => match crate::backend::cuda::model::GpuModel::upload(dev, model) {
+            Ok(gm) => Some(gm),
+            Err(e) => {
+                eprintln!("note: attention, norms and LM head run on the CPU ({e})");
+                None
+            }
+        },
+    };
+    let mut phases = EvalPhases::default();
+    let t1 = Instant::now();
+    // Program, drift and run on the GPU when it holds every analog matrix and the device is
+    // the preset's: the CPU builds the crossbar layout (block split, tensor ids, mapping
+    // scales; no devices programmed), the GPU programs every seed itself.
+    #[cfg(feature = "cuda")]
+    let first = match gpu
+        .as_ref()
+        .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
+    {
+        Some(_) => {
+            let clock = Instant::now();
+            let layout =
+                AnalogExperts::layout(model, mapping, preset, preset.device.build(), cfg.seeds[0])?;
+            phases.program_s += clock.elapsed().as_secs_f64();
+            Some(layout)
+        }
+        None => None,
+    };
+    #[cfg(feature = "cuda")]
+    let programmed = match (&gpu, &first) {
+        (Some(dev), Some(first)) => {
+            use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
+            let clock = Instant::now();
+            let programmed = GpuExperts::program(dev, first, preset, Precision::AnalogSplitF16);
+            phases.upload_s += clock.elapsed().as_secs_f64();
+            match programmed {
+                Ok(g) => Some(g),
+                Err(CudaError::Unsupported(why)) => {
+                    eprintln!("note: programming and drift run on the CPU ({why})");
+                    None
+                }
+                Err(e) => anyhow::bail!("uploading the programmed experts to the GPU: {e}"),
+            }
+        }
+        _ => None,
+    };
+    // The digital reference: on the GPU, in the arithmetic of the analog forwards it is
+    // compared with, when they run there; else on the CPU.
     let t0 = Instant::now();
-    let references: Vec<Reference> = seqs
-        .par_iter()
-        .map(|s| {
-            let out = model.forward(s, &opts)?;
-            let logp = log_softmax_rows(out.logits.slice(ndarray::s![..s.len() - 1, ..]));
-            let argmax = logp.axis_iter(Axis(0)).map(argmax).collect();
-            Ok(Reference { logp, argmax })
-        })
-        .collect::<Result<_>>()?;
+    #[cfg(feature = "cuda")]
+    let on_gpu = match (gpu_model.as_mut(), programmed.as_ref()) {
+        (Some(gm), Some(g)) => Some(gpu_references(gm, g, &seqs, &cfg.router)?),
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let on_gpu: Option<Vec<Reference>> = None;
+    let references: Vec<Reference> = match on_gpu {
+        Some(r) => r,
+        None => seqs
+            .par_iter()
+            .map(|s| {
+                let out = model.forward(s, &opts)?;
+                Ok(reference(out.logits.view(), s.len()))
+            })
+            .collect::<Result<_>>()?,
+    };
     let digital_seconds = t0.elapsed().as_secs_f64();
     let digital_nll: f64 = references
         .iter()
@@ -232,19 +301,15 @@ pub fn evaluate(
     let positions: usize = seqs.iter().map(|s| s.len() - 1).sum();
 
     #[cfg(feature = "cuda")]
-    let gpu = cfg.execution.gpu_for(preset)?;
-    // The whole forward on the GPU when the dense weights and the reference fit there; else
-    // only the routed experts (the rest of the forward on the CPU).
-    #[cfg(feature = "cuda")]
-    let mut whole = match &gpu {
-        None => None,
-        Some(dev) => match whole_model_on_gpu(dev, model, &references, &seqs) {
-            Ok(w) => Some(w),
+    let mut whole = match (gpu_model, &gpu) {
+        (Some(gm), Some(dev)) => match reference_on_gpu(dev, &references, &seqs) {
+            Ok(r) => Some((gm, r)),
             Err(e) => {
                 eprintln!("note: attention, norms and LM head run on the CPU ({e})");
                 None
             }
         },
+        _ => None,
     };
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut backend = "cpu".to_string();
@@ -256,85 +321,58 @@ pub fn evaluate(
         ))
     };
     let mut points = Vec::new();
-    let mut phases = EvalPhases::default();
-    let t1 = Instant::now();
-    // Program, drift and run on the GPU when it holds every analog matrix and the device is
-    // the preset's: the CPU builds the crossbar layout (block split, tensor ids, mapping
-    // scales; no devices programmed), the GPU programs every seed itself.
     #[cfg(feature = "cuda")]
     let mut done_on_gpu = false;
     #[cfg(feature = "cuda")]
-    if let Some(dev) = gpu
-        .as_ref()
-        .filter(|_| cfg.device.is_none() && cfg.router.fixed_k())
-    {
-        use crate::backend::cuda::{
-            experts::{GpuExperts, Residency},
-            moe::Precision,
-            CudaError,
-        };
-        let clock = Instant::now();
-        let first =
-            AnalogExperts::layout(model, mapping, preset, preset.device.build(), cfg.seeds[0])?;
-        phases.program_s += clock.elapsed().as_secs_f64();
-        let clock = Instant::now();
-        let programmed = GpuExperts::program(dev, &first, preset, Precision::AnalogSplitF16);
-        phases.upload_s += clock.elapsed().as_secs_f64();
-        match programmed {
-            Ok(mut g) => {
-                for (i, &seed) in cfg.seeds.iter().enumerate() {
-                    if i > 0 {
-                        let clock = Instant::now();
-                        g.reprogram(seed).map_err(|e| {
-                            anyhow::anyhow!("programming seed {seed} on the GPU: {e}")
-                        })?;
-                        phases.program_s += clock.elapsed().as_secs_f64();
-                    }
-                    for &t in &cfg.times_s {
-                        show_point(seed, t);
-                        let clock = Instant::now();
-                        g.drift_to(t)
-                            .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
-                        phases.drift_s += clock.elapsed().as_secs_f64();
-                        backend = format!(
-                            "{}; programming and drift on the GPU{}",
-                            describe_gpu(&cfg.execution, &g),
-                            match g.residency() {
-                                Some(Residency::Transient) => {
-                                    " (programmed state recomputed per point: too large to stay)"
-                                }
-                                _ => "",
-                            }
-                        );
-                        let clock = Instant::now();
-                        let total = forwards(
-                            model,
-                            &seqs,
-                            &references,
-                            &opts,
-                            &first,
-                            Some(&g),
-                            whole.as_mut(),
-                            &mut backend,
-                        )?;
-                        phases.forward_s += clock.elapsed().as_secs_f64();
-                        points.push(point(t, seed, total));
-                        bar.inc(1);
-                    }
-                }
-                for st in g.stage_seconds().unwrap_or_default() {
-                    eprintln!(
-                        "  GPU programming/drift stage {}: {:.3} s (host enqueue {:.3} s)",
-                        st.name, st.seconds, st.host_seconds
-                    );
-                }
-                done_on_gpu = true;
+    if let (Some(mut g), Some(first)) = (programmed, &first) {
+        use crate::backend::cuda::experts::Residency;
+        for (i, &seed) in cfg.seeds.iter().enumerate() {
+            if i > 0 {
+                let clock = Instant::now();
+                g.reprogram(seed)
+                    .map_err(|e| anyhow::anyhow!("programming seed {seed} on the GPU: {e}"))?;
+                phases.program_s += clock.elapsed().as_secs_f64();
             }
-            Err(CudaError::Unsupported(why)) => {
-                eprintln!("note: programming and drift run on the CPU ({why})");
+            for &t in &cfg.times_s {
+                show_point(seed, t);
+                let clock = Instant::now();
+                g.drift_to(t)
+                    .map_err(|e| anyhow::anyhow!("drifting the experts on the GPU: {e}"))?;
+                phases.drift_s += clock.elapsed().as_secs_f64();
+                backend = format!(
+                    "{}; programming and drift on the GPU{}",
+                    describe_gpu(&cfg.execution, &g),
+                    match g.residency() {
+                        Some(Residency::Transient) => {
+                            " (programmed state recomputed per point: too large to stay)"
+                        }
+                        _ => "",
+                    }
+                );
+                let clock = Instant::now();
+                let total = forwards(
+                    model,
+                    &seqs,
+                    &references,
+                    &opts,
+                    first,
+                    Some(&g),
+                    whole.as_mut(),
+                    &mut backend,
+                )?;
+                phases.forward_s += clock.elapsed().as_secs_f64();
+                points.push(point(t, seed, total));
+                bar.inc(1);
             }
-            Err(e) => anyhow::bail!("uploading the programmed experts to the GPU: {e}"),
         }
+        for st in g.stage_seconds().unwrap_or_default() {
+            eprintln!(
+                "  GPU programming/drift stage {}: {:.3} s (host enqueue {:.3} s)",
+                st.name, st.seconds, st.host_seconds
+            );
+        }
+        backend.push_str("; digital reference on the GPU");
+        done_on_gpu = true;
     }
     #[cfg(feature = "cuda")]
     let cpu_seeds: &[u64] = if done_on_gpu { &[] } else { &cfg.seeds };
@@ -422,7 +460,7 @@ pub fn evaluate(
         digital_perplexity: (digital_nll / positions as f64).exp(),
         points,
         summary,
-        analog_seconds: t1.elapsed().as_secs_f64(),
+        analog_seconds: t1.elapsed().as_secs_f64() - digital_seconds,
         digital_seconds,
         backend,
         phases,
@@ -512,26 +550,61 @@ fn point(t_seconds: f64, seed: u64, total: Sums) -> PointMetrics {
     }
 }
 
-/// The dense weights of `model` and the digital reference of `seqs` on the GPU.
+/// The digital reference of `seqs` on the GPU, for the metrics of the analog forwards there.
 #[cfg(feature = "cuda")]
-fn whole_model_on_gpu<'m>(
+fn reference_on_gpu(
     dev: &crate::backend::cuda::CudaDevice,
-    model: &'m Model,
     references: &[Reference],
     seqs: &[&[u32]],
-) -> Result<(
-    crate::backend::cuda::model::GpuModel<'m>,
-    crate::backend::cuda::model::GpuReference,
-)> {
-    use crate::backend::cuda::model::{GpuModel, GpuReference};
-    let gm = GpuModel::upload(dev, model)?;
+) -> Result<crate::backend::cuda::model::GpuReference> {
     let refs: Vec<_> = references
         .iter()
         .zip(seqs)
         .map(|(r, s)| (r.logp.view(), r.argmax.as_slice(), &s[1..]))
         .collect();
-    let gref = GpuReference::upload(dev, &refs)?;
-    Ok((gm, gref))
+    Ok(crate::backend::cuda::model::GpuReference::upload(
+        dev, &refs,
+    )?)
+}
+
+/// The digital references of `seqs` from the digital forward on the GPU
+/// ([`crate::backend::cuda::model::GpuModel::digital_sequences`]), as many sequences per pass
+/// as the device memory holds.
+#[cfg(feature = "cuda")]
+fn gpu_references(
+    gm: &mut crate::backend::cuda::model::GpuModel<'_>,
+    g: &crate::backend::cuda::experts::GpuExperts<'_, '_>,
+    seqs: &[&[u32]],
+    router: &RouterKind,
+) -> Result<Vec<Reference>> {
+    let dev = g.device();
+    let per_pass = gm
+        .sequences_per_pass(dev, seqs[0].len())
+        .map_err(|e| anyhow::anyhow!("sizing the GPU batch: {e}"))?;
+    let mut out = Vec::with_capacity(seqs.len());
+    for batch in seqs.chunks(per_pass) {
+        let logits = gm.digital_sequences(batch, g, router)?;
+        let logits = dev
+            .download(&logits)
+            .map_err(|e| anyhow::anyhow!("copying the digital logits back: {e}"))?;
+        let rows: usize = batch.iter().map(|s| s.len()).sum();
+        let logits = Array2::from_shape_vec((rows, logits.len() / rows), logits)?;
+        let starts: Vec<usize> = batch
+            .iter()
+            .scan(0, |r, s| {
+                let start = *r;
+                *r += s.len();
+                Some(start)
+            })
+            .collect();
+        out.par_extend(
+            batch
+                .par_iter()
+                .zip(starts)
+                .map(|(s, r0)| reference(logits.slice(ndarray::s![r0..r0 + s.len(), ..]), s.len())),
+        );
+    }
+    Ok(out)
 }
 
 /// `cuda (<GPU>): routed experts of layers [..] on the GPU; layer L on the CPU (why)`.

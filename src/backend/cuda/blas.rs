@@ -51,7 +51,7 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
     ) -> CudaResult<()> {
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        self.gemm_nt("bf16", bf16, dev, a, b, c, (m, n, k), 0.0)
+        self.gemm_nt("bf16", bf16, dev, (a, 0), (b, 0), (c, 0), (m, n, k), 0.0)
     }
 
     /// Y[m, n] = X[m, k] · W[n, k]ᵀ + β·Y, row-major f32 (`nn.Linear` layout for W), f32
@@ -67,26 +67,53 @@ impl Blas {
         beta: f32,
     ) -> CudaResult<()> {
         let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
-        self.gemm_nt("f32", f32_, dev, x, w, y, (m, n, k), beta)
+        self.gemm_nt("f32", f32_, dev, (x, 0), (w, 0), (y, 0), (m, n, k), beta)
+    }
+
+    /// [`Blas::sgemm_nt`] on row blocks: rows `x_row..x_row + m` of X, `w_row..w_row + n` of W
+    /// and `y_row..y_row + m` of Y (one expert's sorted rows and weights of a grouped matrix).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_nt_rows(
+        &self,
+        dev: &CudaDevice,
+        (x, x_row): (&CudaSlice<f32>, usize),
+        (w, w_row): (&CudaSlice<f32>, usize),
+        (y, y_row): (&mut CudaSlice<f32>, usize),
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> CudaResult<()> {
+        let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
+        self.gemm_nt(
+            "f32",
+            f32_,
+            dev,
+            (x, x_row * k),
+            (w, w_row * k),
+            (y, y_row * n),
+            (m, n, k),
+            beta,
+        )
     }
 
     /// C[m, n] = A[m, k] · B[n, k]ᵀ + β·C for row-major operands of cuBLAS type `operand`
-    /// (`what` names it in errors), f32 output and accumulation.
+    /// (`what` names it in errors), f32 output and accumulation; each matrix starts at its
+    /// element offset in its buffer.
     #[allow(clippy::too_many_arguments)]
     fn gemm_nt<T>(
         &self,
         what: &str,
         operand: cublas_sys::cudaDataType,
         dev: &CudaDevice,
-        a: &CudaSlice<T>,
-        b: &CudaSlice<T>,
-        c: &mut CudaSlice<f32>,
+        (a, a_off): (&CudaSlice<T>, usize),
+        (b, b_off): (&CudaSlice<T>, usize),
+        (c, c_off): (&mut CudaSlice<f32>, usize),
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> CudaResult<()> {
-        if a.len() < m * k || b.len() < n * k || c.len() < m * n {
+        if a.len() < a_off + m * k || b.len() < b_off + n * k || c.len() < c_off + m * n {
             return Err(CudaError::Unsupported(format!(
-                "{what} GEMM: buffers of {}, {}, {} elements for m={m} n={n} k={k}",
+                "{what} GEMM: buffers of {}, {}, {} elements for m={m} n={n} k={k} at offsets \
+                 {a_off}, {b_off}, {c_off}",
                 a.len(),
                 b.len(),
                 c.len()
@@ -96,9 +123,15 @@ impl Blas {
             return Ok(());
         }
         let stream = dev.stream();
+        let size = std::mem::size_of::<T>() as u64;
         let (pa, _ga) = a.device_ptr(stream);
         let (pb, _gb) = b.device_ptr(stream);
         let (pc, _gc) = c.device_ptr_mut(stream);
+        let (pa, pb, pc) = (
+            pa + a_off as u64 * size,
+            pb + b_off as u64 * size,
+            pc + c_off as u64 * 4,
+        );
         let alpha = 1.0f32;
         // Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS sees (n × m) = op(B)ᵀ-free form.
         // SAFETY: pointers come from live buffers of the sizes checked above.

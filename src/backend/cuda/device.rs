@@ -322,6 +322,24 @@ pub fn linear_launch(n: u64) -> LaunchConfig {
     }
 }
 
+/// A launch over the rows of a matrix `[rows, k]` for `grouped_element` in
+/// `kernels/program.cu`: blocks of 256 threads, ⌈k / (256·per_thread)⌉ of them per row, each
+/// thread `per_thread` consecutive elements of one row. An error past 2^31 − 1 blocks.
+pub fn row_launch(rows: usize, k: usize, per_thread: usize) -> CudaResult<LaunchConfig> {
+    let chunks = k.div_ceil(256 * per_thread.max(1)).max(1);
+    let blocks = rows.max(1).saturating_mul(chunks);
+    if blocks > i32::MAX as usize || rows > u32::MAX as usize || k > u32::MAX as usize {
+        return Err(CudaError::Unsupported(format!(
+            "a row launch over {rows} rows of {k} elements needs {blocks} blocks (at most 2^31 − 1)"
+        )));
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// [`CudaDevice::retain_pool`]'s guard: on drop, the pool's release threshold goes back to 0
 /// and its unused memory back to the driver (after the stream's work).
 pub struct PoolRetention<'d> {

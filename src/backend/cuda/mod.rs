@@ -29,5 +29,5 @@ pub mod program;
 pub mod reference;
 pub mod rng;
 
-pub use device::{gib, linear_launch, CudaDevice};
+pub use device::{gib, linear_launch, row_launch, CudaDevice};
 pub use error::{CudaError, CudaResult};

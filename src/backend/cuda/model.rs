@@ -117,6 +117,15 @@ struct GpuLayer {
 }
 
 use super::profile::{laps, StageClock};
+
+/// The weights a GPU forward pass multiplies with wherever the model has analog matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Weights {
+    /// The programmed, drifted crossbars of the [`GpuExperts`].
+    Analog,
+    /// The model's digital f32 weights.
+    Digital,
+}
 pub use super::profile::{StageTime, PROFILE_ENV};
 
 /// The digital weights of a model on the device, ready to run forward passes.
@@ -329,6 +338,32 @@ impl<'m> GpuModel<'m> {
         router: &RouterKind,
         first_call: u32,
     ) -> Result<CudaSlice<f32>> {
+        self.run_sequences(seqs, experts, router, first_call, Weights::Analog)
+    }
+
+    /// [`GpuModel::forward_sequences`] with the model's digital weights everywhere: the digital
+    /// reference of an evaluation in the GPU arithmetic of its analog forwards (cuBLAS f32;
+    /// the routed experts by [`GpuExperts::digital_pairs_on_device`] where the device holds
+    /// their digital weights, else [`Model`]'s on the CPU). Agrees with [`Model::forward`] up
+    /// to f32 summation order.
+    pub fn digital_sequences(
+        &mut self,
+        seqs: &[&[u32]],
+        experts: &GpuExperts<'_, '_>,
+        router: &RouterKind,
+    ) -> Result<CudaSlice<f32>> {
+        self.run_sequences(seqs, experts, router, 0, Weights::Digital)
+    }
+
+    fn run_sequences(
+        &mut self,
+        seqs: &[&[u32]],
+        experts: &GpuExperts<'_, '_>,
+        router: &RouterKind,
+        first_call: u32,
+        weights: Weights,
+    ) -> Result<CudaSlice<f32>> {
+        let digital = weights == Weights::Digital;
         let dev = experts.device();
         dev.context()
             .bind_to_thread()
@@ -439,7 +474,7 @@ impl<'m> GpuModel<'m> {
             match &layer.ffn {
                 GpuFfn::Dense(m) => {
                     let slot = ExpertSlot::DenseMlp;
-                    if is_digital(experts, l, slot) {
+                    if digital || is_digital(experts, l, slot) {
                         self.swiglu(dev, m, &x, s, h_dim, &mut h, None)
                             .map_err(at)?;
                     } else {
@@ -461,15 +496,39 @@ impl<'m> GpuModel<'m> {
                         .sgemm_nt(dev, &x, w_router, &mut logits, (s, e, h_dim), 0.0)
                         .map_err(at)?;
                     // Fixed-k rules route on the device when the layer's experts are there.
-                    let on_device = match (experts.layer(l), device_top_k(router, &cfg.router, e)) {
-                        (Some(_), Some(k)) => {
+                    let here = if digital {
+                        experts.has_digital_weights(l)
+                    } else {
+                        experts.layer(l).is_some()
+                    };
+                    let on_device = match (here, device_top_k(router, &cfg.router, e)) {
+                        (true, Some(k)) => {
                             let (eop, wop) =
                                 route_top_k(dev, &logits, s, e, k, router, &cfg.router)
                                     .map_err(at)?;
                             lap("router").map_err(at)?;
-                            experts
-                                .pairs_on_device(l, &x, &eop, &wop, (s, k, e), keys)
-                                .map_err(at)?
+                            if digital {
+                                experts.digital_pairs_on_device(
+                                    &self.blas,
+                                    l,
+                                    &x,
+                                    &eop,
+                                    &wop,
+                                    (s, k, e),
+                                )
+                            } else {
+                                experts.pairs_on_device(l, &x, &eop, &wop, (s, k, e), keys)
+                            }
+                            .map_err(at)?
+                        }
+                        _ if digital => {
+                            let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
+                            let assignments = router.route(logits.view(), &cfg.router);
+                            lap("router").map_err(at)?;
+                            let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
+                            let y = dispatch(l, xh.view(), &assignments, e, self.model);
+                            add_host(dev, &mut h, y.view()).map_err(at)?;
+                            None
                         }
                         _ => {
                             let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
@@ -511,7 +570,7 @@ impl<'m> GpuModel<'m> {
                     lap("routed experts").map_err(at)?;
                     if let Some((m, gate)) = shared {
                         let slot = ExpertSlot::Shared(0);
-                        if is_digital(experts, l, slot) {
+                        if digital || is_digital(experts, l, slot) {
                             self.swiglu(dev, m, &x, s, h_dim, &mut h, gate.as_ref())
                                 .map_err(at)?;
                         } else {

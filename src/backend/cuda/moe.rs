@@ -9,6 +9,8 @@
 //! Operand precision (stated in every output): analog = DAC codes exact in fp16 × weights as
 //! fp16 hi + fp16 lo (≈ 22-bit significand, two MMAs), f32 accumulation; digital = bf16 × bf16,
 //! f32 accumulation.
+use std::sync::Arc;
+
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::compile::ANALOG_MOE_CU;
@@ -480,22 +482,27 @@ pub fn interleave_rows<T: Copy>(
 }
 
 /// A [`GroupedMatrix`] on the device with its weights in the operand format of `precision`.
+/// The operands and the seed-independent column tables are shared (`Arc`) with the view the
+/// GDC readout runs through ([`GpuGroupedMatrix::crossbar_blocks`]).
 pub struct GpuGroupedMatrix {
     n_experts: usize,
     n_cols: usize,
     k: usize,
     k_block: usize,
     precision: Precision,
-    w_hi: CudaSlice<u16>,
-    w_lo: Option<CudaSlice<u16>>,
-    col_tensor_id: CudaSlice<u32>,
+    w_hi: Arc<CudaSlice<u16>>,
+    w_lo: Option<Arc<CudaSlice<u16>>>,
+    col_tensor_id: Arc<CudaSlice<u32>>,
     col_scale: CudaSlice<f32>,
-    col_local: CudaSlice<u32>,
-    col_block_cols: CudaSlice<u32>,
-    col_xbar: CudaSlice<u32>,
+    col_local: Arc<CudaSlice<u32>>,
+    col_block_cols: Arc<CudaSlice<u32>>,
+    col_xbar: Arc<CudaSlice<u32>>,
     n_xbar: usize,
     noise_quads: bool,
     wgmma: Option<WgmmaTile>,
+    /// `Some((K, KB))`: this matrix is [`GpuGroupedMatrix::crossbar_blocks`]'s view, its expert
+    /// g crossbar block g % KB of expert g / KB of operands `[E, N, K]`.
+    block_view: Option<(usize, usize)>,
 }
 
 impl GpuGroupedMatrix {
@@ -559,13 +566,14 @@ impl GpuGroupedMatrix {
             k: m.k,
             k_block: m.k_block,
             precision,
-            w_hi,
-            w_lo,
-            col_tensor_id: dev.upload(&m.col_tensor_id)?,
+            w_hi: Arc::new(w_hi),
+            w_lo: w_lo.map(Arc::new),
+            col_tensor_id: Arc::new(dev.upload(&m.col_tensor_id)?),
             col_scale: dev.upload(&m.col_scale)?,
-            col_local: dev.upload(&m.col_local)?,
-            col_block_cols: dev.upload(&m.col_block_cols)?,
-            col_xbar: dev.upload(&m.col_xbar)?,
+            col_local: Arc::new(dev.upload(&m.col_local)?),
+            col_block_cols: Arc::new(dev.upload(&m.col_block_cols)?),
+            col_xbar: Arc::new(dev.upload(&m.col_xbar)?),
+            block_view: None,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
             // On Hopper the digital wgmma kernel runs where its tile fits: 1.6× the mma.sync
@@ -603,6 +611,47 @@ impl GpuGroupedMatrix {
     /// The digital scales s_map·α_GDC per (expert, K block, column), copied back.
     pub fn col_scale(&self, dev: &CudaDevice) -> CudaResult<Vec<f32>> {
         dev.download(&self.col_scale)
+    }
+
+    /// Replaces the digital scales (`[E, K/k_block, N]`), e.g. with α_GDC once the readout of
+    /// these operands is known.
+    pub fn set_col_scale(&mut self, dev: &CudaDevice, scale: &[f32]) -> CudaResult<()> {
+        if scale.len() != self.col_scale.len() {
+            return Err(CudaError::Unsupported(format!(
+                "digital scales: {} values for a matrix with {}",
+                scale.len(),
+                self.col_scale.len()
+            )));
+        }
+        self.col_scale = dev.upload(scale)?;
+        Ok(())
+    }
+
+    /// Each crossbar block along K as an expert of its own (`[E·KB, N, k_block]`, digital scale
+    /// 1), sharing this matrix's operands and column tables: what the GDC readout
+    /// ([`crossbar_readout`]) multiplies the identity with. The kernel reads block g of the
+    /// operands in place (`MOE_DIAG`), so no regrouped copy of the weights exists.
+    fn crossbar_blocks(&self, dev: &CudaDevice) -> CudaResult<Self> {
+        let blocks = self.k / self.k_block;
+        let groups = self.n_experts * blocks;
+        Ok(Self {
+            n_experts: groups,
+            n_cols: self.n_cols,
+            k: self.k_block,
+            k_block: self.k_block,
+            precision: self.precision,
+            w_hi: Arc::clone(&self.w_hi),
+            w_lo: self.w_lo.as_ref().map(Arc::clone),
+            col_tensor_id: Arc::clone(&self.col_tensor_id),
+            col_scale: dev.upload(&vec![1.0f32; groups * self.n_cols])?,
+            col_local: Arc::clone(&self.col_local),
+            col_block_cols: Arc::clone(&self.col_block_cols),
+            col_xbar: Arc::clone(&self.col_xbar),
+            n_xbar: self.n_xbar,
+            noise_quads: self.noise_quads,
+            wgmma: None,
+            block_view: Some((self.k, blocks)),
+        })
     }
 
     /// The (high) 16-bit operand words of the weights `[E, N, K]`, copied back.
@@ -957,6 +1006,9 @@ pub struct GemmVariant {
     /// Every 4 output columns lie in one crossbar at a multiple of 4 ([`GroupedMatrix::noise_quads`]):
     /// a lane pair shares one Philox block per 4 columns.
     pub noise_quads: bool,
+    /// The GDC readout ([`crossbar_readout`]): identity rows through each crossbar block of a
+    /// matrix's own operands, each row tile over its own K range (`MOE_DIAG`).
+    pub block_readout: bool,
 }
 
 impl GemmVariant {
@@ -966,6 +1018,7 @@ impl GemmVariant {
     pub fn wgmma_ready(&self) -> bool {
         !self.analog
             || !(self.pcm_read
+                || self.block_readout
                 || self.ir_drop
                 || matches!(self.output, GemmOutput::SwiGluBf16 | GemmOutput::BmAttempt))
     }
@@ -981,7 +1034,7 @@ impl GemmVariant {
 }
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
-pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 16] {
     let flag = |b: bool| i64::from(b);
     let mode = v.output.mode();
     [
@@ -1000,6 +1053,7 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15
         ("MOE_WARPS_M", tile.warps_m as i64),
         ("MOE_WARPS_N", tile.warps_n as i64),
         ("MOE_STAGES", tile.stages as i64),
+        ("MOE_DIAG", flag(v.analog && v.block_readout)),
     ]
 }
 
@@ -1272,6 +1326,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         adc: true,
         output: GemmOutput::SwiGlu,
         noise_quads: true,
+        block_readout: false,
     };
     let mut a = vec![(analog, 512, 0)];
     for output in [GemmOutput::Store, GemmOutput::ScatterAdd] {
@@ -1330,7 +1385,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
 /// Each on its default [`GemmTile`].
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -1347,6 +1402,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
         adc: on,
         output,
         noise_quads: true,
+        block_readout: false,
     };
     let mut v = Vec::new();
     for output in modes {
@@ -1410,6 +1466,18 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
         adc: true,
         ..base
     });
+    // GDC readouts through each crossbar block: pcm-3d-8tier's periphery (bound-managed), and
+    // everything on (IR drop's row factors start at the tile's K range).
+    v.push(GemmVariant {
+        bound_management: true,
+        ir_drop: false,
+        block_readout: true,
+        ..store
+    });
+    v.push(GemmVariant {
+        block_readout: true,
+        ..store
+    });
     // The attempt passes of each bound-managed variant.
     let attempts: Vec<GemmVariant> = v
         .iter()
@@ -1469,6 +1537,8 @@ struct GemmParams {
     ir_k: f32,
     dac_max_code: f32,
     attempt: u32,
+    diag_k: u32,
+    diag_kb: u32,
 }
 
 // SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
@@ -1571,6 +1641,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
         adc: p.is_some_and(|p| p.adc.is_some()),
         output,
         noise_quads: m.noise_quads,
+        block_readout: m.block_view.is_some(),
     };
     // Bound management: a flag per sorted row, set where an output saturated.
     let bm = bm && variant.adc;
@@ -1633,6 +1704,8 @@ pub fn grouped_gemm<T: GemmOutElem>(
             .map_or(0.0, |ir| m.k_block as f32 / ir.1),
         dac_max_code,
         attempt: 0,
+        diag_k: m.block_view.map_or(0, |v| v.0 as u32),
+        diag_kb: m.block_view.map_or(0, |v| v.1 as u32),
     };
     let wgmma = m.wgmma.filter(|_| variant.wgmma_ready());
     // The mma.sync tile (`AIMC_GEMM_TILE` applies to it alone; bound management's attempts
@@ -1667,6 +1740,60 @@ pub fn grouped_gemm<T: GemmOutElem>(
     // the kernels that use them.
     drop(bm_flags);
     Ok(())
+}
+
+/// The GDC readout of every crossbar of `m` (design.md §3, global drift compensation): the
+/// noisy identity forward of call `mvm_id` through each crossbar block along K, as
+/// `tile::Crossbar` reads its crossbar out. Returns `[E·KB·k_block, N]`: row j of block
+/// g = e·KB + kb is row g·k_block + j, the output of identity row j. Runs on `m`'s own operands
+/// ([`GpuGroupedMatrix::crossbar_blocks`]), each row tile over the K range of its own rows
+/// (`MOE_DIAG`: a quarter of the MMAs of 512-row crossbars).
+pub fn crossbar_readout(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    periphery: Option<&GemmPeriphery>,
+    seed: u64,
+    mvm_id: u32,
+) -> CudaResult<CudaSlice<f32>> {
+    if !m.precision.analog() || m.block_view.is_some() {
+        return Err(CudaError::Unsupported(format!(
+            "GDC readout of a {:?} matrix (analog operands only)",
+            m.precision
+        )));
+    }
+    let view = m.crossbar_blocks(dev)?;
+    let (kb, groups) = (m.k_block, view.n_experts);
+    let mut eye = vec![0.0f32; kb * kb];
+    for j in 0..kb {
+        eye[j * kb + j] = 1.0;
+    }
+    let eye = dev.upload(&eye)?;
+    let xq = quantize(dev, &eye, kb, kb, kb, periphery)?;
+    // Every identity row to every crossbar block, in row order within each (the kernel's
+    // MOE_DIAG relies on row r of each block being identity row r).
+    let experts: Vec<u32> = (0..kb * groups).map(|p| (p % groups) as u32).collect();
+    let routing = route(
+        dev,
+        &dev.upload(&experts)?,
+        &dev.upload(&vec![1.0f32; kb * groups])?,
+        kb,
+        groups,
+        groups,
+    )?;
+    let mut y = dev.scratch::<f32>(kb * groups * m.n_cols)?;
+    grouped_gemm(
+        dev,
+        &view,
+        &xq,
+        &routing,
+        true,
+        periphery,
+        seed,
+        mvm_id,
+        GemmOutput::Store,
+        &mut y,
+    )?;
+    Ok(y)
 }
 
 /// One `moe_gemm` launch of `defines` on `tile` over the sorted rows (`pairs` of them).
@@ -1729,7 +1856,7 @@ struct BmJob<'j, 'x> {
     gather_tokens: bool,
     periphery: &'j GemmPeriphery,
     /// `moe_gemm` in [`GemmOutput::BmAttempt`] mode, on the tile of the store pass.
-    defines: [(&'static str, i64); 15],
+    defines: [(&'static str, i64); 16],
     tile: GemmTile,
     /// The store pass's parameters.
     params: GemmParams,
@@ -2208,6 +2335,7 @@ mod tests {
             adc: analog,
             output: GemmOutput::SwiGlu,
             noise_quads: true,
+            block_readout: false,
         }
     }
 
@@ -2252,6 +2380,7 @@ mod tests {
             adc: true,
             output,
             noise_quads: true,
+            block_readout: false,
         };
         assert!(v(false, false, GemmOutput::ScatterAdd).wgmma_ready());
         assert!(!v(true, false, GemmOutput::Store).wgmma_ready());
