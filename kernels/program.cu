@@ -211,6 +211,36 @@ extern "C" __global__ void abs_column_sums(const float* a, double* out, u32 grou
     out[i] = s;
 }
 
+// The GDC means from abs_column_sums' f64 sums (groups × n), rounded once to f32 as
+// tile::Crossbar's mean_abs_f64: per column, sum / rows (per_column), or one value per crossbar,
+// Σ of its columns' sums in column order / (rows · its columns). One thread per (group, crossbar
+// column block x < n_xbar), writing the means of that crossbar's columns.
+extern "C" __global__ void gdc_column_means(const double* sums, float* means, u32 groups, u32 n, u32 rows,
+                                            u32 per_column, const u32* col_xbar, const u32* col_block_cols,
+                                            u32 n_xbar) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)groups * n_xbar) return;
+    const u32 g = (u32)(i / n_xbar), x = (u32)(i % n_xbar);
+    const double* s = sums + (u64)g * n;
+    float* m = means + (u64)g * n;
+    double total = 0.0;
+    if (!per_column)
+        for (u32 c = 0; c < n; ++c)
+            if (col_xbar[c] == x) total += s[c];
+    for (u32 c = 0; c < n; ++c) {
+        if (col_xbar[c] != x) continue;
+        m[c] = per_column ? (float)(s[c] / (double)rows) : (float)(total / ((double)rows * (double)col_block_cols[c]));
+    }
+}
+
+// The digital scales after a GDC readout: s_map · α with α = reference / max(readout, min), as
+// GpuExperts' host code and tile::Crossbar's drift compensation compute them.
+extern "C" __global__ void gdc_scales(const float* means, const float* reference, const float* s_map, float* out,
+                                      u64 len, float min_readout) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) out[i] = s_map[i] * (reference[i] / fmaxf(means[i], min_readout));
+}
+
 // Crossbar slot of grouped element (e, kb, column c): (e·n_kb + kb)·n_xbar + col_xbar[c], one
 // per crossbar (backend::cuda::moe::GroupedMatrix numbers its column blocks by col_xbar).
 __device__ __forceinline__ u64 crossbar_slot(const GroupedIndex& g, const u32* col_xbar, u32 n_xbar) {

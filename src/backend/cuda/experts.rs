@@ -19,7 +19,7 @@
 //! weights plus a reserve for the activations ([`memory_plan`]): a model larger than the GPU
 //! runs its first layers there and the rest on the CPU instead of failing with out-of-memory.
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
@@ -32,7 +32,7 @@ use super::compile::{MODEL_CU, PROGRAM_CU};
 use super::error::DriverContext;
 use super::moe::{
     crossbar_readout, interleave_rows, route, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
-    GroupedMatrix, Precision,
+    GroupedMatrix, IdentityReadout, Precision,
 };
 use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
@@ -321,6 +321,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 },
                 residency,
                 sources,
+                readouts: ReadoutCache::default(),
             }),
             precision,
             periphery: Some(gemm),
@@ -349,6 +350,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let run = Run {
             dev,
             device: &drift.device,
+            readouts: &drift.readouts,
             periphery: self.periphery.as_ref(),
             precision,
             seed,
@@ -398,6 +400,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                     let run = Run {
                         dev: self.dev,
                         device: &drift.device,
+                        readouts: &drift.readouts,
                         periphery: self.periphery.as_ref(),
                         precision: self.precision,
                         seed: self.seed,
@@ -420,7 +423,10 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     /// operands and digital scales s_map·α_GDC (layers built by [`GpuExperts::program`]).
     pub fn drift_to(&mut self, t_seconds: f64) -> CudaResult<()> {
         let Some(GpuDrift {
-            device, sources, ..
+            device,
+            sources,
+            readouts,
+            ..
         }) = self.drift.as_mut()
         else {
             return Err(CudaError::Unsupported(
@@ -437,6 +443,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let run = Run {
             dev,
             device,
+            readouts,
             periphery: self.periphery.as_ref(),
             precision: self.precision,
             seed,
@@ -810,6 +817,28 @@ struct GpuDrift {
     residency: Residency,
     /// Per MoE layer: (interleaved gate/up, down).
     sources: BTreeMap<usize, (DriftSource, DriftSource)>,
+    readouts: ReadoutCache,
+}
+
+/// The inputs of the GDC readouts ([`IdentityReadout`]), one per crossbar shape (two per
+/// model: gate/up and down), built at the first readout and reused at every drift point.
+#[derive(Default)]
+struct ReadoutCache(Mutex<Vec<Arc<IdentityReadout>>>);
+
+impl ReadoutCache {
+    fn for_matrix(
+        &self,
+        dev: &CudaDevice,
+        m: &GpuGroupedMatrix,
+    ) -> CudaResult<Arc<IdentityReadout>> {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = cache.iter().find(|r| r.fits(m)) {
+            return Ok(Arc::clone(r));
+        }
+        let r = Arc::new(IdentityReadout::for_matrix(dev, m)?);
+        cache.push(Arc::clone(&r));
+        Ok(r)
+    }
 }
 
 /// The device physics programming and drift run with.
@@ -824,6 +853,7 @@ struct DeviceModel {
 struct Run<'c> {
     dev: &'c CudaDevice,
     device: &'c DeviceModel,
+    readouts: &'c ReadoutCache,
     /// The kernel periphery of the GDC readouts.
     periphery: Option<&'c GemmPeriphery>,
     precision: Precision,
@@ -853,11 +883,12 @@ struct DriftSource {
     /// `global_exact`; 1 under `none`); `global`/`global_per_column` take theirs from the
     /// programmed state.
     host_gdc_ref: Vec<f32>,
-    /// Device copies of `tables.col_tensor_id`, `tables.col_local` and `tables.col_xbar`,
-    /// read by `drift_grouped` and `program_grouped`.
+    /// Device copies of `tables.col_tensor_id`, `tables.col_local`, `tables.col_xbar` and
+    /// `tables.col_block_cols`, read by the programming, drift and GDC kernels.
     col_tensor_id: CudaSlice<u32>,
     col_local: CudaSlice<u32>,
     col_xbar: CudaSlice<u32>,
+    col_block_cols: CudaSlice<u32>,
     /// The digital weights `[E, N, K]` (what programming targets), s_map per `[E, KB, N]` and
     /// the target conductance scale of each column's crossbar (seed-independent), for
     /// [`DriftSource::program`].
@@ -886,6 +917,8 @@ struct SeedScales {
     g_scale: CudaSlice<f32>,
     /// `[E, KB, N]`: GDC reference of each column (its crossbar's one value under `global`).
     gdc_ref: Vec<f32>,
+    /// The device copy of `gdc_ref`, for the α of each drift point.
+    gdc_ref_dev: CudaSlice<f32>,
 }
 
 /// Where the programmed state of [`GpuExperts::program`]'s layers lives between drift points.
@@ -1043,6 +1076,7 @@ impl DriftSource {
             col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
             col_local: dev.upload(&h.tables.col_local)?,
             col_xbar: dev.upload(&h.tables.col_xbar)?,
+            col_block_cols: dev.upload(&h.tables.col_block_cols)?,
             w,
             s_map: dev.upload(&h.tables.col_scale)?,
             g_target: dev.zeros::<f32>(1)?,
@@ -1206,15 +1240,19 @@ impl DriftSource {
         let (dev, drift, w_prog) = (run.dev, run.device, &weights.w_prog);
         let g_scale = self.crossbar_scales(dev, w_prog, None, drift.pcm.g_max_us)?;
         lap("program: conductance scales")?;
-        let gdc_ref = match drift.compensation {
+        let (gdc_ref, gdc_ref_dev) = match drift.compensation {
             DriftCompensation::Global | DriftCompensation::GlobalPerColumn => {
-                let r = self.gdc_means(run, w_prog, None, GDC_REFERENCE_MVM_ID)?;
-                lap("program: GDC reference readout")?;
-                r
+                let r = self.gdc_means(run, w_prog, None, GDC_REFERENCE_MVM_ID, lap)?;
+                lap("program: GDC reference means")?;
+                (dev.download(&r)?, r)
             }
-            _ => self.host_gdc_ref.clone(),
+            _ => (self.host_gdc_ref.clone(), dev.upload(&self.host_gdc_ref)?),
         };
-        Ok(SeedScales { g_scale, gdc_ref })
+        Ok(SeedScales {
+            g_scale,
+            gdc_ref,
+            gdc_ref_dev,
+        })
     }
 
     /// The matrix drifted to `t_seconds` in the operand format of `precision`, with s_map·α.
@@ -1273,15 +1311,21 @@ impl DriftSource {
         let mut operands = GpuGroupedMatrix::from_device_weights(dev, m, &w, run.precision)?;
         lap("operands")?;
         if drift.compensation != DriftCompensation::None {
-            let now = self.gdc_means(run, &w, Some(&operands), GDC_READOUT_MVM_ID)?;
-            lap("GDC readout")?;
-            let scaled: Vec<f32> = m
-                .col_scale
-                .iter()
-                .zip(scales.gdc_ref.iter().zip(now))
-                .map(|(s, (r, y))| s * (r / y.max(GDC_MIN_READOUT)))
-                .collect();
-            operands.set_col_scale(dev, &scaled)?;
+            let now = self.gdc_means(run, &w, Some(&operands), GDC_READOUT_MVM_ID, lap)?;
+            // s_map · α, α = reference / max(readout, GDC_MIN_READOUT), on the device.
+            let len = now.len() as u64;
+            let mut scaled = dev.scratch::<f32>(now.len())?;
+            let f = dev.function(&PROGRAM_CU, &[], "gdc_scales")?;
+            dev.launch(&f, "gdc_scales", linear_launch(len), |b| {
+                b.arg(&now)
+                    .arg(&scales.gdc_ref_dev)
+                    .arg(&self.s_map)
+                    .arg(&mut scaled)
+                    .arg(&len)
+                    .arg(&GDC_MIN_READOUT);
+            })?;
+            operands.set_col_scale(scaled)?;
+            lap("GDC readout: means, α")?;
         }
         Ok(operands)
     }
@@ -1298,7 +1342,13 @@ impl DriftSource {
         w: &CudaSlice<f32>,
         operands: Option<&GpuGroupedMatrix>,
         mvm_id: u32,
-    ) -> CudaResult<Vec<f32>> {
+        lap: Lap<'_>,
+    ) -> CudaResult<CudaSlice<f32>> {
+        let forward_stage = if mvm_id == GDC_REFERENCE_MVM_ID {
+            "program: GDC reference identity forward"
+        } else {
+            "GDC readout: identity forward"
+        };
         let (dev, seed, periphery) = (run.dev, run.seed, run.periphery);
         let compensation = run.device.compensation;
         let m = &self.tables;
@@ -1320,7 +1370,9 @@ impl DriftSource {
                     &own
                 }
             };
-            readout = crossbar_readout(dev, operands, periphery, seed, mvm_id)?;
+            let inputs = run.readouts.for_matrix(dev, operands)?;
+            readout = crossbar_readout(dev, operands, &inputs, periphery, seed, mvm_id)?;
+            lap(forward_stage)?;
             (&readout, 1, kb * n, 0, n, 1)
         };
         let mut sums = dev.scratch::<f64>(groups * n)?;
@@ -1345,27 +1397,26 @@ impl DriftSource {
             },
         )?;
         // Means in f64, rounded once to f32: as tile::Crossbar's mean_abs_f64.
-        let sums = dev.download(&sums)?;
-        let rows = kb as f64;
-        let mut means = vec![0.0f32; groups * n];
-        if compensation == DriftCompensation::GlobalPerColumn {
-            for (mean, sum) in means.iter_mut().zip(&sums) {
-                *mean = (sum / rows) as f32;
-            }
-        } else {
-            // One value per crossbar: Σ over its columns, / (rows · columns).
-            for g in 0..groups {
-                let mut per_xbar = vec![0.0f64; m.n_xbar];
-                for c in 0..n {
-                    per_xbar[m.col_xbar[c] as usize] += sums[g * n + c];
-                }
-                for c in 0..n {
-                    means[g * n + c] = (per_xbar[m.col_xbar[c] as usize]
-                        / (rows * f64::from(m.col_block_cols[c])))
-                        as f32;
-                }
-            }
-        }
+        let mut means = dev.scratch::<f32>(groups * n)?;
+        let f = dev.function(&PROGRAM_CU, &[], "gdc_column_means")?;
+        let per_column = u32::from(compensation == DriftCompensation::GlobalPerColumn);
+        let nx32 = m.n_xbar as u32;
+        dev.launch(
+            &f,
+            "gdc_column_means",
+            linear_launch((groups * m.n_xbar) as u64),
+            |b| {
+                b.arg(&sums)
+                    .arg(&mut means)
+                    .arg(&g32)
+                    .arg(&n32)
+                    .arg(&rows)
+                    .arg(&per_column)
+                    .arg(&self.col_xbar)
+                    .arg(&self.col_block_cols)
+                    .arg(&nx32);
+            },
+        )?;
         Ok(means)
     }
 }

@@ -493,7 +493,7 @@ pub struct GpuGroupedMatrix {
     w_hi: Arc<CudaSlice<u16>>,
     w_lo: Option<Arc<CudaSlice<u16>>>,
     col_tensor_id: Arc<CudaSlice<u32>>,
-    col_scale: CudaSlice<f32>,
+    col_scale: Arc<CudaSlice<f32>>,
     col_local: Arc<CudaSlice<u32>>,
     col_block_cols: Arc<CudaSlice<u32>>,
     col_xbar: Arc<CudaSlice<u32>>,
@@ -569,7 +569,7 @@ impl GpuGroupedMatrix {
             w_hi: Arc::new(w_hi),
             w_lo: w_lo.map(Arc::new),
             col_tensor_id: Arc::new(dev.upload(&m.col_tensor_id)?),
-            col_scale: dev.upload(&m.col_scale)?,
+            col_scale: Arc::new(dev.upload(&m.col_scale)?),
             col_local: Arc::new(dev.upload(&m.col_local)?),
             col_block_cols: Arc::new(dev.upload(&m.col_block_cols)?),
             col_xbar: Arc::new(dev.upload(&m.col_xbar)?),
@@ -613,9 +613,9 @@ impl GpuGroupedMatrix {
         dev.download(&self.col_scale)
     }
 
-    /// Replaces the digital scales (`[E, K/k_block, N]`), e.g. with α_GDC once the readout of
-    /// these operands is known.
-    pub fn set_col_scale(&mut self, dev: &CudaDevice, scale: &[f32]) -> CudaResult<()> {
+    /// Replaces the digital scales (`[E, K/k_block, N]` on the device), e.g. with s_map·α_GDC
+    /// once the readout of these operands is known.
+    pub fn set_col_scale(&mut self, scale: CudaSlice<f32>) -> CudaResult<()> {
         if scale.len() != self.col_scale.len() {
             return Err(CudaError::Unsupported(format!(
                 "digital scales: {} values for a matrix with {}",
@@ -623,18 +623,18 @@ impl GpuGroupedMatrix {
                 self.col_scale.len()
             )));
         }
-        self.col_scale = dev.upload(scale)?;
+        self.col_scale = Arc::new(scale);
         Ok(())
     }
 
     /// Each crossbar block along K as an expert of its own (`[E·KB, N, k_block]`, digital scale
-    /// 1), sharing this matrix's operands and column tables: what the GDC readout
+    /// `ones`), sharing this matrix's operands and column tables: what the GDC readout
     /// ([`crossbar_readout`]) multiplies the identity with. The kernel reads block g of the
     /// operands in place (`MOE_DIAG`), so no regrouped copy of the weights exists.
-    fn crossbar_blocks(&self, dev: &CudaDevice) -> CudaResult<Self> {
+    fn crossbar_blocks(&self, ones: &Arc<CudaSlice<f32>>) -> Self {
         let blocks = self.k / self.k_block;
         let groups = self.n_experts * blocks;
-        Ok(Self {
+        Self {
             n_experts: groups,
             n_cols: self.n_cols,
             k: self.k_block,
@@ -643,7 +643,7 @@ impl GpuGroupedMatrix {
             w_hi: Arc::clone(&self.w_hi),
             w_lo: self.w_lo.as_ref().map(Arc::clone),
             col_tensor_id: Arc::clone(&self.col_tensor_id),
-            col_scale: dev.upload(&vec![1.0f32; groups * self.n_cols])?,
+            col_scale: Arc::clone(ones),
             col_local: Arc::clone(&self.col_local),
             col_block_cols: Arc::clone(&self.col_block_cols),
             col_xbar: Arc::clone(&self.col_xbar),
@@ -651,7 +651,7 @@ impl GpuGroupedMatrix {
             noise_quads: self.noise_quads,
             wgmma: None,
             block_view: Some((self.k, blocks)),
-        })
+        }
     }
 
     /// The (high) 16-bit operand words of the weights `[E, N, K]`, copied back.
@@ -1742,6 +1742,54 @@ pub fn grouped_gemm<T: GemmOutElem>(
     Ok(())
 }
 
+/// The fixed inputs of [`crossbar_readout`] for `groups` crossbar blocks of `k_block` rows and
+/// `n_cols` columns: the identity rows, every row routed to every block (row r of each block
+/// is identity row r, which the kernel's `MOE_DIAG` relies on), digital scale 1. Built once
+/// per shape and reused at every drift point: uploading and sorting them per matrix cost
+/// host round trips.
+pub struct IdentityReadout {
+    k_block: usize,
+    groups: usize,
+    n_cols: usize,
+    eye: CudaSlice<f32>,
+    routing: GpuRouting,
+    ones: Arc<CudaSlice<f32>>,
+}
+
+impl IdentityReadout {
+    /// The inputs for the crossbars of `m` (`E·KB` blocks of `k_block` rows, `N` columns).
+    pub fn for_matrix(dev: &CudaDevice, m: &GpuGroupedMatrix) -> CudaResult<Self> {
+        let (kb, groups, n) = (m.k_block, m.n_experts * (m.k / m.k_block), m.n_cols);
+        let mut eye = vec![0.0f32; kb * kb];
+        for j in 0..kb {
+            eye[j * kb + j] = 1.0;
+        }
+        let experts: Vec<u32> = (0..kb * groups).map(|p| (p % groups) as u32).collect();
+        let routing = route(
+            dev,
+            &dev.upload(&experts)?,
+            &dev.upload(&vec![1.0f32; kb * groups])?,
+            kb,
+            groups,
+            groups,
+        )?;
+        Ok(Self {
+            k_block: kb,
+            groups,
+            n_cols: n,
+            eye: dev.upload(&eye)?,
+            routing,
+            ones: Arc::new(dev.upload(&vec![1.0f32; groups * n])?),
+        })
+    }
+
+    /// Whether these are the inputs for `m`'s crossbars.
+    pub fn fits(&self, m: &GpuGroupedMatrix) -> bool {
+        (self.k_block, self.groups, self.n_cols)
+            == (m.k_block, m.n_experts * (m.k / m.k_block), m.n_cols)
+    }
+}
+
 /// The GDC readout of every crossbar of `m` (design.md §3, global drift compensation): the
 /// noisy identity forward of call `mvm_id` through each crossbar block along K, as
 /// `tile::Crossbar` reads its crossbar out. Returns `[E·KB·k_block, N]`: row j of block
@@ -1751,41 +1799,27 @@ pub fn grouped_gemm<T: GemmOutElem>(
 pub fn crossbar_readout(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
+    inputs: &IdentityReadout,
     periphery: Option<&GemmPeriphery>,
     seed: u64,
     mvm_id: u32,
 ) -> CudaResult<CudaSlice<f32>> {
-    if !m.precision.analog() || m.block_view.is_some() {
+    if !m.precision.analog() || m.block_view.is_some() || !inputs.fits(m) {
         return Err(CudaError::Unsupported(format!(
-            "GDC readout of a {:?} matrix (analog operands only)",
-            m.precision
+            "GDC readout of a {:?} matrix (analog operands only) with inputs for {} blocks of \
+             {}×{}",
+            m.precision, inputs.groups, inputs.k_block, inputs.n_cols
         )));
     }
-    let view = m.crossbar_blocks(dev)?;
-    let (kb, groups) = (m.k_block, view.n_experts);
-    let mut eye = vec![0.0f32; kb * kb];
-    for j in 0..kb {
-        eye[j * kb + j] = 1.0;
-    }
-    let eye = dev.upload(&eye)?;
-    let xq = quantize(dev, &eye, kb, kb, kb, periphery)?;
-    // Every identity row to every crossbar block, in row order within each (the kernel's
-    // MOE_DIAG relies on row r of each block being identity row r).
-    let experts: Vec<u32> = (0..kb * groups).map(|p| (p % groups) as u32).collect();
-    let routing = route(
-        dev,
-        &dev.upload(&experts)?,
-        &dev.upload(&vec![1.0f32; kb * groups])?,
-        kb,
-        groups,
-        groups,
-    )?;
-    let mut y = dev.scratch::<f32>(kb * groups * m.n_cols)?;
+    let view = m.crossbar_blocks(&inputs.ones);
+    let kb = m.k_block;
+    let xq = quantize(dev, &inputs.eye, kb, kb, kb, periphery)?;
+    let mut y = dev.scratch::<f32>(kb * inputs.groups * m.n_cols)?;
     grouped_gemm(
         dev,
         &view,
         &xq,
-        &routing,
+        &inputs.routing,
         true,
         periphery,
         seed,
