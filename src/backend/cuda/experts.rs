@@ -31,8 +31,8 @@ use super::blas::Blas;
 use super::compile::{MODEL_CU, PROGRAM_CU};
 use super::error::DriverContext;
 use super::moe::{
-    crossbar_readout, interleave_rows, route, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
-    GroupedMatrix, IdentityReadout, Precision,
+    crossbar_readout, interleave_rows, route, GemmPeriphery, GpuColumnTables, GpuGroupedMatrix,
+    GpuMoeLayer, GroupedMatrix, IdentityReadout, Precision,
 };
 use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
@@ -883,17 +883,14 @@ struct DriftSource {
     /// `global_exact`; 1 under `none`); `global`/`global_per_column` take theirs from the
     /// programmed state.
     host_gdc_ref: Vec<f32>,
-    /// Device copies of `tables.col_tensor_id`, `tables.col_local`, `tables.col_xbar` and
-    /// `tables.col_block_cols`, read by the programming, drift and GDC kernels.
-    col_tensor_id: CudaSlice<u32>,
-    col_local: CudaSlice<u32>,
-    col_xbar: CudaSlice<u32>,
-    col_block_cols: CudaSlice<u32>,
+    /// Device copies of `tables`' column tables, read by the programming, drift and GDC
+    /// kernels and shared with every drift point's operands.
+    dev_tables: GpuColumnTables,
     /// The digital weights `[E, N, K]` (what programming targets), s_map per `[E, KB, N]` and
     /// the target conductance scale of each column's crossbar (seed-independent), for
     /// [`DriftSource::program`].
     w: CudaSlice<f32>,
-    s_map: CudaSlice<f32>,
+    s_map: Arc<CudaSlice<f32>>,
     g_target: CudaSlice<f32>,
 }
 
@@ -1073,17 +1070,14 @@ impl DriftSource {
             programmed: None,
             seed_scales: None,
             host_gdc_ref: h.gdc_ref,
-            col_tensor_id: dev.upload(&h.tables.col_tensor_id)?,
-            col_local: dev.upload(&h.tables.col_local)?,
-            col_xbar: dev.upload(&h.tables.col_xbar)?,
-            col_block_cols: dev.upload(&h.tables.col_block_cols)?,
+            dev_tables: GpuColumnTables::upload(dev, &h.tables)?,
             w,
-            s_map: dev.upload(&h.tables.col_scale)?,
+            s_map: Arc::new(dev.upload(&h.tables.col_scale)?),
             g_target: dev.zeros::<f32>(1)?,
             tables: h.tables,
         };
         // tile::Crossbar::program's g_scale_target: the scale of max |W / s_map| per crossbar.
-        src.g_target = src.crossbar_scales(dev, &src.w, Some(&src.s_map), g_max_us)?;
+        src.g_target = src.crossbar_scales(dev, &src.w, Some(&*src.s_map), g_max_us)?;
         Ok(src)
     }
 
@@ -1166,7 +1160,7 @@ impl DriftSource {
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&kb32)
-                .arg(&self.col_xbar)
+                .arg(&*self.dev_tables.col_xbar)
                 .arg(&nx32)
                 .arg(&mut bits);
         })?;
@@ -1177,7 +1171,7 @@ impl DriftSource {
             b.arg(&bits)
                 .arg(&entries)
                 .arg(&n32)
-                .arg(&self.col_xbar)
+                .arg(&*self.dev_tables.col_xbar)
                 .arg(&nx32)
                 .arg(&g_max_us)
                 .arg(&mut scale);
@@ -1212,7 +1206,7 @@ impl DriftSource {
             row_launch(m.n_experts * n, k, 1)?,
             |b| {
                 b.arg(&self.w)
-                    .arg(&self.s_map)
+                    .arg(&*self.s_map)
                     .arg(&self.g_target)
                     .arg(&mut w_prog)
                     .arg(&mut nu)
@@ -1220,8 +1214,8 @@ impl DriftSource {
                     .arg(&n32)
                     .arg(&k32)
                     .arg(&kb32)
-                    .arg(&self.col_tensor_id)
-                    .arg(&self.col_local)
+                    .arg(&*self.dev_tables.col_tensor_id)
+                    .arg(&*self.dev_tables.col_local)
                     .arg(&seed)
                     .arg(&drift.params);
             },
@@ -1296,8 +1290,8 @@ impl DriftSource {
                     .arg(&n32)
                     .arg(&k32)
                     .arg(&kb32)
-                    .arg(&self.col_tensor_id)
-                    .arg(&self.col_local)
+                    .arg(&*self.dev_tables.col_tensor_id)
+                    .arg(&*self.dev_tables.col_local)
                     .arg(&scales.g_scale)
                     .arg(&seed)
                     .arg(&ratio)
@@ -1308,7 +1302,14 @@ impl DriftSource {
         lap("drift + read noise")?;
         // The operands first: the GDC readout runs through them, and α only scales the
         // digital outputs (s_map·α per column), not the weights.
-        let mut operands = GpuGroupedMatrix::from_device_weights(dev, m, &w, run.precision)?;
+        let mut operands = GpuGroupedMatrix::from_device_parts(
+            dev,
+            m,
+            &w,
+            run.precision,
+            &self.dev_tables,
+            Arc::clone(&self.s_map),
+        )?;
         lap("operands")?;
         if drift.compensation != DriftCompensation::None {
             let now = self.gdc_means(run, &w, Some(&operands), GDC_READOUT_MVM_ID, lap)?;
@@ -1319,7 +1320,7 @@ impl DriftSource {
             dev.launch(&f, "gdc_scales", linear_launch(len), |b| {
                 b.arg(&now)
                     .arg(&scales.gdc_ref_dev)
-                    .arg(&self.s_map)
+                    .arg(&*self.s_map)
                     .arg(&mut scaled)
                     .arg(&len)
                     .arg(&GDC_MIN_READOUT);
@@ -1366,7 +1367,14 @@ impl DriftSource {
             let operands = match operands {
                 Some(o) => o,
                 None => {
-                    own = GpuGroupedMatrix::from_device_weights(dev, m, w, run.precision)?;
+                    own = GpuGroupedMatrix::from_device_parts(
+                        dev,
+                        m,
+                        w,
+                        run.precision,
+                        &self.dev_tables,
+                        Arc::clone(&self.s_map),
+                    )?;
                     &own
                 }
             };
@@ -1412,8 +1420,8 @@ impl DriftSource {
                     .arg(&n32)
                     .arg(&rows)
                     .arg(&per_column)
-                    .arg(&self.col_xbar)
-                    .arg(&self.col_block_cols)
+                    .arg(&*self.dev_tables.col_xbar)
+                    .arg(&*self.dev_tables.col_block_cols)
                     .arg(&nx32);
             },
         )?;

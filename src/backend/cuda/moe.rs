@@ -481,6 +481,33 @@ pub fn interleave_rows<T: Copy>(
     out
 }
 
+/// The seed-independent column tables of a [`GroupedMatrix`] on the device, shared by the
+/// operand sets built from them ([`GpuGroupedMatrix::from_device_parts`]) and by the
+/// programming and drift kernels.
+#[derive(Clone)]
+pub struct GpuColumnTables {
+    /// `[E, KB, N]` tensor id of the crossbar holding (column, K block).
+    pub col_tensor_id: Arc<CudaSlice<u32>>,
+    /// `[N]` column inside its crossbar.
+    pub col_local: Arc<CudaSlice<u32>>,
+    /// `[N]` columns of its crossbar.
+    pub col_block_cols: Arc<CudaSlice<u32>>,
+    /// `[N]` crossbar column block.
+    pub col_xbar: Arc<CudaSlice<u32>>,
+}
+
+impl GpuColumnTables {
+    /// Uploads the tables of `m`.
+    pub fn upload(dev: &CudaDevice, m: &GroupedMatrix) -> CudaResult<Self> {
+        Ok(Self {
+            col_tensor_id: Arc::new(dev.upload(&m.col_tensor_id)?),
+            col_local: Arc::new(dev.upload(&m.col_local)?),
+            col_block_cols: Arc::new(dev.upload(&m.col_block_cols)?),
+            col_xbar: Arc::new(dev.upload(&m.col_xbar)?),
+        })
+    }
+}
+
 /// A [`GroupedMatrix`] on the device with its weights in the operand format of `precision`.
 /// The operands and the seed-independent column tables are shared (`Arc`) with the view the
 /// GDC readout runs through ([`GpuGroupedMatrix::crossbar_blocks`]).
@@ -532,6 +559,21 @@ impl GpuGroupedMatrix {
         w: &CudaSlice<f32>,
         precision: Precision,
     ) -> CudaResult<Self> {
+        let tables = GpuColumnTables::upload(dev, m)?;
+        let col_scale = Arc::new(dev.upload(&m.col_scale)?);
+        Self::from_device_parts(dev, m, w, precision, &tables, col_scale)
+    }
+
+    /// [`GpuGroupedMatrix::from_device_weights`] with `m`'s column tables and digital scales
+    /// already on the device (shared, not copied): a drift point rebuilds only the operands.
+    pub fn from_device_parts(
+        dev: &CudaDevice,
+        m: &GroupedMatrix,
+        w: &CudaSlice<f32>,
+        precision: Precision,
+        tables: &GpuColumnTables,
+        col_scale: Arc<CudaSlice<f32>>,
+    ) -> CudaResult<Self> {
         let len = m.n_experts * m.n_cols * m.k;
         if w.len() != len
             || !m.n_cols.is_multiple_of(TILE_COLS)
@@ -568,11 +610,11 @@ impl GpuGroupedMatrix {
             precision,
             w_hi: Arc::new(w_hi),
             w_lo: w_lo.map(Arc::new),
-            col_tensor_id: Arc::new(dev.upload(&m.col_tensor_id)?),
-            col_scale: Arc::new(dev.upload(&m.col_scale)?),
-            col_local: Arc::new(dev.upload(&m.col_local)?),
-            col_block_cols: Arc::new(dev.upload(&m.col_block_cols)?),
-            col_xbar: Arc::new(dev.upload(&m.col_xbar)?),
+            col_tensor_id: Arc::clone(&tables.col_tensor_id),
+            col_scale,
+            col_local: Arc::clone(&tables.col_local),
+            col_block_cols: Arc::clone(&tables.col_block_cols),
+            col_xbar: Arc::clone(&tables.col_xbar),
             block_view: None,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
