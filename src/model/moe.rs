@@ -165,10 +165,14 @@ impl MoeBlock {
                 .collect()
         } else {
             // Experts in parallel: each tensor's conversion alone is too short to keep every
-            // core busy (and the first touch of its pages with them).
+            // core busy (and the first touch of its pages with them). The results are
+            // gathered first so that a bad checkpoint reports its lowest-numbered expert's
+            // error whatever the thread timing (a parallel collect returns any one of them).
             (0..e)
                 .into_par_iter()
                 .map(|x| SwiGlu::load(store, &format!("{p}.experts.{x}"), names.expert_proj, h, i))
+                .collect::<Vec<_>>()
+                .into_iter()
                 .collect::<Result<Vec<_>>>()?
         };
         let shared = match names.shared {
