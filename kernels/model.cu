@@ -156,13 +156,15 @@ extern "C" __global__ void causal_attention(const float* q, const float* k, cons
     }
 }
 
+// silu(g)·u as common::silu_mul computes it.
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // Mirrors common::silu_mul: h[r, c] = silu(gu[r, c]) · gu[r, inter + c].
 extern "C" __global__ void silu_mul(const float* gu, float* h, u64 rows, u32 inter) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * inter) return;
     const u64 r = i / inter, c = i % inter;
-    const float g = gu[r * 2 * inter + c], u = gu[r * 2 * inter + inter + c];
-    h[i] = g / (1.0f + expf(-g)) * u;
+    h[i] = silu_times(gu[r * 2 * inter + c], gu[r * 2 * inter + inter + c]);
 }
 
 // Mirrors common::silu_mul on the kernel layout of a grouped gate/up matrix, whose gate and up
@@ -173,8 +175,7 @@ extern "C" __global__ void silu_mul_interleaved(const float* gu, float* h, u64 r
     if (i >= rows * inter) return;
     const u64 r = i / inter;
     const u32 j = (u32)(i % inter), col = (j / 8) * 16 + j % 8;
-    const float g = gu[r * 2 * inter + col], u = gu[r * 2 * inter + col + 8];
-    h[i] = g / (1.0f + expf(-g)) * u;
+    h[i] = silu_times(gu[r * 2 * inter + col], gu[r * 2 * inter + col + 8]);
 }
 
 // pos_of_pair[sorted_pair[p]] = p: where each (token, slot) pair landed in the expert-sorted

@@ -234,7 +234,7 @@ extern "C" __global__ void gdc_column_means(const double* sums, float* means, u3
 }
 
 // The digital scales after a GDC readout: s_map · α with α = reference / max(readout, min), as
-// GpuExperts' host code and tile::Crossbar's drift compensation compute them.
+// tile::Crossbar's drift compensation computes α.
 extern "C" __global__ void gdc_scales(const float* means, const float* reference, const float* s_map, float* out,
                                       u64 len, float min_readout) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -253,7 +253,7 @@ __device__ __forceinline__ u64 crossbar_slot(const GroupedIndex& g, const u32* c
 // programmed weights (x = W̃_prog). Each thread reduces 8 elements, then the lanes of a warp
 // that hit one crossbar (all of them but at row ends) reduce and one of them does the atomic:
 // an atomic per element put up to 2^20 of them on each of a few addresses.
-extern "C" __global__ void crossbar_abs_max(const float* x, const float* col_div, u64 len, u32 n, u32 k, u32 k_block,
+extern "C" __global__ void crossbar_abs_max(const float* x, const float* col_div, u32 n, u32 k, u32 k_block,
                                             const u32* col_xbar, u32 n_xbar, u32* out_bits) {
     // 8 consecutive elements per thread: one row segment of one crossbar (k_block % 8 == 0,
     // host-checked). max |x/d| = (max |x|)/d for d > 0, as division rounds monotonically.

@@ -1145,8 +1145,7 @@ impl DriftSource {
         }
         let mut bits = dev.zeros::<u32>(groups * m.n_xbar)?;
         let f = dev.function(&PROGRAM_CU, &[], "crossbar_abs_max")?;
-        let (len64, n32, k32, kb32, nx32) =
-            (len as u64, n as u32, k as u32, kb as u32, m.n_xbar as u32);
+        let (n32, k32, kb32, nx32) = (n as u32, k as u32, kb as u32, m.n_xbar as u32);
         let null = 0u64;
         // 8 elements per thread.
         let cfg = row_launch(m.n_experts * n, k, 8)?;
@@ -1156,8 +1155,7 @@ impl DriftSource {
                 Some(d) => b.arg(d),
                 None => b.arg(&null),
             };
-            b.arg(&len64)
-                .arg(&n32)
+            b.arg(&n32)
                 .arg(&k32)
                 .arg(&kb32)
                 .arg(&*self.dev_tables.col_xbar)

@@ -521,24 +521,25 @@ impl<'m> GpuModel<'m> {
                             }
                             .map_err(at)?
                         }
-                        _ if digital => {
-                            let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
-                            let assignments = router.route(logits.view(), &cfg.router);
-                            lap("router").map_err(at)?;
-                            let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
-                            let y = dispatch(l, xh.view(), &assignments, e, self.model);
-                            add_host(dev, &mut h, y.view()).map_err(at)?;
-                            None
-                        }
                         _ => {
                             let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
                             let assignments = router.route(logits.view(), &cfg.router);
                             lap("router").map_err(at)?;
-                            match experts
-                                .routed_on_device(l, &x, s, &assignments, e, keys)
-                                .map_err(at)?
-                            {
+                            let on_device = if digital {
+                                None
+                            } else {
+                                experts
+                                    .routed_on_device(l, &x, s, &assignments, e, keys)
+                                    .map_err(at)?
+                            };
+                            match on_device {
                                 Some(y) => Some(y),
+                                None if digital => {
+                                    let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
+                                    let y = dispatch(l, xh.view(), &assignments, e, self.model);
+                                    add_host(dev, &mut h, y.view()).map_err(at)?;
+                                    None
+                                }
                                 None => {
                                     let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                                     let y = per_sequence(keys, xh.view(), |call, rows| {
