@@ -51,6 +51,51 @@ fn hopper(test: &str) -> Option<CudaDevice> {
     Some(dev)
 }
 
+/// The staged upload (pinned double buffer) writes the concatenation of its parts exactly,
+/// across chunk boundaries that fall inside parts, at an offset, with empty parts; and is an
+/// error, not a panic, past the end of the buffer.
+#[test]
+fn staged_upload_writes_the_parts_exactly() {
+    let Some(dev) = gpu("staged upload") else {
+        return;
+    };
+    let stage = 16usize << 20; // device.rs STAGE_ELEMS
+    let sizes = [5, stage + 3, 0, 2 * stage - 1, 7, stage / 2];
+    let parts: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(p, &n)| (0..n).map(|i| (p * 1_000_003 + i) as f32).collect())
+        .collect();
+    let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+    let total: usize = sizes.iter().sum();
+    let offset = 11;
+    let mut dst = dev.zeros::<f32>(offset + total + 4).unwrap();
+    let clock = std::time::Instant::now();
+    dev.upload_staged(&refs, &mut dst, offset).unwrap();
+    let back = dev.download(&dst).unwrap();
+    let secs = clock.elapsed().as_secs_f64();
+    let want: Vec<f32> = std::iter::repeat_n(0.0, offset)
+        .chain(parts.iter().flatten().copied())
+        .chain(std::iter::repeat_n(0.0, 4))
+        .collect();
+    let differ = back.iter().zip(&want).filter(|(a, b)| a != b).count();
+    println!(
+        "staged upload of {total} f32 in {} parts: {differ} differ; {:.1} GB/s (first use, pinned buffers allocated)",
+        sizes.len(),
+        4.0 * total as f64 / secs / 1e9
+    );
+    assert_eq!(differ, 0);
+    // Again, timed without the allocation; and past the end is an error.
+    let clock = std::time::Instant::now();
+    dev.upload_staged(&refs, &mut dst, offset).unwrap();
+    dev.synchronize().unwrap();
+    println!(
+        "staged upload again: {:.1} GB/s",
+        4.0 * total as f64 / clock.elapsed().as_secs_f64() / 1e9
+    );
+    assert!(dev.upload_staged(&refs, &mut dst, offset + 5).is_err());
+}
+
 #[test]
 fn missing_gpu_is_a_clear_error_not_a_panic() {
     match CudaDevice::open(0) {
@@ -1565,7 +1610,7 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
 
 #[test]
 fn digital_reference_on_the_gpu_matches_the_cpu_model() {
-    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::experts::{GpuExperts, Residency};
     use aimc::backend::cuda::model::GpuModel;
     use aimc::model::{ForwardOptions, RouterKind};
     let Some(dev) = gpu("digital reference on the GPU") else {
@@ -1586,7 +1631,7 @@ fn digital_reference_on_the_gpu_matches_the_cpu_model() {
     let cfg = &model.config;
     let moe: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
     assert!(
-        !moe.is_empty() && moe.iter().all(|&l| g.has_digital_weights(l)),
+        !moe.is_empty() && moe.iter().all(|&l| g.digital_on_device(l)),
         "digital expert weights on the device for MoE layers {moe:?}"
     );
     let mut gm = GpuModel::upload(&dev, &model).unwrap();
@@ -1598,6 +1643,29 @@ fn digital_reference_on_the_gpu_matches_the_cpu_model() {
                 .unwrap(),
         )
         .unwrap();
+    // Digital weights streamed from the host per layer (Residency::Streamed): the same GEMMs
+    // on the same weights, no atomics, so the same bits.
+    let streamed = GpuExperts::program_with(
+        &dev,
+        &layout,
+        &preset,
+        Precision::AnalogSplitF16,
+        Some(Residency::Streamed),
+    )
+    .unwrap();
+    assert!(moe.iter().all(|&l| streamed.digital_on_device(l)));
+    let again = dev
+        .download(
+            &gm.digital_sequences(&seqs, &streamed, &RouterKind::default())
+                .unwrap(),
+        )
+        .unwrap();
+    let differ = got.iter().zip(&again).filter(|(a, b)| a != b).count();
+    println!(
+        "digital forward with streamed expert weights: {differ} of {} logits differ from resident",
+        got.len()
+    );
+    assert_eq!(differ, 0);
     let got = Array2::from_shape_vec((ids.len(), v), got).unwrap();
     // The CPU model's own forward (digital weights, f32); the GPU sums in other orders (cuBLAS
     // SGEMM, online-softmax attention, per-expert GEMMs over the sorted pairs). A wrong expert
@@ -1929,11 +1997,12 @@ fn device_router_matches_the_cpu_router() {
 }
 
 /// The programmed state recomputed per drift point (`Residency::Transient`, what a model too
-/// large for a resident state runs) gives the resident path's programmed state, operands
-/// and scales bit for bit (and so the layer outputs, up to the order of the atomic
+/// large for a resident state runs), also from digital weights uploaded per use
+/// (`Residency::Streamed`), gives the resident path's programmed state, operands and scales
+/// bit for bit (and so the layer outputs, up to the order of the atomic
 /// scatter-add), from a layout (no CPU programming), across a reseed and two drift times.
 #[test]
-fn transient_programmed_state_is_bit_identical_to_resident() {
+fn transient_and_streamed_state_is_bit_identical_to_resident() {
     use aimc::backend::cpu::AnalogExperts;
     use aimc::backend::cuda::experts::{GpuExperts, Residency};
     use aimc::tile::DriftCompensation;
@@ -1959,50 +2028,64 @@ fn transient_programmed_state_is_bit_identical_to_resident() {
             GpuExperts::program_with(&dev, &layout, &preset, Precision::AnalogSplitF16, Some(r))
                 .unwrap()
         };
-        let (mut res, mut tra) = (build(Residency::Resident), build(Residency::Transient));
+        let mut all = Residency::ALL.map(build);
         assert_eq!(
-            (res.residency(), tra.residency()),
-            (Some(Residency::Resident), Some(Residency::Transient))
+            all.each_ref().map(|g| g.residency()),
+            Residency::ALL.map(Some)
         );
         for seed in [11, 23] {
-            res.reprogram(seed).unwrap();
-            tra.reprogram(seed).unwrap();
+            for g in &mut all {
+                g.reprogram(seed).unwrap();
+            }
+            let (res, others) = all.split_first_mut().expect("three residencies");
             let l0 = moe_layers[0];
-            assert_eq!(
-                res.programmed_state(l0).unwrap().unwrap(),
-                tra.programmed_state(l0).unwrap().unwrap(),
-                "{name} {gdc:?} seed {seed}: programmed state"
-            );
+            for other in others.iter() {
+                assert_eq!(
+                    res.programmed_state(l0).unwrap().unwrap(),
+                    other.programmed_state(l0).unwrap().unwrap(),
+                    "{name} {gdc:?} seed {seed} {:?}: programmed state",
+                    other.residency()
+                );
+            }
             for t_s in [0.0, 86_400.0 * 365.0] {
                 res.drift_to(t_s).unwrap();
-                tra.drift_to(t_s).unwrap();
+                for other in others.iter_mut() {
+                    other.drift_to(t_s).unwrap();
+                }
                 for &l in &moe_layers {
-                    let (a, b) = (res.layer(l).unwrap(), tra.layer(l).unwrap());
-                    for (ma, mb) in [(&a.gate_up, &b.gate_up), (&a.down, &b.down)] {
-                        assert_eq!(ma.weight_bits(&dev).unwrap(), mb.weight_bits(&dev).unwrap());
-                        assert_eq!(ma.col_scale(&dev).unwrap(), mb.col_scale(&dev).unwrap());
-                    }
-                    // Equal operands give equal products; the weighted scatter-add of the k
-                    // experts of a token is a float atomicAdd, whose order varies run to run:
-                    // ≤ k rounding steps of the largest output.
-                    let (ya, yb) = (probe.run(&dev, &res, l, 5), probe.run(&dev, &tra, l, 5));
+                    let ya = probe.run(&dev, res, l, 5);
                     assert!(ya.iter().all(|v| v.is_finite()));
                     let top = ya.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    let diff = ya
-                        .iter()
-                        .zip(&yb)
-                        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                    let bound = cfg.top_k as f32 * f32::EPSILON * top;
-                    assert!(
-                        diff <= bound,
-                        "{name} {gdc:?} seed {seed} t {t_s} layer {l}: max |Δy| {diff:e} > {bound:e}"
-                    );
+                    for other in others.iter() {
+                        let (a, b) = (res.layer(l).unwrap(), other.layer(l).unwrap());
+                        for (ma, mb) in [(&a.gate_up, &b.gate_up), (&a.down, &b.down)] {
+                            assert_eq!(
+                                ma.weight_bits(&dev).unwrap(),
+                                mb.weight_bits(&dev).unwrap()
+                            );
+                            assert_eq!(ma.col_scale(&dev).unwrap(), mb.col_scale(&dev).unwrap());
+                        }
+                        // Equal operands give equal products; the weighted scatter-add of the
+                        // k experts of a token is a float atomicAdd, whose order varies run to
+                        // run: ≤ k rounding steps of the largest output.
+                        let yb = probe.run(&dev, other, l, 5);
+                        let diff = ya
+                            .iter()
+                            .zip(&yb)
+                            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                        let bound = cfg.top_k as f32 * f32::EPSILON * top;
+                        assert!(
+                            diff <= bound,
+                            "{name} {gdc:?} seed {seed} t {t_s} layer {l} {:?}: max |Δy| {diff:e} > {bound:e}",
+                            other.residency()
+                        );
+                    }
                 }
             }
         }
         println!(
-            "{name} {gdc:?}: transient programmed state = resident (state, operands, scales; outputs within the \
-             scatter-add reordering; {} MoE layers, 2 seeds × 2 times)",
+            "{name} {gdc:?}: transient and streamed programmed state = resident (state, operands, scales; \
+             outputs within the scatter-add reordering; {} MoE layers, 2 seeds × 2 times)",
             moe_layers.len()
         );
     }

@@ -84,20 +84,30 @@ if step 8; then
 #    6.4 B routed-expert weights) through `aimc eval --backend cuda` on the aimc-3d chip (4096
 #    stacks of 8 tiers hold it): phases, wall time, peak host RSS, peak device memory (nvidia-smi
 #    every 100 ms). OLMOE_RUNS lists the sweeps as tokens:seeds:times (default: a short one and
-#    the full default sweep, 4,096 tokens × 5 seeds × 7 times).
-CK=/tmp/olmoe-size
+#    the full default sweep, 4,096 tokens × 5 seeds × 7 times), with an optional fourth field
+#    for --gpu-memory (auto|resident|transient|streamed). OLMOE_LAYERS (default 16) deepens the
+#    model: 32 layers (13.7 B weights) only fit an 80 GB GPU with the digital weights streamed.
+L=${OLMOE_LAYERS:-16}
+CK=/tmp/olmoe-size; [ "$L" = 16 ] || CK=/tmp/olmoe-size-$L
 s=$(date +%s)
-[ -f $CK/config.json ] || python3 tools/make_olmoe_size_checkpoint.py --out $CK > "$OUT/olmoe-size-make.log" 2>&1
+[ -f $CK/config.json ] || python3 tools/make_olmoe_size_checkpoint.py --out $CK --layers $L > "$OUT/olmoe-size-$L-make.log" 2>&1
 echo "checkpoint ready in $(( $(date +%s) - s )) s: $(du -sh $CK | cut -f1)"
+# aimc-3d's 4,096 stacks hold 16 layers' experts; a deeper model gets a chip scaled with it.
+PRESET=aimc-3d
+if [ "$L" != 16 ]; then
+  PRESET=/tmp/aimc-3d-$L.json
+  sed "s/\"stacks\": 4096/\"stacks\": $(( (4096 * L + 15) / 16 ))/" tiles/aimc-3d.json > $PRESET
+fi
 TIME=""; [ -x /usr/bin/time ] && TIME="/usr/bin/time -v"
 for run in ${OLMOE_RUNS:-2048:2:0,1d,1y 4096:5:0,60,1h,1d,1w,1mo,1y}; do
-  IFS=: read -r tokens seeds times <<< "$run"
-  tag=olmoe-size-$tokens-$seeds
+  IFS=: read -r tokens seeds times memory <<< "$run"
+  memory=${memory:-auto}
+  tag=olmoe-size-$L-$tokens-$seeds-$memory
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem.txt 2>/dev/null &
   SMI=$!
   s=$(date +%s%N)
-  $TIME timeout ${OLMOE_LIMIT:-300} $B/aimc eval --backend cuda --model $CK --preset aimc-3d \
-    --tokens $tokens --seeds $seeds --times $times --out "$OUT/eval-$tag" > "$OUT/eval-$tag.log" 2>&1
+  $TIME timeout ${OLMOE_LIMIT:-300} $B/aimc eval --backend cuda --model $CK --preset $PRESET \
+    --tokens $tokens --seeds $seeds --times $times --gpu-memory $memory --out "$OUT/eval-$tag" > "$OUT/eval-$tag.log" 2>&1
   echo "$tag eval rc=$? wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
   kill $SMI
   echo "peak device memory used: $(sort -n /tmp/gpumem.txt | tail -1) MiB" | tee -a "$OUT/eval-$tag.log"

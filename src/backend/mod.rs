@@ -11,4 +11,4 @@ pub mod cuda;
 pub mod select;
 
 pub use cpu::AnalogExperts;
-pub use select::{BackendRequest, Execution};
+pub use select::{BackendRequest, Execution, GpuMemory};

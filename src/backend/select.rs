@@ -25,6 +25,22 @@ pub enum BackendRequest {
     Auto,
 }
 
+/// What the user asked for with `--gpu-memory`: where the GPU keeps the programmed state and
+/// digital weights of the routed experts between drift points (`experts::Residency` of the
+/// CUDA backend; every choice gives bit-identical operands).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuMemory {
+    /// The fastest that fits in device memory.
+    #[default]
+    Auto,
+    /// Programmed state, digital weights and operands all stay (20 B per weight).
+    Resident,
+    /// Programming again at each drift point (8 B per weight stay).
+    Transient,
+    /// As `transient`, with the digital weights uploaded from the host per use (4 B stay).
+    Streamed,
+}
+
 /// The resolved backend of a command.
 #[derive(Clone, Debug, Default)]
 pub struct Execution {
@@ -32,6 +48,7 @@ pub struct Execution {
     request: BackendRequest,
     #[cfg(feature = "cuda")]
     device: Option<Arc<CudaDevice>>,
+    memory: GpuMemory,
 }
 
 impl Execution {
@@ -42,6 +59,7 @@ impl Execution {
             request: BackendRequest::Cpu,
             #[cfg(feature = "cuda")]
             device: None,
+            memory: GpuMemory::Auto,
         }
     }
 
@@ -63,7 +81,11 @@ impl Execution {
                     }
                 },
             };
-            Ok(Self { request, device })
+            Ok(Self {
+                request,
+                device,
+                memory: GpuMemory::Auto,
+            })
         }
         #[cfg(not(feature = "cuda"))]
         match request {
@@ -72,10 +94,21 @@ impl Execution {
             ),
             BackendRequest::Auto => {
                 eprintln!("note: running on the CPU backend (built without the `cuda` feature)");
-                Ok(Self {})
+                Ok(Self::default())
             }
-            BackendRequest::Cpu => Ok(Self {}),
+            BackendRequest::Cpu => Ok(Self::default()),
         }
+    }
+
+    /// This backend with the routed experts' device memory kept per `memory` (`--gpu-memory`).
+    pub fn with_gpu_memory(mut self, memory: GpuMemory) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// The `--gpu-memory` request.
+    pub fn gpu_memory(&self) -> GpuMemory {
+        self.memory
     }
 
     /// `cpu` or `cuda (<GPU name>)`, for reports.

@@ -12,7 +12,7 @@ use super::eval_analog::{
     RunSpec,
 };
 use super::map::{MappingFlags, DEFAULT_PRESET};
-use crate::backend::{BackendRequest, Execution};
+use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
@@ -71,6 +71,12 @@ pub struct EvalArgs {
     /// when available (else the CPU, with a notice).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendRequest,
+    /// Where the GPU keeps the routed experts between drift points: the fastest that fits,
+    /// programmed state resident, programmed again per point, or also the digital weights
+    /// uploaded from the host per point (models larger than the GPU). The operands are
+    /// bit-identical whichever is chosen.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gpu_memory: GpuMemory,
 }
 
 /// Runs `aimc eval`.
@@ -107,7 +113,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         router: args.router,
         progress: true,
         device: None,
-        execution: Execution::resolve(args.backend)?,
+        execution: Execution::resolve(args.backend)?.with_gpu_memory(args.gpu_memory),
     };
     let mut specs = vec![RunSpec {
         label: format!("{} / {:?}", args.preset, args.mapping.strategy),

@@ -13,7 +13,7 @@ use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, write_sweep, RunResult, RunSpec, SweepPoint,
 };
 use super::map::{map_model, MappingFlags, DEFAULT_PRESET};
-use crate::backend::{BackendRequest, Execution};
+use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::energy::{
     cost_of, estimate, EnergyOptions, EnergyReport, GpuEstimate, GpuPreset, ModelShape, PhaseCost,
 };
@@ -73,6 +73,12 @@ pub struct ReportArgs {
     /// when available (else the CPU, with a notice).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendRequest,
+    /// Where the GPU keeps the routed experts between drift points: the fastest that fits,
+    /// programmed state resident, programmed again per point, or also the digital weights
+    /// uploaded from the host per point (models larger than the GPU). The operands are
+    /// bit-identical whichever is chosen.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gpu_memory: GpuMemory,
 }
 
 /// Everything `report.json` holds.
@@ -158,7 +164,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         router: RouterKind::default(),
         progress: true,
         device: None,
-        execution: Execution::resolve(args.backend)?,
+        execution: Execution::resolve(args.backend)?.with_gpu_memory(args.gpu_memory),
     };
     let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
     let run = RunResult {

@@ -253,9 +253,18 @@ pub fn evaluate(
     #[cfg(feature = "cuda")]
     let programmed = match (&gpu, &first) {
         (Some(dev), Some(first)) => {
-            use crate::backend::cuda::{experts::GpuExperts, moe::Precision, CudaError};
+            use crate::backend::cuda::experts::{GpuExperts, Residency};
+            use crate::backend::cuda::{moe::Precision, CudaError};
+            use crate::backend::GpuMemory;
+            let residency = match cfg.execution.gpu_memory() {
+                GpuMemory::Auto => None,
+                GpuMemory::Resident => Some(Residency::Resident),
+                GpuMemory::Transient => Some(Residency::Transient),
+                GpuMemory::Streamed => Some(Residency::Streamed),
+            };
             let clock = Instant::now();
-            let programmed = GpuExperts::program(dev, first, preset, Precision::AnalogSplitF16);
+            let programmed =
+                GpuExperts::program_with(dev, first, preset, Precision::AnalogSplitF16, residency);
             phases.upload_s += clock.elapsed().as_secs_f64();
             match programmed {
                 Ok(g) => Some(g),
@@ -343,8 +352,10 @@ pub fn evaluate(
                     "{}; programming and drift on the GPU{}",
                     describe_gpu(&cfg.execution, &g),
                     match g.residency() {
-                        Some(Residency::Transient) => {
-                            " (programmed state recomputed per point: too large to stay)"
+                        Some(Residency::Transient) => " (programmed state recomputed per point)",
+                        Some(Residency::Streamed) => {
+                            " (programmed state recomputed per point, digital weights streamed \
+                             from the host)"
                         }
                         _ => "",
                     }

@@ -10,7 +10,8 @@
 //!
 //! [`GpuExperts::program`] instead programs and drifts the crossbars on the device from the
 //! digital weights, keeping the programmed state resident or, for models whose state does not
-//! fit, recomputing it per drift point ([`Residency`]).
+//! fit, recomputing it per drift point, and for models whose digital weights do not fit
+//! either, streaming those from the host per drift point ([`Residency`]).
 //!
 //! A layer stays on the CPU (listed in [`GpuExperts::cpu_layers`] with the reason) when some of
 //! its routed experts are digital (heterogeneous mappings), when its crossbar blocks do not
@@ -39,7 +40,7 @@ use super::program::PcmParams;
 use super::{gib, linear_launch, row_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
 use crate::device::PcmLike;
-use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Proj};
+use crate::model::{Assignment, ExpertLinear, ExpertSlot, MatrixId, Model, Proj};
 use crate::tile::{
     AnalogMatrix, Crossbar, DriftCompensation, PeripherySpec, TilePreset, GDC_MIN_READOUT,
     GDC_READOUT_MVM_ID, GDC_REFERENCE_MVM_ID,
@@ -276,35 +277,27 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let sizes = vec![[2 * per_matrix, per_matrix]; moe.len()];
         let (free, total) = dev.memory_bytes()?;
         let residency = match residency {
-            Some(r) => r,
-            None => Residency::choose(&sizes, free, total).map_err(CudaError::Unsupported)?,
-        };
-        let model = cpu.model();
+            Some(r) => r.fits(&sizes, free, total).map(|()| r),
+            None => Residency::choose(&sizes, free, total),
+        }
+        .map_err(CudaError::Unsupported)?;
+        let (model, g_max) = (cpu.model(), pcm.g_max_us);
+        let streamed = residency == Residency::Streamed;
         let mut sources = BTreeMap::new();
         for (l, (gate, up, down)) in matrices {
-            let weights = |proj| -> CudaResult<Vec<ArrayView2<'_, f32>>> {
-                (0..cfg.num_experts)
-                    .map(|e| {
-                        model
-                            .matrix(MatrixId {
-                                layer: l,
-                                slot: ExpertSlot::Routed(e),
-                                proj,
-                            })
-                            .ok_or_else(|| {
-                                CudaError::Unsupported(format!("layer {l}: no routed expert {e}"))
-                            })
-                    })
-                    .collect()
-            };
-            let g_max = pcm.g_max_us;
-            let gate_up = DriftSource::interleaved(
+            // Checks that gate and up have one layout (GroupedMatrix::interleave_swiglu).
+            let gate_up = DriftHost::interleave(&DriftHost::new(&gate)?, &DriftHost::new(&up)?)?;
+            let gate_up = DriftSource::upload(
                 dev,
-                (&gate, &weights(Proj::Gate)?),
-                (&up, &weights(Proj::Up)?),
+                model,
+                gate_up,
+                (l, SourceKind::GateUp),
+                streamed,
                 g_max,
             )?;
-            let down = DriftSource::new(dev, &down, &weights(Proj::Down)?, g_max)?;
+            let down = DriftHost::new(&down)?;
+            let down =
+                DriftSource::upload(dev, model, down, (l, SourceKind::Down), streamed, g_max)?;
             sources.insert(l, (gate_up, down));
         }
         let mut g = Self {
@@ -349,6 +342,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let _pool = dev.retain_pool()?;
         let run = Run {
             dev,
+            model: self.cpu.model(),
             device: &drift.device,
             readouts: &drift.readouts,
             periphery: self.periphery.as_ref(),
@@ -399,6 +393,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 None => {
                     let run = Run {
                         dev: self.dev,
+                        model: self.cpu.model(),
                         device: &drift.device,
                         readouts: &drift.readouts,
                         periphery: self.periphery.as_ref(),
@@ -442,6 +437,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (dev, seed) = (self.dev, self.seed);
         let run = Run {
             dev,
+            model: self.cpu.model(),
             device,
             readouts,
             periphery: self.periphery.as_ref(),
@@ -532,10 +528,11 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         self.pairs_on_device(layer, x, &eop, &wop, (n_tokens, k, n_experts), keys)
     }
 
-    /// Whether the device holds the digital weights of MoE layer `l`'s routed experts
-    /// ([`GpuExperts::program`]'s layers on the GPU, from programming on: before the first
-    /// [`GpuExperts::drift_to`] too).
-    pub fn has_digital_weights(&self, l: usize) -> bool {
+    /// Whether MoE layer `l`'s routed experts run digitally on the device
+    /// ([`GpuExperts::digital_pairs_on_device`]): [`GpuExperts::program`]'s layers, from
+    /// programming on (before the first [`GpuExperts::drift_to`] too), their digital weights
+    /// resident or uploaded per use ([`Residency::Streamed`]).
+    pub fn digital_on_device(&self, l: usize) -> bool {
         self.drift
             .as_ref()
             .is_some_and(|d| d.sources.contains_key(&l))
@@ -546,7 +543,8 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
     /// [`GpuExperts::pairs_on_device`]: `Σ w · expert_e(x[t])` as [`crate::model::moe::dispatch`]
     /// computes it with the model's weights. cuBLAS f32 GEMMs per expert over the
     /// expert-sorted pairs, SwiGLU, and each token's sum in expert order; `None` where the
-    /// device does not hold the layer's digital weights ([`GpuExperts::has_digital_weights`]).
+    /// layer's digital weights are not there ([`GpuExperts::digital_on_device`]). Under
+    /// [`Residency::Streamed`] each matrix is uploaded for its GEMMs and freed after.
     pub fn digital_pairs_on_device(
         &self,
         blas: &Blas,
@@ -600,18 +598,20 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 .arg(&p32)
                 .arg(&d32);
         })?;
+        let model = self.cpu.model();
+        let w = gate_up.digital(dev, model)?;
         let mut gu = dev.scratch::<f32>(pairs * 2 * inter)?;
         for (e, r0, rows) in experts() {
             blas.sgemm_nt_rows(
                 dev,
                 (&a, r0),
-                (&gate_up.w, e * 2 * inter),
+                (&*w, e * 2 * inter),
                 (&mut gu, r0),
                 (rows, 2 * inter, d),
                 0.0,
             )?;
         }
-        drop(a);
+        drop((a, w));
         let mut hidden = dev.scratch::<f32>(pairs * inter)?;
         let f = dev.function(&MODEL_CU, &[], "silu_mul_interleaved")?;
         let (rows64, i32_) = (pairs as u64, inter as u32);
@@ -624,18 +624,19 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             },
         )?;
         drop(gu);
+        let w = down.digital(dev, model)?;
         let mut y = dev.scratch::<f32>(pairs * d)?;
         for (e, r0, rows) in experts() {
             blas.sgemm_nt_rows(
                 dev,
                 (&hidden, r0),
-                (&down.w, e * d),
+                (&*w, e * d),
                 (&mut y, r0),
                 (rows, d, inter),
                 0.0,
             )?;
         }
-        drop(hidden);
+        drop((hidden, w));
         let mut pos_of_pair = dev.scratch::<u32>(pairs)?;
         let f = dev.function(&MODEL_CU, &[], "invert_pairs")?;
         dev.launch(&f, "invert_pairs", linear_launch(pairs as u64), |b| {
@@ -852,6 +853,8 @@ struct DeviceModel {
 #[derive(Clone, Copy)]
 struct Run<'c> {
     dev: &'c CudaDevice,
+    /// The model whose digital weights [`Residency::Streamed`] uploads per use.
+    model: &'c Model,
     device: &'c DeviceModel,
     readouts: &'c ReadoutCache,
     /// The kernel periphery of the GDC readouts.
@@ -889,7 +892,7 @@ struct DriftSource {
     /// The digital weights `[E, N, K]` (what programming targets), s_map per `[E, KB, N]` and
     /// the target conductance scale of each column's crossbar (seed-independent), for
     /// [`DriftSource::program`].
-    w: CudaSlice<f32>,
+    w: DigitalWeights,
     s_map: Arc<CudaSlice<f32>>,
     g_target: CudaSlice<f32>,
 }
@@ -918,7 +921,10 @@ struct SeedScales {
     gdc_ref_dev: CudaSlice<f32>,
 }
 
-/// Where the programmed state of [`GpuExperts::program`]'s layers lives between drift points.
+/// Where the programmed state and the digital weights of [`GpuExperts::program`]'s layers live
+/// between drift points. All three run the same kernels with the same Philox keys, so the
+/// drifted operands are bit-identical whichever is chosen; they trade device memory for
+/// work per drift point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Residency {
     /// W̃_prog and ν of every layer stay on the device (12 B per weight beside the digital
@@ -926,60 +932,95 @@ pub enum Residency {
     Resident,
     /// Each matrix is programmed again from the digital weights at each drift point and its
     /// programmed state freed after drifting: 8 B per weight stay (digital weights and
-    /// operands), for models whose resident state does not fit. Same Philox keys, same
-    /// kernels, so the drifted operands are bit-identical to [`Residency::Resident`]'s.
+    /// operands), for models whose resident state does not fit.
     Transient,
+    /// As `Transient`, and the digital weights stay in the model's host arrays: each
+    /// programming uploads its matrix's (and the digital reference each layer's) and frees
+    /// them after. Only the operands stay (4 B per weight), for models whose digital weights
+    /// do not fit beside them (Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite size on an 80 GB GPU);
+    /// each drift point moves every routed weight over the host link once.
+    Streamed,
 }
 
 impl Residency {
-    /// Device bytes per weight that stay for the whole sweep (digital f32 weights, split fp16
-    /// operands, and under `Resident` W̃_prog and ν).
+    /// The residencies from the fastest to the leanest.
+    pub const ALL: [Residency; 3] = [Self::Resident, Self::Transient, Self::Streamed];
+
+    /// Device bytes per weight that stay for the whole sweep: split fp16 operands, under
+    /// `Transient` and `Resident` the digital f32 weights, under `Resident` W̃_prog and ν.
     pub fn resident_bytes_per_weight(self) -> usize {
         match self {
             Self::Resident => 20,
             Self::Transient => 8,
+            Self::Streamed => 4,
         }
     }
 
     /// Device bytes per weight of the matrix being drifted that exist only while it drifts:
     /// the drifted f32 weights and the GDC readout's f32 outputs (one per weight; the readout
-    /// runs on the new operands, a resident share), and under `Transient` the freshly
-    /// programmed W̃_prog and ν. (Programming's reference readout holds W̃_prog's operands and
-    /// outputs instead of the drifted weights: as many bytes.)
+    /// runs on the new operands, a resident share), and under `Transient` and `Streamed` the
+    /// freshly programmed W̃_prog and ν. (Programming's reference readout holds W̃_prog's
+    /// operands and outputs instead of the drifted weights: as many bytes. `Streamed`'s
+    /// uploaded digital weights are freed once W̃_prog and ν exist: 16 B at most, and 8 B
+    /// while gate and up are interleaved.)
     pub fn transient_bytes_per_weight(self) -> usize {
         match self {
             Self::Resident => 8,
-            Self::Transient => 20,
+            Self::Transient | Self::Streamed => 20,
         }
     }
 
-    /// The residency that fits `layers` (weights per grouped matrix of each layer) in `free`
-    /// of `total` device bytes beside [`activation_reserve_bytes`]: `Resident` when it fits,
-    /// else `Transient`, else an error naming the sizes.
-    pub fn choose(layers: &[[usize; 2]], free: usize, total: usize) -> Result<Self, String> {
+    /// Device bytes this residency needs for `layers` (weights per grouped matrix of each
+    /// layer) on a device of `total` bytes, [`activation_reserve_bytes`] included.
+    pub fn need_bytes(self, layers: &[[usize; 2]], total: usize) -> usize {
         let all: usize = layers.iter().flatten().sum();
         let largest = layers.iter().flatten().copied().max().unwrap_or(0);
-        let need = |r: Self| {
-            all.saturating_mul(r.resident_bytes_per_weight())
-                .saturating_add(largest.saturating_mul(r.transient_bytes_per_weight()))
-                .saturating_add(activation_reserve_bytes(total))
-        };
-        if let Some(r) = [Self::Resident, Self::Transient]
-            .into_iter()
-            .find(|&r| need(r) <= free)
-        {
-            return Ok(r);
+        all.saturating_mul(self.resident_bytes_per_weight())
+            .saturating_add(largest.saturating_mul(self.transient_bytes_per_weight()))
+            .saturating_add(activation_reserve_bytes(total))
+    }
+
+    /// Whether this residency fits `layers` in `free` of `total` device bytes; the error names
+    /// the sizes.
+    pub fn fits(self, layers: &[[usize; 2]], free: usize, total: usize) -> Result<(), String> {
+        let need = self.need_bytes(layers, total);
+        if need <= free {
+            return Ok(());
         }
+        let all: usize = layers.iter().flatten().sum();
         Err(format!(
-            "device memory: programming {} analog weights on the GPU needs {:.2} GiB even with \
-             the programmed state recomputed per drift point ({:.2} GiB reserved for activations \
-             included), {:.2} of {:.2} GiB are free",
-            all,
-            gib(need(Self::Transient)),
+            "device memory: programming {all} analog weights on the GPU with the {} residency \
+             needs {:.2} GiB ({:.2} GiB reserved for activations included), {:.2} of {:.2} GiB \
+             are free",
+            self.name(),
+            gib(need),
             gib(activation_reserve_bytes(total)),
             gib(free),
             gib(total)
         ))
+    }
+
+    /// The leanest-first search of [`Residency::ALL`]: the first that fits `layers` in `free`
+    /// of `total` device bytes beside [`activation_reserve_bytes`], else the error of the
+    /// leanest (`Streamed`).
+    pub fn choose(layers: &[[usize; 2]], free: usize, total: usize) -> Result<Self, String> {
+        let mut last = String::new();
+        for r in Self::ALL {
+            match r.fits(layers, free, total) {
+                Ok(()) => return Ok(r),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// `resident`, `transient` or `streamed`, as `--gpu-memory` names them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resident => "resident",
+            Self::Transient => "transient",
+            Self::Streamed => "streamed",
+        }
     }
 }
 
@@ -1036,93 +1077,152 @@ impl DriftHost {
     }
 }
 
-/// The matrices `weights` (each `[n, k]`) as one `[E, n, k]` device array, copied straight from
-/// the model's arrays (no host staging copy: at OLMoE size a layer's gate/up is 1 GB).
+/// The matrices `weights` (each `[n, k]`) as one `[E, n, k]` device array, copied from the
+/// model's arrays through the device's pinned staging buffers
+/// ([`CudaDevice::upload_staged`]; no whole-matrix host copy: at OLMoE size a layer's gate/up
+/// is 1 GB).
 fn upload_matrices(
     dev: &CudaDevice,
     weights: &[ArrayView2<'_, f32>],
     (n, k): (usize, usize),
 ) -> CudaResult<CudaSlice<f32>> {
-    let mut w = dev.scratch::<f32>(weights.len() * n * k)?;
-    for (e, m) in weights.iter().enumerate() {
-        if m.dim() != (n, k) {
-            return Err(CudaError::Unsupported(format!(
-                "programming on the GPU: a {:?} weight matrix for crossbars of {n}×{k}",
-                m.dim()
-            )));
-        }
-        let m = m.as_standard_layout();
-        dev.upload_into(m.as_slice().expect("standard layout"), &mut w, e * n * k)?;
+    if let Some(m) = weights.iter().find(|m| m.dim() != (n, k)) {
+        return Err(CudaError::Unsupported(format!(
+            "programming on the GPU: a {:?} weight matrix for crossbars of {n}×{k}",
+            m.dim()
+        )));
     }
+    let standard: Vec<_> = weights.iter().map(|m| m.as_standard_layout()).collect();
+    let parts: Vec<&[f32]> = standard
+        .iter()
+        .map(|m| m.as_slice().expect("standard layout"))
+        .collect();
+    let mut w = dev.scratch::<f32>(weights.len() * n * k)?;
+    dev.upload_staged(&parts, &mut w, 0)?;
     Ok(w)
 }
 
+/// The digital matrices of projection `proj` of every routed expert of MoE layer `l`.
+fn expert_weights(model: &Model, l: usize, proj: Proj) -> CudaResult<Vec<ArrayView2<'_, f32>>> {
+    (0..model.config.num_experts)
+        .map(|e| {
+            model
+                .matrix(MatrixId {
+                    layer: l,
+                    slot: ExpertSlot::Routed(e),
+                    proj,
+                })
+                .ok_or_else(|| CudaError::Unsupported(format!("layer {l}: no routed expert {e}")))
+        })
+        .collect()
+}
+
+/// Which grouped matrix of a MoE layer's routed experts a [`DriftSource`] holds.
+#[derive(Clone, Copy, Debug)]
+enum SourceKind {
+    /// Gate and up, interleaved in groups of 8 rows as the SwiGLU epilogue reads them.
+    GateUp,
+    Down,
+}
+
+/// The digital weights `[E, N, K]` of matrix `kind` of MoE layer `l` (N: the grouped
+/// matrix's rows, gate/up interleaved on the device) uploaded from the model's host arrays.
+fn upload_digital(
+    dev: &CudaDevice,
+    model: &Model,
+    (l, kind): (usize, SourceKind),
+    (n, k): (usize, usize),
+) -> CudaResult<CudaSlice<f32>> {
+    match kind {
+        SourceKind::Down => upload_matrices(dev, &expert_weights(model, l, Proj::Down)?, (n, k)),
+        SourceKind::GateUp => {
+            let n = n / 2;
+            let wg = upload_matrices(dev, &expert_weights(model, l, Proj::Gate)?, (n, k))?;
+            let wu = upload_matrices(dev, &expert_weights(model, l, Proj::Up)?, (n, k))?;
+            let len = 2 * wg.len();
+            let mut w = dev.scratch::<f32>(len)?;
+            let f = dev.function(&PROGRAM_CU, &[], "interleave_swiglu_rows")?;
+            let (len64, n32, k32) = (len as u64, n as u32, k as u32);
+            dev.launch(&f, "interleave_swiglu_rows", linear_launch(len64), |b| {
+                b.arg(&wg)
+                    .arg(&wu)
+                    .arg(&mut w)
+                    .arg(&len64)
+                    .arg(&n32)
+                    .arg(&k32);
+            })?;
+            Ok(w)
+        }
+    }
+}
+
+/// Where a [`DriftSource`]'s digital weights live between uses.
+enum DigitalWeights {
+    /// On the device for the whole sweep.
+    Device(CudaSlice<f32>),
+    /// In the model's host arrays, uploaded for each use and freed after it
+    /// ([`Residency::Streamed`]): (MoE layer, matrix).
+    Host(usize, SourceKind),
+}
+
+/// Digital weights for one use: the resident copy or a fresh upload.
+enum Held<'a> {
+    Resident(&'a CudaSlice<f32>),
+    Uploaded(CudaSlice<f32>),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = CudaSlice<f32>;
+    fn deref(&self) -> &CudaSlice<f32> {
+        match self {
+            Held::Resident(w) => w,
+            Held::Uploaded(w) => w,
+        }
+    }
+}
+
 impl DriftSource {
-    /// The tables and the digital weights `w` (`[E, N, K]`) on the device; the programmed
-    /// state is left for [`DriftSource::program`] to compute.
+    /// The tables of `h` and the digital weights of matrix `kind` of MoE layer `l` on the
+    /// device, kept there unless `streamed` ([`Residency::Streamed`]: uploaded again for each
+    /// use); the programmed state is left for [`DriftSource::program`] to compute.
     fn upload(
         dev: &CudaDevice,
+        model: &Model,
         h: DriftHost,
-        w: CudaSlice<f32>,
+        (l, kind): (usize, SourceKind),
+        streamed: bool,
         g_max_us: f32,
     ) -> CudaResult<Self> {
+        let w = upload_digital(dev, model, (l, kind), (h.tables.n_cols, h.tables.k))?;
         let mut src = Self {
             programmed: None,
             seed_scales: None,
             host_gdc_ref: h.gdc_ref,
             dev_tables: GpuColumnTables::upload(dev, &h.tables)?,
-            w,
+            w: DigitalWeights::Host(l, kind),
             s_map: Arc::new(dev.upload(&h.tables.col_scale)?),
             g_target: dev.zeros::<f32>(1)?,
             tables: h.tables,
         };
         // tile::Crossbar::program's g_scale_target: the scale of max |W / s_map| per crossbar.
-        src.g_target = src.crossbar_scales(dev, &src.w, Some(&*src.s_map), g_max_us)?;
+        src.g_target = src.crossbar_scales(dev, &w, Some(&*src.s_map), g_max_us)?;
+        if !streamed {
+            src.w = DigitalWeights::Device(w);
+        }
         Ok(src)
     }
 
-    /// `weights`: the digital matrices the crossbars of `experts` were laid out from.
-    fn new(
-        dev: &CudaDevice,
-        experts: &[&AnalogMatrix],
-        weights: &[ArrayView2<'_, f32>],
-        g_max_us: f32,
-    ) -> CudaResult<Self> {
-        let h = DriftHost::new(experts)?;
-        let w = upload_matrices(dev, weights, (h.tables.n_cols, h.tables.k))?;
-        Self::upload(dev, h, w, g_max_us)
-    }
-
-    /// Gate and up interleaved in groups of 8 rows (on the device), as the SwiGLU epilogue
-    /// reads them.
-    fn interleaved(
-        dev: &CudaDevice,
-        (gate, gate_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
-        (up, up_w): (&[&AnalogMatrix], &[ArrayView2<'_, f32>]),
-        g_max_us: f32,
-    ) -> CudaResult<Self> {
-        let (hg, hu) = (DriftHost::new(gate)?, DriftHost::new(up)?);
-        // Checks that gate and up have one layout (GroupedMatrix::interleave_swiglu).
-        let h = DriftHost::interleave(&hg, &hu)?;
-        let (n, k) = (hg.tables.n_cols, hg.tables.k);
-        let (wg, wu) = (
-            upload_matrices(dev, gate_w, (n, k))?,
-            upload_matrices(dev, up_w, (n, k))?,
-        );
-        let len = 2 * wg.len();
-        let mut w = dev.scratch::<f32>(len)?;
-        let f = dev.function(&PROGRAM_CU, &[], "interleave_swiglu_rows")?;
-        let (len64, n32, k32) = (len as u64, n as u32, k as u32);
-        dev.launch(&f, "interleave_swiglu_rows", linear_launch(len64), |b| {
-            b.arg(&wg)
-                .arg(&wu)
-                .arg(&mut w)
-                .arg(&len64)
-                .arg(&n32)
-                .arg(&k32);
-        })?;
-        drop((wg, wu));
-        Self::upload(dev, h, w, g_max_us)
+    /// The digital weights `[E, N, K]` on the device for one use.
+    fn digital(&self, dev: &CudaDevice, model: &Model) -> CudaResult<Held<'_>> {
+        Ok(match &self.w {
+            DigitalWeights::Device(w) => Held::Resident(w),
+            &DigitalWeights::Host(l, kind) => Held::Uploaded(upload_digital(
+                dev,
+                model,
+                (l, kind),
+                (self.tables.n_cols, self.tables.k),
+            )?),
+        })
     }
 
     /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|
@@ -1194,6 +1294,8 @@ impl DriftSource {
         let m = &self.tables;
         let (n, k, kb) = (m.n_cols, m.k, m.k_block);
         let len = m.n_experts * n * k;
+        // Uploaded first under Residency::Streamed, and freed (stream-ordered) on return.
+        let w = self.digital(dev, run.model)?;
         let mut w_prog = dev.scratch::<f32>(len)?;
         let mut nu = dev.scratch::<f32>(2 * len)?;
         let f = dev.function(&PROGRAM_CU, &[], "program_grouped")?;
@@ -1203,7 +1305,7 @@ impl DriftSource {
             "program_grouped",
             row_launch(m.n_experts * n, k, 1)?,
             |b| {
-                b.arg(&self.w)
+                b.arg(&*w)
                     .arg(&*self.s_map)
                     .arg(&self.g_target)
                     .arg(&mut w_prog)
@@ -1564,30 +1666,41 @@ mod tests {
     }
 
     #[test]
-    fn residency_is_resident_where_it_fits_then_transient_then_an_error() {
+    fn residency_is_the_fastest_that_fits_then_an_error() {
         let total = 80 * GIB;
         let reserve = activation_reserve_bytes(total);
         let layers = [[2000, 1000], [2000, 1000], [4000, 500]];
         let (all, largest) = (10_500, 4000);
         let resident = 20 * all + 8 * largest + reserve;
         let transient = 8 * all + 20 * largest + reserve;
-        assert_eq!(
-            Residency::choose(&layers, resident, total),
-            Ok(Residency::Resident)
-        );
-        assert_eq!(
-            Residency::choose(&layers, resident - 1, total),
-            Ok(Residency::Transient)
-        );
-        assert_eq!(
-            Residency::choose(&layers, transient, total),
-            Ok(Residency::Transient)
-        );
-        let err = Residency::choose(&layers, transient - 1, total).unwrap_err();
+        let streamed = 4 * all + 20 * largest + reserve;
+        for (free, want) in [
+            (resident, Residency::Resident),
+            (resident - 1, Residency::Transient),
+            (transient, Residency::Transient),
+            (transient - 1, Residency::Streamed),
+            (streamed, Residency::Streamed),
+        ] {
+            assert_eq!(Residency::choose(&layers, free, total), Ok(want), "{free}");
+            assert_eq!(
+                want.need_bytes(&layers, total),
+                [resident, transient, streamed]
+                    [Residency::ALL.iter().position(|&r| r == want).unwrap()]
+            );
+        }
+        let err = Residency::choose(&layers, streamed - 1, total).unwrap_err();
         assert!(
-            err.contains("10500 analog weights") && err.contains("5.00 GiB reserved"),
+            err.contains("10500 analog weights")
+                && err.contains("streamed residency")
+                && err.contains("5.00 GiB reserved"),
             "{err}"
         );
+        // A forced residency is checked against the same plan.
+        assert!(Residency::Resident.fits(&layers, resident, total).is_ok());
+        let err = Residency::Resident
+            .fits(&layers, resident - 1, total)
+            .unwrap_err();
+        assert!(err.contains("resident residency"), "{err}");
         // OLMoE-1B-7B (16 MoE layers, 64 experts of 2048 → 1024 → 2048) on an 80 GB H100 with
         // 78.6 GiB free: 129 GB resident does not fit, 51.5 GB + 5.4 GB transient does.
         let per_matrix = 64 * 1024 * 2048;
@@ -1597,7 +1710,20 @@ mod tests {
             Residency::choose(&olmoe, free, 79 * GIB),
             Ok(Residency::Transient)
         );
-        assert!(Residency::choose(&olmoe, 40 * GIB, 79 * GIB).is_err());
+        // With 40 GiB free only the operands stay: 25.8 GB + 5.4 GB + 4.9 GiB.
+        assert_eq!(
+            Residency::choose(&olmoe, 40 * GIB, 79 * GIB),
+            Ok(Residency::Streamed)
+        );
+        // Qwen1.5-MoE-A2.7B (24 MoE layers, 60 experts of 2048 → 1408 → 2048): 100 GB under
+        // Transient, 49.8 GB + 6.9 GB + 4.9 GiB streamed on an 80 GB H100.
+        let per_matrix = 60 * 1408 * 2048;
+        let qwen = vec![[2 * per_matrix, per_matrix]; 24];
+        assert_eq!(
+            Residency::choose(&qwen, free, 79 * GIB),
+            Ok(Residency::Streamed)
+        );
+        assert!(Residency::choose(&olmoe, 30 * GIB, 79 * GIB).is_err());
         assert!(Residency::choose(&[[usize::MAX / 4, 1]], free, total).is_err());
     }
 }

@@ -497,7 +497,7 @@ impl<'m> GpuModel<'m> {
                         .map_err(at)?;
                     // Fixed-k rules route on the device when the layer's experts are there.
                     let here = if digital {
-                        experts.has_digital_weights(l)
+                        experts.digital_on_device(l)
                     } else {
                         experts.layer(l).is_some()
                     };
