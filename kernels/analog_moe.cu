@@ -14,6 +14,8 @@
 //                3 (digital): SwiGLU → [P, N/2] bf16 (the next GEMM's operand, round to nearest even as to_bf16);
 //                4 (MOE_BM): one bound-management attempt: per crossbar block, the outputs of the pending
 //                  crossbars of the live rows → bm_scratch [slots, KB, N], saturation → bm_sat
+//                5 (digital): store [P, N] rounded to bf16 (the expert outputs that combine_bf16_rows
+//                  sums per token: no read-modify-write of the f32 output per expert)
 //   MOE_DIAG     1 (moe_gemm): the GDC readout through every crossbar block of a grouped matrix
 //                (launch expert g = block g % diag_kb of expert g / diag_kb of weights [E, N, diag_k]),
 //                input rows the identity in order: each row tile multiplies only its own K range
@@ -604,8 +606,18 @@ __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b
 #endif
 }
 
-#if MOE_MODE == 3 && MOE_ANALOG
-#error "MOE_MODE 3 (bf16 hidden rows) is digital only"
+// Two adjacent store-mode outputs at element `i` (even) of the [P, N] rows: f32 (MOE_MODE 0) or
+// bf16 bits (MOE_MODE 5, digital; round to nearest even as to_bf16).
+__device__ __forceinline__ void store_row2(float* out, u64 i, float a, float b) {
+#if MOE_MODE == 5
+    *(u32*)((u16*)out + i) = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+#else
+    *(float2*)(out + i) = make_float2(a, b);
+#endif
+}
+
+#if (MOE_MODE == 3 || MOE_MODE == 5) && MOE_ANALOG
+#error "MOE_MODE 3 and 5 (bf16 rows) are digital only"
 #endif
 #if MOE_DIAG && !(MOE_ANALOG && (MOE_MODE == 0 || MOE_MODE == 4))
 #error "MOE_DIAG (GDC readout) is analog, store mode or its bound-management attempts"
@@ -931,12 +943,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
             const u32 row_local = frag_row(mi, half);
             if (row_local >= rows_e) continue;
             const u32 pos = row_begin + row_local;
-#if MOE_MODE == 0
+#if MOE_MODE == 0 || MOE_MODE == 5
 #pragma unroll
             for (u32 tn = 0; tn < TN; ++tn) {
                 const u32 col = frag_col(tn);
-                float2 v = make_float2(RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
-                *(float2*)(p.out + (u64)pos * p.n + col) = v;
+                store_row2(p.out, (u64)pos * p.n + col, RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
             }
 #elif MOE_MODE == 1 || MOE_MODE == 3
             // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
@@ -1220,11 +1231,11 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
         const u32 row_local = row0 + warp_in_wg * 16 + (lane >> 2) + half * 8;
         if (row_local >= rows_e) continue;
         const u32 pos = row_begin + row_local;
-#if MOE_MODE == 0
+#if MOE_MODE == 0 || MOE_MODE == 5
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; ++j) {
             const u32 col = n0 + j * 8 + (lane & 3) * 2;
-            *(float2*)(p.out + (u64)pos * p.n + col) = make_float2(d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
+            store_row2(p.out, (u64)pos * p.n + col, d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
         }
 #elif MOE_MODE == 1 || MOE_MODE == 3
         // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
@@ -1671,6 +1682,34 @@ extern "C" __global__ void swiglu_rows(const float* in, u64 rows, u32 n_half, fl
     const u64 r = i / n_half;
     const u32 j = (u32)(i % n_half), f = (j / 8) * 16 + j % 8;
     out[i] = silu_mul(in[r * 2 * n_half + f], in[r * 2 * n_half + f + 8]);
+}
+
+// The digital layer's combine of its bf16 expert rows (MOE_MODE 5): y[t, c..c+8] = Σ_j w_j ·
+// rows[pos_j, c..c+8] over token t's k pairs in slot order (pos_j = pos_of_pair[t·k + j], the
+// pair's sorted row; w_j its router weight), in f32. 8 columns per thread (one 16-byte load per
+// pair); `n` a multiple of 8. Deterministic, unlike the atomic scatter-add.
+extern "C" __global__ void combine_bf16_rows(const u16* rows, const u32* pos_of_pair, const float* sorted_weight,
+                                             u32 tokens, u32 k, u32 n, float* y) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 n8 = n / 8;
+    if (i >= (u64)tokens * n8) return;
+    const u64 t = i / n8;
+    const u32 c = (u32)(i % n8) * 8;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (u32 j = 0; j < k; ++j) {
+        const u32 pos = pos_of_pair[t * k + j];
+        const float w = sorted_weight[pos];
+        const uint4 v = *(const uint4*)(rows + (u64)pos * n + c);
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (u32 q = 0; q < 4; ++q) {
+            acc[2 * q] += w * __uint_as_float(words[q] << 16);
+            acc[2 * q + 1] += w * __uint_as_float(words[q] & 0xffff0000u);
+        }
+    }
+    float4* out = (float4*)(y + t * n + c);
+    out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
 }
 
 // Weighted scatter-add of store-mode rows: y[token of p] += weight of p · in[p] (as moe_gemm's

@@ -5,9 +5,9 @@
 mod common;
 
 use aimc::backend::cuda::moe::{
-    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, GemmInput, GemmOutput,
-    GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision, WgmmaTile,
-    TILE_ROWS,
+    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, DigitalCombine, GemmInput,
+    GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision,
+    WgmmaTile, TILE_ROWS,
 };
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
@@ -596,13 +596,11 @@ fn digital_moe_layer_matches_f32_within_bf16() {
     let x = test_matrix(t, d, 7, 1.0);
     let (experts, weights) = routing(t, k, e);
     let r = route_host(&dev, &experts, &weights, t, k, e);
-    let y = dev
-        .download(
-            &layer
-                .forward(&dev, &dev.upload(x.as_slice().unwrap()).unwrap(), &r, 0)
-                .unwrap(),
-        )
-        .unwrap();
+    let xd = dev.upload(x.as_slice().unwrap()).unwrap();
+    let run = |c| {
+        dev.download(&layer.forward_with(&dev, &xd, &r, 0, c).unwrap())
+            .unwrap()
+    };
     let dot = |m: &GroupedMatrix, ex: usize, row: usize, v: &[f32]| -> f32 {
         m.weights[(ex * m.n_cols + row) * m.k..][..m.k]
             .iter()
@@ -610,30 +608,32 @@ fn digital_moe_layer_matches_f32_within_bf16() {
             .map(|(a, b)| a * b)
             .sum()
     };
-    let (mut num, mut den) = (0.0f64, 0.0f64);
+    let mut want = vec![0.0f32; t * d];
     for tok in 0..t {
-        let mut yt = vec![0.0f32; d];
         for slot in 0..k {
             let ex = experts[tok * k + slot] as usize;
             let xv: Vec<f32> = x.row(tok).to_vec();
             let h: Vec<f32> = (0..n)
                 .map(|j| silu_mul(dot(&gate, ex, j, &xv), dot(&up, ex, j, &xv)))
                 .collect();
-            for (c, v) in yt.iter_mut().enumerate() {
+            for (c, v) in want[tok * d..][..d].iter_mut().enumerate() {
                 *v += weights[tok * k + slot] * dot(&down, ex, c, &h);
             }
         }
-        for (c, v) in yt.iter().enumerate() {
-            num += f64::from(y[tok * d + c] - v).powi(2);
-            den += f64::from(*v).powi(2);
-        }
     }
-    let rel = (num / den).sqrt();
-    println!(
-        "digital moe layer: rel. RMS diff to f32 {rel:.3e} (bound 1e-2; {})",
-        Precision::DigitalBf16.describe()
-    );
-    assert!(rel <= 1e-2);
+    // bf16 operands (2^-9 relative per rounding), f32 accumulation; Bf16Rows rounds each
+    // expert output once more. A wrong slot, weight or row in the combine is O(1).
+    for combine in [DigitalCombine::ScatterAdd, DigitalCombine::Bf16Rows] {
+        let y = run(combine);
+        let rel = rel_rms(y.iter(), want.iter());
+        println!(
+            "digital moe layer ({combine:?}): rel. RMS diff to f32 {rel:.3e} (bound 1e-2; {})",
+            Precision::DigitalBf16.describe()
+        );
+        assert!(rel <= 1e-2, "{combine:?}: {rel}");
+    }
+    // The combine sums in slot order: the same bits every run.
+    assert_eq!(run(DigitalCombine::Bf16Rows), run(DigitalCombine::Bf16Rows));
 }
 
 /// (tokens, top-k, experts, hidden n, model d) of the digital kernel tests: several row tiles per
@@ -772,9 +772,11 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
     let (experts, weights) = routing(t, k, e);
     let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
-    let y_mma = dev
-        .download(&mma.forward(&dev, &xd, &r, 0).unwrap())
-        .unwrap();
+    let combines = [DigitalCombine::ScatterAdd, DigitalCombine::Bf16Rows];
+    let y_mma = combines.map(|c| {
+        dev.download(&mma.forward_with(&dev, &xd, &r, 0, c).unwrap())
+            .unwrap()
+    });
     let input = quantize(&dev, &xd, t, d, d, None).unwrap();
     let store = |m: &GpuGroupedMatrix| store_rows(&dev, m, &input, &r, None, 0);
     let store_mma = store(&mma.gate_up);
@@ -812,12 +814,16 @@ fn digital_wgmma_layer_matches_the_mma_sync_kernel() {
         // Whole layer (SwiGLU and scatter-add epilogues). Same bf16 operands, f32 accumulation
         // in another order: a hidden value may round to the neighbouring bf16 (2^-8 relative)
         // before the down GEMM, far below the O(1) error of a wrong fragment or swizzle layout.
-        let y_wg = dev
-            .download(&wg.forward(&dev, &xd, &r, 0).unwrap())
-            .unwrap();
-        let rel = rel_rms(y_wg.iter(), y_mma.iter());
-        println!("digital wgmma {tile:?} layer vs mma.sync layer: rel. RMS {rel:.2e} (bound 1e-3)");
-        assert!(rel <= 1e-3, "{tile:?}: {rel}");
+        for (c, y_mma) in combines.iter().zip(&y_mma) {
+            let y_wg = dev
+                .download(&wg.forward_with(&dev, &xd, &r, 0, *c).unwrap())
+                .unwrap();
+            let rel = rel_rms(y_wg.iter(), y_mma.iter());
+            println!(
+                "digital wgmma {tile:?} layer ({c:?}) vs mma.sync layer: rel. RMS {rel:.2e} (bound 1e-3)"
+            );
+            assert!(rel <= 1e-3, "{tile:?} {c:?}: {rel}");
+        }
         // Store epilogue of the gate/up GEMM: f32 sums of identical bf16 products.
         let rel = rel_rms(store(&wg.gate_up).iter(), store_mma.iter());
         println!("digital wgmma {tile:?} store vs mma.sync store: rel. RMS {rel:.2e} (bound 1e-5)");

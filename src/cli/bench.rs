@@ -450,8 +450,8 @@ mod gpu {
     use super::{utc_date, BenchArgs, Shape};
     use crate::backend::cuda::blas::Blas;
     use crate::backend::cuda::moe::{
-        analog_wgmma_tile, route, to_bf16_device, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer,
-        GroupedMatrix, Precision, WgmmaTile,
+        analog_wgmma_tile, route, to_bf16_device, DigitalCombine, GemmOutput, GemmPeriphery,
+        GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile,
     };
     use crate::backend::cuda::rng::fill_normal;
     use crate::backend::cuda::{CudaDevice, CudaResult};
@@ -707,16 +707,29 @@ mod gpu {
             if wgmma && analog && (tile_gu.is_none() || tile_down.is_none()) {
                 continue; // crossbar rows not whole 64-row wgmma steps
             }
+            // The digital layer's combine (GpuMoeLayer::forward's choice): bf16 expert rows
+            // summed per token, or the f32 scatter-add epilogue (every analog layer).
+            let bf16_rows = !analog && DigitalCombine::for_layer(n, k) == DigitalCombine::Bf16Rows;
+            let down_mode = if bf16_rows {
+                GemmOutput::StoreBf16
+            } else {
+                GemmOutput::ScatterAdd
+            };
+            let combine = if bf16_rows {
+                "bf16 expert rows + combine"
+            } else {
+                "f32 scatter-add"
+            };
             let case = match (tile_gu, tile_down) {
                 (Some(a), Some(b)) => format!(
-                    "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}",
+                    "{case}, tiles 128×{}/128×{}, {} stages, pipe {}/{}, {combine}",
                     a.cols,
                     b.cols,
                     a.stages,
                     a.pipe,
-                    b.for_output(2).pipe
+                    b.for_output(down_mode.mode()).pipe
                 ),
-                _ => case.to_string(),
+                _ => format!("{case}, {combine}"),
             };
             let case = case.as_str();
             let layer = GpuMoeLayer {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::compile::ANALOG_MOE_CU;
+use super::compile::{ANALOG_MOE_CU, MODEL_CU};
 use super::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::tile::{AnalogMatrix, Crossbar, NoiseManagement, PeripherySpec, WeightNoise};
 
@@ -995,6 +995,9 @@ pub enum GemmOutput {
     /// crossbars still pending, per crossbar block, into the bound-management scratch. Run by
     /// [`grouped_gemm`] after a [`GemmOutput::Store`] pass flags rows; not an output of its own.
     BmAttempt,
+    /// Digital only: [`GemmOutput::Store`] rounded to bf16 (`[P, N]` `u16` bits), the expert
+    /// outputs [`combine_bf16_rows`] sums per token.
+    StoreBf16,
 }
 
 impl GemmOutput {
@@ -1006,12 +1009,18 @@ impl GemmOutput {
             Self::ScatterAdd => 2,
             Self::SwiGluBf16 => 3,
             Self::BmAttempt => 4,
+            Self::StoreBf16 => 5,
         }
+    }
+
+    /// Whether the output holds bf16 bits (`u16` elements).
+    pub fn bf16(self) -> bool {
+        matches!(self, Self::SwiGluBf16 | Self::StoreBf16)
     }
 }
 
 /// Element type of a grouped GEMM's output buffer: `f32`, or `u16` bf16 bits for
-/// [`GemmOutput::SwiGluBf16`].
+/// [`GemmOutput::SwiGluBf16`] and [`GemmOutput::StoreBf16`].
 pub trait GemmOutElem: cudarc::driver::DeviceRepr {
     /// Whether the buffer holds bf16 bits.
     const BF16: bool;
@@ -1062,7 +1071,8 @@ impl GemmVariant {
             || !(self.pcm_read
                 || self.block_readout
                 || self.ir_drop
-                || matches!(self.output, GemmOutput::SwiGluBf16 | GemmOutput::BmAttempt))
+                || self.output.bf16()
+                || self.output == GemmOutput::BmAttempt)
     }
 
     /// Weight matrices staged per K step (`NB_MAT` in the kernel): fp16 hi and lo when split.
@@ -1339,10 +1349,16 @@ pub fn scatter_slab_cols(k: usize, top_k: usize) -> usize {
 /// 256-column pipelined and clustered tiles, and the other pipelines on one mode.
 pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
     let tile = WgmmaTile::new;
-    let mut v: Vec<_> = (0..4)
-        .map(|mode| tile(256, 4, 1).defines(mode, 0).to_vec())
+    let modes = [0, 1, 2, 3, GemmOutput::StoreBf16.mode()];
+    let mut v: Vec<_> = modes
+        .iter()
+        .map(|&mode| tile(256, 4, 1).defines(mode, 0).to_vec())
         .collect();
-    v.extend((0..4).map(|mode| tile(256, 4, 3).defines(mode, 0).to_vec()));
+    v.extend(
+        modes
+            .iter()
+            .map(|&mode| tile(256, 4, 3).defines(mode, 0).to_vec()),
+    );
     v.push(tile(256, 4, 1).defines(2, 256).to_vec());
     v.extend(
         [
@@ -1453,6 +1469,7 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
         v.push(all(true, false, output));
     }
     v.push(all(false, false, GemmOutput::SwiGluBf16));
+    v.push(all(false, false, GemmOutput::StoreBf16));
     let base = all(true, false, GemmOutput::SwiGlu);
     v.push(GemmVariant {
         split_w: true,
@@ -1617,16 +1634,14 @@ pub fn grouped_gemm<T: GemmOutElem>(
 ) -> CudaResult<()> {
     let pairs = routing.n_tokens * routing.top_k;
     let out_len = match output {
-        GemmOutput::Store | GemmOutput::BmAttempt => pairs * m.n_cols,
+        GemmOutput::Store | GemmOutput::BmAttempt | GemmOutput::StoreBf16 => pairs * m.n_cols,
         GemmOutput::SwiGlu | GemmOutput::SwiGluBf16 => pairs * m.n_cols / 2,
         GemmOutput::ScatterAdd => routing.n_tokens * m.n_cols,
     };
-    if T::BF16 != (output == GemmOutput::SwiGluBf16)
-        || (output == GemmOutput::SwiGluBf16 && m.precision != Precision::DigitalBf16)
-    {
+    if T::BF16 != output.bf16() || (output.bf16() && m.precision != Precision::DigitalBf16) {
         return Err(CudaError::Unsupported(format!(
-            "grouped GEMM: output {output:?} into {} elements of {:?} weights (bf16 hidden rows \
-             are for digital layers, into u16)",
+            "grouped GEMM: output {output:?} into {} elements of {:?} weights (bf16 rows are for \
+             digital layers, into u16)",
             if T::BF16 { "bf16" } else { "f32" },
             m.precision
         )));
@@ -2306,6 +2321,78 @@ fn scatter_rows(
     )
 }
 
+/// `y[t] = Σ_j w_j · rows[pos_j]` (`[T, n]` f32) over each token's k pairs in slot order, from
+/// the bf16 expert rows of a [`GemmOutput::StoreBf16`] GEMM (`[P, n]` in sorted order; pair
+/// (t, j) at sorted row pos_j, router weight w_j): the digital layer's deterministic combine.
+pub fn combine_bf16_rows(
+    dev: &CudaDevice,
+    rows: &CudaSlice<u16>,
+    routing: &GpuRouting,
+    n: usize,
+) -> CudaResult<CudaSlice<f32>> {
+    let (t, k) = (routing.n_tokens, routing.top_k);
+    let pairs = t * k;
+    if !n.is_multiple_of(8) || rows.len() != pairs * n {
+        return Err(CudaError::Unsupported(format!(
+            "combining {} bf16 expert outputs into {t} rows of {n} (a multiple of 8) from {pairs} pairs",
+            rows.len()
+        )));
+    }
+    let p32 = pairs as u32;
+    let mut pos = dev.scratch::<u32>(pairs)?;
+    let f = dev.function(&MODEL_CU, &[], "invert_pairs")?;
+    dev.launch(&f, "invert_pairs", linear_launch(pairs as u64), |b| {
+        b.arg(&routing.sorted_pair).arg(&mut pos).arg(&p32);
+    })?;
+    let mut y = dev.scratch::<f32>(t * n)?;
+    let f = dev.function(&ANALOG_MOE_CU, &[], "combine_bf16_rows")?;
+    let (t32, k32, n32) = (t as u32, k as u32, n as u32);
+    dev.launch(
+        &f,
+        "combine_bf16_rows",
+        linear_launch((t * n / 8) as u64),
+        |b| {
+            b.arg(rows)
+                .arg(&pos)
+                .arg(&routing.sorted_weight)
+                .arg(&t32)
+                .arg(&k32)
+                .arg(&n32)
+                .arg(&mut y);
+        },
+    )?;
+    Ok(y)
+}
+
+/// How the digital layer sums each token's k expert outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigitalCombine {
+    /// The down GEMM's epilogue adds w·y into the zeroed f32 output by atomics (in column slabs
+    /// where [`scatter_slab_cols`] says so); the order of the adds varies run to run.
+    ScatterAdd,
+    /// The down GEMM stores each expert's output rounded to bf16 (`[P, d]`, as frameworks keep
+    /// expert outputs) and [`combine_bf16_rows`] sums each token's rows in slot order, in f32:
+    /// no read-modify-write of the f32 output per expert, and deterministic.
+    Bf16Rows,
+}
+
+impl DigitalCombine {
+    /// The faster for a down GEMM of `k` inputs per row and `top_k` experts per token,
+    /// measured per GEMM on the H100 (reports/bench/2026-11-24-streaming.md): without slabs
+    /// the scatter-add's f32 output leaves the L2 between a token's expert outputs and
+    /// round-trips DRAM up to top_k times (OLMoE, top-8: 1.44 ms), where bf16 rows write and
+    /// read 4 B per output (1.02 ms + 0.23 ms combine). Where slabs keep the output in L2
+    /// (fine-grained: 0.90 against 0.70 + 0.26 ms) or top_k = 2 leaves few round trips behind a
+    /// compute-bound GEMM (Mixtral), the scatter-add stays.
+    pub fn for_layer(k: usize, top_k: usize) -> Self {
+        if top_k >= 4 && scatter_slab_cols(k, top_k) == 0 {
+            Self::Bf16Rows
+        } else {
+            Self::ScatterAdd
+        }
+    }
+}
+
 /// One MoE expert layer (SwiGLU experts) on the GPU, analog or digital.
 pub struct GpuMoeLayer {
     /// Interleaved gate/up matrices `[E, 2n, d]`.
@@ -2330,6 +2417,20 @@ impl GpuMoeLayer {
         x: &CudaSlice<f32>,
         routing: &GpuRouting,
         mvm_id: u32,
+    ) -> CudaResult<CudaSlice<f32>> {
+        let combine = DigitalCombine::for_layer(self.down.k, routing.top_k);
+        self.forward_with(dev, x, routing, mvm_id, combine)
+    }
+
+    /// [`GpuMoeLayer::forward`] with the digital layer's expert outputs summed per `combine`
+    /// (analog layers always scatter-add).
+    pub fn forward_with(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaSlice<f32>,
+        routing: &GpuRouting,
+        mvm_id: u32,
+        combine: DigitalCombine,
     ) -> CudaResult<CudaSlice<f32>> {
         let (t, d, n) = (routing.n_tokens, self.gate_up.k, self.down.k);
         let pairs = t * routing.top_k;
@@ -2383,6 +2484,22 @@ impl GpuMoeLayer {
                 }
             }
         };
+        if p.is_none() && combine == DigitalCombine::Bf16Rows {
+            let mut rows = dev.scratch::<u16>(pairs * d)?;
+            grouped_gemm(
+                dev,
+                &self.down,
+                &hq,
+                routing,
+                false,
+                None,
+                self.seed,
+                mvm_id,
+                GemmOutput::StoreBf16,
+                &mut rows,
+            )?;
+            return combine_bf16_rows(dev, &rows, routing, d);
+        }
         let mut y = dev.zeros::<f32>(t * d)?;
         if bm {
             let mut rows = dev.scratch::<f32>(pairs * d)?;
@@ -2413,6 +2530,21 @@ mod tests {
             noise_quads: true,
             block_readout: false,
         }
+    }
+
+    #[test]
+    fn digital_combine_is_bf16_rows_only_without_slabs_at_top_4_or_more() {
+        // OLMoE (down K 1024, top-8), fine-grained (256, top-8: slabs), Mixtral (14336, top-2).
+        assert_eq!(DigitalCombine::for_layer(1024, 8), DigitalCombine::Bf16Rows);
+        assert_eq!(
+            DigitalCombine::for_layer(256, 8),
+            DigitalCombine::ScatterAdd
+        );
+        assert_eq!(
+            DigitalCombine::for_layer(14336, 2),
+            DigitalCombine::ScatterAdd
+        );
+        assert_eq!(DigitalCombine::for_layer(2048, 4), DigitalCombine::Bf16Rows);
     }
 
     #[test]
