@@ -41,6 +41,20 @@ pub enum GpuMemory {
     Streamed,
 }
 
+#[cfg(feature = "cuda")]
+impl GpuMemory {
+    /// The residency this request forces (`None`: the fastest that fits).
+    pub fn residency(self) -> Option<super::cuda::experts::Residency> {
+        use super::cuda::experts::Residency;
+        match self {
+            Self::Auto => None,
+            Self::Resident => Some(Residency::Resident),
+            Self::Transient => Some(Residency::Transient),
+            Self::Streamed => Some(Residency::Streamed),
+        }
+    }
+}
+
 /// The resolved backend of a command.
 #[derive(Clone, Debug, Default)]
 pub struct Execution {

@@ -253,15 +253,9 @@ pub fn evaluate(
     #[cfg(feature = "cuda")]
     let programmed = match (&gpu, &first) {
         (Some(dev), Some(first)) => {
-            use crate::backend::cuda::experts::{GpuExperts, Residency};
+            use crate::backend::cuda::experts::GpuExperts;
             use crate::backend::cuda::{moe::Precision, CudaError};
-            use crate::backend::GpuMemory;
-            let residency = match cfg.execution.gpu_memory() {
-                GpuMemory::Auto => None,
-                GpuMemory::Resident => Some(Residency::Resident),
-                GpuMemory::Transient => Some(Residency::Transient),
-                GpuMemory::Streamed => Some(Residency::Streamed),
-            };
+            let residency = cfg.execution.gpu_memory().residency();
             let clock = Instant::now();
             let programmed =
                 GpuExperts::program_with(dev, first, preset, Precision::AnalogSplitF16, residency);

@@ -637,11 +637,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             )?;
         }
         drop((hidden, w));
-        let mut pos_of_pair = dev.scratch::<u32>(pairs)?;
-        let f = dev.function(&MODEL_CU, &[], "invert_pairs")?;
-        dev.launch(&f, "invert_pairs", linear_launch(pairs as u64), |b| {
-            b.arg(&routing.sorted_pair).arg(&mut pos_of_pair).arg(&p32);
-        })?;
+        let pos_of_pair = routing.pos_of_pair(dev)?;
         let mut out = dev.scratch::<f32>(n_tokens * d)?;
         let f = dev.function(&MODEL_CU, &[], "combine_pairs")?;
         let (t32, k32) = (n_tokens as u32, top_k as u32);

@@ -751,6 +751,19 @@ pub struct GpuRouting {
 }
 
 impl GpuRouting {
+    /// `[T·k]` the sorted row of each (token, slot) pair, the inverse of `sorted_pair`
+    /// (`invert_pairs` in kernels/model.cu): where the combines find a token's expert outputs.
+    pub fn pos_of_pair(&self, dev: &CudaDevice) -> CudaResult<CudaSlice<u32>> {
+        let pairs = self.n_tokens * self.top_k;
+        let p32 = pairs as u32;
+        let mut pos = dev.scratch::<u32>(pairs)?;
+        let f = dev.function(&MODEL_CU, &[], "invert_pairs")?;
+        dev.launch(&f, "invert_pairs", linear_launch(pairs as u64), |b| {
+            b.arg(&self.sorted_pair).arg(&mut pos).arg(&p32);
+        })?;
+        Ok(pos)
+    }
+
     /// Keys the per-MVM noise of the tokens as consecutive sequences of `window` tokens (the
     /// last may be shorter), sequence q being call `first_call + q`: each draws the noise it
     /// draws when routed alone (`AnalogExperts::call(first_call + q)` on the CPU).
@@ -2338,12 +2351,7 @@ pub fn combine_bf16_rows(
             rows.len()
         )));
     }
-    let p32 = pairs as u32;
-    let mut pos = dev.scratch::<u32>(pairs)?;
-    let f = dev.function(&MODEL_CU, &[], "invert_pairs")?;
-    dev.launch(&f, "invert_pairs", linear_launch(pairs as u64), |b| {
-        b.arg(&routing.sorted_pair).arg(&mut pos).arg(&p32);
-    })?;
+    let pos = routing.pos_of_pair(dev)?;
     let mut y = dev.scratch::<f32>(t * n)?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "combine_bf16_rows")?;
     let (t32, k32, n32) = (t as u32, k as u32, n as u32);
