@@ -281,6 +281,8 @@ pub fn evaluate(
     };
     #[cfg(not(feature = "cuda"))]
     let on_gpu: Option<Vec<Reference>> = None;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    let digital_on_gpu = on_gpu.is_some();
     let references: Vec<Reference> = match on_gpu {
         Some(r) => r,
         None => seqs
@@ -376,7 +378,9 @@ pub fn evaluate(
                 st.name, st.seconds, st.host_seconds
             );
         }
-        backend.push_str("; digital reference on the GPU");
+        if digital_on_gpu {
+            backend.push_str("; digital reference on the GPU");
+        }
         done_on_gpu = true;
     }
     #[cfg(feature = "cuda")]
