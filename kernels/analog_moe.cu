@@ -74,88 +74,114 @@ typedef unsigned short u16;
 
 // ---------------------------------------------------------------------------------------------
 // Routing: stable counting sort of (token, expert, weight) pairs by expert.
-// histogram (moe_count) → exclusive scan (moe_scan) → stable scatter (moe_scatter).
-// One block per expert keeps the scatter stable without a global sort: pairs keep their
-// (token, slot) order inside an expert, the order the CPU path gathers tokens in.
+// histogram (moe_count) → exclusive scan (moe_scan) → stable scatter (moe_scatter), over slices
+// of the host's `slice` consecutive pairs, one block per slice: O(P + E·slices) work. Pairs keep
+// their (token, slot) order inside an expert, the order the CPU path gathers tokens in. Expert
+// ids come from the device router (route_top_k) or the host's checked routing; the kernels
+// only guard their shared-memory tables against an id ≥ n_experts.
+// (The first version ran a block per (expert, slice) that read every pair of its slice: E·P
+// reads, 0.16 ms of the fine-grained layer's 1.4 with 128 experts.)
 
-// Blocks (expert e = blockIdx.x, slice s = blockIdx.y) count and place the pairs of slice s, the
-// host's `slice` consecutive pairs: E × ⌈P/slice⌉ blocks share the work (E blocks scanning all P
-// pairs each left most SMs idle: 0.21 ms of the OLMoE layer).
-extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32 slice, u32* counts) {
-    const u32 e = blockIdx.x, s = blockIdx.y, end = min(n_pairs, (s + 1) * slice);
-    u32 total = 0;
-    for (u32 base = s * slice; base < end; base += blockDim.x) {
-        u32 i = base + threadIdx.x;
-        total += __syncthreads_count(i < end && expert_of_pair[i] == e);
+// counts[e][s] = pairs of expert e in slice s (shared-memory histogram of n_experts words).
+extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32 n_experts, u32 slice, u32* counts) {
+    extern __shared__ u32 hist[];
+    const u32 s = blockIdx.x, begin = s * slice, end = min(n_pairs, begin + slice);
+    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    for (u32 i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const u32 e = expert_of_pair[i];
+        if (e < n_experts) atomicAdd(&hist[e], 1u);
     }
-    if (threadIdx.x == 0) counts[e * gridDim.y + s] = total;
+    __syncthreads();
+    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) counts[e * gridDim.x + s] = hist[e];
 }
 
 // From counts[e][s]: offsets[e] = Σ_{e'<e} pairs of e', tile_offsets[e] = Σ_{e'<e} ⌈pairs/tile_rows⌉,
 // slice_offsets[e][s] = offsets[e] + Σ_{s'<s} counts[e][s'] (where slice s of expert e starts).
+// One block; a warp scans one expert's slices at a time.
 extern "C" __global__ void moe_scan(const u32* counts, u32 n_experts, u32 n_slices, u32 tile_rows, u32* offsets,
                                     u32* tile_offsets, u32* slice_offsets) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     // Each expert's slices, relative to the expert's start; offsets[e] holds its total for now.
-    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) {
-        u32 acc = 0;
-        for (u32 s = 0; s < n_slices; ++s) {
-            slice_offsets[e * n_slices + s] = acc;
-            acc += counts[e * n_slices + s];
-        }
-        offsets[e] = acc;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {  // the experts in order (E is small)
-        u32 acc = 0, tiles = 0;
-        for (u32 e = 0; e < n_experts; ++e) {
-            const u32 total = offsets[e];
-            offsets[e] = acc;
-            tile_offsets[e] = tiles;
-            acc += total;
-            tiles += (total + tile_rows - 1) / tile_rows;
-        }
-        offsets[n_experts] = acc;
-        tile_offsets[n_experts] = tiles;
-    }
-    __syncthreads();
-    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x)
-        for (u32 s = 0; s < n_slices; ++s) slice_offsets[e * n_slices + s] += offsets[e];
-}
-
-// Stable: block (e, s) writes the pairs of expert e in slice s in pair order from slice_offsets[e][s].
-extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* weight_of_pair, u32 n_pairs,
-                                       u32 slice, u32 top_k, const u32* slice_offsets, u32* sorted_token,
-                                       float* sorted_weight, u32* sorted_pair) {
-    __shared__ u32 warp_prefix[32];
-    __shared__ u32 block_total;
-    const u32 e = blockIdx.x, s = blockIdx.y, end = min(n_pairs, (s + 1) * slice);
-    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    u32 running = slice_offsets[e * gridDim.y + s];
-    for (u32 base = s * slice; base < end; base += blockDim.x) {
-        u32 i = base + threadIdx.x;
-        bool hit = i < end && expert_of_pair[i] == e;
-        u32 mask = __ballot_sync(0xffffffffu, hit);
-        u32 before = __popc(mask & ((1u << lane) - 1u));
-        if (lane == 0) warp_prefix[warp] = __popc(mask);
-        __syncthreads();
-        if (warp == 0) {
-            u32 v = lane < n_warps ? warp_prefix[lane] : 0, incl = v;
+    for (u32 e = warp; e < n_experts; e += n_warps) {
+        u32 carry = 0;
+        for (u32 s0 = 0; s0 < n_slices; s0 += 32) {
+            const u32 s = s0 + lane, v = s < n_slices ? counts[e * n_slices + s] : 0u;
+            u32 incl = v;
+#pragma unroll
             for (u32 o = 1; o < 32; o <<= 1) {
-                u32 t = __shfl_up_sync(0xffffffffu, incl, o);
+                const u32 t = __shfl_up_sync(~0u, incl, o);
                 if (lane >= o) incl += t;
             }
-            if (lane < n_warps) warp_prefix[lane] = incl - v;
-            if (lane == 31) block_total = incl;
+            if (s < n_slices) slice_offsets[e * n_slices + s] = carry + incl - v;
+            carry += __shfl_sync(~0u, incl, 31);
         }
-        __syncthreads();
-        if (hit) {
-            u32 pos = running + warp_prefix[warp] + before;
-            sorted_token[pos] = i / top_k;
-            sorted_weight[pos] = weight_of_pair[i];
-            sorted_pair[pos] = i;
+        if (lane == 0) offsets[e] = carry;
+    }
+    __syncthreads();
+    // Exclusive scans of the totals and their row tiles over the experts, 32 at a time by warp 0
+    // (a serial loop of dependent global reads took 25 µs at 128 experts).
+    if (warp == 0) {
+        u32 acc = 0, tiles = 0;
+        for (u32 e0 = 0; e0 < n_experts; e0 += 32) {
+            const u32 e = e0 + lane, total = e < n_experts ? offsets[e] : 0u;
+            const u32 n_tiles = (total + tile_rows - 1) / tile_rows;
+            u32 a = total, b = n_tiles;
+#pragma unroll
+            for (u32 o = 1; o < 32; o <<= 1) {
+                const u32 ta = __shfl_up_sync(~0u, a, o), tb = __shfl_up_sync(~0u, b, o);
+                if (lane >= o) a += ta, b += tb;
+            }
+            if (e < n_experts) {
+                offsets[e] = acc + a - total;
+                tile_offsets[e] = tiles + b - n_tiles;
+            }
+            acc += __shfl_sync(~0u, a, 31);
+            tiles += __shfl_sync(~0u, b, 31);
         }
-        running += block_total;
-        __syncthreads();
+        if (lane == 0) {
+            offsets[n_experts] = acc;
+            tile_offsets[n_experts] = tiles;
+        }
+    }
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < n_experts * n_slices; i += blockDim.x) slice_offsets[i] += offsets[i / n_slices];
+}
+
+// Stable: block s places the pairs of slice s. Shared memory: the running position of each
+// expert (from slice_offsets[e][s]) and the slice's expert ids, which warp 0 turns into
+// positions 32 pairs at a time in pair order (lanes of one expert rank by __match_any_sync);
+// then all threads write the sorted arrays.
+extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* weight_of_pair, u32 n_pairs,
+                                       u32 n_experts, u32 slice, u32 top_k, const u32* slice_offsets,
+                                       u32* sorted_token, float* sorted_weight, u32* sorted_pair) {
+    extern __shared__ u32 route_smem[];
+    u32* running = route_smem;
+    u32* pos = route_smem + n_experts;  // the slice's expert ids, then their sorted positions
+    const u32 s = blockIdx.x, begin = s * slice, n = min(n_pairs, begin + slice) - begin;
+    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) running[e] = slice_offsets[e * gridDim.x + s];
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) pos[j] = expert_of_pair[begin + j];
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const u32 lane = threadIdx.x;
+        for (u32 j0 = 0; j0 < n; j0 += 32) {
+            const u32 j = j0 + lane, e = j < n ? pos[j] : ~0u;
+            const bool ok = e < n_experts;
+            const u32 group = __match_any_sync(~0u, e), rank = __popc(group & ((1u << lane) - 1u));
+            const u32 first = ok ? running[e] : 0u;
+            __syncwarp();
+            if (ok && rank == 0) running[e] = first + __popc(group);
+            __syncwarp();
+            if (j < n) pos[j] = ok ? first + rank : ~0u;
+        }
+    }
+    __syncthreads();
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
+        const u32 p = pos[j], i = begin + j;
+        if (p == ~0u) continue;
+        sorted_token[p] = i / top_k;
+        sorted_weight[p] = weight_of_pair[i];
+        sorted_pair[p] = i;
     }
 }
 
@@ -239,10 +265,20 @@ extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_b
     if (lane == 0) alpha[(u64)row * n_kb + kb] = scale;
 }
 
-// Digital operand: x → bf16.
+// Digital operand: x → bf16, 8 values (one 16-byte store) per thread, the tail one by one.
 extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = f32_to_bf16(x[i]);
+    const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i + 8 <= n && ((u64)(x + i) & 15) == 0 && ((u64)(out + i) & 15) == 0) {
+        const float4 a = *(const float4*)(x + i), b = *(const float4*)(x + i + 4);
+        uint4 v;
+        v.x = (u32)f32_to_bf16(a.x) | ((u32)f32_to_bf16(a.y) << 16);
+        v.y = (u32)f32_to_bf16(a.z) | ((u32)f32_to_bf16(a.w) << 16);
+        v.z = (u32)f32_to_bf16(b.x) | ((u32)f32_to_bf16(b.y) << 16);
+        v.w = (u32)f32_to_bf16(b.z) | ((u32)f32_to_bf16(b.w) << 16);
+        *(uint4*)(out + i) = v;
+    } else {
+        for (u64 j = i; j < n && j < i + 8; ++j) out[j] = f32_to_bf16(x[j]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,8 +629,19 @@ __device__ __forceinline__ void atomic_add2(float* out, float a, float b) {
 #endif
 }
 
-// SwiGLU of one gate/up pair: silu(g)·u, as model::common::silu_mul.
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// SwiGLU of one gate/up pair: silu(g)·u. Analog layers compute it as model::common::silu_mul
+// does (expf, IEEE division), for parity with the CPU crossbars. Digital layers, whose operands
+// and hidden rows are bf16, take the fast exponential and division: their error (a few f32 ulp,
+// Programming Guide's intrinsic bounds) is far below the bf16 rounding that follows, and the
+// exact pair cost the wgmma gate/up GEMM 28 % of its time in the epilogue on the OLMoE shape
+// (2.01 ms against 1.44 with the epilogue skipped; reports/bench/2026-11-24-epilogue.md).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+#if MOE_ANALOG
+    return g / (1.0f + expf(-g)) * u;
+#else
+    return __fdividef(g * u, 1.0f + __expf(-g));
+#endif
+}
 
 // Two adjacent SwiGLU outputs at element `i` (even) of the hidden rows: f32 (MOE_MODE 1) or the
 // bf16 bits of the next GEMM's operand (MOE_MODE 3, digital: round to nearest even as to_bf16).
@@ -1221,23 +1268,83 @@ struct WgStages {
     }
 };
 
+// bf16 outputs of four consecutive 8-column groups as one 16-byte store per lane: lane q of a
+// quad (the 4 lanes that share an accumulator row) holds v[g] = columns 2q, 2q + 1 of group g;
+// a 4 × 4 transpose across the quad (two butterfly rounds of shuffles) leaves it columns 0–7
+// of group q, which it writes at dst_q if `live` (a row's 64 contiguous bytes per quad, whole
+// sectors, instead of four 4-byte stores per lane). Every lane of the warp takes part.
+__device__ __forceinline__ void store_quad_bf16(u32 (&v)[4], u32 lane, u16* dst_q, bool live) {
+    const bool odd = lane & 1, high = lane & 2;
+#pragma unroll
+    for (u32 i = 0; i < 4; i += 2) {  // 2 × 2 blocks: swap v[i + 1] of even lanes, v[i] of odd
+        const u32 got = __shfl_xor_sync(~0u, odd ? v[i] : v[i + 1], 1);
+        if (odd) v[i] = got; else v[i + 1] = got;
+    }
+#pragma unroll
+    for (u32 i = 0; i < 2; ++i) {  // blocks of blocks: v[i + 2] of lanes 0–1, v[i] of lanes 2–3
+        const u32 got = __shfl_xor_sync(~0u, high ? v[i] : v[i + 2], 2);
+        if (high) v[i] = got; else v[i + 2] = got;
+    }
+    if (live) *(uint4*)dst_q = make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ u32 bf16x2(float a, float b) {
+    return (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+}
+
 // Output of one warpgroup's 64 × WG_BN accumulators, rows row0 .. row0 + 63 of the expert's
 // tile. Fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8), n8 block j
 // holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
 __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d, u32 row_begin, u32 rows_e, u32 row0,
                                             u32 n0, u32 warp_in_wg, u32 lane) {
+#if MOE_MODE == 3 || MOE_MODE == 5
+    // bf16 rows: the quad's lanes must all reach the shuffles, so rows past the expert's are
+    // masked at the store, not skipped.
+    const u32 q = lane & 3;
+#pragma unroll
+    for (u32 half = 0; half < 2; ++half) {
+        const u32 row_local = row0 + warp_in_wg * 16 + (lane >> 2) + half * 8;
+        const bool live = row_local < rows_e;
+        const u64 pos = row_begin + row_local;
+#if MOE_MODE == 5
+        u16* row = (u16*)p.out + pos * p.n + n0;
+#pragma unroll
+        for (u32 j = 0; j < WG_BN / 8; j += 4) {
+            u32 v[4];
+#pragma unroll
+            for (u32 g = 0; g < 4; ++g) v[g] = bf16x2(d[4 * (j + g) + 2 * half], d[4 * (j + g) + 2 * half + 1]);
+            store_quad_bf16(v, lane, row + (j + q) * 8, live);
+        }
+#else
+        // Columns come interleaved in groups of 8: gate group g, up group g (host layout); each
+        // pair of groups gives 8 hidden columns.
+        u16* row = (u16*)p.out + pos * (p.n / 2) + n0 / 2;
+#pragma unroll
+        for (u32 j = 0; j < WG_BN / 8; j += 8) {
+            u32 v[4];
+#pragma unroll
+            for (u32 g = 0; g < 4; ++g) {
+                const u32 jg = j + 2 * g;
+                v[g] = bf16x2(silu_mul(d[4 * jg + 2 * half], d[4 * (jg + 1) + 2 * half]),
+                              silu_mul(d[4 * jg + 2 * half + 1], d[4 * (jg + 1) + 2 * half + 1]));
+            }
+            store_quad_bf16(v, lane, row + (j / 2 + q) * 8, live);
+        }
+#endif
+    }
+#else
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
         const u32 row_local = row0 + warp_in_wg * 16 + (lane >> 2) + half * 8;
         if (row_local >= rows_e) continue;
         const u32 pos = row_begin + row_local;
-#if MOE_MODE == 0 || MOE_MODE == 5
+#if MOE_MODE == 0
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; ++j) {
             const u32 col = n0 + j * 8 + (lane & 3) * 2;
             store_row2(p.out, (u64)pos * p.n + col, d[4 * j + 2 * half], d[4 * j + 2 * half + 1]);
         }
-#elif MOE_MODE == 1 || MOE_MODE == 3
+#elif MOE_MODE == 1
         // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
 #pragma unroll
         for (u32 j = 0; j < WG_BN / 8; j += 2) {
@@ -1260,6 +1367,7 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
         }
 #endif
     }
+#endif
 }
 
 #if MOE_ANALOG

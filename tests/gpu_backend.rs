@@ -325,13 +325,19 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 #[test]
 fn routing_sort_is_stable_and_exact() {
     let Some(dev) = gpu("routing") else { return };
-    // 24,000 pairs: 6 slices of the sort, the last ragged; all experts, then the even ones only
-    // (empty experts between full ones).
-    let (t, k, e) = (3000, 8, 64);
+    // 24,000 pairs over 64 experts: 24 slices of the sort, the last ragged; 48,000 over 300
+    // experts: more experts than threads per block and more slices (47) than a warp scans at
+    // once. All experts, then the even ones only (empty experts between full ones).
+    for (t, k, e) in [(3000, 8, 64), (8000, 6, 300)] {
+        routing_case(&dev, t, k, e);
+    }
+}
+
+fn routing_case(dev: &CudaDevice, t: usize, k: usize, e: usize) {
     let (all, weights) = routing(t, k, e);
     let even: Vec<u32> = all.iter().map(|&c| c & !1).collect();
     for experts in [all, even] {
-        let r = route_host(&dev, &experts, &weights, t, k, e);
+        let r = route_host(dev, &experts, &weights, t, k, e);
         let offsets = dev.download(&r.offsets).unwrap();
         let tile_offsets = dev.download(&r.tile_offsets).unwrap();
         let tokens = dev.download(&r.sorted_token).unwrap();
@@ -646,6 +652,49 @@ fn digital_layer_tables() -> (GroupedMatrix, GroupedMatrix) {
     let table = |rows, cols, id| digital_table(e, rows, cols, id);
     let gate_up = GroupedMatrix::interleave_swiglu(&table(n, d, 300), &table(n, d, 310)).unwrap();
     (gate_up, table(d, n, 320))
+}
+
+/// bf16 bits of `x` rounded to nearest, ties to even (finite or infinite `x`; no NaN here).
+fn bf16_rne(x: f32) -> u16 {
+    let u = x.to_bits();
+    ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) as u16
+}
+
+#[test]
+fn to_bf16_rounds_to_nearest_even_at_any_length() {
+    let Some(dev) = gpu("to_bf16") else {
+        return;
+    };
+    // Lengths around the kernel's 8 values per thread, and a large one; values: random
+    // magnitudes over many binades, exact ties (1 + 2^-8 + k·2^-7), the largest finite f32
+    // (rounds to infinity), infinities, signed zeros, subnormals.
+    let mut values: Vec<f32> = (0..(1 << 20) + 3)
+        .map(|i: u32| {
+            let h = i.wrapping_mul(0x9E37_79B9) ^ (i >> 7);
+            f32::from_bits((h & 0x807F_FFFF) | (((h >> 23) % 60 + 97) << 23))
+        })
+        .collect();
+    let ties = (0..64).map(|k| 1.0 + 2f32.powi(-8) + k as f32 * 2f32.powi(-7));
+    let special = [
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        1e-40,
+        -3e-39,
+    ];
+    for (slot, v) in values.iter_mut().step_by(5).zip(ties.chain(special)) {
+        *slot = v;
+    }
+    for len in [1, 7, 8, 9, 1001, values.len()] {
+        let x = dev.upload(&values[..len]).unwrap();
+        let got = dev.download(&to_bf16_device(&dev, &x).unwrap()).unwrap();
+        let bad = (0..len).filter(|&i| got[i] != bf16_rne(values[i])).count();
+        println!("to_bf16, {len} values: {bad} differ from round-to-nearest-even");
+        assert_eq!(bad, 0, "length {len}");
+    }
 }
 
 #[test]

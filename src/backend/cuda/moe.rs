@@ -589,10 +589,7 @@ impl GpuGroupedMatrix {
         let mut w_hi = dev.scratch::<u16>(len)?;
         let n = len as u64;
         let w_lo = if precision == Precision::DigitalBf16 {
-            let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
-            dev.launch(&f, "to_bf16", linear_launch(n), |b| {
-                b.arg(w).arg(&n).arg(&mut w_hi);
-            })?;
+            to_bf16_into(dev, w, &mut w_hi)?;
             None
         } else {
             let mut lo = dev.scratch::<u16>(len)?;
@@ -718,12 +715,25 @@ impl GpuGroupedMatrix {
 /// A bf16 copy (`u16` bits, round to nearest even) of a device buffer.
 pub fn to_bf16_device(dev: &CudaDevice, x: &CudaSlice<f32>) -> CudaResult<CudaSlice<u16>> {
     let mut out = dev.scratch::<u16>(x.len())?;
+    to_bf16_into(dev, x, &mut out)?;
+    Ok(out)
+}
+
+/// `out[i]` = bf16 bits of `x[i]` (round to nearest even) for the first `x.len()` elements.
+fn to_bf16_into(dev: &CudaDevice, x: &CudaSlice<f32>, out: &mut CudaSlice<u16>) -> CudaResult<()> {
+    if out.len() < x.len() {
+        return Err(CudaError::Unsupported(format!(
+            "to_bf16: {} values into {}",
+            x.len(),
+            out.len()
+        )));
+    }
     let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
     let n = x.len() as u64;
-    dev.launch(&f, "to_bf16", linear_launch(n), |b| {
-        b.arg(x).arg(&n).arg(&mut out);
-    })?;
-    Ok(out)
+    // 8 values per thread (kernels/analog_moe.cu).
+    dev.launch(&f, "to_bf16", linear_launch(n.div_ceil(8)), |b| {
+        b.arg(x).arg(&n).arg(out);
+    })
 }
 
 /// Token→expert pairs sorted by expert on the device (stable: token order inside an expert).
@@ -800,8 +810,8 @@ impl GpuRouting {
     }
 }
 
-/// Pairs per slice of the routing sort: one block per (expert, slice) counts and places them.
-const ROUTE_SLICE_PAIRS: usize = 4096;
+/// Pairs per slice of the routing sort: one block per slice counts them, one places them.
+const ROUTE_SLICE_PAIRS: usize = 1024;
 
 /// Counting sort of the `[T·k]` pairs (expert of pair, weight of pair) by expert:
 /// histogram → scan → stable scatter, all on the device.
@@ -829,10 +839,13 @@ pub fn route(
     let mut sorted_token = dev.scratch::<u32>(pairs)?;
     let mut sorted_weight = dev.scratch::<f32>(pairs)?;
     let mut sorted_pair = dev.scratch::<u32>(pairs)?;
-    let per_slice = LaunchConfig {
-        grid_dim: (n_experts as u32, slices as u32, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
+    // moe_count's histogram, moe_scatter's running positions and the slice's pairs.
+    let count_shared = (4 * n_experts) as u32;
+    let scatter_shared = (4 * (n_experts + ROUTE_SLICE_PAIRS)) as u32;
+    let per_slice = |shared| LaunchConfig {
+        grid_dim: (slices as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: shared,
     };
     let (p32, e32, k32, tile32, s32, slice32) = (
         pairs as u32,
@@ -843,16 +856,18 @@ pub fn route(
         ROUTE_SLICE_PAIRS as u32,
     );
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_count")?;
-    dev.launch(&f, "moe_count", per_slice, |b| {
+    allow_dynamic_shared(&f, "moe_count", 256, count_shared)?;
+    dev.launch(&f, "moe_count", per_slice(count_shared), |b| {
         b.arg(expert_of_pair)
             .arg(&p32)
+            .arg(&e32)
             .arg(&slice32)
             .arg(&mut counts);
     })?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scan")?;
     let one = LaunchConfig {
         grid_dim: (1, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     dev.launch(&f, "moe_scan", one, |b| {
@@ -865,10 +880,12 @@ pub fn route(
             .arg(&mut slice_offsets);
     })?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scatter")?;
-    dev.launch(&f, "moe_scatter", per_slice, |b| {
+    allow_dynamic_shared(&f, "moe_scatter", 256, scatter_shared)?;
+    dev.launch(&f, "moe_scatter", per_slice(scatter_shared), |b| {
         b.arg(expert_of_pair)
             .arg(weight_of_pair)
             .arg(&p32)
+            .arg(&e32)
             .arg(&slice32)
             .arg(&k32)
             .arg(&slice_offsets)
@@ -937,11 +954,7 @@ pub fn quantize_scaled<'x>(
     }
     let mut a = dev.scratch::<u16>(rows * k)?;
     let Some(p) = periphery else {
-        let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
-        let n = (rows * k) as u64;
-        dev.launch(&f, "to_bf16", linear_launch(n), |b| {
-            b.arg(x).arg(&n).arg(&mut a);
-        })?;
+        to_bf16_into(dev, x, &mut a)?;
         return Ok(GemmInput {
             a,
             alpha: dev.zeros::<f32>(1)?,
@@ -2385,15 +2398,20 @@ pub enum DigitalCombine {
 }
 
 impl DigitalCombine {
-    /// The faster for a down GEMM of `k` inputs per row and `top_k` experts per token,
-    /// measured per GEMM on the H100 (reports/bench/2026-11-24-streaming.md): without slabs
-    /// the scatter-add's f32 output leaves the L2 between a token's expert outputs and
-    /// round-trips DRAM up to top_k times (OLMoE, top-8: 1.44 ms), where bf16 rows write and
-    /// read 4 B per output (1.02 ms + 0.23 ms combine). Where slabs keep the output in L2
-    /// (fine-grained: 0.90 against 0.70 + 0.26 ms) or top_k = 2 leaves few round trips behind a
-    /// compute-bound GEMM (Mixtral), the scatter-add stays.
-    pub fn for_layer(k: usize, top_k: usize) -> Self {
-        if top_k >= 4 && scatter_slab_cols(k, top_k) == 0 {
+    /// The faster for `top_k` experts per token, measured per GEMM on the H100
+    /// (reports/bench/2026-11-24-epilogue.md): with the down GEMM's bf16 rows stored 16 bytes
+    /// per lane, rows + combine beat the f32 scatter-add wherever a token has 4 or more expert
+    /// outputs (OLMoE, top-8: 0.86 + 0.23 ms against 1.44; fine-grained, top-8: 0.40 + 0.26 ms
+    /// against 0.90 in column slabs), whose read-modify-writes of the f32 output leave the
+    /// L2 between a token's experts. At top-2 (Mixtral) the scatter-add stays.
+    /// `AIMC_DIGITAL_COMBINE=scatter|rows` forces one (a tuning knob for `aimc bench`).
+    pub fn for_layer(top_k: usize) -> Self {
+        match std::env::var("AIMC_DIGITAL_COMBINE").as_deref() {
+            Ok("scatter") => return Self::ScatterAdd,
+            Ok("rows") => return Self::Bf16Rows,
+            _ => {}
+        }
+        if top_k >= 4 {
             Self::Bf16Rows
         } else {
             Self::ScatterAdd
@@ -2426,7 +2444,7 @@ impl GpuMoeLayer {
         routing: &GpuRouting,
         mvm_id: u32,
     ) -> CudaResult<CudaSlice<f32>> {
-        let combine = DigitalCombine::for_layer(self.down.k, routing.top_k);
+        let combine = DigitalCombine::for_layer(routing.top_k);
         self.forward_with(dev, x, routing, mvm_id, combine)
     }
 
@@ -2541,18 +2559,14 @@ mod tests {
     }
 
     #[test]
-    fn digital_combine_is_bf16_rows_only_without_slabs_at_top_4_or_more() {
-        // OLMoE (down K 1024, top-8), fine-grained (256, top-8: slabs), Mixtral (14336, top-2).
-        assert_eq!(DigitalCombine::for_layer(1024, 8), DigitalCombine::Bf16Rows);
-        assert_eq!(
-            DigitalCombine::for_layer(256, 8),
-            DigitalCombine::ScatterAdd
-        );
-        assert_eq!(
-            DigitalCombine::for_layer(14336, 2),
-            DigitalCombine::ScatterAdd
-        );
-        assert_eq!(DigitalCombine::for_layer(2048, 4), DigitalCombine::Bf16Rows);
+    fn digital_combine_is_bf16_rows_at_top_4_or_more() {
+        if std::env::var_os("AIMC_DIGITAL_COMBINE").is_some() {
+            return; // forced
+        }
+        // OLMoE and fine-grained (top-8), Mixtral (top-2), top-4.
+        assert_eq!(DigitalCombine::for_layer(8), DigitalCombine::Bf16Rows);
+        assert_eq!(DigitalCombine::for_layer(2), DigitalCombine::ScatterAdd);
+        assert_eq!(DigitalCombine::for_layer(4), DigitalCombine::Bf16Rows);
     }
 
     #[test]
