@@ -115,3 +115,46 @@ for run in ${OLMOE_RUNS:-2048:2:0,1d,1y 4096:5:0,60,1h,1d,1w,1mo,1y}; do
   rm -f "$OUT/eval-$tag"/*.png
 done
 fi
+if step 9; then
+# 9. The digital grouped layers beside cuBLAS (DIGITAL_SHAPES), DIGITAL_RUNS times each with the
+#    memory pool keeping its freed blocks (the bench's default) and with it unmapping them at
+#    each repetition's synchronisation (AIMC_BENCH_RELEASE_POOL, the timing before session 14),
+#    alternating; then Nsight Compute's duration of every kernel of one layer forward of
+#    NCU_SHAPE (olmoe; the bench's last repetition, the mma.sync case's kernels come first).
+for rep in $(seq ${DIGITAL_RUNS:-2}); do
+  for pool in retain release; do
+    tag=$pool-$rep
+    ( [ $pool = release ] && export AIMC_BENCH_RELEASE_POOL=1
+      timeout 120 $B/aimc bench --suite gpu --cases digital --shapes ${DIGITAL_SHAPES:-olmoe,fine-grained,mixtral} \
+        --repeats 21 --report "$OUT/digital-$tag.md" > "$OUT/digital-$tag.log" 2>&1 )
+    echo "digital layers, pool $tag rc=$?"; grep -E "^\| .*\((a|b')\)" "$OUT/digital-$tag.md" | awk -F'|' '{print $2 "|" $3 "|" $4 "|" $6}'
+  done
+done
+timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  $B/aimc bench --suite gpu --cases digital --shapes ${NCU_SHAPE:-olmoe} --repeats 1 > "$OUT/ncu-digital-${NCU_SHAPE:-olmoe}.csv" 2> "$OUT/ncu-digital.err"
+echo "ncu rc=$?"
+python3 - "$OUT/ncu-digital-${NCU_SHAPE:-olmoe}.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+hdr = rows[0]; rows = rows[1:]
+ki, vi, ui = hdr.index("Kernel Name"), hdr.index("Metric Value"), hdr.index("Metric Unit")
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+start = max(i for i, r in enumerate(rows) if r[ki].startswith("moe_count"))  # the last forward
+tot = 0.0
+for r in rows[start:]:
+    v = float(r[vi].replace(",", "")) * scale[r[ui]]
+    tot += v; print(f"  {r[ki][:60]:60s} {v:9.1f} us")
+print(f"  total {tot:.1f} us")
+PY
+fi
+if step 10; then
+# 10. Nsight Compute sections of the digital wgmma layer's first NCU_COUNT (2) GEMMs on the
+#     OLMoE shape (gate/up, then down; NCU_KERNELS="nvjet" NCU_COUNT=1 takes cuBLAS's GEMM instead).
+timeout 300 ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
+  --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,gpc__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
+  -k "regex:${NCU_KERNELS:-moe_gemm_wgmma}" -c ${NCU_COUNT:-2} \
+  $B/aimc bench --suite gpu --cases digital --shapes olmoe --repeats 1 > "$OUT/ncu-gemms-olmoe.txt" 2> "$OUT/ncu-gemms-olmoe.err"
+echo "ncu sections rc=$?"
+grep -E "^  [a-z_0-9]+.*\(|Duration|Tensor|hmma|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration Size|dram__bytes|gpc__cycles|issue_stalled" "$OUT/ncu-gemms-olmoe.txt" | awk '!/issue_stalled/ || $NF+0 >= 0.05' | head -120
+fi

@@ -31,6 +31,15 @@ pub enum Suite {
     MoeCpu,
 }
 
+/// Which grouped layers the GPU suite times beside cuBLAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GpuCase {
+    /// The digital grouped kernels (mma.sync, and wgmma on sm_90).
+    Digital,
+    /// The analog grouped kernels (split and single fp16 weights).
+    Analog,
+}
+
 /// MoE layer shapes of design.md §8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Shape {
@@ -87,6 +96,14 @@ pub struct BenchArgs {
         default_value = "olmoe,fine-grained,mixtral"
     )]
     pub shapes: Vec<Shape>,
+    /// GPU suite: grouped layers to time beside cuBLAS.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "digital,analog"
+    )]
+    pub cases: Vec<GpuCase>,
     /// GPU suite: analog tile preset of the analog grouped kernel.
     #[arg(long, default_value = "standard-hwa")]
     pub gpu_preset: String,
@@ -447,7 +464,7 @@ mod gpu {
     use anyhow::{Context, Result};
     use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 
-    use super::{utc_date, BenchArgs, Shape};
+    use super::{utc_date, BenchArgs, GpuCase, Shape};
     use crate::backend::cuda::blas::Blas;
     use crate::backend::cuda::moe::{
         analog_wgmma_tile, route, to_bf16_device, DigitalCombine, GemmOutput, GemmPeriphery,
@@ -474,7 +491,12 @@ mod gpu {
         }};
     }
 
-    /// Median milliseconds of `repeats` runs of `f`, each bracketed by CUDA events.
+    /// Median milliseconds of `repeats` runs of `f`, each bracketed by CUDA events. The runs are
+    /// queued back to back and read after one synchronisation (as `triton.testing.do_bench`
+    /// does), so each span is the GPU's time for the run with the host queueing ahead, as in a
+    /// model's forward; a layer that synchronises inside (bound management's flags) still
+    /// pays for it. `AIMC_BENCH_SYNC_EACH=1` waits for each run before queueing the next (the
+    /// timing before session 14: it adds the host's launch latency at the head of each run).
     fn median_ms(
         dev: &CudaDevice,
         repeats: usize,
@@ -484,18 +506,25 @@ mod gpu {
             f()?;
         }
         dev.synchronize()?;
+        let sync_each = std::env::var_os("AIMC_BENCH_SYNC_EACH").is_some();
         let ctx = dev.context();
-        let mut t = Vec::with_capacity(repeats);
+        let mut spans = Vec::with_capacity(repeats);
         for _ in 0..repeats {
             let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             start.record(dev.stream())?;
             f()?;
             end.record(dev.stream())?;
-            end.synchronize()?;
-            t.push(f64::from(start.elapsed_ms(&end)?));
+            if sync_each {
+                end.synchronize()?;
+            }
+            spans.push((start, end));
         }
         dev.synchronize()?;
+        let mut t = spans
+            .iter()
+            .map(|(start, end)| Ok(f64::from(start.elapsed_ms(end)?)))
+            .collect::<Result<Vec<f64>>>()?;
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
     }
@@ -577,6 +606,7 @@ mod gpu {
                 shape,
                 &periphery,
                 preset.stack.rows,
+                &args.cases,
                 repeats,
                 bandwidth,
                 &mut out,
@@ -603,11 +633,20 @@ mod gpu {
         shape: Shape,
         periphery: &GemmPeriphery,
         crossbar_rows: usize,
+        cases: &[GpuCase],
         repeats: usize,
         bandwidth: f64,
         out: &mut Vec<String>,
     ) -> Result<()> {
         let (t, d, n, e, k) = shape.dims();
+        // The layers allocate their scratch per call, as the model's forward does: time them
+        // with the freed blocks kept in the stream-ordered pool (as a framework's caching
+        // allocator keeps them), not unmapped at each repetition's synchronisation and mapped
+        // again inside the next (`AIMC_BENCH_RELEASE_POOL=1` times that instead).
+        let _pool = match std::env::var_os("AIMC_BENCH_RELEASE_POOL") {
+            Some(_) => None,
+            None => Some(dev.retain_pool()?),
+        };
         let pairs = t * k;
         let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
         let name = format!("{shape:?} T={t} d={d} n={n} E={e} k={k}");
@@ -693,7 +732,12 @@ mod gpu {
             ),
         ] {
             let analog = precision != Precision::DigitalBf16;
-            if wgmma && !(hopper && (!analog || analog_wgmma)) {
+            let wanted = if analog {
+                GpuCase::Analog
+            } else {
+                GpuCase::Digital
+            };
+            if !cases.contains(&wanted) || wgmma && !(hopper && (!analog || analog_wgmma)) {
                 continue;
             }
             let tile = |n_cols: usize, k: usize, k_block: usize| -> Result<Option<WgmmaTile>> {
@@ -709,7 +753,7 @@ mod gpu {
             }
             // The digital layer's combine (GpuMoeLayer::forward's choice): bf16 expert rows
             // summed per token, or the f32 scatter-add epilogue (every analog layer).
-            let bf16_rows = !analog && DigitalCombine::for_layer(n, k) == DigitalCombine::Bf16Rows;
+            let bf16_rows = !analog && DigitalCombine::for_layer(k) == DigitalCombine::Bf16Rows;
             let down_mode = if bf16_rows {
                 GemmOutput::StoreBf16
             } else {

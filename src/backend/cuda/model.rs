@@ -400,6 +400,10 @@ impl<'m> GpuModel<'m> {
             );
         }
         let keys = SequenceKeys { window, first_call };
+        // The layers allocate and free their scratch per call, with host synchronisations
+        // between (bound management's flags, the GDC readout): keep the freed blocks for the
+        // next layer rather than unmapping and mapping them again at each.
+        let _pool = dev.retain_pool()?;
         self.rope_for(dev, window)?;
         let mut clock = self.clock.take();
         let mut lap = laps(&mut clock, dev)?;
