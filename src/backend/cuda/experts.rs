@@ -996,9 +996,9 @@ impl Residency {
         ))
     }
 
-    /// The leanest-first search of [`Residency::ALL`]: the first that fits `layers` in `free`
-    /// of `total` device bytes beside [`activation_reserve_bytes`], else the error of the
-    /// leanest (`Streamed`).
+    /// The fastest residency that fits: the first of [`Residency::ALL`] (fastest to leanest)
+    /// that fits `layers` in `free` of `total` device bytes beside
+    /// [`activation_reserve_bytes`], else the error of the leanest (`Streamed`).
     pub fn choose(layers: &[[usize; 2]], free: usize, total: usize) -> Result<Self, String> {
         let mut last = String::new();
         for r in Self::ALL {
