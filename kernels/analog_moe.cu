@@ -96,89 +96,175 @@ extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32
     for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) counts[e * gridDim.x + s] = hist[e];
 }
 
-// From counts[e][s]: offsets[e] = Σ_{e'<e} pairs of e', tile_offsets[e] = Σ_{e'<e} ⌈pairs/tile_rows⌉,
-// slice_offsets[e][s] = offsets[e] + Σ_{s'<s} counts[e][s'] (where slice s of expert e starts).
-// One block; a warp scans one expert's slices at a time.
-extern "C" __global__ void moe_scan(const u32* counts, u32 n_experts, u32 n_slices, u32 tile_rows, u32* offsets,
-                                    u32* tile_offsets, u32* slice_offsets) {
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    // Each expert's slices, relative to the expert's start; offsets[e] holds its total for now.
-    for (u32 e = warp; e < n_experts; e += n_warps) {
-        u32 carry = 0;
-        for (u32 s0 = 0; s0 < n_slices; s0 += 32) {
-            const u32 s = s0 + lane, v = s < n_slices ? counts[e * n_slices + s] : 0u;
-            u32 incl = v;
+// From counts[e][s]: slice_offsets[e][s] = Σ_{e'<e} pairs of e' + Σ_{s'<s} counts[e][s'] (where
+// slice s of expert e starts), which is the exclusive scan of counts in its [e][s] order;
+// offsets[e] = slice_offsets[e][0] (offsets[E] = all pairs), tile_offsets[e] = Σ_{e'<e}
+// ⌈pairs of e'/tile_rows⌉. One block of MOE_SCAN_THREADS, in chunks of MOE_SCAN_THREADS ×
+// MOE_SCAN_ITEMS counts: coalesced loads into shared memory, each thread scans
+// MOE_SCAN_ITEMS consecutive ones, warp and block scans of their sums, coalesced stores.
+// (A warp per expert, 32 slices per dependent load, took 19 µs of the fine-grained layer with
+// 128 experts × 192 slices; per-thread runs of 8 words loaded and stored straight from global
+// memory took 24: one multiprocessor's 32 partial-sector writes per store instruction.)
+#define MOE_SCAN_THREADS 1024
+#define MOE_SCAN_ITEMS 8
+extern "C" __global__ void __launch_bounds__(MOE_SCAN_THREADS) moe_scan(const u32* counts, u32 n_experts, u32 n_slices,
+                                                                        u32 tile_rows, u32* offsets, u32* tile_offsets,
+                                                                        u32* slice_offsets) {
+    __shared__ u32 buf[MOE_SCAN_THREADS * MOE_SCAN_ITEMS];
+    __shared__ u32 warp_incl[32];
+    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5, n_warps = MOE_SCAN_THREADS / 32;
+    const u32 n = n_experts * n_slices, chunk = MOE_SCAN_THREADS * MOE_SCAN_ITEMS;
+    u32 carry = 0;  // counts before this chunk
+    for (u32 base = 0; base < n; base += chunk) {
 #pragma unroll
-            for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 t = __shfl_up_sync(~0u, incl, o);
-                if (lane >= o) incl += t;
-            }
-            if (s < n_slices) slice_offsets[e * n_slices + s] = carry + incl - v;
-            carry += __shfl_sync(~0u, incl, 31);
+        for (u32 j = 0; j < MOE_SCAN_ITEMS; ++j) {
+            const u32 i = base + j * MOE_SCAN_THREADS + t;
+            buf[j * MOE_SCAN_THREADS + t] = i < n ? counts[i] : 0u;
         }
-        if (lane == 0) offsets[e] = carry;
-    }
-    __syncthreads();
-    // Exclusive scans of the totals and their row tiles over the experts, 32 at a time by warp 0
-    // (a serial loop of dependent global reads took 25 µs at 128 experts).
-    if (warp == 0) {
-        u32 acc = 0, tiles = 0;
-        for (u32 e0 = 0; e0 < n_experts; e0 += 32) {
-            const u32 e = e0 + lane, total = e < n_experts ? offsets[e] : 0u;
-            const u32 n_tiles = (total + tile_rows - 1) / tile_rows;
-            u32 a = total, b = n_tiles;
+        __syncthreads();
+        u32 v[MOE_SCAN_ITEMS], sum = 0;
+#pragma unroll
+        for (u32 j = 0; j < MOE_SCAN_ITEMS; ++j) {
+            v[j] = buf[t * MOE_SCAN_ITEMS + j];
+            sum += v[j];
+        }
+        u32 incl = sum;
+#pragma unroll
+        for (u32 o = 1; o < 32; o <<= 1) {
+            const u32 x = __shfl_up_sync(~0u, incl, o);
+            if (lane >= o) incl += x;
+        }
+        if (lane == 31) warp_incl[warp] = incl;
+        __syncthreads();
+        if (warp == 0) {
+            u32 w = warp_incl[lane];
 #pragma unroll
             for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 ta = __shfl_up_sync(~0u, a, o), tb = __shfl_up_sync(~0u, b, o);
-                if (lane >= o) a += ta, b += tb;
+                const u32 x = __shfl_up_sync(~0u, w, o);
+                if (lane >= o) w += x;
+            }
+            warp_incl[lane] = w;
+        }
+        __syncthreads();
+        u32 run = carry + (warp > 0 ? warp_incl[warp - 1] : 0u) + incl - sum;
+#pragma unroll
+        for (u32 j = 0; j < MOE_SCAN_ITEMS; ++j) {
+            buf[t * MOE_SCAN_ITEMS + j] = run;
+            run += v[j];
+        }
+        carry += warp_incl[n_warps - 1];
+        __syncthreads();
+#pragma unroll
+        for (u32 j = 0; j < MOE_SCAN_ITEMS; ++j) {
+            const u32 i = base + j * MOE_SCAN_THREADS + t;
+            if (i < n) slice_offsets[i] = buf[j * MOE_SCAN_THREADS + t];
+        }
+        __syncthreads();  // buf and warp_incl are rewritten by the next chunk; slice_offsets is read below
+    }
+    // The experts' starts and row tiles, 32 experts at a time by warp 0.
+    if (warp == 0) {
+        u32 tiles = 0;
+        for (u32 e0 = 0; e0 < n_experts; e0 += 32) {
+            const u32 e = e0 + lane;
+            const u32 start = e < n_experts ? slice_offsets[e * n_slices] : 0u;
+            const u32 end = e + 1 < n_experts ? slice_offsets[(e + 1) * n_slices] : carry;
+            const u32 n_tiles = e < n_experts ? (end - start + tile_rows - 1) / tile_rows : 0u;
+            u32 b = n_tiles;
+#pragma unroll
+            for (u32 o = 1; o < 32; o <<= 1) {
+                const u32 x = __shfl_up_sync(~0u, b, o);
+                if (lane >= o) b += x;
             }
             if (e < n_experts) {
-                offsets[e] = acc + a - total;
+                offsets[e] = start;
                 tile_offsets[e] = tiles + b - n_tiles;
             }
-            acc += __shfl_sync(~0u, a, 31);
             tiles += __shfl_sync(~0u, b, 31);
         }
         if (lane == 0) {
-            offsets[n_experts] = acc;
+            offsets[n_experts] = carry;
             tile_offsets[n_experts] = tiles;
         }
     }
-    __syncthreads();
-    for (u32 i = threadIdx.x; i < n_experts * n_slices; i += blockDim.x) slice_offsets[i] += offsets[i / n_slices];
 }
 
-// Stable: block s places the pairs of slice s. Shared memory: the running position of each
-// expert (from slice_offsets[e][s]) and the slice's expert ids, which warp 0 turns into
-// positions 32 pairs at a time in pair order (lanes of one expert rank by __match_any_sync);
-// then all threads write the sorted arrays.
+// Stable: block s places the pairs of slice s. Each of the block's W warps ranks a run of
+// `per` consecutive pairs (a multiple of 32) 32 at a time in pair order (lanes of one expert
+// rank by __match_any_sync), counting its pairs per expert in its row of a [W][E] shared
+// table; a scan down each expert's column from slice_offsets[e][s] turns the rows into where
+// each warp's pairs of e start, and every pair lands at its warp's start plus its rank. The
+// stores go in sorted order (the slice's pairs of one expert are consecutive there), so that a
+// warp's stores fall into a few runs rather than 32 scattered words.
+// Shared memory: W·E + 2·E + 1 + 3·slice words (the host's `scatter_words`).
+// (The first version ranked the whole slice in warp 0 and stored in pair order: 22 µs of the
+// fine-grained layer.)
 extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* weight_of_pair, u32 n_pairs,
                                        u32 n_experts, u32 slice, u32 top_k, const u32* slice_offsets,
                                        u32* sorted_token, float* sorted_weight, u32* sorted_pair) {
     extern __shared__ u32 route_smem[];
-    u32* running = route_smem;
-    u32* pos = route_smem + n_experts;  // the slice's expert ids, then their sorted positions
+    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5, n_warps = blockDim.x >> 5;
+    u32* table = route_smem;                // [W][E]
+    u32* start = table + n_warps * n_experts;  // [E] where the slice's pairs of e go
+    u32* seg = start + n_experts;           // [E + 1] where they sit among the slice's sorted pairs
+    u32* ids = seg + n_experts + 1;         // [slice] expert of each pair
+    u32* pos = ids + slice;                 // [slice] rank among its warp's pairs of its expert, then its position
+    u32* order = pos + slice;               // [slice] the slice's pairs in sorted order
     const u32 s = blockIdx.x, begin = s * slice, n = min(n_pairs, begin + slice) - begin;
-    for (u32 e = threadIdx.x; e < n_experts; e += blockDim.x) running[e] = slice_offsets[e * gridDim.x + s];
-    for (u32 j = threadIdx.x; j < n; j += blockDim.x) pos[j] = expert_of_pair[begin + j];
+    const u32 per = ((slice + n_warps - 1) / n_warps + 31u) & ~31u;
+    for (u32 i = t; i < n_warps * n_experts; i += blockDim.x) table[i] = 0;
+    for (u32 e = t; e < n_experts; e += blockDim.x) start[e] = slice_offsets[e * gridDim.x + s];
+    for (u32 j = t; j < n; j += blockDim.x) ids[j] = expert_of_pair[begin + j];
     __syncthreads();
-    if (threadIdx.x < 32) {
-        const u32 lane = threadIdx.x;
-        for (u32 j0 = 0; j0 < n; j0 += 32) {
-            const u32 j = j0 + lane, e = j < n ? pos[j] : ~0u;
-            const bool ok = e < n_experts;
-            const u32 group = __match_any_sync(~0u, e), rank = __popc(group & ((1u << lane) - 1u));
-            const u32 first = ok ? running[e] : 0u;
-            __syncwarp();
-            if (ok && rank == 0) running[e] = first + __popc(group);
-            __syncwarp();
-            if (j < n) pos[j] = ok ? first + rank : ~0u;
-        }
+    u32* mine = table + warp * n_experts;
+    const u32 stop = min(n, (warp + 1) * per);
+    for (u32 j0 = warp * per; j0 < stop; j0 += 32) {
+        const u32 j = j0 + lane, e = j < stop ? ids[j] : ~0u;
+        const bool ok = e < n_experts;
+        const u32 group = __match_any_sync(~0u, e), rank = __popc(group & ((1u << lane) - 1u));
+        const u32 first = ok ? mine[e] : 0u;
+        __syncwarp();
+        if (ok && rank == 0) mine[e] = first + __popc(group);
+        __syncwarp();
+        if (j < stop) pos[j] = first + rank;
     }
     __syncthreads();
-    for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
-        const u32 p = pos[j], i = begin + j;
-        if (p == ~0u) continue;
+    // Down each expert's column: the warps' starts; seg[e] = the slice's pairs of e, for now.
+    for (u32 e = t; e < n_experts; e += blockDim.x) {
+        u32 acc = start[e];
+        for (u32 w = 0; w < n_warps; ++w) {
+            const u32 c = table[w * n_experts + e];
+            table[w * n_experts + e] = acc;
+            acc += c;
+        }
+        seg[e] = acc - start[e];
+    }
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of seg over the experts
+        u32 carry = 0;
+        for (u32 e0 = 0; e0 < n_experts; e0 += 32) {
+            const u32 e = e0 + lane, c = e < n_experts ? seg[e] : 0u;
+            u32 incl = c;
+#pragma unroll
+            for (u32 o = 1; o < 32; o <<= 1) {
+                const u32 x = __shfl_up_sync(~0u, incl, o);
+                if (lane >= o) incl += x;
+            }
+            if (e < n_experts) seg[e] = carry + incl - c;
+            carry += __shfl_sync(~0u, incl, 31);
+        }
+        if (lane == 0) seg[n_experts] = carry;  // pairs with an id ≥ n_experts have no place
+    }
+    __syncthreads();
+    for (u32 j = t; j < n; j += blockDim.x) {
+        const u32 e = ids[j];
+        if (e >= n_experts) continue;
+        const u32 p = table[(j / per) * n_experts + e] + pos[j];
+        pos[j] = p;
+        order[seg[e] + p - start[e]] = j;
+    }
+    __syncthreads();
+    for (u32 l = t; l < seg[n_experts]; l += blockDim.x) {
+        const u32 j = order[l], p = pos[j], i = begin + j;
         sorted_token[p] = i / top_k;
         sorted_weight[p] = weight_of_pair[i];
         sorted_pair[p] = i;

@@ -149,12 +149,13 @@ PY
 fi
 if step 10; then
 # 10. Nsight Compute sections of the digital wgmma layer's first NCU_COUNT (2) GEMMs on the
-#     OLMoE shape (gate/up, then down; NCU_KERNELS="nvjet" NCU_COUNT=1 takes cuBLAS's GEMM instead).
+#     NCU_SHAPE (olmoe) shape (gate/up, then down; NCU_KERNELS="nvjet" NCU_COUNT=1 takes cuBLAS's
+#     GEMM instead).
 timeout 300 ncu --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
   --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section LaunchStats \
   --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,gpc__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
   -k "regex:${NCU_KERNELS:-moe_gemm_wgmma}" -c ${NCU_COUNT:-2} \
-  $B/aimc bench --suite gpu --cases digital --shapes olmoe --repeats 1 > "$OUT/ncu-gemms-olmoe.txt" 2> "$OUT/ncu-gemms-olmoe.err"
+  $B/aimc bench --suite gpu --cases digital --shapes ${NCU_SHAPE:-olmoe} --repeats 1 > "$OUT/ncu-gemms-${NCU_SHAPE:-olmoe}.txt" 2> "$OUT/ncu-gemms.err"
 echo "ncu sections rc=$?"
-grep -E "^  [a-z_0-9]+.*\(|Duration|Tensor|hmma|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration Size|dram__bytes|gpc__cycles|issue_stalled" "$OUT/ncu-gemms-olmoe.txt" | awk '!/issue_stalled/ || $NF+0 >= 0.05' | head -120
+grep -E "^  [a-z_0-9]+.*\(|Duration|Tensor|hmma|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration Size|dram__bytes|gpc__cycles|issue_stalled" "$OUT/ncu-gemms-${NCU_SHAPE:-olmoe}.txt" | awk '!/issue_stalled/ || $NF+0 >= 0.05' | head -120
 fi

@@ -839,12 +839,21 @@ pub fn route(
     let mut sorted_token = dev.scratch::<u32>(pairs)?;
     let mut sorted_weight = dev.scratch::<f32>(pairs)?;
     let mut sorted_pair = dev.scratch::<u32>(pairs)?;
-    // moe_count's histogram, moe_scatter's running positions and the slice's pairs.
+    // moe_count's histogram; moe_scatter's [warps][E] table, two per-expert arrays (and a total)
+    // and three per-pair ones, with as many ranking warps (8 at most) as leave that within the
+    // shared memory.
     let count_shared = (4 * n_experts) as u32;
-    let scatter_shared = (4 * (n_experts + ROUTE_SLICE_PAIRS)) as u32;
-    let per_slice = |shared| LaunchConfig {
+    let scatter_words =
+        |warps: usize| warps * n_experts + 2 * n_experts + 1 + 3 * ROUTE_SLICE_PAIRS;
+    let scatter_bytes = |warps: usize| 4 * scatter_words(warps);
+    let scatter_warps = [8, 4, 2, 1]
+        .into_iter()
+        .find(|&w| scatter_bytes(w) <= MAX_SHARED_BYTES)
+        .unwrap_or(1);
+    let scatter_shared = scatter_bytes(scatter_warps) as u32;
+    let per_slice = |threads: usize, shared| LaunchConfig {
         grid_dim: (slices as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: shared,
     };
     let (p32, e32, k32, tile32, s32, slice32) = (
@@ -857,7 +866,7 @@ pub fn route(
     );
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_count")?;
     allow_dynamic_shared(&f, "moe_count", 256, count_shared)?;
-    dev.launch(&f, "moe_count", per_slice(count_shared), |b| {
+    dev.launch(&f, "moe_count", per_slice(256, count_shared), |b| {
         b.arg(expert_of_pair)
             .arg(&p32)
             .arg(&e32)
@@ -867,7 +876,7 @@ pub fn route(
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scan")?;
     let one = LaunchConfig {
         grid_dim: (1, 1, 1),
-        block_dim: (1024, 1, 1),
+        block_dim: (1024, 1, 1), // MOE_SCAN_THREADS
         shared_mem_bytes: 0,
     };
     dev.launch(&f, "moe_scan", one, |b| {
@@ -880,8 +889,9 @@ pub fn route(
             .arg(&mut slice_offsets);
     })?;
     let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scatter")?;
-    allow_dynamic_shared(&f, "moe_scatter", 256, scatter_shared)?;
-    dev.launch(&f, "moe_scatter", per_slice(scatter_shared), |b| {
+    let threads = 32 * scatter_warps;
+    allow_dynamic_shared(&f, "moe_scatter", threads as u32, scatter_shared)?;
+    dev.launch(&f, "moe_scatter", per_slice(threads, scatter_shared), |b| {
         b.arg(expert_of_pair)
             .arg(weight_of_pair)
             .arg(&p32)
