@@ -846,10 +846,16 @@ pub fn route(
     let scatter_words =
         |warps: usize| warps * n_experts + 2 * n_experts + 1 + 3 * ROUTE_SLICE_PAIRS;
     let scatter_bytes = |warps: usize| 4 * scatter_words(warps);
-    let scatter_warps = [8, 4, 2, 1]
+    let Some(scatter_warps) = [8, 4, 2, 1]
         .into_iter()
         .find(|&w| scatter_bytes(w) <= MAX_SHARED_BYTES)
-        .unwrap_or(1);
+    else {
+        return Err(CudaError::Unsupported(format!(
+            "routing {n_experts} experts: moe_scatter needs {} B of shared memory, at most \
+             {MAX_SHARED_BYTES}",
+            scatter_bytes(1)
+        )));
+    };
     let scatter_shared = scatter_bytes(scatter_warps) as u32;
     let per_slice = |threads: usize, shared| LaunchConfig {
         grid_dim: (slices as u32, 1, 1),
