@@ -7,7 +7,7 @@
 #   wgmma-<tile>.md (step 6), eval-full-{cuda,cpu}*.log (step 7: the full default eval).
 . "$(dirname "$0")/gpu_env.sh"
 # STEPS picks a subset (default 1–5), e.g. STEPS="1 2" to fit one 600 s device call; 6 is the
-# wgmma tile sweep (WG_TILES, WG_SHAPES).
+# wgmma tile sweep (WG_TILES, WG_SHAPES); 7–11 are described where they run.
 STEPS=${STEPS:-"1 2 3 4 5"}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 { date -u +%FT%TZ; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } | tee "$OUT/device.txt"
@@ -158,4 +158,13 @@ timeout 300 ncu --clock-control none --section SpeedOfLight --section ComputeWor
   $B/aimc bench --suite gpu --cases digital --shapes ${NCU_SHAPE:-olmoe} --repeats 1 > "$OUT/ncu-gemms-${NCU_SHAPE:-olmoe}.txt" 2> "$OUT/ncu-gemms.err"
 echo "ncu sections rc=$?"
 grep -E "^  [a-z_0-9]+.*\(|Duration|Tensor|hmma|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Registers Per|Shared Memory Configuration Size|dram__bytes|gpc__cycles|issue_stalled" "$OUT/ncu-gemms-${NCU_SHAPE:-olmoe}.txt" | awk '!/issue_stalled/ || $NF+0 >= 0.05' | head -120
+fi
+if step 11; then
+# 11. Instruction counts and issue rate of the analog grouped GEMMs (default mma.sync kernel,
+#     split fp16, Lightning feature set) on the OLMoE shape: gate/up then down.
+M="gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.per_cycle_active,sm__cycles_elapsed.avg.per_second,launch__registers_per_thread,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,regex:smsp__inst_executed_pipe_.*\.sum$,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+timeout 250 ncu --clock-control none --metrics "$M" -k regex:'^moe_gemm$' -c 2 \
+  $B/aimc bench --suite gpu --cases analog --shapes olmoe --repeats 1 --gpu-preset $BASIC > "$OUT/ncu-analog.txt" 2> "$OUT/ncu-analog.err"
+echo "ncu analog rc=$?"
+grep -E "moe_gemm \(|gpu__time|inst_executed.sum |issue_active|registers" "$OUT/ncu-analog.txt"
 fi
