@@ -82,6 +82,16 @@ typedef unsigned short u16;
 // (The first version ran a block per (expert, slice) that read every pair of its slice: E·P
 // reads, 0.16 ms of the fine-grained layer's 1.4 with 128 experts.)
 
+// Inclusive prefix sum of `v` over the lanes of a full warp (lane `lane` gets Σ_{l ≤ lane}).
+__device__ __forceinline__ u32 warp_inclusive_sum(u32 v, u32 lane) {
+#pragma unroll
+    for (u32 o = 1; o < 32; o <<= 1) {
+        const u32 x = __shfl_up_sync(~0u, v, o);
+        if (lane >= o) v += x;
+    }
+    return v;
+}
+
 // counts[e][s] = pairs of expert e in slice s (shared-memory histogram of n_experts words).
 extern "C" __global__ void moe_count(const u32* expert_of_pair, u32 n_pairs, u32 n_experts, u32 slice, u32* counts) {
     extern __shared__ u32 hist[];
@@ -128,23 +138,10 @@ extern "C" __global__ void __launch_bounds__(MOE_SCAN_THREADS) moe_scan(const u3
             v[j] = buf[t * MOE_SCAN_ITEMS + j];
             sum += v[j];
         }
-        u32 incl = sum;
-#pragma unroll
-        for (u32 o = 1; o < 32; o <<= 1) {
-            const u32 x = __shfl_up_sync(~0u, incl, o);
-            if (lane >= o) incl += x;
-        }
+        const u32 incl = warp_inclusive_sum(sum, lane);
         if (lane == 31) warp_incl[warp] = incl;
         __syncthreads();
-        if (warp == 0) {
-            u32 w = warp_incl[lane];
-#pragma unroll
-            for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 x = __shfl_up_sync(~0u, w, o);
-                if (lane >= o) w += x;
-            }
-            warp_incl[lane] = w;
-        }
+        if (warp == 0) warp_incl[lane] = warp_inclusive_sum(warp_incl[lane], lane);
         __syncthreads();
         u32 run = carry + (warp > 0 ? warp_incl[warp - 1] : 0u) + incl - sum;
 #pragma unroll
@@ -169,12 +166,7 @@ extern "C" __global__ void __launch_bounds__(MOE_SCAN_THREADS) moe_scan(const u3
             const u32 start = e < n_experts ? slice_offsets[e * n_slices] : 0u;
             const u32 end = e + 1 < n_experts ? slice_offsets[(e + 1) * n_slices] : carry;
             const u32 n_tiles = e < n_experts ? (end - start + tile_rows - 1) / tile_rows : 0u;
-            u32 b = n_tiles;
-#pragma unroll
-            for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 x = __shfl_up_sync(~0u, b, o);
-                if (lane >= o) b += x;
-            }
+            const u32 b = warp_inclusive_sum(n_tiles, lane);
             if (e < n_experts) {
                 offsets[e] = start;
                 tile_offsets[e] = tiles + b - n_tiles;
@@ -243,12 +235,7 @@ extern "C" __global__ void moe_scatter(const u32* expert_of_pair, const float* w
         u32 carry = 0;
         for (u32 e0 = 0; e0 < n_experts; e0 += 32) {
             const u32 e = e0 + lane, c = e < n_experts ? seg[e] : 0u;
-            u32 incl = c;
-#pragma unroll
-            for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 x = __shfl_up_sync(~0u, incl, o);
-                if (lane >= o) incl += x;
-            }
+            const u32 incl = warp_inclusive_sum(c, lane);
             if (e < n_experts) seg[e] = carry + incl - c;
             carry += __shfl_sync(~0u, incl, 31);
         }
@@ -311,6 +298,11 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
     return h;
 }
 
+// Two floats as the bf16 bits of one 32-bit word, a in the low half (round to nearest even).
+__device__ __forceinline__ u32 bf16x2(float a, float b) {
+    return (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+}
+
 // nm_kind: 0 ABS_MAX, 1 constant nm_value, 2 none. use_dac: 0 → x/α_nm in fp16 (inexact).
 // sumsq (optional, ADDITIVE weight noise): ‖x̃‖² of each (row, block), x̃ = code·step.
 extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_block, u32 nm_kind, float nm_value,
@@ -356,12 +348,7 @@ extern "C" __global__ void to_bf16(const float* x, u64 n, u16* out) {
     const u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i + 8 <= n && ((u64)(x + i) & 15) == 0 && ((u64)(out + i) & 15) == 0) {
         const float4 a = *(const float4*)(x + i), b = *(const float4*)(x + i + 4);
-        uint4 v;
-        v.x = (u32)f32_to_bf16(a.x) | ((u32)f32_to_bf16(a.y) << 16);
-        v.y = (u32)f32_to_bf16(a.z) | ((u32)f32_to_bf16(a.w) << 16);
-        v.z = (u32)f32_to_bf16(b.x) | ((u32)f32_to_bf16(b.y) << 16);
-        v.w = (u32)f32_to_bf16(b.z) | ((u32)f32_to_bf16(b.w) << 16);
-        *(uint4*)(out + i) = v;
+        *(uint4*)(out + i) = make_uint4(bf16x2(a.x, a.y), bf16x2(a.z, a.w), bf16x2(b.x, b.y), bf16x2(b.z, b.w));
     } else {
         for (u64 j = i; j < n && j < i + 8; ++j) out[j] = f32_to_bf16(x[j]);
     }
@@ -733,7 +720,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
 // bf16 bits of the next GEMM's operand (MOE_MODE 3, digital: round to nearest even as to_bf16).
 __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b) {
 #if MOE_MODE == 3
-    *(u32*)((u16*)out + i) = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+    *(u32*)((u16*)out + i) = bf16x2(a, b);
 #else
     *(float2*)(out + i) = make_float2(a, b);
 #endif
@@ -743,7 +730,7 @@ __device__ __forceinline__ void store_hidden(float* out, u64 i, float a, float b
 // bf16 bits (MOE_MODE 5, digital; round to nearest even as to_bf16).
 __device__ __forceinline__ void store_row2(float* out, u64 i, float a, float b) {
 #if MOE_MODE == 5
-    *(u32*)((u16*)out + i) = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+    *(u32*)((u16*)out + i) = bf16x2(a, b);
 #else
     *(float2*)(out + i) = make_float2(a, b);
 #endif
@@ -1374,10 +1361,6 @@ __device__ __forceinline__ void store_quad_bf16(u32 (&v)[4], u32 lane, u16* dst_
     if (live) *(uint4*)dst_q = make_uint4(v[0], v[1], v[2], v[3]);
 }
 
-__device__ __forceinline__ u32 bf16x2(float a, float b) {
-    return (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
-}
-
 // Output of one warpgroup's 64 × WG_BN accumulators, rows row0 .. row0 + 63 of the expert's
 // tile. Fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (+ 8), n8 block j
 // holds columns 8j + 2·(lane % 4) (+ 1): d[4j + 2·half + c].
@@ -1735,12 +1718,8 @@ extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
         u32 carry = 0;
         for (u32 e0 = 0; e0 < p.n_experts; e0 += 32) {
             const u32 e = e0 + t;
-            u32 v = e < p.n_experts ? (p.tile_offsets[e + 1] - p.tile_offsets[e] + 1) / 2 : 0;
-#pragma unroll
-            for (u32 o = 1; o < 32; o <<= 1) {
-                const u32 n = __shfl_up_sync(~0u, v, o);
-                if (t >= o) v += n;
-            }
+            const u32 v = warp_inclusive_sum(
+                e < p.n_experts ? (p.tile_offsets[e + 1] - p.tile_offsets[e] + 1) / 2 : 0, t);
             if (e < p.n_experts) pair_offsets[e + 1] = carry + v;
             carry += __shfl_sync(~0u, v, 31);
         }
