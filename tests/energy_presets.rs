@@ -8,7 +8,7 @@ fn text(name: &str) -> String {
 
 #[test]
 fn costed_presets_load_and_uncosted_ones_still_do() {
-    for name in ["aimc-3d", "pcm-3d-8tier", "hermes"] {
+    for name in ["aimc-3d", "pcm-3d-8tier", "hermes", "3dsim", "buchel2025"] {
         let p = TilePreset::builtin(name).unwrap();
         let cost = p
             .cost
@@ -70,11 +70,25 @@ fn missing_or_negative_constants_are_rejected_naming_the_field() {
     expect_field(&zero_rate.to_string(), "cost.digital.norm.ops_per_s.value");
 
     let mut no_source = v.clone();
-    no_source["cost"]["off_chip"]["bandwidth_bytes_per_s"]["source"] = "".into();
+    no_source["cost"]["memory"]["off_chip"]["bandwidth_bytes_per_s"]["source"] = "".into();
     expect_field(
         &no_source.to_string(),
-        "cost.off_chip.bandwidth_bytes_per_s.source",
+        "cost.memory.off_chip.bandwidth_bytes_per_s.source",
     );
+
+    // Overflowing constants are rejected before any arithmetic.
+    let mut huge = v.clone();
+    huge["cost"]["analog"]["tier_mvm_energy_j"]["value"] = 1e308.into();
+    expect_field(&huge.to_string(), "cost.analog.tier_mvm_energy_j.value");
+    let mut tiny_rate = v.clone();
+    tiny_rate["cost"]["memory"]["on_chip"]["bandwidth_bytes_per_s"]["value"] = 1e-300.into();
+    expect_field(
+        &tiny_rate.to_string(),
+        "cost.memory.on_chip.bandwidth_bytes_per_s.value",
+    );
+    let mut no_kind = v.clone();
+    no_kind["cost"]["memory"]["off_chip"]["kind"] = " ".into();
+    expect_field(&no_kind.to_string(), "cost.memory.off_chip.kind");
 
     let mut no_value = v.clone();
     no_value["cost"]["interconnect"]["bandwidth_bytes_per_s"]

@@ -1,20 +1,19 @@
-//! `aimc energy`: energy, latency and throughput per token of a model mapped onto a costed tile preset, against a
-//! GPU; `--scaling` runs the dense-vs-MoE scaling study.
-use std::path::{Path, PathBuf};
+//! `aimc energy`: energy, latency and throughput per token of a model mapped onto a costed tile preset, the
+//! resource that binds each phase, against a GPU; `--scaling` runs the dense-vs-MoE scaling study.
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use super::common::{load_model, load_tokens, write_json};
 use super::map::MappingFlags;
 use crate::energy::scaling::{self, ScalingConfig, ScalingPoint};
 use crate::energy::{
-    cost_of, estimate, map_shape, Component, EnergyOptions, EnergyReport, GpuPreset, ModelShape,
+    cost_of, estimate, map_shape, paper_mapping, plots, seconds_si, Component, EnergyOptions,
+    EnergyReport, GpuPreset, ModelShape, Projections,
 };
 use crate::mapping::{DigitalSelection, RoutingTrace};
 use crate::model::{Model, RouterKind};
-use crate::report::bars::{write_stacked_bars, Segment, StackedBars};
-use crate::report::{write_line_chart, Legend, LineChart, Series};
 use crate::tile::TilePreset;
 
 /// Model shapes that need no checkpoint (random weights are never allocated; the trace comes from a synthetic
@@ -28,38 +27,43 @@ pub enum BuiltinShape {
 #[derive(Args, Debug, Clone)]
 pub struct EnergyArgs {
     /// HuggingFace checkpoint directory (default: the embedded model); its routing trace comes from `--calib`.
-    #[arg(long, conflicts_with = "shape")]
+    #[arg(long, conflicts_with_all = ["shape", "shape_file"])]
     pub model: Option<PathBuf>,
     /// Cost a built-in model shape with a synthetic router instead of a checkpoint.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "shape_file")]
     pub shape: Option<BuiltinShape>,
-    /// Tile preset with a `cost` section: a built-in name or a JSON file.
+    /// Cost a model shape given as JSON (the `model` object of energy.json), with a synthetic router.
+    #[arg(long)]
+    pub shape_file: Option<PathBuf>,
+    /// Tile preset with a `cost` section: a built-in name (aimc-3d, 3dsim, buchel2025, pcm-3d-8tier, hermes) or a
+    /// JSON file.
     #[arg(long, default_value = "aimc-3d")]
     pub preset: String,
-    /// GPU preset for the digital baseline: a built-in name (`h100`, from tiles/gpu/) or a JSON file.
+    /// GPU preset for the digital baseline: a built-in name (`h100`, `a100`) or a JSON file.
     #[arg(long, default_value = "h100")]
     pub gpu: String,
     #[command(flatten)]
     pub mapping: MappingFlags,
-    /// Decode batch sizes.
+    /// Decode batch sizes (each ≥ 1).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub batch: Vec<usize>,
     /// Cached tokens per sequence during decode.
     #[arg(long, default_value_t = 512)]
     pub context: usize,
-    /// Prompt length for prefill.
+    /// Prompt length for prefill (≥ 1).
     #[arg(long, default_value_t = 512)]
     pub prefill: usize,
-    /// Put attention projections and the LM head on analog tiles too (as in Büchel et al.); default: digital.
+    /// Cost the variant with attention projections and LM head on the digital units (default: the paper's
+    /// system, every linear layer on analog tiers).
     #[arg(long)]
-    pub analog_projections: bool,
-    /// Decode steps replayed per batch size.
+    pub digital_projections: bool,
+    /// Decode steps replayed per batch size (≥ 1).
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
     /// Calibration text for the routing trace (default: the embedded held-out text).
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// Calibration tokens (checkpoint) or synthetic trace tokens (`--shape`, `--scaling`).
+    /// Calibration tokens (checkpoint) or synthetic trace tokens (`--shape`, `--shape-file`, `--scaling`), ≥ 1.
     #[arg(long, default_value_t = 1024)]
     pub trace_tokens: usize,
     /// Seed of the synthetic router.
@@ -68,7 +72,7 @@ pub struct EnergyArgs {
     /// Run the dense-vs-MoE scaling study instead (synthetic configurations, fixed chip of `--scaling-stacks`).
     #[arg(long)]
     pub scaling: bool,
-    /// Stacks of the fixed chip in the scaling study.
+    /// Stacks of the fixed chip in the scaling study (≥ 1).
     #[arg(long, default_value_t = 1024)]
     pub scaling_stacks: usize,
     /// Output folder.
@@ -76,7 +80,40 @@ pub struct EnergyArgs {
     pub out: PathBuf,
 }
 
+/// Checks the numeric flags before any work; the error names the flag and the bad value.
+fn check_flags(args: &EnergyArgs) -> Result<()> {
+    if args.batch.is_empty() {
+        bail!("--batch: give at least one decode batch size");
+    }
+    if let Some(b) = args.batch.iter().find(|&&b| b == 0 || b > 1 << 20) {
+        bail!("--batch: each batch size must be in 1..=1048576, got {b}");
+    }
+    if args.prefill == 0 || args.prefill > 1 << 20 {
+        bail!(
+            "--prefill: the prompt length must be in 1..=1048576, got {}",
+            args.prefill
+        );
+    }
+    if args.context > 1 << 24 {
+        bail!(
+            "--context: at most 16777216 cached tokens, got {}",
+            args.context
+        );
+    }
+    if args.steps == 0 || args.steps > 1 << 16 {
+        bail!("--steps: must be in 1..=65536, got {}", args.steps);
+    }
+    if args.trace_tokens == 0 {
+        bail!("--trace-tokens: must be ≥ 1, got 0");
+    }
+    if args.scaling_stacks == 0 {
+        bail!("--scaling-stacks: must be ≥ 1, got 0");
+    }
+    Ok(())
+}
+
 pub fn run(args: EnergyArgs) -> Result<()> {
+    check_flags(&args)?;
     let preset = TilePreset::resolve(&args.preset)?;
     cost_of(&preset)?;
     let gpu = GpuPreset::resolve(&args.gpu)?;
@@ -85,32 +122,55 @@ pub fn run(args: EnergyArgs) -> Result<()> {
         context: args.context,
         prefill_tokens: args.prefill,
         decode_steps: args.steps,
-        analog_projections: args.analog_projections || args.scaling,
+        projections: if args.digital_projections {
+            Projections::Digital
+        } else {
+            Projections::Analog
+        },
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     if args.scaling {
         return run_scaling(&args, &preset, &gpu, &opts);
     }
-    let mut mapping_opts = args.mapping.options();
-    let (shape, trace, model): (ModelShape, RoutingTrace, Option<Model>) = match args.shape {
-        Some(BuiltinShape::Olmoe1b7b) => {
-            let shape = ModelShape::olmoe_1b_7b();
-            let trace = shape.synthetic_trace(args.trace_tokens, args.seed);
-            (shape, trace, None)
-        }
-        None => {
-            let model = load_model(args.model.as_deref())?;
-            let tokens = load_tokens(&model, args.calib.as_deref(), args.trace_tokens)?;
-            let trace = RoutingTrace::collect(&model, &tokens, 512, RouterKind::default())
-                .context("collecting the routing trace on the calibration text")?;
-            let name = args
-                .model
-                .as_ref()
-                .map_or("embedded".to_string(), |p| p.display().to_string());
-            (ModelShape::from_model(&name, &model), trace, Some(model))
-        }
-    };
+    let mut mapping_opts = paper_mapping(args.mapping.options(), opts.projections);
+    let (shape, trace, model): (ModelShape, RoutingTrace, Option<Model>) =
+        match (args.shape, &args.shape_file) {
+            (Some(BuiltinShape::Olmoe1b7b), _) => {
+                let shape = ModelShape::olmoe_1b_7b();
+                let trace = shape.synthetic_trace(args.trace_tokens, args.seed);
+                (shape, trace, None)
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --shape-file {}", path.display()))?;
+                let de = &mut serde_json::Deserializer::from_str(&text);
+                let shape: ModelShape = serde_path_to_error::deserialize(de).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--shape-file {}: field `{}`: {}",
+                        path.display(),
+                        e.path(),
+                        e.inner()
+                    )
+                })?;
+                shape
+                    .validate()
+                    .with_context(|| format!("--shape-file {}", path.display()))?;
+                let trace = shape.synthetic_trace(args.trace_tokens, args.seed);
+                (shape, trace, None)
+            }
+            (None, None) => {
+                let model = load_model(args.model.as_deref())?;
+                let tokens = load_tokens(&model, args.calib.as_deref(), args.trace_tokens)?;
+                let trace = RoutingTrace::collect(&model, &tokens, 512, RouterKind::default())
+                    .context("collecting the routing trace on the calibration text")?;
+                let name = args
+                    .model
+                    .as_ref()
+                    .map_or("embedded".to_string(), |p| p.display().to_string());
+                (ModelShape::from_model(&name, &model), trace, Some(model))
+            }
+        };
     if model.is_none()
         && mapping_opts.digital_fraction > 0.0
         && mapping_opts.digital_selection == DigitalSelection::MaxNeuronNorm
@@ -121,20 +181,22 @@ pub fn run(args: EnergyArgs) -> Result<()> {
     let lookup = |id| model.as_ref().and_then(|m| m.matrix(id));
     let mapping = map_shape(&preset, &shape, &mapping_opts, &lookup, &trace)?;
     let report = estimate(&preset, &gpu, &shape, &mapping, &trace, &opts)?;
-    print_report(&report);
+    print!("{}", report_text(&report));
     write_json(&args.out.join("energy.json"), &report)?;
-    write_plots(&report, &args.out)?;
+    plots::write_all(&report, &args.out)?;
     println!(
-        "wrote {}/{{energy.json, breakdown, energy_vs_batch, analog_vs_gpu}}.{{png,svg}}",
+        "wrote {}/{{energy.json, breakdown, throughput_vs_batch, energy_vs_batch, busy_time}}.{{png,svg}}",
         args.out.display()
     );
     Ok(())
 }
 
-/// Energy in a readable unit.
-pub(super) fn joules(j: f64) -> String {
+/// Energy in a readable SI unit.
+pub fn joules(j: f64) -> String {
     let a = j.abs();
-    if a >= 1e-3 {
+    if a >= 1.0 {
+        format!("{j:.3} J")
+    } else if a >= 1e-3 {
         format!("{:.3} mJ", j * 1e3)
     } else if a >= 1e-6 {
         format!("{:.3} µJ", j * 1e6)
@@ -143,156 +205,111 @@ pub(super) fn joules(j: f64) -> String {
     }
 }
 
-/// Time in a readable unit.
-pub(super) fn seconds(s: f64) -> String {
-    if s >= 1e-3 {
-        format!("{:.3} ms", s * 1e3)
-    } else {
-        format!("{:.3} µs", s * 1e6)
-    }
+/// Time in a readable SI unit.
+pub fn seconds(s: f64) -> String {
+    seconds_si(s)
 }
 
-fn print_report(r: &EnergyReport) {
-    println!(
-        "model {}  ({:.2}B params, {:.2}B active)  preset {}  strategy {:?}  stacks {} ({} chip(s))",
+/// The table `aimc energy` prints: one row per phase with its bottleneck in words, the busy time of every
+/// resource, and the energy per component.
+pub fn report_text(r: &EnergyReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {}  ({:.2}B params, {:.2}B active)  preset {}  costed system: {}",
         r.model.name,
         r.model.total_params() as f64 / 1e9,
         r.model.active_params() as f64 / 1e9,
         r.preset,
-        r.mapping_strategy,
-        r.stacks_used,
-        r.chips
+        r.system
     );
-    println!(
-        "{:<9} {:>6} {:>13} {:>13} {:>12} {:>10} {:>12} | {:>5} {:>13} {:>13} {:>12}",
+    let _ = writeln!(
+        s,
+        "mapping {}: {} stacks for experts/MLPs + {} for projections and LM head ({} chip(s)); GPU {}",
+        r.mapping_strategy
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
+        r.stacks_used,
+        r.projection_stacks,
+        r.chips,
+        r.gpu
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:>13} {:>12} {:>12} {:>10} | {:>5} {:>12} {:>12} | bottleneck",
         "phase",
-        "batch",
         "energy/token",
         "latency/tok",
         "tokens/s",
         "switch/tok",
-        "bottleneck",
         "GPUs",
         "GPU energy",
-        "GPU latency",
         "GPU tok/s"
     );
     let rows = r
         .decode
         .iter()
         .zip(&r.gpu_decode)
-        .map(|(a, g)| ("decode", a, g))
-        .chain(std::iter::once(("prefill", &r.prefill, &r.gpu_prefill)));
-    for (phase, a, g) in rows {
-        println!(
-            "{:<9} {:>6} {:>13} {:>13} {:>12.1} {:>10.2} {:>12} | {:>5} {:>13} {:>13} {:>12.1}",
-            phase,
-            g.tokens_per_step,
+        .chain(std::iter::once((&r.prefill, &r.gpu_prefill)));
+    for (a, g) in rows {
+        let _ = writeln!(
+            s,
+            "{:<14} {:>13} {:>12} {:>12.1} {:>10.2} | {:>5} {:>12} {:>12.1} | {}",
+            a.scenario.label(),
             joules(a.energy.total()),
             seconds(a.latency_per_token_s),
             a.tokens_per_s,
             a.tier_switches_per_token,
-            a.bottleneck,
             g.gpus,
             joules(g.energy_per_token_j),
-            seconds(g.latency_per_token_s),
-            g.tokens_per_s
+            g.tokens_per_s,
+            a.bottleneck.description
         );
     }
-    let best = &r.decode[r.best_decode];
-    println!(
-        "energy share per component (decode at batch {}, best throughput; prefill):",
-        r.options.batches[r.best_decode]
-    );
-    for c in Component::ALL {
-        let d = best.energy.component(c);
-        let p = r.prefill.energy.component(c);
-        println!(
-            "  {:<20} {:>12} {:>6.1}%   {:>12} {:>6.1}%",
-            c.label(),
-            joules(d),
-            100.0 * d / best.energy.total(),
-            joules(p),
-            100.0 * p / r.prefill.energy.total()
-        );
-    }
-}
-
-pub(super) fn write_plots(r: &EnergyReport, out: &Path) -> Result<()> {
-    let mut bars: Vec<String> = r
-        .options
-        .batches
-        .iter()
-        .map(|b| format!("decode B={b}"))
-        .collect();
-    bars.push(format!("prefill {}", r.options.prefill_tokens));
+    let _ = writeln!(s, "busy time per step of every resource:");
+    let _ = write!(s, "  {:<18}", "resource");
     let phases: Vec<_> = r.decode.iter().chain(std::iter::once(&r.prefill)).collect();
-    let chart = StackedBars {
-        title: format!("Energy per token: {} on {}", r.model.name, r.preset),
-        y_label: "energy per token (J)".into(),
-        bars,
-        segments: Component::ALL
-            .iter()
-            .map(|&c| Segment {
-                label: c.label().into(),
-                values: phases.iter().map(|p| p.energy.component(c)).collect(),
-            })
-            .collect(),
-    };
-    write_stacked_bars(&chart, &out.join("breakdown"))?;
-    let xs: Vec<f64> = r.options.batches.iter().map(|&b| b as f64).collect();
-    let line = |label: &str, ys: Vec<f64>| Series {
-        label: label.into(),
-        points: xs.iter().copied().zip(ys).collect(),
-        band: None,
-    };
-    write_line_chart(
-        &LineChart {
-            title: format!("Decode energy per token vs batch: {}", r.model.name),
-            x_label: "batch size".into(),
-            y_label: "energy per token (J)".into(),
-            log_x: true,
-            log_y: true,
-            series: vec![
-                line(
-                    &format!("{} (analog)", r.preset),
-                    r.decode.iter().map(|p| p.energy.total()).collect(),
-                ),
-                line(
-                    &format!("{} analog tiles only", r.preset),
-                    r.decode.iter().map(|p| p.energy.analog()).collect(),
-                ),
-                line(
-                    &r.gpu,
-                    r.gpu_decode.iter().map(|g| g.energy_per_token_j).collect(),
-                ),
-            ],
-            legend: Legend::UpperRight,
-        },
-        &out.join("energy_vs_batch"),
-    )?;
-    write_line_chart(
-        &LineChart {
-            title: format!("Decode throughput, analog vs GPU: {}", r.model.name),
-            x_label: "batch size".into(),
-            y_label: "tokens per second".into(),
-            log_x: true,
-            log_y: true,
-            series: vec![
-                line(
-                    &format!("{} (analog)", r.preset),
-                    r.decode.iter().map(|p| p.tokens_per_s).collect(),
-                ),
-                line(
-                    &r.gpu,
-                    r.gpu_decode.iter().map(|g| g.tokens_per_s).collect(),
-                ),
-            ],
-            legend: Legend::UpperLeft,
-        },
-        &out.join("analog_vs_gpu"),
-    )?;
-    Ok(())
+    for p in &phases {
+        let _ = write!(s, " {:>14}", p.scenario.label());
+    }
+    let _ = writeln!(s);
+    for i in 0..7 {
+        let _ = write!(s, "  {:<18}", phases[0].busy_per_step.entries()[i].1);
+        for p in &phases {
+            let e = p.busy_per_step.entries()[i];
+            let mark = if e.0 == p.bottleneck.resource {
+                "*"
+            } else {
+                " "
+            };
+            let _ = write!(s, " {:>13}{mark}", seconds(e.2));
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "  (* binds)");
+    let _ = writeln!(s, "energy per token by component:");
+    let _ = write!(s, "  {:<30}", "component");
+    for p in &phases {
+        let _ = write!(s, " {:>14}", p.scenario.label());
+    }
+    let _ = writeln!(s);
+    for c in Component::ALL {
+        let _ = write!(s, "  {:<30}", c.label());
+        for p in &phases {
+            let _ = write!(s, " {:>14}", joules(p.energy.component(c)));
+        }
+        let _ = writeln!(s);
+    }
+    for i in 0..5 {
+        let name = format!("  static: {}", phases[0].static_energy.entries()[i].0);
+        let _ = write!(s, "  {name:<30}");
+        for p in &phases {
+            let _ = write!(s, " {:>14}", joules(p.static_energy.entries()[i].1));
+        }
+        let _ = writeln!(s);
+    }
+    s
 }
 
 fn run_scaling(
@@ -308,50 +325,12 @@ fn run_scaling(
         ..Default::default()
     };
     let points = scaling::run(preset, gpu, &config, opts)?;
-    println!(
-        "scaling study on {} ({} stacks fixed), GPU {}; synthetic d={} L={} expert width {} top-{}",
-        preset.name,
-        config.stacks,
-        gpu.name,
-        config.hidden,
-        config.layers,
-        config.intermediate,
-        config.top_k
-    );
-    println!(
-        "{:<6} {:>4} {:>8} {:>8} {:>6} {:>6} {:>12} {:>13} {:>13} {:>12} {:>13}",
-        "family",
-        "E",
-        "total B",
-        "active B",
-        "tiers",
-        "batch",
-        "tokens/s",
-        "energy/token",
-        "latency B=1",
-        "GPU tok/s",
-        "GPU energy"
-    );
-    for p in &points {
-        println!(
-            "{:<6} {:>4} {:>8.3} {:>8.3} {:>6} {:>6} {:>12.1} {:>13} {:>13} {:>12.1} {:>13}",
-            p.family,
-            p.experts,
-            p.total_params as f64 / 1e9,
-            p.active_params as f64 / 1e9,
-            p.tiers_per_stack,
-            p.best_batch,
-            p.tokens_per_s,
-            joules(p.energy_per_token_j),
-            seconds(p.latency_per_token_s),
-            p.gpu_tokens_per_s,
-            joules(p.gpu_energy_per_token_j)
-        );
-    }
+    print!("{}", scaling_text(preset, gpu, &config, opts, &points));
     #[derive(serde::Serialize)]
     struct Out<'a> {
         preset: &'a str,
         gpu: &'a str,
+        system: &'a str,
         config: &'a ScalingConfig,
         options: &'a EnergyOptions,
         points: &'a [ScalingPoint],
@@ -361,79 +340,78 @@ fn run_scaling(
         &Out {
             preset: &preset.name,
             gpu: &gpu.name,
+            system: opts.projections.label(),
             config: &config,
             options: opts,
             points: &points,
         },
     )?;
-    let series = |family: &str, label: &str, f: &dyn Fn(&ScalingPoint) -> f64| Series {
-        label: label.into(),
-        points: points
-            .iter()
-            .filter(|p| p.family == family)
-            .map(|p| (p.total_params as f64 / 1e9, f(p)))
-            .collect(),
-        band: None,
-    };
-    write_line_chart(
-        &LineChart {
-            title: format!(
-                "Throughput vs model size ({}, fixed {} stacks)",
-                preset.name, config.stacks
-            ),
-            x_label: "total parameters (billions)".into(),
-            y_label: "decode tokens per second (best batch)".into(),
-            log_x: true,
-            log_y: true,
-            series: vec![
-                series("dense", &format!("dense on {}", preset.name), &|p| {
-                    p.tokens_per_s
-                }),
-                series("moe", &format!("MoE on {}", preset.name), &|p| {
-                    p.tokens_per_s
-                }),
-                series("dense", &format!("dense on {}", gpu.name), &|p| {
-                    p.gpu_tokens_per_s
-                }),
-                series("moe", &format!("MoE on {}", gpu.name), &|p| {
-                    p.gpu_tokens_per_s
-                }),
-            ],
-            legend: Legend::LowerLeft,
-        },
-        &args.out.join("scaling_throughput"),
-    )?;
-    write_line_chart(
-        &LineChart {
-            title: format!(
-                "Energy per token vs model size ({}, fixed {} stacks)",
-                preset.name, config.stacks
-            ),
-            x_label: "total parameters (billions)".into(),
-            y_label: "energy per token (J)".into(),
-            log_x: true,
-            log_y: true,
-            series: vec![
-                series("dense", &format!("dense on {}", preset.name), &|p| {
-                    p.energy_per_token_j
-                }),
-                series("moe", &format!("MoE on {}", preset.name), &|p| {
-                    p.energy_per_token_j
-                }),
-                series("dense", &format!("dense on {}", gpu.name), &|p| {
-                    p.gpu_energy_per_token_j
-                }),
-                series("moe", &format!("MoE on {}", gpu.name), &|p| {
-                    p.gpu_energy_per_token_j
-                }),
-            ],
-            legend: Legend::UpperLeft,
-        },
-        &args.out.join("scaling_energy"),
-    )?;
+    plots::write_scaling(&points, &preset.name, &gpu.name, &config, opts, &args.out)?;
     println!(
         "wrote {}/{{scaling.json, scaling_throughput, scaling_energy}}.{{png,svg}}",
         args.out.display()
     );
     Ok(())
+}
+
+/// The scaling study's table.
+pub fn scaling_text(
+    preset: &TilePreset,
+    gpu: &GpuPreset,
+    config: &ScalingConfig,
+    opts: &EnergyOptions,
+    points: &[ScalingPoint],
+) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "scaling study on {} ({} stacks fixed; {}), GPU {}; synthetic d={} L={} expert width {} top-{}",
+        preset.name,
+        config.stacks,
+        opts.projections.label(),
+        gpu.name,
+        config.hidden,
+        config.layers,
+        config.intermediate,
+        config.top_k
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>4} {:>8} {:>8} {:>6} {:>6} {:>12} {:>12} {:>7} {:>12} {:>12} {:>10} {:>10} | bottleneck at the best batch",
+        "family",
+        "E",
+        "total B",
+        "active B",
+        "tiers",
+        "batch",
+        "tokens/s",
+        "energy/tok",
+        "GPU B",
+        "GPU tok/s",
+        "GPU energy",
+        "speed-up",
+        "energy ×"
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "{:<6} {:>4} {:>8.3} {:>8.3} {:>6} {:>6} {:>12.1} {:>12} {:>7} {:>12.1} {:>12} {:>10.2} {:>10.0} | {}",
+            p.family,
+            p.experts,
+            p.total_params as f64 / 1e9,
+            p.active_params as f64 / 1e9,
+            p.tiers_per_stack,
+            p.best_batch,
+            p.tokens_per_s,
+            joules(p.energy_per_token_j),
+            p.gpu_best_batch,
+            p.gpu_tokens_per_s,
+            joules(p.gpu_energy_per_token_j),
+            p.tokens_per_s / p.gpu_tokens_per_s,
+            p.gpu_energy_per_token_j / p.energy_per_token_j,
+            p.bottleneck
+        );
+    }
+    s
 }

@@ -214,7 +214,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
             };
             let shape = ModelShape::from_model(&model_name, &model);
             let e = estimate(&preset, &gpu, &shape, &map.mapping, &map.trace, &opts)?;
-            super::energy::write_plots(&e, out)?;
+            crate::energy::plots::write_all(&e, out)?;
             Some(e)
         }
     };
@@ -357,24 +357,25 @@ fn energy_md(e: &EnergyReport) -> String {
     let _ = writeln!(
         s,
         "## Energy, latency and throughput per token\n\nCost constants of `{}` (each with its source in the preset), \
-         against the `{}` roofline estimate. {} stacks used.\n",
-        e.preset, e.gpu, e.stacks_used
+         against the `{}` roofline estimate; costed system: {}. {} stacks used.\n",
+        e.preset, e.gpu, e.system, e.stacks_used
     );
     let _ = writeln!(
         s,
-        "| phase | batch | energy/token | latency/token | tokens/s | tier switches/token | {0} energy/token | {0} tokens/s |\n|---|---|---|---|---|---|---|---|",
+        "| phase | batch | energy/token | latency/token | tokens/s | tier switches/token | {0} energy/token | {0} tokens/s | bottleneck |\n|---|---|---|---|---|---|---|---|---|",
         e.gpu
     );
     let row = |s: &mut String, phase: &str, batch: usize, a: &PhaseCost, g: &GpuEstimate| {
         let _ = writeln!(
             s,
-            "| {phase} | {batch} | {} | {} | {:.0} | {:.2} | {} | {:.0} |",
+            "| {phase} | {batch} | {} | {} | {:.0} | {:.2} | {} | {:.0} | {} |",
             joules(a.energy.total()),
             seconds(a.latency_per_token_s),
             a.tokens_per_s,
             a.tier_switches_per_token,
             joules(g.energy_per_token_j),
-            g.tokens_per_s
+            g.tokens_per_s,
+            a.bottleneck.description
         );
     };
     for ((a, g), b) in e.decode.iter().zip(&e.gpu_decode).zip(&e.options.batches) {
@@ -389,7 +390,7 @@ fn energy_md(e: &EnergyReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![analog vs GPU](analog_vs_gpu.png)\n"
+        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![throughput vs batch](throughput_vs_batch.png)\n"
     );
     s
 }

@@ -1,11 +1,14 @@
-//! Energy accounting per layer and per component.
-use serde::{Deserialize, Serialize};
+//! Energy accounting per layer and per component, serialised with every component named.
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Serialize, Serializer};
 
-/// Where the energy of a token goes. The first four are the analog tiles; the rest is digital or data movement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Where the energy of a token goes. The first four are the analog tiers; the rest is digital work, data movement
+/// and static power.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Component {
-    /// Crossbar array read of every block MVM.
+    /// Crossbar array read of every block MVM (experts, dense MLPs and, in the paper's system, attention
+    /// projections and LM head).
     Crossbar,
     /// DAC input conversions.
     Dac,
@@ -13,28 +16,27 @@ pub enum Component {
     Adc,
     /// Switching a stack's periphery between tiers.
     TierSwitch,
-    /// Attention projections, scores over the KV cache, and their on-chip weight/KV reads.
+    /// QKᵀ, softmax and the weighted sum of values over the KV cache, on the attention units.
     DigitalAttention,
-    /// Experts (routed, shared, dense MLPs) computed digitally, with their on-chip weight reads.
-    DigitalExperts,
-    /// Router products and softmax.
-    DigitalRouter,
+    /// Matrix products on the digital units: router, digital experts, digital projections (variant).
+    DigitalMatmul,
     /// RMSNorms and activation functions.
-    DigitalNormAct,
-    /// Summing crossbar partial sums and the weighted expert outputs.
+    NormsActivations,
+    /// Summing crossbar partial sums, the weighted expert outputs and the residuals.
     Accumulation,
-    /// LM head product.
-    LmHead,
     /// Moving crossbar inputs and outputs over the on-chip network.
     Interconnect,
-    /// Reads from off-chip memory of digital weights and KV cache that do not fit on chip.
-    OffChip,
-    /// Static power of the digital units over the time a token occupies the chip.
+    /// Reads and writes of digital weights, KV cache and embeddings held in on-chip SRAM.
+    OnChipMemory,
+    /// Reads and writes of what did not fit on chip.
+    OffChipMemory,
+    /// Static power of every block over the time a step occupies the chip (itemised in
+    /// [`super::sim::StaticEnergy`]).
     Static,
 }
 
 /// Number of [`Component`]s.
-pub const N_COMPONENTS: usize = 13;
+pub const N_COMPONENTS: usize = 12;
 
 impl Component {
     /// All components, in breakdown order.
@@ -44,36 +46,52 @@ impl Component {
         Component::Adc,
         Component::TierSwitch,
         Component::DigitalAttention,
-        Component::DigitalExperts,
-        Component::DigitalRouter,
-        Component::DigitalNormAct,
+        Component::DigitalMatmul,
+        Component::NormsActivations,
         Component::Accumulation,
-        Component::LmHead,
         Component::Interconnect,
-        Component::OffChip,
+        Component::OnChipMemory,
+        Component::OffChipMemory,
         Component::Static,
     ];
 
     /// Short label for tables and legends.
     pub fn label(self) -> &'static str {
         match self {
-            Component::Crossbar => "crossbar",
-            Component::Dac => "DAC",
-            Component::Adc => "ADC",
-            Component::TierSwitch => "tier switch",
-            Component::DigitalAttention => "digital attention",
-            Component::DigitalExperts => "digital experts",
-            Component::DigitalRouter => "router",
-            Component::DigitalNormAct => "norms + activations",
-            Component::Accumulation => "accumulation",
-            Component::LmHead => "LM head",
+            Component::Crossbar => "crossbar arrays",
+            Component::Dac => "DACs",
+            Component::Adc => "ADCs",
+            Component::TierSwitch => "tier switches",
+            Component::DigitalAttention => "attention (QKᵀ, softmax, AV)",
+            Component::DigitalMatmul => "digital matmuls",
+            Component::NormsActivations => "norms + activations",
+            Component::Accumulation => "partial sums + residuals",
             Component::Interconnect => "interconnect",
-            Component::OffChip => "off-chip",
-            Component::Static => "static",
+            Component::OnChipMemory => "on-chip SRAM",
+            Component::OffChipMemory => "off-chip memory",
+            Component::Static => "static power",
         }
     }
 
-    /// Whether the energy is spent in the analog tiles.
+    /// Field name in JSON (`crossbar_j`, …).
+    pub fn key(self) -> &'static str {
+        match self {
+            Component::Crossbar => "crossbar_j",
+            Component::Dac => "dac_j",
+            Component::Adc => "adc_j",
+            Component::TierSwitch => "tier_switch_j",
+            Component::DigitalAttention => "digital_attention_j",
+            Component::DigitalMatmul => "digital_matmul_j",
+            Component::NormsActivations => "norms_activations_j",
+            Component::Accumulation => "accumulation_j",
+            Component::Interconnect => "interconnect_j",
+            Component::OnChipMemory => "on_chip_memory_j",
+            Component::OffChipMemory => "off_chip_memory_j",
+            Component::Static => "static_j",
+        }
+    }
+
+    /// Whether the energy is spent in the analog tiers.
     pub fn is_analog(self) -> bool {
         matches!(
             self,
@@ -86,13 +104,44 @@ impl Component {
     }
 }
 
-/// Joules per component, one row per layer plus one for work outside the layers (LM head, static power).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Joules per component, one row per layer plus one for work outside the layers (LM head, embeddings, static
+/// power).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Breakdown {
     /// `per_layer[l][c]`: joules of component `c` ([`Component::ALL`] order) in layer `l`.
     pub per_layer: Vec<[f64; N_COMPONENTS]>,
     /// Joules not tied to a layer.
     pub global: [f64; N_COMPONENTS],
+}
+
+/// One row of a breakdown with every component named.
+struct Named<'a>(&'a [f64; N_COMPONENTS]);
+
+impl Serialize for Named<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(N_COMPONENTS))?;
+        for c in Component::ALL {
+            m.serialize_entry(c.key(), &self.0[c.index()])?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for Breakdown {
+    /// `{ total_j, components: {crossbar_j: …}, outside_layers: {…}, per_layer: [{…}, …] }`.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut totals = [0.0; N_COMPONENTS];
+        for c in Component::ALL {
+            totals[c.index()] = self.component(c);
+        }
+        let mut st = s.serialize_struct("Breakdown", 4)?;
+        st.serialize_field("total_j", &self.total())?;
+        st.serialize_field("components", &Named(&totals))?;
+        st.serialize_field("outside_layers", &Named(&self.global))?;
+        let rows: Vec<Named> = self.per_layer.iter().map(Named).collect();
+        st.serialize_field("per_layer", &rows)?;
+        st.end()
+    }
 }
 
 impl Breakdown {
@@ -128,7 +177,7 @@ impl Breakdown {
         Component::ALL.iter().map(|&c| self.component(c)).sum()
     }
 
-    /// Joules spent in the analog tiles.
+    /// Joules spent in the analog tiers.
     pub fn analog(&self) -> f64 {
         Component::ALL
             .iter()
@@ -137,12 +186,18 @@ impl Breakdown {
             .sum()
     }
 
-    /// Every entry divided by `n` (e.g. totals over a run → per token).
+    /// Every entry multiplied by `factor` (e.g. totals over a run → per token).
     pub fn scaled(&self, factor: f64) -> Self {
         let scale = |r: &[f64; N_COMPONENTS]| r.map(|v| v * factor);
         Self {
             per_layer: self.per_layer.iter().map(scale).collect(),
             global: scale(&self.global),
         }
+    }
+
+    /// Whether every entry is finite.
+    pub fn is_finite(&self) -> bool {
+        self.global.iter().all(|v| v.is_finite())
+            && self.per_layer.iter().flatten().all(|v| v.is_finite())
     }
 }

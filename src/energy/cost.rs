@@ -1,9 +1,14 @@
 //! The hardware cost model of a tile preset: the optional `cost` section of `tiles/*.json`.
 //!
 //! Every constant is a [`Constant`]: a value in the unit its field name ends with (`_s`, `_j`, `_w`,
-//! `_bytes_per_s`, …) plus a `source` string naming the paper, table or figure it comes from, or saying that it is an
-//! assumption. Presets without a `cost` section still load (they only cannot be used by `aimc energy`); presets with
-//! one must give every constant, finite and ≥ 0 (throughputs and bandwidths > 0), or loading fails naming the field.
+//! `_bytes_per_s`, …) plus a `source` string naming the part, paper, table or figure it comes from, or saying that it
+//! is an assumption or a placeholder. Presets without a `cost` section still load (they only cannot be used by
+//! `aimc energy`); presets with one must give every constant, finite and ≥ 0 (throughputs, bandwidths and sizes that
+//! divide > 0), or loading fails naming the field.
+//!
+//! The section has five parts: the analog tiers, the digital units (everything that is not a crossbar MVM), the
+//! on-chip network, the memory hierarchy (on-chip SRAM and off-chip memory, each a named part with capacity,
+//! bandwidth and energy per byte) and the static power, itemised per block so static energy can be itemised too.
 use serde::{Deserialize, Serialize};
 
 use crate::tile::FieldError;
@@ -14,11 +19,11 @@ use crate::tile::FieldError;
 pub struct Constant {
     /// Value, in the unit named by the field that holds it.
     pub value: f64,
-    /// Paper, table or figure the value comes from; "assumption: …" when it is one.
+    /// Part, paper, table or figure the value comes from; "assumption: …" or "placeholder: …" when it is one.
     pub source: String,
 }
 
-/// Cost of the analog tiles: one crossbar MVM on one tier, its converters and the switch between tiers of a stack.
+/// Cost of the analog tiers: one crossbar MVM on one tier, its converters and the switch between tiers of a stack.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnalogCost {
@@ -42,36 +47,37 @@ pub struct AnalogCost {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DigitalOp {
-    /// Operations per second of one digital unit.
+    /// Operations per second of one unit.
     pub ops_per_s: Constant,
     /// Energy per operation, joules.
     pub energy_per_op_j: Constant,
 }
 
-/// The digital processing units of the chip: everything that is not a crossbar MVM.
+/// The digital units of the chip: everything that is not a crossbar MVM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DigitalCost {
-    /// Digital units working in parallel (each has the throughputs below).
+    /// Digital processing units working in parallel: norms, router, residual adds, partial-sum accumulation,
+    /// activations and any matrix product kept digital.
     pub units: Constant,
-    /// Matrix products kept digital (attention projections, digital experts, router, LM head); op = multiply or add.
+    /// Attention units working in parallel: QKᵀ, softmax and the weighted sum of values over the KV cache.
+    pub attention_units: Constant,
+    /// Matrix products kept digital (router, digital experts, and the projections in the digital-projections
+    /// variant); op = multiply or add. Runs on the digital units.
     pub matmul: DigitalOp,
-    /// Attention over the KV cache (scores, softmax, weighted values); op = multiply or add.
+    /// Attention over the KV cache (scores, softmax, weighted values); op = multiply or add. Runs on the attention
+    /// units.
     pub attention: DigitalOp,
     /// RMSNorm; op = one of ~4 per element (square, sum, scale, weight).
     pub norm: DigitalOp,
-    /// Summing crossbar partial sums and weighted expert outputs; op = one addition.
+    /// Summing crossbar partial sums, weighted expert outputs and residuals; op = one addition.
     pub accumulation: DigitalOp,
     /// Activation functions (SwiGLU's SiLU and product, router softmax); op = one element.
     pub activation: DigitalOp,
-    /// Static (leakage + clock) power of all digital units together, watts.
-    pub static_power_w: Constant,
-    /// On-chip memory for digital weights and the KV cache, bytes; what does not fit is read from off-chip.
-    pub on_chip_memory_bytes: Constant,
-    /// Energy to read one byte from on-chip memory, joules.
-    pub on_chip_read_energy_per_byte_j: Constant,
-    /// Bytes per stored digital weight and KV-cache value.
-    pub bytes_per_value: Constant,
+    /// Bytes per digital weight (router, digital experts, embeddings, digital projections).
+    pub bytes_per_weight: Constant,
+    /// Bytes per KV-cache value.
+    pub bytes_per_kv_value: Constant,
 }
 
 /// How the stacks are connected.
@@ -80,8 +86,11 @@ pub struct DigitalCost {
 pub enum Topology {
     /// 2D mesh: mean hop count ≈ 2/3·√N between N stacks (mean Manhattan distance on a √N×√N grid).
     Mesh,
-    /// Shared bus: one hop, but every transfer of a layer shares the bus bandwidth.
+    /// Shared bus: one hop, but every transfer shares the bus bandwidth.
     Bus,
+    /// Every stack has its own link to the digital units: one hop, no sharing between stacks (IBM 3D-SiM's
+    /// communication model: a fixed latency per transfer, transfers never contend).
+    PointToPoint,
 }
 
 /// On-chip network between the digital units and the stacks.
@@ -93,20 +102,49 @@ pub struct InterconnectCost {
     pub energy_per_byte_per_hop_j: Constant,
     /// Bandwidth of one link (mesh) or of the bus, bytes per second.
     pub bandwidth_bytes_per_s: Constant,
+    /// Links through which the digital units reach the network (mesh, point-to-point; the bus has one).
+    pub digital_ports: Constant,
     /// Bytes per value sent to a crossbar (DAC input).
     pub bytes_per_input: Constant,
     /// Bytes per value returned by a crossbar (ADC output).
     pub bytes_per_output: Constant,
 }
 
-/// Off-chip memory (DRAM) for digital weights and KV cache that do not fit on chip.
+/// One level of the memory hierarchy: a named part with its capacity, bandwidth and energy per byte.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OffChipCost {
-    /// Energy per byte read, joules.
-    pub energy_per_byte_j: Constant,
-    /// Bandwidth, bytes per second.
+pub struct MemoryLevel {
+    /// What it is, in words (e.g. "SRAM, 32 KiB banks", "HBM2E, one 16 GB stack").
+    pub kind: String,
+    pub capacity_bytes: Constant,
     pub bandwidth_bytes_per_s: Constant,
+    pub read_energy_per_byte_j: Constant,
+    pub write_energy_per_byte_j: Constant,
+}
+
+/// Where digital weights, the KV cache and activations live. Placement is by capacity: digital weights first
+/// (they are read every step), then the KV cache, on chip while it fits; the rest goes off chip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryCost {
+    pub on_chip: MemoryLevel,
+    pub off_chip: MemoryLevel,
+}
+
+/// Static (leakage, clock, refresh) power, itemised per block; charged over the time a step occupies the chip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticPower {
+    /// All digital units together, watts.
+    pub digital_units_w: Constant,
+    /// All attention units together, watts.
+    pub attention_units_w: Constant,
+    /// On-chip SRAM, watts.
+    pub on_chip_memory_w: Constant,
+    /// Off-chip memory (background and refresh), watts.
+    pub off_chip_memory_w: Constant,
+    /// Periphery of one analog stack in use (times the stacks the mapping uses), watts.
+    pub per_stack_w: Constant,
 }
 
 /// The `cost` section of a tile preset.
@@ -116,7 +154,9 @@ pub struct CostModel {
     pub analog: AnalogCost,
     pub digital: DigitalCost,
     pub interconnect: InterconnectCost,
-    pub off_chip: OffChipCost,
+    pub memory: MemoryCost,
+    #[serde(rename = "static")]
+    pub static_power: StaticPower,
 }
 
 /// Whether a constant may be zero.
@@ -133,7 +173,7 @@ impl CostModel {
         let a = &self.analog;
         let d = &self.digital;
         let i = &self.interconnect;
-        let o = &self.off_chip;
+        let s = &self.static_power;
         let mut v: Vec<(String, &Constant, Bound)> = vec![
             ("analog.tier_mvm_time_s".into(), &a.tier_mvm_time_s, Pos),
             ("analog.tier_mvm_energy_j".into(), &a.tier_mvm_energy_j, Nn),
@@ -159,6 +199,7 @@ impl CostModel {
                 Nn,
             ),
             ("digital.units".into(), &d.units, Pos),
+            ("digital.attention_units".into(), &d.attention_units, Pos),
         ];
         for (name, op) in [
             ("matmul", &d.matmul),
@@ -175,18 +216,12 @@ impl CostModel {
             ));
         }
         v.extend([
-            ("digital.static_power_w".into(), &d.static_power_w, Nn),
+            ("digital.bytes_per_weight".into(), &d.bytes_per_weight, Pos),
             (
-                "digital.on_chip_memory_bytes".into(),
-                &d.on_chip_memory_bytes,
-                Nn,
+                "digital.bytes_per_kv_value".into(),
+                &d.bytes_per_kv_value,
+                Pos,
             ),
-            (
-                "digital.on_chip_read_energy_per_byte_j".into(),
-                &d.on_chip_read_energy_per_byte_j,
-                Nn,
-            ),
-            ("digital.bytes_per_value".into(), &d.bytes_per_value, Pos),
             (
                 "interconnect.energy_per_byte_per_hop_j".into(),
                 &i.energy_per_byte_per_hop_j,
@@ -197,6 +232,7 @@ impl CostModel {
                 &i.bandwidth_bytes_per_s,
                 Pos,
             ),
+            ("interconnect.digital_ports".into(), &i.digital_ports, Pos),
             (
                 "interconnect.bytes_per_input".into(),
                 &i.bytes_per_input,
@@ -207,16 +243,38 @@ impl CostModel {
                 &i.bytes_per_output,
                 Pos,
             ),
-            (
-                "off_chip.energy_per_byte_j".into(),
-                &o.energy_per_byte_j,
+        ]);
+        for (name, m) in [
+            ("on_chip", &self.memory.on_chip),
+            ("off_chip", &self.memory.off_chip),
+        ] {
+            v.push((
+                format!("memory.{name}.capacity_bytes"),
+                &m.capacity_bytes,
                 Nn,
-            ),
-            (
-                "off_chip.bandwidth_bytes_per_s".into(),
-                &o.bandwidth_bytes_per_s,
+            ));
+            v.push((
+                format!("memory.{name}.bandwidth_bytes_per_s"),
+                &m.bandwidth_bytes_per_s,
                 Pos,
-            ),
+            ));
+            v.push((
+                format!("memory.{name}.read_energy_per_byte_j"),
+                &m.read_energy_per_byte_j,
+                Nn,
+            ));
+            v.push((
+                format!("memory.{name}.write_energy_per_byte_j"),
+                &m.write_energy_per_byte_j,
+                Nn,
+            ));
+        }
+        v.extend([
+            ("static.digital_units_w".into(), &s.digital_units_w, Nn),
+            ("static.attention_units_w".into(), &s.attention_units_w, Nn),
+            ("static.on_chip_memory_w".into(), &s.on_chip_memory_w, Nn),
+            ("static.off_chip_memory_w".into(), &s.off_chip_memory_w, Nn),
+            ("static.per_stack_w".into(), &s.per_stack_w, Nn),
         ]);
         v
     }
@@ -229,20 +287,22 @@ impl CostModel {
             .collect()
     }
 
-    /// Checks every constant: finite, ≥ 0 (> 0 for rates and sizes that divide), with a non-empty source.
-    /// The error names the field as `cost.<section>.<name>`.
+    /// Checks every constant: finite, ≥ 0 (> 0 for rates and sizes that divide), at most 1e30 in magnitude (so no
+    /// product of two constants and a count can overflow), with a non-empty source; memory levels must name their
+    /// kind. The error names the field as `cost.<section>.<name>`.
     pub fn validate(&self) -> Result<(), FieldError> {
         for (path, c, bound) in self.constants() {
             let field = format!("cost.{path}");
             let ok = c.value.is_finite()
+                && c.value <= MAX_CONSTANT
                 && match bound {
                     Bound::NonNegative => c.value >= 0.0,
-                    Bound::Positive => c.value > 0.0,
+                    Bound::Positive => c.value >= MIN_POSITIVE,
                 };
             if !ok {
                 let want = match bound {
-                    Bound::NonNegative => "≥ 0",
-                    Bound::Positive => "> 0",
+                    Bound::NonNegative => "in [0, 1e30]",
+                    Bound::Positive => "in [1e-30, 1e30]",
                 };
                 return Err(FieldError::new(
                     format!("{field}.value"),
@@ -252,10 +312,26 @@ impl CostModel {
             if c.source.trim().is_empty() {
                 return Err(FieldError::new(
                     format!("{field}.source"),
-                    "must name the paper, table or figure the value comes from (or say it is an assumption)",
+                    "must name the part, paper, table or figure the value comes from (or say it is an assumption)",
+                ));
+            }
+        }
+        for (name, m) in [
+            ("on_chip", &self.memory.on_chip),
+            ("off_chip", &self.memory.off_chip),
+        ] {
+            if m.kind.trim().is_empty() {
+                return Err(FieldError::new(
+                    format!("cost.memory.{name}.kind"),
+                    "must say what the memory is (e.g. \"SRAM\", \"HBM2E, one stack\")",
                 ));
             }
         }
         Ok(())
     }
 }
+
+/// Largest constant accepted: far beyond any physical value, small enough that products stay finite.
+pub const MAX_CONSTANT: f64 = 1e30;
+/// Smallest rate or size accepted where the model divides by it.
+pub const MIN_POSITIVE: f64 = 1e-30;

@@ -1,4 +1,4 @@
-//! The GPU reference: a roofline estimate of the same model on one or more GPUs (design.md §8).
+//! The GPU reference: a roofline estimate of the same model on one or more GPUs.
 //!
 //! GPU presets live in `tiles/gpu/*.json` (built-ins embedded in the binary, like the tile presets) because they
 //! describe a whole digital accelerator, not an analog tile: peak bf16 rate, HBM bandwidth and capacity, board
@@ -31,11 +31,16 @@ pub struct GpuPreset {
     pub hbm_capacity_bytes: Constant,
     /// Board power, watts.
     pub board_power_w: Constant,
-    /// Bytes per weight and KV-cache value.
-    pub bytes_per_value: Constant,
+    /// Bytes per weight read from HBM.
+    pub bytes_per_weight: Constant,
+    /// Bytes per KV-cache value.
+    pub bytes_per_kv_value: Constant,
 }
 
-const BUILTIN: &[(&str, &str)] = &[("h100", include_str!("../../tiles/gpu/h100.json"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("h100", include_str!("../../tiles/gpu/h100.json")),
+    ("a100", include_str!("../../tiles/gpu/a100.json")),
+];
 
 impl GpuPreset {
     /// Parses and validates GPU preset JSON; `origin` names the file in errors.
@@ -50,11 +55,12 @@ impl GpuPreset {
             ("hbm_bandwidth_bytes_per_s", &p.hbm_bandwidth_bytes_per_s),
             ("hbm_capacity_bytes", &p.hbm_capacity_bytes),
             ("board_power_w", &p.board_power_w),
-            ("bytes_per_value", &p.bytes_per_value),
+            ("bytes_per_weight", &p.bytes_per_weight),
+            ("bytes_per_kv_value", &p.bytes_per_kv_value),
         ] {
-            if !(c.value.is_finite() && c.value > 0.0) {
+            if !(c.value.is_finite() && (1e-30..=1e30).contains(&c.value)) {
                 bail!(
-                    "{origin}: field `{field}.value`: must be a finite number > 0, got {}",
+                    "{origin}: field `{field}.value`: must be a finite number in [1e-30, 1e30], got {}",
                     c.value
                 );
             }
@@ -89,7 +95,8 @@ impl GpuPreset {
             ("hbm_bandwidth_bytes_per_s", &self.hbm_bandwidth_bytes_per_s),
             ("hbm_capacity_bytes", &self.hbm_capacity_bytes),
             ("board_power_w", &self.board_power_w),
-            ("bytes_per_value", &self.bytes_per_value),
+            ("bytes_per_weight", &self.bytes_per_weight),
+            ("bytes_per_kv_value", &self.bytes_per_kv_value),
         ]
         .into_iter()
         .map(|(f, c)| (f.to_string(), c.value, c.source.clone()))
@@ -150,14 +157,16 @@ pub fn estimate(
     context: usize,
     prefill: bool,
 ) -> GpuEstimate {
-    let bpv = gpu.bytes_per_value.value;
+    let bpv = gpu.bytes_per_weight.value;
+    let bkv = gpu.bytes_per_kv_value.value;
     let h = shape.hidden_size as f64;
     let b = batch.max(1) as f64;
     let gpus = (shape.total_params() as f64 * bpv / gpu.hbm_capacity_bytes.value)
         .ceil()
         .max(1.0) as usize;
     // Weights read per step: dense parts once, experts by the union the batch activates.
-    let expert_params = 3.0 * h * shape.moe_intermediate_size as f64;
+    let m = shape.ffn_matrices() as f64;
+    let expert_params = m * h * shape.moe_intermediate_size as f64;
     let mut weight_params = (shape.num_layers * shape.attention_params_per_layer) as f64
         + (shape.vocab_size * shape.hidden_size) as f64;
     let mut ffn_flops_per_token = 0.0;
@@ -168,14 +177,14 @@ pub fn estimate(
             let per_token = trace.mean_active(trace.layers[traced]);
             traced += 1;
             weight_params += union * expert_params
-                + 3.0 * h * shape.shared_intermediate_size as f64
+                + m * h * shape.shared_intermediate_size as f64
                 + shape.router_params() as f64;
             ffn_flops_per_token += 2.0
                 * (per_token * expert_params
-                    + 3.0 * h * shape.shared_intermediate_size as f64
+                    + m * h * shape.shared_intermediate_size as f64
                     + shape.router_params() as f64);
         } else {
-            let p = 3.0 * h * shape.dense_intermediate_size as f64;
+            let p = m * h * shape.dense_intermediate_size as f64;
             weight_params += p;
             ffn_flops_per_token += 2.0 * p;
         }
@@ -190,9 +199,9 @@ pub fn estimate(
     };
     let kv_bytes = if prefill {
         // Prefill writes the cache once; reads stay on chip in fused attention kernels.
-        b * kv_per_position * bpv
+        b * kv_per_position * bkv
     } else {
-        b * mean_ctx * kv_per_position * bpv
+        b * mean_ctx * kv_per_position * bkv
     };
     let bytes = weight_params * bpv + kv_bytes;
     let dense_flops = 2.0

@@ -64,8 +64,12 @@ pub struct ScalingPoint {
     pub analog_energy_per_token_j: f64,
     /// Decode latency at the smallest batch, seconds.
     pub latency_per_token_s: f64,
+    /// GPU batch with the highest throughput, and its figures.
+    pub gpu_best_batch: usize,
     pub gpu_tokens_per_s: f64,
     pub gpu_energy_per_token_j: f64,
+    /// What binds the chip at its best batch, in words.
+    pub bottleneck: String,
 }
 
 /// Maps `shape` with expert-per-tier onto `stacks` stacks, with the fewest tiers per stack that fit.
@@ -89,7 +93,7 @@ fn fit(preset: &TilePreset, shape: &ModelShape, stacks: usize) -> Result<Mapping
         map_matrices(&specs, geo, &opts, &none, None)
     };
     // With as many tiers as there are units, the stacks in use are those of the widest unit: the floor.
-    let units = specs.len().div_ceil(3);
+    let units = specs.len().div_ceil(shape.ffn_matrices());
     let floor = attempt(units)?.stacks_used;
     if floor > stacks {
         bail!(
@@ -108,7 +112,8 @@ fn fit(preset: &TilePreset, shape: &ModelShape, stacks: usize) -> Result<Mapping
     }
 }
 
-/// Runs the study on `preset` (which must have a cost section) against `gpu`.
+/// Runs the study on `preset` (which must have a cost section) against `gpu`; the throughput and energy kept per
+/// point are those of the batch with the highest throughput (for the chip and the GPU separately).
 pub fn run(
     preset: &TilePreset,
     gpu: &GpuPreset,
@@ -144,11 +149,14 @@ pub fn run(
             p.stack.stacks = config.stacks;
             let r = estimate(&p, gpu, &shape, &mapping, &trace, opts)?;
             let best = &r.decode[r.best_decode];
-            let gpu_best = r
-                .gpu_decode
-                .iter()
-                .max_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s))
-                .expect("at least one batch");
+            let gpu_i = (0..r.gpu_decode.len())
+                .max_by(|&a, &b| {
+                    r.gpu_decode[a]
+                        .tokens_per_s
+                        .total_cmp(&r.gpu_decode[b].tokens_per_s)
+                })
+                .unwrap_or(0);
+            let gpu_best = &r.gpu_decode[gpu_i];
             points.push(ScalingPoint {
                 family: family.into(),
                 experts: e,
@@ -161,8 +169,10 @@ pub fn run(
                 energy_per_token_j: best.energy.total(),
                 analog_energy_per_token_j: best.energy.analog(),
                 latency_per_token_s: r.decode[0].latency_per_token_s,
+                gpu_best_batch: opts.batches[gpu_i],
                 gpu_tokens_per_s: gpu_best.tokens_per_s,
                 gpu_energy_per_token_j: gpu_best.energy_per_token_j,
+                bottleneck: best.bottleneck.description.clone(),
             });
         }
     }

@@ -40,6 +40,14 @@ pub struct ModelShape {
     pub shared_intermediate_size: usize,
     /// `moe_layers[l]`: layer `l` is a MoE layer (false: dense MLP).
     pub moe_layers: Vec<bool>,
+    /// Gated FFNs (SwiGLU: gate, up, down); false: two matrices (up, down) with a plain activation, as in the
+    /// original transformer and IBM's 3D-SiM.
+    #[serde(default = "gated_default")]
+    pub gated_ffn: bool,
+}
+
+fn gated_default() -> bool {
+    true
 }
 
 impl ModelShape {
@@ -88,6 +96,7 @@ impl ModelShape {
             dense_intermediate_size: c.dense_intermediate_size,
             shared_intermediate_size: c.shared_intermediate_size,
             moe_layers: c.moe_layers.clone(),
+            gated_ffn: true,
         }
     }
 
@@ -117,6 +126,7 @@ impl ModelShape {
             dense_intermediate_size: 0,
             shared_intermediate_size: 0,
             moe_layers: vec![true; 16],
+            gated_ffn: true,
         }
     }
 
@@ -147,6 +157,7 @@ impl ModelShape {
             dense_intermediate_size: if moe { 0 } else { intermediate },
             shared_intermediate_size: 0,
             moe_layers: vec![moe; layers],
+            gated_ffn: true,
         }
     }
 
@@ -174,6 +185,9 @@ impl ModelShape {
                     (Proj::Up, inter, h),
                     (Proj::Down, h, inter),
                 ] {
+                    if proj == Proj::Gate && !self.gated_ffn {
+                        continue;
+                    }
                     v.push(MatrixSpec {
                         id: MatrixId { layer, slot, proj },
                         n_out,
@@ -202,15 +216,75 @@ impl ModelShape {
             .iter()
             .map(|&moe| {
                 if moe {
-                    3 * h
+                    self.ffn_matrices()
+                        * h
                         * (self.top_k * self.moe_intermediate_size + self.shared_intermediate_size)
                         + self.router_params()
                 } else {
-                    3 * h * self.dense_intermediate_size
+                    self.ffn_matrices() * h * self.dense_intermediate_size
                 }
             })
             .sum();
         per_layer + self.num_layers * self.attention_params_per_layer + self.vocab_size * h
+    }
+
+    /// FFN matrices per expert or MLP: 3 when gated, else 2.
+    pub fn ffn_matrices(&self) -> usize {
+        if self.gated_ffn {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// Checks the shape can be costed: every size ≥ 1 where it must be, one `moe_layers` entry per layer, top-k ≤
+    /// experts. The error names the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("vocab_size", self.vocab_size),
+            (
+                "attention_params_per_layer",
+                self.attention_params_per_layer,
+            ),
+            ("num_heads", self.num_heads),
+            ("kv_values_per_token", self.kv_values_per_token),
+            ("num_experts", self.num_experts),
+        ] {
+            anyhow::ensure!(v >= 1, "{}: `{field}` must be ≥ 1, got {v}", self.name);
+            anyhow::ensure!(
+                v <= 1 << 40,
+                "{}: `{field}` = {v} is beyond any model (at most 2^40)",
+                self.name
+            );
+        }
+        anyhow::ensure!(
+            self.moe_layers.len() == self.num_layers,
+            "{}: `moe_layers` has {} entries, `num_layers` is {}",
+            self.name,
+            self.moe_layers.len(),
+            self.num_layers
+        );
+        let moe = self.moe_layers.iter().any(|m| *m);
+        anyhow::ensure!(
+            !moe || (1..=self.num_experts).contains(&self.top_k),
+            "{}: `top_k` must be in 1..={} (num_experts), got {}",
+            self.name,
+            self.num_experts,
+            self.top_k
+        );
+        anyhow::ensure!(
+            !moe || self.moe_intermediate_size >= 1,
+            "{}: `moe_intermediate_size` must be ≥ 1 when a layer is MoE",
+            self.name
+        );
+        anyhow::ensure!(
+            self.moe_layers.iter().all(|m| *m) || self.dense_intermediate_size >= 1,
+            "{}: `dense_intermediate_size` must be ≥ 1 when a layer is dense",
+            self.name
+        );
+        Ok(())
     }
 
     /// Router weights of one MoE layer.

@@ -295,6 +295,8 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
     ("reram-cmo", include_str!("../../tiles/reram-cmo.json")),
     ("aimc-3d", include_str!("../../tiles/aimc-3d.json")),
+    ("3dsim", include_str!("../../tiles/3dsim.json")),
+    ("buchel2025", include_str!("../../tiles/buchel2025.json")),
 ];
 
 impl TilePreset {
