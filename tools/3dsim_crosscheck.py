@@ -29,8 +29,12 @@ CONFIGS = [
          kv=True, bsz=1, start=1, target=12, tiles=100, tiers=1024),
     dict(name="MoE 8 experts top-2 (KV cache)", layers=4, d=512, ff=2048, vocab=1024, experts=8, k=2,
          kv=True, bsz=1, start=1, target=9, tiles=100, tiers=1024),
-    dict(name="larger MoE 64 experts top-1 (test_mapping_decoder_only shape, KV cache)", layers=10, d=1024,
-         ff=4096, vocab=50000, experts=64, k=1, kv=True, bsz=1, start=1, target=5, tiles=96, tiers=257),
+    dict(name="larger MoE: 12 layers, 64 experts top-2, vocab 32000 (KV cache)", layers=12, d=512, ff=2048,
+         vocab=32000, experts=64, k=2, kv=True, bsz=1, start=1, target=9, tiles=100, tiers=1024),
+    dict(name="test_mapping_decoder_only shape: d 1024, 10 layers, 64 experts top-1 (KV cache)", layers=10,
+         d=1024, ff=4096, vocab=50000, experts=64, k=1, kv=True, bsz=1, start=1, target=5, tiles=96, tiers=257),
+    dict(name="dense, 3 sequences in flight (KV cache)", layers=3, d=512, ff=2048, vocab=1024, experts=0, k=0,
+         kv=True, bsz=3, start=1, target=9, tiles=100, tiers=1024),
 ]
 
 
@@ -101,14 +105,28 @@ def aimc_shape(cfg):
     }
 
 
-def run_aimc(aimc, cfg, tmp):
+def spread_preset(tmp):
+    """The `3dsim` preset with one tier per stack: aimc's mapping then gives every 512×512 block its own stack, as
+    3D-SiM's greedy-in-order mapping does while blocks are fewer than its tiles (round-robin over tiles)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "tiles", "3dsim.json")) as f:
+        p = json.load(f)
+    p["name"] = "3dsim-spread"
+    p["stack"]["tiers_per_stack"] = 1
+    path = os.path.join(tmp, "3dsim-spread.json")
+    with open(path, "w") as f:
+        json.dump(p, f)
+    return path
+
+
+def run_aimc(aimc, cfg, tmp, preset="3dsim"):
     shape_path = os.path.join(tmp, "shape.json")
     with open(shape_path, "w") as f:
         json.dump(aimc_shape(cfg), f)
 
     def one(batch, context, prefill):
         out = os.path.join(tmp, "out")
-        cmd = [aimc, "energy", "--shape-file", shape_path, "--preset", "3dsim", "--batch", str(batch),
+        cmd = [aimc, "energy", "--shape-file", shape_path, "--preset", preset, "--batch", str(batch),
                "--context", str(context), "--prefill", str(prefill), "--steps", "64",
                "--trace-tokens", "256", "--out", out]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -120,8 +138,8 @@ def run_aimc(aimc, cfg, tmp):
         ctx = (cfg["start"] + cfg["target"] - 1) // 2
         r, cmd = one(cfg["bsz"], ctx, 1)
         d = r["decode"][0]
-        return dict(ns_per_token=d["step_time_s"] * 1e9 / cfg["bsz"] * cfg["bsz"] / cfg["bsz"],
-                    step_ns=d["step_time_s"] * 1e9, nj_per_token=d["energy"]["total_j"] * 1e9,
+        # 3D-SiM's time per token is its run time over all tokens of all sequences.
+        return dict(ns_per_token=d["step_time_s"] * 1e9 / cfg["bsz"], step_ns=d["step_time_s"] * 1e9, nj_per_token=d["energy"]["total_j"] * 1e9,
                     bottleneck=d["bottleneck"]["description"], command=cmd,
                     components_nj={k: v * 1e9 for k, v in d["energy"]["components"].items()})
     # No KV cache: token s is a prefill of s tokens (the whole sequence so far).
@@ -157,20 +175,24 @@ def main():
         sim = run_3dsim(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             ours = run_aimc(args.aimc, cfg, tmp)
-        rows.append(dict(config=cfg, threedsim=sim, aimc=ours))
+            spread = run_aimc(args.aimc, cfg, tmp, preset=spread_preset(tmp))
+        rows.append(dict(config=cfg, threedsim=sim, aimc=ours, aimc_spread=spread))
         print(f"{cfg['name']}: 3D-SiM {sim['ns_per_token']:.0f} ns/token {sim['nj_per_token']:.0f} nJ/token "
               f"({sim['seconds']:.0f} s); aimc {ours['ns_per_token']:.0f} ns/token {ours['nj_per_token']:.0f} "
-              f"nJ/token", file=sys.stderr)
+              f"nJ/token; aimc spread {spread['ns_per_token']:.0f} ns/token", file=sys.stderr)
     with open(os.path.join(args.out, "crosscheck.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print("| configuration | 3D-SiM ns/token | aimc ns/token | Δ | 3D-SiM nJ/token | aimc nJ/token | Δ |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | 3D-SiM ns/token | aimc, blocks spread | Δ | aimc, expert-per-tier | Δ "
+          "| 3D-SiM nJ/token | aimc, blocks spread | Δ | aimc, expert-per-tier | Δ |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        a, b = r["threedsim"], r["aimc"]
-        dl = b["ns_per_token"] / a["ns_per_token"] - 1
-        de = b["nj_per_token"] / a["nj_per_token"] - 1
-        print(f"| {r['config']['name']} | {a['ns_per_token']:.0f} | {b['ns_per_token']:.0f} | {dl:+.1%} | "
-              f"{a['nj_per_token']:.0f} | {b['nj_per_token']:.0f} | {de:+.1%} |")
+        a, b, c = r["threedsim"], r["aimc_spread"], r["aimc"]
+        d = lambda x, y: f"{x / y - 1:+.1%}"
+        print(f"| {r['config']['name']} | {a['ns_per_token']:.0f} | {b['ns_per_token']:.0f} | "
+              f"{d(b['ns_per_token'], a['ns_per_token'])} | {c['ns_per_token']:.0f} | "
+              f"{d(c['ns_per_token'], a['ns_per_token'])} | {a['nj_per_token']:.0f} | {b['nj_per_token']:.0f} | "
+              f"{d(b['nj_per_token'], a['nj_per_token'])} | {c['nj_per_token']:.0f} | "
+              f"{d(c['nj_per_token'], a['nj_per_token'])} |")
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ pub fn scaling_text(
     );
     let _ = writeln!(
         s,
-        "{:<6} {:>4} {:>8} {:>8} {:>6} {:>6} {:>12} {:>12} {:>7} {:>12} {:>12} {:>10} {:>10} | bottleneck at the best batch",
+        "{:<6} {:>4} {:>8} {:>8} {:>6} {:>6} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} | bottleneck",
         "family",
         "E",
         "total B",
@@ -387,31 +387,31 @@ pub fn scaling_text(
         "batch",
         "tokens/s",
         "energy/tok",
-        "GPU B",
         "GPU tok/s",
         "GPU energy",
         "speed-up",
         "energy ×"
     );
     for p in points {
-        let _ = writeln!(
-            s,
-            "{:<6} {:>4} {:>8.3} {:>8.3} {:>6} {:>6} {:>12.1} {:>12} {:>7} {:>12.1} {:>12} {:>10.2} {:>10.0} | {}",
-            p.family,
-            p.experts,
-            p.total_params as f64 / 1e9,
-            p.active_params as f64 / 1e9,
-            p.tiers_per_stack,
-            p.best_batch,
-            p.tokens_per_s,
-            joules(p.energy_per_token_j),
-            p.gpu_best_batch,
-            p.gpu_tokens_per_s,
-            joules(p.gpu_energy_per_token_j),
-            p.tokens_per_s / p.gpu_tokens_per_s,
-            p.gpu_energy_per_token_j / p.energy_per_token_j,
-            p.bottleneck
-        );
+        for b in &p.per_batch {
+            let _ = writeln!(
+                s,
+                "{:<6} {:>4} {:>8.3} {:>8.3} {:>6} {:>6} {:>12.1} {:>12} {:>12.1} {:>12} {:>9.2} {:>9.0} | {}",
+                p.family,
+                p.experts,
+                p.total_params as f64 / 1e9,
+                p.active_params as f64 / 1e9,
+                p.tiers_per_stack,
+                b.batch,
+                b.tokens_per_s,
+                joules(b.energy_per_token_j),
+                b.gpu_tokens_per_s,
+                joules(b.gpu_energy_per_token_j),
+                b.tokens_per_s / b.gpu_tokens_per_s,
+                b.gpu_energy_per_token_j / b.energy_per_token_j,
+                b.bottleneck
+            );
+        }
     }
     s
 }

@@ -54,6 +54,39 @@ pub fn si(v: f64, unit: &str) -> String {
     format!("{x:.digits$} {p}{unit}")
 }
 
+/// Labels only the 1-2-5 ticks of a log axis, so labels never crowd.
+fn log_tick(v: f64, unit: &str) -> String {
+    if !(v.is_finite() && v > 0.0) {
+        return String::new();
+    }
+    let m = v / 10f64.powf(v.log10().floor());
+    if [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .any(|k| (m - k).abs() < 1e-6 * k)
+    {
+        si(v, unit)
+    } else {
+        String::new()
+    }
+}
+
+/// Splits a legend label into lines of about `width` characters at spaces.
+fn wrap(label: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in label.split(' ') {
+        let last = lines.last_mut().expect("one line");
+        if !last.is_empty() && last.chars().count() + word.chars().count() + 1 > width {
+            lines.push(word.to_string());
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(word);
+        }
+    }
+    lines
+}
+
 fn write_both(
     stem: &Path,
     draw: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()>,
@@ -107,10 +140,10 @@ where
     anyhow::ensure!(!ys.is_empty(), "nothing to plot in `{}`", c.title);
     let lo = ys.iter().copied().fold(f64::INFINITY, f64::min) / 3.0;
     let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max) * 3.0;
-    let (plot, legend) = root.split_horizontally(PLOT_W);
+    let body = root.titled(&c.title, (FAMILY, 17)).map_err(err)?;
+    let (plot, legend) = body.split_horizontally(PLOT_W);
     let n = c.ticks.len();
     let mut ctx = ChartBuilder::on(&plot)
-        .caption(&c.title, (FAMILY, 19))
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(100)
@@ -128,7 +161,7 @@ where
                 String::new()
             }
         })
-        .y_label_formatter(&|v| si(*v, &unit))
+        .y_label_formatter(&|v| log_tick(*v, &unit))
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
         .label_style((FAMILY, 15))
@@ -170,10 +203,13 @@ where
         legend
             .draw(&Rectangle::new([(10, y + 4), (30, y + 10)], color.filled()))
             .map_err(err)?;
-        legend
-            .draw(&Text::new(label.clone(), (38, y), (FAMILY, 15)))
-            .map_err(err)?;
-        y += 26;
+        for line in wrap(label, 34) {
+            legend
+                .draw(&Text::new(line, (38, y), (FAMILY, 15)))
+                .map_err(err)?;
+            y += 20;
+        }
+        y += 6;
     }
     if !c.notes.is_empty() {
         legend
@@ -210,9 +246,9 @@ where
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e}");
     root.fill(&WHITE).map_err(err)?;
     let n = c.bars.len();
-    let (plot, legend) = root.split_horizontally(PLOT_W);
+    let body = root.titled(&c.title, (FAMILY, 17)).map_err(err)?;
+    let (plot, legend) = body.split_horizontally(PLOT_W);
     let mut ctx = ChartBuilder::on(&plot)
-        .caption(&c.title, (FAMILY, 19))
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(80)
@@ -273,14 +309,18 @@ where
         )))
         .map_err(err)?;
     }
-    for (row, (label, color)) in entries.iter().rev().enumerate() {
-        let y = 40 + 26 * row as i32;
+    let mut y = 40;
+    for (label, color) in entries.iter().rev() {
         legend
             .draw(&Rectangle::new([(10, y), (28, y + 16)], color.filled()))
             .map_err(err)?;
-        legend
-            .draw(&Text::new(label.clone(), (36, y), (FAMILY, 15)))
-            .map_err(err)?;
+        for line in wrap(label, 34) {
+            legend
+                .draw(&Text::new(line, (36, y), (FAMILY, 15)))
+                .map_err(err)?;
+            y += 20;
+        }
+        y += 6;
     }
     Ok(())
 }

@@ -45,6 +45,18 @@ impl Default for ScalingConfig {
     }
 }
 
+/// One configuration at one decode batch, chip beside GPU.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchPoint {
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    pub energy_per_token_j: f64,
+    pub gpu_tokens_per_s: f64,
+    pub gpu_energy_per_token_j: f64,
+    /// What binds the chip, in words.
+    pub bottleneck: String,
+}
+
 /// One configuration of the study.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScalingPoint {
@@ -70,6 +82,8 @@ pub struct ScalingPoint {
     pub gpu_energy_per_token_j: f64,
     /// What binds the chip at its best batch, in words.
     pub bottleneck: String,
+    /// Every decode batch of the run.
+    pub per_batch: Vec<BatchPoint>,
 }
 
 /// Maps `shape` with expert-per-tier onto `stacks` stacks, with the fewest tiers per stack that fit.
@@ -173,6 +187,20 @@ pub fn run(
                 gpu_tokens_per_s: gpu_best.tokens_per_s,
                 gpu_energy_per_token_j: gpu_best.energy_per_token_j,
                 bottleneck: best.bottleneck.description.clone(),
+                per_batch: r
+                    .decode
+                    .iter()
+                    .zip(&r.gpu_decode)
+                    .zip(&opts.batches)
+                    .map(|((a, g), &batch)| BatchPoint {
+                        batch,
+                        tokens_per_s: a.tokens_per_s,
+                        energy_per_token_j: a.energy.total(),
+                        gpu_tokens_per_s: g.tokens_per_s,
+                        gpu_energy_per_token_j: g.energy_per_token_j,
+                        bottleneck: a.bottleneck.description.clone(),
+                    })
+                    .collect(),
             });
         }
     }
