@@ -13,6 +13,7 @@ CPU is enough), numpy, tqdm, matplotlib and pydot, as 3D-SiM itself does.
 for that configuration aimc's number is the sum of prefills of length 1, 2, …, target−1 (one per generated token).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,10 +52,6 @@ def run_3dsim(cfg):
     config = AcceleratorConfig(tiles=cfg["tiles"], tiers=cfg["tiers"], tier_shape=(512, 512),
                                kv_caching=cfg["kv"])
     acc = Accelerator(config, device="meta")
-    kwargs = dict(
-        TransformerDecoderLayer=None,
-    )
-    del kwargs
     model_kwargs = dict(
         num_layers=cfg["layers"],
         decoder_layer_kwargs={"d_model": cfg["d"], "nhead": 8, "dim_feedforward": cfg["ff"]},
@@ -172,7 +169,8 @@ def main():
     for i, cfg in enumerate(CONFIGS):
         if args.only and i not in args.only:
             continue
-        sim = run_3dsim(cfg)
+        with contextlib.redirect_stdout(sys.stderr):
+            sim = run_3dsim(cfg)
         with tempfile.TemporaryDirectory() as tmp:
             ours = run_aimc(args.aimc, cfg, tmp)
             spread = run_aimc(args.aimc, cfg, tmp, preset=spread_preset(tmp))
