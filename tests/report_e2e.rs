@@ -97,13 +97,17 @@ fn report_writes_every_linked_file_and_a_complete_json() {
     let decode = v["energy"]["decode"].as_array().unwrap();
     assert_eq!(decode.len(), 3);
     for d in decode {
+        // Components are named fields: per layer and outside the layers they add up to the total.
         let per_layer = d["energy"]["per_layer"].as_array().unwrap();
         let total: f64 = per_layer
             .iter()
-            .chain(std::iter::once(&d["energy"]["global"]))
-            .flat_map(|c| c.as_array().unwrap())
+            .chain(std::iter::once(&d["energy"]["outside_layers"]))
+            .flat_map(|c| c.as_object().unwrap().values())
             .map(|x| x.as_f64().unwrap())
             .sum();
+        let named = d["energy"]["total_j"].as_f64().unwrap();
+        assert!((total - named).abs() <= 1e-9 * named, "{total} vs {named}");
+        assert!(!d["bottleneck"]["description"].as_str().unwrap().is_empty());
         assert!(
             total > 0.0 && total < 1.0,
             "decode energy per token {total} J"
