@@ -185,7 +185,7 @@ pub fn run(args: EnergyArgs) -> Result<()> {
     write_json(&args.out.join("energy.json"), &report)?;
     plots::write_all(&report, &args.out)?;
     println!(
-        "wrote {}/{{energy.json, breakdown, throughput_vs_batch, energy_vs_batch, busy_time}}.{{png,svg}}",
+        "wrote {}/{{energy.json, breakdown, throughput_vs_batch, energy_vs_batch}}.{{png,svg}}",
         args.out.display()
     );
     Ok(())

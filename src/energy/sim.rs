@@ -306,7 +306,9 @@ fn digital(op: &DigitalOp, units: f64, ops: f64) -> (f64, f64) {
 /// Bytes in a readable SI unit.
 pub fn bytes_si(b: f64) -> String {
     let a = b.abs();
-    if a >= 1e9 {
+    if a >= 1e12 {
+        format!("{:.2} TB", b / 1e12)
+    } else if a >= 1e9 {
         format!("{:.2} GB", b / 1e9)
     } else if a >= 1e6 {
         format!("{:.1} MB", b / 1e6)
