@@ -213,11 +213,18 @@ enum Outcome {
     Panic,
     /// Accepted although a result was non-finite, with no poisoned weight to explain it (bad).
     NonFiniteSuccess,
+    /// A process killed by a signal (SIGABRT of a failed allocation, …) (bad).
+    Abort,
+    /// A run over its time limit (bad).
+    Hang,
 }
 
 impl Outcome {
     fn bad(self) -> bool {
-        matches!(self, Outcome::Panic | Outcome::NonFiniteSuccess)
+        matches!(
+            self,
+            Outcome::Panic | Outcome::NonFiniteSuccess | Outcome::Abort | Outcome::Hang
+        )
     }
 }
 
@@ -460,6 +467,146 @@ fn mutated_checkpoints_and_presets_never_panic_or_succeed_with_non_finite_result
     }
 }
 
+/// Fast valid command lines, each with the flags a mutation may replace.
+const CLI_BASES: &[(&[&str], &[&str])] = &[
+    (
+        &["drift", "--times", "0,1h", "--batch", "16"],
+        &["--times", "--batch", "--seed", "--preset"],
+    ),
+    (
+        &["eval", "--digital", "--tokens", "64"],
+        &["--tokens", "--seq-len", "--router"],
+    ),
+    (
+        &["eval", "--tokens", "32", "--seeds", "1", "--times", "0"],
+        &[
+            "--tokens",
+            "--seq-len",
+            "--router",
+            "--seeds",
+            "--times",
+            "--compare-strategies",
+            "--sweep-digital",
+            "--sweep-time",
+            "--digital-fraction",
+            "--random-digital",
+            "--preset",
+            "--strategy",
+        ],
+    ),
+    (
+        &["map", "--calib-tokens", "32"],
+        &[
+            "--calib-tokens",
+            "--digital-fraction",
+            "--random-digital",
+            "--preset",
+            "--strategy",
+        ],
+    ),
+    (
+        &[
+            "report",
+            "--tokens",
+            "32",
+            "--seeds",
+            "1",
+            "--times",
+            "0",
+            "--sweep-digital",
+            "0",
+            "--sweep-seeds",
+            "1",
+            "--sweep-tokens",
+            "32",
+        ],
+        &[
+            "--tokens",
+            "--seeds",
+            "--times",
+            "--sweep-digital",
+            "--sweep-time",
+            "--sweep-seeds",
+            "--sweep-tokens",
+            "--batch",
+            "--digital-fraction",
+        ],
+    ),
+];
+
+/// Odd command-line values: integer limits, non-finite and malformed numbers, empty lists,
+/// router specs beyond the model, special files.
+const CLI_VALUES: &[&str] = &[
+    "0",
+    "1",
+    "2",
+    "-1",
+    "-0",
+    "18446744073709551615",
+    "18446744073709551616",
+    "4294967296",
+    "1000000000",
+    "1e9",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e400",
+    "3e38",
+    "0.5",
+    "1.5",
+    "",
+    ",",
+    "0,,",
+    "1,2,3",
+    "x",
+    "1mo",
+    "1y,0",
+    "softmax:17",
+    "softmax:0",
+    "sigmoid:999",
+    "relu:3",
+    "adaptive:NaN",
+    "adaptive:inf",
+    "adaptive:0.1",
+    "default:1",
+    "ideal:packed",
+    "bogus",
+    "/dev/null",
+    "/dev/zero",
+    "..",
+    "packed",
+    "heterogeneous",
+];
+
+/// One mutated command line: a fast valid base with one flag set to an odd value. It must end
+/// with status 0 (finite output), 1 or 2 (a clean error) within the time limit, without a
+/// panic or a signal.
+fn cli_case(seed: u64, dir: &Path) -> (Outcome, String) {
+    let mut rng = Rng(seed);
+    let (base, flags) = CLI_BASES[rng.below(CLI_BASES.len())];
+    let flag = flags[rng.below(flags.len())];
+    let value = CLI_VALUES[rng.below(CLI_VALUES.len())];
+    let mut args: Vec<&str> = base.to_vec();
+    match args.iter().position(|a| *a == flag) {
+        Some(i) => args[i + 1] = value,
+        None => args.extend([flag, value]),
+    }
+    let detail = format!("seed {seed}: aimc {}", args.join(" "));
+    let Some((code, out, err)) = try_run_aimc(&args, dir, Duration::from_secs(300)) else {
+        return (Outcome::Hang, detail);
+    };
+    let outcome = match code {
+        _ if err.contains("panicked") => Outcome::Panic,
+        None => Outcome::Abort,
+        Some(0) if prints_non_finite(&out) => Outcome::NonFiniteSuccess,
+        Some(0) => Outcome::FiniteSuccess,
+        Some(1) | Some(2) => Outcome::CleanError,
+        Some(101) => Outcome::Panic,
+        Some(_) => Outcome::Abort,
+    };
+    (outcome, format!("{detail}\nstderr: {err}"))
+}
+
 /// The long campaign (run by hand; see the file's doc comment).
 #[test]
 #[ignore = "long campaign: AIMC_FUZZ_CASES=100000 to run"]
@@ -472,20 +619,47 @@ fn campaign_from_env() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let cli_runs: u64 = std::env::var("AIMC_FUZZ_CLI")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let clock = Instant::now();
-    let (counts, bad) = campaign(n, seed0);
+    let (mut counts, mut bad) = campaign(n, seed0);
     println!(
-        "{} mutated inputs from seed {seed0} in {:.0} s\n{}",
+        "{} mutated checkpoints and presets from seed {seed0} in {:.0} s",
         2 * n,
+        clock.elapsed().as_secs_f64()
+    );
+    let clock = Instant::now();
+    let dir = tempfile::TempDir::new().unwrap();
+    for i in 0..cli_runs {
+        let (outcome, detail) = cli_case(seed0.wrapping_add(i), dir.path());
+        *counts.entry(("command line", outcome)).or_insert(0) += 1;
+        if outcome.bad() {
+            bad.push(format!("{outcome:?}: {detail}"));
+        }
+    }
+    println!(
+        "{cli_runs} mutated command lines in {:.0} s\n{}",
         clock.elapsed().as_secs_f64(),
         report(&counts)
     );
     assert!(bad.is_empty(), "bad outcomes:\n{}", bad.join("\n"));
 }
 
-/// Runs the built binary with `args` (cwd `dir`), killing it after `limit`. Returns the exit code
-/// (`None` when killed by a signal or the limit), stdout and stderr.
+/// Runs the built binary with `args` (cwd `dir`), killing it after `limit` (a hang: panics).
+/// Returns the exit code (`None` when killed by a signal), stdout and stderr.
 fn run_aimc(args: &[&str], dir: &Path, limit: Duration) -> (Option<i32>, String, String) {
+    try_run_aimc(args, dir, limit)
+        .unwrap_or_else(|| panic!("HANG: aimc {args:?} ran over {limit:?}"))
+}
+
+/// As [`run_aimc`], `None` when the run went over `limit` (and was killed).
+fn try_run_aimc(
+    args: &[&str],
+    dir: &Path,
+    limit: Duration,
+) -> Option<(Option<i32>, String, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_aimc"))
         .args(args)
         .current_dir(dir)
@@ -497,16 +671,16 @@ fn run_aimc(args: &[&str], dir: &Path, limit: Duration) -> (Option<i32>, String,
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
-            return (
+            return Some((
                 status.code(),
                 String::from_utf8_lossy(&out.stdout).into_owned(),
                 String::from_utf8_lossy(&out.stderr).into_owned(),
-            );
+            ));
         }
         if start.elapsed() > limit {
             child.kill().unwrap();
             let _ = child.wait();
-            panic!("HANG: aimc {args:?} ran over {limit:?}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -543,6 +717,9 @@ fn odd_command_line_values_fail_cleanly_and_fast() {
         vec!["drift", "--times", "-1"],
         vec!["drift", "--times", "NaN"],
         vec!["drift", "--preset", "/dev/null"],
+        vec!["drift", "--preset", "/dev/zero"],
+        vec!["eval", "--digital", "--text", "/dev/zero"],
+        vec!["map", "--calib", "/dev/zero"],
         vec!["drift", "--preset", "no-such"],
         vec!["eval", "--seeds", huge],
         vec!["eval", "--seeds", "0"],

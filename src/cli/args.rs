@@ -72,6 +72,16 @@ fn tokens(flag: &str, v: usize) -> Result<()> {
     Ok(())
 }
 
+/// Reads a UTF-8 text file named by `flag`, refusing anything but a regular file (a FIFO would
+/// block, `/dev/zero` would be read until memory runs out).
+pub fn read_text_file(flag: &str, path: &std::path::Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !meta.file_type().is_file() {
+        bail!("{flag} {}: not a regular file", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
 /// Checks `aimc drift`'s arguments.
 pub fn check_drift(a: &DriftArgs) -> Result<()> {
     preset("--preset", &a.preset)?;

@@ -405,6 +405,16 @@ impl ModelConfig {
     }
 }
 
+/// A number as a person reads it in an error: plain when moderate, in exponent form when huge
+/// or tiny (`1e300`, not three hundred digits).
+pub fn show_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// Typed access to `config.json` fields with errors that name the file and the field.
 pub struct Fields<'a> {
     /// The parsed JSON object.
@@ -564,8 +574,9 @@ impl<'a> Fields<'a> {
                     && eps <= f64::from(MAX_NORM_EPS))
                 {
                     bail!(
-                        "{}: field `rms_norm_eps` = {eps} is out of range (allowed {MIN_NORM_EPS:e}..={MAX_NORM_EPS:e})",
-                        self.location
+                        "{}: field `rms_norm_eps` = {} is out of range (allowed {MIN_NORM_EPS:e}..={MAX_NORM_EPS:e})",
+                        self.location,
+                        show_number(eps)
                     );
                 }
                 eps as f32

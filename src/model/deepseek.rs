@@ -125,8 +125,9 @@ pub fn config(f: &Fields<'_>, family: Family) -> Result<ModelConfig> {
                 let s = f.opt_f64("routed_scaling_factor")?.unwrap_or(1.0);
                 if !(s.is_finite() && s > 0.0 && s <= f64::from(MAX_ROUTED_SCALING)) {
                     bail!(
-                        "{}: field `routed_scaling_factor` = {s} is out of range (allowed > 0 and ≤ {MAX_ROUTED_SCALING})",
-                        f.location
+                        "{}: field `routed_scaling_factor` = {} is out of range (allowed > 0 and ≤ {MAX_ROUTED_SCALING})",
+                        f.location,
+                        super::config::show_number(s)
                     );
                 }
                 s as f32

@@ -40,8 +40,9 @@ pub fn config(f: &Fields<'_>) -> Result<ModelConfig> {
             clip_qkv: match f.opt_f64("clip_qkv")? {
                 Some(c) if !(c.is_finite() && c > 0.0 && c <= f64::from(f32::MAX)) => {
                     anyhow::bail!(
-                        "{}: field `clip_qkv` = {c} is out of range (a finite number > 0)",
-                        f.location
+                        "{}: field `clip_qkv` = {} is out of range (a finite number > 0)",
+                        f.location,
+                        super::config::show_number(c)
                     )
                 }
                 c => c.map(|c| c as f32),

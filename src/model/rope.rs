@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{Array2, ArrayViewMut2, Axis};
 use serde::Serialize;
 
-use super::config::Fields;
+use super::config::{show_number, Fields};
 
 /// Largest `rope_theta` accepted (released checkpoints use 1e4..1e7).
 pub const MAX_THETA: f64 = 1e12;
@@ -88,14 +88,19 @@ impl RopeConfig {
             if v.is_finite() && v >= lo && v <= hi {
                 Ok(())
             } else {
-                bail!("{location}: field `{field}` = {v} is out of range (allowed {lo}..={hi})")
+                bail!(
+                    "{location}: field `{field}` = {} is out of range (allowed {}..={})",
+                    show_number(v),
+                    show_number(lo),
+                    show_number(hi)
+                )
             }
         };
         // θ ≤ 1 makes every frequency 1 or growing and YaRN divides by ln θ.
         if !(self.theta.is_finite() && self.theta > 1.0 && self.theta <= MAX_THETA) {
             bail!(
                 "{location}: field `rope_theta` = {} is out of range (allowed > 1 and ≤ {MAX_THETA:e})",
-                self.theta
+                show_number(self.theta)
             );
         }
         const MAX_FACTOR: f64 = 1e6;

@@ -16,8 +16,11 @@ impl Tokenizer {
     /// Parses `tokenizer.json` bytes; every id it can produce must be below `vocab_size` (the
     /// embedding rows of `config.json`), else the model would index out of its embedding table.
     pub fn from_bytes(bytes: &[u8], location: &str, vocab_size: usize) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| anyhow!("{location}: cannot parse tokenizer ({e})"))?;
+        // The tokenizers crate is third-party code over untrusted bytes: a panic inside it is
+        // turned into an error naming the file.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| anyhow!("{location}: cannot parse tokenizer (the parser failed)"))?;
+        let inner = parsed.map_err(|e| anyhow!("{location}: cannot parse tokenizer ({e})"))?;
         let max_id = inner
             .get_vocab(true)
             .values()

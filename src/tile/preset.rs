@@ -329,10 +329,31 @@ impl TilePreset {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, PresetError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PresetError::Io {
+        // Only a regular file of sane size is read: `/dev/zero` would be read forever and a FIFO
+        // would block.
+        let io = |source| PresetError::Io {
             origin: origin.clone(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(PresetError::Parse {
+                origin: origin.clone(),
+                field: ".".into(),
+                message: "not a regular file".into(),
+            });
+        }
+        if meta.len() > MAX_PRESET_BYTES {
+            return Err(PresetError::Parse {
+                origin: origin.clone(),
+                field: ".".into(),
+                message: format!(
+                    "{} bytes is too large for a preset (at most {MAX_PRESET_BYTES})",
+                    meta.len()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
         Self::from_json_str(&text, &origin)
     }
 
@@ -472,6 +493,9 @@ impl TilePreset {
     }
 }
 
+/// Largest preset file read (presets are a few kB; a drift table of thousands of points fits).
+const MAX_PRESET_BYTES: u64 = 64 << 20;
+
 /// Largest crossbar side (rows or columns) accepted: real arrays are ≤ 4096; the bound keeps
 /// every cell count exact in f32 statistics and usize products.
 pub const MAX_CROSSBAR_SIDE: usize = 1 << 16;
@@ -525,6 +549,15 @@ impl TilePreset {
     }
 }
 
+/// A number as a person reads it: plain when moderate, exponent form when huge or tiny.
+fn show(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// `v` within `[lo, hi]` (finite), else an error naming the field, the value and the range.
 fn in_range(field: &str, v: f64, (lo, hi): (f64, f64)) -> Result<(), FieldError> {
     if v.is_finite() && v >= lo && v <= hi {
@@ -532,7 +565,7 @@ fn in_range(field: &str, v: f64, (lo, hi): (f64, f64)) -> Result<(), FieldError>
     } else {
         Err(FieldError::new(
             field,
-            format!("{v} is out of range (allowed {lo:e}..={hi:e})"),
+            format!("{} is out of range (allowed {lo:e}..={hi:e})", show(v)),
         ))
     }
 }
