@@ -309,9 +309,10 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of weights the checkpoint's tensors hold under this configuration, computed with
-    /// checked arithmetic over every product the loader forms, so that a successful count
-    /// guarantees no size product of loading overflows. An error names the part that overflows.
+    /// Number of weights the model holds under this configuration (an upper bound: every
+    /// optional bias and norm counted), computed with checked arithmetic over every product the
+    /// loader forms, so that a successful count guarantees no size product of loading
+    /// overflows. An error names the part that overflows.
     pub fn weight_count(&self) -> Result<u64> {
         let overflow = |what: &str| anyhow!("the sizes give more than 2^64 weights in {what}");
         let m = |a: usize, b: usize, what: &str| -> Result<u64> {
