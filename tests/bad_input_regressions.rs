@@ -350,3 +350,30 @@ fn unknown_fields_inside_tagged_enums_are_refused() {
     preset_with(|v| v["periphery"]["w_noise"] = json!({"kind": "none"})).unwrap();
     preset_with(|v| v["periphery"]["noise_management"] = json!({"kind": "abs_max"})).unwrap();
 }
+
+/// Values near f64::MAX pad to an infinite axis range, on which the tick search never ended: the
+/// chart is refused instead, promptly.
+#[test]
+fn a_chart_whose_range_overflows_is_an_error_not_a_hang() {
+    use aimc::report::{write_line_chart, LineChart, Series};
+    let dir = TempDir::new().unwrap();
+    let stem = dir.path().join("chart");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let chart = LineChart {
+            title: "overflow".into(),
+            series: vec![Series {
+                label: "y".into(),
+                points: vec![(1.0, -1.7e308), (2.0, 1.7e308)],
+                band: None,
+            }],
+            ..Default::default()
+        };
+        let _ = tx.send(write_line_chart(&chart, &stem).map_err(|e| format!("{e:#}")));
+    });
+    let result = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("drawing the chart hung");
+    let e = result.expect_err("an infinite axis range must not draw");
+    assert!(e.contains("non-finite") && e.contains("overflow"), "{e}");
+}

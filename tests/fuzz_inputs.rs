@@ -375,6 +375,44 @@ fn preset_case(base: &(String, Value), seed: u64) -> (Outcome, String) {
     }
 }
 
+/// The embedded model's `tokenizer.json` and its vocabulary size.
+fn tokenizer_base() -> (Value, usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kjv-moe");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    (
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap(),
+        config["vocab_size"].as_u64().unwrap() as usize,
+    )
+}
+
+/// One mutated `tokenizer.json`: parsed against the vocabulary, then a sentence encoded and
+/// decoded. Errors are fine; a panic is not, and every id must be inside the vocabulary.
+fn tokenizer_case(base: &(Value, usize), seed: u64) -> (Outcome, String) {
+    let mut rng = Rng(seed);
+    let mut doc = base.0.clone();
+    for _ in 0..1 + rng.below(3) {
+        mutate_json(&mut doc, &mut rng, &[]);
+    }
+    let bytes = serde_json::to_vec(&doc).unwrap();
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<bool, String> {
+        let t = aimc::model::Tokenizer::from_bytes(&bytes, "tokenizer.json", base.1)
+            .map_err(|e| format!("{e:#}"))?;
+        let ids = t
+            .encode("In the beginning God created the heaven and the earth. 123 ÄÖ \u{1F600}")
+            .map_err(|e| format!("{e:#}"))?;
+        t.decode(&ids).map_err(|e| format!("{e:#}"))?;
+        Ok(ids.iter().all(|&i| (i as usize) < base.1))
+    }));
+    let detail = format!("tokenizer seed {seed}");
+    match result {
+        Err(_) => (Outcome::Panic, detail),
+        Ok(Err(_)) => (Outcome::CleanError, detail),
+        Ok(Ok(true)) => (Outcome::FiniteSuccess, detail),
+        Ok(Ok(false)) => (Outcome::NonFiniteSuccess, detail),
+    }
+}
+
 /// Aborts the whole test process when one case runs longer than `limit` (a hang): the abort
 /// names the case, and the test fails.
 struct Watchdog {
@@ -401,11 +439,16 @@ impl Watchdog {
     }
 }
 
-/// Runs `n` checkpoint and `n` preset cases from `seed0`; returns the outcome counts and the
-/// first bad cases.
-fn campaign(n: u64, seed0: u64) -> (BTreeMap<(&'static str, Outcome), u64>, Vec<String>) {
+/// Runs `n` checkpoint and `n` preset cases and `n_tokenizer` tokenizer cases from `seed0`;
+/// returns the outcome counts and the first bad cases.
+fn campaign(
+    n: u64,
+    n_tokenizer: u64,
+    seed0: u64,
+) -> (BTreeMap<(&'static str, Outcome), u64>, Vec<String>) {
     let fixtures = fixtures();
     let presets = builtin_preset_texts();
+    let tokenizer = tokenizer_base();
     let epoch = Instant::now();
     let dog = Watchdog::new(Duration::from_secs(60), epoch);
     let mut counts = BTreeMap::new();
@@ -413,16 +456,21 @@ fn campaign(n: u64, seed0: u64) -> (BTreeMap<(&'static str, Outcome), u64>, Vec<
     // Panics are counted, not printed once per case.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    for i in 0..n {
+    for i in 0..n.max(n_tokenizer) {
         let seed = seed0.wrapping_add(i);
-        for kind in ["checkpoint", "preset"] {
+        for kind in ["checkpoint", "preset", "tokenizer"] {
+            if (kind == "tokenizer" && i >= n_tokenizer) || (kind != "tokenizer" && i >= n) {
+                continue;
+            }
             *dog.label.lock().unwrap() = format!("{kind} seed {seed}");
             dog.started_ms
                 .store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
-            let (outcome, detail) = if kind == "checkpoint" {
-                checkpoint_case(&fixtures[(seed % fixtures.len() as u64) as usize], seed)
-            } else {
-                preset_case(&presets[(seed % presets.len() as u64) as usize], seed)
+            let (outcome, detail) = match kind {
+                "checkpoint" => {
+                    checkpoint_case(&fixtures[(seed % fixtures.len() as u64) as usize], seed)
+                }
+                "preset" => preset_case(&presets[(seed % presets.len() as u64) as usize], seed),
+                _ => tokenizer_case(&tokenizer, seed),
             };
             *counts.entry((kind, outcome)).or_insert(0) += 1;
             if outcome.bad() && bad.len() < 20 {
@@ -445,7 +493,7 @@ fn report(counts: &BTreeMap<(&'static str, Outcome), u64>) -> String {
 
 #[test]
 fn mutated_checkpoints_and_presets_never_panic_or_succeed_with_non_finite_results() {
-    let (counts, bad) = campaign(600, 0x5EED_0025);
+    let (counts, bad) = campaign(600, 40, 0x5EED_0025);
     eprintln!("{}", report(&counts));
     assert!(bad.is_empty(), "bad outcomes:\n{}", bad.join("\n"));
     // The mutator must reach both sides: inputs that load and inputs that are refused.
@@ -619,14 +667,18 @@ fn campaign_from_env() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let n_tokenizer: u64 = std::env::var("AIMC_FUZZ_TOKENIZER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n / 10);
     let cli_runs: u64 = std::env::var("AIMC_FUZZ_CLI")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let clock = Instant::now();
-    let (mut counts, mut bad) = campaign(n, seed0);
+    let (mut counts, mut bad) = campaign(n, n_tokenizer, seed0);
     println!(
-        "{} mutated checkpoints and presets from seed {seed0} in {:.0} s",
+        "{} mutated checkpoints and presets and {n_tokenizer} tokenizers from seed {seed0} in {:.0} s",
         2 * n,
         clock.elapsed().as_secs_f64()
     );

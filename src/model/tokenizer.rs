@@ -43,9 +43,12 @@ impl Tokenizer {
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
+        // As in parsing: a panic of the third-party tokenizer on odd rules is an error.
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, false)
+        }))
+        .map_err(|_| anyhow!("tokenizing: the tokenizer failed on this text"))?;
+        Ok(encoded
             .map_err(|e| anyhow!("tokenizing: {e}"))?
             .get_ids()
             .to_vec())
@@ -53,8 +56,10 @@ impl Tokenizer {
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| anyhow!("detokenizing: {e}"))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.decode(ids, false)
+        }))
+        .map_err(|_| anyhow!("detokenizing: the tokenizer failed on these ids"))?
+        .map_err(|e| anyhow!("detokenizing: {e}"))
     }
 }
