@@ -125,9 +125,7 @@ pub struct BenchArgs {
 
 /// Run the chosen suite and print a markdown table.
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.repeats == 0 {
-        bail!("--repeats must be ≥ 1");
-    }
+    super::args::check_bench(&args)?;
     let (name, table) = match args.suite {
         Suite::Crossbar => ("crossbar", crossbar_suite(&args)?),
         Suite::Model => ("model", model_suite(&args)?),

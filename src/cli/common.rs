@@ -17,9 +17,7 @@ pub fn load_model(dir: Option<&Path>) -> Result<Model> {
 /// Tokenises `--text FILE` (default: the embedded held-out excerpt) and keeps the first `max_tokens` tokens.
 pub fn load_tokens(model: &Model, text: Option<&Path>, max_tokens: usize) -> Result<Vec<u32>> {
     let body = match text {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
+        Some(p) => super::args::read_text_file("text file", p)?,
         None => crate::model::embedded::default_text()?.to_string(),
     };
     let mut ids = model.tokenizer()?.encode(&body)?;

@@ -30,11 +30,13 @@ pub struct DriftArgs {
 
 /// Run the study and write `drift.json`, `drift_fan.{png,svg}`, `mvm_error.{png,svg}`.
 pub fn run(args: DriftArgs) -> Result<()> {
+    super::args::check_drift(&args)?;
     let preset = TilePreset::resolve(&args.preset)?;
     let mut config = DriftStudyConfig::for_preset(&preset, args.seed);
     config.times_s = parse_durations(&args.times).context("--times")?;
     config.batch = args.batch;
     let study = drift_study(&preset, &config)?;
+    super::results::check_drift(&study)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let written = write_outputs(&study, &args.out)?;

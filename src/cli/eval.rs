@@ -81,8 +81,10 @@ pub struct EvalArgs {
 
 /// Runs `aimc eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
+    super::args::check_eval(&args)?;
     let clock = std::time::Instant::now();
     let model = load_model(args.model.as_deref())?;
+    super::args::check_router(&args.router, &model)?;
     let load_s = clock.elapsed().as_secs_f64();
     let default_tokens = if args.digital { usize::MAX } else { 4096 };
     let ids = load_tokens(
@@ -96,6 +98,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ..Default::default()
         };
         let report = perplexity(&model, &ids, args.seq_len, &opts, !args.json)?;
+        super::results::check_perplexity(&report)?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -144,6 +147,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         eprintln!("evaluating {} on {} tokens", spec.label, ids.len());
         let clock = std::time::Instant::now();
         let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg)?;
+        super::results::check_analog(&report, &spec.label)?;
         let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
         let ph = &report.phases;
@@ -184,6 +188,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &ids,
             &sweep_cfg,
         )?;
+        super::results::check_sweep(&points, digital_ppl)?;
         let table = write_sweep(&points, t, digital_ppl, &args.out)?;
         let _ = writeln!(
             md,
@@ -209,7 +214,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_strategy(s: &str) -> Result<Strategy> {
+pub(super) fn parse_strategy(s: &str) -> Result<Strategy> {
     use clap::ValueEnum;
     Strategy::from_str(s, true).map_err(|_| {
         anyhow::anyhow!("unknown strategy `{s}` (packed, expert-per-tier, affinity, heterogeneous)")

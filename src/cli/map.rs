@@ -134,6 +134,7 @@ pub fn write_outputs(model: &Model, preset: &TilePreset, r: &MapResult, out: &Pa
 }
 
 pub fn run(args: MapArgs) -> Result<()> {
+    super::args::check_map(&args)?;
     let model = load_model(args.model.as_deref())?;
     let preset = TilePreset::resolve(&args.preset)?;
     let tokens = load_tokens(&model, args.calib.as_deref(), args.calib_tokens)?;

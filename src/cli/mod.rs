@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod args;
 mod bench;
 mod common;
 mod drift;
@@ -12,6 +13,7 @@ mod info;
 mod map;
 mod presets;
 mod report;
+mod results;
 
 #[derive(Parser, Debug)]
 #[command(

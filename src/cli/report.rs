@@ -126,6 +126,7 @@ impl Stages {
 }
 
 pub fn run(args: ReportArgs) -> Result<()> {
+    super::args::check_report(&args)?;
     let mut stages = Stages {
         start: Instant::now(),
         current: None,
@@ -150,6 +151,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let mut drift_cfg = DriftStudyConfig::for_preset(&preset, 0);
     drift_cfg.times_s = times.clone();
     let drift = drift_study(&preset, &drift_cfg)?;
+    super::results::check_drift(&drift)?;
     super::drift::write_outputs(&drift, out)?;
 
     stages.begin("map the model onto the chip");
@@ -167,6 +169,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         execution: Execution::resolve(args.backend)?.with_gpu_memory(args.gpu_memory),
     };
     let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
+    super::results::check_analog(&accuracy, &preset.name)?;
     let run = RunResult {
         spec: RunSpec {
             label: format!("{} / {:?}", preset.name, args.mapping.strategy),
@@ -196,6 +199,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
             sweep_tokens,
             &sweep_cfg,
         )?;
+        super::results::check_sweep(&points, digital_ppl)?;
         let table = write_sweep(&points, sweep_t, digital_ppl, out)?;
         Some((points, table, digital_ppl))
     };

@@ -27,29 +27,30 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub enum CheckpointSource<'a> {
     /// A HuggingFace checkpoint directory on disk; safetensors files are memory-mapped.
     Dir(&'a Path),
-    /// Files compiled into the binary (`include_bytes!`), as `(file name, bytes)` pairs.
-    Memory(&'a [(&'a str, &'static [u8])]),
+    /// Files in memory, e.g. compiled into the binary (`include_bytes!`), as `(file name, bytes)`
+    /// pairs.
+    Memory(&'a [(&'a str, &'a [u8])]),
 }
 
-/// The bytes of one file, borrowed from a memory map or from the binary.
-pub enum Blob {
+/// The bytes of one file, borrowed from a memory map or from memory.
+pub enum Blob<'a> {
     Mapped(Mmap),
-    Static(&'static [u8]),
+    Borrowed(&'a [u8]),
     Owned(Vec<u8>),
 }
 
-impl Deref for Blob {
+impl Deref for Blob<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
             Blob::Mapped(m) => m,
-            Blob::Static(s) => s,
+            Blob::Borrowed(s) => s,
             Blob::Owned(v) => v,
         }
     }
 }
 
-impl CheckpointSource<'_> {
+impl<'a> CheckpointSource<'a> {
     /// Human-readable location of `name`, used in error messages.
     pub fn display(&self, name: &str) -> String {
         match self {
@@ -58,16 +59,30 @@ impl CheckpointSource<'_> {
         }
     }
 
-    /// Reads `name` if it exists; `Ok(None)` when absent.
-    pub fn read(&self, name: &str) -> Result<Option<Blob>> {
+    /// Reads `name` if it exists; `Ok(None)` when absent. On disk, `name` must be a relative path
+    /// that resolves (symlinks followed) inside the checkpoint directory and names a regular file:
+    /// a FIFO would block `open` forever and a device could be endless, so both are refused before
+    /// anything is opened. A symlink that dangles or loops is an error, not an absent file.
+    pub fn read(&self, name: &str) -> Result<Option<Blob<'a>>> {
         match self {
             CheckpointSource::Dir(dir) => {
+                check_relative(name).map_err(|why| anyhow!("{}: {why}", self.display(name)))?;
                 let path: PathBuf = dir.join(name);
-                if !path.exists() {
+                let Some(resolved) = resolve_inside(dir, &path)? else {
                     return Ok(None);
-                }
+                };
                 let file =
-                    File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                    File::open(&resolved).with_context(|| format!("opening {}", path.display()))?;
+                // The file could have been swapped between the check and the open: check again
+                // what was actually opened.
+                let meta = file
+                    .metadata()
+                    .with_context(|| format!("reading the metadata of {}", path.display()))?;
+                ensure!(
+                    meta.file_type().is_file(),
+                    "{}: not a regular file",
+                    path.display()
+                );
                 // SAFETY: the map is read-only and lives only while the checkpoint is converted to
                 // f32; a file changed underneath by another process would give wrong numbers,
                 // never unsoundness in safe code reading plain bytes.
@@ -75,15 +90,18 @@ impl CheckpointSource<'_> {
                     .with_context(|| format!("memory-mapping {}", path.display()))?;
                 Ok(Some(Blob::Mapped(map)))
             }
-            CheckpointSource::Memory(files) => Ok(files
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, b)| Blob::Static(b))),
+            CheckpointSource::Memory(files) => {
+                check_relative(name).map_err(|why| anyhow!("{}: {why}", self.display(name)))?;
+                Ok(files
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, b)| Blob::Borrowed(b)))
+            }
         }
     }
 
     /// Reads `name`, failing with the file's location when it is absent.
-    pub fn read_required(&self, name: &str) -> Result<Blob> {
+    pub fn read_required(&self, name: &str) -> Result<Blob<'a>> {
         self.read(name)?
             .ok_or_else(|| anyhow!("{}: file not found", self.display(name)))
     }
@@ -100,11 +118,15 @@ impl CheckpointSource<'_> {
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{at}: field `weight_map` missing or not an object"))?;
             let files: BTreeSet<String> = map
-                .values()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| anyhow!("{at}: `weight_map` value {v} is not a file name"))
+                .iter()
+                .map(|(tensor, v)| {
+                    let file = v.as_str().ok_or_else(|| {
+                        anyhow!("{at}: `weight_map.{tensor}` = {v} is not a file name")
+                    })?;
+                    check_relative(file).map_err(|why| {
+                        anyhow!("{at}: `weight_map.{tensor}` = \"{file}\": {why}")
+                    })?;
+                    Ok(file.to_owned())
                 })
                 .collect::<Result<_>>()?;
             return Ok(files.into_iter().collect());
@@ -133,24 +155,80 @@ impl CheckpointSource<'_> {
     }
 }
 
+/// Why `name` cannot name a file of the checkpoint: only plain relative paths (no root, no `..`,
+/// no `.`, not empty) stay inside the checkpoint directory whatever it is.
+fn check_relative(name: &str) -> std::result::Result<(), String> {
+    use std::path::Component;
+    let path = Path::new(name);
+    if name.is_empty() {
+        return Err("an empty file name".into());
+    }
+    if path.components().all(|c| matches!(c, Component::Normal(_))) {
+        Ok(())
+    } else {
+        Err(
+            "a shard path must be a file name relative to the checkpoint directory \
+             (no absolute path, no `..`)"
+                .into(),
+        )
+    }
+}
+
+/// `path` (inside `dir`) with symlinks resolved, `None` when nothing is there. Errors: a dangling
+/// or looping symlink, a target outside `dir`, or anything but a regular file.
+fn resolve_inside(dir: &Path, path: &Path) -> Result<Option<PathBuf>> {
+    let link = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!("{}: {e}", path.display())),
+    };
+    let resolved = std::fs::canonicalize(path).map_err(|e| {
+        if link.file_type().is_symlink() {
+            anyhow!(
+                "{}: a symbolic link that cannot be followed (dangling or looping: {e})",
+                path.display()
+            )
+        } else {
+            anyhow!("{}: {e}", path.display())
+        }
+    })?;
+    let root =
+        std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    ensure!(
+        resolved.starts_with(&root),
+        "{}: resolves to {}, outside the checkpoint directory {}",
+        path.display(),
+        resolved.display(),
+        root.display()
+    );
+    let meta = std::fs::metadata(&resolved)
+        .with_context(|| format!("reading the metadata of {}", path.display()))?;
+    ensure!(
+        meta.file_type().is_file(),
+        "{}: not a regular file (a FIFO, device or directory cannot hold checkpoint data)",
+        path.display()
+    );
+    Ok(Some(resolved))
+}
+
 /// One parsed safetensors file: its bytes and header.
-struct WeightFile {
+struct WeightFile<'a> {
     location: String,
-    blob: Blob,
+    blob: Blob<'a>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
 
 /// All tensors of a checkpoint, looked up by name, converted to f32 on request.
-pub struct TensorStore {
-    files: Vec<WeightFile>,
+pub struct TensorStore<'a> {
+    files: Vec<WeightFile<'a>>,
     by_name: HashMap<String, usize>,
 }
 
-impl TensorStore {
+impl<'a> TensorStore<'a> {
     /// Opens every weight file of `source` and parses its header; a truncated or corrupt file is
     /// an error naming it.
-    pub fn open(source: &CheckpointSource<'_>) -> Result<Self> {
+    pub fn open(source: &CheckpointSource<'a>) -> Result<Self> {
         let mut files = Vec::new();
         let mut by_name = HashMap::new();
         for name in source.weight_files()? {
@@ -207,7 +285,10 @@ impl TensorStore {
 
     /// Tensor `name` as f32 with exactly the `expected` shape (the one `config.json` implies).
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<ArrayD<f32>> {
-        let mut values = vec![0.0f32; expected.iter().product()];
+        // The shape is checked against the file before the buffer exists, so the allocation is
+        // bounded by what the file holds, never by what config.json claims.
+        let n = self.checked_len(name, expected)?;
+        let mut values = vec![0.0f32; n];
         self.convert_into(name, expected, &mut values)?;
         Ok(ArrayD::from_shape_vec(IxDyn(expected), values)?)
     }
@@ -216,11 +297,66 @@ impl TensorStore {
     /// `[names.len()·rows, cols]` matrix, each converted straight into its block: no
     /// concatenation copy (at OLMoE-1B-7B size the experts' gate/up are 17 GB of f32).
     pub fn stacked_matrix(&self, names: &[&str], rows: usize, cols: usize) -> Result<Array2<f32>> {
-        let mut values = vec![0.0f32; names.len() * rows * cols];
-        for (name, block) in names.iter().zip(values.chunks_mut(rows * cols)) {
+        let mut total = 0usize;
+        for name in names {
+            total = total
+                .checked_add(self.checked_len(name, &[rows, cols])?)
+                .ok_or_else(|| anyhow!("tensor `{name}`: stacked size overflows"))?;
+        }
+        let block_len = rows * cols; // ≤ total, checked above
+        ensure!(
+            block_len > 0,
+            "tensors {names:?}: config.json implies an empty [{rows}, {cols}] matrix"
+        );
+        let mut values = vec![0.0f32; total];
+        for (name, block) in names.iter().zip(values.chunks_mut(block_len)) {
             self.convert_into(name, &[rows, cols], block)?;
         }
         Ok(Array2::from_shape_vec((names.len() * rows, cols), values)?)
+    }
+
+    /// The element count of tensor `name` after checking that it exists with the `expected` shape
+    /// (the product cannot overflow then: the safetensors header check bounds it by the file).
+    fn checked_len(&self, name: &str, expected: &[usize]) -> Result<usize> {
+        let idx = *self.by_name.get(name).ok_or_else(|| {
+            anyhow!(
+                "tensor `{name}` not found in {} (its shape per config.json would be {expected:?})",
+                self.locations()
+            )
+        })?;
+        let file = &self.files[idx];
+        let info = &file.tensors[name];
+        if info.shape != expected {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, but config.json implies {expected:?}",
+                file.location,
+                info.shape
+            );
+        }
+        expected
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: tensor `{name}`: shape {expected:?} overflows",
+                    file.location
+                )
+            })
+    }
+
+    /// Indices `l` for which some tensor is named `model.layers.{l}.…`, i.e. the decoder layers
+    /// the files hold, sorted.
+    pub fn layer_indices(&self) -> BTreeSet<usize> {
+        self.by_name
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// Converts tensor `name`, which must have the `expected` shape, into `out` (as many
@@ -269,6 +405,79 @@ impl TensorStore {
     /// A 3-D tensor (fused expert weights `[E, out, in]`).
     pub fn tensor3(&self, name: &str, shape: [usize; 3]) -> Result<Array3<f32>> {
         Ok(self.tensor(name, &shape)?.into_dimensionality()?)
+    }
+}
+
+/// Checks `config` (parsed from `config_at`) against what the weight files hold and against the
+/// machine, before any weight buffer exists: the files must hold every decoder layer the config
+/// names and the embedding table it implies, and the f32 weights must fit the host memory.
+pub fn check_against_files(
+    config: &super::ModelConfig,
+    config_at: &str,
+    store: &TensorStore,
+) -> Result<()> {
+    let layers = store.layer_indices();
+    let held = layers.range(..config.num_layers).count();
+    if held < config.num_layers {
+        let first_missing = (0..config.num_layers)
+            .find(|l| !layers.contains(l))
+            .unwrap_or(held);
+        bail!(
+            "{config_at}: field `num_hidden_layers` = {}, but {} hold no tensor of layer {first_missing} \
+             ({held} of the layers present)",
+            config.num_layers,
+            store.locations()
+        );
+    }
+    let embed = "model.embed_tokens.weight";
+    let expected = [config.vocab_size, config.hidden_size];
+    match store.shape(embed) {
+        None => bail!("tensor `{embed}` not found in {}", store.locations()),
+        Some(shape) if shape != expected => bail!(
+            "{config_at}: fields `vocab_size` = {} / `hidden_size` = {} disagree with tensor \
+             `{embed}` of shape {shape:?} in {}",
+            config.vocab_size,
+            config.hidden_size,
+            store.locations()
+        ),
+        Some(_) => {}
+    }
+    let weights = config.weight_count()?;
+    let need = weights.saturating_mul(4);
+    if let Some(available) = available_memory_bytes() {
+        if need > available {
+            bail!(
+                "{config_at}: this checkpoint needs {} of host memory for f32 weights \
+                 ({weights} weights); {} available (MemAvailable in /proc/meminfo)",
+                human_bytes(need),
+                human_bytes(available)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes; `None` where it cannot be read (not Linux).
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `bytes` with a decimal SI prefix: `1.9 TB`, `23 GB`.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 || v >= 10.0 {
+        format!("{v:.0} {}", units[i])
+    } else {
+        format!("{v:.1} {}", units[i])
     }
 }
 

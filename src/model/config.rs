@@ -9,6 +9,25 @@ use serde_json::Value;
 use super::rope::RopeConfig;
 use super::router::RouterRule;
 
+/// Largest vocabulary accepted (`vocab_size`): token ids are `u32` and real vocabularies stay
+/// below 2^20; the bound keeps every size product far from overflow.
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Largest width accepted for any hidden, head, rank or intermediate size.
+pub const MAX_WIDTH: usize = 1 << 20;
+/// Largest `num_hidden_layers` accepted (the largest released models have ~100-200).
+pub const MAX_LAYERS: usize = 1 << 14;
+/// Largest head count accepted.
+pub const MAX_HEADS: usize = 1 << 14;
+/// Largest routed-expert count accepted.
+pub const MAX_EXPERTS: usize = 1 << 16;
+/// Accepted `rms_norm_eps` range: released checkpoints use 1e-6..1e-5; ε ≥ 1e-2 swamps the mean
+/// square of unit-scale activations, and ε below 1e-30 is 0 in practice.
+pub const MIN_NORM_EPS: f32 = 1e-30;
+/// See [`MIN_NORM_EPS`].
+pub const MAX_NORM_EPS: f32 = 1e-2;
+/// Largest `routed_scaling_factor` accepted (DeepSeek-V2 uses 16, V3 2.5).
+pub const MAX_ROUTED_SCALING: f32 = 1e3;
+
 /// The checkpoint families aimc loads (`model_type` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Family {
@@ -174,10 +193,33 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_kv_heads),
             ("num_experts", self.num_experts),
             ("num_experts_per_tok", self.top_k),
+            ("head_dim", self.head_dim),
         ];
         for (name, v) in positive {
             if v == 0 {
                 bail!("{location}: field `{name}` must be positive");
+            }
+        }
+        let bounded = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            (
+                "moe_intermediate_size",
+                self.moe_intermediate_size,
+                MAX_WIDTH,
+            ),
+            ("intermediate_size", self.dense_intermediate_size, MAX_WIDTH),
+            (
+                "shared expert intermediate size",
+                self.shared_intermediate_size,
+                MAX_WIDTH,
+            ),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                bail!("{location}: field `{name}` = {v} is out of range (allowed 1..={max})");
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -194,12 +236,183 @@ impl ModelConfig {
                 self.num_experts
             );
         }
+        let any_moe = self.moe_layers.iter().any(|m| *m);
+        if any_moe && self.moe_intermediate_size == 0 {
+            bail!("{location}: the routed experts' intermediate size must be positive (allowed 1..={MAX_WIDTH})");
+        }
+        if self.moe_layers.iter().any(|m| !*m) && self.dense_intermediate_size == 0 {
+            bail!(
+                "{location}: field `intermediate_size` must be positive: the checkpoint has dense \
+                 layers (allowed 1..={MAX_WIDTH})"
+            );
+        }
+        if !(self.rms_norm_eps.is_finite()
+            && (MIN_NORM_EPS..=MAX_NORM_EPS).contains(&self.rms_norm_eps))
+        {
+            bail!(
+                "{location}: field `rms_norm_eps` = {} is out of range (allowed {MIN_NORM_EPS:e}..={MAX_NORM_EPS:e})",
+                self.rms_norm_eps
+            );
+        }
+        let scaling = self.router.scaling;
+        if !(scaling.is_finite() && scaling > 0.0 && scaling <= MAX_ROUTED_SCALING) {
+            bail!(
+                "{location}: field `routed_scaling_factor` = {scaling} is out of range \
+                 (allowed > 0 and ≤ {MAX_ROUTED_SCALING})"
+            );
+        }
+        if let Some(g) = self.router.group_limit {
+            let per_group = self.num_experts / g.n_group.max(1);
+            if g.topk_group == 0 || g.topk_group.saturating_mul(per_group) < self.top_k {
+                bail!(
+                    "{location}: fields `n_group` = {} / `topk_group` = {}: the {} kept groups of \
+                     {per_group} experts cannot hold `num_experts_per_tok` = {} experts",
+                    g.n_group,
+                    g.topk_group,
+                    g.topk_group,
+                    self.top_k
+                );
+            }
+        }
+        if let AttentionConfig::Standard {
+            clip_qkv: Some(c), ..
+        } = self.attention
+        {
+            if !(c.is_finite() && c > 0.0) {
+                bail!("{location}: field `clip_qkv` = {c} must be a finite number > 0");
+            }
+        }
+        if let AttentionConfig::Mla(m) = self.attention {
+            for (name, v) in [
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1)),
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("qk_rope_head_dim", m.qk_rope_head_dim),
+                ("v_head_dim", m.v_head_dim),
+            ] {
+                if v == 0 || v > MAX_WIDTH {
+                    bail!("{location}: field `{name}` = {v} is out of range (allowed 1..={MAX_WIDTH})");
+                }
+            }
+            if m.qk_nope_head_dim > MAX_WIDTH {
+                bail!(
+                    "{location}: field `qk_nope_head_dim` = {} is out of range (allowed 0..={MAX_WIDTH})",
+                    m.qk_nope_head_dim
+                );
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("{location}: field `sliding_window` = 0 must be positive");
+        }
+        self.rope.validate(location)?;
+        self.weight_count()
+            .map_err(|e| anyhow!("{location}: {e}"))?;
         Ok(())
+    }
+
+    /// Number of weights the model holds under this configuration (an upper bound: every
+    /// optional bias and norm counted), computed with checked arithmetic over every product the
+    /// loader forms, so that a successful count guarantees no size product of loading
+    /// overflows. An error names the part that overflows.
+    pub fn weight_count(&self) -> Result<u64> {
+        let overflow = |what: &str| anyhow!("the sizes give more than 2^64 weights in {what}");
+        let m = |a: usize, b: usize, what: &str| -> Result<u64> {
+            (a as u64)
+                .checked_mul(b as u64)
+                .ok_or_else(|| overflow(what))
+        };
+        let sum = |parts: &[u64], what: &str| -> Result<u64> {
+            parts
+                .iter()
+                .try_fold(0u64, |a, &b| a.checked_add(b))
+                .ok_or_else(|| overflow(what))
+        };
+        let (v, h, n, kv) = (
+            self.vocab_size,
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+        );
+        let embeddings = m(v, h, "the embeddings")?;
+        let lm_head = if self.tie_word_embeddings {
+            0
+        } else {
+            embeddings
+        };
+        let attention = match self.attention {
+            AttentionConfig::Standard { .. } => {
+                let q = m(n, self.head_dim, "the query width")? as usize;
+                let k = m(kv, self.head_dim, "the key width")? as usize;
+                let q_proj = m(q, h, "q_proj")?;
+                let kv_proj = m(k, h, "k_proj")?;
+                sum(
+                    &[q_proj, kv_proj, kv_proj, q_proj, 3 * (q as u64 + k as u64)],
+                    "the attention",
+                )?
+            }
+            AttentionConfig::Mla(d) => {
+                let dq = d.qk_nope_head_dim as u64 + d.qk_rope_head_dim as u64;
+                let q_out = m(n, dq as usize, "the MLA query width")? as usize;
+                let q = match d.q_lora_rank {
+                    None => m(q_out, h, "q_proj")?,
+                    Some(r) => sum(&[m(r, h, "q_a_proj")?, m(q_out, r, "q_b_proj")?], "q")?,
+                };
+                let kv_b_out = m(
+                    n,
+                    d.qk_nope_head_dim + d.v_head_dim,
+                    "the MLA key/value width",
+                )? as usize;
+                let o_in = m(n, d.v_head_dim, "the MLA output width")? as usize;
+                sum(
+                    &[
+                        q,
+                        m(d.kv_lora_rank + d.qk_rope_head_dim, h, "kv_a_proj_with_mqa")?,
+                        m(kv_b_out, d.kv_lora_rank, "kv_b_proj")?,
+                        m(h, o_in, "o_proj")?,
+                    ],
+                    "the MLA attention",
+                )?
+            }
+        };
+        let swiglu = |i: usize, what: &str| m(3, i, what).and_then(|x| m(x as usize, h, what));
+        let expert = swiglu(self.moe_intermediate_size, "one routed expert")?;
+        let moe = sum(
+            &[
+                expert
+                    .checked_mul(self.num_experts as u64)
+                    .ok_or_else(|| overflow("the routed experts of one layer"))?,
+                m(self.num_experts, h, "the router")?,
+                swiglu(self.shared_intermediate_size, "the shared expert")?,
+                h as u64,
+            ],
+            "one MoE layer",
+        )?;
+        let dense = swiglu(self.dense_intermediate_size, "the dense MLP")?;
+        let mut total = sum(&[embeddings, lm_head, h as u64], "the embeddings")?;
+        for &is_moe in &self.moe_layers {
+            let layer = sum(
+                &[attention, if is_moe { moe } else { dense }, 2 * h as u64],
+                "one layer",
+            )?;
+            total = total
+                .checked_add(layer)
+                .ok_or_else(|| overflow("the whole model"))?;
+        }
+        Ok(total)
     }
 
     /// Number of leading dense (non-MoE) layers.
     pub fn first_dense_layers(&self) -> usize {
         self.moe_layers.iter().take_while(|m| !**m).count()
+    }
+}
+
+/// A number as a person reads it in an error: plain when moderate, in exponent form when huge
+/// or tiny (`1e300`, not three hundred digits).
+pub fn show_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
     }
 }
 
@@ -241,13 +454,26 @@ impl<'a> Fields<'a> {
         bail!("{}: field `{}` missing", self.location, keys.join("` / `"))
     }
 
+    /// A required integer in `1..=max`; the error names the field, the value and the range.
+    pub fn bounded(&self, key: &str, max: usize) -> Result<usize> {
+        let v = self.usize(key)?;
+        if v == 0 || v > max {
+            bail!(
+                "{}: field `{key}` = {v} is out of range (allowed 1..={max})",
+                self.location
+            );
+        }
+        Ok(v)
+    }
+
     /// An optional non-negative integer.
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
-                .map(|x| Some(x as usize))
+                .and_then(|x| usize::try_from(x).ok())
+                .map(Some)
                 .ok_or_else(|| self.wrong(key, "a non-negative integer")),
         }
     }
@@ -325,16 +551,37 @@ impl<'a> Fields<'a> {
                 self.location
             );
         }
+        // Checked here, before the families build per-layer lists from them.
+        let num_layers = self.bounded("num_hidden_layers", MAX_LAYERS)?;
+        self.bounded("num_attention_heads", MAX_HEADS)?;
+        let num_kv_heads = match self.opt_usize("num_key_value_heads")? {
+            Some(_) => self.bounded("num_key_value_heads", MAX_HEADS)?,
+            None => num_heads,
+        };
         Ok(Common {
             vocab_size: self.usize("vocab_size")?,
             hidden_size,
-            num_layers: self.usize("num_hidden_layers")?,
+            num_layers,
             num_heads,
-            num_kv_heads: self.opt_usize("num_key_value_heads")?.unwrap_or(num_heads),
+            num_kv_heads,
             head_dim: self
                 .opt_usize("head_dim")?
                 .unwrap_or(hidden_size / num_heads),
-            rms_norm_eps: self.opt_f64("rms_norm_eps")?.unwrap_or(default_eps) as f32,
+            rms_norm_eps: {
+                // Checked as read (f64): the f32 it becomes would hide 1e300 as inf.
+                let eps = self.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
+                if !(eps.is_finite()
+                    && eps >= f64::from(MIN_NORM_EPS)
+                    && eps <= f64::from(MAX_NORM_EPS))
+                {
+                    bail!(
+                        "{}: field `rms_norm_eps` = {} is out of range (allowed {MIN_NORM_EPS:e}..={MAX_NORM_EPS:e})",
+                        self.location,
+                        show_number(eps)
+                    );
+                }
+                eps as f32
+            },
             tie_word_embeddings: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         })
     }

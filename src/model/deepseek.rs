@@ -6,12 +6,14 @@
 //! × `routed_scaling_factor`, without renormalisation (transformers' V2 ignores `norm_topk_prob`).
 use std::ops::Range;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use ndarray::{s, Array2, ArrayView2};
 
 use super::checkpoint::TensorStore;
 use super::common::{multi_head_attention, Linear, RmsNorm};
-use super::config::{AttentionConfig, Family, Fields, MlaConfig, ModelConfig, QkNorm};
+use super::config::{
+    AttentionConfig, Family, Fields, MlaConfig, ModelConfig, QkNorm, MAX_ROUTED_SCALING,
+};
 use super::moe::MoeNames;
 use super::rope::{RopeConfig, RopeTable};
 use super::router::{GroupLimit, RouterRule};
@@ -104,13 +106,32 @@ pub fn config(f: &Fields<'_>, family: Family) -> Result<ModelConfig> {
         top_k,
         moe_intermediate_size: moe_intermediate,
         dense_intermediate_size: f.usize("intermediate_size")?,
-        shared_intermediate_size: moe_intermediate * f.opt_usize("n_shared_experts")?.unwrap_or(0),
+        shared_intermediate_size: {
+            let n_shared = f.opt_usize("n_shared_experts")?.unwrap_or(0);
+            moe_intermediate.checked_mul(n_shared).ok_or_else(|| {
+                anyhow!(
+                    "{}: fields `moe_intermediate_size` ({moe_intermediate}) × `n_shared_experts` \
+                     ({n_shared}) overflow",
+                    f.location
+                )
+            })?
+        },
         shared_expert_gated: false,
         moe_layers,
         router: RouterRule {
             top_k,
             renormalize: !v2 && f.opt_bool("norm_topk_prob")?.unwrap_or(false),
-            scaling: f.opt_f64("routed_scaling_factor")?.unwrap_or(1.0) as f32,
+            scaling: {
+                let s = f.opt_f64("routed_scaling_factor")?.unwrap_or(1.0);
+                if !(s.is_finite() && s > 0.0 && s <= f64::from(MAX_ROUTED_SCALING)) {
+                    bail!(
+                        "{}: field `routed_scaling_factor` = {} is out of range (allowed > 0 and ≤ {MAX_ROUTED_SCALING})",
+                        f.location,
+                        super::config::show_number(s)
+                    );
+                }
+                s as f32
+            },
             group_limit,
         },
         tie_word_embeddings: c.tie_word_embeddings,

@@ -104,7 +104,7 @@ impl Model {
 
     /// Loads a checkpoint from `(file name, bytes)` pairs, e.g. files compiled in with
     /// `include_bytes!` (names as in a checkpoint directory: `config.json`, …).
-    pub fn load_from_memory(files: &[(&str, &'static [u8])]) -> Result<Model> {
+    pub fn load_from_memory(files: &[(&str, &[u8])]) -> Result<Model> {
         Self::load_source(&CheckpointSource::Memory(files))
     }
 
@@ -113,6 +113,7 @@ impl Model {
         let config_at = source.display("config.json");
         let config = ModelConfig::from_json(&source.read_required("config.json")?, &config_at)?;
         let store = TensorStore::open(source)?;
+        checkpoint::check_against_files(&config, &config_at, &store)?;
         let names = match config.family {
             Family::Mixtral => mixtral::names(&store),
             Family::Olmoe => olmoe::NAMES,

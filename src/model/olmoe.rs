@@ -37,7 +37,16 @@ pub fn config(f: &Fields<'_>) -> Result<ModelConfig> {
             qk_norm: QkNorm::Full,
             qkv_bias: bias,
             o_bias: bias,
-            clip_qkv: f.opt_f64("clip_qkv")?.map(|c| c as f32),
+            clip_qkv: match f.opt_f64("clip_qkv")? {
+                Some(c) if !(c.is_finite() && c > 0.0 && c <= f64::from(f32::MAX)) => {
+                    anyhow::bail!(
+                        "{}: field `clip_qkv` = {} is out of range (a finite number > 0)",
+                        f.location,
+                        super::config::show_number(c)
+                    )
+                }
+                c => c.map(|c| c as f32),
+            },
         },
         num_experts: f.usize_any(&["num_experts", "num_local_experts"])?,
         top_k,

@@ -10,7 +10,10 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{Array2, ArrayViewMut2, Axis};
 use serde::Serialize;
 
-use super::config::Fields;
+use super::config::{show_number, Fields};
+
+/// Largest `rope_theta` accepted (released checkpoints use 1e4..1e7).
+pub const MAX_THETA: f64 = 1e12;
 
 /// Frequency scaling of RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -75,6 +78,89 @@ impl RopeConfig {
             interleaved,
             scaling,
         })
+    }
+
+    /// Checks every parameter for the range in which the frequencies are finite and meaningful
+    /// (transformers' `rope_config_validation` rules: factors ≥ 1, high > low frequency factor),
+    /// naming the field and the allowed range.
+    pub fn validate(&self, location: &str) -> Result<()> {
+        let check = |field: &str, v: f64, lo: f64, hi: f64| -> Result<()> {
+            if v.is_finite() && v >= lo && v <= hi {
+                Ok(())
+            } else {
+                bail!(
+                    "{location}: field `{field}` = {} is out of range (allowed {}..={})",
+                    show_number(v),
+                    show_number(lo),
+                    show_number(hi)
+                )
+            }
+        };
+        // θ ≤ 1 makes every frequency 1 or growing and YaRN divides by ln θ.
+        if !(self.theta.is_finite() && self.theta > 1.0 && self.theta <= MAX_THETA) {
+            bail!(
+                "{location}: field `rope_theta` = {} is out of range (allowed > 1 and ≤ {MAX_THETA:e})",
+                show_number(self.theta)
+            );
+        }
+        const MAX_FACTOR: f64 = 1e6;
+        const MAX_POSITIONS: f64 = 1e9;
+        match self.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                check("rope_scaling.factor", factor, 1.0, MAX_FACTOR)?
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => {
+                check("rope_scaling.factor", factor, 1.0, MAX_FACTOR)?;
+                check(
+                    "rope_scaling.original_max_position_embeddings",
+                    original_max_position_embeddings,
+                    1.0,
+                    MAX_POSITIONS,
+                )?;
+                check("rope_scaling.beta_fast", beta_fast, 1e-6, 1e6)?;
+                check("rope_scaling.beta_slow", beta_slow, 1e-6, 1e6)?;
+                check("rope_scaling.attention_factor", attention_factor, 1e-6, 1e6)?;
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                check("rope_scaling.factor", factor, 1.0, MAX_FACTOR)?;
+                check("rope_scaling.low_freq_factor", low_freq_factor, 1e-6, 1e6)?;
+                check("rope_scaling.high_freq_factor", high_freq_factor, 1e-6, 1e6)?;
+                if high_freq_factor <= low_freq_factor {
+                    bail!(
+                        "{location}: field `rope_scaling.high_freq_factor` = {high_freq_factor} \
+                         must exceed `low_freq_factor` = {low_freq_factor}"
+                    );
+                }
+                check(
+                    "rope_scaling.original_max_position_embeddings",
+                    original_max_position_embeddings,
+                    1.0,
+                    MAX_POSITIONS,
+                )?;
+            }
+        }
+        // The table itself must be finite (it is what the forward multiplies by).
+        let (freqs, scale) = self.inv_freq();
+        if let Some(f) = freqs.iter().find(|f| !f.is_finite()) {
+            bail!("{location}: the RoPE parameters give a non-finite frequency ({f})");
+        }
+        if !scale.is_finite() {
+            bail!("{location}: the RoPE parameters give a non-finite attention factor ({scale})");
+        }
+        Ok(())
     }
 
     /// Inverse frequencies (length dim/2) and the cos/sin multiplier.

@@ -139,22 +139,38 @@ impl std::str::FromStr for RouterKind {
     /// `adaptive:THRESHOLD`.
     fn from_str(s: &str) -> anyhow::Result<Self> {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+        // Bounded so that no per-token buffer sized by k can be absurd; the model's own expert
+        // count is checked once it is loaded.
+        const MAX_K: usize = 1 << 16;
         let k = || -> anyhow::Result<usize> {
             match arg.parse::<usize>() {
-                Ok(k) if k > 0 => Ok(k),
-                _ => anyhow::bail!("router `{s}`: expected a positive expert count after `:`"),
+                Ok(k) if (1..=MAX_K).contains(&k) => Ok(k),
+                _ => anyhow::bail!(
+                    "router `{s}`: expected an expert count after `:` (allowed 1..={MAX_K})"
+                ),
             }
         };
+        let no_arg = |r: RouterKind| -> anyhow::Result<RouterKind> {
+            if s.contains(':') {
+                anyhow::bail!("router `{s}`: `{name}` takes no argument after `:`");
+            }
+            Ok(r)
+        };
         Ok(match name {
-            "default" => RouterKind::CheckpointDefault,
+            "default" => no_arg(RouterKind::CheckpointDefault)?,
             "softmax" => RouterKind::SoftmaxTopK { k: k()?, renormalize: false },
             "softmax-renorm" => RouterKind::SoftmaxTopK { k: k()?, renormalize: true },
             "sigmoid" => RouterKind::SigmoidTopK { k: k()? },
-            "relu" => RouterKind::Relu,
+            "relu" => no_arg(RouterKind::Relu)?,
             "adaptive" => RouterKind::AdaptiveK {
-                threshold: arg
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("router `{s}`: expected a threshold after `:`"))?,
+                // A weight threshold: routing weights lie in [0, 1] (before the checkpoint's
+                // scaling), so anything else, NaN and ±inf included, is not a threshold.
+                threshold: match arg.parse::<f32>() {
+                    Ok(t) if (0.0..=1.0).contains(&t) => t,
+                    _ => anyhow::bail!(
+                        "router `{s}`: expected a weight threshold after `:` (allowed 0..=1)"
+                    ),
+                },
             },
             _ => anyhow::bail!(
                 "unknown router `{s}` (default, softmax:K, softmax-renorm:K, sigmoid:K, relu, adaptive:T)"

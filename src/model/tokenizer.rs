@@ -16,8 +16,11 @@ impl Tokenizer {
     /// Parses `tokenizer.json` bytes; every id it can produce must be below `vocab_size` (the
     /// embedding rows of `config.json`), else the model would index out of its embedding table.
     pub fn from_bytes(bytes: &[u8], location: &str, vocab_size: usize) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| anyhow!("{location}: cannot parse tokenizer ({e})"))?;
+        // The tokenizers crate is third-party code over untrusted bytes: a panic inside it is
+        // turned into an error naming the file.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|_| anyhow!("{location}: cannot parse tokenizer (the parser failed)"))?;
+        let inner = parsed.map_err(|e| anyhow!("{location}: cannot parse tokenizer ({e})"))?;
         let max_id = inner
             .get_vocab(true)
             .values()
@@ -40,9 +43,12 @@ impl Tokenizer {
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
+        // As in parsing: a panic of the third-party tokenizer on odd rules is an error.
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.encode(text, false)
+        }))
+        .map_err(|_| anyhow!("tokenizing: the tokenizer failed on this text"))?;
+        Ok(encoded
             .map_err(|e| anyhow!("tokenizing: {e}"))?
             .get_ids()
             .to_vec())
@@ -50,8 +56,10 @@ impl Tokenizer {
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| anyhow!("detokenizing: {e}"))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.decode(ids, false)
+        }))
+        .map_err(|_| anyhow!("detokenizing: the tokenizer failed on these ids"))?
+        .map_err(|e| anyhow!("detokenizing: {e}"))
     }
 }

@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -123,6 +123,14 @@ where
     });
     let (x0, x1) = range(xs, chart.log_x);
     let (y0, y1) = range(ys, chart.log_y);
+    // A range that padding pushed to ±inf (values near f64::MAX) would make the axis tick
+    // search loop forever: refuse it.
+    if ![x0, x1, y0, y1].iter().all(|v| v.is_finite()) || x0 >= x1 || y0 >= y1 {
+        bail!(
+            "chart `{}`: the data give a non-finite or empty axis range (x {x0}..{x1}, y {y0}..{y1})",
+            chart.title
+        );
+    }
     match (chart.log_x, chart.log_y) {
         (true, true) => draw_in(root, chart, (x0..x1).log_scale(), (y0..y1).log_scale()),
         (true, false) => draw_in(root, chart, (x0..x1).log_scale(), y0..y1),

@@ -311,6 +311,14 @@ impl TilePreset {
                 message: e.into_inner().to_string(),
             }
         })?;
+        reject_unknown_fields(text, &preset).map_err(|field| PresetError::Parse {
+            origin: origin.to_string(),
+            message: format!(
+                "unknown field `{}`",
+                field.rsplit('.').next().unwrap_or(&field)
+            ),
+            field,
+        })?;
         preset.validate().map_err(|e| PresetError::Invalid {
             origin: origin.to_string(),
             field: e.field,
@@ -323,10 +331,31 @@ impl TilePreset {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, PresetError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PresetError::Io {
+        // Only a regular file of sane size is read: `/dev/zero` would be read forever and a FIFO
+        // would block.
+        let io = |source| PresetError::Io {
             origin: origin.clone(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(PresetError::Parse {
+                origin: origin.clone(),
+                field: ".".into(),
+                message: "not a regular file".into(),
+            });
+        }
+        if meta.len() > MAX_PRESET_BYTES {
+            return Err(PresetError::Parse {
+                origin: origin.clone(),
+                field: ".".into(),
+                message: format!(
+                    "{} bytes is too large for a preset (at most {MAX_PRESET_BYTES})",
+                    meta.len()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
         Self::from_json_str(&text, &origin)
     }
 
@@ -369,13 +398,24 @@ impl TilePreset {
             return Err(FieldError::new("name", "must not be empty"));
         }
         self.device.validate()?;
+        self.validate_device_ranges()?;
         finite_positive(
             "mapping.weight_scaling_omega",
             self.mapping.weight_scaling_omega,
         )?;
+        in_range(
+            "mapping.weight_scaling_omega",
+            self.mapping.weight_scaling_omega.into(),
+            OMEGA_RANGE,
+        )?;
         let p = &self.periphery;
         if let NoiseManagement::Constant { value } = p.noise_management {
             finite_positive("periphery.noise_management.value", value)?;
+            in_range(
+                "periphery.noise_management.value",
+                value.into(),
+                SCALE_RANGE,
+            )?;
         }
         for (name, q) in [("dac", p.dac), ("adc", p.adc)] {
             if let Some(q) = q {
@@ -386,18 +426,31 @@ impl TilePreset {
                     ));
                 }
                 finite_positive(&format!("periphery.{name}.bound"), q.bound)?;
+                in_range(
+                    &format!("periphery.{name}.bound"),
+                    q.bound.into(),
+                    SCALE_RANGE,
+                )?;
             }
         }
         finite_non_negative("periphery.out_noise", p.out_noise)?;
+        in_range("periphery.out_noise", p.out_noise.into(), NOISE_RANGE)?;
         match p.w_noise {
             WeightNoise::PcmRead { std } | WeightNoise::Additive { std } => {
-                finite_non_negative("periphery.w_noise.std", std)?
+                finite_non_negative("periphery.w_noise.std", std)?;
+                in_range("periphery.w_noise.std", std.into(), NOISE_RANGE)?;
             }
             WeightNoise::None => {}
         }
         if let Some(ir) = p.ir_drop {
             finite_non_negative("periphery.ir_drop.scale", ir.scale)?;
             finite_positive("periphery.ir_drop.g_ratio", ir.g_ratio)?;
+            in_range("periphery.ir_drop.scale", ir.scale.into(), NOISE_RANGE)?;
+            in_range(
+                "periphery.ir_drop.g_ratio",
+                ir.g_ratio.into(),
+                G_RATIO_RANGE,
+            )?;
         }
         if p.bound_management == BoundManagement::Iterative && p.adc.is_none() {
             return Err(FieldError::new(
@@ -416,11 +469,152 @@ impl TilePreset {
                 return Err(FieldError::new(name, "must be ≥ 1"));
             }
         }
+        for (name, v, max) in [
+            ("stack.rows", s.rows, MAX_CROSSBAR_SIDE),
+            ("stack.cols", s.cols, MAX_CROSSBAR_SIDE),
+            ("stack.tiers_per_stack", s.tiers_per_stack, MAX_TIERS),
+            ("stack.stacks", s.stacks, MAX_STACKS),
+        ] {
+            if v > max {
+                return Err(FieldError::new(
+                    name,
+                    format!("{v} is out of range (allowed 1..={max})"),
+                ));
+            }
+        }
+        // Every capacity product of the mapping (cells per tier, per stack, per chip) must be
+        // exact; with the bounds above it is, and this says so where it is needed.
+        [s.cols, s.tiers_per_stack, s.stacks]
+            .iter()
+            .try_fold(s.rows, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| FieldError::new("stack", "rows × cols × tiers × stacks overflows"))?;
         if let Some(cost) = &self.cost {
             cost.validate()?;
         }
         Ok(())
     }
+}
+
+/// Largest preset file read (presets are a few kB; a drift table of thousands of points fits).
+const MAX_PRESET_BYTES: u64 = 64 << 20;
+
+/// Largest crossbar side (rows or columns) accepted: real arrays are ≤ 4096; the bound keeps
+/// every cell count exact in f32 statistics and usize products.
+pub const MAX_CROSSBAR_SIDE: usize = 1 << 16;
+/// Largest tier count per stack accepted.
+pub const MAX_TIERS: usize = 1 << 10;
+/// Largest stack count per chip accepted.
+pub const MAX_STACKS: usize = 1 << 24;
+/// Accepted ω (normalised units): beyond these the mapping scale max|w|/ω leaves f32's exact range.
+const OMEGA_RANGE: (f64, f64) = (1e-6, 1e6);
+/// Accepted input/output bounds and fixed input ranges (normalised units).
+const SCALE_RANGE: (f64, f64) = (1e-6, 1e6);
+/// Accepted noise std's and IR-drop scale (normalised units): far above any measured device, far
+/// below where squared sums overflow f32.
+const NOISE_RANGE: (f64, f64) = (0.0, 1e3);
+/// Accepted g_wire/g_max ratios: below 1 the wires conduct worse than one device and the IR-drop
+/// correction diverges (AIHWKIT's default is 571428.6).
+const G_RATIO_RANGE: (f64, f64) = (1.0, 1e15);
+/// Accepted device conductance, µS.
+const G_MAX_US_RANGE: (f64, f64) = (1e-6, 1e6);
+/// Accepted device times (t0, read duration), seconds.
+const DEVICE_TIME_RANGE: (f64, f64) = (1e-12, 1e12);
+/// Accepted device noise and drift scales (dimensionless multipliers).
+const DEVICE_SCALE_RANGE: (f64, f64) = (0.0, 1e3);
+
+impl TilePreset {
+    /// Range checks of the device parameters that keep the programmed conductances and their
+    /// drift finite (the kind-specific rules are in [`DeviceSpec::validate`]).
+    fn validate_device_ranges(&self) -> Result<(), FieldError> {
+        let d = &self.device;
+        if let Some(g) = d.g_max_us {
+            in_range("device.g_max_us", g.into(), G_MAX_US_RANGE)?;
+        }
+        for (name, v) in [
+            ("t0_seconds", d.t0_seconds),
+            ("t_read_seconds", d.t_read_seconds),
+        ] {
+            if let Some(v) = v {
+                in_range(&format!("device.{name}"), v, DEVICE_TIME_RANGE)?;
+            }
+        }
+        for (name, v) in [
+            ("prog_noise_scale", d.prog_noise_scale),
+            ("read_noise_scale", d.read_noise_scale),
+            ("drift_scale", d.drift_scale),
+        ] {
+            if let Some(v) = v {
+                in_range(&format!("device.{name}"), v.into(), DEVICE_SCALE_RANGE)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A number as a person reads it: plain when moderate, exponent form when huge or tiny.
+fn show(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e15).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// `v` within `[lo, hi]` (finite), else an error naming the field, the value and the range.
+fn in_range(field: &str, v: f64, (lo, hi): (f64, f64)) -> Result<(), FieldError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{} is out of range (allowed {lo:e}..={hi:e})", show(v)),
+        ))
+    }
+}
+
+/// The first key of `text` (a preset's JSON) that the parsed `preset` does not hold, as a dotted
+/// path. serde's `deny_unknown_fields` does not see keys beside the tag of an internally tagged
+/// enum (`{"kind": "none", "std": 5}`), so every key is checked against the preset serialised
+/// back: a key that does not come back was ignored. `null` values equal an absent optional
+/// field. The `cost` section is validated by its own model.
+fn reject_unknown_fields(text: &str, preset: &TilePreset) -> Result<(), String> {
+    fn walk(
+        input: &serde_json::Value,
+        known: &serde_json::Value,
+        path: &str,
+    ) -> Result<(), String> {
+        use serde_json::Value;
+        match (input, known) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in a {
+                    let here = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    if here == "cost" {
+                        continue;
+                    }
+                    match b.get(k) {
+                        Some(w) => walk(v, w, &here)?,
+                        None if v.is_null() => {}
+                        None => return Err(here),
+                    }
+                }
+                Ok(())
+            }
+            (Value::Array(a), Value::Array(b)) => {
+                for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                    walk(v, w, &format!("{path}[{i}]"))?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let input: serde_json::Value = serde_json::from_str(text).map_err(|_| ".".to_string())?;
+    let known = serde_json::to_value(preset).map_err(|_| ".".to_string())?;
+    walk(&input, &known, "")
 }
 
 fn finite_positive(field: &str, v: f32) -> Result<(), FieldError> {
