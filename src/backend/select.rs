@@ -11,6 +11,7 @@ use anyhow::Result;
 
 #[cfg(feature = "cuda")]
 use super::cuda::CudaDevice;
+use super::{AnalogWork, Backend, CpuBackend};
 use crate::tile::TilePreset;
 
 /// What the user asked for with `--backend`.
@@ -154,6 +155,23 @@ impl Execution {
                 Ok(None)
             }
         }
+    }
+
+    /// Runs `f` on the backend of `work`: the CUDA one when this command has a GPU and the
+    /// preset's periphery runs there ([`Execution::gpu_for`]), else the CPU one. The one place
+    /// that chooses.
+    pub fn with_backend<R>(
+        &self,
+        work: AnalogWork<'_, '_>,
+        f: impl FnOnce(&mut dyn Backend) -> Result<R>,
+    ) -> Result<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = self.gpu_for(work.preset)? {
+            return super::cuda::execution::with_cuda(&dev, self.describe(), self.memory, work, f);
+        }
+        #[cfg(not(feature = "cuda"))]
+        self.gpu_for(work.preset)?;
+        f(&mut CpuBackend::new(work))
     }
 
     /// Whether any run of this command can use a GPU.

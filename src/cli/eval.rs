@@ -146,16 +146,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg)?;
         let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
-        let ph = &report.phases;
         eprintln!(
-            "  analog sweep {:.2} s for {} (time × seed) points (program {:.2} s, drift + GDC {:.2} s, \
-             GPU upload {:.2} s, forwards {:.2} s); digital reference {:.2} s",
+            "  analog sweep {:.2} s for {} (time × seed) points ({}); digital reference {:.2} s",
             report.analog_seconds,
             report.points.len(),
-            ph.program_s,
-            ph.drift_s,
-            ph.upload_s,
-            ph.forward_s,
+            report.phases,
             report.digital_seconds
         );
         eprintln!(

@@ -21,6 +21,7 @@ pub mod blas;
 pub mod compile;
 mod device;
 mod error;
+pub mod execution;
 pub mod experts;
 pub mod model;
 pub mod moe;

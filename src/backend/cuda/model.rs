@@ -21,6 +21,7 @@ use super::compile::MODEL_CU;
 use super::experts::{GpuExperts, SequenceKeys};
 use super::moe::allow_dynamic_shared;
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
+use crate::backend::score::ScoreSums;
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
 use crate::model::rope::RopeTable;
@@ -973,19 +974,6 @@ fn download_matrix(
     Ok(Array2::from_shape_vec((rows, cols), v[..rows * cols].to_vec()).expect("rows × cols"))
 }
 
-/// Sums over the scored positions of one or more sequences (as `eval::analog`'s).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PositionSums {
-    /// Σ −log p(target).
-    pub nll: f64,
-    /// Positions whose argmax equals the digital one.
-    pub agree: usize,
-    /// Σ KL(digital ‖ this).
-    pub kl: f64,
-    /// Positions scored.
-    pub positions: usize,
-}
-
 /// The digital reference of an evaluation on the device: per sequence the log-probabilities
 /// `[n, V]` of its scored positions, their argmax and the target tokens, the sequences one
 /// after another.
@@ -1048,7 +1036,7 @@ impl GpuReference {
         dev: &CudaDevice,
         k: usize,
         logits: &CudaSlice<f32>,
-    ) -> CudaResult<PositionSums> {
+    ) -> CudaResult<ScoreSums> {
         self.compare_sequences(dev, k..k + 1, logits)
     }
 
@@ -1060,11 +1048,11 @@ impl GpuReference {
         dev: &CudaDevice,
         seqs: std::ops::Range<usize>,
         logits: &CudaSlice<f32>,
-    ) -> CudaResult<PositionSums> {
+    ) -> CudaResult<ScoreSums> {
         let (a, b) = (self.starts[seqs.start], self.starts[seqs.end]);
         let n = b - a;
         if n == 0 {
-            return Ok(PositionSums::default());
+            return Ok(ScoreSums::default());
         }
         let per_seq = (self.starts[seqs.start + 1] - a) as u32;
         let v = self.vocab;
@@ -1097,7 +1085,7 @@ impl GpuReference {
                 .arg(&per_seq)
                 .arg(&mut out);
         })?;
-        let mut sums = PositionSums {
+        let mut sums = ScoreSums {
             positions: n,
             ..Default::default()
         };
