@@ -7,11 +7,17 @@
 
 mod common;
 
-use aimc::backend::cuda::moe::{
-    analog_wgmma_tile, grouped_gemm, quantize, route, to_bf16_device, DigitalCombine, GemmInput,
-    GemmOutput, GemmPeriphery, GpuGroupedMatrix, GpuMoeLayer, GpuRouting, GroupedMatrix, Precision,
-    WgmmaTile, TILE_ROWS,
+use aimc::backend::cuda::gemm::{
+    analog_wgmma_tile, grouped_gemm, GemmOutput, Precision, WgmmaTile, TILE_ROWS,
 };
+
+use aimc::backend::cuda::periphery::{quantize, GemmInput, GemmPeriphery};
+
+use aimc::backend::cuda::routing::{route, GpuRouting};
+
+use aimc::backend::cuda::grouped::{to_bf16_device, GpuGroupedMatrix, GroupedMatrix};
+
+use aimc::backend::cuda::layer::{DigitalCombine, GpuMoeLayer};
 use aimc::backend::cuda::program::GpuProgrammedBlock;
 use aimc::backend::cuda::{rng as gpu_rng, CudaDevice, CudaError};
 use aimc::rng::{Purpose, Stream};
@@ -1282,7 +1288,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
 #[test]
 fn kernel_parameter_structs_match_the_cuda_layout() {
     // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
-    assert_eq!(aimc::backend::cuda::moe::GEMM_PARAMS_BYTES, 264);
+    assert_eq!(aimc::backend::cuda::gemm::GEMM_PARAMS_BYTES, 264);
     assert_eq!(
         std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
         56

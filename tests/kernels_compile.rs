@@ -13,7 +13,7 @@
 use aimc::backend::cuda::compile::{
     compile, KernelFile, ANALOG_MOE_CU, MODEL_CU, PROGRAM_CU, RNG_CU,
 };
-use aimc::backend::cuda::moe::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
+use aimc::backend::cuda::gemm::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
 
 /// Compute capabilities the kernels must build for: Ampere (mma.sync, cp.async, ldmatrix) and
 /// Hopper (the H100 the benchmarks run on).

@@ -142,7 +142,7 @@ impl Execution {
         let Some(dev) = &self.device else {
             return Ok(None);
         };
-        match super::cuda::moe::GemmPeriphery::from_spec(&preset.periphery) {
+        match super::cuda::periphery::GemmPeriphery::from_spec(&preset.periphery) {
             Ok(_) => Ok(Some(dev.clone())),
             Err(e) if self.request == BackendRequest::Cuda => {
                 anyhow::bail!("--backend cuda with preset `{}`: {e}", preset.name)

@@ -466,11 +466,12 @@ mod gpu {
 
     use super::{utc_date, BenchArgs, GpuCase, Shape};
     use crate::backend::cuda::blas::Blas;
-    use crate::backend::cuda::moe::{
-        analog_wgmma_tile, route, to_bf16_device, DigitalCombine, GemmOutput, GemmPeriphery,
-        GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile,
-    };
+    use crate::backend::cuda::gemm::{analog_wgmma_tile, GemmOutput, Precision, WgmmaTile};
+    use crate::backend::cuda::grouped::{to_bf16_device, GpuGroupedMatrix, GroupedMatrix};
+    use crate::backend::cuda::layer::{DigitalCombine, GpuMoeLayer};
+    use crate::backend::cuda::periphery::GemmPeriphery;
     use crate::backend::cuda::rng::fill_normal;
+    use crate::backend::cuda::routing::route;
     use crate::backend::cuda::{CudaDevice, CudaResult};
     use crate::rng::Purpose;
     use crate::tile::TilePreset;

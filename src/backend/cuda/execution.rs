@@ -18,8 +18,8 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use super::experts::{GpuExperts, Residency};
+use super::gemm::Precision;
 use super::model::{GpuModel, GpuReference};
-use super::moe::Precision;
 use super::{CudaDevice, CudaError};
 use crate::backend::cpu::{references_on_host, score_on_host, AnalogExperts, CpuBackend};
 use crate::backend::describe::{Description, GpuPlacement, Phases, ProgrammedState, Stage};

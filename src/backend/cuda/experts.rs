@@ -15,8 +15,8 @@
 //!
 //! A layer stays on the CPU (listed in [`GpuExperts::cpu_layers`] with the reason) when some of
 //! its routed experts are digital (heterogeneous mappings), when its crossbar blocks do not
-//! fit the kernel tiles (output columns a multiple of [`super::moe::TILE_COLS`], crossbar rows
-//! a multiple of [`super::moe::TILE_K`]), or when the device memory left would not hold its
+//! fit the kernel tiles (output columns a multiple of [`super::gemm::TILE_COLS`], crossbar rows
+//! a multiple of [`super::gemm::TILE_K`]), or when the device memory left would not hold its
 //! weights plus a reserve for the activations ([`memory_plan`]): a model larger than the GPU
 //! runs its first layers there and the rest on the CPU instead of failing with out-of-memory.
 use std::collections::BTreeMap;
@@ -31,12 +31,13 @@ use cudarc::driver::PushKernelArg;
 use super::blas::Blas;
 use super::compile::{MODEL_CU, PROGRAM_CU};
 use super::error::DriverContext;
-use super::moe::{
-    crossbar_readout, interleave_rows, route, GemmPeriphery, GpuColumnTables, GpuGroupedMatrix,
-    GpuMoeLayer, GroupedMatrix, IdentityReadout, Precision,
-};
+use super::gemm::Precision;
+use super::grouped::{interleave_rows, GpuColumnTables, GpuGroupedMatrix, GroupedMatrix};
+use super::layer::GpuMoeLayer;
+use super::periphery::{crossbar_readout, GemmPeriphery, IdentityReadout};
 use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
+use super::routing::route;
 use super::{gib, linear_launch, row_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::cpu::{AnalogCall, AnalogExperts};
 use crate::device::PcmLike;

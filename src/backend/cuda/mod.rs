@@ -23,12 +23,16 @@ mod device;
 mod error;
 pub mod execution;
 pub mod experts;
+pub mod gemm;
+pub mod grouped;
+pub mod layer;
 pub mod model;
-pub mod moe;
+pub mod periphery;
 pub mod profile;
 pub mod program;
 pub mod reference;
 pub mod rng;
+pub mod routing;
 
 pub use device::{gib, linear_launch, row_launch, CudaDevice};
 pub use error::{CudaError, CudaResult};

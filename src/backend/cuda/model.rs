@@ -19,7 +19,7 @@ use ndarray::{Array2, ArrayView2};
 use super::blas::Blas;
 use super::compile::MODEL_CU;
 use super::experts::{GpuExperts, SequenceKeys};
-use super::moe::allow_dynamic_shared;
+use super::gemm::allow_dynamic_shared;
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::backend::score::ScoreSums;
 use crate::model::common::{Linear, RmsNorm, SwiGlu};

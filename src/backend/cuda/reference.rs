@@ -8,7 +8,11 @@ use ndarray::{Array2, ArrayView2};
 
 use half::{bf16, f16};
 
-use super::moe::{GemmPeriphery, GroupedMatrix, Precision};
+use super::periphery::GemmPeriphery;
+
+use super::grouped::GroupedMatrix;
+
+use super::gemm::Precision;
 use crate::rng::{Purpose, Stream};
 
 /// Operand rounding of the tensor-core kernels, emulated on exact products with f32 sums.
@@ -213,7 +217,7 @@ pub fn swiglu_interleaved(gu: &Array2<f32>) -> Array2<f32> {
     })
 }
 
-/// One MoE layer as [`super::moe::GpuMoeLayer::forward`] computes it: `x` `[T, d]`, pairs
+/// One MoE layer as [`super::layer::GpuMoeLayer::forward`] computes it: `x` `[T, d]`, pairs
 /// `(expert_of_pair, weight_of_pair)` of `top_k` per token → `[T, d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(
