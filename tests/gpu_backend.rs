@@ -1671,8 +1671,9 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn digital_reference_on_the_gpu_matches_the_cpu_model() {
-    use aimc::backend::cuda::experts::{GpuExperts, Residency};
+    use aimc::backend::cuda::experts::GpuExperts;
     use aimc::backend::cuda::model::GpuModel;
+    use aimc::backend::cuda::programmed::Residency;
     use aimc::model::{ForwardOptions, RouterKind};
     let dev = gpu("digital reference on the GPU");
     let (model, ids) = common::embedded_model_and_tokens(3 * 128 + 50);
@@ -2061,7 +2062,8 @@ fn device_router_matches_the_cpu_router() {
 #[ignore = "needs a CUDA GPU"]
 fn transient_and_streamed_state_is_bit_identical_to_resident() {
     use aimc::backend::cpu::AnalogExperts;
-    use aimc::backend::cuda::experts::{GpuExperts, Residency};
+    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::programmed::Residency;
     use aimc::tile::DriftCompensation;
     let dev = gpu("programmed state per drift point");
     let (model, _) = common::embedded_model_and_tokens(16);
@@ -2150,7 +2152,8 @@ fn transient_and_streamed_state_is_bit_identical_to_resident() {
 #[ignore = "needs a CUDA GPU"]
 fn gpu_programming_matches_cpu_programming() {
     use aimc::backend::cpu::AnalogExperts;
-    use aimc::backend::cuda::experts::{cpu_programmed_state, GpuExperts};
+    use aimc::backend::cuda::experts::GpuExperts;
+    use aimc::backend::cuda::programmed::cpu_programmed_state;
     use aimc::tile::DriftCompensation;
     let dev = gpu("programming on the GPU");
     let (model, _) = common::embedded_model_and_tokens(16);

@@ -45,8 +45,8 @@ pub enum GpuMemory {
 #[cfg(feature = "cuda")]
 impl GpuMemory {
     /// The residency this request forces (`None`: the fastest that fits).
-    pub fn residency(self) -> Option<super::cuda::experts::Residency> {
-        use super::cuda::experts::Residency;
+    pub fn residency(self) -> Option<super::cuda::programmed::Residency> {
+        use super::cuda::programmed::Residency;
         match self {
             Self::Auto => None,
             Self::Resident => Some(Residency::Resident),

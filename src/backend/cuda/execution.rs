@@ -17,9 +17,10 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use super::experts::{GpuExperts, Residency};
+use super::experts::GpuExperts;
 use super::gemm::Precision;
 use super::model::{GpuModel, GpuReference};
+use super::programmed::Residency;
 use super::{CudaDevice, CudaError};
 use crate::backend::cpu::{references_on_host, score_on_host, AnalogExperts, CpuBackend};
 use crate::backend::describe::{Description, GpuPlacement, Phases, ProgrammedState, Stage};

@@ -30,6 +30,7 @@ pub mod model;
 pub mod periphery;
 pub mod profile;
 pub mod program;
+pub mod programmed;
 pub mod reference;
 pub mod rng;
 pub mod routing;
