@@ -1865,7 +1865,8 @@ fn gpu_drift_matches_cpu_drift_and_upload() {
 #[ignore = "needs a CUDA GPU"]
 fn batched_forward_keys_each_sequence_as_its_own_call() {
     use aimc::backend::cuda::experts::GpuExperts;
-    use aimc::backend::cuda::model::{GpuModel, GpuReference};
+    use aimc::backend::cuda::model::GpuModel;
+    use aimc::backend::cuda::score::GpuReference;
     use aimc::model::RouterKind;
     let dev = gpu("batched forward");
     let (model, ids) = common::embedded_model_and_tokens(5 * 96 + 40);

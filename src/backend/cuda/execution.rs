@@ -19,8 +19,9 @@ use rayon::prelude::*;
 
 use super::experts::GpuExperts;
 use super::gemm::Precision;
-use super::model::{GpuModel, GpuReference};
+use super::model::GpuModel;
 use super::programmed::Residency;
+use super::score::GpuReference;
 use super::{CudaDevice, CudaError};
 use crate::backend::cpu::{references_on_host, score_on_host, AnalogExperts, CpuBackend};
 use crate::backend::describe::{Description, GpuPlacement, Phases, ProgrammedState, Stage};

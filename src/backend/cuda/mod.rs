@@ -34,6 +34,7 @@ pub mod programmed;
 pub mod reference;
 pub mod rng;
 pub mod routing;
+pub mod score;
 
 pub use device::{gib, linear_launch, row_launch, CudaDevice};
 pub use error::{CudaError, CudaResult};
