@@ -11,7 +11,7 @@
 #![cfg(feature = "cuda")]
 
 use aimc::backend::cuda::compile::{
-    compile, KernelFile, ANALOG_MOE_CU, MODEL_CU, PROGRAM_CU, RNG_CU,
+    compile, KernelFile, KernelPart, MODEL_CU, MOE_CU, PROGRAM_CU, RNG_CU,
 };
 use aimc::backend::cuda::gemm::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
 
@@ -169,21 +169,21 @@ fn every_kernel_configuration_compiles() {
     check(&PROGRAM_CU, &[], p);
     check(&MODEL_CU, &[], p);
     check(&MODEL_CU, &[("ATT_DV_SLOTS", 2)], p);
-    check(&ANALOG_MOE_CU, &[], p);
+    check(&MOE_CU, &[], p);
     let variants = moe_gemm_variants();
     assert!(variants.len() >= 10, "{} variants", variants.len());
     for defines in &variants {
-        check(&ANALOG_MOE_CU, defines, p);
+        check(&MOE_CU, defines, p);
     }
     // The wgmma GEMM (digital, sm_90a only): each output mode and tile shape.
     let wgmma = moe_gemm_wgmma_variants();
     for defines in &wgmma {
-        check_on(&[(9, 0)], &ANALOG_MOE_CU, defines, p);
+        check_on(&[(9, 0)], &MOE_CU, defines, p);
     }
     // One PTX cache entry per (file, defines, architecture), and a second compile reads it.
     let entries = std::fs::read_dir(cache.join("kernels")).unwrap().count();
     assert_eq!(entries, (5 + variants.len()) * ARCHS.len() + wgmma.len());
-    let again = compile(&ANALOG_MOE_CU, &variants[0], (9, 0)).unwrap();
+    let again = compile(&MOE_CU, &variants[0], (9, 0)).unwrap();
     let first = std::fs::read_dir(cache.join("kernels"))
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
@@ -198,7 +198,10 @@ fn compile_errors_show_the_nvrtc_log_and_the_file() {
     require_nvrtc();
     let broken = KernelFile {
         file: "broken.cu",
-        text: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
+        parts: &[KernelPart {
+            file: "broken.cu",
+            text: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
+        }],
         exact_fp: false,
     };
     let err = compile(&broken, &[], (9, 0)).unwrap_err().to_string();

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::gemm::tile::{analog_wgmma_tile, WgmmaTile, TILE_COLS, TILE_K, WGMMA_TILE_K};
 use super::gemm::variant::Precision;
-use crate::backend::cuda::compile::ANALOG_MOE_CU;
+use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::tile::{AnalogMatrix, Crossbar};
 
@@ -348,7 +348,7 @@ impl GpuGroupedMatrix {
             None
         } else {
             let mut lo = dev.scratch::<u16>(len)?;
-            let f = dev.function(&ANALOG_MOE_CU, &[], "split_f16")?;
+            let f = dev.function(&MOE_CU, &[], "split_f16")?;
             dev.launch(&f, "split_f16", linear_launch(n), |b| {
                 b.arg(w).arg(&n).arg(&mut w_hi).arg(&mut lo);
             })?;
@@ -487,9 +487,9 @@ pub(crate) fn to_bf16_into(
             out.len()
         )));
     }
-    let f = dev.function(&ANALOG_MOE_CU, &[], "to_bf16")?;
+    let f = dev.function(&MOE_CU, &[], "to_bf16")?;
     let n = x.len() as u64;
-    // 8 values per thread (kernels/analog_moe.cu).
+    // 8 values per thread (`to_bf16` in kernels/dac.cuh).
     dev.launch(&f, "to_bf16", linear_launch(n.div_ceil(8)), |b| {
         b.arg(x).arg(&n).arg(out);
     })

@@ -12,7 +12,7 @@ use super::gemm::variant::GemmOutput;
 use super::grouped::GpuGroupedMatrix;
 use super::periphery::{quantize, GemmInput, GemmPeriphery};
 use super::routing::GpuRouting;
-use crate::backend::cuda::compile::ANALOG_MOE_CU;
+use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 
 /// `[P, N]` store-mode rows with interleaved gate/up columns → SwiGLU `[P, N/2]`.
@@ -23,7 +23,7 @@ fn swiglu_rows(
     n: usize,
 ) -> CudaResult<CudaSlice<f32>> {
     let mut h = dev.scratch::<f32>(rows * n / 2)?;
-    let f = dev.function(&ANALOG_MOE_CU, &[], "swiglu_rows")?;
+    let f = dev.function(&MOE_CU, &[], "swiglu_rows")?;
     let (r64, half) = (rows as u64, (n / 2) as u32);
     dev.launch(
         &f,
@@ -44,7 +44,7 @@ fn scatter_rows(
     n: usize,
     y: &mut CudaSlice<f32>,
 ) -> CudaResult<()> {
-    let f = dev.function(&ANALOG_MOE_CU, &[], "scatter_rows")?;
+    let f = dev.function(&MOE_CU, &[], "scatter_rows")?;
     let (r64, n32) = ((routing.n_tokens * routing.top_k) as u64, n as u32);
     dev.launch(
         &f,
@@ -80,7 +80,7 @@ pub fn combine_bf16_rows(
     }
     let pos = routing.pos_of_pair(dev)?;
     let mut y = dev.scratch::<f32>(t * n)?;
-    let f = dev.function(&ANALOG_MOE_CU, &[], "combine_bf16_rows")?;
+    let f = dev.function(&MOE_CU, &[], "combine_bf16_rows")?;
     let (t32, k32, n32) = (t as u32, k as u32, n as u32);
     dev.launch(
         &f,

@@ -16,7 +16,7 @@ use super::gemm::variant::GemmOutput;
 use super::gemm::GemmParams;
 use super::grouped::{to_bf16_into, GpuGroupedMatrix};
 use super::routing::{route, GpuRouting};
-use crate::backend::cuda::compile::ANALOG_MOE_CU;
+use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::tile::{NoiseManagement, PeripherySpec, WeightNoise};
 
@@ -162,7 +162,7 @@ pub fn quantize_scaled<'x>(
         Some(_) => Some(dev.scratch::<f32>(rows * n_kb)?),
         None => None,
     };
-    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_quantize")?;
+    let f = dev.function(&MOE_CU, &[], "moe_quantize")?;
     let (r32, k32, kb32) = (rows as u32, k as u32, k_block as u32);
     let use_dac = u32::from(p.dac.is_some());
     let (dac_step, dac_max) = p.dac.unwrap_or((1.0, 0.0));
@@ -365,7 +365,7 @@ pub(crate) fn bound_management(
     };
     let group = (BM_SCRATCH_BYTES / (n_kb * n * std::mem::size_of::<f32>())).max(1);
     let s = dev.stream();
-    let combine = dev.function(&ANALOG_MOE_CU, &[], "bm_combine")?;
+    let combine = dev.function(&MOE_CU, &[], "bm_combine")?;
     for rows in flagged.chunks(group) {
         let slots = rows.len();
         let mut slot_of = vec![-1i32; pairs];

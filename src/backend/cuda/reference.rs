@@ -1,5 +1,6 @@
-//! CPU model of the grouped kernels of `kernels/analog_moe.cu`: the same host tables, the same
-//! per-crossbar-block prologue and epilogue, in f32 with exact operands (no fp16/bf16 rounding).
+//! CPU model of the grouped MoE kernels (`kernels/moe_config.cuh` and the files it lists): the
+//! same host tables, the same per-crossbar-block prologue and epilogue, in f32 with exact
+//! operands (no fp16/bf16 rounding).
 //!
 //! It is the oracle of the GPU kernels (their only differences from it are operand rounding and
 //! summation order) and lets the host-side layout ([`GroupedMatrix`], SwiGLU interleaving,

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::gemm::allow_dynamic_shared;
 use super::gemm::tile::{MAX_SHARED_BYTES, TILE_ROWS};
-use crate::backend::cuda::compile::{ANALOG_MOE_CU, MODEL_CU};
+use crate::backend::cuda::compile::{MODEL_CU, MOE_CU};
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 
 /// Token→expert pairs sorted by expert on the device (stable: token order inside an expert).
@@ -69,7 +69,7 @@ impl GpuRouting {
             return Ok(());
         }
         let mut key = dev.scratch::<u32>(2 * pairs)?;
-        let f = dev.function(&ANALOG_MOE_CU, &[], "moe_noise_keys")?;
+        let f = dev.function(&MOE_CU, &[], "moe_noise_keys")?;
         let (e32, p32, w32) = (self.n_experts as u32, pairs as u32, window as u32);
         dev.launch(&f, "moe_noise_keys", linear_launch(pairs as u64), |b| {
             b.arg(&self.sorted_token)
@@ -145,7 +145,7 @@ pub fn route(
         slices as u32,
         ROUTE_SLICE_PAIRS as u32,
     );
-    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_count")?;
+    let f = dev.function(&MOE_CU, &[], "moe_count")?;
     allow_dynamic_shared(&f, "moe_count", 256, count_shared)?;
     dev.launch(&f, "moe_count", per_slice(256, count_shared), |b| {
         b.arg(expert_of_pair)
@@ -154,7 +154,7 @@ pub fn route(
             .arg(&slice32)
             .arg(&mut counts);
     })?;
-    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scan")?;
+    let f = dev.function(&MOE_CU, &[], "moe_scan")?;
     let one = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (1024, 1, 1), // MOE_SCAN_THREADS
@@ -169,7 +169,7 @@ pub fn route(
             .arg(&mut tile_offsets)
             .arg(&mut slice_offsets);
     })?;
-    let f = dev.function(&ANALOG_MOE_CU, &[], "moe_scatter")?;
+    let f = dev.function(&MOE_CU, &[], "moe_scatter")?;
     let threads = 32 * scatter_warps;
     allow_dynamic_shared(&f, "moe_scatter", threads as u32, scatter_shared)?;
     dev.launch(&f, "moe_scatter", per_slice(threads, scatter_shared), |b| {

@@ -8,7 +8,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::allow_dynamic_shared;
 use super::tile::{GemmTile, TILE_ROWS};
 use super::GemmParams;
-use crate::backend::cuda::compile::ANALOG_MOE_CU;
+use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::grouped::GpuGroupedMatrix;
 use crate::backend::cuda::{CudaDevice, CudaResult};
 
@@ -21,7 +21,7 @@ pub(crate) fn mma_sync_gemm(
     tile: GemmTile,
     params: &GemmParams,
 ) -> CudaResult<()> {
-    let f = dev.function(&ANALOG_MOE_CU, defines, "moe_gemm")?;
+    let f = dev.function(&MOE_CU, defines, "moe_gemm")?;
     let shared = tile.shared_bytes(m.precision.weight_operands()) as u32;
     let threads = tile.threads() as u32;
     allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;

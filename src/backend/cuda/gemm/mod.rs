@@ -24,7 +24,7 @@ use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
 use mma_sync::mma_sync_gemm;
 use wgmma::wgmma_gemm;
 
-/// Kernel parameters (layout of `GemmParams` in `kernels/analog_moe.cu`).
+/// Kernel parameters (layout of `GemmParams` in `kernels/gemm_common.cuh`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GemmParams {

@@ -136,7 +136,7 @@ impl GemmTile {
 }
 
 /// CTA tile of the sm_90a digital GEMM `moe_gemm_wgmma` besides its [`TILE_ROWS`] rows
-/// (`WG_BN`, `WG_STAGES`, `WG_PIPE` of kernels/analog_moe.cu).
+/// (`WG_BN`, `WG_STAGES`, `WG_PIPE` of kernels/gemm_wgmma.cuh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WgmmaTile {
     /// Output columns per CTA: 128 or 256 (wgmma m64n128k16 or m64n256k16 per warpgroup).
@@ -320,7 +320,7 @@ pub fn analog_wgmma_tile(k_block: usize, weight_tiles: usize) -> Option<WgmmaTil
 pub const ANALOG_PREV_BYTES: usize = TILE_ROWS * 128 * 4;
 
 /// Output columns per slab of the wgmma scatter-add GEMM with `k` inputs per row and `top_k`
-/// experts per token (`slab_tile` in kernels/analog_moe.cu; 0: no slabs):
+/// experts per token (`slab_tile` in kernels/raster.cuh; 0: no slabs):
 /// `AIMC_SCATTER_SLAB_COLS` if set to a number, else 256 where that moves fewer DRAM bytes.
 ///
 /// In expert order each of a token's `top_k` f32 additions into its output row misses the L2

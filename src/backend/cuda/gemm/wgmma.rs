@@ -13,12 +13,12 @@ use super::tile::{
 use super::tma::weight_tensor_map;
 use super::variant::{analog_wgmma_defines, GemmVariant};
 use super::GemmParams;
-use crate::backend::cuda::compile::ANALOG_MOE_CU;
+use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::grouped::GpuGroupedMatrix;
 use crate::backend::cuda::routing::GpuRouting;
 use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
 
-/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/analog_moe.cu): 128 × `tile.cols` CTA tiles,
+/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/gemm_wgmma.cuh): 128 × `tile.cols` CTA tiles,
 /// two warpgroups issuing wgmma from 128B-swizzled shared memory; digital on any of the
 /// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`analog_wgmma_tile`]'s.
 pub(crate) fn wgmma_gemm(
@@ -61,7 +61,7 @@ pub(crate) fn wgmma_gemm(
     } else {
         "moe_gemm_wgmma"
     };
-    let f = dev.function(&ANALOG_MOE_CU, &defines, name)?;
+    let f = dev.function(&MOE_CU, &defines, name)?;
     let shared = tile.shared_bytes(m.n_experts, variant.weight_operands())
         + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
     if shared > MAX_SHARED_BYTES {
