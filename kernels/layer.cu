@@ -16,7 +16,7 @@ extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
     lo[i] = f32_to_f16(x - hf);
 }
 
-// Step 8 of design.md §3, iterative bound management, after the attempts of MOE_MODE 4
+// Step 8 of tile::Crossbar::forward_chunk, iterative bound management, after the attempts of MOE_MODE 4
 // (backend::cuda::moe::bound_management): row pos_of_slot[s] of the store-mode output becomes
 // the sum of its crossbar blocks' accepted outputs, in K-block order as moe_gemm's running total
 // and tile::AnalogMatrix::mvm add them. y: [slots, KB, N].

@@ -29,7 +29,7 @@
 //
 // Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
 // digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
-// block mirrors tile::Crossbar::analog + forward_chunk step 9 (design.md §3), block partial sums
+// block mirrors tile::Crossbar::analog + forward_chunk step 9, block partial sums
 // are added in input-block order as tile::AnalogMatrix::mvm does.
 
 typedef unsigned short u16;

@@ -1,6 +1,6 @@
-// The crossbar periphery fused into the GEMM epilogue, per crossbar block along K (design.md §3
-// steps 4–7 and 9): IR drop, short-term weight noise (PCM_READ, ADDITIVE), output noise, ADC,
-// and the scale α_nm·s_map·α_GDC. block_outputs mirrors tile::Crossbar::analog and
+// The crossbar periphery fused into the GEMM epilogue, per crossbar block along K (steps 4–7
+// and 9 of tile::Crossbar::forward_chunk): IR drop, short-term weight noise (PCM_READ,
+// ADDITIVE), output noise, ADC, and the scale α_nm·s_map·α_GDC. block_outputs mirrors tile::Crossbar::analog and
 // forward_chunk step 9; the noise draws mirror its Philox keys (tile::Crossbar::forward_chunk).
 // The parameters come from backend::cuda::periphery::GemmPeriphery.
 // IR-drop weighting of crossbar row j of n: 1 − (1 − j/n)², as tile::Crossbar::refresh_derived.
@@ -104,7 +104,7 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
 }
 #endif
 
-// Steps 4–7 and 9 of design.md §3 for outputs (row, col), (row, col + 1) of one crossbar block:
+// Steps 4–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one crossbar block:
 // DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
 // α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
 // tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without

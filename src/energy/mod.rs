@@ -1,4 +1,4 @@
-//! Energy, latency and throughput per token of a mapped model, and the GPU reference (issue 6).
+//! Energy, latency and throughput per token of a mapped model, and the GPU reference.
 //!
 //! Inputs: a tile preset with a `cost` section ([`CostModel`]), a model's shapes ([`ModelShape`]), a
 //! [`Mapping`] of its FFN matrices onto the preset's stacks, and a [`RoutingTrace`] saying which experts each token

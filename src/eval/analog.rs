@@ -1,5 +1,5 @@
 //! The evaluation protocol: accuracy of the analog model against the digital baseline over
-//! drift time and seeds (design.md §7).
+//! drift time and seeds.
 //!
 //! The text is cut into windows; the digital model scores them once; then for each seed the
 //! mapped matrices are programmed once, and for each drift time they are drifted (from the same

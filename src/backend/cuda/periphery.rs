@@ -1,5 +1,6 @@
-//! The crossbar periphery as the GPU applies it (design.md §3): the parameter block the kernels
-//! read ([`GemmPeriphery`], from a preset's `PeripherySpec`), the DAC prologue ([`quantize`],
+//! The crossbar periphery as the GPU applies it (the nine steps of
+//! `tile::Crossbar::forward_chunk`): the parameter block the kernels read ([`GemmPeriphery`],
+//! from a preset's `PeripherySpec`), the DAC prologue ([`quantize`],
 //! kernel `moe_quantize`, mirrors `tile::Crossbar::forward_chunk` steps 1–2), iterative bound
 //! management ([`bound_management`], step 8, kernels `moe_gemm` in `MOE_MODE` 4 and
 //! `bm_combine`), and the global-drift-compensation readout through the grouped kernel
@@ -20,7 +21,7 @@ use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::tile::{NoiseManagement, PeripherySpec, WeightNoise};
 
-/// The crossbar periphery as the kernels apply it (design.md §3 steps 1–9).
+/// The crossbar periphery as the kernels apply it (steps 1–9 of `tile::Crossbar::forward_chunk`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPeriphery {
     /// 0 ABS_MAX, 1 constant, 2 none.
@@ -129,7 +130,7 @@ pub fn quantize<'x>(
 
 /// [`quantize`] with the noise-management scale of every block multiplied by `beta` (a power
 /// of two): the operand rows of bound-management attempt log2 β, x / (α_nm·β), whose α is
-/// α_nm·β (design.md §3 step 8).
+/// α_nm·β (step 8 of `tile::Crossbar::forward_chunk`).
 pub fn quantize_scaled<'x>(
     dev: &CudaDevice,
     x: &'x CudaSlice<f32>,
@@ -251,7 +252,7 @@ impl IdentityReadout {
     }
 }
 
-/// The GDC readout of every crossbar of `m` (design.md §3, global drift compensation): the
+/// The GDC readout of every crossbar of `m` (global drift compensation, as `tile::Crossbar::drift_to` computes it): the
 /// noisy identity forward of call `mvm_id` through each crossbar block along K, as
 /// `tile::Crossbar` reads its crossbar out. Returns `[E·KB·k_block, N]`: row j of block
 /// g = e·KB + kb is row g·k_block + j, the output of identity row j. Runs on `m`'s own operands
@@ -328,7 +329,7 @@ pub(crate) struct BmJob<'j, 'x> {
     pub(crate) params: GemmParams,
 }
 
-/// Step 8 of design.md §3, iterative bound management, for the rows the store pass flagged
+/// Step 8 of `tile::Crossbar::forward_chunk`, iterative bound management, for the rows the store pass flagged
 /// (`flags`, one per sorted row), as tensor-core passes: attempt a re-encodes the operand rows
 /// at α_nm·2^a ([`quantize_scaled`]) and reruns the GEMM over the row tiles holding a row with a
 /// pending crossbar ([`GemmOutput::BmAttempt`]), drawing the output noise of attempt a; each
