@@ -265,7 +265,7 @@ impl GpuColumnTables {
 
 /// A [`GroupedMatrix`] on the device with its weights in the operand format of `precision`.
 /// The operands and the seed-independent column tables are shared (`Arc`) with the view the
-/// GDC readout runs through ([`GpuGroupedMatrix::crossbar_blocks`]).
+/// GDC readout runs through (`GpuGroupedMatrix::crossbar_blocks`).
 pub struct GpuGroupedMatrix {
     pub(crate) n_experts: usize,
     pub(crate) n_cols: usize,
@@ -282,7 +282,7 @@ pub struct GpuGroupedMatrix {
     pub(crate) n_xbar: usize,
     pub(crate) noise_quads: bool,
     pub(crate) wgmma: Option<WgmmaTile>,
-    /// `Some((K, KB))`: this matrix is [`GpuGroupedMatrix::crossbar_blocks`]'s view, its expert
+    /// `Some((K, KB))`: this matrix is `GpuGroupedMatrix::crossbar_blocks`'s view, its expert
     /// g crossbar block g % KB of expert g / KB of operands `[E, N, K]`.
     pub(crate) block_view: Option<(usize, usize)>,
 }

@@ -103,7 +103,7 @@ pub fn combine_bf16_rows(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigitalCombine {
     /// The down GEMM's epilogue adds w·y into the zeroed f32 output by atomics (in column slabs
-    /// where [`scatter_slab_cols`] says so); the order of the adds varies run to run.
+    /// where [`scatter_slab_cols`](super::gemm::scatter_slab_cols) says so); the order of the adds varies run to run.
     ScatterAdd,
     /// The down GEMM stores each expert's output rounded to bf16 (`[P, d]`, as frameworks keep
     /// expert outputs) and [`combine_bf16_rows`] sums each token's rows in slot order, in f32:

@@ -2,7 +2,7 @@
 //! `tile::Crossbar::forward_chunk`): the parameter block the kernels read ([`GemmPeriphery`],
 //! from a preset's `PeripherySpec`), the DAC prologue ([`quantize`],
 //! kernel `moe_quantize`, mirrors `tile::Crossbar::forward_chunk` steps 1–2), iterative bound
-//! management ([`bound_management`], step 8, kernels `moe_gemm` in `MOE_MODE` 4 and
+//! management (`bound_management`, step 8, kernels `moe_gemm` in `MOE_MODE` 4 and
 //! `bm_combine`), and the global-drift-compensation readout through the grouped kernel
 //! ([`crossbar_readout`], mirrors `tile::Crossbar`'s GDC readout). The epilogue of steps 4–7
 //! and 9 is fused into the GEMMs (`kernels/periphery.cuh`).
@@ -84,7 +84,7 @@ impl GemmPeriphery {
     }
 
     /// Whether the analog wgmma kernel runs this periphery: no side accumulators (PCM_READ
-    /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`].
+    /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`](super::gemm::GemmVariant::wgmma_ready).
     pub fn wgmma_ready(&self) -> bool {
         self.pcm_read_std.is_none() && self.ir_drop.is_none()
     }
@@ -256,7 +256,7 @@ impl IdentityReadout {
 /// noisy identity forward of call `mvm_id` through each crossbar block along K, as
 /// `tile::Crossbar` reads its crossbar out. Returns `[E·KB·k_block, N]`: row j of block
 /// g = e·KB + kb is row g·k_block + j, the output of identity row j. Runs on `m`'s own operands
-/// ([`GpuGroupedMatrix::crossbar_blocks`]), each row tile over the K range of its own rows
+/// (`GpuGroupedMatrix::crossbar_blocks`), each row tile over the K range of its own rows
 /// (`MOE_DIAG`: a quarter of the MMAs of 512-row crossbars).
 pub fn crossbar_readout(
     dev: &CudaDevice,

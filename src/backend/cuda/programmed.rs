@@ -1,10 +1,10 @@
 //! The programmed state of a model's routed experts on the device, and where it lives between
 //! drift points ([`Residency`]): per grouped matrix the digital weights programming starts
 //! from, the column tables, and (resident) W̃_prog, the drift exponents ν, the conductance
-//! scales and GDC references ([`DriftSource`]). Programming, drift and read noise run in
+//! scales and GDC references (`DriftSource`). Programming, drift and read noise run in
 //! `kernels/program.cu` (`program_weights` mirrors `tile::Crossbar::program`, `drift_weights`
 //! mirrors `device::PcmLike::drift` with `tile::Crossbar::drift_to`'s GDC), the GDC readout
-//! through the grouped GEMM ([`crossbar_readout`]). [`GpuExperts`] owns one of these per MoE
+//! through the grouped GEMM ([`crossbar_readout`]). [`GpuExperts`](super::experts::GpuExperts) owns one of these per MoE
 //! layer and exposes it through `program`, `reprogram` and `drift_to`.
 //!
 //! [`cpu_programmed_state`] lays the CPU crossbars' programmed state out the same way, so the
@@ -32,7 +32,7 @@ use crate::tile::{
 };
 
 /// The programmed state of the CPU crossbars of MoE layer `l` in the layout of
-/// [`GpuExperts::programmed_state`] (`[gate/up, down]`, each (W̃_prog, ν `[2, E·N·K]`,
+/// [`GpuExperts::programmed_state`](super::experts::GpuExperts::programmed_state) (`[gate/up, down]`, each (W̃_prog, ν `[2, E·N·K]`,
 /// conductance scale and GDC reference per `[E, KB, N]`)), to compare the GPU's programming
 /// with; `None` when a routed expert of the layer is digital.
 #[allow(clippy::type_complexity)]
@@ -76,7 +76,7 @@ pub fn cpu_programmed_state(
     Ok(Some([gate_up, state(&down)?]))
 }
 
-/// The programmed state of every MoE layer on the device ([`GpuExperts::program`]).
+/// The programmed state of every MoE layer on the device ([`GpuExperts::program`](super::experts::GpuExperts::program)).
 pub(crate) struct GpuDrift {
     pub(crate) device: DeviceModel,
     pub(crate) residency: Residency,
@@ -178,7 +178,7 @@ pub(crate) struct SeedScales {
     pub(crate) gdc_ref_dev: CudaSlice<f32>,
 }
 
-/// Where the programmed state and the digital weights of [`GpuExperts::program`]'s layers live
+/// Where the programmed state and the digital weights of [`GpuExperts::program`](super::experts::GpuExperts::program)'s layers live
 /// between drift points. All three run the same kernels with the same Philox keys, so the
 /// drifted operands are bit-identical whichever is chosen; they trade device memory for
 /// work per drift point.

@@ -76,7 +76,7 @@ impl GpuReference {
     }
 
     /// Metrics of sequences `seqs` for the logits of their batched forward pass
-    /// ([`GpuModel::forward_sequences`]: `n + 1` rows per sequence, the last scoring nothing;
+    /// ([`GpuModel::forward_sequences`](super::model::GpuModel::forward_sequences): `n + 1` rows per sequence, the last scoring nothing;
     /// every sequence but the last as long as the first).
     pub fn compare_sequences(
         &self,

@@ -1,5 +1,5 @@
 //! The grouped (per-expert) GEMMs of a MoE layer: one entry point ([`grouped_gemm`]) that checks
-//! the operands, fills the kernel parameter block ([`GemmParams`], the `GemmParams` struct of
+//! the operands, fills the kernel parameter block (`GemmParams`, the struct of the same name in
 //! `kernels/gemm_common.cuh`) and launches the mma.sync kernel ([`mma_sync`], `moe_gemm`) or,
 //! on sm_90a, the wgmma kernels ([`wgmma`], [`tma`]), then bound management's attempts.
 //!
@@ -84,7 +84,7 @@ pub const GEMM_PARAMS_BYTES: usize = std::mem::size_of::<GemmParams>();
 /// `gather_tokens`: operand row of sorted pair p is its token (first layer); otherwise row p
 /// itself (hidden rows in sorted order). `periphery = None` runs the digital variant. With
 /// iterative bound management the output must be [`GemmOutput::Store`]: saturated rows are
-/// flagged by `moe_gemm` and redone by [`GemmOutput::BmAttempt`] passes ([`GpuMoeLayer::forward`] composes
+/// flagged by `moe_gemm` and redone by [`GemmOutput::BmAttempt`] passes ([`GpuMoeLayer::forward`](crate::backend::cuda::layer::GpuMoeLayer::forward) composes
 /// SwiGLU and the scatter-add after it).
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm<T: GemmOutElem>(

@@ -54,14 +54,14 @@ pub enum GemmOutput {
     /// `out[token, col] += router weight · result` (`[T, N]`, zero it first).
     ScatterAdd,
     /// Digital only: [`GemmOutput::SwiGlu`] rounded to bf16 (`[P, N/2]` `u16` bits), the down
-    /// GEMM's operand as [`quantize`] would make it, without the f32 round trip.
+    /// GEMM's operand as [`quantize`](crate::backend::cuda::periphery::quantize) would make it, without the f32 round trip.
     SwiGluBf16,
     /// One attempt of iterative bound management (the kernel's mode 4): the outputs of the
     /// crossbars still pending, per crossbar block, into the bound-management scratch. Run by
-    /// [`grouped_gemm`] after a [`GemmOutput::Store`] pass flags rows; not an output of its own.
+    /// [`grouped_gemm`](super::grouped_gemm) after a [`GemmOutput::Store`] pass flags rows; not an output of its own.
     BmAttempt,
     /// Digital only: [`GemmOutput::Store`] rounded to bf16 (`[P, N]` `u16` bits), the expert
-    /// outputs [`combine_bf16_rows`] sums per token.
+    /// outputs [`combine_bf16_rows`](crate::backend::cuda::layer::combine_bf16_rows) sums per token.
     StoreBf16,
 }
 
@@ -119,10 +119,10 @@ pub struct GemmVariant {
     pub adc: bool,
     /// What the epilogue does with the rows.
     pub output: GemmOutput,
-    /// Every 4 output columns lie in one crossbar at a multiple of 4 ([`GroupedMatrix::noise_quads`]):
+    /// Every 4 output columns lie in one crossbar at a multiple of 4 ([`GroupedMatrix::noise_quads`](crate::backend::cuda::grouped::GroupedMatrix::noise_quads)):
     /// a lane pair shares one Philox block per 4 columns.
     pub noise_quads: bool,
-    /// The GDC readout ([`crossbar_readout`]): identity rows through each crossbar block of a
+    /// The GDC readout ([`crossbar_readout`](crate::backend::cuda::periphery::crossbar_readout)): identity rows through each crossbar block of a
     /// matrix's own operands, each row tile over its own K range (`MOE_DIAG`).
     pub block_readout: bool,
 }
