@@ -154,7 +154,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             report.digital_seconds
         );
         eprintln!(
-            "  wall {total_s:.2} s: the above, mapping and GPU set-up {:.2} s (model loaded in {load_s:.2} s)",
+            "  wall {total_s:.2} s: the above and the mapping {:.2} s (model loaded in {load_s:.2} s)",
             total_s - report.analog_seconds - report.digital_seconds
         );
         eprintln!("  backend: {}", report.backend);

@@ -31,6 +31,7 @@ pub struct AnalogEvalConfig {
     /// Tokens per evaluated sequence (the text is cut into consecutive windows of this length).
     pub seq_len: usize,
     pub router: RouterKind,
+    /// Print a line per (seed, time) point on stderr (also when stderr is not a terminal).
     pub progress: bool,
     /// Build the crossbars of this device instead of the preset's (`None`: the preset's device).
     pub device: Option<Arc<dyn Device>>,
@@ -79,6 +80,7 @@ pub struct AnalogEvalReport {
     pub backend: String,
     /// Where `analog_seconds` went: programming (once per seed), drift + GDC (once per point),
     /// building and uploading device operands (GPU backends only), forward passes and metrics.
+    /// `analog_seconds` also holds the backend's set-up (on a GPU: the dense weights' upload).
     #[serde(default)]
     pub phases: Phases,
 }
