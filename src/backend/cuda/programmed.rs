@@ -282,10 +282,7 @@ impl Residency {
 }
 
 /// `[E, KB, N]` table of `f(crossbar, local column)` over the experts' crossbars.
-pub(crate) fn column_table(
-    experts: &[&AnalogMatrix],
-    f: impl Fn(&Crossbar, usize) -> f32,
-) -> Vec<f32> {
+fn column_table(experts: &[&AnalogMatrix], f: impl Fn(&Crossbar, usize) -> f32) -> Vec<f32> {
     let (n, n_kb) = (experts[0].n_out(), experts[0].in_ranges().len());
     let mut t = vec![0.0; experts.len() * n_kb * n];
     for (e, mat) in experts.iter().enumerate() {
@@ -298,7 +295,7 @@ pub(crate) fn column_table(
     t
 }
 
-pub(crate) fn gdc_reference_of(block: &Crossbar, lc: usize) -> f32 {
+fn gdc_reference_of(block: &Crossbar, lc: usize) -> f32 {
     match block.gdc_reference() {
         [] => 1.0,
         [r] => *r,
@@ -341,7 +338,7 @@ impl DriftHost {
 /// model's arrays through the device's pinned staging buffers
 /// ([`CudaDevice::upload_staged`]; no whole-matrix host copy: at OLMoE size a layer's gate/up
 /// is 1 GB).
-pub(crate) fn upload_matrices(
+fn upload_matrices(
     dev: &CudaDevice,
     weights: &[ArrayView2<'_, f32>],
     (n, k): (usize, usize),
@@ -363,11 +360,7 @@ pub(crate) fn upload_matrices(
 }
 
 /// The digital matrices of projection `proj` of every routed expert of MoE layer `l`.
-pub(crate) fn expert_weights(
-    model: &Model,
-    l: usize,
-    proj: Proj,
-) -> CudaResult<Vec<ArrayView2<'_, f32>>> {
+fn expert_weights(model: &Model, l: usize, proj: Proj) -> CudaResult<Vec<ArrayView2<'_, f32>>> {
     (0..model.config.num_experts)
         .map(|e| {
             model
@@ -391,7 +384,7 @@ pub(crate) enum SourceKind {
 
 /// The digital weights `[E, N, K]` of matrix `kind` of MoE layer `l` (N: the grouped
 /// matrix's rows, gate/up interleaved on the device) uploaded from the model's host arrays.
-pub(crate) fn upload_digital(
+fn upload_digital(
     dev: &CudaDevice,
     model: &Model,
     (l, kind): (usize, SourceKind),
@@ -491,7 +484,7 @@ impl DriftSource {
 
     /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|
     /// over the entry's crossbar (`div` per entry, or none).
-    pub(crate) fn crossbar_scales(
+    fn crossbar_scales(
         &self,
         dev: &CudaDevice,
         x: &CudaSlice<f32>,
@@ -705,7 +698,7 @@ impl DriftSource {
     /// `global_per_column`, else one value per crossbar) or, under `global_exact`, mean |W̃|.
     /// The forward runs on `operands` (`w` in the run's operand format) when given, else on
     /// operands made from `w` here.
-    pub(crate) fn gdc_means(
+    fn gdc_means(
         &self,
         run: Run<'_>,
         w: &CudaSlice<f32>,
