@@ -1,7 +1,8 @@
 // The dense parts of a decoder forward pass on the GPU (backend::cuda::model): embedding
 // gather, RMSNorm, bias, clamp, RoPE, causal attention, SwiGLU, residual adds, and the
 // per-position metrics of an evaluation. Prepended by the host: philox.cuh (for u32/u64).
-// f32 throughout; each kernel names the Rust function it mirrors (src/model/, src/eval/). The
+// f32 throughout; each kernel names the Rust function it mirrors (src/model/, and
+// backend::score::compare for token_metrics). The
 // products with weight matrices go through cuBLAS SGEMM (backend::cuda::blas::Blas::sgemm_nt).
 
 // Mirrors `embed_tokens.select(Axis(0), ids)` in Model::forward_batch: out[r] = table[ids[r]].
@@ -219,7 +220,7 @@ extern "C" __global__ void add_rows(float* h, const float* y, const float* gate_
 
 #define MET_THREADS 256
 
-// Mirrors eval::analog::compare for one position per CTA (reference row r; its logits are row
+// Mirrors backend::score::compare for one position per CTA (reference row r; its logits are row
 // r + r / per_seq: sequences of per_seq + 1 rows, the last row of each scoring nothing; per_seq =
 // 0: row r): with la = log_softmax(logits row)
 // (max subtracted, Σ exp in f64, as log_softmax_rows), nll = −la[target], agree = (argmax la ==

@@ -1,7 +1,7 @@
 // Conductance programming, drift and read noise of PCM-family devices on the GPU.
 // Prepended: philox.cuh. Compiled with --fmad=false so every formula rounds as the Rust one.
-// Each function names the Rust function it mirrors; the equations live in src/device/pcm.rs and
-// src/device/converter.rs (design.md §2).
+// Each function names the Rust function it mirrors; the equations live in src/device/pcm.rs (the PCM
+// device model) and src/device/converter.rs.
 
 // Mirrors the fields of device::PcmLike that the kernels need (host: backend::cuda::program).
 struct PcmParams {

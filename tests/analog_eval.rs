@@ -1,4 +1,6 @@
-//! The analog model against the digital baseline on the embedded model (issue 4 acceptance tests).
+//! The analog model against the digital baseline on the embedded model: ideal tiles reproduce
+//! it, agreement falls as output noise grows, global drift compensation helps at one year, a
+//! seed reproduces its sweep bit for bit, and the routing trace feeds the affinity mapping.
 
 mod common;
 

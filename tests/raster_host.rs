@@ -1,4 +1,4 @@
-//! The CTA raster of the grouped GEMMs (`raster_tile` in `kernels/analog_moe.cu`), compiled as
+//! The CTA raster of the grouped GEMMs (`raster_tile` in `kernels/raster.cuh`), compiled as
 //! host C++: for expert tile counts with empty experts, ragged raster groups and widths from 1
 //! to beyond the column tiles, every (expert, row tile, column tile) is produced by exactly one
 //! block, blocks past the last tile are rejected, and each raster group covers `width`
@@ -10,7 +10,7 @@ mod common;
 
 use std::process::Command;
 
-const KERNEL: &str = include_str!("../kernels/analog_moe.cu");
+const KERNEL: &str = include_str!("../kernels/raster.cuh");
 
 /// The text between the BEGIN/END raster_tile markers.
 fn raster_source() -> &'static str {

@@ -1,4 +1,8 @@
-//! CPU backend: every analog matrix is an [`AnalogMatrix`] (ndarray GEMMs + rayon), the rest digital.
+//! CPU backend: every analog matrix is an [`AnalogMatrix`] (ndarray GEMMs + rayon), the rest
+//! digital. Owns the programmed state of a mapped model ([`AnalogExperts`]), the stable tensor
+//! ids that key its random streams ([`matrix_tensor_id`]), the [`Backend`] that runs an
+//! evaluation on the CPU ([`CpuBackend`]), and the host-side scoring of forward passes that the
+//! CUDA backend shares when only the routed experts run on the GPU ([`score_on_host`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,12 +11,15 @@ use anyhow::{Context, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use super::describe::{Description, Phases};
+use super::score::{compare, Reference, ScoreSums};
+use super::{AnalogWork, Backend};
 use crate::device::Device;
 use crate::mapping::Mapping;
-use crate::model::{ExpertLinear, ExpertSlot, MatrixId, Model, Proj};
+use crate::model::{ExpertLinear, ExpertSlot, ForwardOptions, MatrixId, Model, Proj, RouterKind};
 use crate::tile::{AnalogMatrix, TilePreset};
 
-/// Stable tensor id of a model matrix, the key of its random streams (design.md §6): layer in bits 31..16, slot in
+/// Stable tensor id of a model matrix, the key of its random streams ([`crate::rng`]): layer in bits 31..16, slot in
 /// bits 15..2 (routed expert `e` → `e + 2`, shared expert `i` → `i + 1` counted from the top, dense MLP → 0), and the
 /// projection in bits 1..0. Blocks derive their own ids from it ([`crate::rng::child_tensor_id`]).
 pub fn matrix_tensor_id(id: MatrixId) -> u32 {
@@ -167,6 +174,128 @@ impl ExpertLinear for AnalogCall<'_, '_> {
             None => self.experts.model.linear(id, x),
         }
     }
+}
+
+/// The CPU [`Backend`]: programs and drifts [`AnalogExperts`] and runs the forward passes in
+/// parallel over sequences.
+pub struct CpuBackend<'r, 'm> {
+    work: AnalogWork<'r, 'm>,
+    experts: Option<AnalogExperts<'m>>,
+    phases: Phases,
+}
+
+impl<'r, 'm> CpuBackend<'r, 'm> {
+    pub fn new(work: AnalogWork<'r, 'm>) -> Self {
+        Self {
+            work,
+            experts: None,
+            phases: Phases::default(),
+        }
+    }
+
+    /// The programmed (and drifted) matrices, once [`Backend::program`] ran.
+    pub fn experts(&self) -> Result<&AnalogExperts<'m>> {
+        self.experts
+            .as_ref()
+            .context("the analog matrices are not programmed yet (call program first)")
+    }
+}
+
+impl Backend for CpuBackend<'_, '_> {
+    fn program(&mut self, seed: u64) -> Result<()> {
+        let w = &self.work;
+        let device = w.device.clone().unwrap_or_else(|| w.preset.device.build());
+        let experts = self.phases.time(
+            |p| &mut p.program_s,
+            || AnalogExperts::program_with_device(w.model, w.mapping, w.preset, device, seed),
+        )?;
+        self.experts = Some(experts);
+        Ok(())
+    }
+
+    fn drift_to(&mut self, t_seconds: f64) -> Result<()> {
+        let experts = self
+            .experts
+            .as_mut()
+            .context("the analog matrices are not programmed yet (call program first)")?;
+        self.phases
+            .time(|p| &mut p.drift_s, || experts.drift_to(t_seconds));
+        Ok(())
+    }
+
+    fn reference(&mut self, sequences: &[&[u32]]) -> Result<Vec<Reference>> {
+        references_on_host(self.work.model, sequences, self.work.router)
+    }
+
+    fn forward(&mut self, sequences: &[&[u32]], references: &[Reference]) -> Result<ScoreSums> {
+        let experts = self.experts()?;
+        let (model, router) = (self.work.model, self.work.router);
+        let clock = std::time::Instant::now();
+        let sums = score_on_host(model, sequences, references, router, |k| experts.call(k));
+        self.phases.forward_s += clock.elapsed().as_secs_f64();
+        sums
+    }
+
+    fn describe(&self) -> Description {
+        Description {
+            device: "cpu".into(),
+            gpu: None,
+        }
+    }
+
+    fn phases(&self) -> Phases {
+        self.phases.clone()
+    }
+}
+
+/// The digital references of `sequences` from the CPU forward pass, in parallel over sequences.
+pub fn references_on_host(
+    model: &Model,
+    sequences: &[&[u32]],
+    router: RouterKind,
+) -> Result<Vec<Reference>> {
+    let opts = ForwardOptions {
+        router,
+        ..Default::default()
+    };
+    sequences
+        .par_iter()
+        .map(|s| {
+            let out = model.forward(s, &opts)?;
+            Ok(Reference::from_logits(out.logits.view(), s.len()))
+        })
+        .collect()
+}
+
+/// The CPU forward pass of every sequence in parallel, the expert products of sequence k
+/// through `experts(k)`, scored against `references` and summed in sequence order (so the sum
+/// does not depend on thread scheduling).
+pub fn score_on_host<E: ExpertLinear>(
+    model: &Model,
+    sequences: &[&[u32]],
+    references: &[Reference],
+    router: RouterKind,
+    experts: impl Fn(u32) -> E + Sync,
+) -> Result<ScoreSums> {
+    let per_seq: Vec<ScoreSums> = sequences
+        .par_iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let call = experts(k as u32);
+            let o = ForwardOptions {
+                router,
+                experts: Some(&call),
+                ..Default::default()
+            };
+            let out = model.forward(s, &o)?;
+            Ok(compare(&references[k], out.logits.view(), &s[1..]))
+        })
+        .collect::<Result<_>>()?;
+    let mut total = ScoreSums::default();
+    for s in per_seq {
+        total += s;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

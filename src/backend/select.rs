@@ -1,7 +1,7 @@
 //! `--backend cpu|cuda|auto`: where the analog expert products of a run execute.
 //!
 //! Resolved once per command ([`Execution::resolve`]), then checked per tile preset
-//! ([`Execution::gpu_for`]): the CUDA kernels cover design.md §3 for DACs of up to 11 bits
+//! ([`Execution::gpu_for`]): the CUDA kernels cover the whole crossbar periphery for DACs of up to 11 bits
 //! (their codes are exact fp16 operands), so a preset with a finer DAC runs on the CPU under
 //! `auto` (with a one-line notice) and is an error under `cuda`.
 #[cfg(feature = "cuda")]
@@ -11,6 +11,7 @@ use anyhow::Result;
 
 #[cfg(feature = "cuda")]
 use super::cuda::CudaDevice;
+use super::{AnalogWork, Backend, CpuBackend};
 use crate::tile::TilePreset;
 
 /// What the user asked for with `--backend`.
@@ -44,8 +45,8 @@ pub enum GpuMemory {
 #[cfg(feature = "cuda")]
 impl GpuMemory {
     /// The residency this request forces (`None`: the fastest that fits).
-    pub fn residency(self) -> Option<super::cuda::experts::Residency> {
-        use super::cuda::experts::Residency;
+    pub fn residency(self) -> Option<super::cuda::programmed::Residency> {
+        use super::cuda::programmed::Residency;
         match self {
             Self::Auto => None,
             Self::Resident => Some(Residency::Resident),
@@ -141,7 +142,7 @@ impl Execution {
         let Some(dev) = &self.device else {
             return Ok(None);
         };
-        match super::cuda::moe::GemmPeriphery::from_spec(&preset.periphery) {
+        match super::cuda::periphery::GemmPeriphery::from_spec(&preset.periphery) {
             Ok(_) => Ok(Some(dev.clone())),
             Err(e) if self.request == BackendRequest::Cuda => {
                 anyhow::bail!("--backend cuda with preset `{}`: {e}", preset.name)
@@ -154,6 +155,23 @@ impl Execution {
                 Ok(None)
             }
         }
+    }
+
+    /// Runs `f` on the backend of `work`: the CUDA one when this command has a GPU and the
+    /// preset's periphery runs there ([`Execution::gpu_for`]), else the CPU one. The one place
+    /// that chooses.
+    pub fn with_backend<R>(
+        &self,
+        work: AnalogWork<'_, '_>,
+        f: impl FnOnce(&mut dyn Backend) -> Result<R>,
+    ) -> Result<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = self.gpu_for(work.preset)? {
+            return super::cuda::execution::with_cuda(&dev, self.describe(), self.memory, work, f);
+        }
+        #[cfg(not(feature = "cuda"))]
+        self.gpu_for(work.preset)?;
+        f(&mut CpuBackend::new(work))
     }
 
     /// Whether any run of this command can use a GPU.

@@ -13,7 +13,7 @@ use ndarray::Array2;
 use crate::rng::{Purpose, Stream};
 use crate::tile::{AnalogMatrix, Crossbar, TilePreset};
 
-/// Benchmark suites (more join with later issues).
+/// Benchmark suites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
     /// CPU crossbar MVM with all nonidealities vs a plain f32 ndarray matmul of the same shape.
@@ -24,7 +24,8 @@ pub enum Suite {
     /// plain GEMM of the same FLOPs (`--model DIR`, default the embedded model).
     Model,
     /// Analog CPU forward of a model (mapped on `--presets`' first preset, drifted to 1 day) vs its digital
-    /// forward on the same 4,096 tokens of the default text (issue 4 target ≤ 1.5×).
+    /// forward on the same 4,096 tokens of the default text (target ≤ 1.5×: an analog sweep should cost
+    /// no more than half again the digital forwards it is compared with).
     Analog,
     /// CPU MoE expert layer: per-expert analog crossbars vs per-expert f32 matmuls vs one dense
     /// ndarray matmul of equal FLOPs (`--moe-shape`).
@@ -158,7 +159,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Digital forward throughput and expert-path efficiency of a model (issue 3 targets).
+/// Digital forward throughput and expert-path efficiency of a model (the targets of
+/// [`crate::eval::bench`]).
 fn model_suite(args: &BenchArgs) -> Result<String> {
     let model = super::common::load_model(args.model.as_deref())?;
     let name = match &args.model {
@@ -335,7 +337,7 @@ fn silu_mul(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
 
-/// The CPU section of issue 5's benchmark: one MoE expert layer (SwiGLU experts) per expert on
+/// The CPU side of the MoE-layer benchmark: one MoE expert layer (SwiGLU experts) per expert on
 /// the CPU crossbar path vs plain f32 matmuls vs one dense matmul of equal FLOPs.
 fn moe_cpu_suite(args: &BenchArgs) -> Result<()> {
     use crate::eval::bench::median_seconds;
@@ -456,7 +458,7 @@ fn gpu_suite(args: &BenchArgs) -> Result<()> {
     gpu::run(args)
 }
 
-/// The GPU suite (issue 5): one process, CUDA events, warm-up, median of `--repeats` (≥ 20).
+/// The GPU suite: one process, CUDA events, warm-up, median of `--repeats` (≥ 20).
 #[cfg(feature = "cuda")]
 mod gpu {
     use anyhow::{Context, Result};
@@ -464,11 +466,12 @@ mod gpu {
 
     use super::{utc_date, BenchArgs, GpuCase, Shape};
     use crate::backend::cuda::blas::Blas;
-    use crate::backend::cuda::moe::{
-        analog_wgmma_tile, route, to_bf16_device, DigitalCombine, GemmOutput, GemmPeriphery,
-        GpuGroupedMatrix, GpuMoeLayer, GroupedMatrix, Precision, WgmmaTile,
-    };
+    use crate::backend::cuda::gemm::{analog_wgmma_tile, GemmOutput, Precision, WgmmaTile};
+    use crate::backend::cuda::grouped::{to_bf16_device, GpuGroupedMatrix, GroupedMatrix};
+    use crate::backend::cuda::layer::{DigitalCombine, GpuMoeLayer};
+    use crate::backend::cuda::periphery::GemmPeriphery;
     use crate::backend::cuda::rng::fill_normal;
+    use crate::backend::cuda::routing::route;
     use crate::backend::cuda::{CudaDevice, CudaResult};
     use crate::rng::Purpose;
     use crate::tile::TilePreset;

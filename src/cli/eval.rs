@@ -150,20 +150,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
         super::results::check_analog(&report, &spec.label)?;
         let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
-        let ph = &report.phases;
         eprintln!(
-            "  analog sweep {:.2} s for {} (time × seed) points (program {:.2} s, drift + GDC {:.2} s, \
-             GPU upload {:.2} s, forwards {:.2} s); digital reference {:.2} s",
+            "  analog sweep {:.2} s for {} (time × seed) points ({}); digital reference {:.2} s",
             report.analog_seconds,
             report.points.len(),
-            ph.program_s,
-            ph.drift_s,
-            ph.upload_s,
-            ph.forward_s,
+            report.phases,
             report.digital_seconds
         );
         eprintln!(
-            "  wall {total_s:.2} s: the above, mapping and GPU set-up {:.2} s (model loaded in {load_s:.2} s)",
+            "  wall {total_s:.2} s: the above and the mapping {:.2} s (model loaded in {load_s:.2} s)",
             total_s - report.analog_seconds - report.digital_seconds
         );
         eprintln!("  backend: {}", report.backend);

@@ -1,5 +1,7 @@
-//! Model evaluation: digital perplexity and throughput now; analog evaluation (design.md §7) joins
-//! later through the same entry points with a different [`ForwardOptions::experts`] backend.
+//! Model evaluation, the protocol only: the digital perplexity and throughput of a model
+//! ([`perplexity`]), the accuracy of its analog version over drift time and seeds
+//! ([`analog`]: windows, seeds × times, metrics, summaries; where it runs is the backend's
+//! business), the CPU benchmarks ([`bench`]) and drift-time parsing ([`time`]).
 use std::time::Instant;
 
 use anyhow::{bail, Result};

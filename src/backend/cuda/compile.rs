@@ -9,45 +9,80 @@ use super::error::{CudaError, CudaResult};
 /// Philox streams, prepended to every kernel file (NVRTC gets one string, no include paths).
 const PHILOX_CUH: &str = include_str!("../../../kernels/philox.cuh");
 
-/// One `.cu` file of `kernels/`, embedded in the binary.
+/// One NVRTC compilation unit: one or more files of `kernels/`, embedded in the binary.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelFile {
-    /// File name under `kernels/` (named in compile errors and cache entries).
+    /// Name of the unit (named in compile errors and cache entries): the file name for a unit
+    /// of one file.
     pub file: &'static str,
-    /// Source text.
-    pub text: &'static str,
+    /// The unit's files in the order NVRTC reads them; each starts a `#line 1 "<file>"`, so
+    /// compile errors name the file and line.
+    pub parts: &'static [KernelPart],
     /// Compile with `--fmad=false` so float formulas round exactly as the Rust ones
     /// (needed for CPU parity of device physics; off for the GEMMs).
     pub exact_fp: bool,
 }
 
+/// One file of a [`KernelFile`].
+#[derive(Clone, Copy, Debug)]
+pub struct KernelPart {
+    /// File name under `kernels/`.
+    pub file: &'static str,
+    /// Source text.
+    pub text: &'static str,
+}
+
+/// A [`KernelPart`] of `kernels/<name>`.
+macro_rules! part {
+    ($name:literal) => {
+        KernelPart {
+            file: $name,
+            text: include_str!(concat!("../../../kernels/", $name)),
+        }
+    };
+}
+
 /// `kernels/rng.cu`: fill kernels over one Philox stream.
 pub const RNG_CU: KernelFile = KernelFile {
     file: "rng.cu",
-    text: include_str!("../../../kernels/rng.cu"),
+    parts: &[part!("rng.cu")],
     exact_fp: true,
 };
 /// `kernels/program.cu`: programming, drift and read noise.
 pub const PROGRAM_CU: KernelFile = KernelFile {
     file: "program.cu",
-    text: include_str!("../../../kernels/program.cu"),
+    parts: &[part!("program.cu")],
     exact_fp: true,
 };
-/// `kernels/analog_moe.cu`: routing sort, DAC prologue, grouped analog/digital GEMMs.
-pub const ANALOG_MOE_CU: KernelFile = KernelFile {
-    file: "analog_moe.cu",
-    text: include_str!("../../../kernels/analog_moe.cu"),
+/// The grouped MoE kernels, one unit of files by concern (`kernels/moe_config.cuh` lists
+/// them): configuration, routing sort, DAC prologue, the shared GEMM parts, the periphery
+/// epilogue, the CTA raster, the output modes, the mma.sync and wgmma GEMMs, and the layer's
+/// element-wise kernels. One unit because every GEMM instantiation needs all of them.
+pub const MOE_CU: KernelFile = KernelFile {
+    file: "moe",
+    parts: &[
+        part!("moe_config.cuh"),
+        part!("routing.cu"),
+        part!("dac.cuh"),
+        part!("gemm_common.cuh"),
+        part!("periphery.cuh"),
+        part!("raster.cuh"),
+        part!("outputs.cuh"),
+        part!("gemm_mma.cuh"),
+        part!("gemm_wgmma.cuh"),
+        part!("layer.cu"),
+    ],
     exact_fp: false,
 };
 /// `kernels/model.cu`: embedding, norms, RoPE, attention, SwiGLU and evaluation metrics of the
 /// whole-model forward pass.
 pub const MODEL_CU: KernelFile = KernelFile {
     file: "model.cu",
-    text: include_str!("../../../kernels/model.cu"),
+    parts: &[part!("model.cu")],
     exact_fp: false,
 };
 
-/// The full source NVRTC sees: configuration macros, `philox.cuh`, then the file.
+/// The full source NVRTC sees: configuration macros, `philox.cuh`, then the unit's files.
 pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
     let mut src = String::new();
     for (name, value) in defines {
@@ -55,8 +90,10 @@ pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
     }
     src.push_str("#line 1 \"philox.cuh\"\n");
     src.push_str(PHILOX_CUH);
-    src.push_str(&format!("\n#line 1 \"{}\"\n", kernel.file));
-    src.push_str(kernel.text);
+    for part in kernel.parts {
+        src.push_str(&format!("\n#line 1 \"{}\"\n", part.file));
+        src.push_str(part.text);
+    }
     src
 }
 
@@ -154,6 +191,24 @@ mod tests {
         let f = s.find("fill_normal").unwrap();
         assert!(d < p && p < f);
         assert!(s.contains("#line 1 \"rng.cu\""));
+    }
+
+    #[test]
+    fn the_moe_unit_reads_its_files_in_order() {
+        let s = full_source(&MOE_CU, &[]);
+        let at = |f: &str| s.find(&format!("#line 1 \"{f}\"")).unwrap();
+        let order: Vec<usize> = MOE_CU.parts.iter().map(|p| at(p.file)).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        // Every kernel the launchers name is in the unit.
+        for k in [
+            "moe_count",
+            "moe_quantize",
+            "moe_gemm(",
+            "moe_gemm_wgmma(",
+            "bm_combine",
+        ] {
+            assert!(s.contains(k), "{k}");
+        }
     }
 
     #[test]

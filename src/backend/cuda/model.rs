@@ -1,7 +1,7 @@
 //! The whole forward pass of a model on the GPU: embedding, attention, norms, router products,
 //! residual stream and LM head on the device (cuBLAS f32 GEMMs and `kernels/model.cu`), the
 //! routed experts through the grouped analog kernels of [`GpuExperts`], and the per-position
-//! metrics of an evaluation ([`GpuReference`]) without copying logits back.
+//! metrics of an evaluation ([`super::score::GpuReference`]) without copying logits back.
 //!
 //! It computes [`Model::forward`] with [`GpuExperts::call`] as the expert backend: the same
 //! function, summed in another order (f32 GEMMs, online softmax). Three parts go back to the
@@ -19,7 +19,7 @@ use ndarray::{Array2, ArrayView2};
 use super::blas::Blas;
 use super::compile::MODEL_CU;
 use super::experts::{GpuExperts, SequenceKeys};
-use super::moe::allow_dynamic_shared;
+use super::gemm::allow_dynamic_shared;
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
@@ -971,141 +971,4 @@ fn download_matrix(
 ) -> CudaResult<Array2<f32>> {
     let v = dev.download(x)?;
     Ok(Array2::from_shape_vec((rows, cols), v[..rows * cols].to_vec()).expect("rows × cols"))
-}
-
-/// Sums over the scored positions of one or more sequences (as `eval::analog`'s).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PositionSums {
-    /// Σ −log p(target).
-    pub nll: f64,
-    /// Positions whose argmax equals the digital one.
-    pub agree: usize,
-    /// Σ KL(digital ‖ this).
-    pub kl: f64,
-    /// Positions scored.
-    pub positions: usize,
-}
-
-/// The digital reference of an evaluation on the device: per sequence the log-probabilities
-/// `[n, V]` of its scored positions, their argmax and the target tokens, the sequences one
-/// after another.
-pub struct GpuReference {
-    /// `[Σn, V]` digital log-probabilities.
-    logp: CudaSlice<f32>,
-    /// `[Σn]` digital argmax.
-    argmax: CudaSlice<u32>,
-    /// `[Σn]` next tokens.
-    targets: CudaSlice<u32>,
-    /// First row of each sequence, and the total: `[seqs + 1]`.
-    starts: Vec<usize>,
-    vocab: usize,
-}
-
-impl GpuReference {
-    /// Uploads `(log-probabilities [n, V], argmax [n], targets [n])` per sequence.
-    pub fn upload(
-        dev: &CudaDevice,
-        seqs: &[(ArrayView2<'_, f32>, &[usize], &[u32])],
-    ) -> CudaResult<Self> {
-        let vocab = seqs.first().map_or(0, |s| s.0.ncols());
-        let need: usize = seqs.iter().map(|s| s.0.len() * 4).sum();
-        let (free, total) = dev.memory_bytes()?;
-        if need.saturating_add(total / 8) > free {
-            return Err(CudaError::Unsupported(format!(
-                "device memory: the digital reference log-probabilities need {:.2} GiB, {:.2} GiB are free",
-                gib(need),
-                gib(free)
-            )));
-        }
-        let mut starts = vec![0];
-        let (mut logp, mut argmax, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-        for (lp, am, tg) in seqs {
-            if lp.dim() != (tg.len(), vocab) || am.len() != tg.len() {
-                return Err(CudaError::Unsupported(format!(
-                    "reference: {:?} log-probabilities, {} argmax and {} targets (vocabulary {vocab})",
-                    lp.dim(),
-                    am.len(),
-                    tg.len()
-                )));
-            }
-            logp.extend(lp.iter());
-            argmax.extend(am.iter().map(|&a| a as u32));
-            targets.extend_from_slice(tg);
-            starts.push(targets.len());
-        }
-        Ok(Self {
-            logp: dev.upload(&logp)?,
-            argmax: dev.upload(&argmax)?,
-            targets: dev.upload(&targets)?,
-            starts,
-            vocab,
-        })
-    }
-
-    /// Metrics of sequence `k` for the device logits `[≥ n, V]` of its forward pass.
-    pub fn compare(
-        &self,
-        dev: &CudaDevice,
-        k: usize,
-        logits: &CudaSlice<f32>,
-    ) -> CudaResult<PositionSums> {
-        self.compare_sequences(dev, k..k + 1, logits)
-    }
-
-    /// Metrics of sequences `seqs` for the logits of their batched forward pass
-    /// ([`GpuModel::forward_sequences`]: `n + 1` rows per sequence, the last scoring nothing;
-    /// every sequence but the last as long as the first).
-    pub fn compare_sequences(
-        &self,
-        dev: &CudaDevice,
-        seqs: std::ops::Range<usize>,
-        logits: &CudaSlice<f32>,
-    ) -> CudaResult<PositionSums> {
-        let (a, b) = (self.starts[seqs.start], self.starts[seqs.end]);
-        let n = b - a;
-        if n == 0 {
-            return Ok(PositionSums::default());
-        }
-        let per_seq = (self.starts[seqs.start + 1] - a) as u32;
-        let v = self.vocab;
-        let rows = n + seqs.len();
-        if logits.len() < (rows - 1) * v {
-            return Err(CudaError::Unsupported(format!(
-                "metrics: {} logits for {rows} rows of {v}",
-                logits.len()
-            )));
-        }
-        let mut out = dev.scratch::<f64>(3 * n)?;
-        let f = dev.function(&MODEL_CU, &[], "token_metrics")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let vocab = v as u32;
-        let (logp, argmax, targets) = (
-            self.logp.slice(a * v..b * v),
-            self.argmax.slice(a..b),
-            self.targets.slice(a..b),
-        );
-        dev.launch(&f, "token_metrics", cfg, |bld| {
-            bld.arg(logits)
-                .arg(&logp)
-                .arg(&argmax)
-                .arg(&targets)
-                .arg(&vocab)
-                .arg(&per_seq)
-                .arg(&mut out);
-        })?;
-        let mut sums = PositionSums {
-            positions: n,
-            ..Default::default()
-        };
-        for row in dev.download(&out)?.chunks_exact(3) {
-            sums.nll += row[0];
-            sums.kl += row[1];
-            sums.agree += usize::from(row[2] > 0.5);
-        }
-        Ok(sums)
-    }
 }

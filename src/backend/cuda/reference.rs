@@ -1,5 +1,6 @@
-//! CPU model of the grouped kernels of `kernels/analog_moe.cu`: the same host tables, the same
-//! per-crossbar-block prologue and epilogue, in f32 with exact operands (no fp16/bf16 rounding).
+//! CPU model of the grouped MoE kernels (`kernels/moe_config.cuh` and the files it lists): the
+//! same host tables, the same per-crossbar-block prologue and epilogue, in f32 with exact
+//! operands (no fp16/bf16 rounding).
 //!
 //! It is the oracle of the GPU kernels (their only differences from it are operand rounding and
 //! summation order) and lets the host-side layout ([`GroupedMatrix`], SwiGLU interleaving,
@@ -8,7 +9,11 @@ use ndarray::{Array2, ArrayView2};
 
 use half::{bf16, f16};
 
-use super::moe::{GemmPeriphery, GroupedMatrix, Precision};
+use super::periphery::GemmPeriphery;
+
+use super::grouped::GroupedMatrix;
+
+use super::gemm::Precision;
 use crate::rng::{Purpose, Stream};
 
 /// Operand rounding of the tensor-core kernels, emulated on exact products with f32 sums.
@@ -213,7 +218,7 @@ pub fn swiglu_interleaved(gu: &Array2<f32>) -> Array2<f32> {
     })
 }
 
-/// One MoE layer as [`super::moe::GpuMoeLayer::forward`] computes it: `x` `[T, d]`, pairs
+/// One MoE layer as [`super::layer::GpuMoeLayer::forward`] computes it: `x` `[T, d]`, pairs
 /// `(expert_of_pair, weight_of_pair)` of `top_k` per token → `[T, d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_layer(

@@ -1,0 +1,162 @@
+// The crossbar periphery fused into the GEMM epilogue, per crossbar block along K (steps 4–7
+// and 9 of tile::Crossbar::forward_chunk): IR drop, short-term weight noise (PCM_READ,
+// ADDITIVE), output noise, ADC, and the scale α_nm·s_map·α_GDC. block_outputs mirrors tile::Crossbar::analog and
+// forward_chunk step 9; the noise draws mirror its Philox keys (tile::Crossbar::forward_chunk).
+// The parameters come from backend::cuda::periphery::GemmPeriphery.
+// IR-drop weighting of crossbar row j of n: 1 − (1 − j/n)², as tile::Crossbar::refresh_derived.
+__device__ __forceinline__ float ir_row_factor(u32 j, float n) {
+    float u = 1.0f - (float)j / n;
+    return 1.0f - u * u;
+}
+
+#if MOE_ANALOG
+// Two normals of `purpose` for columns (c, c + 1) of one output row; one Philox call when both
+// sit in one crossbar at an even index (the common case), else two (same values either way).
+__device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 purpose, u32 tid0, u32 tid1, u64 idx0,
+                                                    u64 idx1, u32 call) {
+    if (tid0 == tid1 && idx1 == idx0 + 1 && (idx0 & 1) == 0)
+        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt);
+    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt),
+                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, call, p.attempt));
+}
+#endif
+
+// Noise row and call of sorted pair `pos`, the `row_local`-th row of its expert: the keys of
+// the per-MVM noise (tile::Crossbar::forward_chunk keys it by batch row and mvm_id).
+__device__ __forceinline__ u32 noise_row_of(const GemmParams& p, u32 pos, u32 row_local) {
+    return p.noise_key ? p.noise_key[2 * pos] : row_local;
+}
+__device__ __forceinline__ u32 noise_call_of(const GemmParams& p, u32 pos) {
+    return p.noise_key ? p.noise_key[2 * pos + 1] : p.mvm_id;
+}
+
+#if MOE_ANALOG
+// One output row of crossbar block kb as the periphery epilogue needs it: the noise-management
+// scale α of its operand row and the keys of its per-MVM noise.
+struct BlockRow {
+    float alpha_nm;
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+    u32 nrow, ncall;
+#endif
+#if MOE_ADDITIVE
+    float sumsq;  // ‖x̃‖² of the row's input segment
+#endif
+};
+
+// Sorted pair `pos`, the `row_local`-th row of its expert, in crossbar block kb.
+__device__ __forceinline__ BlockRow block_row(const GemmParams& p, u32 pos, u32 row_local, u32 kb) {
+    BlockRow r;
+    const u32 arow = p.a_row_of ? p.a_row_of[pos] : pos;
+    r.alpha_nm = p.a_alpha[(u64)arow * p.n_kb + kb];
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+    r.nrow = noise_row_of(p, pos, row_local);
+    r.ncall = noise_call_of(p, pos);
+#endif
+#if MOE_ADDITIVE
+    r.sumsq = p.a_sumsq[(u64)arow * p.n_kb + kb];
+#endif
+    return r;
+}
+
+// One thread's block sums of outputs (row, col) and (row, col + 1) of a crossbar block, in DAC
+// code units: the product and the side accumulators.
+struct PairSums {
+    float acc[2];
+#if MOE_PCM_READ
+    float s2[2];
+#endif
+#if MOE_IR_DROP
+    float abs[2], ir[2];
+#endif
+};
+
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+// Output normals (purpose OutputNoise) of this thread's columns (col0, col0 + 1) and
+// (col0 + 8, col0 + 9) of one row: two n8 fragments of the mma.sync / wgmma accumulator layout,
+// where lanes l and l ^ 1 hold 4 consecutive columns of each. With MOE_NOISE_QUADS every 4
+// columns sit in one crossbar at a multiple of 4 (host-checked), so one Philox block holds the
+// normals of a lane pair's 4 columns (words x, y of the even lane, z, w of the odd one): each
+// lane of the pair draws the block of one fragment and passes the partner its words, half the
+// Philox work for the same values as stream_normal_pair. Both lanes of a pair must call this.
+__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const u32* tid_of_col,
+                                               u32 col0, u32 lane, float2& z0, float2& z1) {
+#if MOE_NOISE_QUADS
+    const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
+    const u32 col = col0 + 8 * odd;
+    const u64 idx = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
+    const uint4 q =
+        stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, p.attempt);
+    const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
+    const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
+    const float2 mine = odd ? box_muller(q.z, q.w) : box_muller(q.x, q.y);
+    const float2 theirs = box_muller(got0, got1);
+    z0 = odd ? theirs : mine;
+    z1 = odd ? mine : theirs;
+#else
+    auto pair = [&](u32 col) {
+        const u64 idx0 = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
+        const u64 idx1 = (u64)r.nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
+        return periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid_of_col[col], tid_of_col[col + 1], idx0, idx1, r.ncall);
+    };
+    z0 = pair(col0);
+    z1 = pair(col0 + 8);
+#endif
+}
+#endif
+
+// Steps 4–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one crossbar block:
+// DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
+// α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
+// tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
+// PCM_READ or ADDITIVE) and forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when
+// an output saturated the ADC in a row that bound management may redo (α_nm > 0); in
+// MOE_MODE 4, `sat_bit << c` for output (row, col + c).
+__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, const float* scale_of_col,
+                                              u32 col, const PairSums& s, float2 z, float* t, u32& sat,
+                                              u32 sat_bit) {
+    float y[2];
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        float v = s.acc[c] * p.dac_step;
+#if MOE_IR_DROP
+        float aa = p.ir_k * (s.abs[c] * p.dac_step);
+        float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+        v -= p.ir_scale * cc * (s.ir[c] * p.dac_step);
+#endif
+        y[c] = v;
+    }
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+#if MOE_PCM_READ
+    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+    const float step2 = __fmul_rn(p.dac_step, p.dac_step);
+    float sd[2];
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        const float s2 = __fmul_rn(s.s2[c], step2);
+        sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
+    }
+#elif MOE_ADDITIVE
+    const float out_var = __fmul_rn(p.out_noise, p.out_noise);
+    const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
+    const float sdr = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, r.sumsq)));
+    const float sd[2] = {sdr, sdr};
+#else
+    const float sd[2] = {p.out_noise, p.out_noise};
+#endif
+    y[0] += sd[0] * z.x;
+    y[1] += sd[1] * z.y;
+#endif
+#pragma unroll
+    for (u32 c = 0; c < 2; ++c) {
+        float v = y[c];
+#if MOE_ADC
+        v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+#endif
+#if MOE_BM
+        if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);
+#endif
+        t[c] += v * (r.alpha_nm * scale_of_col[col + c]);
+    }
+}
+#endif

@@ -1,0 +1,539 @@
+//! CTA tile shapes of the grouped GEMMs and their overrides: the mma.sync tile ([`GemmTile`],
+//! `AIMC_GEMM_TILE`), the sm_90a wgmma tile ([`WgmmaTile`], `AIMC_WGMMA_TILE`), the analog
+//! wgmma tile ([`analog_wgmma_tile`]) and the scatter-add slabs ([`scatter_slab_cols`]), with
+//! the shared-memory and width checks that refuse a tile before anything is compiled.
+//!
+//! Mirrors the `MOE_TILE_*`, `MOE_WARPS_*`, `MOE_STAGES` macros of `kernels/gemm_common.cuh` and
+//! the `WG_*` macros of `kernels/gemm_wgmma.cuh`.
+
+use super::variant::GemmVariant;
+use crate::backend::cuda::{CudaError, CudaResult};
+
+/// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel), for every variant: the
+/// routing counts tiles in these units.
+pub const TILE_ROWS: usize = 128;
+/// Matrix widths must be multiples of this (the widest output tile the host picks by default).
+pub const TILE_COLS: usize = 128;
+/// K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
+pub const TILE_K: usize = 32;
+/// Shared-memory row stride in halves (`LDS`: 32 + 8 padding keeps ldmatrix conflict-free).
+const SMEM_ROW_HALVES: usize = 40;
+/// Dynamic shared memory one CTA may use on sm_80 / sm_90 (227 KiB).
+pub(crate) const MAX_SHARED_BYTES: usize = 227 * 1024;
+
+/// The `N` comma-separated integers of a tile override `var=text` (format `want`), or an error
+/// naming the variable and the format.
+fn tile_fields<const N: usize>(var: &str, text: &str, want: &str) -> CudaResult<[usize; N]> {
+    text.split(',')
+        .map(|x| x.trim().parse::<usize>().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|f| <[usize; N]>::try_from(f).ok())
+        .ok_or_else(|| CudaError::Unsupported(format!("{var}={text:?}: want {want}")))
+}
+
+/// CTA tile of one `moe_gemm` instantiation besides its [`TILE_ROWS`] rows: output columns,
+/// warp grid and cp.async pipeline depth (`MOE_TILE_N`, `MOE_WARPS_M`, `MOE_WARPS_N`,
+/// `MOE_STAGES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTile {
+    /// Output columns per CTA.
+    pub cols: usize,
+    /// Warps along the rows.
+    pub warps_m: usize,
+    /// Warps along the columns.
+    pub warps_n: usize,
+    /// cp.async stages in flight.
+    pub stages: usize,
+}
+
+impl GemmTile {
+    /// The default tile of `v`, from sweeps on an H100 (`tools/gpu_sweep.sh`,
+    /// reports/bench/2026-11-23-gpu.md). Each f32 accumulator set costs
+    /// `TILE_ROWS·cols/threads` registers per thread.
+    /// - Digital: one set; 128 columns on 2×4 warps (64 registers a set, 128 in all, 2 CTAs per
+    ///   SM) halves the shared-memory traffic per MMA of a 64-column tile (7.9 vs 10.8 ms on
+    ///   the OLMoE layer).
+    /// - Analog: the block result and the running total are two sets. 64 columns on 4×2 warps
+    ///   keep 2 CTAs per SM, so one CTA's periphery epilogue (CUDA cores) overlaps the other's
+    ///   MMAs (22.5 vs 28.9 ms with 128 columns, 1 CTA per SM).
+    /// - PCM_READ and IR drop add one and two sets: 64 columns stay under 255 registers
+    ///   without spills (1 CTA per SM).
+    pub fn for_variant(v: &GemmVariant) -> Self {
+        if !v.analog {
+            return Self {
+                cols: 128,
+                warps_m: 2,
+                warps_n: 4,
+                stages: 4,
+            };
+        }
+        // The side-accumulator variants keep the 3 stages they were measured with.
+        Self {
+            cols: 64,
+            warps_m: 4,
+            warps_n: 2,
+            stages: if v.pcm_read || v.ir_drop { 3 } else { 4 },
+        }
+    }
+
+    /// `AIMC_GEMM_TILE=cols,warps_m,warps_n,stages` overrides the default (a tuning knob for
+    /// `aimc bench`; a malformed or unfit value is an error, not ignored).
+    pub(crate) fn choose(v: &GemmVariant, n_cols: usize) -> CudaResult<Self> {
+        let tile = match std::env::var("AIMC_GEMM_TILE") {
+            Ok(text) => Self::parse(&text)?,
+            Err(_) => Self::for_variant(v),
+        };
+        tile.check(n_cols, v.weight_operands())?;
+        Ok(tile)
+    }
+
+    /// `cols,warps_m,warps_n,stages` (the `AIMC_GEMM_TILE` format).
+    fn parse(text: &str) -> CudaResult<Self> {
+        let [cols, warps_m, warps_n, stages] =
+            tile_fields("AIMC_GEMM_TILE", text, "cols,warps_m,warps_n,stages")?;
+        Ok(Self {
+            cols,
+            warps_m,
+            warps_n,
+            stages,
+        })
+    }
+
+    pub(crate) fn threads(self) -> usize {
+        32 * self.warps_m * self.warps_n
+    }
+
+    pub(crate) fn shared_bytes(self, nb_mat: usize) -> usize {
+        self.stages
+            * (TILE_ROWS + nb_mat * self.cols)
+            * SMEM_ROW_HALVES
+            * std::mem::size_of::<u16>()
+    }
+
+    /// The kernel's `#error` conditions, as a clear error before compiling.
+    fn check(self, n_cols: usize, nb_mat: usize) -> CudaResult<()> {
+        let threads = self.threads();
+        let ok = self.warps_m > 0
+            && self.warps_n > 0
+            && threads <= 1024
+            && self.cols > 0
+            && n_cols.is_multiple_of(self.cols)
+            && (TILE_ROWS * 4).is_multiple_of(threads)
+            && (self.cols * 4).is_multiple_of(threads)
+            && TILE_ROWS.is_multiple_of(16 * self.warps_m)
+            && self.cols.is_multiple_of(16 * self.warps_n)
+            && self.stages >= 2
+            && self.shared_bytes(nb_mat) <= MAX_SHARED_BYTES;
+        if ok {
+            Ok(())
+        } else {
+            Err(CudaError::Unsupported(format!(
+                "grouped GEMM tile {self:?} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES})",
+                self.shared_bytes(nb_mat)
+            )))
+        }
+    }
+}
+
+/// CTA tile of the sm_90a digital GEMM `moe_gemm_wgmma` besides its [`TILE_ROWS`] rows
+/// (`WG_BN`, `WG_STAGES`, `WG_PIPE` of kernels/gemm_wgmma.cuh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgmmaTile {
+    /// Output columns per CTA: 128 or 256 (wgmma m64n128k16 or m64n256k16 per warpgroup).
+    pub cols: usize,
+    /// Shared-memory stages of [`WGMMA_TILE_K`] columns of K.
+    pub stages: usize,
+    /// Pipelining: 0 and 1 run one CTA per tile whose 256 threads all load and multiply
+    /// (0: each step waits for its wgmma; 1: one wgmma group stays in flight across the
+    /// barrier); 2 runs the warp-specialised persistent kernel (one loading warpgroup, two
+    /// multiplying ones, mbarriers between them, weights by TMA; at least 3 stages); 3 runs it
+    /// in clusters of two CTAs that multicast each weight tile to both.
+    pub pipe: usize,
+    /// The pipelining of the weighted scatter-add GEMMs (output mode 2), as `pipe`.
+    pub scatter_pipe: usize,
+    /// CTAs of the persistent kernels (`pipe` 2 and 3): 0 launches as many as can be resident
+    /// at once (one per multiprocessor; for `pipe` 3, two per co-resident cluster). Fewer make
+    /// each CTA walk more tiles (the GPU tests use 3 and 4 to cross tiles and barrier phases).
+    pub ctas: usize,
+}
+
+/// K per stage of the wgmma GEMM (one 128-byte swizzle atom of bf16).
+pub const WGMMA_TILE_K: usize = 64;
+
+impl WgmmaTile {
+    /// The tile for `n_cols` output columns and `k` inputs: `AIMC_WGMMA_TILE=cols,stages,pipe`
+    /// if set (a tuning knob for `aimc bench`, for every output mode; malformed or unfit is an
+    /// error), else 256 columns where they divide `n_cols`, else 128, with 4 stages. The
+    /// schedule, from the per-GEMM times of reports/bench/2026-11-24-wgmma-ws.md: 256-wide
+    /// tiles run the clustered warp-specialised kernel (`pipe` 3; OLMoE gate/up 2.24 → 1.98 ms,
+    /// fine-grained 0.68 → 0.62), except the scatter-add below K = 4096, which runs one CTA
+    /// per tile (`pipe` 1; OLMoE's down GEMM 1.47 ms against 1.52, fine-grained's 0.90 against
+    /// 1.09: bound by its DRAM read-modify-writes, it gains from more CTAs in flight, not from
+    /// the persistent schedule). 128-wide tiles run `pipe` 1. A 128 × 256 tile reads 48 KiB of
+    /// L2 per 4.2 MFLOP where 128 × 128 reads 32 KiB per 2.1. `None` when no tile divides N.
+    pub fn choose(n_cols: usize, k: usize) -> CudaResult<Option<Self>> {
+        let tile = match std::env::var("AIMC_WGMMA_TILE") {
+            Ok(text) => Self::parse(&text)?,
+            Err(_) => {
+                let wide = n_cols.is_multiple_of(256);
+                Self {
+                    cols: if wide { 256 } else { 128 },
+                    stages: 4,
+                    pipe: if wide { 3 } else { 1 },
+                    scatter_pipe: if wide && k >= 4096 { 3 } else { 1 },
+                    ctas: 0,
+                }
+            }
+        };
+        if std::env::var_os("AIMC_WGMMA_TILE").is_none() && !n_cols.is_multiple_of(tile.cols) {
+            return Ok(None);
+        }
+        tile.check(n_cols)?;
+        Ok(Some(tile))
+    }
+
+    /// This tile as it runs output `mode` (2: the scatter-add's schedule).
+    pub fn for_output(self, mode: i64) -> Self {
+        if mode == 2 {
+            Self {
+                pipe: self.scatter_pipe,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+
+    /// A tile running schedule `pipe` for every output mode; a persistent kernel gets as many
+    /// CTAs as can be resident.
+    pub fn new(cols: usize, stages: usize, pipe: usize) -> Self {
+        Self {
+            cols,
+            stages,
+            pipe,
+            scatter_pipe: pipe,
+            ctas: 0,
+        }
+    }
+
+    /// `cols,stages,pipe` (the `AIMC_WGMMA_TILE` format), as [`WgmmaTile::new`].
+    pub fn parse(text: &str) -> CudaResult<Self> {
+        let [cols, stages, pipe] = tile_fields("AIMC_WGMMA_TILE", text, "cols,stages,pipe")?;
+        Ok(Self::new(cols, stages, pipe))
+    }
+
+    /// Threads per CTA: 256, or 384 for the warp-specialised kernels.
+    pub fn threads(self) -> u32 {
+        if self.pipe >= 2 {
+            384
+        } else {
+            256
+        }
+    }
+
+    /// CTAs per cluster: 2 for the multicasting kernel (`pipe` 3), else 1.
+    pub fn cluster(self) -> usize {
+        if self.pipe == 3 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Dynamic shared memory for `n_experts` and `weight_tiles` weight matrices (2: split
+    /// analog fp16 hi + lo): the stages of A (128 rows) and B (`cols` rows each) of 128 bytes,
+    /// plus 1 KiB to align the base to the 1024-byte swizzle atom, plus the warp-specialised
+    /// kernels' two 8-byte mbarriers per stage and the clustered kernel's `n_experts + 1`
+    /// row-tile-pair offsets.
+    pub fn shared_bytes(self, n_experts: usize, weight_tiles: usize) -> usize {
+        let stages = self.stages * (TILE_ROWS + weight_tiles * self.cols) * WGMMA_TILE_K * 2 + 1024;
+        match self.pipe {
+            2 => stages + 16 * self.stages,
+            3 => stages + 16 * self.stages + 4 * (n_experts + 1),
+            _ => stages,
+        }
+    }
+
+    /// The kernel's `#error` conditions and the shared-memory limit (with one expert; the
+    /// launch checks the clustered kernel's per-expert table too), as a clear error.
+    pub fn check(self, n_cols: usize) -> CudaResult<()> {
+        let pipe_ok =
+            |pipe: usize| pipe <= 3 && self.stages >= if pipe >= 2 { 3 } else { 2 + pipe };
+        let ok = (self.cols == 128 || self.cols == 256)
+            && pipe_ok(self.pipe)
+            && pipe_ok(self.scatter_pipe)
+            && n_cols.is_multiple_of(self.cols)
+            && self
+                .shared_bytes(1, 1)
+                .max(self.for_output(2).shared_bytes(1, 1))
+                <= MAX_SHARED_BYTES;
+        if ok {
+            Ok(())
+        } else {
+            Err(CudaError::Unsupported(format!(
+                "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
+                 pipe 0 to 3, stages ≥ 2 + pipe (≥ 3 for pipes 2 and 3), {} B of shared memory, \
+                 at most {MAX_SHARED_BYTES})",
+                self.shared_bytes(1, 1)
+            )))
+        }
+    }
+
+    /// The `#define`s of `moe_gemm_wgmma` for output `mode` (0 store, 1 SwiGLU, 2 scatter-add,
+    /// 3 SwiGLU to bf16), the scatter-add in column slabs of `slab_cols` (0: none; see
+    /// [`scatter_slab_cols`]).
+    pub fn defines(self, mode: i64, slab_cols: usize) -> [(&'static str, i64); 7] {
+        [
+            ("MOE_ANALOG", 0),
+            ("MOE_MODE", mode),
+            ("MOE_WGMMA", 1),
+            ("WG_BN", self.cols as i64),
+            ("WG_STAGES", self.stages as i64),
+            ("WG_PIPE", self.pipe as i64),
+            (
+                "MOE_SLAB_COLS",
+                if mode == 2 { slab_cols as i64 } else { 0 },
+            ),
+        ]
+    }
+}
+
+/// The analog wgmma GEMM's tile for crossbars of `k_block` rows and `weight_tiles` weight
+/// matrices (2: split fp16 hi + lo), or `None` where it does not apply (`k_block` not a
+/// multiple of [`WGMMA_TILE_K`]). The kernel has one tile, 128 × 128 (two 64-register
+/// accumulator sets per thread, the block's sums and the running total, and the previous
+/// block's sums in [`ANALOG_PREV_BYTES`] of shared memory), and as many stages as fit in
+/// 227 KiB beside those: 3 of 48 KiB split (`pipe` 0: two stages load ahead and each step
+/// waits for its wgmma after the periphery work they hide), 4 of 32 KiB otherwise (`pipe` 1).
+pub fn analog_wgmma_tile(k_block: usize, weight_tiles: usize) -> Option<WgmmaTile> {
+    if k_block == 0 || !k_block.is_multiple_of(WGMMA_TILE_K) {
+        return None;
+    }
+    Some(if weight_tiles == 2 {
+        WgmmaTile::new(128, 3, 0)
+    } else {
+        WgmmaTile::new(128, 4, 1)
+    })
+}
+
+/// Shared memory of the analog wgmma GEMM's previous-block sums (128 × 128 f32).
+pub const ANALOG_PREV_BYTES: usize = TILE_ROWS * 128 * 4;
+
+/// Output columns per slab of the wgmma scatter-add GEMM with `k` inputs per row and `top_k`
+/// experts per token (`slab_tile` in kernels/raster.cuh; 0: no slabs):
+/// `AIMC_SCATTER_SLAB_COLS` if set to a number, else 256 where that moves fewer DRAM bytes.
+///
+/// In expert order each of a token's `top_k` f32 additions into its output row misses the L2
+/// (the output is larger), ~8·top_k·T·N bytes of read-modify-write. Slabs of S columns keep
+/// one slab's output in L2 (8·T·N) but read the operand rows once per slab
+/// (N/S · top_k·T·k · 2). With S = 256 slabs win when k·top_k < 1024·(top_k − 1): the
+/// fine-grained layer (k = 256, top-8) 2.30 → 1.99 ms on an H100, the OLMoE one (k = 1024)
+/// unchanged, as the byte counts say (reports/bench/2026-11-24-wgmma-ws.md).
+pub fn scatter_slab_cols(k: usize, top_k: usize) -> usize {
+    if let Some(cols) = std::env::var("AIMC_SCATTER_SLAB_COLS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return cols;
+    }
+    if k * top_k < 1024 * top_k.saturating_sub(1) {
+        256
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::gemm::variant::{analog_wgmma_defines, GemmOutput};
+
+    fn variant(analog: bool, pcm_read: bool) -> GemmVariant {
+        GemmVariant {
+            analog,
+            split_w: analog,
+            pcm_read,
+            ir_drop: false,
+            additive: false,
+            bound_management: false,
+            out_noise: analog,
+            adc: analog,
+            output: GemmOutput::SwiGlu,
+            noise_quads: true,
+            block_readout: false,
+        }
+    }
+
+    #[test]
+    fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
+        // Split weights: 3 stages of A (128 rows) + hi and lo (128 rows each) × 128 bytes;
+        // single fp16 weights: 4 stages of 256 rows. Both under the 227 KiB limit with the
+        // previous block's 64 KiB of sums.
+        let split = analog_wgmma_tile(512, 2).unwrap();
+        assert_eq!(split, WgmmaTile::new(128, 3, 0));
+        assert_eq!(split.shared_bytes(64, 2), 3 * 384 * 128 + 1024);
+        let single = analog_wgmma_tile(256, 1).unwrap();
+        assert_eq!(single.shared_bytes(64, 1), 4 * 256 * 128 + 1024);
+        for (t, nb) in [(split, 2), (single, 1)] {
+            assert!(t.shared_bytes(1, nb) + ANALOG_PREV_BYTES <= MAX_SHARED_BYTES);
+            t.check(1024).unwrap();
+        }
+        // Crossbar blocks must be whole 64-row wgmma steps.
+        assert_eq!(analog_wgmma_tile(250, 2), None);
+        assert_eq!(analog_wgmma_tile(0, 2), None);
+        let v = |pcm_read, ir_drop, output| GemmVariant {
+            analog: true,
+            split_w: true,
+            pcm_read,
+            ir_drop,
+            additive: false,
+            bound_management: false,
+            out_noise: true,
+            adc: true,
+            output,
+            noise_quads: true,
+            block_readout: false,
+        };
+        assert!(v(false, false, GemmOutput::ScatterAdd).wgmma_ready());
+        assert!(!v(true, false, GemmOutput::Store).wgmma_ready());
+        assert!(!v(false, true, GemmOutput::Store).wgmma_ready());
+        let defines =
+            analog_wgmma_defines(&v(false, false, GemmOutput::ScatterAdd), split, 512, 256);
+        assert!(defines.contains(&("MOE_KB_STEPS", 8)));
+        assert!(defines.contains(&("MOE_SLAB_COLS", 256)));
+        assert!(defines.contains(&("MOE_ANALOG", 1)));
+    }
+    #[test]
+    fn wgmma_tiles_parse_check_and_default() {
+        let tile = WgmmaTile::new;
+        let t = WgmmaTile::parse("256, 4,1").unwrap();
+        assert_eq!(t, tile(256, 4, 1));
+        for bad in ["256,4", "256,4,1,0", "a,4,1", ""] {
+            assert!(WgmmaTile::parse(bad).is_err(), "{bad:?}");
+        }
+        // 4 stages of 128 + 256 rows × 128 bytes, plus the 1 KiB alignment slack.
+        assert_eq!(t.shared_bytes(64, 1), 4 * 384 * 128 + 1024);
+        assert_eq!((t.threads(), t.cluster()), (256, 1));
+        t.check(2048).unwrap();
+        assert!(t.check(128 * 3).is_err()); // 256 does not divide N
+                                            // The warp-specialised kernels: 384 threads, two mbarriers per stage, and for the
+                                            // clustered one 2 CTAs and a row-tile-pair offset per expert and one more.
+        let ws = WgmmaTile::parse("256,4,2").unwrap();
+        assert_eq!((ws.threads(), ws.cluster()), (384, 1));
+        assert_eq!(ws.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64);
+        let cl = WgmmaTile::parse("256,4,3").unwrap();
+        assert_eq!((cl.threads(), cl.cluster()), (384, 2));
+        assert_eq!(cl.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
+        ws.check(2048).unwrap();
+        cl.check(2048).unwrap();
+        tile(128, 3, 2).check(2048).unwrap();
+        let bad_tiles = [
+            (192, 4, 1), // no such wgmma width
+            (128, 2, 1), // pipelining needs a third stage
+            (128, 2, 2), // so does the producer's lag
+            (128, 2, 3), // and the clustered one's
+            (128, 4, 4), // no such pipeline
+            (256, 5, 1), // 241 KiB of shared memory
+        ];
+        for (cols, stages, pipe) in bad_tiles {
+            let t = tile(cols, stages, pipe);
+            assert!(t.check(2048).is_err(), "{t:?}");
+        }
+        let mode = |t: WgmmaTile, m: i64| {
+            t.defines(m, 0)
+                .iter()
+                .find(|d| d.0 == "MOE_MODE")
+                .unwrap()
+                .1
+        };
+        assert_eq!(mode(t, 3), 3);
+        // Slabs only for the scatter-add.
+        let slab = |m: i64| {
+            t.defines(m, 256)
+                .iter()
+                .find(|d| d.0 == "MOE_SLAB_COLS")
+                .unwrap()
+                .1
+        };
+        assert_eq!((slab(2), slab(3)), (256, 0));
+        if std::env::var_os("AIMC_SCATTER_SLAB_COLS").is_none() {
+            // The byte-count rule: the fine-grained layer (k 256, top-8) in slabs, OLMoE's
+            // (k 1024) and Mixtral's (k 14336, top-2) not; top-1 never (no second addition).
+            assert_eq!(scatter_slab_cols(256, 8), 256);
+            assert_eq!(scatter_slab_cols(1024, 8), 0);
+            assert_eq!(scatter_slab_cols(14336, 2), 0);
+            assert_eq!(scatter_slab_cols(64, 1), 0);
+        }
+        if std::env::var_os("AIMC_WGMMA_TILE").is_none() {
+            // (columns, pipe, scatter-add pipe) and, as the scatter-add runs, its pipe.
+            let chosen = |n, k| {
+                WgmmaTile::choose(n, k)
+                    .unwrap()
+                    .map(|t| (t.cols, t.pipe, t.scatter_pipe, t.for_output(2).pipe))
+            };
+            assert_eq!(chosen(2048, 2048), Some((256, 3, 1, 1)));
+            assert_eq!(chosen(2048, 4096), Some((256, 3, 3, 3)));
+            assert_eq!(chosen(384, 4096), Some((128, 1, 1, 1)));
+            assert_eq!(chosen(96, 2048), None);
+            // An unfit scatter-add schedule fails the check too.
+            let mut t = tile(256, 3, 1);
+            t.scatter_pipe = 4;
+            assert!(t.check(2048).is_err());
+        }
+    }
+    #[test]
+    fn default_tiles_fit_every_width_the_uploads_accept() {
+        // Uploads accept N = any multiple of TILE_COLS.
+        for v in [
+            variant(false, false),
+            variant(true, false),
+            variant(true, true),
+        ] {
+            let tile = GemmTile::for_variant(&v);
+            for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
+                tile.check(n, v.weight_operands()).unwrap();
+            }
+            // The kernel's per-thread loader and warp-fragment conditions.
+            assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
+            assert_eq!((tile.cols / tile.warps_n / 8) % 2, 0, "{tile:?}");
+        }
+    }
+    #[test]
+    fn tile_override_parses_four_numbers_or_names_the_format() {
+        assert_eq!(
+            GemmTile::parse("64, 4,2,3").unwrap(),
+            GemmTile {
+                cols: 64,
+                warps_m: 4,
+                warps_n: 2,
+                stages: 3
+            }
+        );
+        for bad in ["", "64,4,2", "64,4,2,3,1", "64,4,x,3", "-64,4,2,3"] {
+            let err = GemmTile::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("want cols,warps_m,warps_n,stages"),
+                "{bad}: {err}"
+            );
+        }
+    }
+    #[test]
+    fn unfit_tiles_are_refused_before_compiling() {
+        let t = |cols, warps_m, warps_n, stages| GemmTile {
+            cols,
+            warps_m,
+            warps_n,
+            stages,
+        };
+        // 256 columns do not divide N = 384.
+        assert!(t(256, 2, 4, 3).check(384, 1).is_err());
+        assert!(t(128, 2, 4, 3).check(384, 1).is_ok());
+        // 8 stages of 128 + 2·256 rows × 80 B = 400 KiB > 227 KiB.
+        let err = t(256, 2, 4, 8).check(1024, 2).unwrap_err().to_string();
+        assert!(err.contains("409600 B of shared memory"), "{err}");
+        // 3 warps along M do not tile 128 rows in m16 fragments; 1 stage is no pipeline.
+        assert!(t(128, 3, 2, 3).check(1024, 1).is_err());
+        assert!(t(128, 2, 4, 1).check(1024, 1).is_err());
+        assert!(t(128, 0, 4, 3).check(1024, 1).is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! Launch of the sm_90a grouped GEMMs (`kernels/gemm_wgmma.cuh`): `moe_gemm_wgmma` (digital,
+//! pipelined or warp-specialised persistent, optionally in clusters of two that multicast the
+//! weight tile) and `moe_analog_wgmma` (analog, the periphery per crossbar block as `moe_gemm`
+//! applies it). Same contract and numbers as the mma.sync kernel of the same variant.
+
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+use super::allow_dynamic_shared;
+use super::tile::{
+    analog_wgmma_tile, scatter_slab_cols, WgmmaTile, ANALOG_PREV_BYTES, MAX_SHARED_BYTES,
+    TILE_ROWS, WGMMA_TILE_K,
+};
+use super::tma::weight_tensor_map;
+use super::variant::{analog_wgmma_defines, GemmVariant};
+use super::GemmParams;
+use crate::backend::cuda::compile::MOE_CU;
+use crate::backend::cuda::grouped::GpuGroupedMatrix;
+use crate::backend::cuda::routing::GpuRouting;
+use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
+
+/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/gemm_wgmma.cuh): 128 × `tile.cols` CTA tiles,
+/// two warpgroups issuing wgmma from 128B-swizzled shared memory; digital on any of the
+/// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`analog_wgmma_tile`]'s.
+pub(crate) fn wgmma_gemm(
+    dev: &CudaDevice,
+    m: &GpuGroupedMatrix,
+    tile: WgmmaTile,
+    routing: &GpuRouting,
+    variant: &GemmVariant,
+    params: &GemmParams,
+) -> CudaResult<()> {
+    let output = variant.output;
+    let analog_ok = analog_wgmma_tile(m.k_block, variant.weight_operands()) == Some(tile);
+    if variant.analog != m.precision.analog()
+        || (variant.analog && !(analog_ok && variant.wgmma_ready()))
+        || dev.compute_capability() != (9, 0)
+        || !m.k.is_multiple_of(WGMMA_TILE_K)
+    {
+        return Err(CudaError::Unsupported(format!(
+            "the wgmma grouped GEMM runs digital bf16 weights on any tile, analog ones without \
+             side accumulators on the analog tile (here {:?} weights, {variant:?}, tile \
+             {tile:?}, crossbar rows {}), on an sm_90 device (sm_{}{}) with K a multiple of \
+             {WGMMA_TILE_K} ({})",
+            m.precision,
+            m.k_block,
+            dev.compute_capability().0,
+            dev.compute_capability().1,
+            m.k,
+        )));
+    }
+    tile.check(m.n_cols)?;
+    let tile = tile.for_output(output.mode());
+    let slab_cols = scatter_slab_cols(m.k, routing.top_k);
+    let defines = if variant.analog {
+        analog_wgmma_defines(variant, tile, m.k_block, slab_cols)
+    } else {
+        tile.defines(output.mode(), slab_cols).to_vec()
+    };
+    let name = if variant.analog {
+        "moe_analog_wgmma"
+    } else {
+        "moe_gemm_wgmma"
+    };
+    let f = dev.function(&MOE_CU, &defines, name)?;
+    let shared = tile.shared_bytes(m.n_experts, variant.weight_operands())
+        + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
+    if shared > MAX_SHARED_BYTES {
+        return Err(CudaError::Unsupported(format!(
+            "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
+             {MAX_SHARED_BYTES}",
+            m.n_experts
+        )));
+    }
+    let shared = shared as u32;
+    let threads = tile.threads();
+    allow_dynamic_shared(&f, name, threads, shared)?;
+    let pairs = routing.n_tokens * routing.top_k;
+    // A bound on the row tiles (the routing's count lives on the device): the one-tile kernels
+    // return past the last, the persistent ones walk them with as many CTAs as are resident.
+    let tiles = (pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols);
+    let block = (threads, 1, 1);
+    let grid = match tile.pipe {
+        0 | 1 => tiles,
+        2 => tiles.min(match tile.ctas {
+            0 => dev.sm_count() as usize,
+            c => c,
+        }),
+        _ => {
+            let clusters = match tile.ctas {
+                0 => max_active_clusters(dev, &f, block, shared)?,
+                c => c.div_ceil(2),
+            };
+            2 * clusters.min(tiles.div_ceil(2))
+        }
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (grid.max(tile.cluster()) as u32, 1, 1),
+        block_dim: block,
+        shared_mem_bytes: shared,
+    };
+    if tile.pipe >= 2 {
+        let map = weight_tensor_map(m, tile)?;
+        dev.launch(&f, name, cfg, |b| {
+            b.arg(params).arg(&map);
+        })
+    } else {
+        dev.launch(&f, name, cfg, |b| {
+            b.arg(params);
+        })
+    }
+}
+
+/// Clusters of `f` (compiled with `__cluster_dims__`) that can be resident at once with
+/// `block` threads and `shared` bytes each: the grid of a persistent clustered kernel (a
+/// GPC's SMs pair up, so this can be below half the SMs).
+fn max_active_clusters(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    block: (u32, u32, u32),
+    shared: u32,
+) -> CudaResult<usize> {
+    use cudarc::driver::sys;
+    let config = sys::CUlaunchConfig {
+        gridDimX: 2 * dev.sm_count(),
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: shared,
+        hStream: dev.stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: `config` names no attributes; `f` is a loaded function of this context.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+    r.result().map_err(|source| CudaError::Driver {
+        what: "querying how many 2-CTA clusters of moe_gemm_wgmma fit at once".into(),
+        source,
+    })?;
+    if n < 1 {
+        return Err(CudaError::Unsupported(format!(
+            "no 2-CTA cluster of moe_gemm_wgmma ({} threads, {shared} B of shared memory) fits \
+             on {}",
+            block.0,
+            dev.name()
+        )));
+    }
+    Ok(n as usize)
+}
