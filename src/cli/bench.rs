@@ -181,7 +181,7 @@ fn analog_suite(args: &BenchArgs) -> Result<String> {
     let preset_name = args
         .presets
         .first()
-        .map_or(super::map::DEFAULT_PRESET, String::as_str);
+        .map_or(super::common::DEFAULT_PRESET, String::as_str);
     let preset = TilePreset::resolve(preset_name)?;
     let tokens = super::common::load_tokens(&model, None, 4096)?;
     let specs = crate::mapping::MatrixSpec::from_model(&model);

@@ -72,7 +72,7 @@ pub struct EnergyArgs {
     #[arg(long, default_value_t = 1024)]
     pub scaling_stacks: usize,
     /// Output folder.
-    #[arg(long, default_value = "reports/energy")]
+    #[arg(long, default_value = "aimc-out/energy")]
     pub out: PathBuf,
 }
 
@@ -154,7 +154,7 @@ pub(super) fn seconds(s: f64) -> String {
 
 fn print_report(r: &EnergyReport) {
     println!(
-        "model {}  ({:.2}B params, {:.2}B active)  preset {}  strategy {:?}  stacks {} ({} chip(s))",
+        "model {}  ({:.2}B params, {:.2}B active)  preset {}  strategy {}  stacks {} ({} chip(s))",
         r.model.name,
         r.model.total_params() as f64 / 1e9,
         r.model.active_params() as f64 / 1e9,

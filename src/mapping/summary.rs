@@ -148,7 +148,7 @@ impl MappingSummary {
 
 impl fmt::Display for MappingSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "strategy              {:?}", self.strategy)?;
+        writeln!(f, "strategy              {}", self.strategy)?;
         writeln!(
             f,
             "chip                  {} stacks × {} tiers of {}×{} crossbars",
