@@ -13,7 +13,7 @@ use ndarray::Array2;
 use crate::rng::{Purpose, Stream};
 use crate::tile::{AnalogMatrix, Crossbar, TilePreset};
 
-/// Benchmark suites (more join with later issues).
+/// Benchmark suites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
     /// CPU crossbar MVM with all nonidealities vs a plain f32 ndarray matmul of the same shape.
@@ -24,7 +24,7 @@ pub enum Suite {
     /// plain GEMM of the same FLOPs (`--model DIR`, default the embedded model).
     Model,
     /// Analog CPU forward of a model (mapped on `--presets`' first preset, drifted to 1 day) vs its digital
-    /// forward on the same 4,096 tokens of the default text (issue 4 target ≤ 1.5×).
+    /// forward on the same 4,096 tokens of the default text (the aim: at most 1.5× the digital time).
     Analog,
     /// CPU MoE expert layer: per-expert analog crossbars vs per-expert f32 matmuls vs one dense
     /// ndarray matmul of equal FLOPs (`--moe-shape`).
@@ -114,7 +114,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        num_args = 5,
+        value_name = "T,d,n,E,k",
         default_value = "256,512,256,8,2"
     )]
     pub moe_shape: Vec<usize>,

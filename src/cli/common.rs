@@ -22,9 +22,10 @@ pub fn load_model(dir: Option<&Path>) -> Result<Model> {
 /// The name a person reads for `--model DIR`: the folder's last component, or the embedded model's name.
 pub fn model_name(dir: Option<&Path>) -> String {
     match dir {
-        Some(d) => d
-            .file_name()
-            .map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        Some(d) => d.file_name().map_or_else(
+            || d.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         None => crate::model::embedded::NAME.to_string(),
     }
 }

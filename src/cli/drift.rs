@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::eval::time::parse_durations;
 use super::common::time_ticks;
+use crate::eval::time::parse_durations;
 use crate::report::{write_line_chart_with_ticks, Legend, LineChart, Series};
 use crate::tile::{drift_study, DriftStudy, DriftStudyConfig, TilePreset};
 
@@ -70,7 +70,8 @@ pub fn write_outputs(study: &DriftStudy, out: &Path) -> Result<Vec<PathBuf>> {
     let times: Vec<f64> = study.points.iter().map(|p| p.t_seconds).collect();
     let ticks = time_ticks(&times);
     let fan = write_line_chart_with_ticks(&fan_chart(study), Some(&ticks), &out.join("drift_fan"))?;
-    let err = write_line_chart_with_ticks(&error_chart(study), Some(&ticks), &out.join("mvm_error"))?;
+    let err =
+        write_line_chart_with_ticks(&error_chart(study), Some(&ticks), &out.join("mvm_error"))?;
     Ok([json].into_iter().chain(fan).chain(err).collect())
 }
 

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::common::DEFAULT_PRESET;
 use super::common::{load_model, load_tokens, model_name};
 use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, write_outputs, write_sweep, RunResult,
     RunSpec,
 };
-use super::common::DEFAULT_PRESET;
 use super::map::MappingFlags;
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::eval::analog::AnalogEvalConfig;

@@ -5,12 +5,12 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::common::time_ticks;
 use super::common::write_json;
 use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport, TimeSummary};
 use crate::eval::time::format_duration;
 use crate::mapping::{DigitalSelection, Mapping, MappingOptions, Strategy};
 use crate::model::Model;
-use super::common::time_ticks;
 use crate::report::{write_line_chart, write_line_chart_with_ticks, LineChart, Series};
 use crate::tile::TilePreset;
 
@@ -77,7 +77,9 @@ pub fn markdown_table(r: &AnalogEvalReport) -> String {
 pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
     // Time 0 cannot sit on a log axis: plot it at 1 s and say so in the label.
     let x = |t: f64| t.max(1.0);
-    let model = runs.first().map_or(String::new(), |r| format!("{}: ", r.model));
+    let model = runs
+        .first()
+        .map_or(String::new(), |r| format!("{}: ", r.model));
     let mut ppl = LineChart {
         title: format!("{model}perplexity vs drift time (mean ± std over seeds)"),
         x_label: "time after programming (log scale; 0 s drawn at 1 s)".into(),
@@ -200,7 +202,7 @@ pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

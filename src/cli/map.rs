@@ -152,7 +152,13 @@ pub fn run(args: MapArgs) -> Result<()> {
     print!("{}", r.summary);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    write_outputs(&model_name(args.model.as_deref()), &model, &preset, &r, &args.out)?;
+    write_outputs(
+        &model_name(args.model.as_deref()),
+        &model,
+        &preset,
+        &r,
+        &args.out,
+    )?;
     println!(
         "wrote {}/{{mapping.json, summary.json, occupancy.png, occupancy.svg}}",
         args.out.display()

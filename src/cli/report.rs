@@ -8,12 +8,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use super::common::DEFAULT_PRESET;
 use super::common::{load_model, load_tokens, model_name, write_json};
 use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, thousands, write_sweep, RunResult, RunSpec,
     SweepPoint,
 };
-use super::common::DEFAULT_PRESET;
 use super::map::{map_model, MappingFlags};
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::energy::{
@@ -221,7 +221,11 @@ pub fn run(args: ReportArgs) -> Result<()> {
     stages.end();
 
     let elapsed = stages.start.elapsed().as_secs_f64();
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // The command as a person would type it: `aimc` and the arguments, whatever path the binary ran from.
+    let command = std::iter::once("aimc".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let report = Report {
         schema_version: REPORT_SCHEMA_VERSION,
         aimc_version: env!("CARGO_PKG_VERSION"),

@@ -351,7 +351,10 @@ mod tests {
 
     #[test]
     fn routers_print_human_names() {
-        assert_eq!(rule(4, false).to_string(), "softmax top-4, no renormalisation");
+        assert_eq!(
+            rule(4, false).to_string(),
+            "softmax top-4, no renormalisation"
+        );
         let deepseek = RouterRule {
             top_k: 6,
             renormalize: true,
@@ -366,7 +369,10 @@ mod tests {
             "softmax top-6, renormalised, × 16, best 3 of 8 groups"
         );
         assert_eq!(
-            "softmax-renorm:2".parse::<RouterKind>().unwrap().to_string(),
+            "softmax-renorm:2"
+                .parse::<RouterKind>()
+                .unwrap()
+                .to_string(),
             "softmax top-2, renormalised"
         );
         assert_eq!(RouterKind::Relu.to_string(), "ReLU (variable k)");

@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use plotters::coord::Shift;
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::plot::{register_font, series_colour, si_format, si_prefix};
 
@@ -146,8 +146,7 @@ where
         ctx.draw_series(std::iter::once(Text::new(
             text,
             (i as f64, *total),
-            TextStyle::from((FAMILY, 15).into_font())
-                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            TextStyle::from((FAMILY, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom)),
         )))
         .map_err(err)?;
     }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::plot::{register_font, ticked};
 
@@ -194,7 +194,11 @@ where
         "Grey: free cells.",
     ];
     if labelled {
-        lines.extend(["Text: layer and", "experts (E routed,", "S shared) it holds."]);
+        lines.extend([
+            "Text: layer and",
+            "experts (E routed,",
+            "S shared) it holds.",
+        ]);
     }
     for (k, line) in lines.iter().enumerate() {
         legend

@@ -353,9 +353,7 @@ fn legend_width(labels: impl Iterator<Item = usize>) -> u32 {
 
 /// A series drawn as a reference line: constant y (e.g. the digital baseline), dashed and without markers.
 fn is_reference(s: &Series) -> bool {
-    s.band.is_none()
-        && s.points.len() >= 2
-        && s.points.windows(2).all(|w| w[0].1 == w[1].1)
+    s.band.is_none() && s.points.len() >= 2 && s.points.windows(2).all(|w| w[0].1 == w[1].1)
 }
 
 fn draw<DB: DrawingBackend>(
@@ -383,9 +381,7 @@ where
     let (y0, y1) = range(ys, chart.log_y);
     let xt = x_tick_list(chart, x_ticks, x0, x1);
     let yt: Vec<f64> = nice_ticks(y0, y1, chart.log_y);
-    let body = root
-        .titled(&chart.title, (FAMILY, 24))
-        .map_err(err)?;
+    let body = root.titled(&chart.title, (FAMILY, 24)).map_err(err)?;
     let legend_w = legend_width(chart.series.iter().map(|s| s.label.chars().count()));
     let (plot, legend) = body.split_horizontally(SIZE.0.saturating_sub(legend_w));
     let xv: Vec<f64> = xt.iter().map(|t| t.0).collect();
