@@ -25,7 +25,7 @@
 //
 // Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
 // digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
-// block mirrors tile::Crossbar::analog + forward_chunk step 9 (design.md §3), block partial sums
+// block mirrors tile::Crossbar::analog + forward_chunk step 9 (docs/model.md §3), block partial sums
 // are added in input-block order as tile::AnalogMatrix::mvm does.
 
 typedef unsigned short u16;
@@ -572,7 +572,7 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
 }
 #endif
 
-// Steps 4–7 and 9 of design.md §3 for outputs (row, col), (row, col + 1) of one crossbar block:
+// Steps 4–7 and 9 of docs/model.md §3 for outputs (row, col), (row, col + 1) of one crossbar block:
 // DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
 // α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
 // tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
@@ -1832,7 +1832,7 @@ extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
     lo[i] = f32_to_f16(x - hf);
 }
 
-// Step 8 of design.md §3, iterative bound management, after the attempts of MOE_MODE 4
+// Step 8 of docs/model.md §3, iterative bound management, after the attempts of MOE_MODE 4
 // (backend::cuda::moe::bound_management): row pos_of_slot[s] of the store-mode output becomes
 // the sum of its crossbar blocks' accepted outputs, in K-block order as moe_gemm's running total
 // and tile::AnalogMatrix::mvm add them. y: [slots, KB, N].

@@ -1,7 +1,7 @@
 // Conductance programming, drift and read noise of PCM-family devices on the GPU.
 // Prepended: philox.cuh. Compiled with --fmad=false so every formula rounds as the Rust one.
 // Each function names the Rust function it mirrors; the equations live in src/device/pcm.rs and
-// src/device/converter.rs (design.md §2).
+// src/device/converter.rs (docs/model.md §2).
 
 // Mirrors the fields of device::PcmLike that the kernels need (host: backend::cuda::program).
 struct PcmParams {

@@ -2,8 +2,8 @@
 //!
 //! Data flows one way: checkpoint → [`model`] → [`mapping`] → programmed tiles ([`tile`], built from
 //! [`device`] physics and [`rng`] streams) → execution [`backend`] → metrics ([`eval`]) → [`report`].
-//! The physics follows `design.md` (shipped beside the project as the spec), which in turn follows
-//! IBM AIHWKIT's inference noise models.
+//! The physics is stated with its equations and sources in `docs/model.md`; it follows IBM AIHWKIT's inference
+//! noise models.
 
 pub mod backend;
 pub mod cli;

@@ -244,3 +244,24 @@ fn committed_example_report_matches_a_full_fresh_run() {
         "drift.json",
     );
 }
+
+/// The README promises that the default chip's accuracy equals `pcm-3d-8tier`'s: the two presets must agree in
+/// every field that affects the physics or the mapping's crossbar shape (only the stack count, the energy costs and
+/// the descriptive text may differ).
+#[test]
+fn default_preset_has_the_physics_of_pcm_3d_8tier() {
+    let strip = |name: &str| {
+        let p = aimc::tile::TilePreset::resolve(name).unwrap();
+        let mut v = serde_json::to_value(&p).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in ["name", "description", "source", "cost"] {
+            o.remove(k);
+        }
+        o.get_mut("stack")
+            .and_then(Value::as_object_mut)
+            .expect("stack section")
+            .remove("stacks");
+        v
+    };
+    assert_eq!(strip("aimc-3d"), strip("pcm-3d-8tier"));
+}

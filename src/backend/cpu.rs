@@ -12,7 +12,7 @@ use crate::mapping::Mapping;
 use crate::model::{ExpertLinear, ExpertSlot, MatrixId, Model, Proj};
 use crate::tile::{AnalogMatrix, TilePreset};
 
-/// Stable tensor id of a model matrix, the key of its random streams (design.md §6): layer in bits 31..16, slot in
+/// Stable tensor id of a model matrix, the key of its random streams (docs/model.md §6): layer in bits 31..16, slot in
 /// bits 15..2 (routed expert `e` → `e + 2`, shared expert `i` → `i + 1` counted from the top, dense MLP → 0), and the
 /// projection in bits 1..0. Blocks derive their own ids from it ([`crate::rng::child_tensor_id`]).
 pub fn matrix_tensor_id(id: MatrixId) -> u32 {

@@ -1,7 +1,7 @@
 //! `--backend cpu|cuda|auto`: where the analog expert products of a run execute.
 //!
 //! Resolved once per command ([`Execution::resolve`]), then checked per tile preset
-//! ([`Execution::gpu_for`]): the CUDA kernels cover design.md §3 for DACs of up to 11 bits
+//! ([`Execution::gpu_for`]): the CUDA kernels cover docs/model.md §3 for DACs of up to 11 bits
 //! (their codes are exact fp16 operands), so a preset with a finer DAC runs on the CPU under
 //! `auto` (with a one-line notice) and is an error under `cuda`.
 #[cfg(feature = "cuda")]

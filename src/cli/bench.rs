@@ -40,7 +40,7 @@ pub enum GpuCase {
     Analog,
 }
 
-/// MoE layer shapes of design.md §8.
+/// MoE layer shapes of docs/model.md §8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Shape {
     /// OLMoE layer: T=16384, d=2048, n=1024, E=64, k=8.
@@ -55,6 +55,12 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// The name `--shapes` takes (`fine-grained`).
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+
     /// (tokens T, model width d, expert width n, experts E, top-k).
     pub fn dims(self) -> (usize, usize, usize, usize, usize) {
         match self {
@@ -611,7 +617,7 @@ mod gpu {
                 bandwidth,
                 &mut out,
             )
-            .with_context(|| format!("shape {shape:?}"))?;
+            .with_context(|| format!("shape {}", shape.name()))?;
         }
         if let Some(path) = &args.report {
             let text = format!(
@@ -649,7 +655,7 @@ mod gpu {
         };
         let pairs = t * k;
         let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
-        let name = format!("{shape:?} T={t} d={d} n={n} E={e} k={k}");
+        let name = format!("{} T={t} d={d} n={n} E={e} k={k}", shape.name());
         // (a) cuBLAS dense bf16 GEMM of equal FLOPs: [T·k, 3n] × [3n, d].
         let (gm, gn, gk) = (pairs, d, 3 * n);
         let a = to_bf16_device(dev, &random_device(dev, gm * gk, 1)?)?;

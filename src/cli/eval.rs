@@ -1,5 +1,5 @@
 //! `aimc eval`: accuracy of the analog model against the digital baseline over drift time and seeds
-//! (design.md §7), or with `--digital` the digital perplexity and throughput alone.
+//! (docs/model.md §7), or with `--digital` the digital perplexity and throughput alone.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

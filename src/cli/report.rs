@@ -59,7 +59,8 @@ pub struct ReportArgs {
     /// Seeds of the heterogeneous sweep.
     #[arg(long, default_value_t = 3)]
     pub sweep_seeds: u64,
-    /// Tokens of the heterogeneous sweep.
+    /// Tokens of the heterogeneous sweep: the first N of the evaluation tokens (fewer keeps the report fast; the
+    /// sweep has its own digital baseline on the same tokens).
     #[arg(long, default_value_t = 2048)]
     pub sweep_tokens: usize,
     /// GPU preset the energy estimate is compared with (a name under tiles/gpu/ or a JSON file).

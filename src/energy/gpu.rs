@@ -1,4 +1,4 @@
-//! The GPU reference: a roofline estimate of the same model on one or more GPUs (design.md §8).
+//! The GPU reference: a roofline estimate of the same model on one or more GPUs (docs/model.md §8).
 //!
 //! GPU presets live in `tiles/gpu/*.json` (built-ins embedded in the binary, like the tile presets) because they
 //! describe a whole digital accelerator, not an analog tile: peak bf16 rate, HBM bandwidth and capacity, board

@@ -147,7 +147,7 @@ impl<'a> EnergyModel<'a> {
     /// Büchel et al. (only attention over the KV cache, norms, router and activations stay digital): each projection
     /// gets dedicated stacks (one tier, never switched) with full R×C blocks, `⌈params / (R·C)⌉` of them, so every
     /// token costs one MVM per block; q/k/v then o (two MVM phases), the LM head one. Off by default: the
-    /// heterogeneous mapping keeps them digital (design.md §4.2).
+    /// heterogeneous mapping keeps them digital (docs/model.md §4.2).
     pub fn new(
         cost: &'a CostModel,
         mapping: &Mapping,

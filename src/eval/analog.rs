@@ -1,4 +1,4 @@
-//! Accuracy of the analog model against the digital baseline over drift time and seeds (design.md §7).
+//! Accuracy of the analog model against the digital baseline over drift time and seeds (docs/model.md §7).
 //!
 //! For each seed the mapped matrices are programmed once; for each drift time they are drifted (from the same
 //! programmed state) and the model runs on the evaluation tokens with every analog expert MVM through its crossbars.

@@ -1,7 +1,7 @@
 //! CPU benchmark of the digital model (issue 3 targets: ≥ 2,000 tokens/s forward on 2 cores for
 //! 512-token sequences; expert FFN path within 2× of a plain matmul of the same FLOPs).
 //!
-//! Each figure is timed against a reference measured in the same run (design.md §8): the expert
+//! Each figure is timed against a reference measured in the same run (docs/model.md §8): the expert
 //! path ([`crate::model::moe::dispatch`]: grouping, gather, gate/up/down GEMMs, SiLU, weighted
 //! scatter) against one plain `[T·k, H] × [H, 3I]` GEMM, which has exactly its multiply-adds.
 use std::time::Instant;

@@ -1,4 +1,4 @@
-//! Model evaluation: digital perplexity and throughput now; analog evaluation (design.md §7) joins
+//! Model evaluation: digital perplexity and throughput now; analog evaluation (docs/model.md §7) joins
 //! later through the same entry points with a different [`ForwardOptions::experts`] backend.
 use std::time::Instant;
 

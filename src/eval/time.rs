@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 
-/// Unit suffixes and their length in seconds; a month is 30 days and a year 365 days (design.md §7).
+/// Unit suffixes and their length in seconds; a month is 30 days and a year 365 days (docs/model.md §7).
 const UNITS: [(&str, f64); 7] = [
     ("s", 1.0),
     ("min", 60.0),

@@ -1,4 +1,4 @@
-//! Choosing which routed experts stay digital (heterogeneous analog–digital MoE, design.md §4.2).
+//! Choosing which routed experts stay digital (heterogeneous analog–digital MoE, docs/model.md §4.2).
 //!
 //! The criterion of the retraining-free heterogeneous MoE paper (arXiv 2603.02633): an expert's sensitivity to
 //! analog noise grows with its largest neuron, so its score is the product over its gate, up and down matrices of

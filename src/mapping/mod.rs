@@ -1,10 +1,10 @@
-//! Mapping of a model's matrices onto the crossbar tiers of 3D tile stacks (design.md §4).
+//! Mapping of a model's matrices onto the crossbar tiers of 3D tile stacks (docs/model.md §4).
 //!
 //! Every analog matrix `[n_out, n_in]` is split into crossbar blocks (inputs on rows, outputs on columns, equal
-//! parts as in design.md §3), and each block gets a `(stack, tier, offset)`. Only one tier of a stack computes at a
+//! parts as in docs/model.md §3), and each block gets a `(stack, tier, offset)`. Only one tier of a stack computes at a
 //! time, so *where* the blocks go decides how many experts can run in parallel and how often a stack switches tiers.
 //! Attention, router and embeddings are always digital; the heterogeneous option keeps the most noise-sensitive
-//! experts digital as well (design.md §4.2).
+//! experts digital as well (docs/model.md §4.2).
 
 pub mod digital;
 pub mod pack;
@@ -75,7 +75,7 @@ impl MatrixSpec {
     }
 }
 
-/// Placement strategy (design.md §4).
+/// Placement strategy (docs/model.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -115,7 +115,7 @@ pub struct MappingOptions {
     pub digital_fraction: f64,
     /// How the digital experts are chosen.
     pub digital_selection: DigitalSelection,
-    /// Put shared experts and dense MLPs on analog tiles too (default: digital, as in design.md §4.2).
+    /// Put shared experts and dense MLPs on analog tiles too (default: digital, as in docs/model.md §4.2).
     pub analog_shared: bool,
 }
 

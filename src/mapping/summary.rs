@@ -1,4 +1,4 @@
-//! What `aimc map` reports about a mapping (design.md §4: stacks and tiers used, utilisation, blocks per expert,
+//! What `aimc map` reports about a mapping (docs/model.md §4: stacks and tiers used, utilisation, blocks per expert,
 //! digital share of parameters and FLOPs, tier switches per token).
 
 use std::collections::BTreeMap;

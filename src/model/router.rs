@@ -1,7 +1,7 @@
 //! Routers: router logits `[tokens, experts]` → explicit `(token, expert, weight)` assignments.
 //!
 //! Downstream code (MoE dispatch, analog mapping, tier-switch counting) only sees the list, never a
-//! fixed k, so variable-k routers (ReLU, adaptive-k) plug in unchanged (design.md §5).
+//! fixed k, so variable-k routers (ReLU, adaptive-k) plug in unchanged (docs/model.md §5).
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,7 @@ pub struct GroupLimit {
     pub topk_group: usize,
 }
 
-/// A checkpoint's own routing rule (design.md §5), as its transformers implementation computes it:
+/// A checkpoint's own routing rule (docs/model.md §5), as its transformers implementation computes it:
 /// softmax over all experts → (group-limited) top-k → optional renormalisation → × scaling.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RouterRule {

@@ -1,4 +1,4 @@
-//! cuBLAS: the dense BF16 GEMM every GPU kernel is timed against (design.md §8), and the f32
+//! cuBLAS: the dense BF16 GEMM every GPU kernel is timed against (docs/model.md §8), and the f32
 //! GEMMs of the dense model parts on the GPU ([`super::model`]).
 use std::sync::Arc;
 

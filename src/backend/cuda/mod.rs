@@ -7,7 +7,7 @@
 //! the user's cache directory.
 //!
 //! Random draws use the Philox streams of [`crate::rng`] bit for bit (`kernels/philox.cuh`), so
-//! GPU and CPU perturb every weight and output with the same numbers (design.md §6).
+//! GPU and CPU perturb every weight and output with the same numbers (docs/model.md §6).
 //!
 //! Modules: [`compile`] (NVRTC + PTX cache), [`experts`] (a whole model's routed experts on the GPU), [`rng`] (Philox fills), [`program`] (programming,
 //! drift, read noise), [`moe`] (routing sort, DAC prologue, grouped analog/digital GEMMs,

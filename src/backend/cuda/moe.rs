@@ -179,7 +179,7 @@ impl Precision {
     }
 }
 
-/// The crossbar periphery as the kernels apply it (design.md §3 steps 1–9).
+/// The crossbar periphery as the kernels apply it (docs/model.md §3 steps 1–9).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPeriphery {
     /// 0 ABS_MAX, 1 constant, 2 none.
@@ -952,7 +952,7 @@ pub fn quantize<'x>(
 
 /// [`quantize`] with the noise-management scale of every block multiplied by `beta` (a power
 /// of two): the operand rows of bound-management attempt log2 β, x / (α_nm·β), whose α is
-/// α_nm·β (design.md §3 step 8).
+/// α_nm·β (docs/model.md §3 step 8).
 pub fn quantize_scaled<'x>(
     dev: &CudaDevice,
     x: &'x CudaSlice<f32>,
@@ -1889,7 +1889,7 @@ impl IdentityReadout {
     }
 }
 
-/// The GDC readout of every crossbar of `m` (design.md §3, global drift compensation): the
+/// The GDC readout of every crossbar of `m` (docs/model.md §3, global drift compensation): the
 /// noisy identity forward of call `mvm_id` through each crossbar block along K, as
 /// `tile::Crossbar` reads its crossbar out. Returns `[E·KB·k_block, N]`: row j of block
 /// g = e·KB + kb is row g·k_block + j, the output of identity row j. Runs on `m`'s own operands
@@ -1995,7 +1995,7 @@ struct BmJob<'j, 'x> {
     params: GemmParams,
 }
 
-/// Step 8 of design.md §3, iterative bound management, for the rows the store pass flagged
+/// Step 8 of docs/model.md §3, iterative bound management, for the rows the store pass flagged
 /// (`flags`, one per sorted row), as tensor-core passes: attempt a re-encodes the operand rows
 /// at α_nm·2^a ([`quantize_scaled`]) and reruns the GEMM over the row tiles holding a row with a
 /// pending crossbar ([`GemmOutput::BmAttempt`]), drawing the output noise of attempt a; each
