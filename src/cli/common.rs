@@ -57,6 +57,29 @@ pub fn load_tokens(model: &Model, text: Option<&Path>, max_tokens: usize) -> Res
     Ok(ids)
 }
 
+/// Version of the layout of the JSON files the commands write (`drift.json`, `summary.json`, `eval.json`); bump
+/// when a key changes meaning. Keys are stable snake_case.
+pub const OUTPUT_SCHEMA_VERSION: u32 = 1;
+
+/// `value`'s JSON object with `schema_version` first.
+#[derive(serde::Serialize)]
+pub struct Versioned<'a, T: Serialize> {
+    pub schema_version: u32,
+    #[serde(flatten)]
+    pub value: &'a T,
+}
+
+/// Writes `value` (a struct) as pretty JSON to `path`, with `"schema_version": OUTPUT_SCHEMA_VERSION` added.
+pub fn write_versioned_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    write_json(
+        path,
+        &Versioned {
+            schema_version: OUTPUT_SCHEMA_VERSION,
+            value,
+        },
+    )
+}
+
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;

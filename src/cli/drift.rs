@@ -65,8 +65,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
 /// Writes `drift.json`, `drift_fan.{png,svg}` and `mvm_error.{png,svg}` into `out`; returns the paths.
 pub fn write_outputs(study: &DriftStudy, out: &Path) -> Result<Vec<PathBuf>> {
     let json = out.join("drift.json");
-    std::fs::write(&json, serde_json::to_string_pretty(study)?)
-        .with_context(|| format!("writing {}", json.display()))?;
+    super::common::write_versioned_json(&json, study)?;
     let times: Vec<f64> = study.points.iter().map(|p| p.t_seconds).collect();
     let ticks = time_ticks(&times);
     let fan = write_line_chart_with_ticks(&fan_chart(study), Some(&ticks), &out.join("drift_fan"))?;

@@ -286,12 +286,14 @@ pub fn write_sweep(
 pub fn write_outputs(runs: &[RunResult], sweep: Option<&[SweepPoint]>, out: &Path) -> Result<()> {
     #[derive(Serialize)]
     struct Out<'a> {
+        schema_version: u32,
         runs: &'a [RunResult],
         digital_sweep: Option<&'a [SweepPoint]>,
     }
     write_json(
         &out.join("eval.json"),
         &Out {
+            schema_version: super::common::OUTPUT_SCHEMA_VERSION,
             runs,
             digital_sweep: sweep,
         },

@@ -123,7 +123,7 @@ pub fn write_outputs(
     out: &Path,
 ) -> Result<()> {
     write_json(&out.join("mapping.json"), &r.mapping)?;
-    write_json(&out.join("summary.json"), &r.summary)?;
+    super::common::write_versioned_json(&out.join("summary.json"), &r.summary)?;
     let grid = OccupancyGrid {
         title: format!(
             "{name} on {}: {}, {} of {} stacks in use",

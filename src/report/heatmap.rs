@@ -147,13 +147,13 @@ where
                     .pos(Pos::new(HPos::Center, VPos::Center));
                 ctx.draw_series(std::iter::once(Text::new(
                     text,
-                    (x + 0.5, y + 0.68),
+                    (x + 0.5, y + 0.8),
                     style.clone(),
                 )))
                 .map_err(err)?;
                 ctx.draw_series(std::iter::once(Text::new(
                     format!("{:.0}%", 100.0 * c.fill),
-                    (x + 0.5, y + 0.32),
+                    (x + 0.5, y + 0.6),
                     style,
                 )))
                 .map_err(err)?;
