@@ -724,3 +724,59 @@ fn integer_tick(v: &f64) -> String {
         String::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn si_prefixes_bring_values_into_one_to_a_thousand() {
+        assert_eq!(si_prefix(1.2e-3), (1e-3, "m"));
+        assert_eq!(si_prefix(39.7e-6), (1e-6, "µ"));
+        assert_eq!(si_prefix(999.0), (1.0, ""));
+        assert_eq!(si_prefix(1000.0), (1e3, "k"));
+        assert_eq!(si_format(39.719e-6, "J"), "39.7 µJ");
+        assert_eq!(si_format(1.129e-3, "J"), "1.13 mJ");
+        assert_eq!(si_format(5.017e-6, "s"), "5.02 µs");
+    }
+
+    #[test]
+    fn axis_labels_in_joules_are_rescaled_and_others_are_not() {
+        let chart = |label: &str| LineChart {
+            y_label: label.into(),
+            series: vec![Series {
+                label: "a".into(),
+                points: vec![(1.0, 2e-6), (2.0, 4e-5)],
+                band: Some(vec![(1.0, 1e-6, 3e-6), (2.0, 3e-5, 5e-5)]),
+            }],
+            ..Default::default()
+        };
+        let c = si_scaled(&chart("energy per token (J)"));
+        assert_eq!(c.y_label, "energy per token (µJ)");
+        assert!((c.series[0].points[1].1 - 40.0).abs() < 1e-9);
+        assert!((c.series[0].band.as_ref().unwrap()[0].2 - 3.0).abs() < 1e-9);
+        let p = si_scaled(&chart("perplexity"));
+        assert_eq!(p.y_label, "perplexity");
+        assert_eq!(p.series[0].points[1].1, 4e-5);
+    }
+
+    #[test]
+    fn few_x_values_are_each_ticked() {
+        let chart = LineChart {
+            log_x: true,
+            series: vec![Series {
+                label: "a".into(),
+                points: vec![(1.0, 1.0), (8.0, 2.0), (64.0, 3.0)],
+                band: None,
+            }],
+            ..Default::default()
+        };
+        let ticks = x_tick_list(&chart, None, 0.5, 100.0);
+        assert_eq!(
+            ticks,
+            vec![(1.0, "1".into()), (8.0, "8".into()), (64.0, "64".into())]
+        );
+        assert_eq!(short(250_000.0), "250 k");
+        assert_eq!(short(1.5e6), "1.5 M");
+    }
+}
