@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             let row: String = tiers
                 .iter()
                 .map(|c| {
-                    c.map_or('.', |c| {
+                    c.as_ref().map_or('.', |c| {
                         char::from_digit(c.layer as u32 % 36, 36).unwrap_or('#')
                     })
                 })

@@ -2,8 +2,8 @@
 //!
 //! Data flows one way: checkpoint → [`model`] → [`mapping`] → programmed tiles ([`tile`], built from
 //! [`device`] physics and [`rng`] streams) → execution [`backend`] → metrics ([`eval`]) → [`report`].
-//! The physics follows IBM AIHWKIT's inference noise models. `docs/architecture.md` draws the flow
-//! and names the one place where each concept lives.
+//! The physics, with its equations and sources, is in `docs/model.md` (it follows IBM AIHWKIT's inference
+//! noise models); `docs/architecture.md` draws the flow and names the one place where each concept lives.
 
 pub mod backend;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! Counter-based random streams: Philox4x32-10 plus Box–Muller (design.md §6).
+//! Counter-based random streams: Philox4x32-10 plus Box–Muller (docs/model.md §6).
 //!
 //! A random value depends only on *what* it perturbs — (seed, purpose, tensor id, element index,
 //! MVM call counter) — never on thread order or on how many values were drawn before. The CPU

@@ -1256,7 +1256,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
         );
         let rel = rel_rms(reference.iter(), cpu.iter());
         // Outputs off by more than f32 rounding: one-step ADC flips where the two summation
-        // orders straddle a code boundary (< 0.1 % of outputs, design.md parity rule). A wrong
+        // orders straddle a code boundary (< 0.1 % of outputs, the parity rule of docs/model.md §3). A wrong
         // bound-management path would change whole crossbar rows (≥ 256 outputs = 1.4 %).
         let y_max = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let flips = reference

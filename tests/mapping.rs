@@ -288,3 +288,16 @@ fn heterogeneous_keeps_the_highest_norm_experts_digital() {
         2 * 3
     );
 }
+
+/// The names people read for a strategy are the ones they type (`--strategy`) and the JSON spelling.
+#[test]
+fn strategy_names_are_the_cli_and_json_names() {
+    use aimc::mapping::Strategy;
+    use clap::ValueEnum;
+    for s in Strategy::value_variants() {
+        let cli = s.to_possible_value().unwrap().get_name().to_string();
+        assert_eq!(s.to_string(), cli);
+        assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(cli));
+    }
+    assert_eq!(Strategy::ExpertPerTier.to_string(), "expert-per-tier");
+}

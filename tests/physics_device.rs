@@ -1,4 +1,4 @@
-//! Device physics against the formulas and check values of design.md §2.
+//! Device physics against the formulas and check values of docs/model.md §2.
 use aimc::device::{Device, PcmLike};
 use aimc::rng::{Purpose, Stream};
 
@@ -102,7 +102,7 @@ fn programming_noise_matches_formula() {
 }
 
 /// Drift: with read noise off, ln(g(t)/g_P)/ln(t/t₀) = −ν, so its mean is −E[ν] with
-/// E|N(μ,σ²)| = σ√(2/π)·e^(−μ²/2σ²) + μ(1 − 2Φ(−μ/σ)) (folded normal), μ_ν, σ_ν from design.md §2.
+/// E|N(μ,σ²)| = σ√(2/π)·e^(−μ²/2σ²) + μ(1 − 2Φ(−μ/σ)) (folded normal), μ_ν, σ_ν from docs/model.md §2.
 #[test]
 fn drift_exponent_mean_matches_folded_normal() {
     let quiet = PcmLike {
@@ -176,7 +176,7 @@ fn other_devices_follow_their_published_defaults() {
         (20.7, 300.0, 512e-9)
     );
     assert!((hermes.sigma_prog_us(0.0) - 0.166).abs() < 1e-3);
-    // σ(g_max) = 0.166 + 4.718 − 8.481 + 4.690 (design.md §2 cubic).
+    // σ(g_max) = 0.166 + 4.718 − 8.481 + 4.690 (docs/model.md §2 cubic).
     assert!(
         (hermes.sigma_prog_us(20.7) - (0.166_032_2 + 4.718_065 - 8.481_013 + 4.689_614)).abs()
             < 1e-4

@@ -1,4 +1,4 @@
-//! Global drift compensation restores the output scale after drift (design.md §2 GDC).
+//! Global drift compensation restores the output scale after drift (docs/model.md §2 GDC).
 use aimc::rng::{Purpose, Stream};
 use aimc::tile::{Crossbar, DriftCompensation, TilePreset};
 use ndarray::Array2;

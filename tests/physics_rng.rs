@@ -1,4 +1,4 @@
-//! Philox4x32-10 known answers and stream properties (design.md §6).
+//! Philox4x32-10 known answers and stream properties (docs/model.md §6).
 use aimc::rng::{child_tensor_id, philox4x32_10, Purpose, Stream};
 
 /// Random123 `kat_vectors` for philox4x32 with 10 rounds: (counter, key, expected output).

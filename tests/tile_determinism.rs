@@ -1,4 +1,4 @@
-//! Same seed ⇒ bit-identical results across runs and rayon thread counts (design.md §6).
+//! Same seed ⇒ bit-identical results across runs and rayon thread counts (docs/model.md §6).
 use aimc::tile::{AnalogMatrix, TilePreset};
 use ndarray::Array2;
 

@@ -1,4 +1,4 @@
-//! DAC, ADC, noise management, bound management and the ideal preset (design.md §3).
+//! DAC, ADC, noise management, bound management and the ideal preset (docs/model.md §3).
 use aimc::tile::{BoundManagement, Crossbar, NoiseManagement, Quantizer, TilePreset, WeightNoise};
 use ndarray::{Array2, ArrayView2};
 

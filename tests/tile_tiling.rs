@@ -1,4 +1,4 @@
-//! Splitting large matrices into equal-part blocks (design.md §3) and 3D tile stacks (§4).
+//! Splitting large matrices into equal-part blocks (docs/model.md §3) and 3D tile stacks (§4).
 use aimc::tile::{split_equal, AnalogMatrix, TilePreset, TileStack};
 use ndarray::Array2;
 

@@ -24,8 +24,7 @@ pub enum Suite {
     /// plain GEMM of the same FLOPs (`--model DIR`, default the embedded model).
     Model,
     /// Analog CPU forward of a model (mapped on `--presets`' first preset, drifted to 1 day) vs its digital
-    /// forward on the same 4,096 tokens of the default text (target ≤ 1.5×: an analog sweep should cost
-    /// no more than half again the digital forwards it is compared with).
+    /// forward on the same 4,096 tokens of the default text (the aim: at most 1.5× the digital time).
     Analog,
     /// CPU MoE expert layer: per-expert analog crossbars vs per-expert f32 matmuls vs one dense
     /// ndarray matmul of equal FLOPs (`--moe-shape`).
@@ -41,7 +40,7 @@ pub enum GpuCase {
     Analog,
 }
 
-/// MoE layer shapes of design.md §8.
+/// MoE layer shapes of docs/model.md §8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Shape {
     /// OLMoE layer: T=16384, d=2048, n=1024, E=64, k=8.
@@ -56,6 +55,12 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// The name `--shapes` takes (`fine-grained`).
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+
     /// (tokens T, model width d, expert width n, experts E, top-k).
     pub fn dims(self) -> (usize, usize, usize, usize, usize) {
         match self {
@@ -115,7 +120,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        num_args = 5,
+        value_name = "T,d,n,E,k",
         default_value = "256,512,256,8,2"
     )]
     pub moe_shape: Vec<usize>,
@@ -181,7 +186,7 @@ fn analog_suite(args: &BenchArgs) -> Result<String> {
     let preset_name = args
         .presets
         .first()
-        .map_or(super::map::DEFAULT_PRESET, String::as_str);
+        .map_or(super::common::DEFAULT_PRESET, String::as_str);
     let preset = TilePreset::resolve(preset_name)?;
     let tokens = super::common::load_tokens(&model, None, 4096)?;
     let specs = crate::mapping::MatrixSpec::from_model(&model);
@@ -612,7 +617,7 @@ mod gpu {
                 bandwidth,
                 &mut out,
             )
-            .with_context(|| format!("shape {shape:?}"))?;
+            .with_context(|| format!("shape {}", shape.name()))?;
         }
         if let Some(path) = &args.report {
             let text = format!(
@@ -650,7 +655,7 @@ mod gpu {
         };
         let pairs = t * k;
         let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
-        let name = format!("{shape:?} T={t} d={d} n={n} E={e} k={k}");
+        let name = format!("{} T={t} d={d} n={n} E={e} k={k}", shape.name());
         // (a) cuBLAS dense bf16 GEMM of equal FLOPs: [T·k, 3n] × [3n, d].
         let (gm, gn, gk) = (pairs, d, 3 * n);
         let a = to_bf16_device(dev, &random_device(dev, gm * gk, 1)?)?;

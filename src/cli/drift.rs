@@ -4,21 +4,22 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 
+use super::common::time_ticks;
 use crate::eval::time::parse_durations;
-use crate::report::{write_line_chart, Legend, LineChart, Series};
+use crate::report::{write_line_chart_with_ticks, Legend, LineChart, Series};
 use crate::tile::{drift_study, DriftStudy, DriftStudyConfig, TilePreset};
 
 /// Arguments of `aimc drift`.
 #[derive(Args, Debug)]
 pub struct DriftArgs {
-    /// Built-in preset name (`aimc presets`) or path to a preset JSON file.
-    #[arg(long, default_value = "aihwkit-default")]
+    /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
+    #[arg(long, default_value = super::common::DEFAULT_PRESET)]
     pub preset: String,
     /// Inference times after programming (seconds, or with a unit: min, h, d, w, mo, y).
     #[arg(long, default_value = "0,60,1h,1d,1w,1mo,1y")]
     pub times: String,
-    /// Output directory for drift.json and the plots.
-    #[arg(long, default_value = "reports/drift")]
+    /// Output folder for drift.json and the plots (created if missing).
+    #[arg(long, default_value = "aimc-out/drift")]
     pub out: PathBuf,
     /// Global seed.
     #[arg(long, default_value_t = 0)]
@@ -35,6 +36,13 @@ pub fn run(args: DriftArgs) -> Result<()> {
     let mut config = DriftStudyConfig::for_preset(&preset, args.seed);
     config.times_s = parse_durations(&args.times).context("--times")?;
     config.batch = args.batch;
+    eprintln!(
+        "drift: programming a {}×{} test matrix on `{}` and drifting it to {} times",
+        config.n_out,
+        config.n_in,
+        preset.name,
+        config.times_s.len()
+    );
     let study = drift_study(&preset, &config)?;
     super::results::check_drift(&study)?;
     std::fs::create_dir_all(&args.out)
@@ -59,10 +67,12 @@ pub fn run(args: DriftArgs) -> Result<()> {
 /// Writes `drift.json`, `drift_fan.{png,svg}` and `mvm_error.{png,svg}` into `out`; returns the paths.
 pub fn write_outputs(study: &DriftStudy, out: &Path) -> Result<Vec<PathBuf>> {
     let json = out.join("drift.json");
-    std::fs::write(&json, serde_json::to_string_pretty(study)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let fan = write_line_chart(&fan_chart(study), &out.join("drift_fan"))?;
-    let err = write_line_chart(&error_chart(study), &out.join("mvm_error"))?;
+    super::common::write_versioned_json(&json, study)?;
+    let times: Vec<f64> = study.points.iter().map(|p| p.t_seconds).collect();
+    let ticks = time_ticks(&times);
+    let fan = write_line_chart_with_ticks(&fan_chart(study), Some(&ticks), &out.join("drift_fan"))?;
+    let err =
+        write_line_chart_with_ticks(&error_chart(study), Some(&ticks), &out.join("mvm_error"))?;
     Ok([json].into_iter().chain(fan).chain(err).collect())
 }
 
@@ -78,7 +88,7 @@ fn fan_chart(study: &DriftStudy) -> LineChart {
             "{} ({}): conductance drift, mean ± std",
             study.preset, study.device
         ),
-        x_label: "time after programming t_inf (s; t = 0 drawn at 1 s)".into(),
+        x_label: "time after programming (log scale; 0 s drawn at 1 s)".into(),
         y_label: "conductance (µS)".into(),
         log_x: true,
         log_y: false,
@@ -117,8 +127,11 @@ fn error_chart(study: &DriftStudy) -> LineChart {
         band: None,
     };
     LineChart {
-        title: format!("{}: relative MVM error vs drift time", study.preset),
-        x_label: "time after programming t_inf (s; t = 0 drawn at 1 s)".into(),
+        title: format!(
+            "{}: MVM error of a {}×{} matrix vs drift time",
+            study.preset, study.config.n_out, study.config.n_in
+        ),
+        x_label: "time after programming (log scale; 0 s drawn at 1 s)".into(),
         y_label: "‖y − Wx‖ / ‖Wx‖".into(),
         log_x: true,
         log_y: false,

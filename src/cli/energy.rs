@@ -76,7 +76,7 @@ pub struct EnergyArgs {
     #[arg(long, default_value_t = 1024)]
     pub scaling_stacks: usize,
     /// Output folder.
-    #[arg(long, default_value = "reports/energy")]
+    #[arg(long, default_value = "aimc-out/energy")]
     pub out: PathBuf,
 }
 

@@ -1,17 +1,18 @@
 //! `aimc eval`: accuracy of the analog model against the digital baseline over drift time and seeds
-//! (design.md §7), or with `--digital` the digital perplexity and throughput alone.
+//! (docs/model.md §7), or with `--digital` the digital perplexity and throughput alone.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::common::{load_model, load_tokens};
+use super::common::DEFAULT_PRESET;
+use super::common::{load_model, load_tokens, model_name};
 use super::eval_analog::{
     digital_sweep, markdown_table, plot_runs, run_one, write_outputs, write_sweep, RunResult,
     RunSpec,
 };
-use super::map::{MappingFlags, DEFAULT_PRESET};
+use super::map::MappingFlags;
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
@@ -64,8 +65,8 @@ pub struct EvalArgs {
     /// Drift time of the heterogeneous sweep.
     #[arg(long, default_value = "1d")]
     pub sweep_time: String,
-    /// Output folder (JSON, Markdown, PNG + SVG plots).
-    #[arg(long, default_value = "reports/eval")]
+    /// Output folder for eval.json, eval.md and the PNG + SVG plots (created if missing).
+    #[arg(long, default_value = "aimc-out/eval")]
     pub out: PathBuf,
     /// Where the routed experts' analog MVMs run: the CPU, CUDA (error without a GPU), or CUDA
     /// when available (else the CPU, with a notice).
@@ -119,7 +120,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         execution: Execution::resolve(args.backend)?.with_gpu_memory(args.gpu_memory),
     };
     let mut specs = vec![RunSpec {
-        label: format!("{} / {:?}", args.preset, args.mapping.strategy),
+        label: format!("{} / {}", args.preset, args.mapping.strategy),
         preset: args.preset.clone(),
         options: args.mapping.options(),
     }];
@@ -133,7 +134,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ..args.mapping.clone()
         };
         specs.push(RunSpec {
-            label: format!("{preset} / {strategy:?}"),
+            label: format!("{preset} / {strategy}"),
             preset,
             options: flags.options(),
         });
@@ -162,7 +163,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             total_s - report.analog_seconds - report.digital_seconds
         );
         eprintln!("  backend: {}", report.backend);
-        runs.push(RunResult { spec, report });
+        runs.push(RunResult {
+            model: model_name(args.model.as_deref()),
+            spec,
+            report,
+        });
     }
     plot_runs(&runs, &args.out)?;
     let sweep = if args.sweep_digital.is_empty() {
@@ -184,7 +189,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &sweep_cfg,
         )?;
         super::results::check_sweep(&points, digital_ppl)?;
-        let table = write_sweep(&points, t, digital_ppl, &args.out)?;
+        let table = write_sweep(&points, t, digital_ppl, ids.len(), &args.out)?;
         let _ = writeln!(
             md,
             "## Heterogeneous sweep at {} ({})\n\n{table}",

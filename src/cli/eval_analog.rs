@@ -5,12 +5,13 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::common::time_ticks;
 use super::common::write_json;
 use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport, TimeSummary};
 use crate::eval::time::format_duration;
 use crate::mapping::{DigitalSelection, Mapping, MappingOptions, Strategy};
 use crate::model::Model;
-use crate::report::{write_line_chart, LineChart, Series};
+use crate::report::{write_line_chart, write_line_chart_with_ticks, LineChart, Series};
 use crate::tile::TilePreset;
 
 /// One configuration of a comparison: a preset and a mapping.
@@ -24,6 +25,8 @@ pub struct RunSpec {
 /// A configuration's results.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunResult {
+    /// The model's name as a person reads it (`kjv-moe (embedded)`).
+    pub model: String,
     pub spec: RunSpec,
     pub report: AnalogEvalReport,
 }
@@ -74,15 +77,18 @@ pub fn markdown_table(r: &AnalogEvalReport) -> String {
 pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
     // Time 0 cannot sit on a log axis: plot it at 1 s and say so in the label.
     let x = |t: f64| t.max(1.0);
+    let model = runs
+        .first()
+        .map_or(String::new(), |r| format!("{}: ", r.model));
     let mut ppl = LineChart {
-        title: "Perplexity vs drift time (mean ± std over seeds)".into(),
-        x_label: "time after programming [s] (0 s drawn at 1 s)".into(),
+        title: format!("{model}perplexity vs drift time (mean ± std over seeds)"),
+        x_label: "time after programming (log scale; 0 s drawn at 1 s)".into(),
         y_label: "perplexity".into(),
         log_x: true,
         ..Default::default()
     };
     let mut agree = LineChart {
-        title: "Next-token top-1 agreement with the digital model".into(),
+        title: format!("{model}next-token top-1 agreement with the digital model"),
         x_label: ppl.x_label.clone(),
         y_label: "agreement".into(),
         log_x: true,
@@ -113,13 +119,18 @@ pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
         let s = &first.report.summary;
         let d = first.report.digital_perplexity;
         ppl.series.push(Series {
-            label: "digital".into(),
+            label: format!("digital ({} tokens)", thousands(first.report.tokens)),
             points: vec![(x(s[0].t_seconds), d), (x(s[s.len() - 1].t_seconds), d)],
             band: None,
         });
     }
-    write_line_chart(&ppl, &out.join("perplexity_vs_time"))?;
-    write_line_chart(&agree, &out.join("agreement_vs_time"))?;
+    let times: Vec<f64> = runs
+        .first()
+        .map(|r| r.report.summary.iter().map(|p| p.t_seconds).collect())
+        .unwrap_or_default();
+    let ticks = time_ticks(&times);
+    write_line_chart_with_ticks(&ppl, Some(&ticks), &out.join("perplexity_vs_time"))?;
+    write_line_chart_with_ticks(&agree, Some(&ticks), &out.join("agreement_vs_time"))?;
     Ok(())
 }
 
@@ -186,11 +197,26 @@ pub fn digital_sweep(
     Ok((points, digital))
 }
 
-/// Plot and table of the heterogeneous sweep.
+/// `4096` → `4,096`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Plot and table of the heterogeneous sweep over `tokens` evaluation tokens (the digital baseline is on the same
+/// tokens, so its line is comparable with the two selections).
 pub fn write_sweep(
     points: &[SweepPoint],
     t_seconds: f64,
     digital_ppl: f64,
+    tokens: usize,
     out: &Path,
 ) -> Result<String> {
     // One line with its ±std band, for the selection whose (mean, std) `f` returns.
@@ -212,8 +238,9 @@ pub fn write_sweep(
     };
     let chart = LineChart {
         title: format!(
-            "Perplexity at {} vs share of experts kept digital",
-            format_duration(t_seconds)
+            "Perplexity at {} vs share of experts kept digital ({} tokens)",
+            format_duration(t_seconds),
+            thousands(tokens)
         ),
         x_label: "digital fraction of routed experts".into(),
         y_label: "perplexity".into(),
@@ -225,7 +252,7 @@ pub fn write_sweep(
                 (p.random_perplexity_mean, p.random_perplexity_std)
             }),
             Series {
-                label: "digital".into(),
+                label: format!("all digital (same {} tokens)", thousands(tokens)),
                 points: vec![
                     (points[0].digital_fraction, digital_ppl),
                     (points[points.len() - 1].digital_fraction, digital_ppl),
@@ -259,12 +286,14 @@ pub fn write_sweep(
 pub fn write_outputs(runs: &[RunResult], sweep: Option<&[SweepPoint]>, out: &Path) -> Result<()> {
     #[derive(Serialize)]
     struct Out<'a> {
+        schema_version: u32,
         runs: &'a [RunResult],
         digital_sweep: Option<&'a [SweepPoint]>,
     }
     write_json(
         &out.join("eval.json"),
         &Out {
+            schema_version: super::common::OUTPUT_SCHEMA_VERSION,
             runs,
             digital_sweep: sweep,
         },

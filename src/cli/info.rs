@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::model::config::AttentionConfig;
+use crate::model::config::{AttentionConfig, Family, QkNorm};
+use crate::model::rope::RopeScaling;
 use crate::model::{embedded, Model, ModelConfig, ParamCounts};
 
 /// Arguments of `aimc info`.
@@ -45,6 +46,45 @@ pub fn run(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The family as its `model_type` and the name people use.
+fn family(f: Family) -> &'static str {
+    match f {
+        Family::Mixtral => "Mixtral (mixtral)",
+        Family::Olmoe => "OLMoE (olmoe)",
+        Family::Qwen2Moe => "Qwen2-MoE (qwen2_moe)",
+        Family::Qwen3Moe => "Qwen3-MoE (qwen3_moe)",
+        Family::DeepseekMoe => "DeepSeekMoE (deepseek)",
+        Family::DeepseekV2 => "DeepSeek-V2 (deepseek_v2)",
+    }
+}
+
+fn qk_norm_name(n: QkNorm) -> &'static str {
+    match n {
+        QkNorm::None => "none",
+        QkNorm::Full => "full (one RMSNorm over all heads)",
+        QkNorm::PerHead => "per head (RMSNorm of head width)",
+    }
+}
+
+fn rope_scaling(s: &RopeScaling) -> String {
+    match *s {
+        RopeScaling::None => "no scaling".into(),
+        RopeScaling::Linear { factor } => format!("linear scaling × {factor}"),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            ..
+        } => format!("YaRN × {factor} from {original_max_position_embeddings} positions"),
+        RopeScaling::Llama3 {
+            factor,
+            original_max_position_embeddings,
+            ..
+        } => {
+            format!("Llama-3 scaling × {factor} from {original_max_position_embeddings} positions")
+        }
+    }
+}
+
 fn attention(c: &ModelConfig) -> String {
     match c.attention {
         AttentionConfig::Standard {
@@ -53,10 +93,11 @@ fn attention(c: &ModelConfig) -> String {
             clip_qkv,
             ..
         } => format!(
-            "{} heads, {} kv heads, head dim {}, q/k norm {qk_norm:?}{}{}",
+            "{} heads, {} kv heads, head dim {}, q/k norm: {}{}{}",
             c.num_heads,
             c.num_kv_heads,
             c.head_dim,
+            qk_norm_name(qk_norm),
             if qkv_bias { ", qkv bias" } else { "" },
             clip_qkv.map_or(String::new(), |v| format!(", clip_qkv {v}")),
         ),
@@ -77,16 +118,16 @@ fn render(info: &Info<'_>) -> String {
     let p = &info.params;
     let moe_layers = c.moe_layers.iter().filter(|m| **m).count();
     let mut s = format!(
-        "family            {:?}\n\
+        "family            {}\n\
          layers            {} ({} MoE, {} dense)\n\
          hidden            {}\n\
          attention         {}\n\
          experts           {} routed per MoE layer, top-{}, expert intermediate {}\n\
          shared expert     {}\n\
-         router            {:?}\n\
-         rope              θ = {}, dim {}, {}, {:?}\n\
+         router            {}\n\
+         rope              θ = {}, dim {}, {} pairs, {}\n\
          vocab             {} (tokenizer: {})\n\n",
-        c.family,
+        family(c.family),
         c.num_layers,
         moe_layers,
         c.num_layers - moe_layers,
@@ -116,7 +157,7 @@ fn render(info: &Info<'_>) -> String {
         } else {
             "half-split"
         },
-        c.rope.scaling,
+        rope_scaling(&c.rope.scaling),
         c.vocab_size,
         info.tokenizer_vocab
             .map_or("none".to_owned(), |v| format!("{v} tokens")),

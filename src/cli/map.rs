@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::common::{load_model, load_tokens, write_json};
+use super::common::{load_model, load_tokens, model_name, write_json, DEFAULT_PRESET};
 use crate::mapping::{
     map_matrices, ChipGeometry, DigitalSelection, Mapping, MappingOptions, MappingSummary,
     MatrixSpec, ModelTotals, RoutingTrace, Strategy,
@@ -66,13 +66,10 @@ pub struct MapArgs {
     /// Calibration tokens.
     #[arg(long, default_value_t = 2048)]
     pub calib_tokens: usize,
-    /// Output folder.
-    #[arg(long, default_value = "reports/map")]
+    /// Output folder (created if missing).
+    #[arg(long, default_value = "aimc-out/map")]
     pub out: PathBuf,
 }
-
-/// The 3D preset used when none is named.
-pub const DEFAULT_PRESET: &str = "pcm-3d-8tier";
 
 /// A mapping with the routing trace it was made from and its summary.
 pub struct MapResult {
@@ -117,14 +114,20 @@ pub fn map_model(
     })
 }
 
-/// Writes `mapping.json`, `summary.json` and `occupancy.{png,svg}` into `out`.
-pub fn write_outputs(model: &Model, preset: &TilePreset, r: &MapResult, out: &Path) -> Result<()> {
+/// Writes `mapping.json`, `summary.json` and `occupancy.{png,svg}` into `out`; `name` titles the picture.
+pub fn write_outputs(
+    name: &str,
+    model: &Model,
+    preset: &TilePreset,
+    r: &MapResult,
+    out: &Path,
+) -> Result<()> {
     write_json(&out.join("mapping.json"), &r.mapping)?;
-    write_json(&out.join("summary.json"), &r.summary)?;
+    super::common::write_versioned_json(&out.join("summary.json"), &r.summary)?;
     let grid = OccupancyGrid {
         title: format!(
-            "{:?} on {} ({:?})",
-            model.config.family, preset.name, r.mapping.options.strategy
+            "{name} on {}: {}, {} of {} stacks in use",
+            preset.name, r.mapping.options.strategy, r.mapping.stacks_used, preset.stack.stacks
         ),
         cells: r.mapping.occupancy(),
         n_layers: model.config.num_layers,
@@ -135,15 +138,28 @@ pub fn write_outputs(model: &Model, preset: &TilePreset, r: &MapResult, out: &Pa
 
 pub fn run(args: MapArgs) -> Result<()> {
     super::args::check_map(&args)?;
-    let model = load_model(args.model.as_deref())?;
     let preset = TilePreset::resolve(&args.preset)?;
+    eprintln!("map [1/3] loading the model");
+    let model = load_model(args.model.as_deref())?;
     let tokens = load_tokens(&model, args.calib.as_deref(), args.calib_tokens)?;
+    eprintln!(
+        "map [2/3] routing trace on {} calibration tokens, then placing the blocks ({})",
+        tokens.len(),
+        args.mapping.strategy
+    );
     let r = map_model(&model, &preset, &args.mapping.options(), &tokens)?;
+    eprintln!("map [3/3] writing {}", args.out.display());
     println!("preset                {}", preset.name);
     print!("{}", r.summary);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    write_outputs(&model, &preset, &r, &args.out)?;
+    write_outputs(
+        &model_name(args.model.as_deref()),
+        &model,
+        &preset,
+        &r,
+        &args.out,
+    )?;
     println!(
         "wrote {}/{{mapping.json, summary.json, occupancy.png, occupancy.svg}}",
         args.out.display()

@@ -28,21 +28,22 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// List the shipped tile presets with a one-line description each.
+    /// List the built-in chips (tile presets): crossbar size, tiers, stacks, energy costs; the default is marked.
     Presets(presets::PresetsArgs),
-    /// Program a test matrix on a tile preset, drift it over time, write JSON and plots.
+    /// Program a test matrix on a chip, drift it over time; JSON and plots in aimc-out/drift/.
     Drift(drift::DriftArgs),
-    /// Map a model onto a tile preset's 3D stacks; summary, JSON and occupancy heatmap.
+    /// Map a model onto the chip's 3D stacks; summary, JSON and occupancy picture in aimc-out/map/.
     Map(map::MapArgs),
-    /// Accuracy of the analog model vs the digital one over drift time and seeds (`--digital`: digital only).
+    /// Accuracy of the analog model vs the digital one over drift time and seeds, in aimc-out/eval/ (`--digital`:
+    /// digital perplexity only).
     Eval(eval::EvalArgs),
     /// Print a model's architecture and parameter counts.
     Info(info::InfoArgs),
-    /// The whole study in one folder: drift, mapping, accuracy over drift time, heterogeneous sweep.
+    /// The whole study in aimc-out/report/: drift, mapping, accuracy over drift time, heterogeneous sweep, energy.
     Report(report::ReportArgs),
     /// CPU/GPU benchmarks, each timed against a reference measured in the same run.
     Bench(bench::BenchArgs),
-    /// Energy, latency and throughput per token on a costed preset, against a GPU; `--scaling` for the study.
+    /// Energy, latency and throughput per token on a costed chip, against a GPU, in aimc-out/energy/.
     Energy(energy::EnergyArgs),
 }
 

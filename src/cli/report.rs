@@ -8,11 +8,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::common::{load_model, load_tokens, write_json};
+use super::common::DEFAULT_PRESET;
+use super::common::{load_model, load_tokens, model_name, write_json};
 use super::eval_analog::{
-    digital_sweep, markdown_table, plot_runs, run_one, write_sweep, RunResult, RunSpec, SweepPoint,
+    digital_sweep, markdown_table, plot_runs, run_one, thousands, write_sweep, RunResult, RunSpec,
+    SweepPoint,
 };
-use super::map::{map_model, MappingFlags, DEFAULT_PRESET};
+use super::map::{map_model, MappingFlags};
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::energy::{
     cost_of, estimate, EnergyOptions, EnergyReport, GpuEstimate, GpuPreset, ModelShape, PhaseCost,
@@ -57,7 +59,8 @@ pub struct ReportArgs {
     /// Seeds of the heterogeneous sweep.
     #[arg(long, default_value_t = 3)]
     pub sweep_seeds: u64,
-    /// Tokens of the heterogeneous sweep.
+    /// Tokens of the heterogeneous sweep: the first N of the evaluation tokens (fewer keeps the report fast; the
+    /// sweep has its own digital baseline on the same tokens).
     #[arg(long, default_value_t = 2048)]
     pub sweep_tokens: usize,
     /// GPU preset the energy estimate is compared with (a name under tiles/gpu/ or a JSON file).
@@ -66,8 +69,8 @@ pub struct ReportArgs {
     /// Decode batch sizes of the energy estimate.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub batch: Vec<usize>,
-    /// Output folder.
-    #[arg(long, default_value = "reports/report")]
+    /// Output folder (created if missing). The committed example is `--out reports/kjv-moe`.
+    #[arg(long, default_value = "aimc-out/report")]
     pub out: PathBuf,
     /// Where the routed experts' analog MVMs run: the CPU, CUDA (error without a GPU), or CUDA
     /// when available (else the CPU, with a notice).
@@ -138,10 +141,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
 
     stages.begin("load model and text");
     let model = load_model(args.model.as_deref())?;
-    let model_name = match &args.model {
-        Some(d) => d.display().to_string(),
-        None => crate::model::embedded::NAME.to_string(),
-    };
+    let model_name = model_name(args.model.as_deref());
     let preset = TilePreset::resolve(&args.preset)?;
     let tokens = load_tokens(&model, args.text.as_deref(), args.tokens)?;
     let times = parse_durations(&args.times).context("--times")?;
@@ -156,7 +156,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
 
     stages.begin("map the model onto the chip");
     let map = map_model(&model, &preset, &args.mapping.options(), &tokens)?;
-    super::map::write_outputs(&model, &preset, &map, out)?;
+    super::map::write_outputs(&model_name, &model, &preset, &map, out)?;
 
     stages.begin("accuracy over drift time (analog vs digital)");
     let cfg = AnalogEvalConfig {
@@ -171,8 +171,9 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let (_, accuracy) = run_one(&model, &preset, &args.mapping.options(), &tokens, &cfg)?;
     super::results::check_analog(&accuracy, &preset.name)?;
     let run = RunResult {
+        model: model_name.clone(),
         spec: RunSpec {
-            label: format!("{} / {:?}", preset.name, args.mapping.strategy),
+            label: format!("{} / {}", preset.name, args.mapping.strategy),
             preset: preset.name.clone(),
             options: args.mapping.options(),
         },
@@ -200,8 +201,8 @@ pub fn run(args: ReportArgs) -> Result<()> {
             &sweep_cfg,
         )?;
         super::results::check_sweep(&points, digital_ppl)?;
-        let table = write_sweep(&points, sweep_t, digital_ppl, out)?;
-        Some((points, table, digital_ppl))
+        let table = write_sweep(&points, sweep_t, digital_ppl, sweep_tokens.len(), out)?;
+        Some((points, table, digital_ppl, sweep_tokens.len()))
     };
 
     stages.begin("energy, latency and throughput per token");
@@ -225,7 +226,11 @@ pub fn run(args: ReportArgs) -> Result<()> {
     stages.end();
 
     let elapsed = stages.start.elapsed().as_secs_f64();
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // The command as a person would type it: `aimc` and the arguments, whatever path the binary ran from.
+    let command = std::iter::once("aimc".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
     let report = Report {
         schema_version: REPORT_SCHEMA_VERSION,
         aimc_version: env!("CARGO_PKG_VERSION"),
@@ -246,7 +251,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let md = index_md(
         &args,
         &report,
-        sweep.as_ref().map(|s| (s.1.as_str(), s.2)),
+        sweep.as_ref().map(|s| (s.1.as_str(), s.2, s.3)),
         sweep_t,
     );
     std::fs::write(out.join("index.md"), md)
@@ -258,7 +263,12 @@ pub fn run(args: ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep_t: f64) -> String {
+fn index_md(
+    args: &ReportArgs,
+    r: &Report<'_>,
+    sweep: Option<(&str, f64, usize)>,
+    sweep_t: f64,
+) -> String {
     let mut s = String::new();
     let p = r.preset;
     let _ = writeln!(s, "# aimc report: {} on {}\n", r.model, p.name);
@@ -272,26 +282,33 @@ fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep
     let _ = writeln!(
         s,
         "| model | {} ({} parameters, {} routed-expert parameters, {} active per token) |",
-        r.model, r.parameters.total, r.parameters.experts, r.parameters.active_per_token
+        r.model,
+        thousands(r.parameters.total),
+        thousands(r.parameters.experts),
+        thousands(r.parameters.active_per_token)
     );
     let _ = writeln!(s, "| preset | `{}`: {} |", p.name, p.description);
     let _ = writeln!(
         s,
-        "| chip | {} stacks × {} tiers of {}×{} crossbars |",
-        p.stack.stacks, p.stack.tiers_per_stack, p.stack.rows, p.stack.cols
+        "| chip | {} stacks × {} tiers of {}×{} crossbars (the mapping uses {}) |",
+        thousands(p.stack.stacks),
+        p.stack.tiers_per_stack,
+        p.stack.rows,
+        p.stack.cols,
+        r.mapping.stacks_used
     );
-    let _ = writeln!(s, "| mapping | {:?} |", r.mapping.strategy);
+    let _ = writeln!(s, "| mapping | {} |", r.mapping.strategy);
     let _ = writeln!(
         s,
-        "| evaluation | {} tokens of {} in windows of {}; seeds {:?} |",
-        r.accuracy.tokens,
+        "| evaluation | {} tokens of {} in windows of {}; seeds 0 to {} |",
+        thousands(r.accuracy.tokens),
         args.text
             .as_ref()
             .map_or("the embedded held-out text".to_string(), |t| t
                 .display()
                 .to_string()),
         r.accuracy.seq_len,
-        r.seeds
+        r.seeds.len().saturating_sub(1)
     );
     let _ = writeln!(s, "| stages | {} |\n", stage_list(r.stage_seconds));
 
@@ -335,11 +352,19 @@ fn index_md(args: &ReportArgs, r: &Report<'_>, sweep: Option<(&str, f64)>, sweep
         "![perplexity](perplexity_vs_time.png)\n\n![agreement](agreement_vs_time.png)\n"
     );
 
-    if let Some((table, digital)) = sweep {
+    if let Some((table, digital, n)) = sweep {
         let _ = writeln!(
             s,
-            "## Heterogeneous analog–digital sweep at {}\n\nDigital perplexity on these tokens: {digital:.3}.\n",
-            format_duration(sweep_t)
+            "## Heterogeneous analog–digital sweep at {}\n\nPerplexity when the top fraction of each layer's experts \
+             stays digital, chosen by max neuron norm or at random, at {} seeds. To keep the report fast the sweep \
+             scores the first {} of the {} evaluation tokens (`--sweep-tokens`); the digital model's perplexity on \
+             those tokens is {digital:.3} (on all {}: {:.3}), so compare the sweep with its own digital line only.\n",
+            format_duration(sweep_t),
+            args.sweep_seeds.max(1),
+            thousands(n),
+            thousands(r.accuracy.tokens),
+            thousands(r.accuracy.tokens),
+            r.accuracy.digital_perplexity
         );
         let _ = writeln!(s, "{table}\n![digital sweep](digital_sweep.png)\n");
     }

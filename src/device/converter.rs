@@ -1,4 +1,4 @@
-//! Weight ↔ conductance mapping, one scale per crossbar block (design.md §2; AIHWKIT
+//! Weight ↔ conductance mapping, one scale per crossbar block (docs/model.md §2; AIHWKIT
 //! `SinglePairConductanceConverter` and `SingleDeviceConductanceConverter`).
 use super::Device;
 

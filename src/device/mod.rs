@@ -1,10 +1,10 @@
-//! Memory-device physics as pure functions of standard normals ξ (design.md §2).
+//! Memory-device physics as pure functions of standard normals ξ (docs/model.md §2).
 //!
 //! Every stochastic quantity takes its ξ as an argument instead of drawing it, so the CPU and
 //! GPU backends share one random stream ([`crate::rng`]) and one formula. A new technology
 //! implements [`Device`] (five short methods) and plugs into [`crate::tile::Crossbar`] unchanged.
 //!
-//! Conductances are in µS, times in seconds (design.md §1 conventions).
+//! Conductances are in µS, times in seconds (docs/model.md §1 conventions).
 
 mod converter;
 mod ideal;

@@ -1,4 +1,4 @@
-//! Phase-change memory, AIHWKIT-compatible statistical models (design.md §2).
+//! Phase-change memory, AIHWKIT-compatible statistical models (docs/model.md §2).
 //!
 //! One struct, [`PcmLike`], covers the PCM family: AIHWKIT `PCMLikeNoiseModel` (Nandakumar et
 //! al., ICECS 2019), `HermesNoiseModel` (Le Gallo et al., Nat. Electron. 2023, two devices per
@@ -15,7 +15,7 @@ const ZERO_CLIP: f32 = 1e-7;
 #[derive(Clone, Debug, PartialEq)]
 pub enum DriftModel {
     /// AIHWKIT PCM: g_r = max(|g_T|/g_max, 1e-7), μ_ν = clamp(−0.0155 ln g_r + 0.0244, 0.049, 0.1),
-    /// σ_ν = clamp(−0.0125 ln g_r − 0.0059, 0.008, 0.045), ν = |μ_ν + σ_ν ξ| (design.md §2).
+    /// σ_ν = clamp(−0.0125 ln g_r − 0.0059, 0.008, 0.045), ν = |μ_ν + σ_ν ξ| (docs/model.md §2).
     Aihwkit,
     /// HERMES two-device fit (AIHWKIT `HermesNoiseModel`, `num_devices = 2`): branch functions of g_r.
     Hermes,
@@ -102,7 +102,7 @@ pub struct PcmLike {
 
 impl PcmLike {
     /// AIHWKIT `PCMLikeNoiseModel` defaults: g_max 25 µS, t₀ 20 s, t_read 250 ns,
-    /// σ_prog = 0.26348 + 1.9650x − 1.1731x² µS (Nandakumar et al. 2019; design.md §2).
+    /// σ_prog = 0.26348 + 1.9650x − 1.1731x² µS (Nandakumar et al. 2019; docs/model.md §2).
     pub fn aihwkit() -> Self {
         Self {
             name: "pcm".into(),
@@ -120,7 +120,7 @@ impl PcmLike {
     }
 
     /// AIHWKIT `HermesNoiseModel` (two devices per weight): g_max 20.7 µS, t₀ 300 s, t_read 512 ns,
-    /// cubic σ_prog [0.16603222, 4.71806468, −8.48101252, 4.68961419] (design.md §2 rounds these).
+    /// cubic σ_prog [0.16603222, 4.71806468, −8.48101252, 4.68961419] (docs/model.md §2 rounds these).
     #[allow(clippy::excessive_precision)] // constants kept at AIHWKIT's published precision
     pub fn hermes() -> Self {
         Self {
@@ -136,7 +136,7 @@ impl PcmLike {
         }
     }
 
-    /// AIHWKIT `StateIndependentNoiseModel`: σ_prog = 0.2 µS, ν = |0.1 + 0.05ξ| (design.md §2).
+    /// AIHWKIT `StateIndependentNoiseModel`: σ_prog = 0.2 µS, ν = |0.1 + 0.05ξ| (docs/model.md §2).
     pub fn state_independent() -> Self {
         Self {
             name: "state-independent".into(),
@@ -220,7 +220,7 @@ impl PcmLike {
     }
 
     /// Accumulated 1/f time factor √ln((t + t_read)/(2 t_read)) with t = t_inf + t₀
-    /// (design.md §2 check values: 4.184 at t_inf = 0, 4.765 at 1 h, 5.087 at 1 day, 5.637 at 1 yr).
+    /// (docs/model.md §2 check values: 4.184 at t_inf = 0, 4.765 at 1 h, 5.087 at 1 day, 5.637 at 1 yr).
     pub fn read_noise_time_factor(&self, t_inference_s: f64) -> f32 {
         let t = t_inference_s + self.t0_seconds;
         ((t + self.t_read_seconds) / (2.0 * self.t_read_seconds))

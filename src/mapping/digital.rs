@@ -1,4 +1,4 @@
-//! Choosing which routed experts stay digital (heterogeneous analog–digital MoE, design.md §4.2).
+//! Choosing which routed experts stay digital (heterogeneous analog–digital MoE, docs/model.md §4.2).
 //!
 //! The criterion of the retraining-free heterogeneous MoE paper (arXiv 2603.02633): an expert's sensitivity to
 //! analog noise grows with its largest neuron, so its score is the product over its gate, up and down matrices of
@@ -26,6 +26,15 @@ pub enum DigitalSelection {
     Random { seed: u64 },
 }
 
+impl std::fmt::Display for DigitalSelection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DigitalSelection::MaxNeuronNorm => f.write_str("max neuron norm"),
+            DigitalSelection::Random { seed } => write!(f, "random (seed {seed})"),
+        }
+    }
+}
+
 /// Largest L2 norm over the rows of `w` (`[n_out, n_in]`: a row is one output neuron).
 pub fn max_row_norm(w: ArrayView2<f32>) -> f64 {
     w.rows()
@@ -49,8 +58,14 @@ pub fn expert_scores<'w>(
         if let ExpertSlot::Routed(e) = m.id.slot {
             let Some(w) = weights(m.id) else {
                 bail!(
-                    "no weights for {:?}, needed for the max-neuron-norm score",
-                    m.id
+                    "no weights for layer {} routed expert {e} ({} projection), needed for the \
+                     max-neuron-norm score",
+                    m.id.layer,
+                    match m.id.proj {
+                        crate::model::Proj::Gate => "gate",
+                        crate::model::Proj::Up => "up",
+                        crate::model::Proj::Down => "down",
+                    }
                 );
             };
             *scores.entry((m.id.layer, e)).or_insert(1.0) *= max_row_norm(w);

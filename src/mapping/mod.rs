@@ -1,10 +1,10 @@
-//! Mapping of a model's matrices onto the crossbar tiers of 3D tile stacks (design.md §4).
+//! Mapping of a model's matrices onto the crossbar tiers of 3D tile stacks (docs/model.md §4).
 //!
 //! Every analog matrix `[n_out, n_in]` is split into crossbar blocks (inputs on rows, outputs on columns, equal
-//! parts as in design.md §3), and each block gets a `(stack, tier, offset)`. Only one tier of a stack computes at a
+//! parts as in docs/model.md §3), and each block gets a `(stack, tier, offset)`. Only one tier of a stack computes at a
 //! time, so *where* the blocks go decides how many experts can run in parallel and how often a stack switches tiers.
 //! Attention, router and embeddings are always digital; the heterogeneous option keeps the most noise-sensitive
-//! experts digital as well (design.md §4.2).
+//! experts digital as well (docs/model.md §4.2).
 
 pub mod digital;
 pub mod pack;
@@ -75,7 +75,7 @@ impl MatrixSpec {
     }
 }
 
-/// Placement strategy (design.md §4).
+/// Placement strategy (docs/model.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -89,6 +89,24 @@ pub enum Strategy {
     Heterogeneous,
 }
 
+impl Strategy {
+    /// The name a person types and reads (`expert-per-tier`), the same as the CLI value and the JSON string.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Packed => "packed",
+            Strategy::ExpertPerTier => "expert-per-tier",
+            Strategy::Affinity => "affinity",
+            Strategy::Heterogeneous => "heterogeneous",
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the mapper is asked to do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MappingOptions {
@@ -97,7 +115,7 @@ pub struct MappingOptions {
     pub digital_fraction: f64,
     /// How the digital experts are chosen.
     pub digital_selection: DigitalSelection,
-    /// Put shared experts and dense MLPs on analog tiles too (default: digital, as in design.md §4.2).
+    /// Put shared experts and dense MLPs on analog tiles too (default: digital, as in docs/model.md §4.2).
     pub analog_shared: bool,
 }
 
@@ -195,7 +213,13 @@ pub fn map_matrices<'w>(
     trace: Option<&RoutingTrace>,
 ) -> Result<Mapping> {
     if geo.rows == 0 || geo.cols == 0 || geo.tiers_per_stack == 0 || geo.stacks == 0 {
-        bail!("chip geometry must be positive in every dimension, got {geo:?}");
+        bail!(
+            "chip geometry must be positive in every dimension, got {} stacks × {} tiers of {}×{} crossbars",
+            geo.stacks,
+            geo.tiers_per_stack,
+            geo.rows,
+            geo.cols
+        );
     }
     if !(0.0..=1.0).contains(&opts.digital_fraction) || opts.digital_fraction.is_nan() {
         bail!(
@@ -346,15 +370,18 @@ impl Mapping {
         set.len()
     }
 
-    /// Occupancy grid `[stack][tier]`: the layer holding most of each crossbar's cells and the fraction in use.
+    /// Occupancy grid `[stack][tier]` over the stacks in use: for each crossbar the layer holding most of its
+    /// cells, the fraction of its cells in use, and which experts sit there (`L0 E3,E4`; `S0` a shared expert,
+    /// `MLP` a dense MLP; layers separated by `; `).
     pub fn occupancy(&self) -> Vec<Vec<Option<crate::report::heatmap::Cell>>> {
         let g = &self.geometry;
-        let mut cells: Vec<Vec<BTreeMap<usize, usize>>> =
+        let mut cells: Vec<Vec<BTreeMap<(usize, ExpertSlot), usize>>> =
             vec![vec![BTreeMap::new(); g.tiers_per_stack]; self.stacks_used];
         for m in &self.analog {
             for b in &m.blocks {
-                *cells[b.stack][b.tier].entry(m.id.layer).or_default() +=
-                    b.in_range.len() * b.out_range.len();
+                *cells[b.stack][b.tier]
+                    .entry((m.id.layer, m.id.slot))
+                    .or_default() += b.in_range.len() * b.out_range.len();
             }
         }
         let total = (g.rows * g.cols) as f64;
@@ -362,14 +389,30 @@ impl Mapping {
             .into_iter()
             .map(|row| {
                 row.into_iter()
-                    .map(|layers| {
-                        let used: usize = layers.values().sum();
-                        layers
-                            .into_iter()
-                            .max_by_key(|&(l, c)| (c, std::cmp::Reverse(l)))
-                            .map(|(layer, _)| crate::report::heatmap::Cell {
+                    .map(|units| {
+                        let used: usize = units.values().sum();
+                        let mut per_layer: BTreeMap<usize, (usize, Vec<String>)> = BTreeMap::new();
+                        for (&(layer, slot), &c) in &units {
+                            let e = per_layer.entry(layer).or_default();
+                            e.0 += c;
+                            e.1.push(match slot {
+                                ExpertSlot::Routed(i) => format!("E{i}"),
+                                ExpertSlot::Shared(i) => format!("S{i}"),
+                                ExpertSlot::DenseMlp => "MLP".to_string(),
+                            });
+                        }
+                        let label = per_layer
+                            .iter()
+                            .map(|(l, (_, names))| format!("L{l} {}", names.join(",")))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        per_layer
+                            .iter()
+                            .max_by_key(|&(&l, &(c, _))| (c, std::cmp::Reverse(l)))
+                            .map(|(&layer, _)| crate::report::heatmap::Cell {
                                 layer,
                                 fill: used as f64 / total,
+                                label,
                             })
                     })
                     .collect()

@@ -1,4 +1,4 @@
-//! What `aimc map` reports about a mapping (design.md §4: stacks and tiers used, utilisation, blocks per expert,
+//! What `aimc map` reports about a mapping (docs/model.md §4: stacks and tiers used, utilisation, blocks per expert,
 //! digital share of parameters and FLOPs, tier switches per token).
 
 use std::collections::BTreeMap;
@@ -148,7 +148,7 @@ impl MappingSummary {
 
 impl fmt::Display for MappingSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "strategy              {:?}", self.strategy)?;
+        writeln!(f, "strategy              {}", self.strategy)?;
         writeln!(
             f,
             "chip                  {} stacks × {} tiers of {}×{} crossbars",

@@ -1,4 +1,4 @@
-//! `config.json` normalised over the MoE families (design.md §5).
+//! `config.json` normalised over the MoE families (docs/model.md §5).
 //!
 //! Each family file reads its own field names through [`Fields`] and fills a [`ModelConfig`]; the
 //! forward pass only ever sees the normalised form.

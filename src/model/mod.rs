@@ -1,7 +1,7 @@
 //! MoE language models: HuggingFace checkpoint loading and the digital (f32, CPU) forward pass.
 //!
 //! - [`Model::load`] / [`Model::load_from_memory`] read `config.json`, safetensors weights (f32,
-//!   f16, bf16; sharded or not) and an optional `tokenizer.json` (design.md §5).
+//!   f16, bf16; sharded or not) and an optional `tokenizer.json` (docs/model.md §5).
 //! - [`Model::forward`] / [`Model::forward_batch`] return logits `[S, V]` and, on request, every
 //!   MoE layer's `(token, expert, weight)` assignments.
 //! - Every feed-forward matrix product goes through [`ExpertLinear`]; the model itself is the

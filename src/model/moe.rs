@@ -2,7 +2,7 @@
 //!
 //! Every expert, shared-expert and dense-MLP matrix product goes through [`ExpertLinear`], so an
 //! analog backend replaces exactly these products and nothing else (attention, router, norms and
-//! LM head stay digital, as in the heterogeneous scheme of design.md §4.2).
+//! LM head stay digital, as in the heterogeneous scheme of docs/model.md §4.2).
 use anyhow::Result;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rayon::prelude::*;

@@ -1,7 +1,7 @@
 //! Routers: router logits `[tokens, experts]` → explicit `(token, expert, weight)` assignments.
 //!
 //! Downstream code (MoE dispatch, analog mapping, tier-switch counting) only sees the list, never a
-//! fixed k, so variable-k routers (ReLU, adaptive-k) plug in unchanged (design.md §5).
+//! fixed k, so variable-k routers (ReLU, adaptive-k) plug in unchanged (docs/model.md §5).
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,7 @@ pub struct GroupLimit {
     pub topk_group: usize,
 }
 
-/// A checkpoint's own routing rule (design.md §5), as its transformers implementation computes it:
+/// A checkpoint's own routing rule (docs/model.md §5), as its transformers implementation computes it:
 /// softmax over all experts → (group-limited) top-k → optional renormalisation → × scaling.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RouterRule {
@@ -129,6 +129,53 @@ impl RouterKind {
             }));
         }
         out
+    }
+}
+
+impl std::fmt::Display for RouterRule {
+    /// Human form, e.g. `softmax top-4, no renormalisation` or
+    /// `softmax top-6, renormalised, × 16, best 3 of 8 groups`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "softmax top-{}, {}",
+            self.top_k,
+            if self.renormalize {
+                "renormalised"
+            } else {
+                "no renormalisation"
+            }
+        )?;
+        if self.scaling != 1.0 {
+            write!(f, ", × {}", self.scaling)?;
+        }
+        if let Some(g) = self.group_limit {
+            write!(f, ", best {} of {} groups", g.topk_group, g.n_group)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for RouterKind {
+    /// Human form of the rule (the CLI spelling is in [`std::str::FromStr`]).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            RouterKind::CheckpointDefault => write!(f, "the checkpoint's rule"),
+            RouterKind::SoftmaxTopK { k, renormalize } => write!(
+                f,
+                "softmax top-{k}, {}",
+                if renormalize {
+                    "renormalised"
+                } else {
+                    "no renormalisation"
+                }
+            ),
+            RouterKind::SigmoidTopK { k } => write!(f, "sigmoid top-{k}"),
+            RouterKind::Relu => write!(f, "ReLU (variable k)"),
+            RouterKind::AdaptiveK { threshold } => {
+                write!(f, "adaptive k (drop followers below weight {threshold})")
+            }
+        }
     }
 }
 
@@ -316,6 +363,35 @@ mod tests {
         );
         assert!("softmax:0".parse::<RouterKind>().is_err());
         assert!("top9".parse::<RouterKind>().is_err());
+    }
+
+    #[test]
+    fn routers_print_human_names() {
+        assert_eq!(
+            rule(4, false).to_string(),
+            "softmax top-4, no renormalisation"
+        );
+        let deepseek = RouterRule {
+            top_k: 6,
+            renormalize: true,
+            scaling: 16.0,
+            group_limit: Some(GroupLimit {
+                n_group: 8,
+                topk_group: 3,
+            }),
+        };
+        assert_eq!(
+            deepseek.to_string(),
+            "softmax top-6, renormalised, × 16, best 3 of 8 groups"
+        );
+        assert_eq!(
+            "softmax-renorm:2"
+                .parse::<RouterKind>()
+                .unwrap()
+                .to_string(),
+            "softmax top-2, renormalised"
+        );
+        assert_eq!(RouterKind::Relu.to_string(), "ReLU (variable k)");
     }
 
     #[test]

@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, ensure, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::plot::register_font;
+use super::plot::{register_font, series_colour, si_format, si_prefix};
 
 /// Font family registered by [`register_font`].
 const FAMILY: &str = "sans-serif";
@@ -76,6 +77,20 @@ where
         })
         .fold(0.0f64, f64::max);
     let top = if top > 0.0 { top * 1.08 } else { 1.0 };
+    // Ticks in an SI prefix of the label's unit (µJ, not 1.2e-3 J), chosen from the tallest bar.
+    let si = chart
+        .y_label
+        .strip_suffix(')')
+        .and_then(|l| l.rsplit_once('('))
+        .filter(|(_, u)| ["J", "s", "W"].contains(u));
+    let unit = match si {
+        Some(_) => si_prefix(top / 1.08),
+        None => (1.0, ""),
+    };
+    let y_label = match si {
+        Some((head, u)) => format!("{head}({}{u})", unit.1),
+        None => chart.y_label.clone(),
+    };
     let (plot, legend_area) = root.split_horizontally(800);
     let mut ctx = ChartBuilder::on(&plot)
         .caption(&chart.title, (FAMILY, 22))
@@ -96,8 +111,8 @@ where
                 String::new()
             }
         })
-        .y_label_formatter(&|v| format!("{v:.3e}"))
-        .y_desc(&chart.y_label)
+        .y_label_formatter(&|v| tick(*v / unit.0))
+        .y_desc(&y_label)
         .label_style((FAMILY, 15))
         .axis_desc_style((FAMILY, 17))
         .draw()
@@ -105,7 +120,7 @@ where
     let mut base = vec![0.0f64; n];
     let mut legend: Vec<(String, RGBAColor)> = Vec::new();
     for (k, s) in chart.segments.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
+        let color = series_colour(k);
         let rects: Vec<_> = (0..n)
             .map(|i| {
                 let lo = base[i];
@@ -122,6 +137,19 @@ where
             legend.push((s.label.clone(), color));
         }
     }
+    // Each bar's total above it, so small bars stay readable.
+    for (i, total) in base.iter().enumerate() {
+        let text = match si {
+            Some((_, u)) => si_format(*total, u),
+            None => tick(*total),
+        };
+        ctx.draw_series(std::iter::once(Text::new(
+            text,
+            (i as f64, *total),
+            TextStyle::from((FAMILY, 15).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom)),
+        )))
+        .map_err(err)?;
+    }
     // Legend in its own column, top to bottom in stacking order reversed (matches the bars' top-down reading).
     for (row, (label, color)) in legend.iter().rev().enumerate() {
         let y = 40 + 26 * row as i32;
@@ -133,4 +161,15 @@ where
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// Tick label with at most three decimals.
+fn tick(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    format!("{v:.3}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_string()
 }

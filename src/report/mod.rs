@@ -6,5 +6,6 @@ pub mod heatmap;
 mod plot;
 
 pub use plot::{
-    register_font, write_heatmap, write_line_chart, Heatmap, Legend, LineChart, Series,
+    register_font, si_format, si_prefix, write_heatmap, write_line_chart,
+    write_line_chart_with_ticks, Heatmap, Legend, LineChart, Series,
 };

@@ -1,4 +1,4 @@
-//! One R×C crossbar block with its periphery (design.md §2–§3).
+//! One R×C crossbar block with its periphery (docs/model.md §2–§3).
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
@@ -22,7 +22,7 @@ pub const GDC_REFERENCE_MVM_ID: u32 = u32::MAX;
 /// MVM id of the GDC readout forward taken at every drift time.
 pub const GDC_READOUT_MVM_ID: u32 = u32::MAX - 1;
 
-/// AIHWKIT `GlobalDriftCompensation` floor of the readout mean |Y| (design.md §2).
+/// AIHWKIT `GlobalDriftCompensation` floor of the readout mean |Y| (docs/model.md §2).
 pub const GDC_MIN_READOUT: f32 = 1e-4;
 
 /// mean |x| of a GDC readout, accumulated in f64 and rounded once to f32: a sequential f32 sum
@@ -42,7 +42,7 @@ fn mean_abs(a: ndarray::ArrayView2<'_, f32>) -> f32 {
 }
 
 /// A programmed R×C block: weights live as normalised conductance-derived values W̃ (`[n_out,
-/// n_in]`, PyTorch layout), the periphery converts inputs and outputs (design.md §3).
+/// n_in]`, PyTorch layout), the periphery converts inputs and outputs (docs/model.md §3).
 ///
 /// Lifecycle: [`Crossbar::program`] (programming noise, drift exponents, GDC reference) →
 /// [`Crossbar::drift_to`] (drift + read noise at t, GDC α) → any number of [`Crossbar::mvm`]
@@ -497,7 +497,7 @@ impl Crossbar {
         out
     }
 
-    /// Steps 1–9 of design.md §3 for rows `r0..r0 + x.nrows()` of one batch.
+    /// Steps 1–9 of docs/model.md §3 for rows `r0..r0 + x.nrows()` of one batch.
     fn forward_chunk(
         &self,
         x: ArrayView2<f32>,
@@ -718,7 +718,7 @@ enum WeightVar<'a> {
     },
 }
 
-/// The mapping step of programming (design.md §3, "Mapping scale"): checks `w` against one
+/// The mapping step of programming (docs/model.md §3, "Mapping scale"): checks `w` against one
 /// crossbar of `preset` and returns the mapping scales s_map (one per output) and the target
 /// weights W/s_map.
 fn map_weights(

@@ -7,7 +7,7 @@ use super::{Crossbar, DriftCompensation, TilePreset};
 use crate::device::Device;
 use crate::rng::{Purpose, Stream};
 
-/// Default drift times (design.md §7): 0 s, 1 min, 1 h, 1 day, 1 week, 1 month (30 d), 1 year.
+/// Default drift times (docs/model.md §7): 0 s, 1 min, 1 h, 1 day, 1 week, 1 month (30 d), 1 year.
 pub const DEFAULT_TIMES_S: [f64; 7] = [
     0.0,
     60.0,
@@ -40,7 +40,7 @@ pub struct DriftStudyConfig {
 }
 
 impl DriftStudyConfig {
-    /// One full crossbar of `preset` (capped at 512×512), design.md §7 times, batch 256.
+    /// One full crossbar of `preset` (capped at 512×512), docs/model.md §7 times, batch 256.
     pub fn for_preset(preset: &TilePreset, seed: u64) -> Self {
         Self {
             times_s: DEFAULT_TIMES_S.to_vec(),

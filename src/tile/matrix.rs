@@ -1,4 +1,4 @@
-//! A large matrix split into equal-part crossbar blocks (design.md §3 "Tiling").
+//! A large matrix split into equal-part crossbar blocks (docs/model.md §3 "Tiling").
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use crate::device::Device;
 use crate::rng::child_tensor_id;
 
 /// Split `n` into ⌈n/max⌉ near-equal contiguous parts, the first `n % k` one larger
-/// (design.md §3). `n = 0` gives no parts.
+/// (docs/model.md §3). `n = 0` gives no parts.
 pub fn split_equal(n: usize, max: usize) -> Vec<Range<usize>> {
     assert!(max > 0, "block size must be ≥ 1");
     if n == 0 {

@@ -1,5 +1,5 @@
 //! Analog tiles: presets, one crossbar with its periphery, large matrices split into blocks,
-//! 3D tile stacks, and the drift study (design.md §2–§4).
+//! 3D tile stacks, and the drift study (docs/model.md §2–§4).
 //!
 //! CPU execution: every MVM quantises the batch into a matrix, runs one GEMM (plus one per
 //! enabled nonideality that needs it: IR drop, PCM_READ weight noise) over rayon-split batch

@@ -1,9 +1,9 @@
-//! Tile presets: `tiles/*.json`, validated on load (design.md §3, §4).
+//! Tile presets: `tiles/*.json`, validated on load (docs/model.md §3, §4).
 //!
 //! A preset fixes everything about one kind of tile: the device technology, the weight mapping,
 //! the crossbar periphery (noise management, DAC, IR drop, short-term weight noise, output noise,
 //! ADC, bound management), drift compensation and the 3D stack geometry. Every dimensioned field
-//! carries its unit in its name or doc; normalised quantities are dimensionless (design.md §1).
+//! carries its unit in its name or doc; normalised quantities are dimensionless (docs/model.md §1).
 //! The optional `cost` section ([`crate::energy::CostModel`]) holds the hardware cost constants `aimc energy`
 //! needs, each with its unit and source; presets without it load as before.
 use std::path::Path;
@@ -84,7 +84,7 @@ impl PresetError {
     }
 }
 
-/// Input noise management: the per-vector scale α_nm the DAC input is divided by (design.md §3.1).
+/// Input noise management: the per-vector scale α_nm the DAC input is divided by (docs/model.md §3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NoiseManagement {
@@ -100,7 +100,7 @@ pub enum NoiseManagement {
 }
 
 /// A uniform quantiser with `2^bits − 1` levels over [−bound, bound]: step Δ = 2·bound/(2^bits − 2)
-/// (AIHWKIT `inp_res`/`out_res` = 1/(2^bits − 2) of the full range; design.md §3.2, §3.7).
+/// (AIHWKIT `inp_res`/`out_res` = 1/(2^bits − 2) of the full range; docs/model.md §3.2, §3.7).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quantizer {
@@ -140,7 +140,7 @@ pub fn rint(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// Short-term (per-MVM) weight noise (design.md §3.5).
+/// Short-term (per-MVM) weight noise (docs/model.md §3.5).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WeightNoise {
@@ -158,7 +158,7 @@ pub enum WeightNoise {
     },
 }
 
-/// AIHWKIT's static IR-drop model (design.md §3.4).
+/// AIHWKIT's static IR-drop model (docs/model.md §3.4).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IrDrop {
@@ -168,7 +168,7 @@ pub struct IrDrop {
     pub g_ratio: f32,
 }
 
-/// Iterative bound management (design.md §3.8).
+/// Iterative bound management (docs/model.md §3.8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BoundManagement {
@@ -179,7 +179,7 @@ pub enum BoundManagement {
     Iterative,
 }
 
-/// Global drift compensation (design.md §2, AIHWKIT `GlobalDriftCompensation`).
+/// Global drift compensation (docs/model.md §2, AIHWKIT `GlobalDriftCompensation`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftCompensation {
@@ -194,7 +194,7 @@ pub enum DriftCompensation {
     GlobalExact,
 }
 
-/// Weight → normalised block weights (design.md §3 "Mapping scale").
+/// Weight → normalised block weights (docs/model.md §3 "Mapping scale").
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingSpec {
@@ -204,7 +204,7 @@ pub struct MappingSpec {
     pub per_column: bool,
 }
 
-/// The periphery shared by all tiers of a stack (design.md §3).
+/// The periphery shared by all tiers of a stack (docs/model.md §3).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeripherySpec {
@@ -229,7 +229,7 @@ pub struct PeripherySpec {
 const BM_MAX_BETA_NO_DAC: f32 = 256.0;
 
 impl PeripherySpec {
-    /// Step 8 of design.md §3: `Some(limit)` when iterative bound management is on (it needs an
+    /// Step 8 of docs/model.md §3: `Some(limit)` when iterative bound management is on (it needs an
     /// ADC to detect saturation); a saturated row is redone at 2β while β ≤ limit.
     pub fn bm_beta_limit(&self) -> Option<f32> {
         (self.bound_management == BoundManagement::Iterative && self.adc.is_some())
@@ -237,7 +237,7 @@ impl PeripherySpec {
     }
 }
 
-/// 3D geometry: a stack is T tiers of R×C crossbars sharing one periphery (design.md §4).
+/// 3D geometry: a stack is T tiers of R×C crossbars sharing one periphery (docs/model.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StackSpec {

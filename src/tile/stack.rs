@@ -1,4 +1,4 @@
-//! A 3D tile stack: T tiers of crossbars behind one shared periphery (design.md §4).
+//! A 3D tile stack: T tiers of crossbars behind one shared periphery (docs/model.md §4).
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::{ensure, Context, Result};
