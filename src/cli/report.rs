@@ -218,7 +218,20 @@ pub fn run(args: ReportArgs) -> Result<()> {
                 ..Default::default()
             };
             let shape = ModelShape::from_model(&model_name, &model);
-            let e = estimate(&preset, &gpu, &shape, &map.mapping, &map.trace, &opts)?;
+            // The costed system puts every linear layer on tiers; where that places more than the
+            // accuracy mapping (shared experts, dense MLPs), map again so the report costs what
+            // `aimc energy` costs.
+            let base = args.mapping.options();
+            let costed = crate::energy::paper_mapping(base.clone(), opts.projections);
+            let remapped;
+            let mapping = if costed == base {
+                &map.mapping
+            } else {
+                let lookup = |id| model.matrix(id);
+                remapped = crate::energy::map_shape(&preset, &shape, &costed, &lookup, &map.trace)?;
+                &remapped
+            };
+            let e = estimate(&preset, &gpu, &shape, mapping, &map.trace, &opts)?;
             crate::energy::plots::write_all(&e, out)?;
             Some(e)
         }

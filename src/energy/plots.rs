@@ -60,10 +60,8 @@ fn log_tick(v: f64, unit: &str) -> String {
         return String::new();
     }
     let m = v / 10f64.powf(v.log10().floor());
-    if [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .any(|k| (m - k).abs() < 1e-6 * k)
-    {
+    // Ticks a hair under a decade (m ≈ 10 from rounding) would repeat that decade's label.
+    if [1.0, 2.0, 5.0].iter().any(|k| (m - k).abs() < 1e-6 * k) {
         si(v, unit)
     } else {
         String::new()
@@ -146,13 +144,14 @@ where
     let mut ctx = ChartBuilder::on(&plot)
         .margin(16)
         .x_label_area_size(50)
-        .y_label_area_size(100)
+        .y_label_area_size(135)
         .build_cartesian_2d(-0.4f64..(n as f64 - 0.6), (lo..hi).log_scale())
         .map_err(err)?;
     let ticks = c.ticks.clone();
     let unit = c.y_unit.clone();
     ctx.configure_mesh()
         .x_labels(n.max(1))
+        .y_labels(12)
         .x_label_formatter(&|x| {
             let i = x.round();
             if (x - i).abs() < 1e-6 && i >= 0.0 {
