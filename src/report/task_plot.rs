@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{write_line_chart, Legend, LineChart, Series};
+use super::{write_line_chart, LineChart, Series};
 use crate::eval::task::{TaskReport, TaskTimeSummary};
 
 /// Writes `<stem>.png` and `<stem>.svg` for one or more labelled runs of the same task (the
@@ -17,7 +17,6 @@ pub fn write_task_plot(runs: &[(&str, &TaskReport)], stem: &Path) -> Result<()> 
         x_label: "time after programming [s] (0 s drawn at 1 s)".into(),
         y_label: "accuracy (fraction of items)".into(),
         log_x: true,
-        legend: Legend::LowerLeft,
         ..Default::default()
     };
     for (label, r) in runs {
