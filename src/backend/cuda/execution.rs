@@ -269,8 +269,9 @@ impl Backend for CudaBackend<'_, '_, '_> {
         from: &[usize],
         analog: bool,
     ) -> Result<Vec<f64>> {
-        // Task scoring runs the dense part on the host, the routed experts where they live:
-        // a task's sequences are short and few next to a perplexity sweep's.
+        // Task scoring runs the dense part on the host and the routed experts where they live
+        // (the device's whole-forward path returns perplexity sums, not per-sequence sums
+        // over a span), as the host fallback of `forward` does.
         let (model, router) = (self.work.model, self.work.router);
         if !analog {
             return log_likelihoods_on_host::<crate::backend::cpu::AnalogCall>(
