@@ -40,6 +40,8 @@ fn report_writes_every_linked_file_and_a_complete_json() {
             "1",
             "--sweep-tokens",
             "256",
+            "--task-items",
+            "12",
             "--out",
         ])
         .arg(&out)
@@ -91,6 +93,20 @@ fn report_writes_every_linked_file_and_a_complete_json() {
         );
     }
     assert_eq!(v["accuracy"]["points"].as_array().unwrap().len(), 4);
+    // The shipped multiple-choice task, digital beside analog per drift time.
+    let task = &v["accuracy"]["task"];
+    assert_eq!(task["items"], 12);
+    assert_eq!(task["points"].as_array().unwrap().len(), 4);
+    assert_eq!(task["summary"].as_array().unwrap().len(), 2);
+    for key in ["acc", "acc_norm"] {
+        let d = task["digital"][key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&d), "digital {key} {d}");
+        // 12 items: accuracies are multiples of 1/12.
+        assert!(
+            (d * 12.0 - (d * 12.0).round()).abs() < 1e-9,
+            "digital {key} {d}"
+        );
+    }
     assert!(v["mapping"]["stacks_used"].as_u64().unwrap() >= 1);
     assert_eq!(v["digital_sweep"].as_array().unwrap().len(), 2);
     // Energy per token of the default (costed) preset, decode at batches 1, 8, 64 plus prefill, beside the GPU.

@@ -236,6 +236,24 @@ impl Backend for CpuBackend<'_, '_> {
         sums
     }
 
+    fn log_likelihoods(
+        &mut self,
+        sequences: &[&[u32]],
+        from: &[usize],
+        analog: bool,
+    ) -> Result<Vec<f64>> {
+        let (model, router) = (self.work.model, self.work.router);
+        if !analog {
+            return log_likelihoods_on_host::<AnalogCall>(model, sequences, from, router, None);
+        }
+        let experts = self.experts()?;
+        let clock = std::time::Instant::now();
+        let ll =
+            log_likelihoods_on_host(model, sequences, from, router, Some(&|k| experts.call(k)));
+        self.phases.forward_s += clock.elapsed().as_secs_f64();
+        ll
+    }
+
     fn describe(&self) -> Description {
         Description {
             device: "cpu".into(),
@@ -296,6 +314,50 @@ pub fn score_on_host<E: ExpertLinear>(
         total += s;
     }
     Ok(total)
+}
+
+/// [`Backend::log_likelihoods`] through the CPU forward pass, in parallel over sequences: the
+/// expert products of sequence k through `experts(k)`, or the digital weights when `experts`
+/// is `None`.
+pub fn log_likelihoods_on_host<E: ExpertLinear>(
+    model: &Model,
+    sequences: &[&[u32]],
+    from: &[usize],
+    router: RouterKind,
+    experts: Option<&(dyn Fn(u32) -> E + Sync)>,
+) -> Result<Vec<f64>> {
+    anyhow::ensure!(
+        sequences.len() == from.len(),
+        "log_likelihoods: {} sequences but {} start positions",
+        sequences.len(),
+        from.len()
+    );
+    sequences
+        .par_iter()
+        .zip(from)
+        .enumerate()
+        .map(|(k, (s, &from))| {
+            anyhow::ensure!(
+                from >= 1 && from < s.len(),
+                "log_likelihoods: sequence {k} of {} tokens cannot be scored from token {from}",
+                s.len()
+            );
+            let call = experts.map(|e| e(k as u32));
+            let o = ForwardOptions {
+                router,
+                experts: call.as_ref().map(|c| c as &dyn ExpertLinear),
+                ..Default::default()
+            };
+            let out = model.forward(&s[..s.len() - 1], &o)?;
+            let rows = out.logits.slice(ndarray::s![from - 1.., ..]);
+            let logp = super::score::log_softmax_rows(rows);
+            Ok(s[from..]
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| f64::from(logp[[i, t as usize]]))
+                .sum())
+        })
+        .collect()
 }
 
 #[cfg(test)]

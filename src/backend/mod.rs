@@ -74,6 +74,19 @@ pub trait Backend {
     /// `sequences`), summed over all sequences.
     fn forward(&mut self, sequences: &[&[u32]], references: &[Reference]) -> Result<ScoreSums>;
 
+    /// For each sequence k, Σ over i ≥ `from[k]` of log p(`sequences[k][i]` | the tokens
+    /// before it), in nats: by the digital model when `analog` is false, else by the
+    /// programmed (and drifted) analog model, sequence k drawing the per-MVM noise of call k.
+    /// The model sees each sequence without its last token (nothing follows it to score), so
+    /// a sequence of n tokens needs a window of n − 1. Multiple-choice tasks score a choice's
+    /// tokens given its context with it (`from[k]` ≥ 1).
+    fn log_likelihoods(
+        &mut self,
+        sequences: &[&[u32]],
+        from: &[usize],
+        analog: bool,
+    ) -> Result<Vec<f64>>;
+
     /// What ran where so far.
     fn describe(&self) -> Description;
 

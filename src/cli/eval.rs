@@ -16,6 +16,7 @@ use super::map::MappingFlags;
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
+use crate::eval::task::{Task, TaskAccuracy, TaskSequences};
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
 use crate::mapping::Strategy;
 use crate::model::{ForwardOptions, RouterKind};
@@ -42,6 +43,14 @@ pub struct EvalArgs {
     /// Router: default, softmax:K, softmax-renorm:K, sigmoid:K, relu, adaptive:THRESHOLD.
     #[arg(long, default_value = "default")]
     pub router: RouterKind,
+    /// Multiple-choice task, JSONL lines `{"context": …, "choices": [...], "answer": i}`, scored
+    /// at every point beside the digital model (log-likelihood `acc`, and `acc_norm` per choice
+    /// byte), in windows of --seq-len tokens. With --digital: the digital accuracy alone.
+    #[arg(long)]
+    pub task: Option<PathBuf>,
+    /// Score at most N items of --task, spread evenly over it (default: all).
+    #[arg(long)]
+    pub task_items: Option<usize>,
     /// Print the report as JSON on stdout (with --digital).
     #[arg(long)]
     pub json: bool,
@@ -83,10 +92,26 @@ pub struct EvalArgs {
 /// Runs `aimc eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     super::args::check_eval(&args)?;
+    // The task is read and validated before any model work.
+    let task = match &args.task {
+        Some(path) => {
+            let t = Task::load(path)?;
+            match args.task_items {
+                Some(0) => bail!("--task-items must be at least 1 (got 0)"),
+                Some(n) => Some(t.subset(n)),
+                None => Some(t),
+            }
+        }
+        None if args.task_items.is_some() => bail!("--task-items needs --task FILE"),
+        None => None,
+    };
     let clock = std::time::Instant::now();
     let model = load_model(args.model.as_deref())?;
     super::args::check_router(&args.router, &model)?;
     let load_s = clock.elapsed().as_secs_f64();
+    let task = task
+        .map(|t| TaskSequences::for_model(&t, &model, args.seq_len))
+        .transpose()?;
     let default_tokens = if args.digital { usize::MAX } else { 4096 };
     let ids = load_tokens(
         &model,
@@ -100,10 +125,32 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let report = perplexity(&model, &ids, args.seq_len, &opts, !args.json)?;
         super::results::check_perplexity(&report)?;
+        let task_acc = task
+            .as_ref()
+            .map(|t| digital_task_accuracy(&model, t, args.router))
+            .transpose()?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            match (&task, task_acc) {
+                (Some(t), Some(a)) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "perplexity": report,
+                        "task": {"task": t.name, "items": t.items(), "acc": a.acc, "acc_norm": a.acc_norm},
+                    }))?
+                ),
+                _ => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
         } else {
             println!("{report}");
+            if let (Some(t), Some(a)) = (&task, task_acc) {
+                println!(
+                    "task {}: acc {:.4}, acc_norm {:.4} over {} items",
+                    t.name,
+                    a.acc,
+                    a.acc_norm,
+                    t.items()
+                );
+            }
         }
         return Ok(());
     }
@@ -147,10 +194,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let preset = TilePreset::resolve(&spec.preset)?;
         eprintln!("evaluating {} on {} tokens", spec.label, ids.len());
         let clock = std::time::Instant::now();
-        let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg)?;
+        let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg, task.as_ref())?;
         super::results::check_analog(&report, &spec.label)?;
         let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
+        if let Some(t) = &report.task {
+            let _ = writeln!(md, "{}", t.markdown_table());
+        }
         eprintln!(
             "  analog sweep {:.2} s for {} (time × seed) points ({}); digital reference {:.2} s",
             report.analog_seconds,
@@ -170,6 +220,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         });
     }
     plot_runs(&runs, &args.out)?;
+    let task_runs: Vec<(&str, &crate::eval::task::TaskReport)> = runs
+        .iter()
+        .filter_map(|r| Some((r.spec.label.as_str(), r.report.task.as_ref()?)))
+        .collect();
+    if !task_runs.is_empty() {
+        crate::report::task_plot::write_task_plot(&task_runs, &args.out.join("task_vs_time"))?;
+    }
     let sweep = if args.sweep_digital.is_empty() {
         None
     } else {
@@ -203,8 +260,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.out.join("eval.md").display()))?;
     print!("{md}");
     eprintln!(
-        "wrote {}/{{eval.json, eval.md, perplexity_vs_time, agreement_vs_time{}}}",
+        "wrote {}/{{eval.json, eval.md, perplexity_vs_time, agreement_vs_time{}{}}}",
         args.out.display(),
+        if task.is_some() { ", task_vs_time" } else { "" },
         if sweep.is_some() {
             ", digital_sweep"
         } else {
@@ -212,6 +270,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The digital model's accuracy on `task` (the `--digital` path: no crossbars programmed).
+fn digital_task_accuracy(
+    model: &crate::model::Model,
+    task: &TaskSequences,
+    router: RouterKind,
+) -> Result<TaskAccuracy> {
+    let seqs: Vec<&[u32]> = task.tokens.iter().map(Vec::as_slice).collect();
+    let ll = crate::backend::cpu::log_likelihoods_on_host::<crate::backend::cpu::AnalogCall>(
+        model, &seqs, &task.from, router, None,
+    )?;
+    crate::eval::task::accuracy(&task.choices, &task.answers, &task.choice_bytes, &ll)
 }
 
 pub(super) fn parse_strategy(s: &str) -> Result<Strategy> {

@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use super::common::time_ticks;
 use super::common::write_json;
-use crate::eval::analog::{evaluate, AnalogEvalConfig, AnalogEvalReport, TimeSummary};
+use crate::eval::analog::{
+    evaluate, evaluate_with_task, AnalogEvalConfig, AnalogEvalReport, TimeSummary,
+};
+use crate::eval::task::TaskSequences;
 use crate::eval::time::format_duration;
 use crate::mapping::{DigitalSelection, Mapping, MappingOptions, Strategy};
 use crate::model::Model;
@@ -31,16 +34,18 @@ pub struct RunResult {
     pub report: AnalogEvalReport,
 }
 
-/// Maps `model` with `opts` on `preset` and runs the drift × seed sweep.
+/// Maps `model` with `opts` on `preset` and runs the drift × seed sweep (scoring `task` at
+/// every point when given).
 pub fn run_one(
     model: &Model,
     preset: &TilePreset,
     opts: &MappingOptions,
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
+    task: Option<&TaskSequences>,
 ) -> Result<(Mapping, AnalogEvalReport)> {
     let mapping = super::map::map_loaded(model, preset, opts, None)?;
-    let report = evaluate(model, &mapping, preset, tokens, cfg)?;
+    let report = evaluate_with_task(model, &mapping, preset, tokens, cfg, task)?;
     Ok((mapping, report))
 }
 

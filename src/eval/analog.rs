@@ -8,6 +8,9 @@
 //! agreement, and the mean KL(digital ‖ analog) of the next-token distributions; then mean ±
 //! standard deviation over seeds per drift time.
 //!
+//! With a multiple-choice task ([`evaluate_with_task`]), every point also scores the task on
+//! the same programmed and drifted state, beside the digital model's accuracy.
+//!
 //! Where the forwards run is the backend's business ([`crate::backend::Backend`], chosen by
 //! [`Execution::with_backend`]): this file holds the one seed × time loop and knows no device.
 
@@ -17,6 +20,7 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
+use super::task::{TaskPoint, TaskReport, TaskSequences};
 use crate::backend::{AnalogWork, Backend, Execution, Phases, ScoreSums};
 use crate::device::Device;
 use crate::mapping::Mapping;
@@ -83,6 +87,9 @@ pub struct AnalogEvalReport {
     /// `analog_seconds` also holds the backend's set-up (on a GPU: the dense weights' upload).
     #[serde(default)]
     pub phases: Phases,
+    /// Multiple-choice task accuracy over the same points (when a task was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskReport>,
 }
 
 /// Cuts `tokens` into windows of `seq_len` (the last may be shorter; windows of one token are dropped since they
@@ -113,6 +120,18 @@ pub fn evaluate(
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
 ) -> Result<AnalogEvalReport> {
+    evaluate_with_task(model, mapping, preset, tokens, cfg, None)
+}
+
+/// [`evaluate`], also scoring `task` at every point (and once digitally).
+pub fn evaluate_with_task(
+    model: &Model,
+    mapping: &Mapping,
+    preset: &TilePreset,
+    tokens: &[u32],
+    cfg: &AnalogEvalConfig,
+    task: Option<&TaskSequences>,
+) -> Result<AnalogEvalReport> {
     ensure!(
         !cfg.times_s.is_empty() && !cfg.seeds.is_empty(),
         "need at least one drift time and one seed"
@@ -139,7 +158,7 @@ pub fn evaluate(
     let start = Instant::now();
     let run = cfg
         .execution
-        .with_backend(work, |backend| sweep(backend, &seqs, cfg))?;
+        .with_backend(work, |backend| sweep(backend, &seqs, cfg, task))?;
     let summary = cfg
         .times_s
         .iter()
@@ -156,6 +175,10 @@ pub fn evaluate(
         digital_seconds: run.digital_seconds,
         backend: run.backend,
         phases: run.phases,
+        task: run
+            .task
+            .zip(task)
+            .map(|((digital, points), t)| TaskReport::new(t, digital, points, &cfg.times_s)),
     })
 }
 
@@ -166,19 +189,29 @@ struct Sweep {
     digital_seconds: f64,
     backend: String,
     phases: Phases,
+    /// The task's digital accuracy and its points, when a task was given.
+    task: Option<(super::task::TaskAccuracy, Vec<TaskPoint>)>,
 }
 
 /// The protocol on one backend: the digital reference once, then every seed × drift time
 /// point, with a progress line per point on stderr.
-fn sweep(backend: &mut dyn Backend, seqs: &[&[u32]], cfg: &AnalogEvalConfig) -> Result<Sweep> {
+fn sweep(
+    backend: &mut dyn Backend,
+    seqs: &[&[u32]],
+    cfg: &AnalogEvalConfig,
+    task: Option<&TaskSequences>,
+) -> Result<Sweep> {
     let clock = Instant::now();
     let references = backend.reference(seqs)?;
-    let digital_seconds = clock.elapsed().as_secs_f64();
     let digital_nll: f64 = references
         .iter()
         .zip(seqs)
         .map(|(r, s)| r.nll(&s[1..]))
         .sum();
+    // The digital model's task accuracy counts as digital reference time.
+    let task_digital = task.map(|t| t.score(backend, false)).transpose()?;
+    let digital_seconds = clock.elapsed().as_secs_f64();
+    let mut task_points = Vec::new();
     let n_points = cfg.seeds.len() * cfg.times_s.len();
     let mut points = Vec::with_capacity(n_points);
     for &seed in &cfg.seeds {
@@ -199,6 +232,21 @@ fn sweep(backend: &mut dyn Backend, seqs: &[&[u32]], cfg: &AnalogEvalConfig) -> 
                     clock.elapsed().as_secs_f64()
                 );
             }
+            if let Some(task) = task {
+                let a = task.score(backend, true)?;
+                if cfg.progress {
+                    eprintln!(
+                        "    task {}: acc {:.4}, acc_norm {:.4}",
+                        task.name, a.acc, a.acc_norm
+                    );
+                }
+                task_points.push(TaskPoint {
+                    t_seconds: t,
+                    seed,
+                    acc: a.acc,
+                    acc_norm: a.acc_norm,
+                });
+            }
             points.push(p);
         }
     }
@@ -215,6 +263,7 @@ fn sweep(backend: &mut dyn Backend, seqs: &[&[u32]], cfg: &AnalogEvalConfig) -> 
         digital_seconds,
         backend: backend.describe().to_string(),
         phases,
+        task: task_digital.map(|d| (d, task_points)),
     })
 }
 

@@ -13,6 +13,7 @@ use crate::model::{ForwardOptions, Model};
 
 pub mod analog;
 pub mod bench;
+pub mod task;
 pub mod time;
 
 pub use time::format_duration;

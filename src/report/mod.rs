@@ -4,6 +4,7 @@
 pub mod bars;
 pub mod heatmap;
 mod plot;
+pub mod task_plot;
 
 pub use plot::{
     register_font, si_format, si_prefix, write_heatmap, write_line_chart,

@@ -23,7 +23,9 @@ use super::model::GpuModel;
 use super::programmed::Residency;
 use super::score::GpuReference;
 use super::{CudaDevice, CudaError};
-use crate::backend::cpu::{references_on_host, score_on_host, AnalogExperts, CpuBackend};
+use crate::backend::cpu::{
+    log_likelihoods_on_host, references_on_host, score_on_host, AnalogExperts, CpuBackend,
+};
 use crate::backend::describe::{Description, GpuPlacement, Phases, ProgrammedState, Stage};
 use crate::backend::score::{Reference, ScoreSums};
 use crate::backend::{AnalogWork, Backend, GpuMemory};
@@ -259,6 +261,35 @@ impl Backend for CudaBackend<'_, '_, '_> {
         };
         self.phases.forward_s += clock.elapsed().as_secs_f64();
         Ok(sums)
+    }
+
+    fn log_likelihoods(
+        &mut self,
+        sequences: &[&[u32]],
+        from: &[usize],
+        analog: bool,
+    ) -> Result<Vec<f64>> {
+        // Task scoring runs the dense part on the host and the routed experts where they live
+        // (the device's whole-forward path returns perplexity sums, not per-sequence sums
+        // over a span), as the host fallback of `forward` does.
+        let (model, router) = (self.work.model, self.work.router);
+        if !analog {
+            return log_likelihoods_on_host::<crate::backend::cpu::AnalogCall>(
+                model, sequences, from, router, None,
+            );
+        }
+        let clock = std::time::Instant::now();
+        let ll = match &self.programming {
+            Programming::Gpu { experts, .. } => {
+                log_likelihoods_on_host(model, sequences, from, router, Some(&|k| experts.call(k)))
+            }
+            Programming::Host(cpu) => {
+                let experts = cpu.experts()?;
+                log_likelihoods_on_host(model, sequences, from, router, Some(&|k| experts.call(k)))
+            }
+        };
+        self.phases.forward_s += clock.elapsed().as_secs_f64();
+        ll
     }
 
     fn describe(&self) -> Description {
