@@ -446,6 +446,44 @@ impl<'a> EnergyModel<'a> {
         self.mapped_stacks + self.projection_stacks()
     }
 
+    /// Charges `mvms` MVMs of full blocks to `at` (a layer, or `None` for the LM head): crossbar, one DAC
+    /// conversion per row and one ADC conversion per column each, and their input/output bytes over the
+    /// interconnect (also counted in `tr`).
+    fn charge_full_block_mvms(
+        &self,
+        e: &mut Breakdown,
+        tr: &mut Traffic,
+        at: Option<usize>,
+        mvms: f64,
+    ) {
+        let c = self.cost;
+        let (r, k) = (self.geo.rows as f64, self.geo.cols as f64);
+        let full_block_bytes =
+            r * c.interconnect.bytes_per_input.value + k * c.interconnect.bytes_per_output.value;
+        e.add(
+            at,
+            Component::Crossbar,
+            mvms * c.analog.tier_mvm_energy_j.value,
+        );
+        e.add(
+            at,
+            Component::Dac,
+            mvms * r * c.analog.dac_energy_per_conversion_j.value,
+        );
+        e.add(
+            at,
+            Component::Adc,
+            mvms * k * c.analog.adc_energy_per_conversion_j.value,
+        );
+        let bytes = mvms * full_block_bytes;
+        e.add(
+            at,
+            Component::Interconnect,
+            bytes * self.hops * c.interconnect.energy_per_byte_per_hop_j.value,
+        );
+        tr.interconnect_bytes += bytes;
+    }
+
     /// Weights kept digital and read in full every step they are used: router, digital experts, digital
     /// projections (embeddings apart: a step reads one row per token).
     fn digital_weight_params(&self) -> f64 {
@@ -684,28 +722,7 @@ impl<'a> EnergyModel<'a> {
                     Projections::Analog => {
                         for g in [self.qkv, self.out] {
                             let mvms = g.blocks as f64 * n as f64;
-                            e.add(
-                                at,
-                                Component::Crossbar,
-                                mvms * c.analog.tier_mvm_energy_j.value,
-                            );
-                            e.add(
-                                at,
-                                Component::Dac,
-                                mvms * r * c.analog.dac_energy_per_conversion_j.value,
-                            );
-                            e.add(
-                                at,
-                                Component::Adc,
-                                mvms * k * c.analog.adc_energy_per_conversion_j.value,
-                            );
-                            let bytes = mvms * full_block_bytes;
-                            e.add(
-                                at,
-                                Component::Interconnect,
-                                bytes * self.hops * c.interconnect.energy_per_byte_per_hop_j.value,
-                            );
-                            tr.interconnect_bytes += bytes;
+                            self.charge_full_block_mvms(&mut e, &mut tr, at, mvms);
                             let (ta, ea) =
                                 digital(&c.digital.accumulation, units, g.partial_sum_adds as f64);
                             e.add(at, Component::Accumulation, ea * n as f64);
@@ -922,28 +939,7 @@ impl<'a> EnergyModel<'a> {
             match self.projections {
                 Projections::Analog => {
                     let mvms = self.head.blocks as f64 * n as f64;
-                    e.add(
-                        None,
-                        Component::Crossbar,
-                        mvms * c.analog.tier_mvm_energy_j.value,
-                    );
-                    e.add(
-                        None,
-                        Component::Dac,
-                        mvms * r * c.analog.dac_energy_per_conversion_j.value,
-                    );
-                    e.add(
-                        None,
-                        Component::Adc,
-                        mvms * k * c.analog.adc_energy_per_conversion_j.value,
-                    );
-                    let bytes = mvms * full_block_bytes;
-                    e.add(
-                        None,
-                        Component::Interconnect,
-                        bytes * self.hops * c.interconnect.energy_per_byte_per_hop_j.value,
-                    );
-                    tr.interconnect_bytes += bytes;
+                    self.charge_full_block_mvms(&mut e, &mut tr, None, mvms);
                     let adds = self.head.partial_sum_adds as f64;
                     let (ta, ea) = digital(&c.digital.accumulation, units, adds);
                     e.add(None, Component::Accumulation, ea * n as f64);
