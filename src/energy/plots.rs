@@ -12,6 +12,7 @@ use plotters::prelude::*;
 use super::breakdown::Component;
 use super::scaling::{ScalingConfig, ScalingPoint};
 use super::{EnergyOptions, EnergyReport, PhaseCost};
+use crate::report::bars::category_tick;
 use crate::report::register_font;
 
 const FAMILY: &str = "sans-serif";
@@ -147,19 +148,11 @@ where
         .y_label_area_size(135)
         .build_cartesian_2d(-0.4f64..(n as f64 - 0.6), (lo..hi).log_scale())
         .map_err(err)?;
-    let ticks = c.ticks.clone();
     let unit = c.y_unit.clone();
     ctx.configure_mesh()
         .x_labels(n.max(1))
         .y_labels(12)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                ticks.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_tick(&c.ticks, *x))
         .y_label_formatter(&|v| log_tick(*v, &unit))
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
@@ -253,18 +246,10 @@ where
         .y_label_area_size(80)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0f64..112.0)
         .map_err(err)?;
-    let names = c.bars.clone();
     ctx.configure_mesh()
         .disable_x_mesh()
         .x_labels(n.max(1))
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_tick(&c.bars, *x))
         .y_label_formatter(&|v| {
             if *v <= 100.0 {
                 format!("{v:.0} %")

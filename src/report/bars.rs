@@ -99,18 +99,10 @@ where
         .y_label_area_size(90)
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0..top)
         .map_err(err)?;
-    let names = chart.bars.clone();
     ctx.configure_mesh()
         .disable_x_mesh()
         .x_labels(n.max(1))
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_tick(&chart.bars, *x))
         .y_label_formatter(&|v| tick(*v / unit.0))
         .y_desc(&y_label)
         .label_style((FAMILY, 15))
@@ -161,6 +153,16 @@ where
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// Label of a category axis at `x`: the name of the category at that whole position, blank between.
+pub fn category_tick(names: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 {
+        names.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
 }
 
 /// Tick label with at most three decimals.
