@@ -315,9 +315,13 @@ impl<'a> TensorStore<'a> {
         Ok(Array2::from_shape_vec((names.len() * rows, cols), values)?)
     }
 
-    /// The element count of tensor `name` after checking that it exists with the `expected` shape
-    /// (the product cannot overflow then: the safetensors header check bounds it by the file).
-    fn checked_len(&self, name: &str, expected: &[usize]) -> Result<usize> {
+    /// The file holding tensor `name` and its header entry, after checking that it exists with the
+    /// `expected` shape.
+    fn checked_tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(&WeightFile<'a>, &TensorInfo)> {
         let idx = *self.by_name.get(name).ok_or_else(|| {
             anyhow!(
                 "tensor `{name}` not found in {} (its shape per config.json would be {expected:?})",
@@ -333,6 +337,13 @@ impl<'a> TensorStore<'a> {
                 info.shape
             );
         }
+        Ok((file, info))
+    }
+
+    /// The element count of tensor `name` after checking that it exists with the `expected` shape
+    /// (the product cannot overflow then: the safetensors header check bounds it by the file).
+    fn checked_len(&self, name: &str, expected: &[usize]) -> Result<usize> {
+        let (file, _) = self.checked_tensor(name, expected)?;
         expected
             .iter()
             .try_fold(1usize, |a, &b| a.checked_mul(b))
@@ -362,21 +373,7 @@ impl<'a> TensorStore<'a> {
     /// Converts tensor `name`, which must have the `expected` shape, into `out` (as many
     /// values), rejecting non-finite values.
     fn convert_into(&self, name: &str, expected: &[usize], out: &mut [f32]) -> Result<()> {
-        let idx = *self.by_name.get(name).ok_or_else(|| {
-            anyhow!(
-                "tensor `{name}` not found in {} (its shape per config.json would be {expected:?})",
-                self.locations()
-            )
-        })?;
-        let file = &self.files[idx];
-        let info = &file.tensors[name];
-        if info.shape != expected {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, but config.json implies {expected:?}",
-                file.location,
-                info.shape
-            );
-        }
+        let (file, info) = self.checked_tensor(name, expected)?;
         let (start, end) = info.data_offsets;
         let bytes = &file.blob[file.data_start + start..file.data_start + end];
         to_f32(bytes, info.dtype, out)
