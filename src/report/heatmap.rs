@@ -8,7 +8,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::plot::{register_font, ticked};
+use super::plot::{register_font, ticked, PALETTE};
 
 /// Font family registered by [`register_font`].
 const FAMILY: &str = "sans-serif";
@@ -54,18 +54,8 @@ pub fn write_occupancy(grid: &OccupancyGrid, stem: &Path) -> Result<[PathBuf; 2]
 
 /// Colour of layer `l` of `n`: a qualitative palette for up to 10 layers, a hue wheel beyond.
 fn layer_colour(l: usize, n: usize) -> RGBColor {
-    const TABLEAU: [(u8, u8, u8); 10] = [
-        (31, 119, 180),
-        (255, 127, 14),
-        (44, 160, 44),
-        (214, 39, 40),
-        (148, 103, 189),
-        (140, 86, 75),
-        (227, 119, 194),
-        (127, 127, 127),
-        (188, 189, 34),
-        (23, 190, 207),
-    ];
+    // Tableau 10: the first ten colours of the shared palette (its light variants would be too pale here).
+    const TABLEAU: &[(u8, u8, u8)] = PALETTE.split_at(10).0;
     if n <= TABLEAU.len() {
         let (r, g, b) = TABLEAU[l % TABLEAU.len()];
         return RGBColor(r, g, b);

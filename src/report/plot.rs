@@ -19,7 +19,7 @@ const FAMILY: &str = "sans-serif";
 const SIZE: (u32, u32) = (1100, 640);
 
 /// Qualitative colours (Tableau 10, then its light variants): distinct on screen and in print.
-const PALETTE: [(u8, u8, u8); 20] = [
+pub(super) const PALETTE: [(u8, u8, u8); 20] = [
     (31, 119, 180),
     (255, 127, 14),
     (44, 160, 44),
