@@ -237,3 +237,42 @@ pub fn sincos_turns(m: u32) -> (f32, f32) {
 pub fn child_tensor_id(parent: u32, block_index: u32) -> u32 {
     Stream::new(0, Purpose::TensorId, block_index).block(u64::from(parent), 0, 0)[0]
 }
+
+/// A deterministic 64-bit stream (SplitMix64, Steele et al., OOPSLA'14): small and sequential, for
+/// choices that need a reproducible seed but not a counter-based stream (task distractors, input
+/// mutation in the fuzz tests).
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (rejection sampling, no modulo bias); `n` must be positive.
+    pub fn below(&mut self, n: usize) -> usize {
+        let n = n as u64;
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return (x % n) as usize;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SplitMix64;
+
+    #[test]
+    fn below_stays_in_range() {
+        let mut r = SplitMix64(1);
+        assert!((0..1000).all(|_| r.below(7) < 7));
+    }
+}

@@ -15,25 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aimc::model::{ForwardOptions, Model};
+// splitmix64: a tiny seeded generator, enough for mutation choices.
+use aimc::rng::SplitMix64 as Rng;
 use aimc::tile::{drift_study, DriftStudyConfig, TilePreset};
 use serde_json::{json, Value};
-
-/// splitmix64: a tiny seeded generator, enough for mutation choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Values that found bugs before, or sit on a boundary: zero, one, powers of two near the integer
 /// limits, huge and tiny floats, negatives, wrong types.
@@ -284,7 +269,7 @@ fn checkpoint_case(fx: &Fixture, seed: u64) -> (Outcome, String) {
                 let n = rng.below(bytes.len());
                 bytes.truncate(n);
             }
-            _ => bytes[..8].copy_from_slice(&(rng.next() >> rng.below(64)).to_le_bytes()),
+            _ => bytes[..8].copy_from_slice(&(rng.next_u64() >> rng.below(64)).to_le_bytes()),
         }
         raw = Some(bytes);
     }

@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 use anyhow::{ensure, Result};
 
 use super::TaskItem;
+use crate::rng::SplitMix64;
 
 /// Shortest verse (in words) that makes an item: both halves keep at least 4 words.
 pub const MIN_WORDS: usize = 8;
@@ -42,31 +43,6 @@ pub fn verses(text: &str) -> Vec<&str> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !is_header(l))
         .collect()
-}
-
-/// A deterministic 64-bit stream (SplitMix64), enough for drawing distractors.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (rejection sampling, no modulo bias).
-    fn below(&mut self, n: usize) -> usize {
-        let n = n as u64;
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return (x % n) as usize;
-            }
-        }
-    }
 }
 
 /// Splits a verse after its first ⌊words/2⌋ words: (context, continuation with its leading
@@ -154,11 +130,5 @@ mod tests {
             Some(("one two three four", " five six seven eight nine"))
         );
         assert_eq!(halves("too short to split here"), None);
-    }
-
-    #[test]
-    fn below_stays_in_range() {
-        let mut r = SplitMix64(1);
-        assert!((0..1000).all(|_| r.below(7) < 7));
     }
 }
