@@ -242,10 +242,10 @@ impl Backend for CpuBackend<'_, '_> {
         from: &[usize],
         analog: bool,
     ) -> Result<Vec<f64>> {
-        let (model, router) = (self.work.model, self.work.router);
         if !analog {
-            return log_likelihoods_on_host::<AnalogCall>(model, sequences, from, router, None);
+            return digital_log_likelihoods(&self.work, sequences, from);
         }
+        let (model, router) = (self.work.model, self.work.router);
         let experts = self.experts()?;
         let clock = std::time::Instant::now();
         let ll =
@@ -314,6 +314,16 @@ pub fn score_on_host<E: ExpertLinear>(
         total += s;
     }
     Ok(total)
+}
+
+/// [`Backend::log_likelihoods`] with `analog` false, which every backend runs on the host: the
+/// digital weights of `work`'s model throughout.
+pub fn digital_log_likelihoods(
+    work: &AnalogWork<'_, '_>,
+    sequences: &[&[u32]],
+    from: &[usize],
+) -> Result<Vec<f64>> {
+    log_likelihoods_on_host::<AnalogCall>(work.model, sequences, from, work.router, None)
 }
 
 /// [`Backend::log_likelihoods`] through the CPU forward pass, in parallel over sequences: the

@@ -272,12 +272,10 @@ impl Backend for CudaBackend<'_, '_, '_> {
         // Task scoring runs the dense part on the host and the routed experts where they live
         // (the device's whole-forward path returns perplexity sums, not per-sequence sums
         // over a span), as the host fallback of `forward` does.
-        let (model, router) = (self.work.model, self.work.router);
         if !analog {
-            return log_likelihoods_on_host::<crate::backend::cpu::AnalogCall>(
-                model, sequences, from, router, None,
-            );
+            return crate::backend::cpu::digital_log_likelihoods(&self.work, sequences, from);
         }
+        let (model, router) = (self.work.model, self.work.router);
         let clock = std::time::Instant::now();
         let ll = match &self.programming {
             Programming::Gpu { experts, .. } => {
