@@ -101,7 +101,8 @@ pub fn windows(tokens: &[u32], seq_len: usize) -> Vec<&[u32]> {
         .collect()
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation (n − 1 in the denominator; 0 for a single value) of `v`.
+pub(crate) fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = if v.len() > 1 {

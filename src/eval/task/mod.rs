@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::backend::Backend;
+use crate::eval::analog::mean_std;
 
 pub mod build;
 
@@ -408,8 +409,8 @@ impl TaskReport {
             .iter()
             .map(|&t| {
                 let at: Vec<&TaskPoint> = points.iter().filter(|p| p.t_seconds == t).collect();
-                let (am, asd) = mean_std(at.iter().map(|p| p.acc));
-                let (nm, nsd) = mean_std(at.iter().map(|p| p.acc_norm));
+                let (am, asd) = mean_std(&at.iter().map(|p| p.acc).collect::<Vec<_>>());
+                let (nm, nsd) = mean_std(&at.iter().map(|p| p.acc_norm).collect::<Vec<_>>());
                 TaskTimeSummary {
                     t_seconds: t,
                     acc_mean: am,
@@ -461,18 +462,6 @@ impl TaskReport {
         }
         s
     }
-}
-
-fn mean_std(v: impl Iterator<Item = f64>) -> (f64, f64) {
-    let v: Vec<f64> = v.collect();
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 #[cfg(test)]
