@@ -1,6 +1,7 @@
-//! Counter-based random streams: Philox4x32-10 plus Box–Muller (docs/model.md §6).
+//! Random streams: counter-based Philox4x32-10 plus Box–Muller (docs/model.md §6) for every physics
+//! draw, and a small sequential SplitMix64 for reproducible choices outside the physics.
 //!
-//! A random value depends only on *what* it perturbs — (seed, purpose, tensor id, element index,
+//! A Philox value depends only on *what* it perturbs — (seed, purpose, tensor id, element index,
 //! MVM call counter) — never on thread order or on how many values were drawn before. The CPU
 //! backend and a future CUDA kernel therefore draw the same numbers.
 //!

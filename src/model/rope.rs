@@ -105,6 +105,14 @@ impl RopeConfig {
         }
         const MAX_FACTOR: f64 = 1e6;
         const MAX_POSITIONS: f64 = 1e9;
+        let check_original_positions = |v: f64| {
+            check(
+                "rope_scaling.original_max_position_embeddings",
+                v,
+                1.0,
+                MAX_POSITIONS,
+            )
+        };
         match self.scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {
@@ -119,12 +127,7 @@ impl RopeConfig {
                 ..
             } => {
                 check("rope_scaling.factor", factor, 1.0, MAX_FACTOR)?;
-                check(
-                    "rope_scaling.original_max_position_embeddings",
-                    original_max_position_embeddings,
-                    1.0,
-                    MAX_POSITIONS,
-                )?;
+                check_original_positions(original_max_position_embeddings)?;
                 check("rope_scaling.beta_fast", beta_fast, 1e-6, 1e6)?;
                 check("rope_scaling.beta_slow", beta_slow, 1e-6, 1e6)?;
                 check("rope_scaling.attention_factor", attention_factor, 1e-6, 1e6)?;
@@ -144,12 +147,7 @@ impl RopeConfig {
                          must exceed `low_freq_factor` = {low_freq_factor}"
                     );
                 }
-                check(
-                    "rope_scaling.original_max_position_embeddings",
-                    original_max_position_embeddings,
-                    1.0,
-                    MAX_POSITIONS,
-                )?;
+                check_original_positions(original_max_position_embeddings)?;
             }
         }
         // The table itself must be finite (it is what the forward multiplies by).
