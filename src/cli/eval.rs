@@ -225,7 +225,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .filter_map(|r| Some((r.spec.label.as_str(), r.report.task.as_ref()?)))
         .collect();
     if !task_runs.is_empty() {
-        crate::report::task_plot::write_task_plot(&task_runs, &args.out.join("task_vs_time"))?;
+        crate::report::task_plot::write_task_plot(
+            &model_name(args.model.as_deref()),
+            &task_runs,
+            &args.out.join("task_vs_time"),
+        )?;
     }
     let sweep = if args.sweep_digital.is_empty() {
         None

@@ -214,6 +214,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     plot_runs(std::slice::from_ref(&run), out)?;
     if let Some(t) = &run.report.task {
         crate::report::task_plot::write_task_plot(
+            &run.model,
             &[(run.spec.label.as_str(), t)],
             &out.join("task_vs_time"),
         )?;

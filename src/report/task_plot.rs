@@ -4,17 +4,20 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{write_line_chart, LineChart, Series};
+use super::{write_line_chart_with_ticks, LineChart, Series};
 use crate::eval::task::{TaskReport, TaskTimeSummary};
+use crate::eval::time::format_duration;
 
-/// Writes `<stem>.png` and `<stem>.svg` for one or more labelled runs of the same task (the
-/// digital lines drawn once, from the first run).
-pub fn write_task_plot(runs: &[(&str, &TaskReport)], stem: &Path) -> Result<()> {
+/// Writes `<stem>.png` and `<stem>.svg` for one or more labelled runs of the same task on `model`
+/// (the digital lines drawn once, from the first run).
+pub fn write_task_plot(model: &str, runs: &[(&str, &TaskReport)], stem: &Path) -> Result<()> {
     // Time 0 cannot sit on a log axis: plot it at 1 s and say so in the label.
     let x = |t: f64| t.max(1.0);
     let mut chart = LineChart {
-        title: "Multiple-choice task accuracy vs drift time (mean ± std over seeds)".into(),
-        x_label: "time after programming [s] (0 s drawn at 1 s)".into(),
+        title: format!(
+            "{model}: multiple-choice task accuracy vs drift time (mean ± std over seeds)"
+        ),
+        x_label: "time after programming (log scale; 0 s drawn at 1 s)".into(),
         y_label: "accuracy (fraction of items)".into(),
         log_x: true,
         ..Default::default()
@@ -49,6 +52,16 @@ pub fn write_task_plot(runs: &[(&str, &TaskReport)], stem: &Path) -> Result<()> 
             chart.series.push(flat("acc_norm", r.digital.acc_norm));
         }
     }
-    write_line_chart(&chart, stem)?;
+    // The drift times, named as a person reads them (`1 h`, `1 y`), as on the perplexity plot.
+    let ticks: Vec<(f64, String)> = runs
+        .first()
+        .map(|(_, r)| {
+            r.summary
+                .iter()
+                .map(|p| (x(p.t_seconds), format_duration(p.t_seconds)))
+                .collect()
+        })
+        .unwrap_or_default();
+    write_line_chart_with_ticks(&chart, Some(&ticks), stem)?;
     Ok(())
 }
