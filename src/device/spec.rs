@@ -24,6 +24,20 @@ pub enum DeviceKind {
     Ideal,
 }
 
+/// The kind as a preset spells it (`pcm`, `reram_cmo`, …), for messages a person reads.
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Pcm => "pcm",
+            DeviceKind::Hermes => "hermes",
+            DeviceKind::StateIndependent => "state_independent",
+            DeviceKind::CustomDrift => "custom_drift",
+            DeviceKind::ReramCmo => "reram_cmo",
+            DeviceKind::Ideal => "ideal",
+        })
+    }
+}
+
 /// `"device"` section: a kind plus optional overrides of its published defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +121,7 @@ impl DeviceSpec {
                 if set {
                     return Err(FieldError::new(
                         format!("device.{name}"),
-                        format!("not a parameter of device kind {:?}", self.kind),
+                        format!("not a parameter of device kind `{}`", self.kind),
                     ));
                 }
             }

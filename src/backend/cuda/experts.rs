@@ -239,7 +239,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let gemm = GemmPeriphery::from_spec(&preset.periphery)?;
         let pcm = preset.device.pcm_like().ok_or_else(|| {
             CudaError::Unsupported(format!(
-                "device kind {:?}: GPU drift supports the PCM family only",
+                "device kind `{}`: GPU drift supports the PCM family only",
                 preset.device.kind
             ))
         })?;

@@ -99,7 +99,7 @@ impl GpuProgrammedBlock {
     ) -> CudaResult<Self> {
         let pcm = device.pcm_like().ok_or_else(|| {
             CudaError::Unsupported(format!(
-                "device kind {:?}: GPU programming supports the PCM family only",
+                "device kind `{}`: GPU programming supports the PCM family only",
                 device.kind
             ))
         })?;
