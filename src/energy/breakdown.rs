@@ -31,7 +31,7 @@ pub enum Component {
     /// Reads and writes of what did not fit on chip.
     OffChipMemory,
     /// Static power of every block over the time a step occupies the chip (itemised in
-    /// [`super::sim::StaticEnergy`]).
+    /// [`super::phase::StaticEnergy`]).
     Static,
 }
 

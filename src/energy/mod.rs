@@ -10,6 +10,7 @@
 pub mod breakdown;
 pub mod cost;
 pub mod gpu;
+mod phase;
 pub mod plots;
 pub mod scaling;
 pub mod shape;
@@ -21,11 +22,12 @@ use serde::{Deserialize, Serialize};
 pub use breakdown::{Breakdown, Component, N_COMPONENTS};
 pub use cost::{Constant, CostModel};
 pub use gpu::{GpuEstimate, GpuPreset};
-pub use shape::ModelShape;
-pub use sim::{
-    bytes_si, seconds_si, Bottleneck, EnergyModel, PhaseCost, Placement, Projections, ResourceBusy,
-    Scenario, StaticEnergy, Traffic,
+pub use phase::{
+    bytes_si, seconds_si, Bottleneck, PhaseCost, Placement, ResourceBusy, Scenario, StaticEnergy,
+    Traffic,
 };
+pub use shape::ModelShape;
+pub use sim::{EnergyModel, Projections};
 
 use crate::mapping::{map_matrices, ChipGeometry, Mapping, MappingOptions, RoutingTrace};
 use crate::model::MatrixId;
