@@ -243,7 +243,7 @@ impl Backend for CpuBackend<'_, '_> {
         analog: bool,
     ) -> Result<Vec<f64>> {
         if !analog {
-            return digital_log_likelihoods(&self.work, sequences, from);
+            return digital_log_likelihoods(self.work.model, self.work.router, sequences, from);
         }
         let (model, router) = (self.work.model, self.work.router);
         let experts = self.experts()?;
@@ -316,14 +316,15 @@ pub fn score_on_host<E: ExpertLinear>(
     Ok(total)
 }
 
-/// [`Backend::log_likelihoods`] with `analog` false, which every backend runs on the host: the
-/// digital weights of `work`'s model throughout.
+/// [`Backend::log_likelihoods`] with `analog` false, which every backend runs on the host, and the
+/// `--digital` task score: the digital weights of `model` throughout.
 pub fn digital_log_likelihoods(
-    work: &AnalogWork<'_, '_>,
+    model: &Model,
+    router: RouterKind,
     sequences: &[&[u32]],
     from: &[usize],
 ) -> Result<Vec<f64>> {
-    log_likelihoods_on_host::<AnalogCall>(work.model, sequences, from, work.router, None)
+    log_likelihoods_on_host::<AnalogCall>(model, sequences, from, router, None)
 }
 
 /// [`Backend::log_likelihoods`] through the CPU forward pass, in parallel over sequences: the

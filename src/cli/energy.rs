@@ -9,8 +9,8 @@ use super::common::{load_model, load_tokens, write_json};
 use super::map::MappingFlags;
 use crate::energy::scaling::{self, ScalingConfig, ScalingPoint};
 use crate::energy::{
-    cost_of, estimate, map_shape, paper_mapping, plots, seconds_si, Component, EnergyOptions,
-    EnergyReport, GpuPreset, ModelShape, Projections,
+    cost_of, estimate, joules_si, map_shape, paper_mapping, plots, seconds_si, Component,
+    EnergyOptions, EnergyReport, GpuPreset, ModelShape, Projections,
 };
 use crate::mapping::{DigitalSelection, RoutingTrace};
 use crate::model::{Model, RouterKind};
@@ -191,25 +191,6 @@ pub fn run(args: EnergyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Energy in a readable SI unit.
-pub fn joules(j: f64) -> String {
-    let a = j.abs();
-    if a >= 1.0 {
-        format!("{j:.3} J")
-    } else if a >= 1e-3 {
-        format!("{:.3} mJ", j * 1e3)
-    } else if a >= 1e-6 {
-        format!("{:.3} µJ", j * 1e6)
-    } else {
-        format!("{:.3} nJ", j * 1e9)
-    }
-}
-
-/// Time in a readable SI unit.
-pub fn seconds(s: f64) -> String {
-    seconds_si(s)
-}
-
 /// The table `aimc energy` prints: one row per phase with its bottleneck in words, the busy time of every
 /// resource, and the energy per component.
 pub fn report_text(r: &EnergyReport) -> String {
@@ -257,12 +238,12 @@ pub fn report_text(r: &EnergyReport) -> String {
             s,
             "{:<14} {:>13} {:>12} {:>12.1} {:>10.2} | {:>5} {:>12} {:>12.1} | {}",
             a.scenario.label(),
-            joules(a.energy.total()),
-            seconds(a.latency_per_token_s),
+            joules_si(a.energy.total()),
+            seconds_si(a.latency_per_token_s),
             a.tokens_per_s,
             a.tier_switches_per_token,
             g.gpus,
-            joules(g.energy_per_token_j),
+            joules_si(g.energy_per_token_j),
             g.tokens_per_s,
             a.bottleneck.description
         );
@@ -283,7 +264,7 @@ pub fn report_text(r: &EnergyReport) -> String {
             } else {
                 " "
             };
-            let _ = write!(s, " {:>13}{mark}", seconds(e.2));
+            let _ = write!(s, " {:>13}{mark}", seconds_si(e.2));
         }
         let _ = writeln!(s);
     }
@@ -297,7 +278,7 @@ pub fn report_text(r: &EnergyReport) -> String {
     for c in Component::ALL {
         let _ = write!(s, "  {:<30}", c.label());
         for p in &phases {
-            let _ = write!(s, " {:>14}", joules(p.energy.component(c)));
+            let _ = write!(s, " {:>14}", joules_si(p.energy.component(c)));
         }
         let _ = writeln!(s);
     }
@@ -305,7 +286,7 @@ pub fn report_text(r: &EnergyReport) -> String {
         let name = format!("  static: {}", phases[0].static_energy.entries()[i].0);
         let _ = write!(s, "  {name:<30}");
         for p in &phases {
-            let _ = write!(s, " {:>14}", joules(p.static_energy.entries()[i].1));
+            let _ = write!(s, " {:>14}", joules_si(p.static_energy.entries()[i].1));
         }
         let _ = writeln!(s);
     }
@@ -404,9 +385,9 @@ pub fn scaling_text(
                 p.tiers_per_stack,
                 b.batch,
                 b.tokens_per_s,
-                joules(b.energy_per_token_j),
+                joules_si(b.energy_per_token_j),
                 b.gpu_tokens_per_s,
-                joules(b.gpu_energy_per_token_j),
+                joules_si(b.gpu_energy_per_token_j),
                 b.tokens_per_s / b.gpu_tokens_per_s,
                 b.gpu_energy_per_token_j / b.energy_per_token_j,
                 b.bottleneck

@@ -283,9 +283,7 @@ fn digital_task_accuracy(
     router: RouterKind,
 ) -> Result<TaskAccuracy> {
     let seqs: Vec<&[u32]> = task.tokens.iter().map(Vec::as_slice).collect();
-    let ll = crate::backend::cpu::log_likelihoods_on_host::<crate::backend::cpu::AnalogCall>(
-        model, &seqs, &task.from, router, None,
-    )?;
+    let ll = crate::backend::cpu::digital_log_likelihoods(model, router, &seqs, &task.from)?;
     crate::eval::task::accuracy(&task.choices, &task.answers, &task.choice_bytes, &ll)
 }
 

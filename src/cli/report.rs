@@ -448,7 +448,7 @@ fn index_md(
 }
 
 fn energy_md(e: &EnergyReport) -> String {
-    use super::energy::{joules, seconds};
+    use crate::energy::{joules_si, seconds_si};
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -465,11 +465,11 @@ fn energy_md(e: &EnergyReport) -> String {
         let _ = writeln!(
             s,
             "| {phase} | {batch} | {} | {} | {:.0} | {:.2} | {} | {:.0} | {} |",
-            joules(a.energy.total()),
-            seconds(a.latency_per_token_s),
+            joules_si(a.energy.total()),
+            seconds_si(a.latency_per_token_s),
             a.tokens_per_s,
             a.tier_switches_per_token,
-            joules(g.energy_per_token_j),
+            joules_si(g.energy_per_token_j),
             g.tokens_per_s,
             a.bottleneck.description
         );

@@ -23,8 +23,8 @@ pub use breakdown::{Breakdown, Component, N_COMPONENTS};
 pub use cost::{Constant, CostModel};
 pub use gpu::{GpuEstimate, GpuPreset};
 pub use phase::{
-    bytes_si, seconds_si, Bottleneck, PhaseCost, Placement, ResourceBusy, Scenario, StaticEnergy,
-    Traffic,
+    bytes_si, joules_si, seconds_si, Bottleneck, PhaseCost, Placement, ResourceBusy, Scenario,
+    StaticEnergy, Traffic,
 };
 pub use shape::ModelShape;
 pub use sim::{EnergyModel, Projections};

@@ -177,6 +177,20 @@ pub struct PhaseCost {
     pub tier_switches_per_token: f64,
 }
 
+/// Energy in a readable SI unit.
+pub fn joules_si(j: f64) -> String {
+    let a = j.abs();
+    if a >= 1.0 {
+        format!("{j:.3} J")
+    } else if a >= 1e-3 {
+        format!("{:.3} mJ", j * 1e3)
+    } else if a >= 1e-6 {
+        format!("{:.3} µJ", j * 1e6)
+    } else {
+        format!("{:.3} nJ", j * 1e9)
+    }
+}
+
 /// Bytes in a readable SI unit.
 pub fn bytes_si(b: f64) -> String {
     let a = b.abs();

@@ -5,7 +5,7 @@
 //! axes carry SI units; legends sit in their own column right of the data.
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -13,7 +13,7 @@ use super::breakdown::Component;
 use super::scaling::{ScalingConfig, ScalingPoint};
 use super::{EnergyOptions, EnergyReport, PhaseCost};
 use crate::report::bars::category_tick;
-use crate::report::register_font;
+use crate::report::write_png_svg;
 
 const FAMILY: &str = "sans-serif";
 const SIZE: (u32, u32) = (1200, 680);
@@ -84,29 +84,6 @@ fn wrap(label: &str, width: usize) -> Vec<String> {
         }
     }
     lines
-}
-
-fn write_both(
-    stem: &Path,
-    draw: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()>,
-    draw_png: &dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
-) -> Result<()> {
-    register_font();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    {
-        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-        draw_png(&root).with_context(|| format!("drawing {}", png.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
-    }
-    {
-        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-        draw(&root).with_context(|| format!("drawing {}", svg.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
-    }
-    Ok(())
 }
 
 /// A chart of lines over categorical x positions (one tick per category) on a log y axis.
@@ -219,7 +196,8 @@ where
 }
 
 fn write_lines(c: &Lines, stem: &Path) -> Result<()> {
-    write_both(stem, &|r| draw_lines(r, c), &|r| draw_lines(r, c))
+    write_png_svg(stem, SIZE, &|r| draw_lines(r, c), &|r| draw_lines(r, c))?;
+    Ok(())
 }
 
 /// Stacked shares of energy per token (each bar sums to 100%), total written above each bar.
@@ -357,8 +335,9 @@ pub fn write_all(r: &EnergyReport, out: &Path) -> Result<()> {
         totals,
         segments,
     };
-    write_both(
+    write_png_svg(
         &out.join("breakdown"),
+        SIZE,
         &|root| draw_shares(root, &shares),
         &|root| draw_shares(root, &shares),
     )?;

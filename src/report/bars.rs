@@ -1,12 +1,12 @@
 //! Stacked bar charts (e.g. energy per token split by component), rendered to PNG + SVG.
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::plot::{register_font, series_colour, si_format, si_prefix};
+use super::plot::{series_colour, si_format, si_prefix, write_png_svg};
 
 /// Font family registered by [`register_font`].
 const FAMILY: &str = "sans-serif";
@@ -41,23 +41,7 @@ pub fn write_stacked_bars(chart: &StackedBars, stem: &Path) -> Result<[PathBuf; 
             chart.bars.len()
         );
     }
-    register_font();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    let size = (1100, 680);
-    {
-        let root = BitMapBackend::new(&png, size).into_drawing_area();
-        draw(&root, chart).with_context(|| format!("drawing {}", png.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
-    }
-    {
-        let root = SVGBackend::new(&svg, size).into_drawing_area();
-        draw(&root, chart).with_context(|| format!("drawing {}", svg.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
-    }
-    Ok([png, svg])
+    write_png_svg(stem, (1100, 680), &|r| draw(r, chart), &|r| draw(r, chart))
 }
 
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &StackedBars) -> Result<()>

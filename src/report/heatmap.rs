@@ -3,12 +3,12 @@
 //! layer and experts it holds.
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::plot::{register_font, ticked, PALETTE};
+use super::plot::{ticked, write_png_svg, PALETTE};
 
 /// Font family registered by [`register_font`].
 const FAMILY: &str = "sans-serif";
@@ -33,23 +33,7 @@ pub struct OccupancyGrid {
 
 /// Writes `grid` to `<stem>.png` and `<stem>.svg`.
 pub fn write_occupancy(grid: &OccupancyGrid, stem: &Path) -> Result<[PathBuf; 2]> {
-    register_font();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    let size = (1200, 640);
-    {
-        let root = BitMapBackend::new(&png, size).into_drawing_area();
-        draw(&root, grid).with_context(|| format!("drawing {}", png.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
-    }
-    {
-        let root = SVGBackend::new(&svg, size).into_drawing_area();
-        draw(&root, grid).with_context(|| format!("drawing {}", svg.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
-    }
-    Ok([png, svg])
+    write_png_svg(stem, (1200, 640), &|r| draw(r, grid), &|r| draw(r, grid))
 }
 
 /// Colour of layer `l` of `n`: a qualitative palette for up to 10 layers, a hue wheel beyond.

@@ -8,5 +8,5 @@ pub mod task_plot;
 
 pub use plot::{
     register_font, si_format, si_prefix, write_heatmap, write_line_chart,
-    write_line_chart_with_ticks, Heatmap, Legend, LineChart, Series,
+    write_line_chart_with_ticks, write_png_svg, Heatmap, Legend, LineChart, Series,
 };

@@ -117,19 +117,33 @@ pub fn write_line_chart_with_ticks(
     x_ticks: Option<&[(f64, String)]>,
     stem: &Path,
 ) -> Result<[PathBuf; 2]> {
-    register_font();
     let chart = si_scaled(chart);
+    write_png_svg(stem, SIZE, &|r| draw(r, &chart, x_ticks), &|r| {
+        draw(r, &chart, x_ticks)
+    })
+}
+
+/// Draws one figure twice, as `<stem>.png` and `<stem>.svg` of `size` pixels, with the embedded font
+/// registered; returns both paths. Plotters' backends are different types, so the caller passes its
+/// drawing function once per backend (usually the same generic function).
+pub fn write_png_svg(
+    stem: &Path,
+    size: (u32, u32),
+    draw_png: &dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+    draw_svg: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()>,
+) -> Result<[PathBuf; 2]> {
+    register_font();
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");
     {
-        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-        draw(&root, &chart, x_ticks).with_context(|| format!("drawing {}", png.display()))?;
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        draw_png(&root).with_context(|| format!("drawing {}", png.display()))?;
         root.present()
             .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
     }
     {
-        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-        draw(&root, &chart, x_ticks).with_context(|| format!("drawing {}", svg.display()))?;
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        draw_svg(&root).with_context(|| format!("drawing {}", svg.display()))?;
         root.present()
             .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
     }
@@ -649,22 +663,9 @@ pub struct Heatmap {
 /// Write `map` to `<stem>.png` and `<stem>.svg` with a linear colour scale from the smallest to
 /// the largest finite value (dark blue → yellow); returns both paths.
 pub fn write_heatmap(map: &Heatmap, stem: &Path) -> Result<[PathBuf; 2]> {
-    register_font();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    {
-        let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-        draw_heatmap(&root, map).with_context(|| format!("drawing {}", png.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
-    }
-    {
-        let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-        draw_heatmap(&root, map).with_context(|| format!("drawing {}", svg.display()))?;
-        root.present()
-            .map_err(|e| anyhow!("writing {}: {e}", svg.display()))?;
-    }
-    Ok([png, svg])
+    write_png_svg(stem, SIZE, &|r| draw_heatmap(r, map), &|r| {
+        draw_heatmap(r, map)
+    })
 }
 
 fn draw_heatmap<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, map: &Heatmap) -> Result<()>

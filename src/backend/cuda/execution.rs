@@ -273,7 +273,12 @@ impl Backend for CudaBackend<'_, '_, '_> {
         // (the device's whole-forward path returns perplexity sums, not per-sequence sums
         // over a span), as the host fallback of `forward` does.
         if !analog {
-            return crate::backend::cpu::digital_log_likelihoods(&self.work, sequences, from);
+            return crate::backend::cpu::digital_log_likelihoods(
+                self.work.model,
+                self.work.router,
+                sequences,
+                from,
+            );
         }
         let (model, router) = (self.work.model, self.work.router);
         let clock = std::time::Instant::now();
