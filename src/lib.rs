@@ -10,6 +10,7 @@ pub mod cli;
 pub mod device;
 pub mod energy;
 pub mod eval;
+pub mod finetune;
 pub mod mapping;
 pub mod model;
 pub mod report;

@@ -1,0 +1,237 @@
+//! `aimc finetune`: hardware-aware fine-tuning of the routed experts by layer-wise distillation
+//! (docs/finetune.md). Validates every flag, records calibration data, trains layer by layer
+//! with progress on stderr, writes the checkpoint in the input's own layout and `finetune.json`.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use super::common::{load_model, model_name, write_versioned_json, DEFAULT_PRESET};
+use crate::eval::time::{format_duration, parse_duration};
+use crate::finetune::calib::{self, EMBEDDED_CALIB_NAME, EMBEDDED_CALIB_TEXT};
+use crate::finetune::noisy::CpuObjective;
+use crate::finetune::{finetune_layer, FinetuneConfig, LayerRecord};
+use crate::model::write::{write_checkpoint, write_checkpoint_from, ExpertUpdates};
+use crate::model::{Ffn, RouterKind};
+use crate::tile::TilePreset;
+
+/// Fewest calibration tokens accepted (a few windows' worth of routing per expert).
+const MIN_CALIB_TOKENS: usize = 64;
+/// Most steps per layer accepted.
+const MAX_STEPS: usize = 1_000_000;
+
+/// Arguments of `aimc finetune`.
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// HuggingFace checkpoint directory to fine-tune (default: the embedded model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Tile preset whose physics the experts are trained against: a built-in name or a JSON file.
+    #[arg(long, default_value = DEFAULT_PRESET)]
+    pub preset: String,
+    /// UTF-8 calibration text (default with the embedded model: an excerpt of its training
+    /// split, Genesis 1-24; required with --model). Never use the evaluation text.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration tokens: the first N tokens of the text (or all it holds, if fewer).
+    #[arg(long, default_value_t = 16384)]
+    pub calib_tokens: usize,
+    /// Calibration window length in tokens (non-overlapping windows, as `aimc eval`).
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Output checkpoint directory (must not exist or be empty).
+    #[arg(long, default_value = "aimc-out/finetune/model")]
+    pub out: PathBuf,
+    /// Adam steps per layer.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Initial learning rate (weight units per step), decayed by a cosine to a tenth.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// Seed of the training noise and of the token batches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Calibration tokens per step.
+    #[arg(long, default_value_t = 2048)]
+    pub batch_tokens: usize,
+    /// Read-out time after programming of the training noise (drift, read noise and drift
+    /// compensation at that time; `none`: programming noise only). Default: one year, the
+    /// time the evaluation's last point measures.
+    #[arg(long, default_value = "1y")]
+    pub drift_time: String,
+    /// MoE layers to train, e.g. `0,2` (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// Router used while recording the calibration routing.
+    #[arg(long, default_value = "default")]
+    pub router: RouterKind,
+}
+
+/// `finetune.json`.
+#[derive(Serialize)]
+struct FinetuneRecord<'a> {
+    model: String,
+    preset: &'a TilePreset,
+    calibration_text: String,
+    calibration_tokens: usize,
+    seq_len: usize,
+    drift_time: String,
+    config: &'a FinetuneConfig,
+    layers: &'a [LayerRecord],
+    wall_seconds: f64,
+    checkpoint: String,
+}
+
+/// The flags' checks that need no model (each error names the flag).
+fn check(a: &FinetuneArgs) -> Result<(TilePreset, Option<f64>)> {
+    if a.steps == 0 || a.steps > MAX_STEPS {
+        bail!("--steps {} is out of range (allowed 1..={MAX_STEPS})", a.steps);
+    }
+    if !(a.lr.is_finite() && a.lr > 0.0 && a.lr <= 1.0) {
+        bail!(
+            "--lr {} is out of range (a finite number in (0, 1])",
+            a.lr
+        );
+    }
+    if a.batch_tokens == 0 {
+        bail!("--batch-tokens 0 is out of range (at least 1)");
+    }
+    if a.calib_tokens < MIN_CALIB_TOKENS {
+        bail!(
+            "--calib-tokens {} is out of range (at least {MIN_CALIB_TOKENS})",
+            a.calib_tokens
+        );
+    }
+    if a.seq_len < 2 {
+        bail!("--seq-len {} is out of range (at least 2)", a.seq_len);
+    }
+    let preset =
+        TilePreset::resolve(&a.preset).with_context(|| format!("--preset {}", a.preset))?;
+    let drift = match a.drift_time.as_str() {
+        "none" => None,
+        t => Some(parse_duration(t).with_context(|| format!("--drift-time {t}"))?),
+    };
+    if a.model.is_some() && a.calib.is_none() {
+        bail!("--calib TEXT is required with --model (the default calibration text belongs to the embedded model)");
+    }
+    check_out(&a.out)?;
+    Ok((preset, drift))
+}
+
+/// `--out` must not exist or be an empty directory.
+fn check_out(out: &Path) -> Result<()> {
+    if out.exists() {
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)
+                .with_context(|| format!("--out {}", out.display()))?
+                .next()
+                .is_none();
+        if !empty {
+            bail!(
+                "--out {}: exists and is not an empty directory (choose a new one)",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `aimc finetune`.
+pub fn run(a: FinetuneArgs) -> Result<()> {
+    let clock = Instant::now();
+    let (preset, drift_s) = check(&a)?;
+    let (text, text_name) = match &a.calib {
+        Some(p) => (
+            super::args::read_text_file("--calib", p)?,
+            p.display().to_string(),
+        ),
+        None => (EMBEDDED_CALIB_TEXT.to_string(), EMBEDDED_CALIB_NAME.to_string()),
+    };
+    let mut model = load_model(a.model.as_deref())?;
+    super::args::check_router(&a.router, &model)?;
+    let moe: Vec<usize> = (0..model.config.num_layers)
+        .filter(|&l| model.config.moe_layers[l])
+        .collect();
+    let layers: Vec<usize> = if a.layers.is_empty() {
+        moe.clone()
+    } else {
+        for &l in &a.layers {
+            if !moe.contains(&l) {
+                bail!("--layers {l}: not a MoE layer of this model (MoE layers: {moe:?})");
+            }
+        }
+        let mut l = a.layers.clone();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let mut tokens = model.tokenizer()?.encode(&text)?;
+    tokens.truncate(a.calib_tokens);
+    if tokens.len() < MIN_CALIB_TOKENS {
+        bail!(
+            "--calib {text_name}: gives {} tokens, at least {MIN_CALIB_TOKENS} are needed",
+            tokens.len()
+        );
+    }
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        lr: a.lr,
+        seed: a.seed,
+        batch_tokens: a.batch_tokens,
+        drift_s,
+    };
+    eprintln!(
+        "finetune: {} on `{}`, {} calibration tokens, {} steps per layer, layers {layers:?}",
+        model_name(a.model.as_deref()),
+        preset.name,
+        tokens.len(),
+        a.steps
+    );
+    let recorded = calib::record(&model, &tokens, a.seq_len, a.router)?;
+    let objective = CpuObjective::new(&preset, drift_s);
+    let progress = |line: &str| eprintln!("{line}");
+    let mut updates = BTreeMap::new();
+    let mut records = Vec::new();
+    for c in recorded.iter().filter(|c| layers.contains(&c.layer)) {
+        let Ffn::Moe(block) = &mut model.layers[c.layer].ffn else {
+            unreachable!("recorded layers are MoE layers")
+        };
+        records.push(finetune_layer(
+            c,
+            &mut block.experts,
+            &objective,
+            &cfg,
+            &progress,
+        )?);
+        updates.insert(c.layer, block.experts.clone());
+    }
+    let updates = ExpertUpdates { layers: updates };
+    let written = match &a.model {
+        Some(dir) => write_checkpoint(dir, &a.out, &updates)?,
+        None => write_checkpoint_from(&crate::model::embedded::source(), &a.out, &updates)?,
+    };
+    let record = FinetuneRecord {
+        model: model_name(a.model.as_deref()),
+        preset: &preset,
+        calibration_text: text_name,
+        calibration_tokens: tokens.len(),
+        seq_len: a.seq_len,
+        drift_time: drift_s.map_or("none".into(), format_duration),
+        config: &cfg,
+        layers: &records,
+        wall_seconds: clock.elapsed().as_secs_f64(),
+        checkpoint: written.dir.display().to_string(),
+    };
+    let json = a.out.join("finetune.json");
+    write_versioned_json(&json, &record)?;
+    eprintln!(
+        "finetune: wrote {} and {} ({:.1} s)",
+        written.dir.display(),
+        json.display(),
+        record.wall_seconds
+    );
+    Ok(())
+}
