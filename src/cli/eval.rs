@@ -1,5 +1,7 @@
 //! `aimc eval`: accuracy of the analog model against the digital baseline over drift time and seeds
-//! (docs/model.md §7), or with `--digital` the digital perplexity and throughput alone.
+//! (docs/model.md §7), or with `--digital` the digital perplexity and throughput alone. With
+//! `--reference DIR` the baseline is another model's digital outputs (the original a fine-tuned
+//! checkpoint was made from), and both digital perplexities are reported.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -16,6 +18,7 @@ use super::map::MappingFlags;
 use crate::backend::{BackendRequest, Execution, GpuMemory};
 use crate::eval::analog::AnalogEvalConfig;
 use crate::eval::perplexity;
+use crate::eval::reference::{check_compatible, ReferenceModel};
 use crate::eval::task::{Task, TaskAccuracy, TaskSequences};
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
 use crate::mapping::Strategy;
@@ -31,6 +34,11 @@ pub struct EvalArgs {
     /// HuggingFace checkpoint directory (default: the embedded model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The original model (a checkpoint directory; `embedded` for the embedded model): measure
+    /// KL, agreement and perplexity of --model's analog outputs against this model's digital
+    /// outputs, and report both digital perplexities. Both must share architecture and tokenizer.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// UTF-8 text to score (default: the held-out excerpt shipped with the embedded model).
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -105,9 +113,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None if args.task_items.is_some() => bail!("--task-items needs --task FILE"),
         None => None,
     };
+    if args.reference.is_some() && !args.sweep_digital.is_empty() {
+        bail!(
+            "--sweep-digital is measured against the model's own digital outputs: run it without \
+             --reference"
+        );
+    }
     let clock = std::time::Instant::now();
     let model = load_model(args.model.as_deref())?;
     super::args::check_router(&args.router, &model)?;
+    let name = model_name(args.model.as_deref());
+    let reference = match &args.reference {
+        None => None,
+        Some(dir) => {
+            let (reference, reference_name) = load_reference(dir)?;
+            let text = eval_text(args.text.as_deref())?;
+            check_compatible(&model, &name, &reference, &reference_name, &text)?;
+            Some((reference, reference_name))
+        }
+    };
+    let reference = reference.as_ref().map(|(m, n)| ReferenceModel {
+        model: m,
+        name: n.as_str(),
+    });
     let load_s = clock.elapsed().as_secs_f64();
     let task = task
         .map(|t| TaskSequences::for_model(&t, &model, args.seq_len))
@@ -129,6 +157,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .as_ref()
             .map(|t| digital_task_accuracy(&model, t, args.router))
             .transpose()?;
+        if let Some(r) = reference {
+            return digital_against(&args, &name, r, &ids, &report, task.as_ref(), task_acc);
+        }
         if args.json {
             match (&task, task_acc) {
                 (Some(t), Some(a)) => println!(
@@ -194,7 +225,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let preset = TilePreset::resolve(&spec.preset)?;
         eprintln!("evaluating {} on {} tokens", spec.label, ids.len());
         let clock = std::time::Instant::now();
-        let (_, report) = run_one(&model, &preset, &spec.options, &ids, &cfg, task.as_ref())?;
+        let (_, report) = run_one(
+            &model,
+            &preset,
+            &spec.options,
+            &ids,
+            &cfg,
+            task.as_ref(),
+            reference,
+        )?;
         super::results::check_analog(&report, &spec.label)?;
         let total_s = clock.elapsed().as_secs_f64();
         let _ = writeln!(md, "## {}\n\n{}", spec.label, markdown_table(&report));
@@ -273,6 +312,87 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ""
         }
     );
+    Ok(())
+}
+
+/// `--reference DIR`: the model in `DIR` (or the embedded one for `embedded`, when no such
+/// directory exists) and its name.
+fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)> {
+    if dir.as_os_str() == "embedded" && !dir.exists() {
+        return Ok((
+            crate::model::embedded::load()?,
+            crate::model::embedded::NAME.to_string(),
+        ));
+    }
+    let model = crate::model::Model::load(dir)
+        .with_context(|| format!("loading the --reference model in {}", dir.display()))?;
+    Ok((model, dir.display().to_string()))
+}
+
+/// The evaluation text (`--text`, else the embedded held-out excerpt).
+fn eval_text(path: Option<&std::path::Path>) -> Result<String> {
+    match path {
+        Some(p) => super::args::read_text_file("text file", p),
+        None => Ok(crate::model::embedded::default_text()?.to_string()),
+    }
+}
+
+/// `--digital --reference`: both digital perplexities (and task accuracies) on the same tokens.
+fn digital_against(
+    args: &EvalArgs,
+    name: &str,
+    reference: ReferenceModel<'_>,
+    ids: &[u32],
+    own: &crate::eval::PerplexityReport,
+    task: Option<&TaskSequences>,
+    task_acc: Option<TaskAccuracy>,
+) -> Result<()> {
+    let opts = ForwardOptions {
+        router: args.router,
+        ..Default::default()
+    };
+    let theirs = perplexity(reference.model, ids, args.seq_len, &opts, !args.json)?;
+    super::results::check_perplexity(&theirs)?;
+    let summary = crate::eval::reference::ReferenceSummary::new(
+        reference.name,
+        theirs.perplexity,
+        own.perplexity,
+    );
+    let ref_task = task
+        .map(|t| digital_task_accuracy(reference.model, t, args.router))
+        .transpose()?;
+    if args.json {
+        let task_json = task.zip(task_acc).map(|(t, a)| {
+            serde_json::json!({"task": t.name, "items": t.items(), "acc": a.acc,
+                "acc_norm": a.acc_norm, "reference_acc": ref_task.map(|r| r.acc),
+                "reference_acc_norm": ref_task.map(|r| r.acc_norm)})
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": name,
+                "perplexity": own,
+                "reference_perplexity": theirs,
+                "reference": summary,
+                "task": task_json,
+            }))?
+        );
+    } else {
+        println!("{name}: {own}");
+        println!("original {}: {theirs}", reference.name);
+        println!("{}", summary.describe());
+        if let (Some(t), Some(a), Some(r)) = (task, task_acc, ref_task) {
+            println!(
+                "task {}: acc {:.4} (original {:.4}), acc_norm {:.4} (original {:.4}) over {} items",
+                t.name,
+                a.acc,
+                r.acc,
+                a.acc_norm,
+                r.acc_norm,
+                t.items()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -8,8 +8,9 @@ use serde::Serialize;
 use super::common::time_ticks;
 use super::common::write_json;
 use crate::eval::analog::{
-    evaluate, evaluate_with_task, AnalogEvalConfig, AnalogEvalReport, TimeSummary,
+    evaluate, evaluate_against, AnalogEvalConfig, AnalogEvalReport, TimeSummary,
 };
+use crate::eval::reference::ReferenceModel;
 use crate::eval::task::TaskSequences;
 use crate::eval::time::format_duration;
 use crate::mapping::{DigitalSelection, Mapping, MappingOptions, Strategy};
@@ -35,7 +36,7 @@ pub struct RunResult {
 }
 
 /// Maps `model` with `opts` on `preset` and runs the drift × seed sweep (scoring `task` at
-/// every point when given).
+/// every point when given), against `reference`'s digital outputs when given.
 pub fn run_one(
     model: &Model,
     preset: &TilePreset,
@@ -43,24 +44,43 @@ pub fn run_one(
     tokens: &[u32],
     cfg: &AnalogEvalConfig,
     task: Option<&TaskSequences>,
+    reference: Option<ReferenceModel<'_>>,
 ) -> Result<(Mapping, AnalogEvalReport)> {
     let mapping = super::map::map_loaded(model, preset, opts, None)?;
-    let report = evaluate_with_task(model, &mapping, preset, tokens, cfg, task)?;
+    let report = evaluate_against(model, &mapping, preset, tokens, cfg, task, reference)?;
     Ok((mapping, report))
 }
 
 /// Markdown table of a report: one row per drift time, mean ± std over seeds.
 pub fn markdown_table(r: &AnalogEvalReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "Digital perplexity: {:.3} ({} tokens, windows of {}).\n",
-        r.digital_perplexity, r.tokens, r.seq_len
-    );
-    let _ = writeln!(
-        s,
-        "| drift time | perplexity | top-1 agreement | KL(digital‖analog) [nats] |"
-    );
+    match &r.reference {
+        None => {
+            let _ = writeln!(
+                s,
+                "Digital perplexity: {:.3} ({} tokens, windows of {}).\n",
+                r.digital_perplexity, r.tokens, r.seq_len
+            );
+            let _ = writeln!(
+                s,
+                "| drift time | perplexity | top-1 agreement | KL(digital‖analog) [nats] |"
+            );
+        }
+        Some(reference) => {
+            let _ = writeln!(
+                s,
+                "{} ({} tokens, windows of {}.)\n",
+                reference.describe(),
+                r.tokens,
+                r.seq_len
+            );
+            let _ = writeln!(
+                s,
+                "| drift time | perplexity | top-1 agreement with the original | \
+                 KL(original digital‖analog) [nats] |"
+            );
+        }
+    }
     let _ = writeln!(s, "|---|---|---|---|");
     for t in &r.summary {
         let _ = writeln!(
@@ -92,8 +112,15 @@ pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
         log_x: true,
         ..Default::default()
     };
+    let reference = runs.first().and_then(|r| r.report.reference.as_ref());
     let mut agree = LineChart {
-        title: format!("{model}next-token top-1 agreement with the digital model"),
+        title: match reference {
+            None => format!("{model}next-token top-1 agreement with the digital model"),
+            Some(r) => format!(
+                "{model}top-1 agreement with the original model's digital outputs ({})",
+                r.model
+            ),
+        },
         x_label: ppl.x_label.clone(),
         y_label: "agreement".into(),
         log_x: true,
@@ -123,11 +150,29 @@ pub fn plot_runs(runs: &[RunResult], out: &Path) -> Result<()> {
     if let Some(first) = runs.first() {
         let s = &first.report.summary;
         let d = first.report.digital_perplexity;
-        ppl.series.push(Series {
-            label: format!("digital ({} tokens)", thousands(first.report.tokens)),
-            points: vec![(x(s[0].t_seconds), d), (x(s[s.len() - 1].t_seconds), d)],
-            band: None,
-        });
+        let ends = |d: f64| vec![(x(s[0].t_seconds), d), (x(s[s.len() - 1].t_seconds), d)];
+        match reference {
+            None => ppl.series.push(Series {
+                label: format!("digital ({} tokens)", thousands(first.report.tokens)),
+                points: ends(d),
+                band: None,
+            }),
+            Some(r) => {
+                ppl.series.push(Series {
+                    label: format!(
+                        "original, digital ({} tokens)",
+                        thousands(first.report.tokens)
+                    ),
+                    points: ends(d),
+                    band: None,
+                });
+                ppl.series.push(Series {
+                    label: "this model, digital".into(),
+                    points: ends(r.model_digital_perplexity),
+                    band: None,
+                });
+            }
+        }
     }
     let times: Vec<f64> = runs
         .first()

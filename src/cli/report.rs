@@ -200,6 +200,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         &tokens,
         &cfg,
         task.as_ref(),
+        None,
     )?;
     super::results::check_analog(&accuracy, &preset.name)?;
     let run = RunResult {

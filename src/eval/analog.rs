@@ -11,6 +11,11 @@
 //! With a multiple-choice task ([`evaluate_with_task`]), every point also scores the task on
 //! the same programmed and drifted state, beside the digital model's accuracy.
 //!
+//! Against a reference ([`evaluate_against`], `aimc eval --reference`): the metrics compare the
+//! analog outputs with *another* model's digital outputs (the original a fine-tuned checkpoint
+//! was made from), computed once on the host before the sweep; the evaluated model's own digital
+//! perplexity is reported beside the reference's.
+//!
 //! Where the forwards run is the backend's business ([`crate::backend::Backend`], chosen by
 //! [`Execution::with_backend`]): this file holds the one seed × time loop and knows no device.
 
@@ -20,7 +25,8 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
-use super::task::{TaskPoint, TaskReport, TaskSequences};
+use super::reference::{ReferenceModel, ReferenceSummary};
+use super::task::{TaskAccuracy, TaskPoint, TaskReport, TaskSequences};
 use crate::backend::{AnalogWork, Backend, Execution, Phases, ScoreSums};
 use crate::device::Device;
 use crate::mapping::Mapping;
@@ -72,6 +78,8 @@ pub struct TimeSummary {
 pub struct AnalogEvalReport {
     pub tokens: usize,
     pub seq_len: usize,
+    /// Digital perplexity of the outputs the analog ones are measured against: the model's own,
+    /// or with a reference the reference's (the model's own is then in `reference`).
     pub digital_perplexity: f64,
     pub points: Vec<PointMetrics>,
     pub summary: Vec<TimeSummary>,
@@ -90,6 +98,10 @@ pub struct AnalogEvalReport {
     /// Multiple-choice task accuracy over the same points (when a task was given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskReport>,
+    /// When measured against another model's digital outputs: that model and both digital
+    /// perplexities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceSummary>,
 }
 
 /// Cuts `tokens` into windows of `seq_len` (the last may be shorter; windows of one token are dropped since they
@@ -133,6 +145,28 @@ pub fn evaluate_with_task(
     cfg: &AnalogEvalConfig,
     task: Option<&TaskSequences>,
 ) -> Result<AnalogEvalReport> {
+    evaluate_against(model, mapping, preset, tokens, cfg, task, None)
+}
+
+/// [`evaluate_with_task`], the analog outputs measured against `reference`'s digital outputs
+/// when one is given (else the model's own). `reference` must share the model's architecture and
+/// tokenizer ([`super::reference::check_compatible`]).
+pub fn evaluate_against(
+    model: &Model,
+    mapping: &Mapping,
+    preset: &TilePreset,
+    tokens: &[u32],
+    cfg: &AnalogEvalConfig,
+    task: Option<&TaskSequences>,
+    reference: Option<ReferenceModel<'_>>,
+) -> Result<AnalogEvalReport> {
+    if let Some(r) = reference {
+        ensure!(
+            r.model.config == model.config,
+            "the reference {} has another architecture than the evaluated model",
+            r.name
+        );
+    }
     ensure!(
         !cfg.times_s.is_empty() && !cfg.seeds.is_empty(),
         "need at least one drift time and one seed"
@@ -159,34 +193,45 @@ pub fn evaluate_with_task(
     let start = Instant::now();
     let run = cfg
         .execution
-        .with_backend(work, |backend| sweep(backend, &seqs, cfg, task))?;
+        .with_backend(work, |backend| sweep(backend, &seqs, cfg, task, reference))?;
     let summary = cfg
         .times_s
         .iter()
         .map(|&t| summarise(t, &run.points))
         .collect();
     let positions: usize = seqs.iter().map(|s| s.len() - 1).sum();
+    let ppl = |nll: f64| (nll / positions as f64).exp();
+    let digital_perplexity = ppl(run.digital_nll);
     Ok(AnalogEvalReport {
         tokens: tokens.len(),
         seq_len: cfg.seq_len,
-        digital_perplexity: (run.digital_nll / positions as f64).exp(),
+        digital_perplexity,
         points: run.points,
         summary,
         analog_seconds: start.elapsed().as_secs_f64() - run.digital_seconds,
         digital_seconds: run.digital_seconds,
         backend: run.backend,
         phases: run.phases,
-        task: run
-            .task
-            .zip(task)
-            .map(|((digital, points), t)| TaskReport::new(t, digital, points, &cfg.times_s)),
+        task: run.task.zip(task).map(|((digital, points), t)| {
+            let mut r = TaskReport::new(t, digital, points, &cfg.times_s);
+            r.reference_digital = run.task_reference_digital;
+            r
+        }),
+        reference: reference
+            .zip(run.own_digital_nll)
+            .map(|(r, own)| ReferenceSummary::new(r.name, digital_perplexity, ppl(own))),
     })
 }
 
 /// What [`sweep`] measured.
 struct Sweep {
     points: Vec<PointMetrics>,
+    /// Σ −log p of the digital outputs the points are scored against.
     digital_nll: f64,
+    /// With a reference: Σ −log p of the evaluated model's own digital outputs.
+    own_digital_nll: Option<f64>,
+    /// With a reference and a task: the reference's digital accuracy.
+    task_reference_digital: Option<TaskAccuracy>,
     digital_seconds: f64,
     backend: String,
     phases: Phases,
@@ -194,16 +239,39 @@ struct Sweep {
     task: Option<(super::task::TaskAccuracy, Vec<TaskPoint>)>,
 }
 
-/// The protocol on one backend: the digital reference once, then every seed × drift time
-/// point, with a progress line per point on stderr.
+/// The protocol on one backend: the digital reference once (the model's own, or `reference`'s),
+/// then every seed × drift time point, with a progress line per point on stderr.
 fn sweep(
     backend: &mut dyn Backend,
     seqs: &[&[u32]],
     cfg: &AnalogEvalConfig,
     task: Option<&TaskSequences>,
+    reference: Option<ReferenceModel<'_>>,
 ) -> Result<Sweep> {
     let clock = Instant::now();
-    let references = backend.reference(seqs)?;
+    let (references, own_digital_nll, task_reference_digital) = match reference {
+        None => (backend.reference(seqs)?, None, None),
+        Some(r) => {
+            // The reference's digital outputs on the host, once. The backend's own reference is
+            // never asked for, so every backend scores against these (a GPU one on the host).
+            let refs = crate::backend::cpu::references_on_host(r.model, seqs, cfg.router)?;
+            let from = vec![1; seqs.len()];
+            let own: f64 = -backend
+                .log_likelihoods(seqs, &from, false)?
+                .iter()
+                .sum::<f64>();
+            let task_ref = task
+                .map(|t| {
+                    let tseqs: Vec<&[u32]> = t.tokens.iter().map(Vec::as_slice).collect();
+                    let ll = crate::backend::cpu::digital_log_likelihoods(
+                        r.model, cfg.router, &tseqs, &t.from,
+                    )?;
+                    super::task::accuracy(&t.choices, &t.answers, &t.choice_bytes, &ll)
+                })
+                .transpose()?;
+            (refs, Some(own), task_ref)
+        }
+    };
     let digital_nll: f64 = references
         .iter()
         .zip(seqs)
@@ -261,6 +329,8 @@ fn sweep(
     Ok(Sweep {
         points,
         digital_nll,
+        own_digital_nll,
+        task_reference_digital,
         digital_seconds,
         backend: backend.describe().to_string(),
         phases,

@@ -1,7 +1,8 @@
 //! Model evaluation, the protocol only: the digital perplexity and throughput of a model
 //! ([`perplexity`]), the accuracy of its analog version over drift time and seeds
 //! ([`analog`]: windows, seeds × times, metrics, summaries; where it runs is the backend's
-//! business), the CPU benchmarks ([`bench`]) and drift-time parsing ([`time`]).
+//! business), the same against another model's digital outputs ([`reference`]), the CPU
+//! benchmarks ([`bench`]) and drift-time parsing ([`time`]).
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -13,6 +14,7 @@ use crate::model::{ForwardOptions, Model};
 
 pub mod analog;
 pub mod bench;
+pub mod reference;
 pub mod task;
 pub mod time;
 

@@ -6,7 +6,7 @@
 //! checkpoint code as a directory on disk (sharded bf16 safetensors + index + tokenizer).
 use anyhow::{Context, Result};
 
-use super::Model;
+use super::{CheckpointSource, Model};
 
 macro_rules! embedded_file {
     ($name:literal) => {
@@ -35,6 +35,12 @@ pub const NAME: &str = "kjv-moe (embedded)";
 
 /// A contiguous excerpt of the held-out split (23 chapters, 16,321 tokens), the default evaluation text.
 const HELDOUT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/kjv-heldout.txt"));
+
+/// The embedded checkpoint as a source of files, e.g. for writing a modified copy of it
+/// ([`super::write::write_checkpoint_from`]).
+pub fn source() -> CheckpointSource<'static> {
+    CheckpointSource::Memory(&FILES)
+}
 
 /// Loads the embedded default model.
 pub fn load() -> Result<Model> {

@@ -30,6 +30,7 @@ pub mod qwen3_moe;
 pub mod rope;
 pub mod router;
 pub mod tokenizer;
+pub mod write;
 
 pub use checkpoint::{CheckpointSource, TensorStore};
 pub use config::{Family, ModelConfig};
@@ -114,13 +115,7 @@ impl Model {
         let config = ModelConfig::from_json(&source.read_required("config.json")?, &config_at)?;
         let store = TensorStore::open(source)?;
         checkpoint::check_against_files(&config, &config_at, &store)?;
-        let names = match config.family {
-            Family::Mixtral => mixtral::names(&store),
-            Family::Olmoe => olmoe::NAMES,
-            Family::Qwen2Moe => qwen2_moe::NAMES,
-            Family::Qwen3Moe => qwen3_moe::NAMES,
-            Family::DeepseekMoe | Family::DeepseekV2 => deepseek::NAMES,
-        };
+        let names = moe_names(config.family, &store);
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = store.matrix("model.embed_tokens.weight", v, h)?;
         let layers = (0..config.num_layers)
@@ -324,6 +319,17 @@ impl Model {
             + active_ffn
             + self.config.vocab_size * self.config.hidden_size;
         c
+    }
+}
+
+/// Tensor names of `family`'s MoE blocks in `store` (Mixtral's depend on the files' naming).
+pub fn moe_names(family: Family, store: &TensorStore<'_>) -> moe::MoeNames {
+    match family {
+        Family::Mixtral => mixtral::names(store),
+        Family::Olmoe => olmoe::NAMES,
+        Family::Qwen2Moe => qwen2_moe::NAMES,
+        Family::Qwen3Moe => qwen3_moe::NAMES,
+        Family::DeepseekMoe | Family::DeepseekV2 => deepseek::NAMES,
     }
 }
 

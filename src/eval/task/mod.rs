@@ -394,6 +394,9 @@ pub struct TaskReport {
     pub digital: TaskAccuracy,
     pub points: Vec<TaskPoint>,
     pub summary: Vec<TaskTimeSummary>,
+    /// When evaluated against a reference model: that model's digital accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_digital: Option<TaskAccuracy>,
 }
 
 impl TaskReport {
@@ -429,6 +432,7 @@ impl TaskReport {
             digital,
             points,
             summary,
+            reference_digital: None,
         }
     }
 
@@ -442,6 +446,14 @@ impl TaskReport {
              log-likelihood scoring.\n",
             self.task, self.items, self.sequences, self.truncated_items, self.window
         );
+        if let Some(r) = &self.reference_digital {
+            let _ = writeln!(
+                s,
+                "The original (reference) model's digital accuracy: acc {:.4}, acc_norm {:.4}; \
+                 the columns below are this model's.\n",
+                r.acc, r.acc_norm
+            );
+        }
         let _ = writeln!(
             s,
             "| drift time | acc, digital | acc, analog | acc_norm, digital | acc_norm, analog |"
