@@ -62,7 +62,14 @@ fn training_lowers_the_noisy_loss() {
     let original = fs::experts(0);
     let layer = fs::layer(None, &original);
     let mut experts = original.clone();
-    let rec = finetune_layer(&layer, &mut experts, &objective, &config(60, 3e-3), &|_| {}).unwrap();
+    let rec = finetune_layer(
+        &layer,
+        &mut experts,
+        &objective,
+        &config(150, 1e-2),
+        &|_| {},
+    )
+    .unwrap();
     assert!(
         rec.loss_after < 0.9 * rec.loss_before,
         "loss {} → {}",

@@ -88,13 +88,13 @@ struct FinetuneRecord<'a> {
 /// The flags' checks that need no model (each error names the flag).
 fn check(a: &FinetuneArgs) -> Result<(TilePreset, Option<f64>)> {
     if a.steps == 0 || a.steps > MAX_STEPS {
-        bail!("--steps {} is out of range (allowed 1..={MAX_STEPS})", a.steps);
+        bail!(
+            "--steps {} is out of range (allowed 1..={MAX_STEPS})",
+            a.steps
+        );
     }
     if !(a.lr.is_finite() && a.lr > 0.0 && a.lr <= 1.0) {
-        bail!(
-            "--lr {} is out of range (a finite number in (0, 1])",
-            a.lr
-        );
+        bail!("--lr {} is out of range (a finite number in (0, 1])", a.lr);
     }
     if a.batch_tokens == 0 {
         bail!("--batch-tokens 0 is out of range (at least 1)");
@@ -148,7 +148,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             super::args::read_text_file("--calib", p)?,
             p.display().to_string(),
         ),
-        None => (EMBEDDED_CALIB_TEXT.to_string(), EMBEDDED_CALIB_NAME.to_string()),
+        None => (
+            EMBEDDED_CALIB_TEXT.to_string(),
+            EMBEDDED_CALIB_NAME.to_string(),
+        ),
     };
     let mut model = load_model(a.model.as_deref())?;
     super::args::check_router(&a.router, &model)?;

@@ -9,6 +9,7 @@ mod drift;
 mod energy;
 mod eval;
 mod eval_analog;
+mod finetune;
 mod info;
 mod map;
 mod presets;
@@ -45,6 +46,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Energy, latency and throughput per token on a costed chip, against a GPU, in aimc-out/energy/.
     Energy(energy::EnergyArgs),
+    /// Hardware-aware fine-tuning of the routed experts against a chip's noise, layer by layer; writes a checkpoint.
+    Finetune(finetune::FinetuneArgs),
 }
 
 /// Parse the process arguments and run the chosen subcommand.
@@ -59,5 +62,6 @@ pub fn run() -> Result<()> {
         Command::Report(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Energy(a) => energy::run(a),
+        Command::Finetune(a) => finetune::run(a),
     }
 }

@@ -41,10 +41,13 @@ pub struct LayerCalib {
     pub assignments: Vec<Assignment>,
 }
 
+/// What one MoE layer saw in one forward: (layer, input rows, routing).
+type Seen = (usize, Array2<f32>, Vec<Assignment>);
+
 /// A digital [`ExpertLinear`] that records the input and routing of every MoE layer.
 struct Recorder<'m> {
     model: &'m Model,
-    seen: Mutex<Vec<(usize, Array2<f32>, Vec<Assignment>)>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 impl ExpertLinear for Recorder<'_> {
