@@ -82,6 +82,7 @@ fn backward_equals_finite_differences_without_quantisation() {
         .collect();
     let fd = finite_differences(&experts, 1e-2, |w| loss(&objective, w, &batch));
     let err = relative_error(&analytic, &fd);
+    eprintln!("backward vs finite differences: relative error {err:.2e}");
     assert!(err < 1e-3, "relative error {err}");
 }
 
@@ -117,6 +118,7 @@ fn straight_through_gradient_matches_the_unquantised_function_inside_the_range()
         .collect();
     let fd = finite_differences(&experts, 1e-2, |w| loss(&s, w, &batch));
     let err = relative_error(&ste, &fd);
+    eprintln!("straight-through vs unquantised finite differences: relative error {err:.2e}");
     assert!(err < 0.02, "relative error {err}");
     // And the quantised loss itself is close to the smooth one (the forward is the quantised one).
     let (lq, ls) = (g.loss, loss(&s, &experts, &batch));

@@ -56,7 +56,7 @@ fn training_lowers_the_noisy_loss() {
     // pcm-3d-8tier physics (programming noise, drift and read noise at one year, GDC, 8-bit
     // converters, output noise) on a layer whose target is the original experts: the loss on
     // the fixed evaluation noise must fall. The seed is fixed, so this is one deterministic
-    // run; the margin (10 %) is well inside what it reaches.
+    // run; it reaches −33 % (0.119 → 0.080), the bound asks for −10 %.
     let preset = TilePreset::builtin("pcm-3d-8tier").unwrap();
     let objective = CpuObjective::new(&preset, Some(365.0 * 86400.0));
     let original = fs::experts(0);
@@ -70,6 +70,7 @@ fn training_lowers_the_noisy_loss() {
         &|_| {},
     )
     .unwrap();
+    eprintln!("noisy loss {} → {}", rec.loss_before, rec.loss_after);
     assert!(
         rec.loss_after < 0.9 * rec.loss_before,
         "loss {} → {}",
