@@ -317,7 +317,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 /// `--reference DIR`: the model in `DIR` (or the embedded one for `embedded`, when no such
 /// directory exists) and its name.
-fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)> {
+pub(super) fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)> {
     if dir.as_os_str() == "embedded" && !dir.exists() {
         return Ok((
             crate::model::embedded::load()?,
@@ -330,7 +330,7 @@ fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)
 }
 
 /// The evaluation text (`--text`, else the embedded held-out excerpt).
-fn eval_text(path: Option<&std::path::Path>) -> Result<String> {
+pub(super) fn eval_text(path: Option<&std::path::Path>) -> Result<String> {
     match path {
         Some(p) => super::args::read_text_file("text file", p),
         None => Ok(crate::model::embedded::default_text()?.to_string()),
