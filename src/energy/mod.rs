@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub use breakdown::{Breakdown, Component, N_COMPONENTS};
-pub use cost::{Constant, CostModel};
+pub use cost::{Constant, CostModel, KvCacheLevel, KvCachePlacement};
 pub use gpu::{GpuEstimate, GpuPreset};
 pub use phase::{
     bytes_si, joules_si, seconds_si, Bottleneck, PhaseCost, Placement, ResourceBusy, Scenario,
@@ -70,6 +70,8 @@ pub struct EnergyReport {
     pub mapping_strategy: crate::mapping::Strategy,
     /// The costed system in words (which of [`Projections`]).
     pub system: String,
+    /// Where the KV cache lives, in words (by capacity, or pinned off chip by the preset).
+    pub kv_cache: String,
     /// Stacks the mapping uses (experts, dense MLPs).
     pub stacks_used: usize,
     /// Stacks dedicated to the analog attention projections and LM head (0 in the digital variant).
@@ -208,6 +210,7 @@ pub fn estimate(
         options: opts.clone(),
         mapping_strategy: mapping.options.strategy,
         system: opts.projections.label().to_string(),
+        kv_cache: cost.memory.kv_cache_level().label().to_string(),
         stacks_used: mapping.stacks_used,
         projection_stacks,
         chips: (mapping.stacks_used + projection_stacks).div_ceil(preset.stack.stacks),
