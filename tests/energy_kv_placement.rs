@@ -12,7 +12,7 @@ const CONTEXT: usize = 64;
 
 fn dense() -> ModelShape {
     // d = 512, 2 layers, one MLP of width 2048 (a small dense model).
-    ModelShape::synthetic("small-dense", 512, 2, 1, 1, 2048)
+    ModelShape::synthetic("small-dense", 512, 2, 0, 1, 2048)
 }
 
 fn preset(level: Option<KvCacheLevel>) -> TilePreset {

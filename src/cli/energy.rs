@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 
 use super::common::{load_model, load_tokens, write_json};
 use super::map::MappingFlags;
+use crate::energy::gpu::{ExpertReads, ExpertWeightsRead};
 use crate::energy::scaling::{self, ScalingConfig, ScalingPoint};
 use crate::energy::{
     cost_of, estimate, joules_si, map_shape, paper_mapping, plots, seconds_si, Component,
@@ -63,6 +64,10 @@ pub struct EnergyArgs {
     /// `kv_cache_latency` loads it).
     #[arg(long, value_enum)]
     pub kv_cache: Option<KvCacheFlag>,
+    /// Which expert weights a GPU step reads, overriding the GPU preset: `used` (the experts the batch chose) or
+    /// `all` (every expert each step, the whole model fetched per step).
+    #[arg(long, value_enum)]
+    pub gpu_expert_reads: Option<GpuReadsFlag>,
     /// Decode steps replayed per batch size (≥ 1).
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
@@ -108,6 +113,15 @@ impl KvCacheFlag {
     }
 }
 
+/// `--gpu-expert-reads`: which expert weights a GPU step reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuReadsFlag {
+    /// The experts the step's tokens chose.
+    Used,
+    /// Every expert, each step.
+    All,
+}
+
 /// Checks the numeric flags before any work; the error names the flag and the bad value.
 fn check_flags(args: &EnergyArgs) -> Result<()> {
     if args.batch.is_empty() {
@@ -147,7 +161,17 @@ pub fn run(args: EnergyArgs) -> Result<()> {
     if let (Some(flag), Some(cost)) = (args.kv_cache, preset.cost.as_mut()) {
         cost.memory.kv_cache = Some(flag.placement());
     }
-    let gpu = GpuPreset::resolve(&args.gpu)?;
+    let mut gpu = GpuPreset::resolve(&args.gpu)?;
+    if let Some(flag) = args.gpu_expert_reads {
+        let (value, name) = match flag {
+            GpuReadsFlag::Used => (ExpertReads::Used, "used"),
+            GpuReadsFlag::All => (ExpertReads::All, "all"),
+        };
+        gpu.expert_weights_read = Some(ExpertWeightsRead {
+            value,
+            source: format!("command line: --gpu-expert-reads {name}"),
+        });
+    }
     let opts = EnergyOptions {
         batches: args.batch.clone(),
         context: args.context,
@@ -379,7 +403,7 @@ pub fn scaling_text(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "scaling study on {} ({} stacks fixed; {}; {}), GPU {}; synthetic d={} L={} expert width {} top-{}; \
+        "scaling study on {} ({} stacks fixed; {}; {}), GPU {} ({}); synthetic d={} L={} expert width {} top-{}; \
          context {}",
         preset.name,
         config.stacks,
@@ -389,6 +413,7 @@ pub fn scaling_text(
             .as_ref()
             .map_or("", |c| c.memory.kv_cache_level().label()),
         gpu.name,
+        gpu.expert_reads().label(),
         config.hidden,
         config.layers,
         config.intermediate,
