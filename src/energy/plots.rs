@@ -580,3 +580,49 @@ pub fn write_scaling(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::energy::{estimate, map_shape, paper_mapping, EnergyOptions, GpuPreset, ModelShape};
+    use crate::mapping::MappingOptions;
+    use crate::tile::TilePreset;
+
+    #[test]
+    fn busy_figure_marks_the_binding_resource_of_every_batch_and_names_it_where_it_changes() {
+        let preset = TilePreset::builtin("aimc-3d").unwrap();
+        let gpu = GpuPreset::resolve("h100").unwrap();
+        let shape = ModelShape::synthetic("moe", 512, 2, 8, 2, 512);
+        let trace = shape.synthetic_trace(128, 3);
+        let opts = EnergyOptions {
+            batches: vec![1, 2, 64, 256],
+            context: 4096,
+            decode_steps: 2,
+            ..Default::default()
+        };
+        let m = paper_mapping(MappingOptions::default(), opts.projections);
+        let mapping = map_shape(&preset, &shape, &m, &|_| None, &trace).unwrap();
+        let r = estimate(&preset, &gpu, &shape, &mapping, &trace, &opts).unwrap();
+        let c = busy_lines(&r);
+        let resources = busy_series(&r);
+        // One series per resource busy at some batch, then the step time; every point of a series is positive.
+        assert_eq!(c.series.len(), resources.len() + 1);
+        assert_eq!(c.series.last().unwrap().0, "step time");
+        for (_, ys) in &c.series {
+            assert!(ys.iter().flatten().all(|v| *v > 0.0));
+            assert_eq!(ys.len(), opts.batches.len());
+        }
+        // One marker per batch, on the series of the phase's bottleneck; named at the first batch and where the
+        // bottleneck changes, blank elsewhere.
+        assert_eq!(c.notes.len(), r.decode.len());
+        for (k, i, text) in &c.notes {
+            assert_eq!(resources[*k].0, r.decode[*i].bottleneck.resource);
+            let changed =
+                *i == 0 || r.decode[*i - 1].bottleneck.resource != r.decode[*i].bottleneck.resource;
+            assert_eq!(!text.is_empty(), changed);
+        }
+        // At a long context the bottleneck moves from one token's chain to a shared resource as the batch grows.
+        assert_eq!(r.decode[0].bottleneck.resource, "dependency_chain");
+        assert_ne!(r.decode[3].bottleneck.resource, "dependency_chain");
+    }
+}
