@@ -263,14 +263,15 @@ pub fn report_text(r: &EnergyReport) -> String {
     );
     let _ = writeln!(
         s,
-        "mapping {}: {} stacks for experts/MLPs + {} for projections and LM head ({} chip(s)); GPU {}",
+        "mapping {}: {} stacks for experts/MLPs + {} for projections and LM head ({} chip(s)); GPU {} ({})",
         r.mapping_strategy
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_string()),
         r.stacks_used,
         r.projection_stacks,
         r.chips,
-        r.gpu
+        r.gpu,
+        r.gpu_expert_reads
     );
     let _ = writeln!(
         s,

@@ -66,6 +66,8 @@ pub struct EnergyReport {
     pub model: ModelShape,
     pub preset: String,
     pub gpu: String,
+    /// Which expert weights the GPU roofline reads per step, in words.
+    pub gpu_expert_reads: String,
     pub options: EnergyOptions,
     pub mapping_strategy: crate::mapping::Strategy,
     /// The costed system in words (which of [`Projections`]).
@@ -207,6 +209,7 @@ pub fn estimate(
         model: shape.clone(),
         preset: preset.name.clone(),
         gpu: gpu.name.clone(),
+        gpu_expert_reads: gpu.expert_reads().label().to_string(),
         options: opts.clone(),
         mapping_strategy: mapping.options.strategy,
         system: opts.projections.label().to_string(),
