@@ -652,7 +652,7 @@ fn energy_md(e: &EnergyReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![throughput vs batch](throughput_vs_batch.png)\n"
+        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![throughput vs batch](throughput_vs_batch.png)\n\n![busy time per step vs batch](busy_vs_batch.png)\n"
     );
     s
 }
