@@ -6,6 +6,12 @@ Runs beside PyTorch and transformers (CPU torch is enough). One command:
 
     python3 tools/check_finetuned_transformers.py --model DIR [--aimc PATH] [--tokens 128] [--bound 1e-4]
 
+or, where no aimc binary is at hand, with aimc's logits made elsewhere by
+`aimc eval --digital --model DIR --tokens 128 --seq-len 128 --logits-out FILE` (tools/interop_prepare.sh
+packs both for the GPU machine):
+
+    python3 tools/check_finetuned_transformers.py --model DIR --logits FILE
+
 1. `aimc eval --digital --model DIR --logits-out FILE` tokenises the start of the evaluation text
    with the checkpoint's tokenizer and writes the input ids and aimc's digital f32 logits of one
    window (`input_ids` int64 [1, S], `logits` f32 [1, S, V], the layout of tests/fixtures/parity).
@@ -38,6 +44,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory written by aimc")
     ap.add_argument("--aimc", help="aimc binary (default: target/release/aimc, .dev/aimc, or on PATH)")
+    ap.add_argument("--logits", help="aimc's logits already written by `aimc eval --digital --logits-out` "
+                    "(then no aimc binary is run)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens of the window compared (default 128)")
     ap.add_argument("--text", help="text to tokenise (default: aimc's embedded held-out text)")
     ap.add_argument("--bound", type=float, default=1e-4, help="max |logit difference| accepted (default 1e-4)")
@@ -46,8 +54,11 @@ def main():
     if not os.path.isdir(args.model):
         print(f"error: --model {args.model}: not a directory", file=sys.stderr)
         return 2
-    aimc = find_aimc(args.aimc)
-    if aimc is None:
+    aimc = None if args.logits else find_aimc(args.aimc)
+    if args.logits and not os.path.isfile(args.logits):
+        print(f"error: --logits {args.logits}: no such file", file=sys.stderr)
+        return 2
+    if aimc is None and not args.logits:
         print("error: no aimc binary (build it with `cargo build --release` or pass --aimc PATH)", file=sys.stderr)
         return 2
     if args.tokens < 2:
@@ -59,18 +70,19 @@ def main():
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "aimc-logits.safetensors")
-        cmd = [aimc, "eval", "--digital", "--json", "--model", args.model, "--tokens", str(args.tokens),
-               "--seq-len", str(args.tokens), "--logits-out", out]
-        if args.text:
-            cmd += ["--text", args.text]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            print(f"FAIL: aimc could not evaluate {args.model}:\n{run.stderr.strip()}")
-            return 1
+        out = args.logits or os.path.join(tmp, "aimc-logits.safetensors")
+        if not args.logits:
+            cmd = [aimc, "eval", "--digital", "--json", "--model", args.model, "--tokens", str(args.tokens),
+                   "--seq-len", str(args.tokens), "--logits-out", out]
+            if args.text:
+                cmd += ["--text", args.text]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"FAIL: aimc could not evaluate {args.model}:\n{run.stderr.strip()}")
+                return 1
         got = load_file(out)
         ids, aimc_logits = got["input_ids"], got["logits"]
-        print(f"aimc: {ids.shape[1]} tokens, logits {tuple(aimc_logits.shape)} ({aimc})")
+        print(f"aimc: {ids.shape[1]} tokens, logits {tuple(aimc_logits.shape)} ({aimc or out})")
 
         kw = dict(dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
         try:
