@@ -231,6 +231,10 @@ fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original(
         serde_json::from_slice(&std::fs::read(out_dir.join("eval.json")).unwrap()).unwrap();
     let reference = &json["runs"][0]["report"]["reference"];
     assert_eq!(reference["model"], "kjv-moe (embedded)");
+    assert_eq!(
+        reference["measured_against"],
+        "the original model's digital outputs (kjv-moe (embedded))"
+    );
     assert!(
         reference["digital_perplexity_change_percent"]
             .as_f64()
