@@ -231,6 +231,10 @@ fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original(
         serde_json::from_slice(&std::fs::read(out_dir.join("eval.json")).unwrap()).unwrap();
     let reference = &json["runs"][0]["report"]["reference"];
     assert_eq!(reference["model"], "kjv-moe (embedded)");
+    assert_eq!(
+        reference["measured_against"],
+        "the original model's digital outputs (kjv-moe (embedded))"
+    );
     assert!(
         reference["digital_perplexity_change_percent"]
             .as_f64()
@@ -394,4 +398,53 @@ fn the_report_shows_before_and_after_against_the_original() {
     let after = &json["accuracy"];
     assert_eq!(before["digital_perplexity"], after["digital_perplexity"]);
     assert!(before.get("reference").is_none() && after["reference"].is_object());
+}
+
+#[test]
+fn the_logits_dump_is_the_digital_forward_of_the_first_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("logits.safetensors");
+    let out = aimc(&[
+        "eval",
+        "--digital",
+        "--json",
+        "--tokens",
+        "40",
+        "--seq-len",
+        "24",
+        "--logits-out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (model, ids) = common::embedded_model_and_tokens(24);
+    let got_ids: Vec<u32> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    assert_eq!(got_ids, ids);
+    let logits = st.tensor("logits").unwrap();
+    let want = model.forward(&ids, &Default::default()).unwrap().logits;
+    assert_eq!(logits.shape(), &[1, 24, want.ncols()]);
+    let got: Vec<f32> = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(
+        got == want.iter().copied().collect::<Vec<_>>(),
+        "bit-identical logits"
+    );
+    // Only with --digital.
+    let out = aimc(&["eval", "--logits-out", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --digital"));
 }
