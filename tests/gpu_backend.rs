@@ -379,7 +379,7 @@ fn analog_adc_codes_match_the_cpu_crossbar() {
     let x = test_matrix(t, d, 5, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
     let (experts, weights) = routing(t, k, e);
     let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
-    let gm = GpuGroupedMatrix::upload(&dev, &grouped, Precision::AnalogSplitF16).unwrap();
+    let gm = GpuGroupedMatrix::upload(&dev, &grouped, Precision::AnalogF16).unwrap();
     let r = route_host(&dev, &experts, &weights, t, k, e);
     let xd = dev.upload(x.as_slice().unwrap()).unwrap();
     let input = quantize(&dev, &xd, t, d, grouped.k_block, Some(&periphery)).unwrap();
@@ -428,7 +428,7 @@ fn analog_adc_codes_match_the_cpu_crossbar() {
     println!(
         "adc codes: {differ} of {total} outputs differ ({:.4}%), at most {max_steps} step(s); precision: {}",
         100.0 * frac,
-        Precision::AnalogSplitF16.describe()
+        Precision::AnalogF16.describe()
     );
     assert!(frac < 1e-3 && max_steps <= 1);
 }
@@ -463,8 +463,8 @@ fn moe_layer_gpu_and_cpu(
     }
     let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
     let layer = GpuMoeLayer {
-        gate_up: GpuGroupedMatrix::upload(dev, &gate_up, Precision::AnalogSplitF16).unwrap(),
-        down: GpuGroupedMatrix::upload(dev, &down, Precision::AnalogSplitF16).unwrap(),
+        gate_up: GpuGroupedMatrix::upload(dev, &gate_up, Precision::AnalogF16).unwrap(),
+        down: GpuGroupedMatrix::upload(dev, &down, Precision::AnalogF16).unwrap(),
         periphery: Some(GemmPeriphery::from_spec(&preset.periphery).unwrap()),
         seed,
     };
@@ -958,13 +958,13 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
-        for precision in [Precision::AnalogSplitF16, Precision::AnalogF16] {
-            let what = format!("{} ({precision:?})", preset.name);
+        {
+            let precision = Precision::AnalogF16;
+            let what = preset.name.clone();
             let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
-            let nb = precision.weight_operands();
             let wg = GpuMoeLayer {
-                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile(gate_up.k_block, nb)),
-                down: upload(&down).use_wgmma(analog_wgmma_tile(down.k_block, nb)),
+                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile(gate_up.k_block)),
+                down: upload(&down).use_wgmma(analog_wgmma_tile(down.k_block)),
                 periphery: Some(periphery),
                 seed: 21,
             };
@@ -984,8 +984,7 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
                 let y = dev.download(&l.forward(&dev, &xd, &r, 5).unwrap()).unwrap();
                 Array2::from_shape_vec((t, d), y).unwrap()
             };
-            // Same operands, same f32 accumulation order per k16 (hi then lo) and the same
-            // periphery code (block_outputs): any ADC code that differs is a bug here, not
+            // Same operands, the same exact products in f32 and the same periphery code (block_outputs): any ADC code that differs is a bug here, not
             // rounding, but the bound is the layer parity bound of the CPU comparison.
             assert_layer_parity(&format!("wgmma vs mma.sync, {what}"), &run(&wg), &run(&mma));
             // Store epilogue of gate/up: the sums of ADC outputs, compared element-wise.
@@ -1049,45 +1048,43 @@ fn kernel_reference_reproduces_crossbar_adc_codes() {
     }
 }
 
-/// The operand precision the analog kernel uses keeps ADC codes within the parity bound of the
-/// GPU backend (< 0.1 % differ, by ≤ 1 step: rarer than the flips the output noise causes); a single fp16 weight operand would not be enough.
+/// The operand precision the analog kernel uses (W̃ in fp16, which the crossbars' binary16 W̃
+/// makes exact; the side products' derived inputs x̃², x̃·f(j) in fp16) keeps ADC codes within
+/// the parity bound of the GPU backend (< 0.1 % differ, by ≤ 1 step: rarer than the flips the
+/// output noise causes).
 #[test]
-fn split_f16_operands_keep_adc_codes_within_bound() {
+fn f16_operands_keep_adc_codes_within_bound() {
     let (n, d, rows) = (256, 512, 64);
     let (preset, mats, grouped) = hwa_experts(2, (n, d), 70, 5, 900);
     let p = GemmPeriphery::from_spec(&preset.periphery).unwrap();
     let x = test_matrix(rows, d, 11, 0.4).mapv(|v| v.clamp(-1.0, 1.0));
     let step = preset.periphery.adc.unwrap().step();
-    let mut worst = [(0.0f64, 0i64); 2];
+    // The crossbars' W̃ are binary16 values: fp16 operands hold them exactly.
+    assert!(grouped
+        .weights
+        .iter()
+        .all(|&w| aimc::tile::operand::to_binary16(w) == w));
+    let mut worst = (0.0f64, 0i64);
     for (ex, mat) in mats.iter().enumerate() {
         let cpu = mat.mvm(x.view(), 1);
-        for (slot, precision) in [Precision::AnalogSplitF16, Precision::AnalogF16]
-            .into_iter()
-            .enumerate()
-        {
-            let emulated = aimc::backend::cuda::reference::grouped_rows(
-                &grouped,
-                ex,
-                x.view(),
-                Some(&p),
-                Some(precision),
-                5,
-                1,
-            );
-            let (frac, steps) =
-                code_diff(&cpu, &emulated, |c| step * grouped.col_scale[ex * n + c]);
-            worst[slot] = (worst[slot].0.max(frac), worst[slot].1.max(steps));
-        }
+        let emulated = aimc::backend::cuda::reference::grouped_rows(
+            &grouped,
+            ex,
+            x.view(),
+            Some(&p),
+            Some(Precision::AnalogF16),
+            5,
+            1,
+        );
+        let (frac, steps) = code_diff(&cpu, &emulated, |c| step * grouped.col_scale[ex * n + c]);
+        worst = (worst.0.max(frac), worst.1.max(steps));
     }
     println!(
-        "emulated operand rounding vs CPU crossbar: split fp16 {:.4}% codes differ (max {} step); \
-         single fp16 {:.4}% (max {} step)",
-        100.0 * worst[0].0,
-        worst[0].1,
-        100.0 * worst[1].0,
-        worst[1].1
+        "emulated fp16 operands vs CPU crossbar: {:.4}% codes differ (max {} step)",
+        100.0 * worst.0,
+        worst.1
     );
-    assert!(worst[0].0 < 1e-3 && worst[0].1 <= 1, "{:?}", worst[0]);
+    assert!(worst.0 < 1e-3 && worst.1 <= 1, "{worst:?}");
 }
 
 #[test]
@@ -1180,7 +1177,7 @@ fn kernel_reference_layer_matches_per_expert_crossbars() {
         &gate_up,
         &down,
         Some(&p),
-        Some(Precision::AnalogSplitF16),
+        Some(Precision::AnalogF16),
         seed,
         mvm_id,
         x.view(),
@@ -1189,7 +1186,7 @@ fn kernel_reference_layer_matches_per_expert_crossbars() {
         k,
     );
     let rel = rel_rms(emulated.iter(), y_cpu.iter());
-    println!("emulated split-fp16 MoE layer vs per-expert crossbars: rel. RMS {rel:.2e} (bound {LAYER_REL_RMS_BOUND:.0e})");
+    println!("emulated fp16 MoE layer vs per-expert crossbars: rel. RMS {rel:.2e} (bound {LAYER_REL_RMS_BOUND:.0e})");
     assert!(rel <= LAYER_REL_RMS_BOUND, "{rel}");
 }
 
@@ -1375,7 +1372,7 @@ fn embedded_model_eval_on_the_gpu_matches_the_cpu() {
             "t = {} s, seed {}: perplexity CPU {:.4} GPU {:.4} (rel {rel:.1e}); agreement {:.4} vs {:.4}",
             c.t_seconds, c.seed, c.perplexity, g.perplexity, c.agreement, g.agreement
         );
-            // Same conductances and noise draws; only the rare one-step ADC flips of the split-fp16
+            // Same conductances and noise draws; only the rare one-step ADC flips of the fp16
             // operands differ (LAYER_REL_RMS_BOUND per layer), far below the seed-to-seed spread.
             assert!(rel < 5e-3, "perplexity differs by {rel}");
             assert!((c.agreement - g.agreement).abs() < 0.01);
@@ -1471,7 +1468,7 @@ fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let mapping = common::default_mapping(&model, &preset);
     let experts = drifted_experts(&model, &mapping, &preset, 3600.0);
-    let precision = Precision::AnalogSplitF16;
+    let precision = Precision::AnalogF16;
     let cfg = &model.config;
     let n_moe = cfg.moe_layers.iter().filter(|&&m| m).count();
     assert!(n_moe >= 2, "the embedded model has {n_moe} MoE layers");
@@ -1495,8 +1492,8 @@ fn layers_beyond_the_device_memory_limit_stay_on_the_cpu() {
         GroupedMatrix::interleave_swiglu(&grouped(Proj::Gate), &grouped(Proj::Up)).unwrap();
     let down = grouped(Proj::Down);
     let (gu_bytes, down_bytes) = (
-        GpuGroupedMatrix::device_bytes(&gate_up, precision),
-        GpuGroupedMatrix::device_bytes(&down, precision),
+        GpuGroupedMatrix::device_bytes(&gate_up),
+        GpuGroupedMatrix::device_bytes(&down),
     );
     let need = layer_need_bytes(gu_bytes, down_bytes);
     let resident = gu_bytes.0 + down_bytes.0;
@@ -1599,8 +1596,8 @@ fn whole_forward_on_the_gpu_matches_transformers_on_every_family() {
         let mut mapping = common::default_mapping(&model, &preset);
         mapping.analog.clear();
         let experts = AnalogExperts::program(&model, &mapping, &preset, 0).unwrap();
-        let g = GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16)
-            .unwrap();
+        let g =
+            GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogF16).unwrap();
         let mut gm = GpuModel::upload(&dev, &model).unwrap();
         let logits = gm.forward(&ids, &g, &RouterKind::default(), 0).unwrap();
         let got = dev.download(&logits).unwrap();
@@ -1630,8 +1627,7 @@ fn whole_forward_on_the_gpu_matches_the_cpu_dense_path() {
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let mapping = common::default_mapping(&model, &preset);
     let experts = drifted_experts(&model, &mapping, &preset, 86_400.0);
-    let g =
-        GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16).unwrap();
+    let g = GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogF16).unwrap();
     assert!(g.cpu_layers().is_empty(), "{:?}", g.cpu_layers());
     let mut gm = GpuModel::upload(&dev, &model).unwrap();
     let mvm_id = 3;
@@ -1693,7 +1689,7 @@ fn digital_reference_on_the_gpu_matches_the_cpu_model() {
         0,
     )
     .unwrap();
-    let g = GpuExperts::program(&dev, &layout, &preset, Precision::AnalogSplitF16).unwrap();
+    let g = GpuExperts::program(&dev, &layout, &preset, Precision::AnalogF16).unwrap();
     let cfg = &model.config;
     let moe: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.moe_layers[l]).collect();
     assert!(
@@ -1715,7 +1711,7 @@ fn digital_reference_on_the_gpu_matches_the_cpu_model() {
         &dev,
         &layout,
         &preset,
-        Precision::AnalogSplitF16,
+        Precision::AnalogF16,
         Some(Residency::Streamed),
     )
     .unwrap();
@@ -1796,13 +1792,13 @@ fn gpu_drift_matches_cpu_drift_and_upload() {
         let seed = 5;
         let program = || AnalogExperts::program(&model, &mapping, &preset, seed).unwrap();
         let on_gpu = program();
-        let mut g = GpuExperts::program(&dev, &on_gpu, &preset, Precision::AnalogSplitF16).unwrap();
+        let mut g = GpuExperts::program(&dev, &on_gpu, &preset, Precision::AnalogF16).unwrap();
         let mut on_cpu = program();
         for t_s in [0.0, 30.0 * 86_400.0] {
             g.drift_to(t_s).unwrap();
             on_cpu.drift_to(t_s);
-            let u = GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogSplitF16)
-                .unwrap();
+            let u =
+                GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogF16).unwrap();
             let (y_gpu, y_cpu) = (probe.run(&dev, &g, layer, 9), probe.run(&dev, &u, layer, 9));
             // Where a difference comes from: the weights' operand words and the scales.
             let (lg, lu) = (g.layer(layer).unwrap(), u.layer(layer).unwrap());
@@ -1879,8 +1875,7 @@ fn batched_forward_keys_each_sequence_as_its_own_call() {
     let preset = TilePreset::resolve("standard-hwa").unwrap();
     let mapping = common::default_mapping(&model, &preset);
     let experts = drifted_experts(&model, &mapping, &preset, 86_400.0);
-    let g =
-        GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogSplitF16).unwrap();
+    let g = GpuExperts::upload(&dev, &experts, &preset.periphery, Precision::AnalogF16).unwrap();
     let mut gm = GpuModel::upload(&dev, &model).unwrap();
     let seqs: Vec<&[u32]> = ids.chunks(96).collect();
     assert_eq!(seqs.last().unwrap().len(), 40);
@@ -2089,8 +2084,7 @@ fn transient_and_streamed_state_is_bit_identical_to_resident() {
         let layout =
             AnalogExperts::layout(&model, &mapping, &preset, preset.device.build(), 11).unwrap();
         let build = |r| {
-            GpuExperts::program_with(&dev, &layout, &preset, Precision::AnalogSplitF16, Some(r))
-                .unwrap()
+            GpuExperts::program_with(&dev, &layout, &preset, Precision::AnalogF16, Some(r)).unwrap()
         };
         let mut all = Residency::ALL.map(build);
         assert_eq!(
@@ -2181,7 +2175,7 @@ fn gpu_programming_matches_cpu_programming() {
         let mapping = common::default_mapping(&model, &preset);
         let (first_seed, seed) = (11, 23);
         let first = AnalogExperts::program(&model, &mapping, &preset, first_seed).unwrap();
-        let mut g = GpuExperts::program(&dev, &first, &preset, Precision::AnalogSplitF16).unwrap();
+        let mut g = GpuExperts::program(&dev, &first, &preset, Precision::AnalogF16).unwrap();
         g.reprogram(seed).unwrap();
         assert_eq!(g.seed(), seed);
         let mut on_cpu = AnalogExperts::program(&model, &mapping, &preset, seed).unwrap();
@@ -2234,8 +2228,7 @@ fn gpu_programming_matches_cpu_programming() {
             g.drift_to(t_s).unwrap();
             on_cpu.drift_to(t_s);
             let want =
-                GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogSplitF16)
-                    .unwrap();
+                GpuExperts::upload(&dev, &on_cpu, &preset.periphery, Precision::AnalogF16).unwrap();
             let (y_g, y_w) = (
                 probe.run(&dev, &g, moe_layers[0], 4),
                 probe.run(&dev, &want, moe_layers[0], 4),

@@ -158,8 +158,8 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 )?;
                 let down = GroupedMatrix::from_analog(&down)?;
                 let (gu_bytes, down_bytes) = (
-                    GpuGroupedMatrix::device_bytes(&gate_up, precision),
-                    GpuGroupedMatrix::device_bytes(&down, precision),
+                    GpuGroupedMatrix::device_bytes(&gate_up),
+                    GpuGroupedMatrix::device_bytes(&down),
                 );
                 memory_plan(
                     gu_bytes,
@@ -876,11 +876,7 @@ mod tests {
         // Tables: [E, KB, N] u32 ids + f32 scales; [N] three u32 arrays.
         let tables = 8 * e * 2 * n + 12 * n;
         assert_eq!(
-            GpuGroupedMatrix::device_bytes(&m, Precision::AnalogSplitF16),
-            (4 * elems + tables, 4 * elems)
-        );
-        assert_eq!(
-            GpuGroupedMatrix::device_bytes(&m, Precision::DigitalBf16),
+            GpuGroupedMatrix::device_bytes(&m),
             (2 * elems + tables, 4 * elems)
         );
     }
