@@ -140,21 +140,42 @@ fn philox_uniforms_and_normals_bit_identical() {
             "uniform {i}"
         );
     }
-    let z = dev
-        .download(
-            &gpu_rng::fill_normal(&dev, seed, Purpose::OutputNoise, tid, start, n, mvm, 3).unwrap(),
-        )
-        .unwrap();
-    let mut cpu = vec![0.0f32; n];
-    stream.fill_normal(start, mvm, 3, &mut cpu);
-    let differ = z
-        .iter()
-        .zip(&cpu)
-        .filter(|(g, c)| g.to_bits() != c.to_bits())
-        .count();
-    println!("philox: {n} uniforms and {n} normals, {differ} normals not bit-identical");
-    for (i, (g, c)) in z.iter().zip(&cpu).enumerate() {
-        assert_eq!(g.to_bits(), c.to_bits(), "normal {i}: gpu {g:e}, cpu {c:e}");
+    // The normals of every purpose's stream (the table transform of each word), at attempts 0
+    // and 3.
+    for purpose in [
+        Purpose::ProgramNoise,
+        Purpose::DriftExponent,
+        Purpose::ReadNoise,
+        Purpose::OutputNoise,
+        Purpose::ShortTermWeightNoise,
+        Purpose::TestData,
+    ] {
+        for attempt in [0u8, 3] {
+            let stream = Stream::new(seed, purpose, tid);
+            let z = dev
+                .download(
+                    &gpu_rng::fill_normal(&dev, seed, purpose, tid, start, n, mvm, attempt)
+                        .unwrap(),
+                )
+                .unwrap();
+            let mut cpu = vec![0.0f32; n];
+            stream.fill_normal(start, mvm, attempt, &mut cpu);
+            let differ = z
+                .iter()
+                .zip(&cpu)
+                .filter(|(g, c)| g.to_bits() != c.to_bits())
+                .count();
+            println!(
+                "philox {purpose:?} attempt {attempt}: {n} normals, {differ} not bit-identical"
+            );
+            for (i, (g, c)) in z.iter().zip(&cpu).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    c.to_bits(),
+                    "{purpose:?} normal {i}: gpu {g:e}, cpu {c:e}"
+                );
+            }
+        }
     }
 }
 
@@ -229,14 +250,26 @@ fn programming_and_drift_match_the_cpu() {
         xbar.drift_to(t);
         let drifted = dev.download(&block.drift_to(&dev, t).unwrap()).unwrap();
         let cpu = xbar.weights().to_owned();
-        let d = max_diff(&drifted, cpu.as_slice().unwrap());
+        // W̃ is binary16 on both backends (rounded once after drift). Before rounding the two
+        // agree to ~1e-7 relative (ν differs by powf/logf), so an element differs only where
+        // that straddles a rounding boundary: by one binary16 step (≤ 2⁻¹⁰ relative), rarely.
+        let to16 = aimc::tile::operand::to_binary16;
+        assert!(drifted.iter().all(|&v| to16(v) == v), "GPU W̃ not binary16");
+        let (mut differ, mut worst) = (0usize, 0.0f32);
+        for (g, c) in drifted.iter().zip(cpu.iter()) {
+            if g != c {
+                differ += 1;
+                let step = 2f32.powi(-10) * g.abs().max(c.abs()) + 2f32.powi(-24);
+                worst = worst.max((g - c).abs() / step);
+            }
+        }
         println!(
-            "program: t = {t} s: max |ΔW̃| = {d:.3e} (bound {:.3e})",
-            bound(cpu.as_slice().unwrap())
+            "program: t = {t} s: {differ} of {} binary16 W̃ differ, by at most {worst:.2} step",
+            drifted.len()
         );
         assert!(
-            d <= bound(cpu.as_slice().unwrap()),
-            "drift at {t} s differs by {d}"
+            worst <= 1.0 && differ * 1000 <= drifted.len(),
+            "drift at {t} s"
         );
     }
     println!(
@@ -1285,7 +1318,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
 #[test]
 fn kernel_parameter_structs_match_the_cuda_layout() {
     // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
-    assert_eq!(aimc::backend::cuda::gemm::GEMM_PARAMS_BYTES, 264);
+    assert_eq!(aimc::backend::cuda::gemm::GEMM_PARAMS_BYTES, 256);
     assert_eq!(
         std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
         56

@@ -10,7 +10,8 @@
 #      (this build), tables compared.
 # Prepare here (tools/gpu_prepare.sh builds the first three): .dev-k29/cuda.tar.xz holding
 # cuda/{aimc, gpu_backend, kernels_compile, aimc-main} (stripped release binaries; aimc-main = main's
-# aimc before this change), add /.dev-k29/ to .git/info/exclude, and carry [".dev-k29"].
+# aimc before this change), add /.dev-k29/ to .git/info/exclude, and carry [".dev-k29"]. About 8 of
+# the 10 minutes one device call allows: the steps run in order of importance.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 D=.dev-k29; B=$D/cuda
@@ -32,7 +33,7 @@ grep -E "adc codes|bit-identical|differ|rel\. RMS|perplexity CPU" "$OUT/gpu_back
 bench() {  # name binary preset [env]
   local name=$1 bin=$2 preset=$3; shift 3
   s=$(date +%s)
-  env "$@" timeout 150 $B/$bin bench --suite gpu --shapes olmoe,fine-grained,mixtral,expert --repeats 9 \
+  env "$@" timeout 150 $B/$bin bench --suite gpu --shapes olmoe,fine-grained,mixtral,expert --repeats 5 \
     --gpu-preset "$preset" > "$OUT/bench-$name.md" 2>&1
   echo "bench $name rc=$? $(( $(date +%s) - s )) s"
   grep -E "^\|" "$OUT/bench-$name.md" | head -60
