@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Octave 30 also takes m = 0 (u = 2⁻³²), which the leading-zero count puts in a 31st octave.
-//! In octaves 27–30 a segment holds at most two words and `frac` is 0.
+//! In octaves 26–30 a segment holds at most two words and `frac` is 0.
 //!
 //! # The table
 //!
