@@ -32,12 +32,7 @@
 #define NTHREADS (MOE_WARPS_M * MOE_WARPS_N * 32)
 #define MI (BM / MOE_WARPS_M / 16)  // m16 fragments per warp
 #define TN (BN / MOE_WARPS_N / 8)   // n8 fragments per warp
-#if MOE_ANALOG && MOE_SPLIT_W
-#define NB_MAT 2
-#else
-#define NB_MAT 1
-#endif
-#define STAGE_HALVES (BM * LDS + NB_MAT * BN * LDS)
+#define STAGE_HALVES (BM * LDS + BN * LDS)
 #if (BM * 4) % NTHREADS != 0 || (BN * 4) % NTHREADS != 0 || TN % 2 != 0 || MI < 1 || MOE_STAGES < 2
 #error "moe_gemm tile configuration"
 #endif
@@ -57,8 +52,7 @@ struct GemmParams {
     const u16* a;               // [a_rows, K] operand rows
     const float* a_alpha;       // [a_rows, KB] α_nm per row and K block (analog)
     const u32* a_row_of;        // sorted position → operand row (0: identity)
-    const u16* w_hi;            // [E, N, K]
-    const u16* w_lo;            // [E, N, K] (split weights)
+    const u16* w;               // [E, N, K] weights: fp16 W̃ (analog), bf16 (digital)
     const u32* offsets;         // [E + 1] rows of each expert in sorted order
     const u32* tile_offsets;    // [E + 1] BM-row tiles of each expert
     const u32* col_tensor_id;   // [E, KB, N] tensor id of the crossbar holding (column, K block)

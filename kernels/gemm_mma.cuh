@@ -6,6 +6,9 @@
 // management's attempts (MOE_MODE 4, backend::cuda::periphery::bound_management).
 extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(GemmParams p) {
     extern __shared__ __align__(16) u16 smem[];
+#if MOE_NORMALS
+    stage_normal_table();
+#endif
     u32 e, m_tile, n_tile;
     if (!tile_of_block(p, p.n / BN, MOE_RASTER_COLS / BN, e, m_tile, n_tile)) return;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
@@ -64,10 +67,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
         a_src[i] = p.a + (u64)row * K + k_first + (t & 3) * 8;
         a_bytes[i] = ok ? 16u : 0u;
     }
-    const u16* w_src = p.w_hi + w_off;
-#if NB_MAT == 2
-    const u16* wl_src = p.w_lo + w_off;
-#endif
+    const u16* w_src = p.w + w_off;
 
     // Copies the next BK columns of K into the stage at byte offset `stage_off`.
     auto load_stage = [&](u32 stage_off) {
@@ -80,14 +80,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #pragma unroll
         for (u32 i = 0; i < B_CHUNKS; ++i) {
             cp_async16(s + (BM + i * CHUNK_ROWS) * LDS * 2, w_src + i * b_stride, 16u);
-#if NB_MAT == 2
-            cp_async16(s + (BM + BN + i * CHUNK_ROWS) * LDS * 2, wl_src + i * b_stride, 16u);
-#endif
         }
         w_src += BK;
-#if NB_MAT == 2
-        wl_src += BK;
-#endif
         asm volatile("cp.async.commit_group;\n" ::);
     };
     // Per-thread ldmatrix offsets (bytes) inside a stage: A fragment rows of this warp, B rows.
@@ -172,19 +166,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
             for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
                 for (u32 tn = 0; tn < TN; ++tn) mma16816(acc[mi][tn], a[mi], b[tn][0], b[tn][1]);
-#if NB_MAT == 2
-            {
-                u32 bl[TN][2];
-#pragma unroll
-                for (u32 tp = 0; tp < TN / 2; ++tp)
-                    ldmatrix_x4(s + b_ld + ((BN + tp * 16) * LDS + kk) * 2, bl[2 * tp][0], bl[2 * tp][1],
-                                bl[2 * tp + 1][0], bl[2 * tp + 1][1]);
-#pragma unroll
-                for (u32 mi = 0; mi < MI; ++mi)
-#pragma unroll
-                    for (u32 tn = 0; tn < TN; ++tn) mma16816(acc[mi][tn], a[mi], bl[tn][0], bl[tn][1]);
-            }
-#endif
 #if MOE_PCM_READ || MOE_IR_DROP
             u32 babs[TN][2];
 #pragma unroll

@@ -41,14 +41,8 @@
 #define WG_BK 64
 #define WG_THREADS 256
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
-// Weight tiles per stage: fp16 hi and lo for split analog weights, else one.
-#if MOE_ANALOG && MOE_SPLIT_W
-#define WG_NB_MAT 2
-#else
-#define WG_NB_MAT 1
-#endif
 #define WG_B_BYTES (WG_BN * WG_BK * 2)
-#define WG_STAGE_BYTES (WG_A_BYTES + WG_NB_MAT * WG_B_BYTES)
+#define WG_STAGE_BYTES (WG_A_BYTES + WG_B_BYTES)
 // Operand types: analog DAC codes × fp16 weights, digital bf16 × bf16.
 #if MOE_ANALOG
 #define WG_AB ".f16.f16"
@@ -131,27 +125,22 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
     for (int i = 0; i < WG_BN / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// The wgmma of one BK = 64 stage for the warpgroup whose 64 A rows start at s_a: 4 of them, or
-// 8 with split analog weights (hi at s_b, lo after it), hi then lo per k16 as moe_gemm adds
-// them.
+// The 4 wgmma (one per k16) of one BK = 64 stage for the warpgroup whose 64 A rows start at
+// s_a, weights at s_b.
 __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
-#pragma unroll
-        for (u32 b = 0; b < WG_NB_MAT; ++b) {
 #if WG_BN == 128
-            wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + b * WG_B_BYTES + kk * 32));
+        wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
 #else
-            wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + b * WG_B_BYTES + kk * 32));
+        wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
 #endif
-        }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
-// Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 halves of K each, and
-// as many rows of w_lo after them for split analog weights) by
+// Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 halves of K each) by
 // THREADS threads into the 128B-swizzled layout: thread t takes 16-byte chunk t % 8 of rows
 // t / 8 + (THREADS / 8)·i. A rows are kept as operand row indices (~0u: past the expert's
 // rows, zero-filled), so a 128-thread producer holds 8 registers for them, not 16.
@@ -181,14 +170,10 @@ struct WgLoader {
     __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
         load_a(p, t, s_a, k0);
         const u32 s_b = s_a + WG_A_BYTES, c = t & 7;
+        const u16* w_src = p.w + w_off + k0;
 #pragma unroll
-        for (u32 b = 0; b < WG_NB_MAT; ++b) {
-            const u16* w_src = (b == 0 ? p.w_hi : p.w_lo) + w_off + k0;
-#pragma unroll
-            for (u32 i = 0; i < B_CH; ++i)
-                cp_async16(s_b + b * WG_B_BYTES + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k,
-                           16u);
-        }
+        for (u32 i = 0; i < B_CH; ++i)
+            cp_async16(s_b + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k, 16u);
     }
 };
 
@@ -349,7 +334,7 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 
 #if MOE_ANALOG
 // moe_analog_wgmma: the analog grouped GEMM for sm_90a (moe_gemm's contract with MOE_ANALOG 1, output modes 0–2):
-// DAC codes × fp16 weights (hi and lo with MOE_SPLIT_W) by wgmma, 128 × 128 CTA tiles, two
+// DAC codes × fp16 weights by wgmma, 128 × 128 CTA tiles, two
 // warpgroups of 64 rows, cp.async loads by all 256 threads and one wgmma group in flight
 // across the barrier (WG_PIPE 1) or not (0). The crossbar periphery (block_outputs) of block
 // kb runs while the wgmma of block kb + 1 do: at the end of a block each thread moves its
@@ -362,8 +347,8 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // need 64 more registers each: those variants run moe_gemm.
 // Status (reports/bench/2026-11-24-analog-wgmma.md): bit-identical to moe_gemm, but slower on
 // every bench shape (OLMoE layer, Lightning set: 23.8 against 20.7 ms), so the host runs it
-// only with AIMC_ANALOG_WGMMA=1. Nsight Compute: the periphery is issue-latency bound (Philox
-// and Box–Muller dependency chains; 35 % of issue slots busy) on the 8 warps one CTA per SM
+// only with AIMC_ANALOG_WGMMA=1. Nsight Compute (then with Box–Muller normals): the periphery
+// is issue-latency bound (Philox and Box–Muller dependency chains; 35 % of issue slots busy) on the 8 warps one CTA per SM
 // leaves (200 registers, 208 KiB of shared memory), where moe_gemm has 16. What should lift
 // it: more warps for the periphery (epilogue warpgroups fed through prev while the MMA
 // warpgroups run on), not more MMA throughput.
@@ -414,6 +399,9 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
+#if MOE_NORMALS
+    stage_normal_table();
+#endif
     WgCta cta;
     if (!wg_cta(p, wg_smem, cta)) return;
     const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
@@ -510,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
 #else
 // WG_PIPE 2 and 3: warp-specialised and persistent. 384 threads: warpgroup 0 loads, warpgroups
 // 1 and 2 issue the wgmma of rows 0–63 and 64–127 of the tile. The weight tile of each stage
-// comes by TMA (the host's tensor map `w_map` of w_hi as [E·N, K] bf16, 128B swizzle: the same
+// comes by TMA (the host's tensor map `w_map` of w as [E·N, K] bf16, 128B swizzle: the same
 // layout as wg_swizzle); the gathered A rows by cp.async from the producer's 128 threads. Stage
 // s has two mbarriers: full[s] (the weight tile's bytes, and one arrival per producer thread
 // that the hardware makes once the thread's cp.async have landed: cp.async.mbarrier.arrive

@@ -1,19 +1,15 @@
-// The element-wise kernels of a MoE layer around its GEMMs: split_f16 (analog weights as fp16
-// hi + lo, backend::cuda::grouped::GpuGroupedMatrix), bm_combine (bound management's per-block
+// The element-wise kernels of a MoE layer around its GEMMs: to_f16 (analog weights as fp16
+// operands, backend::cuda::grouped::GpuGroupedMatrix), bm_combine (bound management's per-block
 // sums, backend::cuda::periphery::bound_management), swiglu_rows and scatter_rows (the
 // store-mode SwiGLU and scatter-add, backend::cuda::layer), and combine_bf16_rows (the digital
 // layer's deterministic combine, backend::cuda::layer::combine_bf16_rows). Mirrors
 // model::moe::MoeLayer::forward's SwiGLU and weighted sum.
-// Weights f32 → fp16 hi + fp16 lo with hi + lo ≈ w to ~22 significant bits (analog operands).
-extern "C" __global__ void split_f16(const float* w, u64 n, u16* hi, u16* lo) {
+// Weights f32 → fp16 operand words, round to nearest even (analog operands; W̃ is binary16
+// already after programming and drift, tile::operand::to_binary16, so this is exact).
+extern "C" __global__ void to_f16(const float* w, u64 n, u16* out) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = w[i];
-    u16 h = f32_to_f16(x);
-    float hf;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(hf) : "h"(h));
-    hi[i] = h;
-    lo[i] = f32_to_f16(x - hf);
+    out[i] = f32_to_f16(w[i]);
 }
 
 // Step 8 of tile::Crossbar::forward_chunk, iterative bound management, after the attempts of MOE_MODE 4

@@ -5,7 +5,6 @@
 // periphery.cuh, raster.cuh, outputs.cuh, gemm_mma.cuh, gemm_wgmma.cuh, layer.cu.
 // The macros (set per instantiation by backend::cuda::gemm::variant::gemm_defines):
 //   MOE_ANALOG   1: analog epilogue per crossbar block along K; 0: digital baseline
-//   MOE_SPLIT_W  1: weights as fp16 hi + fp16 lo (two MMAs, ~22-bit weight significand)
 //   MOE_PCM_READ 1: PCM_READ short-term weight noise (second accumulator Σ|W|x̃²)
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
 //   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
@@ -27,7 +26,8 @@
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
 // here, the oracle of the GPU tests, is backend::cuda::reference.
 //
-// Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (hi, lo);
+// Operands: analog A = integer DAC codes in fp16 (exact for ≤ 11-bit DACs), W̃ in fp16 (binary16
+// on every backend after programming and drift, docs/model.md §3: products exact in f32);
 // digital A and W in bf16. Accumulation in f32 (mma.sync m16n8k16). The periphery per crossbar
 // block mirrors tile::Crossbar::analog + forward_chunk step 9, block partial sums
 // are added in input-block order as tile::AnalogMatrix::mvm does.
@@ -36,9 +36,6 @@ typedef unsigned short u16;
 
 #ifndef MOE_ANALOG
 #define MOE_ANALOG 1
-#endif
-#ifndef MOE_SPLIT_W
-#define MOE_SPLIT_W 1
 #endif
 #ifndef MOE_PCM_READ
 #define MOE_PCM_READ 0

@@ -9,16 +9,29 @@ __device__ __forceinline__ float ir_row_factor(u32 j, float n) {
     return 1.0f - u * u;
 }
 
-#if MOE_ANALOG
+#if MOE_ANALOG && (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE)
+#define MOE_NORMALS 1
+// The normal transform's table in shared memory for the epilogue's draws: a shared load takes
+// a 32-bit immediate address where the global table needs a 64-bit pointer register, and the
+// mma.sync kernel sits at its 128-register bound. Every GEMM kernel that draws normals calls
+// stage_normal_table first, with all its threads.
+__shared__ float2 normal_smem[NORMAL_TABLE_LEN];
+__device__ __forceinline__ void stage_normal_table() {
+    for (u32 i = threadIdx.x; i < NORMAL_TABLE_LEN; i += blockDim.x) normal_smem[i] = NORMAL_TABLE[i];
+    __syncthreads();
+}
+
 // Two normals of `purpose` for columns (c, c + 1) of one output row; one Philox call when both
 // sit in one crossbar at an even index (the common case), else two (same values either way).
 __device__ __forceinline__ float2 periphery_normals(const GemmParams& p, u32 purpose, u32 tid0, u32 tid1, u64 idx0,
                                                     u64 idx1, u32 call) {
     if (tid0 == tid1 && idx1 == idx0 + 1 && (idx0 & 1) == 0)
-        return stream_normal_pair(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt);
-    return make_float2(stream_normal(make_stream(p.seed, purpose, tid0), idx0, call, p.attempt),
-                       stream_normal(make_stream(p.seed, purpose, tid1), idx1, call, p.attempt));
+        return stream_normal_pair_in(normal_smem, make_stream(p.seed, purpose, tid0), idx0, call, p.attempt);
+    return make_float2(stream_normal_in(normal_smem, make_stream(p.seed, purpose, tid0), idx0, call, p.attempt),
+                       stream_normal_in(normal_smem, make_stream(p.seed, purpose, tid1), idx1, call, p.attempt));
 }
+#else
+#define MOE_NORMALS 0
 #endif
 
 // Noise row and call of sorted pair `pos`, the `row_local`-th row of its expert: the keys of
@@ -88,8 +101,10 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
         stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, p.attempt);
     const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
     const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
-    const float2 mine = odd ? box_muller(q.z, q.w) : box_muller(q.x, q.y);
-    const float2 theirs = box_muller(got0, got1);
+    // One normal_pair_in per word pair, words selected first: selecting between two transformed
+    // pairs made ptxas keep both alive (spills at the 128-register bound).
+    const float2 mine = normal_pair_in(normal_smem, odd ? q.z : q.x, odd ? q.w : q.y);
+    const float2 theirs = normal_pair_in(normal_smem, got0, got1);
     z0 = odd ? theirs : mine;
     z1 = odd ? mine : theirs;
 #else

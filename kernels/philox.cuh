@@ -1,14 +1,13 @@
-// Philox4x32-10 counter-based streams and Box–Muller normals.
-// Mirrors src/rng.rs bit for bit (key/counter layout, 24-bit uniform grid, Box–Muller lanes,
-// ln_f32 and sincos_turns); see that module's doc for the layout. Sources are concatenated by the
-// host (no #include), so this file must stay free of includes.
+// Philox4x32-10 counter-based streams and the table normal transform.
+// Mirrors src/rng.rs bit for bit (key/counter layout, 24-bit uniform grid, one normal per word)
+// and src/rng/normal.rs (normal_from_word); see those modules' docs for the layout. Sources are
+// concatenated by the host (no #include), so this file must stay free of includes. The host
+// puts rng::normal::NormalTable::cuda_source in front of it: NORMAL_SEGMENT_BITS,
+// NORMAL_FRAC_BITS and the (a, b) table NORMAL_TABLE in exact hexadecimal literals.
 //
-// Normals are bit-identical to the CPU in every kernel file: the float steps of ln_f32,
-// sincos_turns and box_muller use the round-to-nearest intrinsics __fadd_rn, __fsub_rn,
-// __fmul_rn, __fdiv_rn, __fsqrt_rn, which the compiler never contracts into FMAs, whatever
-// --fmad says, and which round exactly as Rust's f32 +, −, ×, ÷, sqrt (Rust never contracts).
-// Keep the operation order of the Rust expressions when editing. The device physics of
-// program.cu needs --fmad=false in addition (the host sets it for rng.cu and program.cu).
+// Normals are bit-identical to the CPU in every kernel file, whatever --fmad says: integer
+// operations, an exact integer → float conversion, an exact power-of-two scaling and one
+// __fmaf_rn, which rounds as Rust's f32::mul_add.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -18,9 +17,6 @@ typedef unsigned long long u64;
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 #define INV_2_POW_24 5.9604644775390625e-08f
-// std::f32::consts::TAU and LN_2 rounded to f32 (exact hex literals).
-#define TAU_F32 0x1.921fb6p+2f
-#define LN_2_F32 0x1.62e430p-1f
 
 // Purpose numbers of src/rng.rs `Purpose` (frozen).
 #define PURPOSE_PROGRAM_NOISE 1u
@@ -70,73 +66,50 @@ __device__ __forceinline__ uint4 stream_block(PhiloxStream s, u64 call, u32 mvm_
     return philox4x32_10(make_uint4((u32)call, s.tensor_id, mvm_id, w3), s.k0, s.k1);
 }
 
-// Mirrors rng::ln_f32: ln u for a positive normal f32 from the exact split u = 2^e·m,
-// m in [√½, √2), and ln m = 2·atanh(s), s = (m − 1)/(m + 1), odd series through s^9.
-__device__ __forceinline__ float ln_f32(float u) {
-    u32 bits = __float_as_uint(u);
-    u32 high = (bits & 0x007FFFFFu) > 0x003504F3u ? 1u : 0u;
-    int e = (int)((bits >> 23) & 0xFFu) - 127 + (int)high;
-    float m = __uint_as_float(((bits & 0x007FFFFFu) | 0x3F800000u) - (high << 23));
-    float s = __fdiv_rn(__fsub_rn(m, 1.0f), __fadd_rn(m, 1.0f));
-    float s2 = __fmul_rn(s, s);
-    // 1 + s2·(1/3 + s2·(1/5 + s2·(1/7 + s2·(1/9)))), constants = Rust's f32 quotients.
-    float series = __fmul_rn(s2, 0x1.c71c72p-4f);                    // 1/9
-    series = __fmul_rn(s2, __fadd_rn(0x1.24924ap-3f, series));       // 1/7
-    series = __fmul_rn(s2, __fadd_rn(0x1.99999ap-3f, series));       // 1/5
-    series = __fadd_rn(1.0f, __fmul_rn(s2, __fadd_rn(0x1.555556p-2f, series)));  // 1/3
-    return __fadd_rn(__fmul_rn((float)e, LN_2_F32), __fmul_rn(__fmul_rn(2.0f, s), series));
+// Mirrors rng::normal::NormalTable::normal with the (a, b) table at `table` (NORMAL_TABLE, or
+// a copy in shared memory): sign = bit 31, m = the low 31 bits, octave e = leading zeros of m
+// (m = 0 joins octave 30), t = m << (e + 1) (leading one at bit 31), the segment bits below it
+// pick the table entry, the next NORMAL_FRAC_BITS bits give frac; |z| = fma(frac, b, a).
+__device__ __forceinline__ float normal_from_word_in(const float2* table, u32 w) {
+    const u32 m = w & 0x7FFFFFFFu;
+    u32 e = (u32)__clz(m) - 1u;
+    if (e > 30u) e = 30u;
+    const u32 t = m << (e + 1u);
+    const u32 seg = (t >> (31 - NORMAL_SEGMENT_BITS)) & ((1u << NORMAL_SEGMENT_BITS) - 1u);
+    // frac = the NORMAL_FRAC_BITS bits below the segment as a mantissa of [1, 2), minus 1: exact.
+    const float frac = __uint_as_float(0x3F800000u | ((t << (NORMAL_SEGMENT_BITS + 1)) >> (32 - NORMAL_FRAC_BITS))) - 1.0f;
+    const float2 ab = table[(e << NORMAL_SEGMENT_BITS) + seg];
+    const float z = __fmaf_rn(frac, ab.y, ab.x);
+    return __uint_as_float(__float_as_uint(z) | (w & 0x80000000u));
 }
+__device__ __forceinline__ float normal_from_word(u32 w) { return normal_from_word_in(NORMAL_TABLE, w); }
 
-// Mirrors rng::sincos_turns: (sin θ, cos θ) for θ = 2π·m·2^-24, m a 24-bit integer. The nearest
-// quarter turn is split off in integers; Taylor series of sin (x^9) and cos (x^10) on the residual.
-__device__ __forceinline__ float2 sincos_turns(u32 m) {
-    u32 quarter = (m + (1u << 21)) >> 22;  // 0..=4
-    int residual = (int)m - (int)(quarter << 22);
-    float x = __fmul_rn(__fmul_rn((float)residual, INV_2_POW_24), TAU_F32);
-    float x2 = __fmul_rn(x, x);
-    // x·(1 + x2·(−1/6 + x2·(1/120 + x2·(−1/5040 + x2·(1/362880)))))
-    float ps = __fmul_rn(x2, 0x1.71de3ap-19f);                         // 1/362880
-    ps = __fmul_rn(x2, __fadd_rn(-0x1.a01a02p-13f, ps));               // −1/5040
-    ps = __fmul_rn(x2, __fadd_rn(0x1.111112p-7f, ps));                 // 1/120
-    ps = __fmul_rn(x2, __fadd_rn(-0x1.555556p-3f, ps));                // −1/6
-    float sn = __fmul_rn(x, __fadd_rn(1.0f, ps));
-    // 1 + x2·(−1/2 + x2·(1/24 + x2·(−1/720 + x2·(1/40320 + x2·(−1/3628800)))))
-    float pc = __fmul_rn(x2, -0x1.27e4fcp-22f);                        // −1/3628800
-    pc = __fmul_rn(x2, __fadd_rn(0x1.a01a02p-16f, pc));                // 1/40320
-    pc = __fmul_rn(x2, __fadd_rn(-0x1.6c16c2p-10f, pc));               // −1/720
-    pc = __fmul_rn(x2, __fadd_rn(0x1.555556p-5f, pc));                 // 1/24
-    float cs = __fadd_rn(1.0f, __fmul_rn(x2, __fadd_rn(-0.5f, pc)));
-    // Quadrant k: (sin θ, cos θ) = (sn, cs), (cs, −sn), (−sn, −cs), (−cs, sn).
-    u32 k = quarter & 3u;
-    bool odd = (k & 1u) != 0u;
-    float first = odd ? cs : sn, second = odd ? sn : cs;
-    u32 flip_first = (k >> 1) << 31;
-    u32 flip_second = ((k ^ (k >> 1)) & 1u) << 31;
-    return make_float2(__uint_as_float(__float_as_uint(first) ^ flip_first),
-                       __uint_as_float(__float_as_uint(second) ^ flip_second));
-}
-
-// Mirrors rng::box_muller: (ρ·cos θ, ρ·sin θ), ρ = sqrt(−2·ln_f32(u)).
-__device__ __forceinline__ float2 box_muller(u32 a, u32 b) {
-    float u = __fmul_rn((float)((a >> 8) + 1u), INV_2_POW_24);  // exact
-    float rho = __fsqrt_rn(__fmul_rn(-2.0f, ln_f32(u)));
-    float2 sc = sincos_turns(b >> 8);
-    return make_float2(__fmul_rn(rho, sc.y), __fmul_rn(rho, sc.x));
+// The normals of two words (a, b) of one Philox block.
+__device__ __forceinline__ float2 normal_pair_in(const float2* table, u32 a, u32 b) {
+    return make_float2(normal_from_word_in(table, a), normal_from_word_in(table, b));
 }
 
 // Mirrors rng::Stream::normal_attempt.
-__device__ __forceinline__ float stream_normal(PhiloxStream s, u64 index, u32 mvm_id, u32 attempt) {
+__device__ __forceinline__ float stream_normal_in(const float2* table, PhiloxStream s, u64 index, u32 mvm_id,
+                                                  u32 attempt) {
     uint4 r = stream_block(s, index / 4, mvm_id, attempt);
     u32 lane = (u32)(index % 4);
-    float2 z = (lane < 2) ? box_muller(r.x, r.y) : box_muller(r.z, r.w);
-    return (lane & 1u) ? z.y : z.x;
+    u32 w = lane == 0 ? r.x : lane == 1 ? r.y : lane == 2 ? r.z : r.w;
+    return normal_from_word_in(table, w);
+}
+__device__ __forceinline__ float stream_normal(PhiloxStream s, u64 index, u32 mvm_id, u32 attempt) {
+    return stream_normal_in(NORMAL_TABLE, s, index, mvm_id, attempt);
 }
 
-// Normals `index` and `index + 1` for an even `index`: one Philox call, one Box–Muller pair
-// (lanes 0/1 or 2/3), identical to two stream_normal calls.
-__device__ __forceinline__ float2 stream_normal_pair(PhiloxStream s, u64 index, u32 mvm_id, u32 attempt) {
+// Normals `index` and `index + 1` for an even `index`: one Philox call (words 0/1 or 2/3),
+// identical to two stream_normal calls.
+__device__ __forceinline__ float2 stream_normal_pair_in(const float2* table, PhiloxStream s, u64 index, u32 mvm_id,
+                                                        u32 attempt) {
     uint4 r = stream_block(s, index / 4, mvm_id, attempt);
-    return ((index % 4) < 2) ? box_muller(r.x, r.y) : box_muller(r.z, r.w);
+    return ((index % 4) < 2) ? normal_pair_in(table, r.x, r.y) : normal_pair_in(table, r.z, r.w);
+}
+__device__ __forceinline__ float2 stream_normal_pair(PhiloxStream s, u64 index, u32 mvm_id, u32 attempt) {
+    return stream_normal_pair_in(NORMAL_TABLE, s, index, mvm_id, attempt);
 }
 
 // Mirrors rng::Stream::uniform.

@@ -84,6 +84,17 @@ __device__ float pcm_read(const PcmParams& p, float g_prog_us, float nu, float r
     return fmaxf(g_drift + fabsf(g_drift) * p.read_noise_scale * sigma * xi, 0.0f);
 }
 
+// Mirrors tile::operand::to_binary16: the nearest binary16 value (ties to even; overflow to
+// ±inf, subnormals kept), back in f32. The effective weights W̃ after drift and read noise
+// are rounded once with it, as tile::Crossbar::drift_to rounds them.
+__device__ __forceinline__ float to_binary16(float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+    return r;
+}
+
 // Mirrors WeightConverter::to_conductances (differential pair).
 __device__ __forceinline__ float2 pair_conductances(float w, float s, float g_max_us) {
     float sw = s * w;
@@ -115,7 +126,7 @@ extern "C" __global__ void program_weights(const float* w_target, float* w_prog,
 }
 
 // Mirrors the per-element loop of tile::Crossbar::drift_to: re-convert w_prog with the scale
-// g_scale_us, drift + read noise, back to normalised weights.
+// g_scale_us, drift + read noise, back to normalised weights rounded to binary16.
 extern "C" __global__ void drift_weights(const float* w_prog, const float* nu, float* w, u64 n, u64 seed,
                                          u32 tensor_id, float g_scale_us, float ratio, float time_factor,
                                          PcmParams p) {
@@ -126,7 +137,7 @@ extern "C" __global__ void drift_weights(const float* w_prog, const float* nu, f
     float2 gp = pair_conductances(w_prog[i], g_scale_us, p.g_max_us);
     float g0 = pcm_read(p, gp.x, nu[2 * i], ratio, time_factor, xi.x);
     float g1 = pcm_read(p, gp.y, nu[2 * i + 1], ratio, time_factor, xi.y);
-    w[i] = (g0 - g1) / g_scale_us;
+    w[i] = to_binary16((g0 - g1) / g_scale_us);
 }
 
 // max |x| as IEEE bits (non-negative floats order as unsigned integers); *out_bits starts at 0.
@@ -165,7 +176,8 @@ __device__ __forceinline__ bool grouped_element(u32 n, u32 k, u32 k_block, u32 p
 // [E, N, K]): element (e, c, k) is input j = k − kb·k_block of local row col_local[c] of the
 // crossbar col_tensor_id[(e·n_kb + kb)·n + c] (k_block inputs), whose conductance scale is
 // col_g_scale[same index]; its read-noise counter is 2·(col_local[c]·k_block + j), as
-// tile::Crossbar::drift_to draws it. nu holds the two devices' exponents as [2, E·N·K].
+// tile::Crossbar::drift_to draws it, rounded to binary16 as there. nu holds the two devices'
+// exponents as [2, E·N·K].
 extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, float* w, u64 len, u32 n, u32 k,
                                          u32 k_block, const u32* col_tensor_id, const u32* col_local,
                                          const float* col_g_scale, u64 seed, float ratio, float time_factor,
@@ -182,7 +194,7 @@ extern "C" __global__ void drift_grouped(const float* w_prog, const float* nu, f
     float2 gp = pair_conductances(w_prog[i], g_scale_us, p.g_max_us);
     float g0 = pcm_read(p, gp.x, nu[i], ratio, time_factor, xi.x);
     float g1 = pcm_read(p, gp.y, nu[len + i], ratio, time_factor, xi.y);
-    w[i] = (g0 - g1) / g_scale_us;
+    w[i] = to_binary16((g0 - g1) / g_scale_us);
 }
 
 // [G, N, row] gate and up → [G, 2N, row], rows interleaved in groups of 8 (gate group g, then up

@@ -1,11 +1,12 @@
-//! Random streams: counter-based Philox4x32-10 plus Box–Muller (docs/model.md §6) for every physics
-//! draw, and a small sequential SplitMix64 for reproducible choices outside the physics.
+//! Random streams: counter-based Philox4x32-10 plus the table normal transform (docs/model.md
+//! §6, [`normal`]) for every physics draw, and a small sequential SplitMix64 for reproducible
+//! choices outside the physics.
 //!
 //! A Philox value depends only on *what* it perturbs — (seed, purpose, tensor id, element index,
 //! MVM call counter) — never on thread order or on how many values were drawn before. The CPU
-//! backend and a future CUDA kernel therefore draw the same numbers.
+//! and CUDA backends therefore draw the same numbers.
 //!
-//! # Bit layout (a CUDA kernel must mirror this exactly)
+//! # Bit layout (`kernels/philox.cuh` mirrors this exactly)
 //!
 //! Philox4x32-10 (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"; constants
 //! of Random123) maps a 128-bit counter and a 64-bit key to 128 random bits. A [`Stream`] built
@@ -13,7 +14,7 @@
 //!
 //! ```text
 //! key     = [ seed as u32,  (seed >> 32) as u32 ]
-//! call    = index / 4                       (u64; one Philox call yields 4 normals)
+//! call    = index / 4                       (u64; one Philox call yields 4 values)
 //! lane    = index % 4
 //! counter = [ call as u32,                  // word 0: call index, low 32 bits
 //!             tensor_id,                    // word 1
@@ -25,33 +26,29 @@
 //!
 //! so a stream addresses 2⁴⁸ Philox calls (2⁵⁰ values) per (seed, purpose, tensor, MVM, attempt).
 //!
-//! # Box–Muller (4 normals per call)
+//! # Normals and uniforms (4 per call)
 //!
-//! With the four output words `r0..r3`, lanes (0, 1) use the pair (r0, r1) and lanes (2, 3) the
-//! pair (r2, r3). For a pair (a, b):
+//! Value `index` uses output word `lane` of its call, `r[lane]`, alone:
 //!
 //! ```text
-//! u   = ((a >> 8) + 1) as f32 · 2⁻²⁴        ∈ (0, 1]     (exact: a 24-bit integer times 2⁻²⁴)
-//! m   = b >> 8                                 24-bit angle in turns: θ = 2π·m·2⁻²⁴
-//! ρ   = sqrt(−2·ln_f32(u))
-//! (s, c) = sincos_turns(m)                     sin θ, cos θ
-//! lane 0/2: ρ·c,   lane 1/3: ρ·s
+//! normal  = normal::normal_from_word(r[lane])     one word → one N(0, 1) (see [`normal`])
+//! uniform = (r[lane] >> 8) as f32 · 2⁻²⁴          ∈ [0, 1), exact
 //! ```
 //!
-//! `ln_f32` and `sincos_turns` (below) are written with integer operations and the IEEE
-//! correctly-rounded f32 operations +, −, ×, ÷ and √ only — no libm — so a CUDA port that uses
-//! the same expression order and no FMA contraction (`__fadd_rn`/`__fmul_rn`, or `-fmad=false`)
-//! reproduces every normal bit for bit. Their accuracy (≈ 1e-7 relative) is far below any
-//! statistical test's resolution. Uniforms ([`Stream::uniform`]) are pure integer → f32 scaling.
+//! The normal transform is integer operations, one table load and one fused multiply-add, so a
+//! CUDA port with the same table (exact hexadecimal literals) and `__fmaf_rn` reproduces every
+//! normal bit for bit.
+
+mod inverse_normal;
+pub mod normal;
+
+pub use normal::{normal_from_word, NormalTable};
 
 /// Philox4x32 multipliers and Weyl key increments (Random123, `philox.h`).
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;
 const PHILOX_W0: u32 = 0x9E37_79B9;
 const PHILOX_W1: u32 = 0xBB67_AE85;
-
-/// Philox calls per batch in [`Stream::fill_normal`] (256 normals).
-const FILL_CALLS: usize = 64;
 
 /// 2⁻²⁴, the spacing of the 24-bit uniform grid.
 const INV_2_POW_24: f32 = 1.0 / 16_777_216.0;
@@ -133,37 +130,23 @@ impl Stream {
     /// Standard normal with an explicit retry attempt (bound management redraws fresh noise).
     pub fn normal_attempt(&self, index: u64, mvm_id: u32, attempt: u8) -> f32 {
         let r = self.block(index / 4, mvm_id, attempt);
-        let lane = (index % 4) as usize;
-        let pair = lane / 2;
-        let (z0, z1) = box_muller(r[2 * pair], r[2 * pair + 1]);
-        if lane.is_multiple_of(2) {
-            z0
-        } else {
-            z1
-        }
+        normal_from_word(r[(index % 4) as usize])
     }
 
     /// Fill `out` with normals `start_index .. start_index + out.len()`, identical to calling
-    /// [`Stream::normal_attempt`] per element. Works in batches of 64 Philox calls:
-    /// first the raw words, then one branch-free Box–Muller loop the compiler can vectorise.
+    /// [`Stream::normal_attempt`] per element: one Philox call per 4 values, each word through
+    /// the table transform.
     pub fn fill_normal(&self, start_index: u64, mvm_id: u32, attempt: u8, out: &mut [f32]) {
-        let mut raw = [0u32; 4 * FILL_CALLS];
-        let mut z = [0.0f32; 4 * FILL_CALLS];
+        let table = NormalTable::get();
         let mut done = 0usize;
         while done < out.len() {
             let index = start_index + done as u64;
-            let (call0, lane0) = (index / 4, (index % 4) as usize);
-            let calls = (lane0 + out.len() - done).div_ceil(4).min(FILL_CALLS);
-            for (c, words) in raw.chunks_exact_mut(4).take(calls).enumerate() {
-                words.copy_from_slice(&self.block(call0 + c as u64, mvm_id, attempt));
+            let lane0 = (index % 4) as usize;
+            let r = self.block(index / 4, mvm_id, attempt);
+            let take = (4 - lane0).min(out.len() - done);
+            for (o, &w) in out[done..done + take].iter_mut().zip(&r[lane0..]) {
+                *o = table.normal(w);
             }
-            for (pair, zz) in raw[..4 * calls].chunks_exact(2).zip(z.chunks_exact_mut(2)) {
-                let (c, s) = box_muller(pair[0], pair[1]);
-                zz[0] = c;
-                zz[1] = s;
-            }
-            let take = (4 * calls - lane0).min(out.len() - done);
-            out[done..done + take].copy_from_slice(&z[lane0..lane0 + take]);
             done += take;
         }
     }
@@ -174,62 +157,6 @@ impl Stream {
         let r = self.block(index / 4, mvm_id, 0);
         (r[(index % 4) as usize] >> 8) as f32 * INV_2_POW_24
     }
-}
-
-/// Box–Muller transform of two raw 32-bit words into two standard normals (module doc).
-#[inline]
-pub fn box_muller(a: u32, b: u32) -> (f32, f32) {
-    let u = ((a >> 8) + 1) as f32 * INV_2_POW_24;
-    let rho = (-2.0 * ln_f32(u)).sqrt();
-    let (sin, cos) = sincos_turns(b >> 8);
-    (rho * cos, rho * sin)
-}
-
-/// Natural logarithm of a positive normal f32, from the exact split u = 2ᵉ·m (m ∈ [√½, √2))
-/// and the odd series ln m = 2·atanh(s), s = (m − 1)/(m + 1), |s| ≤ 0.1716, through s⁹
-/// (truncation < 3e-9 relative). Only +, −, ×, ÷ and bit operations: reproducible on GPU.
-#[inline]
-pub fn ln_f32(u: f32) -> f32 {
-    let bits = u.to_bits();
-    // Mantissa bits above √2 (0x3504F3 is the mantissa of √2 rounded down) move m to [√½, 1)
-    // by lowering the exponent: branch-free, exact.
-    let high = u32::from((bits & 0x007F_FFFF) > 0x0035_04F3);
-    let e = ((bits >> 23) & 0xFF) as i32 - 127 + high as i32;
-    let m = f32::from_bits(((bits & 0x007F_FFFF) | 0x3F80_0000) - (high << 23));
-    let s = (m - 1.0) / (m + 1.0);
-    let s2 = s * s;
-    let series = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
-    e as f32 * std::f32::consts::LN_2 + 2.0 * s * series
-}
-
-/// (sin θ, cos θ) for θ = 2π·m·2⁻²⁴, m a 24-bit integer. The nearest quarter turn k is split off
-/// exactly in integers, the residual angle x ∈ [−π/4, π/4) goes through the Taylor series of
-/// sin (through x⁹) and cos (through x¹⁰), truncation < 2e-9; the quadrant maps the signs.
-#[inline]
-pub fn sincos_turns(m: u32) -> (f32, f32) {
-    let quarter = (m + (1 << 21)) >> 22; // 0..=4, nearest multiple of 2²² (a quarter turn)
-    let residual = m as i32 - (quarter << 22) as i32; // in [−2²¹, 2²¹)
-    let x = residual as f32 * INV_2_POW_24 * std::f32::consts::TAU;
-    let x2 = x * x;
-    let sin = x
-        * (1.0
-            + x2 * (-1.0 / 6.0
-                + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362_880.0)))));
-    let cos = 1.0
-        + x2 * (-0.5
-            + x2 * (1.0 / 24.0
-                + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40_320.0 + x2 * (-1.0 / 3_628_800.0)))));
-    // Quadrant k: (sin θ, cos θ) = (sin, cos), (cos, −sin), (−sin, −cos), (−cos, sin); done with
-    // a swap and sign-bit flips so that random quadrants cost no branch mispredictions.
-    let k = quarter & 3;
-    let odd = k & 1 == 1;
-    let (first, second) = (if odd { cos } else { sin }, if odd { sin } else { cos });
-    let flip_first = (k >> 1) << 31;
-    let flip_second = ((k ^ (k >> 1)) & 1) << 31;
-    (
-        f32::from_bits(first.to_bits() ^ flip_first),
-        f32::from_bits(second.to_bits() ^ flip_second),
-    )
 }
 
 /// Tensor id of block `block_index` of a matrix with tensor id `parent`: the first Philox output

@@ -75,6 +75,7 @@ fn agreement_falls_as_output_noise_grows() {
             out_noise,
             r.summary[0].agreement_mean,
             r.summary[0].perplexity_mean,
+            r.summary[0].kl_mean,
         ));
     }
     for w in means.windows(2) {
@@ -84,9 +85,14 @@ fn agreement_falls_as_output_noise_grows() {
             w[0],
             w[1]
         );
+    }
+    // KL(digital‖analog) rises with the noise at every step. Perplexity need not: noise can
+    // soften confident wrong predictions (here 0.02 → 0.3 lowered it by 0.1 % under the table
+    // normals, raised it under Box–Muller), so it is not asserted.
+    for w in means.windows(2) {
         assert!(
-            w[1].2 > w[0].2,
-            "perplexity did not rise from {:?} to {:?}",
+            w[1].3 > w[0].3,
+            "KL did not rise from {:?} to {:?}",
             w[0],
             w[1]
         );

@@ -273,6 +273,7 @@ fn energy_cli_writes_report_and_plots() {
         "breakdown.png",
         "energy_vs_batch.png",
         "throughput_vs_batch.png",
+        "busy_vs_batch.png",
     ] {
         assert!(dir.path().join(f).exists(), "{f}");
     }

@@ -176,10 +176,8 @@ fn aimc(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tuned_dir = tmp.path().join("tuned");
+/// [`perturbed_embedded`] written as a checkpoint directory at `dir`.
+fn write_perturbed(dir: &Path) {
     let tuned = perturbed_embedded();
     let mut updates = aimc::model::write::ExpertUpdates::default();
     for (l, layer) in tuned.layers.iter().enumerate() {
@@ -187,7 +185,14 @@ fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original(
             updates.layers.insert(l, b.experts.clone());
         }
     }
-    aimc::model::write::write_checkpoint_from(&embedded::source(), &tuned_dir, &updates).unwrap();
+    aimc::model::write::write_checkpoint_from(&embedded::source(), dir, &updates).unwrap();
+}
+
+#[test]
+fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned_dir = tmp.path().join("tuned");
+    write_perturbed(&tuned_dir);
     let out_dir = tmp.path().join("eval");
     let tuned_arg = tuned_dir.to_str().unwrap();
     let out = aimc(&[
@@ -226,6 +231,10 @@ fn the_command_line_measures_a_written_checkpoint_against_the_embedded_original(
         serde_json::from_slice(&std::fs::read(out_dir.join("eval.json")).unwrap()).unwrap();
     let reference = &json["runs"][0]["report"]["reference"];
     assert_eq!(reference["model"], "kjv-moe (embedded)");
+    assert_eq!(
+        reference["measured_against"],
+        "the original model's digital outputs (kjv-moe (embedded))"
+    );
     assert!(
         reference["digital_perplexity_change_percent"]
             .as_f64()
@@ -313,4 +322,129 @@ fn against_a_reference_the_gpu_matches_the_cpu() {
         assert!((c.agreement - g.agreement).abs() < 0.01);
         assert!((c.kl - g.kl).abs() < 0.05 * c.kl, "KL {} vs {}", c.kl, g.kl);
     }
+}
+
+#[test]
+fn the_report_shows_before_and_after_against_the_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned_dir = tmp.path().join("tuned");
+    write_perturbed(&tuned_dir);
+    let out_dir = tmp.path().join("report");
+    let out = aimc(&[
+        "report",
+        "--model",
+        tuned_dir.to_str().unwrap(),
+        "--reference",
+        "embedded",
+        "--preset",
+        "pcm-3d-8tier",
+        "--tokens",
+        "160",
+        "--times",
+        "0,1y",
+        "--seeds",
+        "2",
+        "--task-items",
+        "3",
+        "--backend",
+        "cpu",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(out_dir.join("index.md")).unwrap();
+    assert!(
+        md.contains("## Before and after: original vs fine-tuned"),
+        "{md}"
+    );
+    assert!(md.contains("against the original model's digital outputs (kjv-moe (embedded))"));
+    assert!(
+        md.contains("| 1 y |") && md.contains("acc, fine-tuned"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("## Heterogeneous"),
+        "no sweep with --reference"
+    );
+    for stem in [
+        "kl_vs_time",
+        "agreement_vs_time",
+        "perplexity_vs_time",
+        "task_vs_time",
+    ] {
+        for ext in ["png", "svg"] {
+            let f = out_dir.join(format!("{stem}.{ext}"));
+            assert!(
+                std::fs::metadata(&f)
+                    .map(|m| m.len() > 1000)
+                    .unwrap_or(false),
+                "{}",
+                f.display()
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(out_dir.join("kl_vs_time.svg")).unwrap();
+    assert!(svg.contains("original") && svg.contains("fine-tuned"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["reference"], "kjv-moe (embedded)");
+    // The original's own sweep is against its own digital outputs, the same the fine-tuned one is
+    // measured against: the same digital perplexity.
+    let before = &json["accuracy_original"];
+    let after = &json["accuracy"];
+    assert_eq!(before["digital_perplexity"], after["digital_perplexity"]);
+    assert!(before.get("reference").is_none() && after["reference"].is_object());
+}
+
+#[test]
+fn the_logits_dump_is_the_digital_forward_of_the_first_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("logits.safetensors");
+    let out = aimc(&[
+        "eval",
+        "--digital",
+        "--json",
+        "--tokens",
+        "40",
+        "--seq-len",
+        "24",
+        "--logits-out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (model, ids) = common::embedded_model_and_tokens(24);
+    let got_ids: Vec<u32> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    assert_eq!(got_ids, ids);
+    let logits = st.tensor("logits").unwrap();
+    let want = model.forward(&ids, &Default::default()).unwrap().logits;
+    assert_eq!(logits.shape(), &[1, 24, want.ncols()]);
+    let got: Vec<f32> = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(
+        got == want.iter().copied().collect::<Vec<_>>(),
+        "bit-identical logits"
+    );
+    // Only with --digital.
+    let out = aimc(&["eval", "--logits-out", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --digital"));
 }

@@ -117,8 +117,18 @@ fn check_on(
                     let everything = ["MOE_PCM_READ", "MOE_IR_DROP", "MOE_BM"]
                         .iter()
                         .all(|d| defines.contains(&(*d, 1)));
+                    // The mma.sync kernel's analog variants with output normals but no side
+                    // accumulator run 2 CTAs per SM at 128 registers; since the table normal
+                    // transform (its shared-memory loads) ptxas keeps up to 64 bytes on the
+                    // stack there (sm_90; 4 on sm_80 with bound management).
+                    let on = |d: &str| defines.contains(&(d, 1));
+                    let normals_at_128 = on("MOE_ANALOG")
+                        && (on("MOE_OUT_NOISE") || on("MOE_ADDITIVE"))
+                        && !on("MOE_PCM_READ")
+                        && !on("MOE_IR_DROP");
                     let limit = match function {
                         "moe_gemm" if everything => 8,
+                        "moe_gemm" if normals_at_128 => 64,
                         f if f.starts_with("moe_gemm") || f.starts_with("moe_analog") => 0,
                         _ => 64,
                     };

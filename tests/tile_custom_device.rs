@@ -41,12 +41,13 @@ fn custom_device_drives_the_crossbar() {
     xbar.drift_to(200.0);
     let y = xbar.mvm(x.view(), 0);
     for (a, b) in y.iter().zip(&y0) {
-        assert!((a - 0.25 * b).abs() < 1e-5, "{a} vs {}", 0.25 * b);
+        // W̃ is binary16 (2⁻¹¹ relative per weight): outputs of order 1 within 1e-3.
+        assert!((a - 0.25 * b).abs() < 1e-3, "{a} vs {}", 0.25 * b);
     }
     let mut m = AnalogMatrix::program_with_device(w.view(), &preset, device, 1, 0).unwrap();
     m.drift_to(100.0);
     let y = m.mvm(x.view(), 0);
     for (a, b) in y.iter().zip(&y0) {
-        assert!((a - 0.5 * b).abs() < 1e-5);
+        assert!((a - 0.5 * b).abs() < 1e-3);
     }
 }

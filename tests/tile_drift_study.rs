@@ -54,8 +54,9 @@ fn ideal_drift_study_has_zero_error_and_bad_times_are_rejected() {
     let preset = TilePreset::builtin("ideal").unwrap();
     let study = drift_study(&preset, &small(&preset)).unwrap();
     for p in &study.points {
-        assert!(p.mvm_rel_err_gdc < 1e-6 && p.mvm_rel_err_no_gdc < 1e-6);
-        assert!(p.w_err_std < 1e-6);
+        // Only the binary16 rounding of W̃ (docs/model.md §3): ≤ 2⁻¹¹ relative per weight.
+        assert!(p.mvm_rel_err_gdc < 1e-3 && p.mvm_rel_err_no_gdc < 1e-3);
+        assert!(p.w_err_std < 1e-3);
     }
     let mut cfg = small(&preset);
     cfg.times_s = vec![0.0, -5.0];

@@ -59,8 +59,10 @@ fn matrix_1300x700_splits_and_recombines_under_ideal() {
         .zip(&w)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    // W̃ = w/s_map rounded to binary16: each weight within 2⁻¹¹ relative (docs/model.md §3).
+    let w_max = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(
-        max_err <= 1e-6 * 2.0,
+        max_err <= 2f32.powi(-11) * w_max * 1.001 + 1e-6,
         "recombined weights differ by {max_err}"
     );
 
@@ -73,8 +75,9 @@ fn matrix_1300x700_splits_and_recombines_under_ideal() {
         .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
         .sum();
     let den: f64 = y_ref.iter().map(|b| (*b as f64).powi(2)).sum();
+    // Binary16 W̃ (2⁻¹¹ relative per weight): 7.2e-4 here, where outputs partly cancel.
     assert!(
-        (num / den).sqrt() < 1e-6,
+        (num / den).sqrt() < 2e-3,
         "relative error {}",
         (num / den).sqrt()
     );

@@ -11,6 +11,13 @@ CPU is enough), numpy, tqdm, matplotlib and pydot, as 3D-SiM itself does.
 
 3D-SiM with `kv_caching=False` recomputes the whole sequence for every new token; aimc always keeps a KV cache, so
 for that configuration aimc's number is the sum of prefills of length 1, 2, …, target−1 (one per generated token).
+
+    python tools/3dsim_crosscheck.py --sim /path/to/3D-SiM/src --timeline --out reports/bench/3dsim
+
+`--timeline` instead runs the MoE configurations of TIMELINE (8 or 64 experts, 4 or 12 layers) with every scheduled
+op recorded (start, duration), writes one decode layer's op sequence per configuration to `timeline.json`, and sets
+3D-SiM's time per token beside aimc's (blocks spread) with and without the router on the token's path (a copy of the
+preset whose digital matmul, used only by the router, is made instantaneous).
 """
 import argparse
 import contextlib
@@ -39,7 +46,22 @@ CONFIGS = [
 ]
 
 
-def run_3dsim(cfg):
+TIMELINE = [
+    dict(name=f"MoE {e} experts top-2, {l} layers, vocab {v} (KV cache)", layers=l, d=512, ff=2048, vocab=v,
+         experts=e, k=2, kv=True, bsz=1, start=1, target=9, tiles=100, tiers=1024)
+    for (e, l, v) in [(8, 4, 1024), (64, 4, 1024), (8, 12, 1024), (64, 12, 1024), (64, 12, 32000)]
+]
+
+
+def op_kind(name):
+    """3D-SiM node name without its unique suffix: `tier_linear`, `communication`, `digital_add`, `_mha`, …"""
+    for k in ("tier_linear", "communication", "digital_add", "digital_relu", "layer_norm", "_mha", "multinomial"):
+        if k in name:
+            return k.strip("_")
+    return name
+
+
+def run_3dsim(cfg, events=None):
     from threedsim.accelerator import Accelerator, AcceleratorConfig
     from threedsim.inference import fast_trace_decoder, schedule_execution
     from threedsim.mapping import Mapper, MapStrategy, Strategy
@@ -71,9 +93,17 @@ def run_3dsim(cfg):
     make_use_linear(model, use_linear=True)
     traced = fast_trace_decoder(model, start_len=cfg["start"], target_len=cfg["target"], bsz=cfg["bsz"])
     t0 = time.time()
+    plot = events is not None
+    if plot:
+        # Record every finished op (3D-SiM's own event hook, called only when plotting; its plots are skipped).
+        from threedsim.inference import scheduler
+        scheduler._add_event = lambda _list, node, now: events.append(
+            (node.name, now - getattr(node, "latency", 0), getattr(node, "latency", 0)))
+        scheduler.plot_event_pipeline = lambda **_: None
+        scheduler.plot_memory_trace = lambda *_a, **_k: None
     ns, _mem, _peak, nj, _flops, e_bd, l_bd = schedule_execution(
         traced.graph, accelerator=model.accelerator, copy_and_cleanup_graph=False, communication=True,
-        save_memory=False, save_peak_memory=False)
+        save_memory=False, save_peak_memory=False, plot=plot, plot_dir=tempfile.gettempdir() if plot else None)
     tokens = cfg["bsz"] * (cfg["target"] - cfg["start"])
     return dict(execution_ns=ns, energy_nj=nj, tokens=tokens, seconds=time.time() - t0,
                 ns_per_token=ns / tokens, nj_per_token=nj / tokens,
@@ -156,15 +186,71 @@ def run_aimc(aimc, cfg, tmp, preset="3dsim"):
                 components_nj={k: v / n for k, v in comps.items()})
 
 
+def router_free_preset(tmp):
+    """The blocks-spread preset with the router off the token's path: aimc's digital matmul (used only by the MoE
+    router when projections are analog) made instantaneous. A diagnostic, not a preset to cost with."""
+    with open(spread_preset(tmp)) as f:
+        p = json.load(f)
+    p["name"] = "3dsim-spread-router-free"
+    p["cost"]["digital"]["matmul"]["ops_per_s"]["value"] = 1e30
+    path = os.path.join(tmp, "3dsim-spread-router-free.json")
+    with open(path, "w") as f:
+        json.dump(p, f)
+    return path
+
+
+def one_layer(events, period):
+    """Ops of one decode layer in the middle of the run: from a LayerNorm start to the next one but one."""
+    ev = sorted(events, key=lambda e: (e[1], e[0]))
+    mid = ev[len(ev) // 2][1]
+    norms = [e[1] for e in ev if "layer_norm" in e[0] and e[1] >= mid]
+    t0 = norms[0]
+    t1 = next((t for t in norms if t >= t0 + 0.9 * period), t0 + period)
+    groups = {}
+    for name, start, lat in ev:
+        if t0 <= start < t1:
+            key = (start - t0, lat, op_kind(name))
+            groups[key] = groups.get(key, 0) + 1
+    return [dict(start_ns=k[0], ns=k[1], op=k[2], count=c) for k, c in sorted(groups.items())]
+
+
+def timeline(args):
+    rows = []
+    for cfg in TIMELINE:
+        events = []
+        with contextlib.redirect_stdout(sys.stderr):
+            sim = run_3dsim(cfg, events)
+        with tempfile.TemporaryDirectory() as tmp:
+            spread = run_aimc(args.aimc, cfg, tmp, preset=spread_preset(tmp))
+            free = run_aimc(args.aimc, cfg, tmp, preset=router_free_preset(tmp))
+        per_layer = sim["ns_per_token"] / cfg["layers"]
+        rows.append(dict(config=cfg, threedsim_ns_per_token=sim["ns_per_token"],
+                         aimc_spread_ns_per_token=spread["ns_per_token"],
+                         aimc_router_off_path_ns_per_token=free["ns_per_token"],
+                         threedsim_one_decode_layer=one_layer(events, per_layer)))
+    with open(os.path.join(args.out, "timeline.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("| configuration | 3D-SiM ns/token | aimc, blocks spread | Δ | aimc, router off the path | Δ |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        a, b, c = (r["threedsim_ns_per_token"], r["aimc_spread_ns_per_token"],
+                   r["aimc_router_off_path_ns_per_token"])
+        print(f"| {r['config']['name']} | {a:.0f} | {b:.0f} | {b / a - 1:+.1%} | {c:.0f} | {c / a - 1:+.1%} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sim", required=True, help="src/ folder of a 3D-SiM checkout")
     ap.add_argument("--aimc", default="target/release/aimc")
     ap.add_argument("--out", default="reports/bench/3dsim")
     ap.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run")
+    ap.add_argument("--timeline", action="store_true", help="record 3D-SiM's op timeline of the MoE configurations")
     args = ap.parse_args()
     sys.path.insert(0, args.sim)
     os.makedirs(args.out, exist_ok=True)
+    if args.timeline:
+        timeline(args)
+        return
     rows = []
     for i, cfg in enumerate(CONFIGS):
         if args.only and i not in args.only:

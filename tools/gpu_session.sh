@@ -162,7 +162,7 @@ grep -E "^  [a-z_0-9]+.*\(|Duration|Tensor|hmma|SM Frequency|Compute \(SM\) Thro
 fi
 if step 11; then
 # 11. Instruction counts and issue rate of the analog grouped GEMMs (default mma.sync kernel,
-#     split fp16, Lightning feature set) on the OLMoE shape: gate/up then down.
+#     fp16, Lightning feature set) on the OLMoE shape: gate/up then down.
 M="gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.per_cycle_active,sm__cycles_elapsed.avg.per_second,launch__registers_per_thread,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,regex:smsp__inst_executed_pipe_.*\.sum$,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
 timeout 250 ncu --clock-control none --metrics "$M" -k regex:'^moe_gemm$' -c 2 \
   $B/aimc bench --suite gpu --cases analog --shapes olmoe --repeats 1 --gpu-preset $BASIC > "$OUT/ncu-analog.txt" 2> "$OUT/ncu-analog.err"

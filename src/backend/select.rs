@@ -34,7 +34,7 @@ pub enum GpuMemory {
     /// The fastest that fits in device memory.
     #[default]
     Auto,
-    /// Programmed state, digital weights and operands all stay (20 B per weight).
+    /// Programmed state, digital weights and operands all stay (18 B per weight).
     Resident,
     /// Programming again at each drift point (8 B per weight stay).
     Transient,

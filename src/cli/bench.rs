@@ -36,7 +36,7 @@ pub enum Suite {
 pub enum GpuCase {
     /// The digital grouped kernels (mma.sync, and wgmma on sm_90).
     Digital,
-    /// The analog grouped kernels (split and single fp16 weights).
+    /// The analog grouped kernels (fp16 weights).
     Analog,
 }
 
@@ -593,9 +593,8 @@ mod gpu {
         say!(out, "measured copy bandwidth: {:.2} TB/s", bandwidth / 1e12);
         say!(
             out,
-            "analog preset `{}`; operands: analog {}; analog-fast {}; digital {}",
+            "analog preset `{}`; operands: analog {}; digital {}",
             preset.name,
-            Precision::AnalogSplitF16.describe(),
             Precision::AnalogF16.describe(),
             Precision::DigitalBf16.describe()
         );
@@ -717,22 +716,12 @@ mod gpu {
                 true,
             ),
             (
-                "(c) analog grouped, mma.sync (split fp16, exact parity)",
-                Precision::AnalogSplitF16,
-                false,
-            ),
-            (
-                "(c) analog grouped, wgmma (split fp16, exact parity, sm_90a)",
-                Precision::AnalogSplitF16,
-                true,
-            ),
-            (
-                "(c') analog grouped, mma.sync (fp16, fast)",
+                "(c) analog grouped, mma.sync (fp16)",
                 Precision::AnalogF16,
                 false,
             ),
             (
-                "(c') analog grouped, wgmma (fp16, fast, sm_90a)",
+                "(c) analog grouped, wgmma (fp16, sm_90a)",
                 Precision::AnalogF16,
                 true,
             ),
@@ -750,7 +739,7 @@ mod gpu {
                 Ok(match (wgmma, analog) {
                     (false, _) => None,
                     (true, false) => WgmmaTile::choose(n_cols, k)?,
-                    (true, true) => analog_wgmma_tile(k_block, precision.weight_operands()),
+                    (true, true) => analog_wgmma_tile(k_block),
                 })
             };
             let (tile_gu, tile_down) = (tile(2 * n, d, kb1)?, tile(d, n, kb2)?);
@@ -796,7 +785,7 @@ mod gpu {
                 let r = route(dev, &experts, &weights, t, k, e)?;
                 layer.forward(dev, &x, &r, mvm).map(drop)
             })?;
-            let w_bytes = 2.0 * precision.weight_operands() as f64;
+            let w_bytes = 2.0;
             say!(
                 out,
                 "{}",

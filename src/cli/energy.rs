@@ -7,10 +7,12 @@ use clap::{Args, ValueEnum};
 
 use super::common::{load_model, load_tokens, write_json};
 use super::map::MappingFlags;
+use crate::energy::gpu::{ExpertReads, ExpertWeightsRead};
 use crate::energy::scaling::{self, ScalingConfig, ScalingPoint};
 use crate::energy::{
     cost_of, estimate, joules_si, map_shape, paper_mapping, plots, seconds_si, Component,
-    EnergyOptions, EnergyReport, GpuPreset, ModelShape, Projections,
+    EnergyOptions, EnergyReport, GpuPreset, KvCacheLevel, KvCachePlacement, ModelShape,
+    Projections,
 };
 use crate::mapping::{DigitalSelection, RoutingTrace};
 use crate::model::{Model, RouterKind};
@@ -57,6 +59,15 @@ pub struct EnergyArgs {
     /// system, every linear layer on analog tiers).
     #[arg(long)]
     pub digital_projections: bool,
+    /// Where the KV cache lives, overriding the preset's `cost.memory.kv_cache`: `by-capacity` (on-chip SRAM while
+    /// it fits) or `off-chip` (always in off-chip memory; with `buchel2025`, 3D-SiM's 5.332 GB/s DRAM, as its own
+    /// `kv_cache_latency` loads it).
+    #[arg(long, value_enum)]
+    pub kv_cache: Option<KvCacheFlag>,
+    /// Which expert weights a GPU step reads, overriding the GPU preset: `used` (the experts the batch chose) or
+    /// `all` (every expert each step, the whole model fetched per step).
+    #[arg(long, value_enum)]
+    pub gpu_expert_reads: Option<GpuReadsFlag>,
     /// Decode steps replayed per batch size (≥ 1).
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
@@ -78,6 +89,37 @@ pub struct EnergyArgs {
     /// Output folder.
     #[arg(long, default_value = "aimc-out/energy")]
     pub out: PathBuf,
+}
+
+/// `--kv-cache`: where the KV cache lives.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheFlag {
+    /// On-chip SRAM while it fits, the rest off chip.
+    ByCapacity,
+    /// Always off-chip memory.
+    OffChip,
+}
+
+impl KvCacheFlag {
+    fn placement(self) -> KvCachePlacement {
+        let (level, flag) = match self {
+            KvCacheFlag::ByCapacity => (KvCacheLevel::ByCapacity, "by-capacity"),
+            KvCacheFlag::OffChip => (KvCacheLevel::OffChip, "off-chip"),
+        };
+        KvCachePlacement {
+            level,
+            source: format!("command line: --kv-cache {flag}"),
+        }
+    }
+}
+
+/// `--gpu-expert-reads`: which expert weights a GPU step reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuReadsFlag {
+    /// The experts the step's tokens chose.
+    Used,
+    /// Every expert, each step.
+    All,
 }
 
 /// Checks the numeric flags before any work; the error names the flag and the bad value.
@@ -114,9 +156,22 @@ fn check_flags(args: &EnergyArgs) -> Result<()> {
 
 pub fn run(args: EnergyArgs) -> Result<()> {
     check_flags(&args)?;
-    let preset = TilePreset::resolve(&args.preset)?;
+    let mut preset = TilePreset::resolve(&args.preset)?;
     cost_of(&preset)?;
-    let gpu = GpuPreset::resolve(&args.gpu)?;
+    if let (Some(flag), Some(cost)) = (args.kv_cache, preset.cost.as_mut()) {
+        cost.memory.kv_cache = Some(flag.placement());
+    }
+    let mut gpu = GpuPreset::resolve(&args.gpu)?;
+    if let Some(flag) = args.gpu_expert_reads {
+        let (value, name) = match flag {
+            GpuReadsFlag::Used => (ExpertReads::Used, "used"),
+            GpuReadsFlag::All => (ExpertReads::All, "all"),
+        };
+        gpu.expert_weights_read = Some(ExpertWeightsRead {
+            value,
+            source: format!("command line: --gpu-expert-reads {name}"),
+        });
+    }
     let opts = EnergyOptions {
         batches: args.batch.clone(),
         context: args.context,
@@ -185,7 +240,7 @@ pub fn run(args: EnergyArgs) -> Result<()> {
     write_json(&args.out.join("energy.json"), &report)?;
     plots::write_all(&report, &args.out)?;
     println!(
-        "wrote {}/{{energy.json, breakdown, throughput_vs_batch, energy_vs_batch}}.{{png,svg}}",
+        "wrote {}/{{energy.json, breakdown, throughput_vs_batch, energy_vs_batch, busy_vs_batch}}.{{png,svg}}",
         args.out.display()
     );
     Ok(())
@@ -198,23 +253,25 @@ pub fn report_text(r: &EnergyReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "model {}  ({:.2}B params, {:.2}B active)  preset {}  costed system: {}",
+        "model {}  ({:.2}B params, {:.2}B active)  preset {}  costed system: {}; {}",
         r.model.name,
         r.model.total_params() as f64 / 1e9,
         r.model.active_params() as f64 / 1e9,
         r.preset,
-        r.system
+        r.system,
+        r.kv_cache
     );
     let _ = writeln!(
         s,
-        "mapping {}: {} stacks for experts/MLPs + {} for projections and LM head ({} chip(s)); GPU {}",
+        "mapping {}: {} stacks for experts/MLPs + {} for projections and LM head ({} chip(s)); GPU {} ({})",
         r.mapping_strategy
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_string()),
         r.stacks_used,
         r.projection_stacks,
         r.chips,
-        r.gpu
+        r.gpu,
+        r.gpu_expert_reads
     );
     let _ = writeln!(
         s,
@@ -347,15 +404,22 @@ pub fn scaling_text(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "scaling study on {} ({} stacks fixed; {}), GPU {}; synthetic d={} L={} expert width {} top-{}",
+        "scaling study on {} ({} stacks fixed; {}; {}), GPU {} ({}); synthetic d={} L={} expert width {} top-{}; \
+         context {}",
         preset.name,
         config.stacks,
         opts.projections.label(),
+        preset
+            .cost
+            .as_ref()
+            .map_or("", |c| c.memory.kv_cache_level().label()),
         gpu.name,
+        gpu.expert_reads().label(),
         config.hidden,
         config.layers,
         config.intermediate,
-        config.top_k
+        config.top_k,
+        opts.context
     );
     let _ = writeln!(
         s,

@@ -62,6 +62,11 @@ pub struct EvalArgs {
     /// Print the report as JSON on stdout (with --digital).
     #[arg(long)]
     pub json: bool,
+    /// With --digital: also write the digital logits of the first window (at most --seq-len tokens of the text) to
+    /// this safetensors file, `input_ids` (int64 [1, S]) and `logits` (f32 [1, S, V]) as in tests/fixtures/parity,
+    /// to compare with another implementation (tools/check_finetuned_transformers.py).
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
     /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
     #[arg(long, default_value = DEFAULT_PRESET)]
     pub preset: String,
@@ -113,6 +118,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None if args.task_items.is_some() => bail!("--task-items needs --task FILE"),
         None => None,
     };
+    if args.logits_out.is_some() && !args.digital {
+        bail!("--logits-out writes the digital logits: it needs --digital");
+    }
     if args.reference.is_some() && !args.sweep_digital.is_empty() {
         bail!(
             "--sweep-digital is measured against the model's own digital outputs: run it without \
@@ -153,6 +161,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         };
         let report = perplexity(&model, &ids, args.seq_len, &opts, !args.json)?;
         super::results::check_perplexity(&report)?;
+        if let Some(path) = &args.logits_out {
+            write_logits(&model, &ids[..ids.len().min(args.seq_len)], &opts, path)?;
+        }
         let task_acc = task
             .as_ref()
             .map(|t| digital_task_accuracy(&model, t, args.router))
@@ -317,7 +328,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 /// `--reference DIR`: the model in `DIR` (or the embedded one for `embedded`, when no such
 /// directory exists) and its name.
-fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)> {
+pub(super) fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)> {
     if dir.as_os_str() == "embedded" && !dir.exists() {
         return Ok((
             crate::model::embedded::load()?,
@@ -330,7 +341,7 @@ fn load_reference(dir: &std::path::Path) -> Result<(crate::model::Model, String)
 }
 
 /// The evaluation text (`--text`, else the embedded held-out excerpt).
-fn eval_text(path: Option<&std::path::Path>) -> Result<String> {
+pub(super) fn eval_text(path: Option<&std::path::Path>) -> Result<String> {
     match path {
         Some(p) => super::args::read_text_file("text file", p),
         None => Ok(crate::model::embedded::default_text()?.to_string()),
@@ -393,6 +404,42 @@ fn digital_against(
             );
         }
     }
+    Ok(())
+}
+
+/// `--logits-out`: the digital logits of `ids` as a safetensors file (`input_ids` int64 [1, S], `logits` f32
+/// [1, S, V]).
+fn write_logits(
+    model: &crate::model::Model,
+    ids: &[u32],
+    opts: &ForwardOptions<'_>,
+    path: &std::path::Path,
+) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let logits = model.forward(ids, opts)?.logits;
+    let id_bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| i64::from(t).to_le_bytes())
+        .collect();
+    let logit_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (s, v) = logits.dim();
+    let tensors = [
+        (
+            "input_ids",
+            TensorView::new(Dtype::I64, vec![1, s], &id_bytes)?,
+        ),
+        (
+            "logits",
+            TensorView::new(Dtype::F32, vec![1, s, v], &logit_bytes)?,
+        ),
+    ];
+    safetensors::tensor::serialize_to_file(tensors, None, path)
+        .map_err(|e| anyhow::anyhow!("--logits-out {}: {e}", path.display()))?;
+    eprintln!(
+        "wrote the digital logits of {s} tokens to {}",
+        path.display()
+    );
     Ok(())
 }
 

@@ -1,5 +1,9 @@
 //! `aimc report`: the whole study in one command — drift of the preset's device, mapping, accuracy over drift time,
 //! the heterogeneous digital-fraction sweep — written as `index.md`, `report.json` and PNG/SVG plots.
+//!
+//! With `--reference DIR` (a fine-tuned `--model` and the original it was made from) the accuracy section is a
+//! before/after comparison: the original's analog sweep and the fine-tuned model's, both against the original's
+//! digital outputs, on one plot per metric (`report::before_after`); the heterogeneous sweep is not run.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,10 +24,12 @@ use crate::energy::{
     cost_of, estimate, EnergyOptions, EnergyReport, GpuEstimate, GpuPreset, ModelShape, PhaseCost,
 };
 use crate::eval::analog::{AnalogEvalConfig, AnalogEvalReport};
+use crate::eval::reference::{check_compatible, ReferenceModel};
 use crate::eval::task::{Task, TaskSequences};
 use crate::eval::time::{format_duration, parse_duration, parse_durations};
 use crate::mapping::MappingSummary;
 use crate::model::{ParamCounts, RouterKind};
+use crate::report::before_after::{write_before_after, FINE_TUNED, ORIGINAL};
 use crate::tile::{drift_study, DriftStudy, DriftStudyConfig, TilePreset};
 
 /// Task items a report scores by default (of the shipped task's 554): an analog point costs
@@ -40,6 +46,11 @@ pub struct ReportArgs {
     /// HuggingFace checkpoint directory (default: the embedded model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The original model --model was fine-tuned from (a checkpoint directory; `embedded` for the embedded
+    /// model): the accuracy section compares both on the analog tiles (before/after), each measured against this
+    /// model's digital outputs. The heterogeneous sweep is not run then.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// Tile preset: a built-in name (`aimc presets`) or a JSON file.
     #[arg(long, default_value = DEFAULT_PRESET)]
     pub preset: String,
@@ -114,6 +125,12 @@ struct Report<'a> {
     drift: &'a DriftStudy,
     mapping: &'a MappingSummary,
     accuracy: &'a AnalogEvalReport,
+    /// With `--reference`: the original model's name and its own analog sweep (the "before" of `accuracy`, which
+    /// is then measured against the original's digital outputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accuracy_original: Option<&'a AnalogEvalReport>,
     digital_sweep: Option<&'a [SweepPoint]>,
     /// Energy, latency and throughput per token (absent when the preset has no `cost` section).
     energy: Option<&'a EnergyReport>,
@@ -150,7 +167,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         start: Instant::now(),
         current: None,
         done: Vec::new(),
-        total: 6,
+        total: if args.reference.is_some() { 7 } else { 6 },
     };
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -164,6 +181,19 @@ pub fn run(args: ReportArgs) -> Result<()> {
     };
     let model = load_model(args.model.as_deref())?;
     let model_name = model_name(args.model.as_deref());
+    let reference = match &args.reference {
+        None => None,
+        Some(dir) => {
+            let (reference, name) = super::eval::load_reference(dir)?;
+            let text = super::eval::eval_text(args.text.as_deref())?;
+            check_compatible(&model, &model_name, &reference, &name, &text)?;
+            Some((reference, name))
+        }
+    };
+    let reference_model = reference.as_ref().map(|(m, n)| ReferenceModel {
+        model: m,
+        name: n.as_str(),
+    });
     let preset = TilePreset::resolve(&args.preset)?;
     let tokens = load_tokens(&model, args.text.as_deref(), args.tokens)?;
     let times = parse_durations(&args.times).context("--times")?;
@@ -200,7 +230,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         &tokens,
         &cfg,
         task.as_ref(),
-        None,
+        reference_model,
     )?;
     super::results::check_analog(&accuracy, &preset.name)?;
     let run = RunResult {
@@ -212,18 +242,38 @@ pub fn run(args: ReportArgs) -> Result<()> {
         },
         report: accuracy,
     };
-    plot_runs(std::slice::from_ref(&run), out)?;
-    if let Some(t) = &run.report.task {
-        crate::report::task_plot::write_task_plot(
-            &run.model,
-            &[(run.spec.label.as_str(), t)],
-            &out.join("task_vs_time"),
-        )?;
-    }
+    let original = match reference_model {
+        None => {
+            plot_runs(std::slice::from_ref(&run), out)?;
+            if let Some(t) = &run.report.task {
+                crate::report::task_plot::write_task_plot(
+                    &run.model,
+                    &[(run.spec.label.as_str(), t)],
+                    &out.join("task_vs_time"),
+                )?;
+            }
+            None
+        }
+        Some(r) => {
+            stages.begin("accuracy of the original model over drift time (before)");
+            let (_, before) = run_one(
+                r.model,
+                &preset,
+                &args.mapping.options(),
+                &tokens,
+                &cfg,
+                task.as_ref(),
+                None,
+            )?;
+            super::results::check_analog(&before, r.name)?;
+            write_before_after(&model_name, &before, &run.report, out)?;
+            Some(before)
+        }
+    };
 
     stages.begin("heterogeneous digital-fraction sweep");
     let sweep_t = parse_duration(&args.sweep_time).context("--sweep-time")?;
-    let sweep = if args.sweep_digital.is_empty() {
+    let sweep = if args.sweep_digital.is_empty() || reference.is_some() {
         None
     } else {
         let sweep_tokens = &tokens[..args.sweep_tokens.min(tokens.len())];
@@ -296,6 +346,8 @@ pub fn run(args: ReportArgs) -> Result<()> {
         drift: &drift,
         mapping: &map.summary,
         accuracy: &run.report,
+        reference: reference.as_ref().map(|(_, n)| n.clone()),
+        accuracy_original: original.as_ref(),
         digital_sweep: sweep.as_ref().map(|s| s.0.as_slice()),
         energy: energy.as_ref(),
         stage_seconds: &stages.done,
@@ -340,6 +392,14 @@ fn index_md(
         thousands(r.parameters.experts),
         thousands(r.parameters.active_per_token)
     );
+    if let Some(name) = &r.reference {
+        let _ = writeln!(
+            s,
+            "| reference | {name}, the {ORIGINAL} model {} was fine-tuned from (the accuracy section compares \
+             both) |",
+            r.model
+        );
+    }
     let _ = writeln!(s, "| preset | `{}`: {} |", p.name, p.description);
     let _ = writeln!(
         s,
@@ -393,6 +453,10 @@ fn index_md(
     let _ = writeln!(s, "## Mapping\n\n```\n{}```\n", r.mapping);
     let _ = writeln!(s, "![occupancy](occupancy.png)\n");
 
+    if let (Some(name), Some(before)) = (&r.reference, r.accuracy_original) {
+        before_after_md(&mut s, name, before, r.accuracy);
+        return finish_md(s, args, r, sweep, sweep_t);
+    }
     let _ = writeln!(s, "## Accuracy over drift time\n");
     let _ = writeln!(
         s,
@@ -419,7 +483,108 @@ fn index_md(
             t.markdown_table()
         );
     }
+    finish_md(s, args, r, sweep, sweep_t)
+}
 
+/// The before/after accuracy section of a report with `--reference`: the original's sweep and the fine-tuned
+/// model's, both against the original's digital outputs, and the plots of `report::before_after`.
+fn before_after_md(
+    s: &mut String,
+    name: &str,
+    before: &AnalogEvalReport,
+    after: &AnalogEvalReport,
+) {
+    let _ = writeln!(
+        s,
+        "## Before and after: {ORIGINAL} vs {FINE_TUNED} on the analog tiles\n\n\
+         Both models are measured against the {ORIGINAL} model's digital outputs ({name}): \
+         the {ORIGINAL} model's own analog sweep (before) and the {FINE_TUNED} model's (after), on the same \
+         tokens, seeds and drift times. Analog forwards: {:.1} s and {:.1} s on {}.\n",
+        before.analog_seconds, after.analog_seconds, after.backend
+    );
+    if let Some(r) = &after.reference {
+        let _ = writeln!(
+            s,
+            "Digital perplexity: {:.3} {ORIGINAL}, {:.3} {FINE_TUNED} ({:+.2}%).\n",
+            r.reference_digital_perplexity,
+            r.model_digital_perplexity,
+            r.digital_perplexity_change_percent
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| drift time | KL, {ORIGINAL} | KL, {FINE_TUNED} | agreement, {ORIGINAL} | agreement, {FINE_TUNED} | \
+         perplexity, {ORIGINAL} | perplexity, {FINE_TUNED} |\n|---|---|---|---|---|---|---|"
+    );
+    for (b, a) in before.summary.iter().zip(&after.summary) {
+        let _ = writeln!(
+            s,
+            "| {} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.3} ± {:.3} | {:.3} ± {:.3} |",
+            format_duration(a.t_seconds),
+            b.kl_mean,
+            b.kl_std,
+            a.kl_mean,
+            a.kl_std,
+            b.agreement_mean,
+            b.agreement_std,
+            a.agreement_mean,
+            a.agreement_std,
+            b.perplexity_mean,
+            b.perplexity_std,
+            a.perplexity_mean,
+            a.perplexity_std
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nKL is KL(original digital ‖ analog) in nats; agreement is the top-1 agreement with the original's digital \
+         outputs.\n\n![KL](kl_vs_time.png)\n\n![agreement](agreement_vs_time.png)\n\n\
+         ![perplexity](perplexity_vs_time.png)\n"
+    );
+    if let (Some(tb), Some(ta)) = (&before.task, &after.task) {
+        let _ = writeln!(
+            s,
+            "### Multiple-choice task `{}` ({} items)\n\n| drift time | acc, {ORIGINAL} | acc, {FINE_TUNED} | \
+             acc_norm, {ORIGINAL} | acc_norm, {FINE_TUNED} |\n|---|---|---|---|---|",
+            ta.task, ta.items
+        );
+        let _ = writeln!(
+            s,
+            "| digital | {:.4} | {:.4} | {:.4} | {:.4} |",
+            tb.digital.acc, ta.digital.acc, tb.digital.acc_norm, ta.digital.acc_norm
+        );
+        for (b, a) in tb.summary.iter().zip(&ta.summary) {
+            let _ = writeln!(
+                s,
+                "| {} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.4} ± {:.4} |",
+                format_duration(a.t_seconds),
+                b.acc_mean,
+                b.acc_std,
+                a.acc_mean,
+                a.acc_std,
+                b.acc_norm_mean,
+                b.acc_norm_std,
+                a.acc_norm_mean,
+                a.acc_norm_std
+            );
+        }
+        let _ = writeln!(s, "\n![task accuracy](task_vs_time.png)\n");
+    }
+    let _ = writeln!(
+        s,
+        "The heterogeneous analog–digital sweep is not run with `--reference` (it measures a model against its own \
+         digital outputs); run `aimc report` on either model alone for it.\n"
+    );
+}
+
+/// The sections after the accuracy one: the sweep, energy, files.
+fn finish_md(
+    mut s: String,
+    args: &ReportArgs,
+    r: &Report<'_>,
+    sweep: Option<(&str, f64, usize)>,
+    sweep_t: f64,
+) -> String {
     if let Some((table, digital, n)) = sweep {
         let _ = writeln!(
             s,
@@ -487,7 +652,7 @@ fn energy_md(e: &EnergyReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![throughput vs batch](throughput_vs_batch.png)\n"
+        "\n![energy breakdown](breakdown.png)\n\n![energy vs batch](energy_vs_batch.png)\n\n![throughput vs batch](throughput_vs_batch.png)\n\n![busy time per step vs batch](busy_vs_batch.png)\n"
     );
     s
 }

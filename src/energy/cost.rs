@@ -123,12 +123,53 @@ pub struct MemoryLevel {
 }
 
 /// Where digital weights, the KV cache and activations live. Placement is by capacity: digital weights first
-/// (they are read every step), then the KV cache, on chip while it fits; the rest goes off chip.
+/// (they are read every step), then the KV cache, on chip while it fits; the rest goes off chip. `kv_cache` can
+/// instead pin the KV cache off chip.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryCost {
     pub on_chip: MemoryLevel,
     pub off_chip: MemoryLevel,
+    /// Where the KV cache goes; absent = by capacity, like everything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvCachePlacement>,
+}
+
+/// Which memory level holds the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheLevel {
+    /// On-chip SRAM while it fits (after the digital weights), the rest off chip.
+    #[default]
+    ByCapacity,
+    /// Always off-chip memory, whatever the SRAM could hold.
+    OffChip,
+}
+
+impl KvCacheLevel {
+    /// In words, for tables and titles.
+    pub fn label(self) -> &'static str {
+        match self {
+            KvCacheLevel::ByCapacity => "KV cache on chip while it fits",
+            KvCacheLevel::OffChip => "KV cache in off-chip memory",
+        }
+    }
+}
+
+/// A KV-cache placement with where it comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCachePlacement {
+    pub level: KvCacheLevel,
+    /// The part, paper or simulator that places the cache there.
+    pub source: String,
+}
+
+impl MemoryCost {
+    /// The KV cache's level (by capacity unless the preset pins it).
+    pub fn kv_cache_level(&self) -> KvCacheLevel {
+        self.kv_cache.as_ref().map(|k| k.level).unwrap_or_default()
+    }
 }
 
 /// Static (leakage, clock, refresh) power, itemised per block; charged over the time a step occupies the chip.
@@ -324,6 +365,14 @@ impl CostModel {
                 return Err(FieldError::new(
                     format!("cost.memory.{name}.kind"),
                     "must say what the memory is (e.g. \"SRAM\", \"HBM2E, one stack\")",
+                ));
+            }
+        }
+        if let Some(k) = &self.memory.kv_cache {
+            if k.source.trim().is_empty() {
+                return Err(FieldError::new(
+                    "cost.memory.kv_cache.source",
+                    "must name the part, paper or simulator that places the KV cache there",
                 ));
             }
         }

@@ -6,7 +6,8 @@
 //!
 //! Decode is memory-bound: one step of batch B reads the weights its tokens activate (attention, routers, LM head,
 //! the union of the experts the B tokens chose) plus each sequence's KV cache, so the step takes
-//! `max(bytes / HBM bandwidth, FLOPs / peak)`. Prefill of P tokens is compute-bound with the same formula.
+//! `max(bytes / HBM bandwidth, FLOPs / peak)`. A preset may say instead that a step reads every expert
+//! (`expert_weights_read`), the whole model fetched per step. Prefill of P tokens is compute-bound with the same formula.
 //! Energy = board power × time (an upper bound when the GPU is not fully loaded).
 use std::path::Path;
 
@@ -35,6 +36,38 @@ pub struct GpuPreset {
     pub bytes_per_weight: Constant,
     /// Bytes per KV-cache value.
     pub bytes_per_kv_value: Constant,
+    /// Which expert weights a decode step reads; absent = those the batch's tokens chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_weights_read: Option<ExpertWeightsRead>,
+}
+
+/// Which expert weights one GPU step reads from HBM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertReads {
+    /// The union of the experts the step's tokens chose (what a grouped-GEMM kernel reads).
+    #[default]
+    Used,
+    /// Every expert of every MoE layer, each step (the whole model fetched per step).
+    All,
+}
+
+impl ExpertReads {
+    /// In words, for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            ExpertReads::Used => "reads the experts the batch chose",
+            ExpertReads::All => "reads every expert each step",
+        }
+    }
+}
+
+/// An [`ExpertReads`] with where it comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertWeightsRead {
+    pub value: ExpertReads,
+    pub source: String,
 }
 
 const BUILTIN: &[(&str, &str)] = &[
@@ -68,6 +101,11 @@ impl GpuPreset {
                 bail!("{origin}: field `{field}.source`: must name where the value comes from");
             }
         }
+        if let Some(r) = &p.expert_weights_read {
+            if r.source.trim().is_empty() {
+                bail!("{origin}: field `expert_weights_read.source`: must name where the value comes from");
+            }
+        }
         Ok(p)
     }
 
@@ -86,6 +124,14 @@ impl GpuPreset {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// Which expert weights a step reads (the experts chosen unless the preset says otherwise).
+    pub fn expert_reads(&self) -> ExpertReads {
+        self.expert_weights_read
+            .as_ref()
+            .map(|r| r.value)
+            .unwrap_or_default()
     }
 
     /// Every constant as `(field, value, source)`.
@@ -173,7 +219,10 @@ pub fn estimate(
     let mut traced = 0usize;
     for &moe in &shape.moe_layers {
         if moe {
-            let union = mean_union(trace, traced, batch);
+            let union = match gpu.expert_reads() {
+                ExpertReads::Used => mean_union(trace, traced, batch),
+                ExpertReads::All => shape.num_experts as f64,
+            };
             let per_token = trace.mean_active(trace.layers[traced]);
             traced += 1;
             weight_params += union * expert_params

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub use breakdown::{Breakdown, Component, N_COMPONENTS};
-pub use cost::{Constant, CostModel};
+pub use cost::{Constant, CostModel, KvCacheLevel, KvCachePlacement};
 pub use gpu::{GpuEstimate, GpuPreset};
 pub use phase::{
     bytes_si, joules_si, seconds_si, Bottleneck, PhaseCost, Placement, ResourceBusy, Scenario,
@@ -66,10 +66,14 @@ pub struct EnergyReport {
     pub model: ModelShape,
     pub preset: String,
     pub gpu: String,
+    /// Which expert weights the GPU roofline reads per step, in words.
+    pub gpu_expert_reads: String,
     pub options: EnergyOptions,
     pub mapping_strategy: crate::mapping::Strategy,
     /// The costed system in words (which of [`Projections`]).
     pub system: String,
+    /// Where the KV cache lives, in words (by capacity, or pinned off chip by the preset).
+    pub kv_cache: String,
     /// Stacks the mapping uses (experts, dense MLPs).
     pub stacks_used: usize,
     /// Stacks dedicated to the analog attention projections and LM head (0 in the digital variant).
@@ -205,9 +209,11 @@ pub fn estimate(
         model: shape.clone(),
         preset: preset.name.clone(),
         gpu: gpu.name.clone(),
+        gpu_expert_reads: gpu.expert_reads().label().to_string(),
         options: opts.clone(),
         mapping_strategy: mapping.options.strategy,
         system: opts.projections.label().to_string(),
+        kv_cache: cost.memory.kv_cache_level().label().to_string(),
         stacks_used: mapping.stacks_used,
         projection_stacks,
         chips: (mapping.stacks_used + projection_stacks).div_ceil(preset.stack.stacks),

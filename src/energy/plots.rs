@@ -97,8 +97,10 @@ struct Lines {
     y_unit: String,
     /// (legend label, y per x position; None = no point).
     series: Vec<(String, Vec<Option<f64>>)>,
-    /// Markers with text: (series index, x position, text).
+    /// Markers with text: (series index, x position, text; empty = marker only).
     notes: Vec<(usize, usize, String)>,
+    /// Legend entry of the markers.
+    note_label: String,
 }
 
 fn draw_lines<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &Lines) -> Result<()>
@@ -159,12 +161,14 @@ where
                 BLACK.filled(),
             )))
             .map_err(err)?;
-            ctx.draw_series(std::iter::once(Text::new(
-                text.clone(),
-                (*i as f64 + 0.04, y * 1.25),
-                (FAMILY, 14),
-            )))
-            .map_err(err)?;
+            if !text.is_empty() {
+                ctx.draw_series(std::iter::once(Text::new(
+                    text.clone(),
+                    (*i as f64 + 0.04, y * 1.25),
+                    (FAMILY, 14),
+                )))
+                .map_err(err)?;
+            }
         }
     }
     let mut y = 40;
@@ -184,13 +188,12 @@ where
         legend
             .draw(&TriangleMarker::new((20, y + 8), 7, BLACK.filled()))
             .map_err(err)?;
-        legend
-            .draw(&Text::new(
-                "bottleneck (where it changes)",
-                (38, y),
-                (FAMILY, 15),
-            ))
-            .map_err(err)?;
+        for line in wrap(&c.note_label, 34) {
+            legend
+                .draw(&Text::new(line, (38, y), (FAMILY, 15)))
+                .map_err(err)?;
+            y += 20;
+        }
     }
     Ok(())
 }
@@ -301,7 +304,68 @@ fn short(p: &PhaseCost) -> String {
     .to_string()
 }
 
-/// Writes `breakdown`, `throughput_vs_batch` and `energy_vs_batch` (PNG and SVG) into `out`.
+/// Series index of each resource in the busy-time figure: the resources of [`super::ResourceBusy::entries`]
+/// busy at some batch (a resource idle at every batch cannot bind and has no point on a log axis).
+fn busy_series(r: &EnergyReport) -> Vec<(&'static str, String, Vec<Option<f64>>)> {
+    let Some(first) = r.decode.first() else {
+        return Vec::new();
+    };
+    first
+        .busy_per_step
+        .entries()
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (key, name, _))| {
+            let ys: Vec<Option<f64>> = r
+                .decode
+                .iter()
+                .map(|p| Some(p.busy_per_step.entries()[k].2).filter(|v| *v > 0.0))
+                .collect();
+            ys.iter()
+                .any(Option::is_some)
+                .then(|| (*key, name.to_string(), ys))
+        })
+        .collect()
+}
+
+/// The busy-time figure: every resource's busy time per decode step against batch, the step time beside them,
+/// and a marker on the resource that binds at each batch (named where it changes).
+fn busy_lines(r: &EnergyReport) -> Lines {
+    let resources = busy_series(r);
+    let mut notes = Vec::new();
+    for (i, p) in r.decode.iter().enumerate() {
+        if let Some(k) = resources
+            .iter()
+            .position(|(key, _, _)| *key == p.bottleneck.resource)
+        {
+            let changed = i == 0 || r.decode[i - 1].bottleneck.resource != p.bottleneck.resource;
+            notes.push((k, i, if changed { short(p) } else { String::new() }));
+        }
+    }
+    let mut series: Vec<(String, Vec<Option<f64>>)> = resources
+        .into_iter()
+        .map(|(_, name, ys)| (name, ys))
+        .collect();
+    series.push((
+        "step time".into(),
+        r.decode.iter().map(|p| Some(p.step_time_s)).collect(),
+    ));
+    Lines {
+        title: format!(
+            "Busy time per decode step by resource: {} on {} ({})",
+            r.model.name, r.preset, r.system
+        ),
+        x_label: "decode batch size (sequences)".into(),
+        ticks: r.options.batches.iter().map(|b| b.to_string()).collect(),
+        y_label: "busy time per step (s)".into(),
+        y_unit: "s".into(),
+        series,
+        notes,
+        note_label: "binding resource (named where it changes)".into(),
+    }
+}
+
+/// Writes `breakdown`, `throughput_vs_batch`, `energy_vs_batch` and `busy_vs_batch` (PNG and SVG) into `out`.
 pub fn write_all(r: &EnergyReport, out: &Path) -> Result<()> {
     let system = &r.system;
     let phases: Vec<&PhaseCost> = r.decode.iter().chain(std::iter::once(&r.prefill)).collect();
@@ -369,6 +433,7 @@ pub fn write_all(r: &EnergyReport, out: &Path) -> Result<()> {
                 ),
             ],
             notes: notes.clone(),
+            note_label: "bottleneck (where it changes)".into(),
         },
         &out.join("throughput_vs_batch"),
     )?;
@@ -407,9 +472,11 @@ pub fn write_all(r: &EnergyReport, out: &Path) -> Result<()> {
                 ),
             ],
             notes,
+            note_label: "bottleneck (where it changes)".into(),
         },
         &out.join("energy_vs_batch"),
     )?;
+    write_lines(&busy_lines(r), &out.join("busy_vs_batch"))?;
     Ok(())
 }
 
@@ -475,6 +542,7 @@ pub fn write_scaling(
                 (format!("MoE on {gpu}"), col("moe", &|p| p.gpu_tokens_per_s)),
             ],
             notes: Vec::new(),
+            note_label: String::new(),
         },
         &out.join("scaling_throughput"),
     )?;
@@ -506,8 +574,55 @@ pub fn write_scaling(
                 ),
             ],
             notes: Vec::new(),
+            note_label: String::new(),
         },
         &out.join("scaling_energy"),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::energy::{estimate, map_shape, paper_mapping, EnergyOptions, GpuPreset, ModelShape};
+    use crate::mapping::MappingOptions;
+    use crate::tile::TilePreset;
+
+    #[test]
+    fn busy_figure_marks_the_binding_resource_of_every_batch_and_names_it_where_it_changes() {
+        let preset = TilePreset::builtin("aimc-3d").unwrap();
+        let gpu = GpuPreset::resolve("h100").unwrap();
+        let shape = ModelShape::synthetic("moe", 512, 2, 8, 2, 512);
+        let trace = shape.synthetic_trace(128, 3);
+        let opts = EnergyOptions {
+            batches: vec![1, 2, 64, 256],
+            context: 4096,
+            decode_steps: 2,
+            ..Default::default()
+        };
+        let m = paper_mapping(MappingOptions::default(), opts.projections);
+        let mapping = map_shape(&preset, &shape, &m, &|_| None, &trace).unwrap();
+        let r = estimate(&preset, &gpu, &shape, &mapping, &trace, &opts).unwrap();
+        let c = busy_lines(&r);
+        let resources = busy_series(&r);
+        // One series per resource busy at some batch, then the step time; every point of a series is positive.
+        assert_eq!(c.series.len(), resources.len() + 1);
+        assert_eq!(c.series.last().unwrap().0, "step time");
+        for (_, ys) in &c.series {
+            assert!(ys.iter().flatten().all(|v| *v > 0.0));
+            assert_eq!(ys.len(), opts.batches.len());
+        }
+        // One marker per batch, on the series of the phase's bottleneck; named at the first batch and where the
+        // bottleneck changes, blank elsewhere.
+        assert_eq!(c.notes.len(), r.decode.len());
+        for (k, i, text) in &c.notes {
+            assert_eq!(resources[*k].0, r.decode[*i].bottleneck.resource);
+            let changed =
+                *i == 0 || r.decode[*i - 1].bottleneck.resource != r.decode[*i].bottleneck.resource;
+            assert_eq!(!text.is_empty(), changed);
+        }
+        // At a long context the bottleneck moves from one token's chain to a shared resource as the batch grows.
+        assert_eq!(r.decode[0].bottleneck.resource, "dependency_chain");
+        assert_ne!(r.decode[3].bottleneck.resource, "dependency_chain");
+    }
 }

@@ -36,7 +36,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::breakdown::{Breakdown, Component};
-use super::cost::{CostModel, DigitalOp, Topology};
+use super::cost::{CostModel, DigitalOp, KvCacheLevel, Topology};
 use super::phase::{
     add_busy, add_traffic, bytes_si, rate_si, scale_busy, scale_traffic, seconds_si, Bottleneck,
     PhaseCost, Placement, ResourceBusy, Scenario, StaticEnergy, Traffic,
@@ -313,7 +313,10 @@ impl<'a> EnergyModel<'a> {
         let emb = (s.vocab_size * s.hidden_size) as f64 * bpw;
         let on_cap = c.memory.on_chip.capacity_bytes.value;
         let on_w = w.min(on_cap);
-        let on_kv = kv.min(on_cap - on_w);
+        let on_kv = match c.memory.kv_cache_level() {
+            KvCacheLevel::ByCapacity => kv.min(on_cap - on_w),
+            KvCacheLevel::OffChip => 0.0,
+        };
         let on_emb = emb.min(on_cap - on_w - on_kv);
         let p = Placement {
             digital_weight_bytes: w,

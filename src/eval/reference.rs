@@ -30,6 +30,9 @@ impl std::fmt::Debug for ReferenceModel<'_> {
 pub struct ReferenceSummary {
     /// The original model's name (`--reference`).
     pub model: String,
+    /// What the analog metrics are measured against, in words: "the original model's digital
+    /// outputs (NAME)".
+    pub measured_against: String,
     /// The original model's digital perplexity on the evaluation tokens.
     pub reference_digital_perplexity: f64,
     /// The evaluated model's own digital perplexity on the same tokens.
@@ -43,6 +46,7 @@ impl ReferenceSummary {
     pub fn new(name: &str, reference: f64, own: f64) -> Self {
         Self {
             model: name.to_string(),
+            measured_against: format!("the original model's digital outputs ({name})"),
             reference_digital_perplexity: reference,
             model_digital_perplexity: own,
             digital_perplexity_change_percent: 100.0 * (own / reference - 1.0),
@@ -52,9 +56,8 @@ impl ReferenceSummary {
     /// One line for tables: what the metrics are measured against and the digital cost.
     pub fn describe(&self) -> String {
         format!(
-            "Measured against the original model's digital outputs ({}). Digital perplexity: \
-             {:.3} original, {:.3} this model ({:+.2}%).",
-            self.model,
+            "Measured against {}. Digital perplexity: {:.3} original, {:.3} this model ({:+.2}%).",
+            self.measured_against,
             self.reference_digital_perplexity,
             self.model_digital_perplexity,
             self.digital_perplexity_change_percent

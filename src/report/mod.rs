@@ -2,6 +2,7 @@
 //! with an embedded font (no system fonts needed).
 
 pub mod bars;
+pub mod before_after;
 pub mod heatmap;
 mod plot;
 pub mod task_plot;

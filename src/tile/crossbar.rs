@@ -5,6 +5,7 @@ use anyhow::{bail, ensure, Result};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
 use rayon::prelude::*;
 
+use super::operand::{round_to_binary16, to_binary16};
 use super::preset::{
     DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset, WeightNoise,
 };
@@ -65,7 +66,8 @@ pub struct Crossbar {
     nu: Vec<Array2<f32>>,
     /// Conductance scale (µS per normalised unit) of the re-converted programmed weights.
     g_scale_us: f32,
-    /// Current weights W̃ (programmed or drifted), normalised units.
+    /// Current weights W̃ (programmed or drifted), normalised units, rounded to binary16
+    /// (docs/model.md §3, [`super::operand`]).
     w: Array2<f32>,
     /// |W̃|, kept when IR drop or PCM_READ noise need it.
     abs_w: Option<Array2<f32>>,
@@ -238,7 +240,11 @@ impl Crossbar {
             periphery: preset.periphery,
             drift_compensation: preset.drift_compensation,
             map_scale,
-            w: w_prog.clone(),
+            w: {
+                let mut w = w_prog.clone();
+                round_to_binary16(w.as_slice_mut().expect("standard layout"));
+                w
+            },
             g_scale_us: converter.scale(max_abs(&w_prog)),
             w_prog,
             nu,
@@ -253,7 +259,8 @@ impl Crossbar {
     }
 
     /// Drift every device to `t_seconds` after programming: re-convert the programmed net
-    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise, recompute α.
+    /// weights (AIHWKIT `apply_drift_noise`), apply drift and read noise, round W̃ to binary16,
+    /// recompute α.
     ///
     /// The read-noise normal of each device is keyed by the device alone, not by the time: the
     /// result does not depend on earlier calls, and one device's trajectory over time is smooth
@@ -292,7 +299,7 @@ impl Crossbar {
                     for d in 0..n_dev {
                         g[d] = dev.read(g_p[d], nu[d][[i, j]], t_seconds, xi[2 * j + d]);
                     }
-                    w_row[j] = conv.to_weight(g, s);
+                    w_row[j] = to_binary16(conv.to_weight(g, s));
                 }
             });
         self.t_seconds = Some(t_seconds);

@@ -9,6 +9,7 @@
 mod crossbar;
 mod drift_study;
 mod matrix;
+pub mod operand;
 mod preset;
 mod stack;
 

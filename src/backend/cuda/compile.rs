@@ -82,12 +82,15 @@ pub const MODEL_CU: KernelFile = KernelFile {
     exact_fp: false,
 };
 
-/// The full source NVRTC sees: configuration macros, `philox.cuh`, then the unit's files.
+/// The full source NVRTC sees: configuration macros, the normal transform's table
+/// ([`crate::rng::NormalTable::cuda_source`]), `philox.cuh`, then the unit's files.
 pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
     let mut src = String::new();
     for (name, value) in defines {
         src.push_str(&format!("#define {name} {value}\n"));
     }
+    src.push_str("#line 1 \"normal_table (generated)\"\n");
+    src.push_str(&crate::rng::NormalTable::get().cuda_source());
     src.push_str("#line 1 \"philox.cuh\"\n");
     src.push_str(PHILOX_CUH);
     for part in kernel.parts {
@@ -184,12 +187,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn full_source_orders_defines_philox_then_file() {
+    fn full_source_orders_defines_table_philox_then_file() {
         let s = full_source(&RNG_CU, &[("FOO", 3)]);
         let d = s.find("#define FOO 3").unwrap();
+        let t = s.find("NORMAL_TABLE[").unwrap();
         let p = s.find("philox4x32_10").unwrap();
         let f = s.find("fill_normal").unwrap();
-        assert!(d < p && p < f);
+        assert!(d < t && t < p && p < f);
         assert!(s.contains("#line 1 \"rng.cu\""));
     }
 

@@ -105,7 +105,7 @@ pub fn with_cuda<R>(
                 dev,
                 layout,
                 work.preset,
-                Precision::AnalogSplitF16,
+                Precision::AnalogF16,
                 memory.residency(),
             );
             *phases.upload_s.get_or_insert(0.0) += clock.elapsed().as_secs_f64();
@@ -232,7 +232,7 @@ impl Backend for CudaBackend<'_, '_, '_> {
                     self.dev,
                     cpu.experts()?,
                     &self.work.preset.periphery,
-                    Precision::AnalogSplitF16,
+                    Precision::AnalogF16,
                 )
                 .map_err(|e| anyhow!("uploading the experts to the GPU: {e}"))?;
                 *self.phases.upload_s.get_or_insert(0.0) += clock.elapsed().as_secs_f64();

@@ -272,8 +272,8 @@ pub struct GpuGroupedMatrix {
     pub(crate) k: usize,
     pub(crate) k_block: usize,
     pub(crate) precision: Precision,
-    pub(crate) w_hi: Arc<CudaSlice<u16>>,
-    pub(crate) w_lo: Option<Arc<CudaSlice<u16>>>,
+    /// `[E, N, K]` 16-bit operand words: W̃ in fp16 (analog) or W in bf16 (digital).
+    pub(crate) w: Arc<CudaSlice<u16>>,
     pub(crate) col_tensor_id: Arc<CudaSlice<u32>>,
     pub(crate) col_scale: Arc<CudaSlice<f32>>,
     pub(crate) col_local: Arc<CudaSlice<u32>>,
@@ -288,12 +288,12 @@ pub struct GpuGroupedMatrix {
 }
 
 impl GpuGroupedMatrix {
-    /// Device bytes of `m` uploaded in `precision`: (resident, transient). Resident are the
-    /// operand weights (fp16 hi + lo or one 16-bit array) and the column tables; transient is
-    /// the f32 copy of the weights that [`Self::upload`] converts from and then frees.
-    pub fn device_bytes(m: &GroupedMatrix, precision: Precision) -> (usize, usize) {
+    /// Device bytes of `m` uploaded: (resident, transient). Resident are the operand weights
+    /// (one 16-bit array, fp16 or bf16) and the column tables; transient is the f32 copy of
+    /// the weights that [`Self::upload`] converts from and then frees.
+    pub fn device_bytes(m: &GroupedMatrix) -> (usize, usize) {
         let elems = m.n_experts * m.n_cols * m.k;
-        let operand = 2 * precision.weight_operands();
+        let operand = 2;
         // [E, KB, N] tensor ids (u32) and scales (f32); [N] local column, crossbar width and
         // crossbar index (u32 each).
         let tables = 8 * m.n_experts * (m.k / m.k_block.max(1)) * m.n_cols + 12 * m.n_cols;
@@ -341,27 +341,24 @@ impl GpuGroupedMatrix {
                 m.n_experts, m.n_cols, m.k, m.k_block, w.len()
             )));
         }
-        let mut w_hi = dev.scratch::<u16>(len)?;
+        let mut words = dev.scratch::<u16>(len)?;
         let n = len as u64;
-        let w_lo = if precision == Precision::DigitalBf16 {
-            to_bf16_into(dev, w, &mut w_hi)?;
-            None
+        if precision == Precision::DigitalBf16 {
+            to_bf16_into(dev, w, &mut words)?;
         } else {
-            let mut lo = dev.scratch::<u16>(len)?;
-            let f = dev.function(&MOE_CU, &[], "split_f16")?;
-            dev.launch(&f, "split_f16", linear_launch(n), |b| {
-                b.arg(w).arg(&n).arg(&mut w_hi).arg(&mut lo);
+            // W̃ is binary16 already (drift_grouped, tile::operand): exact.
+            let f = dev.function(&MOE_CU, &[], "to_f16")?;
+            dev.launch(&f, "to_f16", linear_launch(n), |b| {
+                b.arg(w).arg(&n).arg(&mut words);
             })?;
-            (precision == Precision::AnalogSplitF16).then_some(lo)
-        };
+        }
         Ok(Self {
             n_experts: m.n_experts,
             n_cols: m.n_cols,
             k: m.k,
             k_block: m.k_block,
             precision,
-            w_hi: Arc::new(w_hi),
-            w_lo: w_lo.map(Arc::new),
+            w: Arc::new(words),
             col_tensor_id: Arc::clone(&tables.col_tensor_id),
             col_scale,
             col_local: Arc::clone(&tables.col_local),
@@ -384,7 +381,7 @@ impl GpuGroupedMatrix {
             } else if !std::env::var("AIMC_ANALOG_WGMMA").is_ok_and(|v| v.trim() == "1") {
                 None
             } else {
-                analog_wgmma_tile(m.k_block, precision.weight_operands())
+                analog_wgmma_tile(m.k_block)
             },
         })
     }
@@ -434,8 +431,7 @@ impl GpuGroupedMatrix {
             k: self.k_block,
             k_block: self.k_block,
             precision: self.precision,
-            w_hi: Arc::clone(&self.w_hi),
-            w_lo: self.w_lo.as_ref().map(Arc::clone),
+            w: Arc::clone(&self.w),
             col_tensor_id: Arc::clone(&self.col_tensor_id),
             col_scale: Arc::clone(ones),
             col_local: Arc::clone(&self.col_local),
@@ -448,9 +444,9 @@ impl GpuGroupedMatrix {
         }
     }
 
-    /// The (high) 16-bit operand words of the weights `[E, N, K]`, copied back.
+    /// The 16-bit operand words of the weights `[E, N, K]`, copied back.
     pub fn weight_bits(&self, dev: &CudaDevice) -> CudaResult<Vec<u16>> {
-        dev.download(&self.w_hi)
+        dev.download(&self.w)
     }
 
     /// Output columns.

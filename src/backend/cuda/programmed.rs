@@ -188,12 +188,12 @@ pub enum Residency {
     /// weights and the operands): each seed is programmed once, each drift point only drifts.
     Resident,
     /// Each matrix is programmed again from the digital weights at each drift point and its
-    /// programmed state freed after drifting: 8 B per weight stay (digital weights and
+    /// programmed state freed after drifting: 6 B per weight stay (digital weights and
     /// operands), for models whose resident state does not fit.
     Transient,
     /// As `Transient`, and the digital weights stay in the model's host arrays: each
     /// programming uploads its matrix's (and the digital reference each layer's) and frees
-    /// them after. Only the operands stay (4 B per weight), for models whose digital weights
+    /// them after. Only the operands stay (2 B per weight), for models whose digital weights
     /// do not fit beside them (Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite size on an 80 GB GPU);
     /// each drift point moves every routed weight over the host link once.
     Streamed,
@@ -203,13 +203,13 @@ impl Residency {
     /// The residencies from the fastest to the leanest.
     pub const ALL: [Residency; 3] = [Self::Resident, Self::Transient, Self::Streamed];
 
-    /// Device bytes per weight that stay for the whole sweep: split fp16 operands, under
+    /// Device bytes per weight that stay for the whole sweep: the fp16 operands, under
     /// `Transient` and `Resident` the digital f32 weights, under `Resident` W̃_prog and ν.
     pub fn resident_bytes_per_weight(self) -> usize {
         match self {
-            Self::Resident => 20,
-            Self::Transient => 8,
-            Self::Streamed => 4,
+            Self::Resident => 18,
+            Self::Transient => 6,
+            Self::Streamed => 2,
         }
     }
 

@@ -22,9 +22,9 @@ use crate::rng::{Purpose, Stream};
 /// the tensor cores' internal accumulation order and rounding of f32 partial sums.
 #[derive(Clone, Copy)]
 struct Operands {
-    /// Weight of the main product (hi + lo for the split).
+    /// Weight of the main product.
     w: fn(f32) -> f32,
-    /// Weight of the |W| and IR-drop products (the kernel uses the hi part only).
+    /// Weight of the |W| and IR-drop products.
     w_side: fn(f32) -> f32,
     /// fp16 rounding of derived A operands (x̃², x̃·f(j)); identity when exact.
     a_side: fn(f32) -> f32,
@@ -38,10 +38,6 @@ fn f16r(v: f32) -> f32 {
 fn bf16r(v: f32) -> f32 {
     bf16::from_f32(v).to_f32()
 }
-fn split_f16(v: f32) -> f32 {
-    let hi = f16r(v);
-    hi + f16r(v - hi)
-}
 fn exact(v: f32) -> f32 {
     v
 }
@@ -53,12 +49,6 @@ impl Operands {
                 w: exact,
                 w_side: exact,
                 a_side: exact,
-                x: exact,
-            },
-            Some(Precision::AnalogSplitF16) => Self {
-                w: split_f16,
-                w_side: f16r,
-                a_side: f16r,
                 x: exact,
             },
             Some(Precision::AnalogF16) => Self {

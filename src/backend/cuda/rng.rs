@@ -7,7 +7,7 @@ use crate::rng::Purpose;
 
 /// Normals `start .. start + n` of stream (seed, purpose, tensor_id) at (mvm_id, attempt) on
 /// the device, bit-identical to [`crate::rng::Stream::fill_normal`] (`kernels/philox.cuh` mirrors
-/// `rng::ln_f32`/`rng::sincos_turns` with non-contracted round-to-nearest operations).
+/// `rng::normal::NormalTable::normal` with the same table and one `__fmaf_rn`).
 #[allow(clippy::too_many_arguments)]
 pub fn fill_normal(
     dev: &CudaDevice,

@@ -22,7 +22,7 @@ pub(crate) fn mma_sync_gemm(
     params: &GemmParams,
 ) -> CudaResult<()> {
     let f = dev.function(&MOE_CU, defines, "moe_gemm")?;
-    let shared = tile.shared_bytes(m.precision.weight_operands()) as u32;
+    let shared = tile.shared_bytes() as u32;
     let threads = tile.threads() as u32;
     allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
     // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row

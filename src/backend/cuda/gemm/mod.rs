@@ -31,8 +31,7 @@ pub(crate) struct GemmParams {
     pub(crate) a: u64,
     pub(crate) a_alpha: u64,
     pub(crate) a_row_of: u64,
-    pub(crate) w_hi: u64,
-    pub(crate) w_lo: u64,
+    pub(crate) w: u64,
     pub(crate) offsets: u64,
     pub(crate) tile_offsets: u64,
     pub(crate) col_tensor_id: u64,
@@ -156,7 +155,6 @@ pub fn grouped_gemm<T: GemmOutElem>(
     }
     let variant = GemmVariant {
         analog: p.is_some(),
-        split_w: m.precision == Precision::AnalogSplitF16,
         pcm_read: p.is_some_and(|p| p.pcm_read_std.is_some()),
         ir_drop: p.is_some_and(|p| p.ir_drop.is_some()),
         additive,
@@ -187,8 +185,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
         } else {
             0
         },
-        w_hi: m.w_hi.device_ptr(s).0,
-        w_lo: m.w_lo.as_ref().map_or(0, |w| w.device_ptr(s).0),
+        w: m.w.device_ptr(s).0,
         offsets: routing.offsets.device_ptr(s).0,
         tile_offsets: routing.tile_offsets.device_ptr(s).0,
         col_tensor_id: m.col_tensor_id.device_ptr(s).0,

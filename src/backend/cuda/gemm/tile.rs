@@ -83,7 +83,7 @@ impl GemmTile {
             Ok(text) => Self::parse(&text)?,
             Err(_) => Self::for_variant(v),
         };
-        tile.check(n_cols, v.weight_operands())?;
+        tile.check(n_cols)?;
         Ok(tile)
     }
 
@@ -103,15 +103,12 @@ impl GemmTile {
         32 * self.warps_m * self.warps_n
     }
 
-    pub(crate) fn shared_bytes(self, nb_mat: usize) -> usize {
-        self.stages
-            * (TILE_ROWS + nb_mat * self.cols)
-            * SMEM_ROW_HALVES
-            * std::mem::size_of::<u16>()
+    pub(crate) fn shared_bytes(self) -> usize {
+        self.stages * (TILE_ROWS + self.cols) * SMEM_ROW_HALVES * std::mem::size_of::<u16>()
     }
 
     /// The kernel's `#error` conditions, as a clear error before compiling.
-    fn check(self, n_cols: usize, nb_mat: usize) -> CudaResult<()> {
+    fn check(self, n_cols: usize) -> CudaResult<()> {
         let threads = self.threads();
         let ok = self.warps_m > 0
             && self.warps_n > 0
@@ -123,13 +120,13 @@ impl GemmTile {
             && TILE_ROWS.is_multiple_of(16 * self.warps_m)
             && self.cols.is_multiple_of(16 * self.warps_n)
             && self.stages >= 2
-            && self.shared_bytes(nb_mat) <= MAX_SHARED_BYTES;
+            && self.shared_bytes() <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
                 "grouped GEMM tile {self:?} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES})",
-                self.shared_bytes(nb_mat)
+                self.shared_bytes()
             )))
         }
     }
@@ -240,13 +237,13 @@ impl WgmmaTile {
         }
     }
 
-    /// Dynamic shared memory for `n_experts` and `weight_tiles` weight matrices (2: split
-    /// analog fp16 hi + lo): the stages of A (128 rows) and B (`cols` rows each) of 128 bytes,
+    /// Dynamic shared memory for `n_experts`: the stages of A (128 rows) and B (`cols` rows)
+    /// of 128 bytes,
     /// plus 1 KiB to align the base to the 1024-byte swizzle atom, plus the warp-specialised
     /// kernels' two 8-byte mbarriers per stage and the clustered kernel's `n_experts + 1`
     /// row-tile-pair offsets.
-    pub fn shared_bytes(self, n_experts: usize, weight_tiles: usize) -> usize {
-        let stages = self.stages * (TILE_ROWS + weight_tiles * self.cols) * WGMMA_TILE_K * 2 + 1024;
+    pub fn shared_bytes(self, n_experts: usize) -> usize {
+        let stages = self.stages * (TILE_ROWS + self.cols) * WGMMA_TILE_K * 2 + 1024;
         match self.pipe {
             2 => stages + 16 * self.stages,
             3 => stages + 16 * self.stages + 4 * (n_experts + 1),
@@ -263,10 +260,7 @@ impl WgmmaTile {
             && pipe_ok(self.pipe)
             && pipe_ok(self.scatter_pipe)
             && n_cols.is_multiple_of(self.cols)
-            && self
-                .shared_bytes(1, 1)
-                .max(self.for_output(2).shared_bytes(1, 1))
-                <= MAX_SHARED_BYTES;
+            && self.shared_bytes(1).max(self.for_output(2).shared_bytes(1)) <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
@@ -274,7 +268,7 @@ impl WgmmaTile {
                 "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
                  pipe 0 to 3, stages ≥ 2 + pipe (≥ 3 for pipes 2 and 3), {} B of shared memory, \
                  at most {MAX_SHARED_BYTES})",
-                self.shared_bytes(1, 1)
+                self.shared_bytes(1)
             )))
         }
     }
@@ -298,22 +292,16 @@ impl WgmmaTile {
     }
 }
 
-/// The analog wgmma GEMM's tile for crossbars of `k_block` rows and `weight_tiles` weight
-/// matrices (2: split fp16 hi + lo), or `None` where it does not apply (`k_block` not a
-/// multiple of [`WGMMA_TILE_K`]). The kernel has one tile, 128 × 128 (two 64-register
-/// accumulator sets per thread, the block's sums and the running total, and the previous
-/// block's sums in [`ANALOG_PREV_BYTES`] of shared memory), and as many stages as fit in
-/// 227 KiB beside those: 3 of 48 KiB split (`pipe` 0: two stages load ahead and each step
-/// waits for its wgmma after the periphery work they hide), 4 of 32 KiB otherwise (`pipe` 1).
-pub fn analog_wgmma_tile(k_block: usize, weight_tiles: usize) -> Option<WgmmaTile> {
+/// The analog wgmma GEMM's tile for crossbars of `k_block` rows, or `None` where it does not
+/// apply (`k_block` not a multiple of [`WGMMA_TILE_K`]). The kernel has one tile, 128 × 128
+/// (two 64-register accumulator sets per thread, the block's sums and the running total, and
+/// the previous block's sums in [`ANALOG_PREV_BYTES`] of shared memory), and as many stages as
+/// fit in 227 KiB beside those: 4 of 32 KiB (`pipe` 1).
+pub fn analog_wgmma_tile(k_block: usize) -> Option<WgmmaTile> {
     if k_block == 0 || !k_block.is_multiple_of(WGMMA_TILE_K) {
         return None;
     }
-    Some(if weight_tiles == 2 {
-        WgmmaTile::new(128, 3, 0)
-    } else {
-        WgmmaTile::new(128, 4, 1)
-    })
+    Some(WgmmaTile::new(128, 4, 1))
 }
 
 /// Shared memory of the analog wgmma GEMM's previous-block sums (128 × 128 f32).
@@ -351,7 +339,6 @@ mod tests {
     fn variant(analog: bool, pcm_read: bool) -> GemmVariant {
         GemmVariant {
             analog,
-            split_w: analog,
             pcm_read,
             ir_drop: false,
             additive: false,
@@ -366,24 +353,18 @@ mod tests {
 
     #[test]
     fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
-        // Split weights: 3 stages of A (128 rows) + hi and lo (128 rows each) × 128 bytes;
-        // single fp16 weights: 4 stages of 256 rows. Both under the 227 KiB limit with the
-        // previous block's 64 KiB of sums.
-        let split = analog_wgmma_tile(512, 2).unwrap();
-        assert_eq!(split, WgmmaTile::new(128, 3, 0));
-        assert_eq!(split.shared_bytes(64, 2), 3 * 384 * 128 + 1024);
-        let single = analog_wgmma_tile(256, 1).unwrap();
-        assert_eq!(single.shared_bytes(64, 1), 4 * 256 * 128 + 1024);
-        for (t, nb) in [(split, 2), (single, 1)] {
-            assert!(t.shared_bytes(1, nb) + ANALOG_PREV_BYTES <= MAX_SHARED_BYTES);
-            t.check(1024).unwrap();
-        }
+        // 4 stages of A (128 rows) + fp16 weights (128 rows) × 128 bytes, under the 227 KiB
+        // limit with the previous block's 64 KiB of sums.
+        let tile = analog_wgmma_tile(512).unwrap();
+        assert_eq!(tile, WgmmaTile::new(128, 4, 1));
+        assert_eq!(tile.shared_bytes(64), 4 * 256 * 128 + 1024);
+        assert!(tile.shared_bytes(1) + ANALOG_PREV_BYTES <= MAX_SHARED_BYTES);
+        tile.check(1024).unwrap();
         // Crossbar blocks must be whole 64-row wgmma steps.
-        assert_eq!(analog_wgmma_tile(250, 2), None);
-        assert_eq!(analog_wgmma_tile(0, 2), None);
+        assert_eq!(analog_wgmma_tile(250), None);
+        assert_eq!(analog_wgmma_tile(0), None);
         let v = |pcm_read, ir_drop, output| GemmVariant {
             analog: true,
-            split_w: true,
             pcm_read,
             ir_drop,
             additive: false,
@@ -398,7 +379,7 @@ mod tests {
         assert!(!v(true, false, GemmOutput::Store).wgmma_ready());
         assert!(!v(false, true, GemmOutput::Store).wgmma_ready());
         let defines =
-            analog_wgmma_defines(&v(false, false, GemmOutput::ScatterAdd), split, 512, 256);
+            analog_wgmma_defines(&v(false, false, GemmOutput::ScatterAdd), tile, 512, 256);
         assert!(defines.contains(&("MOE_KB_STEPS", 8)));
         assert!(defines.contains(&("MOE_SLAB_COLS", 256)));
         assert!(defines.contains(&("MOE_ANALOG", 1)));
@@ -412,7 +393,7 @@ mod tests {
             assert!(WgmmaTile::parse(bad).is_err(), "{bad:?}");
         }
         // 4 stages of 128 + 256 rows × 128 bytes, plus the 1 KiB alignment slack.
-        assert_eq!(t.shared_bytes(64, 1), 4 * 384 * 128 + 1024);
+        assert_eq!(t.shared_bytes(64), 4 * 384 * 128 + 1024);
         assert_eq!((t.threads(), t.cluster()), (256, 1));
         t.check(2048).unwrap();
         assert!(t.check(128 * 3).is_err()); // 256 does not divide N
@@ -420,10 +401,10 @@ mod tests {
                                             // clustered one 2 CTAs and a row-tile-pair offset per expert and one more.
         let ws = WgmmaTile::parse("256,4,2").unwrap();
         assert_eq!((ws.threads(), ws.cluster()), (384, 1));
-        assert_eq!(ws.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64);
+        assert_eq!(ws.shared_bytes(64), 4 * 384 * 128 + 1024 + 64);
         let cl = WgmmaTile::parse("256,4,3").unwrap();
         assert_eq!((cl.threads(), cl.cluster()), (384, 2));
-        assert_eq!(cl.shared_bytes(64, 1), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
+        assert_eq!(cl.shared_bytes(64), 4 * 384 * 128 + 1024 + 64 + 4 * 65);
         ws.check(2048).unwrap();
         cl.check(2048).unwrap();
         tile(128, 3, 2).check(2048).unwrap();
@@ -491,7 +472,7 @@ mod tests {
         ] {
             let tile = GemmTile::for_variant(&v);
             for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
-                tile.check(n, v.weight_operands()).unwrap();
+                tile.check(n).unwrap();
             }
             // The kernel's per-thread loader and warp-fragment conditions.
             assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
@@ -526,14 +507,14 @@ mod tests {
             stages,
         };
         // 256 columns do not divide N = 384.
-        assert!(t(256, 2, 4, 3).check(384, 1).is_err());
-        assert!(t(128, 2, 4, 3).check(384, 1).is_ok());
-        // 8 stages of 128 + 2·256 rows × 80 B = 400 KiB > 227 KiB.
-        let err = t(256, 2, 4, 8).check(1024, 2).unwrap_err().to_string();
-        assert!(err.contains("409600 B of shared memory"), "{err}");
+        assert!(t(256, 2, 4, 3).check(384).is_err());
+        assert!(t(128, 2, 4, 3).check(384).is_ok());
+        // 8 stages of 128 + 256 rows × 80 B = 240 KiB > 227 KiB.
+        let err = t(256, 2, 4, 8).check(1024).unwrap_err().to_string();
+        assert!(err.contains("245760 B of shared memory"), "{err}");
         // 3 warps along M do not tile 128 rows in m16 fragments; 1 stage is no pipeline.
-        assert!(t(128, 3, 2, 3).check(1024, 1).is_err());
-        assert!(t(128, 2, 4, 1).check(1024, 1).is_err());
-        assert!(t(128, 0, 4, 3).check(1024, 1).is_err());
+        assert!(t(128, 3, 2, 3).check(1024).is_err());
+        assert!(t(128, 2, 4, 1).check(1024).is_err());
+        assert!(t(128, 0, 4, 3).check(1024).is_err());
     }
 }

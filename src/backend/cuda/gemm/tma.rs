@@ -25,7 +25,7 @@ pub(crate) fn weight_tensor_map(m: &GpuGroupedMatrix, tile: WgmmaTile) -> CudaRe
     let boxes = [WGMMA_TILE_K as u32, (tile.cols / tile.cluster()) as u32];
     let elem_strides = [1u32, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    let (ptr, _sync) = m.w_hi.device_ptr(m.w_hi.stream());
+    let (ptr, _sync) = m.w.device_ptr(m.w.stream());
     // SAFETY: every array has the rank (2) entries the call reads; the weights outlive the
     // launch that uses the map (they belong to `m`).
     let r = unsafe {

@@ -11,9 +11,8 @@ use super::tile::{analog_wgmma_tile, GemmTile, WgmmaTile, TILE_ROWS, WGMMA_TILE_
 /// Operand precision of a grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
-    /// Analog: integer DAC codes in fp16 × weights as fp16 hi + lo (two MMAs), f32 accumulate.
-    AnalogSplitF16,
-    /// Analog, fast: DAC codes in fp16 × weights in fp16 (one MMA), f32 accumulate.
+    /// Analog: integer DAC codes in fp16 × W̃ in fp16 (one MMA; W̃ is already binary16 on every
+    /// backend, docs/model.md §3, so the product is exact), f32 accumulate.
     AnalogF16,
     /// Digital baseline: bf16 × bf16, f32 accumulate.
     DigitalBf16,
@@ -23,24 +22,12 @@ impl Precision {
     /// One-line description for reports.
     pub fn describe(self) -> &'static str {
         match self {
-            Self::AnalogSplitF16 => {
-                "A = DAC codes (exact in fp16), W = fp16 hi + fp16 lo (2 MMAs), f32 accumulate"
-            }
-            Self::AnalogF16 => "A = DAC codes (exact in fp16), W = fp16, f32 accumulate",
+            Self::AnalogF16 => "A = DAC codes (exact in fp16), W = W̃ in fp16, f32 accumulate",
             Self::DigitalBf16 => "A = bf16, W = bf16, f32 accumulate",
         }
     }
     pub(crate) fn analog(self) -> bool {
         self != Self::DigitalBf16
-    }
-
-    /// 16-bit weight matrices per expert matrix: 2 for fp16 hi + lo, else 1.
-    pub fn weight_operands(self) -> usize {
-        if self == Self::AnalogSplitF16 {
-            2
-        } else {
-            1
-        }
     }
 }
 
@@ -102,8 +89,6 @@ impl GemmOutElem for u16 {
 pub struct GemmVariant {
     /// Analog pre/epilogue (false: the digital bf16 baseline).
     pub analog: bool,
-    /// Weights as fp16 hi + lo (two MMAs).
-    pub split_w: bool,
     /// PCM_READ weight noise (second GEMM of the weight magnitudes).
     pub pcm_read: bool,
     /// IR-drop correction.
@@ -139,24 +124,14 @@ impl GemmVariant {
                 || self.output.bf16()
                 || self.output == GemmOutput::BmAttempt)
     }
-
-    /// Weight matrices staged per K step (`NB_MAT` in the kernel): fp16 hi and lo when split.
-    pub fn weight_operands(&self) -> usize {
-        if self.analog && self.split_w {
-            2
-        } else {
-            1
-        }
-    }
 }
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
-pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 16] {
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
     let flag = |b: bool| i64::from(b);
     let mode = v.output.mode();
     [
         ("MOE_ANALOG", flag(v.analog)),
-        ("MOE_SPLIT_W", flag(v.analog && v.split_w)),
         ("MOE_PCM_READ", flag(v.analog && v.pcm_read)),
         ("MOE_IR_DROP", flag(v.analog && v.ir_drop)),
         ("MOE_ADDITIVE", flag(v.analog && v.additive && !v.pcm_read)),
@@ -227,12 +202,10 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         .iter()
         .map(|t| t.defines(2, 0).to_vec()),
     );
-    // The analog kernel: split and single fp16 weights in every output mode with output
-    // noise and ADC (Philox quads or not), bound management and ADDITIVE noise in store mode,
-    // 256- and 1024-row crossbars.
+    // The analog kernel in every output mode with output noise and ADC (Philox quads or not),
+    // bound management and ADDITIVE noise in store mode, 256- and 1024-row crossbars.
     let analog = GemmVariant {
         analog: true,
-        split_w: true,
         pcm_read: false,
         ir_drop: false,
         additive: false,
@@ -254,14 +227,6 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         },
         512,
         256,
-    ));
-    a.push((
-        GemmVariant {
-            split_w: false,
-            ..analog
-        },
-        512,
-        0,
     ));
     a.push((
         GemmVariant {
@@ -291,7 +256,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         0,
     ));
     v.extend(a.into_iter().map(|(var, k_block, slab)| {
-        let tile = analog_wgmma_tile(k_block, var.weight_operands()).expect("analog wgmma tile");
+        let tile = analog_wgmma_tile(k_block).expect("analog wgmma tile");
         analog_wgmma_defines(&var, tile, k_block, slab)
     }));
     v
@@ -300,7 +265,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
 /// Each on its default [`GemmTile`].
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -308,7 +273,6 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
     ];
     let all = |analog: bool, on: bool, output| GemmVariant {
         analog,
-        split_w: on,
         pcm_read: on,
         ir_drop: on,
         additive: false,
@@ -328,10 +292,6 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
     v.push(all(false, false, GemmOutput::SwiGluBf16));
     v.push(all(false, false, GemmOutput::StoreBf16));
     let base = all(true, false, GemmOutput::SwiGlu);
-    v.push(GemmVariant {
-        split_w: true,
-        ..base
-    });
     v.push(GemmVariant {
         pcm_read: true,
         ..base
@@ -375,9 +335,8 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
         ir_drop: false,
         ..store
     });
-    // Split weights with output noise and ADC (standard-hwa without its PCM_READ and IR drop).
+    // Output noise and ADC (standard-hwa without its PCM_READ and IR drop).
     v.push(GemmVariant {
-        split_w: true,
         out_noise: true,
         adc: true,
         ..base

@@ -30,7 +30,7 @@ pub(crate) fn wgmma_gemm(
     params: &GemmParams,
 ) -> CudaResult<()> {
     let output = variant.output;
-    let analog_ok = analog_wgmma_tile(m.k_block, variant.weight_operands()) == Some(tile);
+    let analog_ok = analog_wgmma_tile(m.k_block) == Some(tile);
     if variant.analog != m.precision.analog()
         || (variant.analog && !(analog_ok && variant.wgmma_ready()))
         || dev.compute_capability() != (9, 0)
@@ -62,8 +62,8 @@ pub(crate) fn wgmma_gemm(
         "moe_gemm_wgmma"
     };
     let f = dev.function(&MOE_CU, &defines, name)?;
-    let shared = tile.shared_bytes(m.n_experts, variant.weight_operands())
-        + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
+    let shared =
+        tile.shared_bytes(m.n_experts) + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
     if shared > MAX_SHARED_BYTES {
         return Err(CudaError::Unsupported(format!(
             "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
