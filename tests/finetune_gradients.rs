@@ -59,10 +59,13 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn backward_equals_finite_differences_without_quantisation() {
-    // No DAC, ADC or noise: the forward is the smooth function Σ w·SwiGLU(x) (through the
-    // crossbar's mapping scale, which is a constant per column), so the hand-written gradient
-    // must equal its derivative. Central differences with h = 1e-2 have a truncation error of
-    // O(h²·|f'''|) ≈ 1e-4 relative; the f32 forward adds ~1e-7/h = 1e-5. Bound: 1e-3.
+    // No DAC, ADC or noise: the forward is Σ w·SwiGLU(x) through the crossbar's mapping scale
+    // (a constant per column) with the block weights W̃ rounded once to binary16 (relative
+    // error ≤ 2⁻¹², docs/model.md §3), so the hand-written gradient must equal its derivative up
+    // to that rounding: the forward values it is taken at and the finite differences (whose
+    // step h = 1e-2 spans many binary16 steps, so they see the smooth function) each differ by
+    // O(2⁻¹¹) relative. Central differences add O(h²) ≈ 1e-4 truncation error, the f32 forward
+    // ~1e-7/h = 1e-5. Bound: 5e-3 (measured 1.1e-3).
     let preset = fs::preset("ideal", fs::IDEAL_PERIPHERY, "none");
     let objective = CpuObjective::new(&preset, None);
     let experts = fs::experts(0);
@@ -83,7 +86,7 @@ fn backward_equals_finite_differences_without_quantisation() {
     let fd = finite_differences(&experts, 1e-2, |w| loss(&objective, w, &batch));
     let err = relative_error(&analytic, &fd);
     eprintln!("backward vs finite differences: relative error {err:.2e}");
-    assert!(err < 1e-3, "relative error {err}");
+    assert!(err < 5e-3, "relative error {err}");
 }
 
 #[test]
