@@ -72,7 +72,7 @@ pub trait Backend {
     /// The analog forward pass of every sequence (sequence k draws the per-MVM noise of call
     /// k), scored against `references` (those [`Backend::reference`] returned for the same
     /// `sequences`, or, when it was never called, any references of them, such as another
-    /// model's digital outputs, then scored on the host), summed over all sequences.
+    /// model's digital outputs), summed over all sequences.
     fn forward(&mut self, sequences: &[&[u32]], references: &[Reference]) -> Result<ScoreSums>;
 
     /// For each sequence k, Σ over i ≥ `from[k]` of log p(`sequences[k][i]` | the tokens

@@ -244,7 +244,24 @@ impl Backend for CudaBackend<'_, '_, '_> {
             }
         };
         let clock = std::time::Instant::now();
-        let sums = match (self.model.as_mut(), self.reference.as_ref()) {
+        // References of another model (an eval against the original checkpoint never asks this
+        // backend for its own): upload them for this forward, so it still runs whole on the
+        // device. Per call, since nothing ties one call's references to the next call's.
+        let passed_reference = match (&self.model, &self.reference) {
+            (Some(_), None) => match upload_reference(self.dev, references, sequences) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("note: attention, norms and LM head run on the CPU ({e})");
+                    self.model = None;
+                    None
+                }
+            },
+            _ => None,
+        };
+        let sums = match (
+            self.model.as_mut(),
+            self.reference.as_ref().or(passed_reference.as_ref()),
+        ) {
             (Some(gm), Some(gref)) => {
                 let (sums, per_pass) = whole_forward(gm, gref, experts, sequences, &self.work)?;
                 placement(&mut self.description).whole_forward =
