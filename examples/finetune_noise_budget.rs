@@ -6,7 +6,7 @@
 //! `cargo run --release --example finetune_noise_budget [-- CHECKPOINT_DIR]`
 use aimc::device::{DeviceKind, DeviceSpec, DriftTable};
 use aimc::finetune::calib::{record, EMBEDDED_CALIB_TEXT};
-use aimc::finetune::noisy::{CpuObjective, LayerBatch, LayerObjective};
+use aimc::finetune::noisy::{CpuObjective, LayerObjective};
 use aimc::finetune::{noise_seed, EVAL_STEP};
 use aimc::model::{embedded, Ffn, Model, RouterKind};
 use aimc::tile::{BoundManagement, TilePreset, WeightNoise};
@@ -79,13 +79,7 @@ fn main() -> anyhow::Result<()> {
             let Ffn::Moe(m) = &model.layers[c.layer].ffn else {
                 continue;
             };
-            let batch = LayerBatch {
-                layer: c.layer,
-                x: c.x.view(),
-                y: c.y.view(),
-                assignments: &c.assignments,
-            };
-            let l = objective.evaluate(&m.experts, &batch, noise_seed(0, EVAL_STEP), false)?;
+            let l = objective.evaluate(&m.experts, &c.batch(), noise_seed(0, EVAL_STEP), false)?;
             print!(" {:.4} |", l.loss);
         }
         println!();

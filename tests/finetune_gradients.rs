@@ -71,12 +71,7 @@ fn backward_equals_finite_differences_without_quantisation() {
     let experts = fs::experts(0);
     let target = fs::experts(1);
     let layer = fs::layer(Some(&target), &experts);
-    let batch = LayerBatch {
-        layer: layer.layer,
-        x: layer.x.view(),
-        y: layer.y.view(),
-        assignments: &layer.assignments,
-    };
+    let batch = layer.batch();
     let g = objective.evaluate(&experts, &batch, 0, true).unwrap();
     assert!(g.loss > 0.1, "the targets differ: loss {}", g.loss);
     let analytic: Vec<f64> = probes()
@@ -108,12 +103,7 @@ fn straight_through_gradient_matches_the_unquantised_function_inside_the_range()
     let experts = fs::experts(0);
     let target = fs::experts(1);
     let layer = fs::layer(Some(&target), &experts);
-    let batch = LayerBatch {
-        layer: layer.layer,
-        x: layer.x.view(),
-        y: layer.y.view(),
-        assignments: &layer.assignments,
-    };
+    let batch = layer.batch();
     let g = q.evaluate(&experts, &batch, 0, true).unwrap();
     let ste: Vec<f64> = probes()
         .into_iter()
@@ -137,12 +127,7 @@ fn gradient_is_zero_where_every_adc_output_clips() {
     let experts = fs::experts(0);
     let target = fs::experts(1);
     let layer = fs::layer(Some(&target), &experts);
-    let batch = LayerBatch {
-        layer: layer.layer,
-        x: layer.x.view(),
-        y: layer.y.view(),
-        assignments: &layer.assignments,
-    };
+    let batch = layer.batch();
     let g = objective.evaluate(&experts, &batch, 0, true).unwrap();
     assert!(
         g.loss > 0.5,

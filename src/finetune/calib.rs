@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use anyhow::{ensure, Result};
 use ndarray::{concatenate, Array2, ArrayView2, Axis};
 
+use super::noisy::LayerBatch;
 use crate::model::moe::dispatch;
 use crate::model::{
     Assignment, ExpertLinear, ExpertSlot, ForwardOptions, MatrixId, Model, RouterKind,
@@ -39,6 +40,18 @@ pub struct LayerCalib {
     pub y: Array2<f32>,
     /// Routing in token order; `token` indexes the rows of `x`.
     pub assignments: Vec<Assignment>,
+}
+
+impl LayerCalib {
+    /// The whole recording as one batch of the layer objective.
+    pub fn batch(&self) -> LayerBatch<'_> {
+        LayerBatch {
+            layer: self.layer,
+            x: self.x.view(),
+            y: self.y.view(),
+            assignments: &self.assignments,
+        }
+    }
 }
 
 /// What one MoE layer saw in one forward: (layer, input rows, routing).

@@ -155,12 +155,7 @@ pub fn finetune_layer(
     for t in 0..n {
         starts[t + 1] += starts[t];
     }
-    let full = LayerBatch {
-        layer: calib.layer,
-        x: calib.x.view(),
-        y: calib.y.view(),
-        assignments: &calib.assignments,
-    };
+    let full = calib.batch();
     let eval_seed = noise_seed(cfg.seed, EVAL_STEP);
     let loss_before = objective.evaluate(experts, &full, eval_seed, false)?.loss;
     progress(&format!(
