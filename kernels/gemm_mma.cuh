@@ -9,6 +9,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #if MOE_NORMALS
     stage_normal_table();
 #endif
+#if MOE_ANALOG && MOE_IR_DROP
+    stage_ir_table(p.k_block);
+#endif
     u32 e, m_tile, n_tile;
     if (!tile_of_block(p, p.n / BN, MOE_RASTER_COLS / BN, e, m_tile, n_tile)) return;
     const u32 row_begin = p.offsets[e], rows_e = p.offsets[e + 1] - row_begin;
@@ -185,10 +188,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #endif
 #if MOE_IR_DROP
             {
-                u32 j0 = k_first + step_in_block * BK + kk + (lane & 3) * 2;
-                float nf = (float)p.k_block;
-                u32 f_lo = pack_f16x2(ir_row_factor(j0, nf), ir_row_factor(j0 + 1, nf));
-                u32 f_hi = pack_f16x2(ir_row_factor(j0 + 8, nf), ir_row_factor(j0 + 9, nf));
+                const u32 j0 = k_first + step_in_block * BK + kk + (lane & 3) * 2;
+                const u32 f_lo = ir_pair(j0, p.k_block), f_hi = ir_pair(j0 + 8, p.k_block);
 #pragma unroll
                 for (u32 mi = 0; mi < MI; ++mi) {
                     u32 aa[4] = {a[mi][0] & 0x7fff7fffu, a[mi][1] & 0x7fff7fffu, a[mi][2] & 0x7fff7fffu,
@@ -213,6 +214,18 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
             const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
             const u32* tid_of_col = p.col_tensor_id + tab_row;
             const float* scale_of_col = p.col_scale + tab_row;
+            // The block's column constants of this thread, loaded once for all its rows (the
+            // column is even and p.n too: 8-byte aligned).
+            float2 col_scale[TN];
+#pragma unroll
+            for (u32 tn = 0; tn < TN; ++tn) col_scale[tn] = *(const float2*)(scale_of_col + frag_col(tn));
+#if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+            NoiseCols noise_col[TN / 2];
+#pragma unroll
+            for (u32 tn = 0; tn < TN; tn += 2) noise_col[tn / 2] = noise_cols(p, tid_of_col, frag_col(tn), lane);
+#else
+            (void)tid_of_col;
+#endif
 #pragma unroll
             for (u32 mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -230,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                     for (u32 tn = 0; tn < TN; tn += 2) {
                         z[tn] = z[tn + 1] = make_float2(0.0f, 0.0f);
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                        output_normals(p, br, tid_of_col, frag_col(tn), lane, z[tn], z[tn + 1]);
+                        output_normals(p, br, noise_col[tn / 2], lane, z[tn], z[tn + 1]);
 #endif
                     }
 #pragma unroll
@@ -253,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                         // running total would add them; saturation per crossbar for the host.
                         float t2[2] = {0.0f, 0.0f};
                         u32 sat = 0u;
-                        block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], t2, sat, 1u);
+                        block_outputs(p, br, col_scale[tn], s, z[tn], t2, sat, 1u);
 #pragma unroll
                         for (u32 c = 0; c < 2; ++c) {
                             const u32 col = frag_col(tn) + c;
@@ -263,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                             if ((sat >> c) & 1u) p.bm_sat[xb] = 1u;
                         }
 #else
-                        block_outputs(p, br, scale_of_col, frag_col(tn), s, z[tn], &total[mi][tn][r0], bm_rows,
+                        block_outputs(p, br, col_scale[tn], s, z[tn], &total[mi][tn][r0], bm_rows,
                                       1u << (mi * 2 + half));
 #endif
                     }

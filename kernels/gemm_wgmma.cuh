@@ -372,13 +372,17 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
                                               u32 n0, u32 lane, u32& bm_rows) {
 #pragma unroll 1
     for (u32 fp = j * WG_PAIRS / MOE_KB_STEPS; fp < (j + 1) * WG_PAIRS / MOE_KB_STEPS; ++fp) {
+        const u32 col0 = n0 + fp * 16 + (lane & 3) * 2;
+        const float2 scale[2] = {*(const float2*)(scale_of_col + col0), *(const float2*)(scale_of_col + col0 + 8)};
+#if MOE_OUT_NOISE || MOE_ADDITIVE
+        const NoiseCols nc = noise_cols(p, tid_of_col, col0, lane);
+#endif
 #pragma unroll
         for (u32 half = 0; half < 2; ++half) {
             if (!row_ok[half]) continue;
-            const u32 col0 = n0 + fp * 16 + (lane & 3) * 2;
             float2 z[2] = {make_float2(0.0f, 0.0f), make_float2(0.0f, 0.0f)};
 #if MOE_OUT_NOISE || MOE_ADDITIVE
-            output_normals(p, br[half], tid_of_col, col0, lane, z[0], z[1]);
+            output_normals(p, br[half], nc, lane, z[0], z[1]);
 #endif
 #pragma unroll
             for (u32 f = 0; f < 2; ++f) {
@@ -389,7 +393,7 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
                 // 0 + x is x for every x but −0 (→ +0), which adds to the total as −0 would:
                 // the total is never −0 (it starts at +0, and a sum is −0 only of two −0s).
                 float c[2] = {0.0f, 0.0f};
-                block_outputs(p, br[half], scale_of_col, col0 + 8 * f, s, z[f], c, bm_rows, 1u << half);
+                block_outputs(p, br[half], scale[f], s, z[f], c, bm_rows, 1u << half);
                 v[0] = c[0];
                 v[WG_THREADS] = c[1];
             }

@@ -3,11 +3,33 @@
 // ADDITIVE), output noise, ADC, and the scale α_nm·s_map·α_GDC. block_outputs mirrors tile::Crossbar::analog and
 // forward_chunk step 9; the noise draws mirror its Philox keys (tile::Crossbar::forward_chunk).
 // The parameters come from backend::cuda::periphery::GemmPeriphery.
-// IR-drop weighting of crossbar row j of n: 1 − (1 − j/n)², as tile::Crossbar::refresh_derived.
+// IR-drop weighting of crossbar row j of n: 1 − (1 − j/n)², rounded step by step as
+// tile::Crossbar::refresh_derived and backend::cuda::reference compute it (no contraction).
 __device__ __forceinline__ float ir_row_factor(u32 j, float n) {
-    float u = 1.0f - (float)j / n;
-    return 1.0f - u * u;
+    const float u = __fsub_rn(1.0f, __fdiv_rn((float)j, n));
+    return __fsub_rn(1.0f, __fmul_rn(u, u));
 }
+
+#if MOE_ANALOG && MOE_IR_DROP
+// The weighting of crossbar rows (j, j + 1), j even, as the f16 pair the K loop multiplies the
+// DAC codes with, tabulated in shared memory once per CTA: computed in the loop it cost four
+// IEEE divisions per thread and k16 step beside the MMAs. Crossbars of more than
+// 2·IR_TABLE_PAIRS rows compute it in the loop.
+#define IR_TABLE_PAIRS 2048
+__shared__ u32 ir_pair_smem[IR_TABLE_PAIRS];
+__device__ __forceinline__ u32 ir_pair_of(u32 j, float n) {
+    return pack_f16x2(ir_row_factor(j, n), ir_row_factor(j + 1, n));
+}
+// Every GEMM kernel with MOE_IR_DROP calls this first, with all its threads.
+__device__ __forceinline__ void stage_ir_table(u32 k_block) {
+    const float n = (float)k_block;
+    for (u32 i = threadIdx.x; i < k_block / 2 && i < IR_TABLE_PAIRS; i += blockDim.x) ir_pair_smem[i] = ir_pair_of(2 * i, n);
+    __syncthreads();
+}
+__device__ __forceinline__ u32 ir_pair(u32 j, u32 k_block) {
+    return k_block <= 2 * IR_TABLE_PAIRS ? ir_pair_smem[j >> 1] : ir_pair_of(j, (float)k_block);
+}
+#endif
 
 #if MOE_ANALOG && (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE)
 #define MOE_NORMALS 1
@@ -84,6 +106,35 @@ struct PairSums {
 };
 
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
+// The noise-stream keys of the output columns one lane draws for: with MOE_NOISE_QUADS the
+// column col0 + 8·(lane & 1) of a pair of n8 fragments (see output_normals), else both columns
+// of both fragments. They depend on the column and the crossbar block only, so the GEMM loads
+// them once per block (or, for the column's place in its crossbar, once per kernel), not once
+// per output row.
+struct NoiseCols {
+#if MOE_NOISE_QUADS
+    u32 tid, stride, local;  // tensor id of the crossbar, its columns, the column inside it
+#else
+    u32 col0;
+    const u32* tid_of_col;
+#endif
+};
+__device__ __forceinline__ NoiseCols noise_cols(const GemmParams& p, const u32* tid_of_col, u32 col0, u32 lane) {
+    NoiseCols c;
+#if MOE_NOISE_QUADS
+    const u32 col = col0 + 8 * (lane & 1u);
+    c.tid = tid_of_col[col];
+    c.stride = p.col_block_cols[col];
+    c.local = p.col_local[col];
+#else
+    (void)p;
+    (void)lane;
+    c.col0 = col0;
+    c.tid_of_col = tid_of_col;
+#endif
+    return c;
+}
+
 // Output normals (purpose OutputNoise) of this thread's columns (col0, col0 + 1) and
 // (col0 + 8, col0 + 9) of one row: two n8 fragments of the mma.sync / wgmma accumulator layout,
 // where lanes l and l ^ 1 hold 4 consecutive columns of each. With MOE_NOISE_QUADS every 4
@@ -91,14 +142,14 @@ struct PairSums {
 // normals of a lane pair's 4 columns (words x, y of the even lane, z, w of the odd one): each
 // lane of the pair draws the block of one fragment and passes the partner its words, half the
 // Philox work for the same values as stream_normal_pair. Both lanes of a pair must call this.
-__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const u32* tid_of_col,
-                                               u32 col0, u32 lane, float2& z0, float2& z1) {
+__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const NoiseCols& nc, u32 lane,
+                                               float2& z0, float2& z1) {
 #if MOE_NOISE_QUADS
     const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
-    const u32 col = col0 + 8 * odd;
-    const u64 idx = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
-    const uint4 q =
-        stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, tid_of_col[col]), idx / 4, r.ncall, p.attempt);
+    // Block idx / 4 of element idx = nrow·stride + local: the crossbar width `stride` is a
+    // multiple of 4 (host-checked), so it is nrow·(stride / 4) + local / 4.
+    const u64 blk = (u64)r.nrow * (nc.stride >> 2) + (nc.local >> 2);
+    const uint4 q = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, nc.tid), blk, r.ncall, p.attempt);
     const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
     const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
     // One normal_pair_in per word pair, words selected first: selecting between two transformed
@@ -108,27 +159,28 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
     z0 = odd ? theirs : mine;
     z1 = odd ? mine : theirs;
 #else
+    (void)lane;
     auto pair = [&](u32 col) {
         const u64 idx0 = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
         const u64 idx1 = (u64)r.nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
-        return periphery_normals(p, PURPOSE_OUTPUT_NOISE, tid_of_col[col], tid_of_col[col + 1], idx0, idx1, r.ncall);
+        return periphery_normals(p, PURPOSE_OUTPUT_NOISE, nc.tid_of_col[col], nc.tid_of_col[col + 1], idx0, idx1,
+                                 r.ncall);
     };
-    z0 = pair(col0);
-    z1 = pair(col0 + 8);
+    z0 = pair(nc.col0);
+    z1 = pair(nc.col0 + 8);
 #endif
 }
 #endif
 
 // Steps 4–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one crossbar block:
 // DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
-// α_nm·s_map·α_GDC, added to t[0], t[1] (the running total over the blocks along K). Mirrors
+// α_nm·s_map·α_GDC (`scale`: s_map·α_GDC of the two columns), added to t[0], t[1] (the running total over the blocks along K). Mirrors
 // tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
 // PCM_READ or ADDITIVE) and forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when
 // an output saturated the ADC in a row that bound management may redo (α_nm > 0); in
 // MOE_MODE 4, `sat_bit << c` for output (row, col + c).
-__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, const float* scale_of_col,
-                                              u32 col, const PairSums& s, float2 z, float* t, u32& sat,
-                                              u32 sat_bit) {
+__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, float2 scale,
+                                              const PairSums& s, float2 z, float* t, u32& sat, u32 sat_bit) {
     float y[2];
 #pragma unroll
     for (u32 c = 0; c < 2; ++c) {
@@ -171,7 +223,7 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
 #if MOE_BM
         if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);
 #endif
-        t[c] += v * (r.alpha_nm * scale_of_col[col + c]);
+        t[c] += v * (r.alpha_nm * (c == 0 ? scale.x : scale.y));
     }
 }
 #endif

@@ -82,9 +82,33 @@ pub const MODEL_CU: KernelFile = KernelFile {
     exact_fp: false,
 };
 
+/// Environment variable naming a directory whose `*.cu`/`*.cuh` files replace the embedded
+/// ones of the same name: kernel development on a GPU machine without a Rust toolchain, where
+/// only the kernel sources change between runs. Host-side parameters must stay as built.
+pub const KERNEL_DIR_ENV: &str = "AIMC_KERNEL_DIR";
+
+/// The text of kernel file `name`: `$AIMC_KERNEL_DIR/<name>` where that variable is set and the
+/// file exists, else the embedded `text`.
+fn part_text(name: &str, text: &'static str) -> CudaResult<std::borrow::Cow<'static, str>> {
+    let Some(dir) = std::env::var_os(KERNEL_DIR_ENV) else {
+        return Ok(text.into());
+    };
+    let path = PathBuf::from(dir).join(name);
+    if !path.is_file() {
+        return Ok(text.into());
+    }
+    std::fs::read_to_string(&path)
+        .map(Into::into)
+        .map_err(|e| CudaError::Compile {
+            file: name.to_string(),
+            arch: String::new(),
+            log: format!("{KERNEL_DIR_ENV}: cannot read {}: {e}", path.display()),
+        })
+}
+
 /// The full source NVRTC sees: configuration macros, the normal transform's table
 /// ([`crate::rng::NormalTable::cuda_source`]), `philox.cuh`, then the unit's files.
-pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
+pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> CudaResult<String> {
     let mut src = String::new();
     for (name, value) in defines {
         src.push_str(&format!("#define {name} {value}\n"));
@@ -92,17 +116,17 @@ pub fn full_source(kernel: &KernelFile, defines: &[(&str, i64)]) -> String {
     src.push_str("#line 1 \"normal_table (generated)\"\n");
     src.push_str(&crate::rng::NormalTable::get().cuda_source());
     src.push_str("#line 1 \"philox.cuh\"\n");
-    src.push_str(PHILOX_CUH);
+    src.push_str(&part_text("philox.cuh", PHILOX_CUH)?);
     for part in kernel.parts {
         src.push_str(&format!("\n#line 1 \"{}\"\n", part.file));
-        src.push_str(part.text);
+        src.push_str(&part_text(part.file, part.text)?);
     }
-    src
+    Ok(src)
 }
 
 /// Compile (or fetch from the cache) `kernel` with `defines` for compute capability `cc`.
 pub fn compile(kernel: &KernelFile, defines: &[(&str, i64)], cc: (i32, i32)) -> CudaResult<Ptx> {
-    let source = full_source(kernel, defines);
+    let source = full_source(kernel, defines)?;
     // Hopper compiles for compute_90a, the architecture-specific target that admits wgmma; its
     // PTX loads only on sm_90 devices, which is all this per-device compile serves.
     let suffix = if cc == (9, 0) { "a" } else { "" };
@@ -188,7 +212,7 @@ mod tests {
 
     #[test]
     fn full_source_orders_defines_table_philox_then_file() {
-        let s = full_source(&RNG_CU, &[("FOO", 3)]);
+        let s = full_source(&RNG_CU, &[("FOO", 3)]).unwrap();
         let d = s.find("#define FOO 3").unwrap();
         let t = s.find("NORMAL_TABLE[").unwrap();
         let p = s.find("philox4x32_10").unwrap();
@@ -199,7 +223,7 @@ mod tests {
 
     #[test]
     fn the_moe_unit_reads_its_files_in_order() {
-        let s = full_source(&MOE_CU, &[]);
+        let s = full_source(&MOE_CU, &[]).unwrap();
         let at = |f: &str| s.find(&format!("#line 1 \"{f}\"")).unwrap();
         let order: Vec<usize> = MOE_CU.parts.iter().map(|p| at(p.file)).collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
