@@ -63,6 +63,16 @@ pub fn unsupported(preset: &TilePreset) -> Option<String> {
     PcmParams::new(&pcm).err().map(|e| e.to_string())
 }
 
+/// What one pass of [`CudaTrainer::run`] computes beyond the loss.
+#[derive(Clone, Copy)]
+enum Mode {
+    Loss,
+    /// The gradient and an Adam step of this size (when the loss is at least the floor).
+    Step(f32),
+    /// The gradient alone.
+    Gradient,
+}
+
 /// Gradient and Adam moments of one grouped matrix.
 struct Optim {
     grad: CudaSlice<f32>,
@@ -266,9 +276,46 @@ impl CudaTrainer {
         })
     }
 
-    /// The loss of the current weights on `tokens` (all when `None`) with the noise of `seed`,
-    /// and with `lr` an Adam step when the loss is finite and at least [`LOSS_FLOOR`].
-    fn run(&mut self, tokens: Option<&[usize]>, seed: u64, lr: Option<f32>) -> CudaResult<f64> {
+    /// The loss and its gradient on all calibration tokens with the noise of `noise_seed`,
+    /// without a step (whatever the loss): what `LayerObjective::evaluate` returns on the
+    /// CPU, for the parity tests and diagnostics.
+    pub fn gradient(&mut self, noise_seed: u64) -> Result<(f64, Vec<SwiGlu>)> {
+        let loss = self
+            .run(None, noise_seed, Mode::Gradient)
+            .map_err(|e| anyhow::anyhow!("layer {} on the GPU: {e}", self.layer))?;
+        let [og, od] = &self.optim;
+        let grads = self.to_experts(&self.dev.download(&og.grad)?, &self.dev.download(&od.grad)?);
+        Ok((loss, grads))
+    }
+
+    /// Interleaved gate/up `[E, 2n, d]` and down `[E, d, n]` arrays as experts.
+    fn to_experts(&self, gu: &[f32], dn: &[f32]) -> Vec<SwiGlu> {
+        let (e_count, d, n, _) = self.shape;
+        let n2 = 2 * n;
+        (0..e_count)
+            .map(|e| {
+                let mut gate_up = ndarray::Array2::<f32>::zeros((n2, d));
+                for f in 0..n2 {
+                    let (is_up, c) = swiglu_source(f);
+                    let src = &gu[(e * n2 + f) * d..][..d];
+                    gate_up
+                        .row_mut(if is_up { n + c } else { c })
+                        .assign(&ndarray::ArrayView1::from(src));
+                }
+                let down = ndarray::Array2::from_shape_vec(
+                    (d, n),
+                    dn[e * d * n..(e + 1) * d * n].to_vec(),
+                )
+                .expect("d×n weights");
+                SwiGlu { gate_up, down }
+            })
+            .collect()
+    }
+
+    /// The loss of the current weights on `tokens` (all when `None`) with the noise of `seed`;
+    /// per `mode` also its gradient, and an Adam step when the loss is finite and at least
+    /// [`LOSS_FLOOR`].
+    fn run(&mut self, tokens: Option<&[usize]>, seed: u64, mode: Mode) -> CudaResult<f64> {
         let dev = Arc::clone(&self.dev);
         let dev = &*dev;
         dev.context()
@@ -327,12 +374,12 @@ impl CudaTrainer {
         let (err, energy) = step::loss(dev, &fwd.y_hat, y, (t, d))?;
         let norm = energy.max(f64::MIN_POSITIVE);
         let loss = err / norm;
-        let Some(lr) = lr else {
-            return Ok(loss);
+        let lr = match mode {
+            Mode::Loss => return Ok(loss),
+            Mode::Step(_) if !(loss.is_finite() && loss >= LOSS_FLOOR) => return Ok(loss),
+            Mode::Step(lr) => Some(lr),
+            Mode::Gradient => None,
         };
-        if !(loss.is_finite() && loss >= LOSS_FLOOR) {
-            return Ok(loss);
-        }
         let [og, od] = &mut self.optim;
         step::backward(
             dev,
@@ -349,6 +396,9 @@ impl CudaTrainer {
             },
         )?;
         drop((fwd, gate_up, down, routing));
+        let Some(lr) = lr else {
+            return Ok(loss);
+        };
         self.t += 1;
         let c1 = 1.0 - BETA1.powi(self.t);
         let c2 = 1.0 - BETA2.powi(self.t);
@@ -379,37 +429,18 @@ impl CudaTrainer {
 
 impl LayerTrainer for CudaTrainer {
     fn loss_all(&mut self, noise_seed: u64) -> Result<f64> {
-        self.run(None, noise_seed, None)
+        self.run(None, noise_seed, Mode::Loss)
             .map_err(|e| anyhow::anyhow!("layer {} on the GPU: {e}", self.layer))
     }
 
     fn step(&mut self, tokens: &[usize], noise_seed: u64, lr: f32) -> Result<f64> {
-        self.run(Some(tokens), noise_seed, Some(lr))
+        self.run(Some(tokens), noise_seed, Mode::Step(lr))
             .map_err(|e| anyhow::anyhow!("layer {} on the GPU: {e}", self.layer))
     }
 
     fn experts(&self) -> Result<Vec<SwiGlu>> {
-        let (e_count, d, n, _) = self.shape;
         let gu = self.dev.download(mapping::weights(&self.gate_up)?)?;
         let dn = self.dev.download(mapping::weights(&self.down)?)?;
-        let n2 = 2 * n;
-        Ok((0..e_count)
-            .map(|e| {
-                let mut gate_up = ndarray::Array2::<f32>::zeros((n2, d));
-                for f in 0..n2 {
-                    let (is_up, c) = swiglu_source(f);
-                    let src = &gu[(e * n2 + f) * d..][..d];
-                    gate_up
-                        .row_mut(if is_up { n + c } else { c })
-                        .assign(&ndarray::ArrayView1::from(src));
-                }
-                let down = ndarray::Array2::from_shape_vec(
-                    (d, n),
-                    dn[e * d * n..(e + 1) * d * n].to_vec(),
-                )
-                .expect("d×n weights");
-                SwiGlu { gate_up, down }
-            })
-            .collect())
+        Ok(self.to_experts(&gu, &dn))
     }
 }
