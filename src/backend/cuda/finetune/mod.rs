@@ -197,7 +197,8 @@ impl CudaTrainer {
             "layer {}: calibration rows of width {width} for experts of width {d}",
             calib.layer
         );
-        // Exactly k pairs per token, in token order (the GPU routing sort's input).
+        // Exactly k pairs per token, in token order, experts in range (the GPU routing sort's
+        // input).
         let starts = token_starts(calib);
         let k = starts.get(1).copied().unwrap_or(0);
         if k == 0
@@ -206,7 +207,8 @@ impl CudaTrainer {
             || calib
                 .assignments
                 .iter()
-                .any(|a| a.expert as usize >= e_count)
+                .enumerate()
+                .any(|(i, a)| a.token as usize != i / k || a.expert as usize >= e_count)
         {
             return Err(CudaError::Unsupported(format!(
                 "layer {}: the GPU trainer needs the same number (1..={}) of experts per token",
