@@ -11,7 +11,7 @@
 #![cfg(feature = "cuda")]
 
 use aimc::backend::cuda::compile::{
-    compile, KernelFile, KernelPart, MODEL_CU, MOE_CU, PROGRAM_CU, RNG_CU,
+    compile, KernelFile, KernelPart, FINETUNE_CU, MODEL_CU, MOE_CU, PROGRAM_CU, RNG_CU,
 };
 use aimc::backend::cuda::gemm::{moe_gemm_variants, moe_gemm_wgmma_variants, GEMM_PARAMS_BYTES};
 
@@ -177,6 +177,7 @@ fn every_kernel_configuration_compiles() {
     let p = ptxas.as_deref();
     check(&RNG_CU, &[], p);
     check(&PROGRAM_CU, &[], p);
+    check(&FINETUNE_CU, &[], p);
     check(&MODEL_CU, &[], p);
     check(&MODEL_CU, &[("ATT_DV_SLOTS", 2)], p);
     check(&MOE_CU, &[], p);
@@ -192,7 +193,7 @@ fn every_kernel_configuration_compiles() {
     }
     // One PTX cache entry per (file, defines, architecture), and a second compile reads it.
     let entries = std::fs::read_dir(cache.join("kernels")).unwrap().count();
-    assert_eq!(entries, (5 + variants.len()) * ARCHS.len() + wgmma.len());
+    assert_eq!(entries, (6 + variants.len()) * ARCHS.len() + wgmma.len());
     let again = compile(&MOE_CU, &variants[0], (9, 0)).unwrap();
     let first = std::fs::read_dir(cache.join("kernels"))
         .unwrap()

@@ -1,6 +1,9 @@
 //! `aimc finetune`: hardware-aware fine-tuning of the routed experts by layer-wise distillation
 //! (docs/finetune.md). Validates every flag, records calibration data, trains layer by layer
 //! with progress on stderr, writes the checkpoint in the input's own layout and `finetune.json`.
+//! `--backend` picks where the layers train as `aimc eval` picks where its analog products run
+//! (`auto`: the GPU when there is one and the preset's objective runs there, else the CPU with
+//! a notice); on the GPU one layer's experts are on the device at a time.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,10 +13,13 @@ use clap::Args;
 use serde::Serialize;
 
 use super::common::{load_model, model_name, write_versioned_json, DEFAULT_PRESET};
+use crate::backend::{BackendRequest, Execution};
 use crate::eval::time::{format_duration, parse_duration};
+use crate::finetune::calib::LayerCalib;
 use crate::finetune::calib::{self, EMBEDDED_CALIB_NAME, EMBEDDED_CALIB_TEXT};
 use crate::finetune::noisy::CpuObjective;
 use crate::finetune::{finetune_layer, FinetuneConfig, LayerRecord};
+use crate::model::common::SwiGlu;
 use crate::model::write::{write_checkpoint, write_checkpoint_from, ExpertUpdates};
 use crate::model::{Ffn, RouterKind};
 use crate::tile::TilePreset;
@@ -68,6 +74,10 @@ pub struct FinetuneArgs {
     /// Router used while recording the calibration routing.
     #[arg(long, default_value = "default")]
     pub router: RouterKind,
+    /// Where the layers train: the CPU, CUDA (error without a GPU or for a preset whose
+    /// objective the GPU does not run), or CUDA when available (else the CPU, with a notice).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendRequest,
 }
 
 /// `finetune.json`.
@@ -81,8 +91,110 @@ struct FinetuneRecord<'a> {
     drift_time: String,
     config: &'a FinetuneConfig,
     layers: &'a [LayerRecord],
+    /// `cpu` or `cuda (<GPU name>)`.
+    backend: String,
+    /// Recording the calibration data (the digital model on the CPU), s.
+    calibration_seconds: f64,
+    /// Training all layers (loss before and after included), s.
+    training_seconds: f64,
+    /// On the GPU: the largest peak of a layer's device buffers (the memory pool's high-water
+    /// mark), bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_peak_bytes: Option<u64>,
+    /// On the GPU: the most device memory in use (all processes, the context and the memory
+    /// pool's cached blocks included) at the end of a layer, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_in_use_bytes: Option<u64>,
     wall_seconds: f64,
     checkpoint: String,
+}
+
+/// The GPU the layers train on (`None`: the CPU).
+#[cfg(feature = "cuda")]
+type Gpu = Option<std::sync::Arc<crate::backend::cuda::CudaDevice>>;
+#[cfg(not(feature = "cuda"))]
+type Gpu = Option<std::convert::Infallible>;
+
+/// `--backend` resolved for `preset`: under `cuda` an error when there is no GPU or the GPU
+/// does not run the preset's objective, under `auto` a notice and the CPU.
+fn choose_backend(request: BackendRequest, preset: &TilePreset) -> Result<(Gpu, String)> {
+    let execution = Execution::resolve(request)?;
+    #[cfg(feature = "cuda")]
+    {
+        let Some(dev) = execution.gpu_for(preset)? else {
+            return Ok((None, "cpu".into()));
+        };
+        match crate::backend::cuda::finetune::unsupported(preset) {
+            None => Ok((Some(dev), execution.describe())),
+            Some(why) if request == BackendRequest::Cuda => bail!(
+                "--backend cuda with preset `{}`: {why} (use --backend cpu)",
+                preset.name
+            ),
+            Some(why) => {
+                eprintln!(
+                    "note: fine-tuning with preset `{}` runs on the CPU ({why})",
+                    preset.name
+                );
+                Ok((None, "cpu".into()))
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (execution, preset);
+        Ok((None, "cpu".into()))
+    }
+}
+
+/// Device memory figures of a GPU run: (largest layer peak, most in use at a layer's end).
+#[derive(Default)]
+struct DeviceMemory {
+    peak: Option<u64>,
+    in_use: Option<u64>,
+}
+
+/// Trains one layer on `gpu` (its experts on the device for the layer only), or on the CPU.
+#[allow(clippy::too_many_arguments)]
+fn train(
+    gpu: &Gpu,
+    preset: &TilePreset,
+    drift_s: Option<f64>,
+    calib: &LayerCalib,
+    experts: &mut [SwiGlu],
+    cfg: &FinetuneConfig,
+    progress: &dyn Fn(&str),
+    memory: &mut DeviceMemory,
+) -> Result<LayerRecord> {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = gpu {
+        use crate::backend::cuda::finetune::CudaTrainer;
+        use crate::finetune::trainer::LayerTrainer;
+        // The pool keeps the step's freed buffers for the next step; its guard hands them back
+        // to the driver when the layer is done.
+        let pool = dev.retain_pool()?;
+        dev.reset_pool_peak()?;
+        let mut trainer = CudaTrainer::new(dev.clone(), preset, drift_s, calib, experts)?;
+        let mut record = crate::finetune::train_layer(calib, &mut trainer, cfg, progress)?;
+        experts.clone_from_slice(&trainer.experts()?);
+        let peak = dev.pool_peak_bytes()?;
+        let (free, total) = dev.memory_bytes()?;
+        let in_use = total.saturating_sub(free) as u64;
+        drop(trainer);
+        drop(pool);
+        record.device_peak_bytes = Some(peak);
+        memory.peak = memory.peak.max(Some(peak));
+        memory.in_use = memory.in_use.max(Some(in_use));
+        progress(&format!(
+            "layer {}: peak device memory {:.2} GiB (pool high-water mark), {:.2} GiB in use on the device",
+            calib.layer,
+            peak as f64 / f64::from(1u32 << 30),
+            in_use as f64 / f64::from(1u32 << 30)
+        ));
+        return Ok(record);
+    }
+    let _ = (gpu, &memory);
+    let objective = CpuObjective::new(preset, drift_s);
+    finetune_layer(calib, experts, &objective, cfg, progress)
 }
 
 /// The flags' checks that need no model (each error names the flag).
@@ -143,6 +255,7 @@ fn check_out(out: &Path) -> Result<()> {
 pub fn run(a: FinetuneArgs) -> Result<()> {
     let clock = Instant::now();
     let (preset, drift_s) = check(&a)?;
+    let (gpu, backend) = choose_backend(a.backend, &preset)?;
     let (text, text_name) = match &a.calib {
         Some(p) => (
             super::args::read_text_file("--calib", p)?,
@@ -187,30 +300,48 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         drift_s,
     };
     eprintln!(
-        "finetune: {} on `{}`, {} calibration tokens, {} steps per layer, layers {layers:?}",
+        "finetune: {} on `{}`, {} calibration tokens, {} steps per layer, layers {layers:?}, on {backend}",
         model_name(a.model.as_deref()),
         preset.name,
         tokens.len(),
         a.steps
     );
+    let calib_clock = Instant::now();
     let recorded = calib::record(&model, &tokens, a.seq_len, a.router)?;
-    let objective = CpuObjective::new(&preset, drift_s);
+    let calibration_seconds = calib_clock.elapsed().as_secs_f64();
+    eprintln!("finetune: calibration recorded in {calibration_seconds:.1} s");
     let progress = |line: &str| eprintln!("{line}");
     let mut updates = BTreeMap::new();
     let mut records = Vec::new();
-    for c in recorded.iter().filter(|c| layers.contains(&c.layer)) {
+    let mut memory = DeviceMemory::default();
+    let train_clock = Instant::now();
+    let todo: Vec<&LayerCalib> = recorded
+        .iter()
+        .filter(|c| layers.contains(&c.layer))
+        .collect();
+    for (i, c) in todo.iter().enumerate() {
         let Ffn::Moe(block) = &mut model.layers[c.layer].ffn else {
             unreachable!("recorded layers are MoE layers")
         };
-        records.push(finetune_layer(
+        progress(&format!(
+            "finetune: layer {} ({} of {})",
+            c.layer,
+            i + 1,
+            todo.len()
+        ));
+        records.push(train(
+            &gpu,
+            &preset,
+            drift_s,
             c,
             &mut block.experts,
-            &objective,
             &cfg,
             &progress,
+            &mut memory,
         )?);
         updates.insert(c.layer, block.experts.clone());
     }
+    let training_seconds = train_clock.elapsed().as_secs_f64();
     let updates = ExpertUpdates { layers: updates };
     let written = match &a.model {
         Some(dir) => write_checkpoint(dir, &a.out, &updates)?,
@@ -225,16 +356,31 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         drift_time: drift_s.map_or("none".into(), format_duration),
         config: &cfg,
         layers: &records,
+        backend,
+        calibration_seconds,
+        training_seconds,
+        device_peak_bytes: memory.peak,
+        device_in_use_bytes: memory.in_use,
         wall_seconds: clock.elapsed().as_secs_f64(),
         checkpoint: written.dir.display().to_string(),
     };
     let json = a.out.join("finetune.json");
     write_versioned_json(&json, &record)?;
     eprintln!(
-        "finetune: wrote {} and {} ({:.1} s)",
+        "finetune: wrote {} and {} ({:.1} s: calibration {:.1} s, training {:.1} s)",
         written.dir.display(),
         json.display(),
-        record.wall_seconds
+        record.wall_seconds,
+        record.calibration_seconds,
+        record.training_seconds
     );
+    if let Some(peak) = record.device_peak_bytes {
+        eprintln!(
+            "finetune: peak device memory {:.2} GiB (largest layer, memory pool high-water mark); \
+             at most {:.2} GiB in use on the device at a layer's end",
+            peak as f64 / f64::from(1u32 << 30),
+            record.device_in_use_bytes.unwrap_or(0) as f64 / f64::from(1u32 << 30)
+        );
+    }
     Ok(())
 }

@@ -5,9 +5,9 @@ use ndarray::{Array2, Zip};
 use crate::model::common::SwiGlu;
 
 /// First/second moment decay and the denominator's ε (the paper's defaults).
-const BETA1: f32 = 0.9;
-const BETA2: f32 = 0.999;
-const EPS: f32 = 1e-8;
+pub const BETA1: f32 = 0.9;
+pub const BETA2: f32 = 0.999;
+pub const EPS: f32 = 1e-8;
 
 /// Adam's state for a list of experts.
 pub struct Adam {

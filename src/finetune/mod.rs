@@ -5,7 +5,10 @@
 //!    inputs, routing and digital routed-expert output are kept.
 //! 2. [`finetune_layer`]: per layer, Adam minimises E‖ŷ − y‖² / E‖y‖² where ŷ is the layer's
 //!    routed-expert output through the preset's analog physics with fresh noise every step
-//!    ([`noisy::CpuObjective`]), y the recorded digital output.
+//!    ([`noisy::CpuObjective`]), y the recorded digital output. The loop ([`train_layer`]) drives
+//!    a [`trainer::LayerTrainer`], which owns the layer's weights and Adam's state where they
+//!    live: on the host ([`trainer::CpuTrainer`]) or on the GPU
+//!    (`backend::cuda::finetune::CudaTrainer`).
 //! 3. The caller writes the trained experts (`aimc finetune` does, with the checkpoint writer).
 //!
 //! Every random number comes from the keyed streams of [`crate::rng`]: the noise of step s is
@@ -15,18 +18,18 @@
 pub mod adam;
 pub mod calib;
 pub mod noisy;
+pub mod trainer;
 
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use ndarray::Axis;
 use serde::Serialize;
 
 use crate::model::common::SwiGlu;
-use crate::model::Assignment;
 use crate::rng::SplitMix64;
 use calib::LayerCalib;
-use noisy::{LayerBatch, LayerObjective};
+use noisy::LayerObjective;
+use trainer::LayerTrainer;
 
 /// The step index whose noise measures the loss before and after training (never a training
 /// step's).
@@ -78,6 +81,10 @@ pub struct LayerRecord {
     pub train_loss_last: f64,
     /// Wall time of the layer (training and the two loss evaluations), s.
     pub seconds: f64,
+    /// On the GPU: the peak bytes of the layer's device buffers (the memory pool's high-water
+    /// mark while it trained); `None` on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_peak_bytes: Option<u64>,
 }
 
 /// The seed of every noise stream of training step `step` (or of [`EVAL_STEP`]), derived from
@@ -106,36 +113,25 @@ fn batch_tokens(n: usize, batch: usize, seed: u64, layer: usize, step: usize) ->
     out
 }
 
-/// The recorded data of `tokens` (sorted) as a batch: rows gathered, routing re-indexed.
-struct Gathered {
-    x: ndarray::Array2<f32>,
-    y: ndarray::Array2<f32>,
-    assignments: Vec<Assignment>,
-}
-
-fn gather(calib: &LayerCalib, starts: &[usize], tokens: &[usize]) -> Gathered {
-    let mut assignments = Vec::new();
-    for (row, &t) in tokens.iter().enumerate() {
-        for a in &calib.assignments[starts[t]..starts[t + 1]] {
-            assignments.push(Assignment {
-                token: row as u32,
-                ..*a
-            });
-        }
-    }
-    Gathered {
-        x: calib.x.select(Axis(0), tokens),
-        y: calib.y.select(Axis(0), tokens),
-        assignments,
-    }
-}
-
-/// Trains one layer's routed experts (`experts`, in place) on its calibration data; `progress`
-/// receives a line now and then.
+/// Trains one layer's routed experts (`experts`, in place) on its calibration data through
+/// `objective` on the host ([`trainer::CpuTrainer`]); `progress` receives a line now and then.
 pub fn finetune_layer(
     calib: &LayerCalib,
     experts: &mut [SwiGlu],
     objective: &dyn LayerObjective,
+    cfg: &FinetuneConfig,
+    progress: &dyn Fn(&str),
+) -> Result<LayerRecord> {
+    let mut trainer = trainer::CpuTrainer::new(calib, experts, objective);
+    train_layer(calib, &mut trainer, cfg, progress)
+}
+
+/// The training loop of one layer, wherever `trainer` runs: the loss before (noise of
+/// [`EVAL_STEP`], all calibration tokens), `cfg.steps` steps on the seeded token batches with
+/// the cosine learning rate, the loss after. The trained weights stay in `trainer`.
+pub fn train_layer(
+    calib: &LayerCalib,
+    trainer: &mut dyn LayerTrainer,
     cfg: &FinetuneConfig,
     progress: &dyn Fn(&str),
 ) -> Result<LayerRecord> {
@@ -147,50 +143,30 @@ pub fn finetune_layer(
     let clock = Instant::now();
     let n = calib.x.nrows();
     ensure!(n > 0, "layer {}: no calibration tokens", calib.layer);
-    // Assignments are in token order: starts[t]..starts[t+1] are token t's.
-    let mut starts = vec![0usize; n + 1];
-    for a in &calib.assignments {
-        starts[a.token as usize + 1] += 1;
-    }
-    for t in 0..n {
-        starts[t + 1] += starts[t];
-    }
-    let full = calib.batch();
     let eval_seed = noise_seed(cfg.seed, EVAL_STEP);
-    let loss_before = objective.evaluate(experts, &full, eval_seed, false)?.loss;
+    let loss_before = trainer.loss_all(eval_seed)?;
     progress(&format!(
         "layer {}: {} tokens, noisy loss before {:.5}",
         calib.layer, n, loss_before
     ));
-    let mut adam = adam::Adam::new(experts);
     let mut losses = Vec::with_capacity(cfg.steps);
     let report_every = (cfg.steps / 4).max(1);
     for step in 0..cfg.steps {
         let tokens = batch_tokens(n, cfg.batch_tokens, cfg.seed, calib.layer, step);
-        let g = gather(calib, &starts, &tokens);
-        let batch = LayerBatch {
-            layer: calib.layer,
-            x: g.x.view(),
-            y: g.y.view(),
-            assignments: &g.assignments,
-        };
-        let lg = objective.evaluate(experts, &batch, noise_seed(cfg.seed, step as u64), true)?;
-        ensure!(
-            lg.loss.is_finite(),
-            "layer {}: the loss became {} at step {step} (lower --lr)",
-            calib.layer,
-            lg.loss
-        );
-        losses.push(lg.loss);
         let progress_frac = step as f32 / cfg.steps.max(2).saturating_sub(1) as f32;
         let lr = cfg.lr
             * (FINAL_LR_FRACTION
                 + (1.0 - FINAL_LR_FRACTION)
                     * 0.5
                     * (1.0 + (std::f32::consts::PI * progress_frac).cos()));
-        if lg.loss >= LOSS_FLOOR {
-            adam.step(experts, &lg.grads, lr);
-        }
+        let loss = trainer.step(&tokens, noise_seed(cfg.seed, step as u64), lr)?;
+        ensure!(
+            loss.is_finite(),
+            "layer {}: the loss became {} at step {step} (lower --lr)",
+            calib.layer,
+            loss
+        );
+        losses.push(loss);
         if (step + 1) % report_every == 0 {
             let recent = &losses[losses.len().saturating_sub(report_every)..];
             progress(&format!(
@@ -203,7 +179,7 @@ pub fn finetune_layer(
             ));
         }
     }
-    let loss_after = objective.evaluate(experts, &full, eval_seed, false)?.loss;
+    let loss_after = trainer.loss_all(eval_seed)?;
     let tenth = (cfg.steps / 10).max(1);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let record = LayerRecord {
@@ -214,6 +190,7 @@ pub fn finetune_layer(
         train_loss_first: mean(&losses[..tenth]),
         train_loss_last: mean(&losses[losses.len() - tenth..]),
         seconds: clock.elapsed().as_secs_f64(),
+        device_peak_bytes: None,
     };
     progress(&format!(
         "layer {}: noisy loss {:.5} → {:.5} ({:+.1} %), {:.1} s",

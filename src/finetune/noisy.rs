@@ -17,7 +17,9 @@
 //! them, so no mask applies). The mapping scale s_map, the GDC factor α, the noise-management
 //! scale α_nm and the routing weights are constants of the backward.
 //!
-//! [`LayerObjective`] is the seam a GPU implementation replaces; [`CpuObjective`] is this one.
+//! [`LayerObjective`] is the objective's interface; [`CpuObjective`] is this one. The GPU trains
+//! behind the trainer seam instead (`finetune::trainer::LayerTrainer`), with the same
+//! objective on device-resident weights (`backend::cuda::finetune`).
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -55,7 +57,8 @@ pub struct LossGrad {
     pub grads: Vec<SwiGlu>,
 }
 
-/// One layer's noisy objective: what a GPU implementation of the trainer would replace.
+/// One layer's noisy objective on host weights (the CPU trainer's; the GPU trainer computes the
+/// same on the device).
 pub trait LayerObjective: Sync {
     /// The loss of `experts` on `batch` with the noise of `noise_seed` (every random stream of
     /// this evaluation is keyed by it, the tensor id and the element), and its gradient when

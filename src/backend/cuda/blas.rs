@@ -1,5 +1,6 @@
 //! cuBLAS: the dense BF16 GEMM every GPU kernel is timed against (every speed figure is a ratio to a reference measured in the same run), and the f32
-//! GEMMs of the dense model parts on the GPU ([`super::model`]).
+//! GEMMs of the dense model parts on the GPU ([`super::model`]) and of fine-tuning's backward
+//! ([`super::finetune`]).
 use std::sync::Arc;
 
 use cudarc::cublas::{result as cublas_result, sys as cublas_sys, CudaBlas};
@@ -9,6 +10,17 @@ use super::{CudaDevice, CudaError, CudaResult};
 
 /// Side of the square f32 GEMM run once when a handle is created ([`Blas::new`]).
 const WARM_UP_SIZE: usize = 256;
+
+/// How [`Blas::sgemm_layout`] reads its row-major operands for C[m, n].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowLayout {
+    /// C = A[m, k] · B[n, k]ᵀ.
+    Nt,
+    /// C = A[k, m]ᵀ · B[k, n].
+    Tn,
+    /// C = A[m, k] · B[k, n].
+    Nn,
+}
 
 /// A cuBLAS handle on the device's stream.
 pub struct Blas {
@@ -93,6 +105,84 @@ impl Blas {
             (m, n, k),
             beta,
         )
+    }
+
+    /// C[m, n] = op(A)·op(B) + β·C in f32 (CUBLAS_COMPUTE_32F) for row-major matrices that
+    /// start at element offsets of their buffers, each operand read as `layout` says: the
+    /// backward products of fine-tuning (dW = gᵀ·x̂ per expert, ∂L/∂x = g·Ŵ).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_layout(
+        &self,
+        dev: &CudaDevice,
+        layout: RowLayout,
+        (a, a_off): (&CudaSlice<f32>, usize),
+        (b, b_off): (&CudaSlice<f32>, usize),
+        (c, c_off): (&mut CudaSlice<f32>, usize),
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> CudaResult<()> {
+        if a.len() < a_off + m * k || b.len() < b_off + n * k || c.len() < c_off + m * n {
+            return Err(CudaError::Unsupported(format!(
+                "f32 GEMM ({layout:?}): buffers of {}, {}, {} elements for m={m} n={n} k={k} at \
+                 offsets {a_off}, {b_off}, {c_off}",
+                a.len(),
+                b.len(),
+                c.len()
+            )));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        // A row-major X[r, c] is the column-major Xᵀ with leading dimension c, so row-major
+        // C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first.
+        let (op_b, ld_b, op_a, ld_a) = match layout {
+            // B is [n, k]: Bᵀ is its column-major view transposed back.
+            RowLayout::Nt => (CUBLAS_OP_T, k, CUBLAS_OP_N, k),
+            // A is [k, m], B is [k, n].
+            RowLayout::Tn => (CUBLAS_OP_N, n, CUBLAS_OP_T, m),
+            // A is [m, k], B is [k, n].
+            RowLayout::Nn => (CUBLAS_OP_N, n, CUBLAS_OP_N, k),
+        };
+        let stream = dev.stream();
+        let (pa, _ga) = a.device_ptr(stream);
+        let (pb, _gb) = b.device_ptr(stream);
+        let (pc, _gc) = c.device_ptr_mut(stream);
+        let (pa, pb, pc) = (
+            pa + a_off as u64 * 4,
+            pb + b_off as u64 * 4,
+            pc + c_off as u64 * 4,
+        );
+        let alpha = 1.0f32;
+        let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
+        // SAFETY: pointers come from live buffers of the sizes checked above.
+        unsafe {
+            cublas_result::gemm_ex(
+                *self.handle.handle(),
+                op_b,
+                op_a,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                pb as *const _,
+                f32_,
+                ld_b as i32,
+                pa as *const _,
+                f32_,
+                ld_a as i32,
+                (&beta as *const f32).cast(),
+                pc as *mut _,
+                f32_,
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|source| CudaError::Cublas {
+            what: format!("f32 GEMM ({layout:?}) m={m} n={n} k={k}"),
+            source,
+        })
     }
 
     /// C[m, n] = A[m, k] · B[n, k]ᵀ + β·C for row-major operands of cuBLAS type `operand`

@@ -54,6 +54,13 @@ pub const PROGRAM_CU: KernelFile = KernelFile {
     parts: &[part!("program.cu")],
     exact_fp: true,
 };
+/// `kernels/finetune.cu`: the element-wise kernels of a fine-tuning step on the GPU (mapping
+/// scales, dequantised inputs, effective weights, loss sums, SwiGLU backward, Adam).
+pub const FINETUNE_CU: KernelFile = KernelFile {
+    file: "finetune.cu",
+    parts: &[part!("finetune.cu")],
+    exact_fp: true,
+};
 /// The grouped MoE kernels, one unit of files by concern (`kernels/moe_config.cuh` lists
 /// them): configuration, routing sort, DAC prologue, the shared GEMM parts, the periphery
 /// epilogue, the CTA raster, the output modes, the mma.sync and wgmma GEMMs, and the layer's

@@ -360,6 +360,41 @@ impl CudaDevice {
         Ok(PoolRetention { dev: self, pool })
     }
 
+    /// The high-water mark of the bytes allocated from the device's stream-ordered memory pool
+    /// (every buffer of this crate) since [`CudaDevice::reset_pool_peak`]: the peak device
+    /// memory of a run's own buffers, without the context, modules and cuBLAS workspace.
+    pub fn pool_peak_bytes(&self) -> CudaResult<u64> {
+        let pool = self.default_pool()?;
+        let mut value = 0u64;
+        // SAFETY: the attribute is a u64 written through the pointer.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut value as *mut u64).cast(),
+            )
+        }
+        .result()
+        .while_(|| "reading the memory pool's high-water mark".into())?;
+        Ok(value)
+    }
+
+    /// Starts [`CudaDevice::pool_peak_bytes`] again from what is in use now.
+    pub fn reset_pool_peak(&self) -> CudaResult<()> {
+        let pool = self.default_pool()?;
+        let mut zero = 0u64;
+        // SAFETY: setting the high-water mark to 0 (the driver's documented reset).
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .result()
+        .while_(|| "resetting the memory pool's high-water mark".into())
+    }
+
     fn default_pool(&self) -> CudaResult<sys::CUmemoryPool> {
         self.ctx
             .bind_to_thread()

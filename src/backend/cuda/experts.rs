@@ -342,7 +342,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let _pool = dev.retain_pool()?;
         let run = Run {
             dev,
-            model: self.cpu.model(),
+            model: Some(self.cpu.model()),
             device: &drift.device,
             readouts: &drift.readouts,
             periphery: self.periphery.as_ref(),
@@ -393,7 +393,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 None => {
                     let run = Run {
                         dev: self.dev,
-                        model: self.cpu.model(),
+                        model: Some(self.cpu.model()),
                         device: &drift.device,
                         readouts: &drift.readouts,
                         periphery: self.periphery.as_ref(),
@@ -437,7 +437,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let (dev, seed) = (self.dev, self.seed);
         let run = Run {
             dev,
-            model: self.cpu.model(),
+            model: Some(self.cpu.model()),
             device,
             readouts,
             periphery: self.periphery.as_ref(),
@@ -599,7 +599,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
                 .arg(&d32);
         })?;
         let model = self.cpu.model();
-        let w = gate_up.digital(dev, model)?;
+        let w = gate_up.digital(dev, Some(model))?;
         let mut gu = dev.scratch::<f32>(pairs * 2 * inter)?;
         for (e, r0, rows) in experts() {
             blas.sgemm_nt_rows(
@@ -624,7 +624,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             },
         )?;
         drop(gu);
-        let w = down.digital(dev, model)?;
+        let w = down.digital(dev, Some(model))?;
         let mut y = dev.scratch::<f32>(pairs * d)?;
         for (e, r0, rows) in experts() {
             blas.sgemm_nt_rows(

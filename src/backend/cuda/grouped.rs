@@ -207,7 +207,7 @@ impl GroupedMatrix {
 }
 
 /// Interleaved gate/up column `f` → (from the up matrix, its column there): groups of 8.
-fn swiglu_source(f: usize) -> (bool, usize) {
+pub(crate) fn swiglu_source(f: usize) -> (bool, usize) {
     let g8 = f / 8;
     (g8 % 2 == 1, (g8 / 2) * 8 + f % 8)
 }

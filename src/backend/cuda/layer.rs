@@ -16,7 +16,7 @@ use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
 
 /// `[P, N]` store-mode rows with interleaved gate/up columns → SwiGLU `[P, N/2]`.
-fn swiglu_rows(
+pub(crate) fn swiglu_rows(
     dev: &CudaDevice,
     gu: &CudaSlice<f32>,
     rows: usize,

@@ -21,6 +21,8 @@
 //!   [`routing`]: the sort of (token, expert) pairs; [`grouped`]: grouped matrices in kernel
 //!   layout; [`periphery`]: DAC, bound management, GDC readout and the periphery parameters;
 //!   [`gemm`]: the grouped GEMMs, by tile, variant and launch path;
+//! - [`finetune`]: one MoE layer's hardware-aware fine-tuning (weights, Adam and calibration
+//!   rows on the device);
 //! - [`program`]: programming, drift and read noise of single crossbar blocks; [`rng`]: Philox
 //!   fills; [`blas`]: cuBLAS; [`reference`](mod@reference): CPU model of the grouped kernels,
 //!   their oracle; [`compile`]: NVRTC and the PTX cache; [`profile`]: stage timing.
@@ -35,6 +37,7 @@ mod device;
 mod error;
 pub mod execution;
 pub mod experts;
+pub mod finetune;
 pub mod gemm;
 pub mod grouped;
 pub mod layer;

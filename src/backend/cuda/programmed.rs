@@ -117,8 +117,9 @@ pub(crate) struct DeviceModel {
 #[derive(Clone, Copy)]
 pub(crate) struct Run<'c> {
     pub(crate) dev: &'c CudaDevice,
-    /// The model whose digital weights [`Residency::Streamed`] uploads per use.
-    pub(crate) model: &'c Model,
+    /// The model whose digital weights [`Residency::Streamed`] uploads per use (`None` where
+    /// every source holds its weights on the device, as the fine-tuning trainer's do).
+    pub(crate) model: Option<&'c Model>,
     pub(crate) device: &'c DeviceModel,
     pub(crate) readouts: &'c ReadoutCache,
     /// The kernel periphery of the GDC readouts.
@@ -470,12 +471,16 @@ impl DriftSource {
     }
 
     /// The digital weights `[E, N, K]` on the device for one use.
-    pub(crate) fn digital(&self, dev: &CudaDevice, model: &Model) -> CudaResult<Held<'_>> {
+    pub(crate) fn digital(&self, dev: &CudaDevice, model: Option<&Model>) -> CudaResult<Held<'_>> {
         Ok(match &self.w {
             DigitalWeights::Device(w) => Held::Resident(w),
             &DigitalWeights::Host(l, kind) => Held::Uploaded(upload_digital(
                 dev,
-                model,
+                model.ok_or_else(|| {
+                    CudaError::Unsupported(format!(
+                        "layer {l}: streamed digital weights need the model to upload them from"
+                    ))
+                })?,
                 (l, kind),
                 (self.tables.n_cols, self.tables.k),
             )?),
@@ -484,7 +489,7 @@ impl DriftSource {
 
     /// Per `[E, KB, N]` entry: WeightConverter::scale (differential pair) of the max |x / div|
     /// over the entry's crossbar (`div` per entry, or none).
-    fn crossbar_scales(
+    pub(crate) fn crossbar_scales(
         &self,
         dev: &CudaDevice,
         x: &CudaSlice<f32>,
@@ -698,7 +703,7 @@ impl DriftSource {
     /// `global_per_column`, else one value per crossbar) or, under `global_exact`, mean |W̃|.
     /// The forward runs on `operands` (`w` in the run's operand format) when given, else on
     /// operands made from `w` here.
-    fn gdc_means(
+    pub(crate) fn gdc_means(
         &self,
         run: Run<'_>,
         w: &CudaSlice<f32>,
