@@ -193,6 +193,13 @@ fn train(
         };
         let mut record = crate::finetune::train_layer(calib, &mut trainer, cfg, progress)?;
         experts.clone_from_slice(&trainer.experts()?);
+        // AIMC_PROFILE_FORWARD=1: where the layer's time went.
+        for s in trainer.stage_seconds() {
+            progress(&format!(
+                "layer {}: {:<40} {:8.3} s ({:.3} s host)",
+                calib.layer, s.name, s.seconds, s.host_seconds
+            ));
+        }
         let peak = dev.pool_peak_bytes()?;
         let (free, total) = dev.memory_bytes()?;
         let in_use = total.saturating_sub(free) as u64;

@@ -28,6 +28,7 @@ use super::compile::FINETUNE_CU;
 use super::gemm::Precision;
 use super::grouped::{swiglu_source, GpuColumnTables};
 use super::periphery::GemmPeriphery;
+use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
 use super::programmed::{DeviceModel, DigitalWeights, DriftHost, DriftSource, ReadoutCache, Run};
 use super::routing::route;
@@ -117,6 +118,8 @@ pub struct CudaTrainer {
     pair_weight: Vec<f32>,
     all_expert: CudaSlice<u32>,
     all_weight: CudaSlice<f32>,
+    /// Stage times of the steps ([`super::profile::PROFILE_ENV`]).
+    clock: Option<StageClock>,
 }
 
 /// The crossbar layouts (block split, tensor ids) of projection `proj` of every expert.
@@ -274,8 +277,15 @@ impl CudaTrainer {
             pair_weight,
             all_expert,
             all_weight,
+            clock: StageClock::from_env(),
             dev,
         })
+    }
+
+    /// Wall time per stage of the passes so far (each stage ends with a device
+    /// synchronisation), when `AIMC_PROFILE_FORWARD` is set; empty otherwise.
+    pub fn stage_seconds(&self) -> &[StageTime] {
+        self.clock.as_ref().map_or(&[], |c| c.stages())
     }
 
     /// The loss and its gradient on all calibration tokens with the noise of `noise_seed`,
@@ -327,6 +337,7 @@ impl CudaTrainer {
                 source,
             })?;
         let (e_count, d, _, k) = self.shape;
+        let mut lap = laps(&mut self.clock, dev)?;
         // The batch: rows gathered on the device, routing built on the host (small).
         let (gathered, pairs);
         let (x, y, experts, weights, t) = match tokens {
@@ -361,6 +372,7 @@ impl CudaTrainer {
             }
         };
         let routing = route(dev, experts, weights, t, k, e_count)?;
+        lap("batch and routing")?;
         let run = Run {
             dev,
             model: None,
@@ -370,10 +382,13 @@ impl CudaTrainer {
             precision: Precision::AnalogF16,
             seed,
         };
-        let gate_up = mapping::step_operands(run, &mut self.gate_up, &self.mapping, self.drift_s)?;
-        let down = mapping::step_operands(run, &mut self.down, &self.mapping, self.drift_s)?;
+        let (spec, drift_s) = (&self.mapping, self.drift_s);
+        let gate_up = mapping::step_operands(run, &mut self.gate_up, spec, drift_s, &mut lap)?;
+        let down = mapping::step_operands(run, &mut self.down, spec, drift_s, &mut lap)?;
         let fwd = step::forward(dev, &gate_up, &down, &self.periphery, seed, x, &routing)?;
+        lap("forward")?;
         let (err, energy) = step::loss(dev, &fwd.y_hat, y, (t, d))?;
+        lap("loss")?;
         let norm = energy.max(f64::MIN_POSITIVE);
         let loss = err / norm;
         let lr = match mode {
@@ -398,6 +413,7 @@ impl CudaTrainer {
             },
         )?;
         drop((fwd, gate_up, down, routing));
+        lap("backward")?;
         let Some(lr) = lr else {
             return Ok(loss);
         };
@@ -425,6 +441,7 @@ impl CudaTrainer {
                     .arg(&EPS);
             })?;
         }
+        lap("Adam")?;
         Ok(loss)
     }
 }
