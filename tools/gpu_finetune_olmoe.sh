@@ -12,6 +12,9 @@
 #                        phases (model load, calibration on the CPU, training, writing), aimc's
 #                        peak device memory (the memory pool's high-water mark, per layer) and
 #                        nvidia-smi's peak (every 100 ms, all processes).
+#   finetune-profile.log step 4 (not in the default STEPS): one layer, 2,048 calibration tokens,
+#                        20 steps, with AIMC_PROFILE_FORWARD=1: the time per stage of a step
+#                        (mapping, programming, drift, GDC readouts, forward, loss, backward, Adam).
 # About 1 min for step 1 (most of it NVRTC, cached for step 3), ~1 min for step 2, and for
 # step 3 the model load (~15 s), the calibration (the digital model on the CPU) and ~10–20 s per
 # layer (not measured yet): FT_LIMIT (default 420 s) bounds it.
@@ -67,4 +70,13 @@ for l in r["layers"]:
           f"peak {gib(l.get('device_peak_bytes')):.2f} GiB")
 EOF
 fi
+fi
+
+if step 4; then
+rm -rf /tmp/olmoe-finetuned-profile
+AIMC_PROFILE_FORWARD=1 timeout ${FT_LIMIT:-420} $B/aimc finetune --backend cuda --model $CK --calib data/kjv-calib.txt \
+  --calib-tokens 2048 --steps 20 --preset ${FT_PRESET:-pcm-3d-8tier} --drift-time 1y --layers 0 \
+  --out /tmp/olmoe-finetuned-profile > "$OUT/finetune-profile.log" 2>&1
+echo "finetune (profiled) rc=$?"
+grep -E "^layer 0: |^finetune" "$OUT/finetune-profile.log" | head -60
 fi

@@ -156,7 +156,7 @@ struct DeviceMemory {
 /// Trains one layer on `gpu` (its experts on the device for the layer only), or on the CPU.
 #[allow(clippy::too_many_arguments)]
 fn train(
-    gpu: &Gpu,
+    (gpu, request): (&Gpu, BackendRequest),
     preset: &TilePreset,
     drift_s: Option<f64>,
     calib: &LayerCalib,
@@ -173,9 +173,33 @@ fn train(
         // to the driver when the layer is done.
         let pool = dev.retain_pool()?;
         dev.reset_pool_peak()?;
-        let mut trainer = CudaTrainer::new(dev.clone(), preset, drift_s, calib, experts)?;
+        let mut trainer = match CudaTrainer::new(dev.clone(), preset, drift_s, calib, experts) {
+            Ok(t) => t,
+            // A layer the GPU cannot train (e.g. a router with a varying number of experts
+            // per token) trains on the CPU under `auto`.
+            Err(e)
+                if request == BackendRequest::Auto
+                    && matches!(
+                        e.downcast_ref::<crate::backend::cuda::CudaError>(),
+                        Some(crate::backend::cuda::CudaError::Unsupported(_))
+                    ) =>
+            {
+                drop(pool);
+                eprintln!("note: layer {} trains on the CPU ({e})", calib.layer);
+                let objective = CpuObjective::new(preset, drift_s);
+                return finetune_layer(calib, experts, &objective, cfg, progress);
+            }
+            Err(e) => return Err(e),
+        };
         let mut record = crate::finetune::train_layer(calib, &mut trainer, cfg, progress)?;
         experts.clone_from_slice(&trainer.experts()?);
+        // AIMC_PROFILE_FORWARD=1: where the layer's time went.
+        for s in trainer.stage_seconds() {
+            progress(&format!(
+                "layer {}: {:<40} {:8.3} s ({:.3} s host)",
+                calib.layer, s.name, s.seconds, s.host_seconds
+            ));
+        }
         let peak = dev.pool_peak_bytes()?;
         let (free, total) = dev.memory_bytes()?;
         let in_use = total.saturating_sub(free) as u64;
@@ -192,7 +216,7 @@ fn train(
         ));
         return Ok(record);
     }
-    let _ = (gpu, &memory);
+    let _ = (gpu, request, &memory);
     let objective = CpuObjective::new(preset, drift_s);
     finetune_layer(calib, experts, &objective, cfg, progress)
 }
@@ -330,7 +354,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             todo.len()
         ));
         records.push(train(
-            &gpu,
+            (&gpu, a.backend),
             &preset,
             drift_s,
             c,

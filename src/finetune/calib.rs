@@ -54,8 +54,8 @@ impl LayerCalib {
     }
 }
 
-/// What one MoE layer saw in one forward: (layer, input rows, routing).
-type Seen = (usize, Array2<f32>, Vec<Assignment>);
+/// What one MoE layer saw in one forward: (layer, input rows, routing, routed-expert output).
+type Seen = (usize, Array2<f32>, Vec<Assignment>, Array2<f32>);
 
 /// A digital [`ExpertLinear`] that records the input and routing of every MoE layer.
 struct Recorder<'m> {
@@ -77,13 +77,21 @@ impl ExpertLinear for Recorder<'_> {
         layer: usize,
         x: ArrayView2<'_, f32>,
         assignments: &[Assignment],
-        _n_experts: usize,
+        n_experts: usize,
     ) -> Result<Option<Array2<f32>>> {
-        self.seen
-            .lock()
-            .expect("recorder lock")
-            .push((layer, x.to_owned(), assignments.to_vec()));
-        Ok(None)
+        // The model's own digital path (what it runs for `None`), computed once here for the
+        // forward and the recorded target alike (it was computed again over the whole
+        // recording before: the same bits, since each output row depends on its own input row
+        // only, checked on the embedded model's default calibration, and one routed-expert
+        // pass less).
+        let y = dispatch(layer, x, assignments, n_experts, self.model);
+        self.seen.lock().expect("recorder lock").push((
+            layer,
+            x.to_owned(),
+            assignments.to_vec(),
+            y.clone(),
+        ));
+        Ok(Some(y))
     }
 }
 
@@ -105,7 +113,9 @@ pub fn record(
         !moe_layers.is_empty(),
         "the model has no MoE layer to fine-tune"
     );
-    let mut parts: Vec<Vec<(Array2<f32>, Vec<Assignment>)>> = vec![Vec::new(); moe_layers.len()];
+    // Per MoE layer, what each forward saw (without the layer index).
+    type Part = (Array2<f32>, Vec<Assignment>, Array2<f32>);
+    let mut parts: Vec<Vec<Part>> = vec![Vec::new(); moe_layers.len()];
     for group in windows.chunks(WINDOWS_PER_PASS) {
         let rec = Recorder {
             model,
@@ -117,32 +127,32 @@ pub fn record(
             record_routing: false,
         };
         model.forward_batch(group, &opts)?;
-        for (layer, x, a) in rec.seen.into_inner().expect("recorder lock") {
+        for (layer, x, a, y) in rec.seen.into_inner().expect("recorder lock") {
             let k = moe_layers
                 .iter()
                 .position(|&l| l == layer)
                 .expect("only MoE layers route");
-            parts[k].push((x, a));
+            parts[k].push((x, a, y));
         }
     }
-    let n_experts = model.config.num_experts;
     moe_layers
         .iter()
         .zip(parts)
         .map(|(&layer, chunks)| {
             let mut offset = 0u32;
             let mut assignments = Vec::new();
-            let mut views = Vec::new();
-            for (x, a) in &chunks {
+            let (mut xs, mut ys) = (Vec::new(), Vec::new());
+            for (x, a, y) in &chunks {
                 assignments.extend(a.iter().map(|a| Assignment {
                     token: a.token + offset,
                     ..*a
                 }));
                 offset += x.nrows() as u32;
-                views.push(x.view());
+                xs.push(x.view());
+                ys.push(y.view());
             }
-            let x = concatenate(Axis(0), &views)?;
-            let y = dispatch(layer, x.view(), &assignments, n_experts, model);
+            let x = concatenate(Axis(0), &xs)?;
+            let y = concatenate(Axis(0), &ys)?;
             Ok(LayerCalib {
                 layer,
                 x,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::super::compile::{FINETUNE_CU, PROGRAM_CU};
+use super::super::experts::Lap;
 use super::super::gemm::Precision;
 use super::super::grouped::GpuGroupedMatrix;
 use super::super::programmed::{DigitalWeights, DriftSource, Run};
@@ -111,7 +112,12 @@ fn map_scales(
 
 /// Maps the current weights of `src` (s_map, the target conductance scale per crossbar and
 /// the `global_exact` GDC reference) and forgets the previous step's programmed state.
-fn remap(run: Run<'_>, src: &mut DriftSource, mapping: &MappingSpec) -> CudaResult<()> {
+fn remap(
+    run: Run<'_>,
+    src: &mut DriftSource,
+    mapping: &MappingSpec,
+    lap: Lap<'_>,
+) -> CudaResult<()> {
     let dev = run.dev;
     let s_map = Arc::new(map_scales(dev, src, mapping)?);
     src.g_target =
@@ -133,12 +139,12 @@ fn remap(run: Run<'_>, src: &mut DriftSource, mapping: &MappingSpec) -> CudaResu
                 .arg(&kb32)
                 .arg(&mut target);
         })?;
-        let means = src.gdc_means(run, &target, None, GDC_REFERENCE_MVM_ID, &mut |_| Ok(()))?;
+        let means = src.gdc_means(run, &target, None, GDC_REFERENCE_MVM_ID, lap)?;
         src.host_gdc_ref = dev.download(&means)?;
     }
     src.programmed = None;
     src.seed_scales = None;
-    Ok(())
+    lap("mapping: s_map, target scales")
 }
 
 /// The operands of `src`'s current weights for one step: mapped, programmed under `run.seed`
@@ -150,13 +156,13 @@ pub(crate) fn step_operands(
     src: &mut DriftSource,
     mapping: &MappingSpec,
     drift_s: Option<f64>,
+    lap: Lap<'_>,
 ) -> CudaResult<GpuGroupedMatrix> {
-    remap(run, src, mapping)?;
-    let mut lap = |_: &'static str| Ok(());
+    remap(run, src, mapping, lap)?;
     match drift_s {
-        Some(t) => src.drifted(run, t, &mut lap),
+        Some(t) => src.drifted(run, t, lap),
         None => {
-            let programmed = src.program_weights(run, &mut lap)?;
+            let programmed = src.program_weights(run, lap)?;
             // to_f16 rounds to nearest even: the binary16 rounding tile::Crossbar applies to
             // W̃_prog before any drift.
             GpuGroupedMatrix::from_device_parts(

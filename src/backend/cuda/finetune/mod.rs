@@ -28,6 +28,7 @@ use super::compile::FINETUNE_CU;
 use super::gemm::Precision;
 use super::grouped::{swiglu_source, GpuColumnTables};
 use super::periphery::GemmPeriphery;
+use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
 use super::programmed::{DeviceModel, DigitalWeights, DriftHost, DriftSource, ReadoutCache, Run};
 use super::routing::route;
@@ -117,6 +118,8 @@ pub struct CudaTrainer {
     pair_weight: Vec<f32>,
     all_expert: CudaSlice<u32>,
     all_weight: CudaSlice<f32>,
+    /// Stage times of the steps ([`super::profile::PROFILE_ENV`]).
+    clock: Option<StageClock>,
 }
 
 /// The crossbar layouts (block split, tensor ids) of projection `proj` of every expert.
@@ -142,6 +145,42 @@ fn layouts(
                 proj,
             });
             AnalogMatrix::layout(m, preset, device.clone(), 0, id)
+        })
+        .collect()
+}
+
+/// The experts' weights in the grouped layout: gate/up `[E, 2n, d]` with gate and up rows
+/// interleaved in groups of 8 (as the SwiGLU epilogue and [`DriftHost::interleave`] lay them
+/// out), down `[E, d, n]`.
+fn grouped_weights(experts: &[SwiGlu]) -> (Vec<f32>, Vec<f32>) {
+    let mut gu = Vec::with_capacity(experts.iter().map(|w| w.gate_up.len()).sum());
+    let mut dn = Vec::with_capacity(experts.iter().map(|w| w.down.len()).sum());
+    for w in experts {
+        let n = w.gate_up.nrows() / 2;
+        for f in 0..2 * n {
+            let (is_up, c) = swiglu_source(f);
+            gu.extend(w.gate_up.row(if is_up { n + c } else { c }).iter());
+        }
+        dn.extend(w.down.iter());
+    }
+    (gu, dn)
+}
+
+/// The inverse of [`grouped_weights`] for `e` experts of width `d` and expert width `n`.
+fn experts_from_grouped(gu: &[f32], dn: &[f32], (e, d, n): (usize, usize, usize)) -> Vec<SwiGlu> {
+    let n2 = 2 * n;
+    (0..e)
+        .map(|e| {
+            let mut gate_up = ndarray::Array2::<f32>::zeros((n2, d));
+            for f in 0..n2 {
+                let (is_up, c) = swiglu_source(f);
+                gate_up
+                    .row_mut(if is_up { n + c } else { c })
+                    .assign(&ndarray::ArrayView1::from(&gu[(e * n2 + f) * d..][..d]));
+            }
+            let down = ndarray::Array2::from_shape_vec((d, n), dn[e * d * n..][..d * n].to_vec())
+                .expect("d×n weights");
+            SwiGlu { gate_up, down }
         })
         .collect()
 }
@@ -227,17 +266,7 @@ impl CudaTrainer {
         };
         let gate_up_host = DriftHost::interleave(&hosts(Proj::Gate)?, &hosts(Proj::Up)?)?;
         let down_host = hosts(Proj::Down)?;
-        // Weights in the grouped layout: gate/up rows interleaved in groups of 8.
-        let mut gu = Vec::with_capacity(e_count * n2 * d);
-        let mut dn = Vec::with_capacity(e_count * d * n);
-        for w in experts {
-            for f in 0..n2 {
-                let (is_up, c) = swiglu_source(f);
-                let row = w.gate_up.row(if is_up { n + c } else { c });
-                gu.extend(row.iter());
-            }
-            dn.extend(w.down.iter());
-        }
+        let (gu, dn) = grouped_weights(experts);
         let std_x = calib.x.as_standard_layout();
         let std_y = calib.y.as_standard_layout();
         let gate_up = source(&dev, gate_up_host, dev.upload(&gu)?)?;
@@ -274,8 +303,15 @@ impl CudaTrainer {
             pair_weight,
             all_expert,
             all_weight,
+            clock: StageClock::from_env(),
             dev,
         })
+    }
+
+    /// Wall time per stage of the passes so far (each stage ends with a device
+    /// synchronisation), when `AIMC_PROFILE_FORWARD` is set; empty otherwise.
+    pub fn stage_seconds(&self) -> &[StageTime] {
+        self.clock.as_ref().map_or(&[], |c| c.stages())
     }
 
     /// The loss and its gradient on all calibration tokens with the noise of `noise_seed`,
@@ -293,25 +329,7 @@ impl CudaTrainer {
     /// Interleaved gate/up `[E, 2n, d]` and down `[E, d, n]` arrays as experts.
     fn to_experts(&self, gu: &[f32], dn: &[f32]) -> Vec<SwiGlu> {
         let (e_count, d, n, _) = self.shape;
-        let n2 = 2 * n;
-        (0..e_count)
-            .map(|e| {
-                let mut gate_up = ndarray::Array2::<f32>::zeros((n2, d));
-                for f in 0..n2 {
-                    let (is_up, c) = swiglu_source(f);
-                    let src = &gu[(e * n2 + f) * d..][..d];
-                    gate_up
-                        .row_mut(if is_up { n + c } else { c })
-                        .assign(&ndarray::ArrayView1::from(src));
-                }
-                let down = ndarray::Array2::from_shape_vec(
-                    (d, n),
-                    dn[e * d * n..(e + 1) * d * n].to_vec(),
-                )
-                .expect("d×n weights");
-                SwiGlu { gate_up, down }
-            })
-            .collect()
+        experts_from_grouped(gu, dn, (e_count, d, n))
     }
 
     /// The loss of the current weights on `tokens` (all when `None`) with the noise of `seed`;
@@ -327,6 +345,7 @@ impl CudaTrainer {
                 source,
             })?;
         let (e_count, d, _, k) = self.shape;
+        let mut lap = laps(&mut self.clock, dev)?;
         // The batch: rows gathered on the device, routing built on the host (small).
         let (gathered, pairs);
         let (x, y, experts, weights, t) = match tokens {
@@ -361,6 +380,7 @@ impl CudaTrainer {
             }
         };
         let routing = route(dev, experts, weights, t, k, e_count)?;
+        lap("batch and routing")?;
         let run = Run {
             dev,
             model: None,
@@ -370,10 +390,13 @@ impl CudaTrainer {
             precision: Precision::AnalogF16,
             seed,
         };
-        let gate_up = mapping::step_operands(run, &mut self.gate_up, &self.mapping, self.drift_s)?;
-        let down = mapping::step_operands(run, &mut self.down, &self.mapping, self.drift_s)?;
+        let (spec, drift_s) = (&self.mapping, self.drift_s);
+        let gate_up = mapping::step_operands(run, &mut self.gate_up, spec, drift_s, &mut lap)?;
+        let down = mapping::step_operands(run, &mut self.down, spec, drift_s, &mut lap)?;
         let fwd = step::forward(dev, &gate_up, &down, &self.periphery, seed, x, &routing)?;
+        lap("forward")?;
         let (err, energy) = step::loss(dev, &fwd.y_hat, y, (t, d))?;
+        lap("loss")?;
         let norm = energy.max(f64::MIN_POSITIVE);
         let loss = err / norm;
         let lr = match mode {
@@ -398,6 +421,7 @@ impl CudaTrainer {
             },
         )?;
         drop((fwd, gate_up, down, routing));
+        lap("backward")?;
         let Some(lr) = lr else {
             return Ok(loss);
         };
@@ -425,6 +449,7 @@ impl CudaTrainer {
                     .arg(&EPS);
             })?;
         }
+        lap("Adam")?;
         Ok(loss)
     }
 }
@@ -444,5 +469,45 @@ impl LayerTrainer for CudaTrainer {
         let gu = self.dev.download(mapping::weights(&self.gate_up)?)?;
         let dn = self.dev.download(mapping::weights(&self.down)?)?;
         Ok(self.to_experts(&gu, &dn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouped_weights_interleave_gate_and_up_by_eight_and_invert() {
+        let (e, d, n) = (2, 3, 16);
+        let experts: Vec<SwiGlu> = (0..e)
+            .map(|x| SwiGlu {
+                gate_up: ndarray::Array2::from_shape_fn((2 * n, d), |(r, c)| {
+                    (1000 * x + 10 * r + c) as f32
+                }),
+                down: ndarray::Array2::from_shape_fn((d, n), |(r, c)| {
+                    -((1000 * x + 10 * r + c) as f32)
+                }),
+            })
+            .collect();
+        let (gu, dn) = grouped_weights(&experts);
+        assert_eq!((gu.len(), dn.len()), (e * 2 * n * d, e * d * n));
+        // Grouped row f of expert 1: gate rows 0..8, up rows 0..8, gate rows 8..16, up 8..16.
+        let row = |f: usize| gu[(2 * n + f) * d];
+        assert_eq!(row(0), 1000.0); // gate row 0
+        assert_eq!(row(8), (1000 + 10 * n) as f32); // up row 0
+        assert_eq!(row(16), (1000 + 80) as f32); // gate row 8
+        assert_eq!(row(31), (1000 + 10 * (n + 15)) as f32); // up row 15
+                                                            // The layout of the crossbar tables and programmed state (grouped::interleave_rows).
+        let gate: Vec<f32> = experts.iter().flat_map(|w| w.gate().to_owned()).collect();
+        let up: Vec<f32> = experts.iter().flat_map(|w| w.up().to_owned()).collect();
+        assert_eq!(
+            super::super::grouped::interleave_rows(&gate, &up, e, n, d),
+            gu
+        );
+        let back = experts_from_grouped(&gu, &dn, (e, d, n));
+        for (a, b) in back.iter().zip(&experts) {
+            assert_eq!(a.gate_up, b.gate_up);
+            assert_eq!(a.down, b.down);
+        }
     }
 }

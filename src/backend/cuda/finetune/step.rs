@@ -18,7 +18,7 @@ use super::super::periphery::{quantize, GemmInput, GemmPeriphery};
 use super::super::routing::GpuRouting;
 use super::super::{linear_launch, CudaDevice, CudaResult};
 
-/// Fewest/most experts per token the combine kernel sorts (`FT_MAX_K` in kernels/finetune.cu).
+/// Most experts per token the combine kernel sorts (`FT_MAX_K` in kernels/finetune.cu).
 pub(crate) const MAX_TOP_K: usize = 32;
 
 /// The forward of one batch, kept for the backward.
