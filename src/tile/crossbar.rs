@@ -5,6 +5,7 @@ use anyhow::{bail, ensure, Result};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
 use rayon::prelude::*;
 
+use super::kernel::{self, Packed};
 use super::operand::{round_to_binary16, to_binary16};
 use super::preset::{
     DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset, WeightNoise,
@@ -613,64 +614,39 @@ impl Crossbar {
         mut y: ArrayViewMut2<f32>,
     ) {
         let p = &self.periphery;
-        let (m, n_out) = (xq.nrows(), self.n_out);
+        let n_out = self.n_out;
         let pcm_read_std = match p.w_noise {
             WeightNoise::PcmRead { std } if std > 0.0 => Some(std),
             _ => None,
         };
-        // GEMMs with |W̃|: IR drop needs a = |x̃|·|W̃|ᵀ, PCM_READ needs Σ|W̃|x̃² = x̃²·|W̃|ᵀ;
-        // both run as one GEMM over the stacked inputs [|x̃|; x̃²] (|W̃| packed once).
-        let abs_inputs: Vec<fn(f32) -> f32> = [
-            p.ir_drop.map(|_| f32::abs as fn(f32) -> f32),
-            pcm_read_std.map(|_| (|v: f32| v * v) as fn(f32) -> f32),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let abs_products = (!abs_inputs.is_empty()).then(|| {
-            let abs_w = self
-                .abs_w
-                .as_ref()
-                .expect("|W| kept for IR drop / PCM_READ");
-            let mut stacked = Array2::<f32>::zeros((abs_inputs.len() * m, self.n_in));
-            for (k, f) in abs_inputs.iter().enumerate() {
-                Zip::from(stacked.slice_mut(s![k * m..(k + 1) * m, ..]))
-                    .and(&xq)
-                    .for_each(|o, &v| *o = f(v));
-            }
-            stacked.dot(&abs_w.t())
-        });
-        // 3–4. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
-        if let (Some(IrDrop { scale, g_ratio }), Some(w_ir), Some(abs)) =
-            (p.ir_drop, &self.w_ir, &abs_products)
-        {
-            let mut both = Array2::<f32>::zeros((m, 2 * n_out));
-            general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
+        let (ir_abs, pcm_sum) = if kernel::available() {
+            self.products_packed(xq, pcm_read_std.is_some(), y.view_mut())
+        } else {
+            self.products_ndarray(xq, pcm_read_std.is_some(), y.view_mut())
+        };
+        // 4. IR drop: y = W̃x̃ − scale·c(a)·(W̃∘F)x̃; the products left W̃x̃ in y[.., ..n_out] of
+        // `both` and (W̃∘F)x̃ in its second half.
+        if let (Some(IrDrop { scale, g_ratio }), Some((a, both))) = (p.ir_drop, &ir_abs) {
             let k = self.n_in as f32 / g_ratio;
             Zip::from(&mut y)
                 .and(both.slice(s![.., ..n_out]))
-                .and(abs.slice(s![..m, ..]))
+                .and(a)
                 .and(both.slice(s![.., n_out..]))
                 .for_each(|y, &w_x, &a, &yf| {
                     let a = k * a;
                     let c = a * (a * (0.05 * a - 0.2) + 0.5);
                     *y = w_x - scale * c * yf;
                 });
-        } else {
-            general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
         }
         // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
         // to the same y_i, so they are drawn as one normal with the summed variance
         // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers). The GPU
         // backend must do the same to reproduce these values.
         let weight_var = match (p.w_noise, pcm_read_std) {
-            (_, Some(std)) => {
-                let abs = abs_products.as_ref().expect("PCM_READ products computed");
-                WeightVar::PcmRead {
-                    std2: std * std,
-                    sum_abs_w_x2: abs.slice(s![abs.nrows() - m.., ..]),
-                }
-            }
+            (_, Some(std)) => WeightVar::PcmRead {
+                std2: std * std,
+                sum_abs_w_x2: pcm_sum.as_ref().expect("PCM_READ products computed").view(),
+            },
             (WeightNoise::Additive { std }, _) if std > 0.0 => WeightVar::Additive {
                 per_row: xq
                     .rows()
@@ -708,6 +684,97 @@ impl Crossbar {
                 row.mapv_inplace(|v| q.quantize(v, step));
             }
         }
+    }
+
+    /// The crossbar products of quantised inputs `xq` with the packed kernel: W̃x̃ into `y`
+    /// (without IR drop), and the products the periphery needs — under IR drop
+    /// `(a = |x̃|·|W̃|ᵀ, [W̃x̃ | (W̃∘F)x̃])`, under PCM_READ Σ_j |W̃_ij| x̃_j². Bit-identical to
+    /// [`Crossbar::products_ndarray`] ([`kernel`]).
+    #[allow(clippy::type_complexity)]
+    fn products_packed(
+        &self,
+        xq: ArrayView2<f32>,
+        pcm_read: bool,
+        y: ArrayViewMut2<f32>,
+    ) -> (Option<(Array2<f32>, Array2<f32>)>, Option<Array2<f32>>) {
+        let (m, n_out) = (xq.nrows(), self.n_out);
+        let x2 = pcm_read.then(|| xq.mapv(|v| v * v));
+        let mut pcm_sum = x2.as_ref().map(|_| Array2::<f32>::zeros((m, n_out)));
+        let Some(w_ir) = &self.w_ir else {
+            Packed::with(self.w.view(), |w| {
+                let second = x2
+                    .as_ref()
+                    .map(|x2| x2.view())
+                    .zip(pcm_sum.as_mut().map(|s| s.view_mut()));
+                kernel::gemm(xq, w, false, y, second);
+            });
+            return (None, pcm_sum);
+        };
+        let mut both = Array2::<f32>::zeros((m, 2 * n_out));
+        Packed::with(w_ir.view(), |w| {
+            kernel::gemm(xq, w, false, both.view_mut(), None)
+        });
+        let abs_x = xq.mapv(f32::abs);
+        let mut a = Array2::<f32>::zeros((m, n_out));
+        Packed::with(self.w.view(), |w| {
+            let second = x2
+                .as_ref()
+                .map(|x2| x2.view())
+                .zip(pcm_sum.as_mut().map(|s| s.view_mut()));
+            kernel::gemm(abs_x.view(), w, true, a.view_mut(), second);
+        });
+        (Some((a, both)), pcm_sum)
+    }
+
+    /// [`Crossbar::products_packed`] through `ndarray`'s GEMM, for CPUs without AVX2 and FMA.
+    #[allow(clippy::type_complexity)]
+    fn products_ndarray(
+        &self,
+        xq: ArrayView2<f32>,
+        pcm_read: bool,
+        mut y: ArrayViewMut2<f32>,
+    ) -> (Option<(Array2<f32>, Array2<f32>)>, Option<Array2<f32>>) {
+        let p = &self.periphery;
+        let m = xq.nrows();
+        // GEMMs with |W̃|: IR drop needs a = |x̃|·|W̃|ᵀ, PCM_READ needs Σ|W̃|x̃² = x̃²·|W̃|ᵀ;
+        // both run as one GEMM over the stacked inputs [|x̃|; x̃²] (|W̃| packed once).
+        let abs_inputs: Vec<fn(f32) -> f32> = [
+            p.ir_drop.map(|_| f32::abs as fn(f32) -> f32),
+            pcm_read.then_some((|v: f32| v * v) as fn(f32) -> f32),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let abs_products = (!abs_inputs.is_empty()).then(|| {
+            let abs_w = self
+                .abs_w
+                .as_ref()
+                .expect("|W| kept for IR drop / PCM_READ");
+            let mut stacked = Array2::<f32>::zeros((abs_inputs.len() * m, self.n_in));
+            for (k, f) in abs_inputs.iter().enumerate() {
+                Zip::from(stacked.slice_mut(s![k * m..(k + 1) * m, ..]))
+                    .and(&xq)
+                    .for_each(|o, &v| *o = f(v));
+            }
+            stacked.dot(&abs_w.t())
+        });
+        let pcm_sum = pcm_read.then(|| {
+            let abs = abs_products.as_ref().expect("PCM_READ products computed");
+            abs.slice(s![abs.nrows() - m.., ..]).to_owned()
+        });
+        // 3. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
+        let ir = match (&self.w_ir, &abs_products) {
+            (Some(w_ir), Some(abs)) => {
+                let mut both = Array2::<f32>::zeros((m, 2 * self.n_out));
+                general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
+                Some((abs.slice(s![..m, ..]).to_owned(), both))
+            }
+            _ => {
+                general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
+                None
+            }
+        };
+        (ir, pcm_sum)
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod crossbar;
 mod drift_study;
+mod kernel;
 mod matrix;
 pub mod operand;
 mod preset;
