@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
 use rayon::prelude::*;
 
-use super::kernel::{self, Packed};
+use super::kernel::{self, Packed, RowNoise};
 use super::operand::{round_to_binary16, to_binary16};
 use super::preset::{
     DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset, WeightNoise,
@@ -521,7 +521,10 @@ impl Crossbar {
             .rows()
             .into_iter()
             .map(|r| match p.noise_management {
-                NoiseManagement::AbsMax => r.fold(0.0f32, |m, v| m.max(v.abs())),
+                NoiseManagement::AbsMax => match r.as_slice() {
+                    Some(r) => kernel::abs_max(r),
+                    None => r.fold(0.0f32, |m, v| m.max(v.abs())),
+                },
                 NoiseManagement::Constant { value } => value,
                 NoiseManagement::None => 1.0,
             })
@@ -534,12 +537,12 @@ impl Crossbar {
         }
         let ids: Vec<usize> = (r0..r0 + rows).collect();
         // 3–7. analog MVM, IR drop, weight noise, output noise, ADC
-        self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut());
+        let mut saturated = vec![false; rows];
+        self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut(), &mut saturated);
         // 8. iterative bound management, only for saturated rows
-        if let (Some(limit), Some(adc)) = (p.bm_beta_limit(), p.adc) {
-            let saturated = |o: ndarray::ArrayView1<f32>| o.iter().any(|v| v.abs() >= adc.bound);
+        if let (Some(limit), Some(_)) = (p.bm_beta_limit(), p.adc) {
             let mut pending: Vec<usize> = (0..rows)
-                .filter(|&r| alpha_nm[r] > 0.0 && saturated(out.row(r)))
+                .filter(|&r| alpha_nm[r] > 0.0 && saturated[r])
                 .collect();
             let mut attempt = 0u8;
             while !pending.is_empty() && attempt < u8::MAX {
@@ -555,31 +558,32 @@ impl Crossbar {
                 }
                 let sub_ids: Vec<usize> = pending.iter().map(|&r| r0 + r).collect();
                 let mut sub_out = Array2::<f32>::zeros((pending.len(), self.n_out));
-                self.analog(sub.view(), &sub_ids, mvm_id, attempt, sub_out.view_mut());
+                let mut sub_saturated = vec![false; pending.len()];
+                self.analog(
+                    sub.view(),
+                    &sub_ids,
+                    mvm_id,
+                    attempt,
+                    sub_out.view_mut(),
+                    &mut sub_saturated,
+                );
                 for (k, &r) in pending.iter().enumerate() {
                     out.row_mut(r).assign(&sub_out.row(k));
                 }
                 pending = pending
                     .iter()
-                    .enumerate()
-                    .filter(|(k, _)| saturated(sub_out.row(*k)))
-                    .map(|(_, &r)| r)
+                    .zip(&sub_saturated)
+                    .filter(|(_, &sat)| sat)
+                    .map(|(&r, _)| r)
                     .collect();
             }
         }
         // 9. digital rescale
-        let per_column_alpha = self.gdc_alpha.len() == self.n_out && self.n_out > 1;
         for (r, mut row) in out.rows_mut().into_iter().enumerate() {
             let scale = alpha_nm[r] * beta[r];
             if digital_scales {
-                for (j, v) in row.iter_mut().enumerate() {
-                    let alpha = if per_column_alpha {
-                        self.gdc_alpha[j]
-                    } else {
-                        self.gdc_alpha[0]
-                    };
-                    *v *= scale * self.map_scale[j] * alpha;
-                }
+                let row = row.as_slice_mut().expect("contiguous output rows");
+                kernel::rescale(row, scale, &self.map_scale, &self.gdc_alpha);
             } else {
                 row.mapv_inplace(|v| v * scale);
             }
@@ -590,6 +594,10 @@ impl Crossbar {
     fn encode_row(&self, x: ndarray::ArrayView1<f32>, scale: f32, mut out: ArrayViewMut1<f32>) {
         if scale == 0.0 {
             out.fill(0.0);
+            return;
+        }
+        if let (Some(x), Some(out)) = (x.as_slice(), out.as_slice_mut()) {
+            kernel::encode(x, scale, self.periphery.dac, out);
             return;
         }
         match self.periphery.dac {
@@ -604,7 +612,8 @@ impl Crossbar {
     }
 
     /// y = ADC(W̃x̃ − IR drop + weight noise + output noise) for quantised inputs `xq`;
-    /// `ids` are the global batch rows (noise keys).
+    /// `ids` are the global batch rows (noise keys). `saturated[r]`: an output of row r reached
+    /// the ADC bound.
     fn analog(
         &self,
         xq: ArrayView2<f32>,
@@ -612,6 +621,7 @@ impl Crossbar {
         mvm_id: u32,
         attempt: u8,
         mut y: ArrayViewMut2<f32>,
+        saturated: &mut [bool],
     ) {
         let p = &self.periphery;
         let n_out = self.n_out;
@@ -659,30 +669,24 @@ impl Crossbar {
         let noisy = p.out_noise > 0.0 || !matches!(weight_var, WeightVar::None);
         let out_var = p.out_noise * p.out_noise;
         let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
-        let adc = p.adc.map(|q| (q, q.step()));
         let mut xi = vec![0.0f32; n_out];
         // Per row: noise, then 7. ADC (one pass over y).
         for (r, mut row) in y.rows_mut().into_iter().enumerate() {
-            if noisy {
+            let z = noisy.then(|| {
                 stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
-                match &weight_var {
-                    WeightVar::PcmRead { std2, sum_abs_w_x2 } => Zip::from(&mut row)
-                        .and(sum_abs_w_x2.row(r))
-                        .and(&xi[..])
-                        .for_each(|y, &v, &z| *y += (out_var + std2 * v).sqrt() * z),
-                    WeightVar::Additive { per_row } => {
-                        let sd = (out_var + per_row[r]).sqrt();
-                        row.iter_mut().zip(&xi).for_each(|(y, &z)| *y += sd * z);
-                    }
-                    WeightVar::None => row
-                        .iter_mut()
-                        .zip(&xi)
-                        .for_each(|(y, &z)| *y += p.out_noise * z),
-                }
-            }
-            if let Some((q, step)) = adc {
-                row.mapv_inplace(|v| q.quantize(v, step));
-            }
+                &xi[..]
+            });
+            let noise = match &weight_var {
+                WeightVar::PcmRead { std2, sum_abs_w_x2 } => RowNoise::PcmRead {
+                    out_var,
+                    std2: *std2,
+                    s: sum_abs_w_x2.row(r).to_slice().expect("contiguous rows"),
+                },
+                WeightVar::Additive { per_row } => RowNoise::Uniform((out_var + per_row[r]).sqrt()),
+                WeightVar::None => RowNoise::Uniform(p.out_noise),
+            };
+            let row = row.as_slice_mut().expect("contiguous output rows");
+            saturated[r] = kernel::noise_adc(row, z, noise, p.adc);
         }
     }
 
