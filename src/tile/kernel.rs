@@ -708,4 +708,118 @@ mod tests {
             }
         }
     }
+
+    /// Values where a vector rewrite could differ from the scalar code: signed zeros, rint
+    /// ties, the clamp limits, huge values, infinities and NaN.
+    fn awkward_values(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        let special = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -2.5,
+            1e-30,
+            -1e-30,
+            3.0e7,
+            -3.0e7,
+            1e38,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            10.0,
+            -10.0,
+            9.96,
+            0.999,
+        ];
+        (0..n)
+            .map(|i| {
+                if i % 3 == 0 {
+                    special[(i / 3) % special.len()]
+                } else {
+                    rng.random_range(-12.0f32..12.0)
+                }
+            })
+            .collect()
+    }
+
+    /// The vector DAC, noise + ADC, rescale and abs-max give the scalar code's bits, NaN and
+    /// signed zeros included, on lengths with and without a scalar tail.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn periphery_equals_the_scalar_code_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let quantizers = [
+            None,
+            Some(Quantizer {
+                bits: 7,
+                bound: 1.0,
+            }),
+            Some(Quantizer {
+                bits: 9,
+                bound: 12.0,
+            }),
+            Some(Quantizer {
+                bits: 16,
+                bound: 10.0,
+            }),
+        ];
+        for n in [1usize, 7, 8, 29, 64, 131] {
+            let x = awkward_values(n, &mut rng);
+            let z = awkward_values(n, &mut rng);
+            let s: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..40.0)).collect();
+            for q in quantizers {
+                for scale in [1.0f32, 0.37, 3.0e-39, 1e30] {
+                    let mut want = vec![0.0; n];
+                    let mut got = vec![f32::NAN; n];
+                    encode_scalar(&x, scale, q, &mut want);
+                    unsafe { encode_avx2(&x, scale, q, &mut got) };
+                    assert_eq!(bits(&got), bits(&want), "encode n {n} {q:?} scale {scale}");
+                }
+                let noises = [
+                    RowNoise::Uniform(0.06),
+                    RowNoise::PcmRead {
+                        out_var: 0.0016,
+                        std2: 0.0003,
+                        s: &s,
+                    },
+                ];
+                for noise in noises {
+                    for zz in [None, Some(&z[..])] {
+                        let mut want = x.clone();
+                        let mut got = x.clone();
+                        let sw = noise_adc_scalar(&mut want, zz, noise, q);
+                        let sg = unsafe { noise_adc_avx2(&mut got, zz, noise, q) };
+                        assert_eq!(bits(&got), bits(&want), "noise n {n} {q:?} {noise:?}");
+                        assert_eq!(sg, sw, "saturation n {n} {q:?}");
+                    }
+                }
+            }
+            let ms: Vec<f32> = (0..n).map(|_| rng.random_range(0.001f32..3.0)).collect();
+            let alphas: Vec<f32> = (0..n).map(|_| rng.random_range(0.5f32..2.0)).collect();
+            for alpha in [&alphas[..1], &alphas[..]] {
+                let per_column = alpha.len() == n && n > 1;
+                let mut want = x.clone();
+                for (j, v) in want.iter_mut().enumerate() {
+                    let a = if per_column { alpha[j] } else { alpha[0] };
+                    *v *= 0.7 * ms[j] * a;
+                }
+                let mut got = x.clone();
+                unsafe { rescale_avx2(&mut got, 0.7, &ms, alpha, per_column) };
+                assert_eq!(bits(&got), bits(&want), "rescale n {n}");
+            }
+            let want = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(
+                unsafe { abs_max_avx2(&x) }.to_bits(),
+                want.to_bits(),
+                "abs max n {n}"
+            );
+        }
+    }
 }
