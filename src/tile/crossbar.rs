@@ -505,14 +505,37 @@ impl Crossbar {
         out
     }
 
-    /// Steps 1–9 of docs/model.md §3 for rows `r0..r0 + x.nrows()` of one batch.
+    /// Steps 1–9 of docs/model.md §3 for rows `r0..r0 + x.nrows()` of one batch, with W̃ (and
+    /// [W̃; W̃∘F]) packed once for the products of the chunk and of its bound-management
+    /// retries where the packed kernel runs.
     fn forward_chunk(
+        &self,
+        x: ArrayView2<f32>,
+        r0: usize,
+        mvm_id: u32,
+        out: ArrayViewMut2<f32>,
+        digital_scales: bool,
+    ) {
+        if kernel::available() {
+            let ir = self.w_ir.as_ref().map(|w| w.view());
+            Packed::with(self.w.view(), ir, |w, ir| {
+                let ops = Some(Operands { w, ir });
+                self.forward_rows(x, r0, mvm_id, out, digital_scales, ops);
+            });
+        } else {
+            self.forward_rows(x, r0, mvm_id, out, digital_scales, None);
+        }
+    }
+
+    /// [`Crossbar::forward_chunk`] with the packed operands, `None` for the `ndarray` GEMM.
+    fn forward_rows(
         &self,
         x: ArrayView2<f32>,
         r0: usize,
         mvm_id: u32,
         mut out: ArrayViewMut2<f32>,
         digital_scales: bool,
+        ops: Option<Operands<'_>>,
     ) {
         let rows = x.nrows();
         let p = &self.periphery;
@@ -537,8 +560,7 @@ impl Crossbar {
         }
         let ids: Vec<usize> = (r0..r0 + rows).collect();
         // 3–7. analog MVM, IR drop, weight noise, output noise, ADC
-        let mut saturated = vec![false; rows];
-        self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut(), &mut saturated);
+        let saturated = self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut(), ops);
         // 8. iterative bound management, only for saturated rows
         if let (Some(limit), Some(_)) = (p.bm_beta_limit(), p.adc) {
             let mut pending: Vec<usize> = (0..rows)
@@ -558,14 +580,13 @@ impl Crossbar {
                 }
                 let sub_ids: Vec<usize> = pending.iter().map(|&r| r0 + r).collect();
                 let mut sub_out = Array2::<f32>::zeros((pending.len(), self.n_out));
-                let mut sub_saturated = vec![false; pending.len()];
-                self.analog(
+                let sub_saturated = self.analog(
                     sub.view(),
                     &sub_ids,
                     mvm_id,
                     attempt,
                     sub_out.view_mut(),
-                    &mut sub_saturated,
+                    ops,
                 );
                 for (k, &r) in pending.iter().enumerate() {
                     out.row_mut(r).assign(&sub_out.row(k));
@@ -612,7 +633,7 @@ impl Crossbar {
     }
 
     /// y = ADC(W̃x̃ − IR drop + weight noise + output noise) for quantised inputs `xq`;
-    /// `ids` are the global batch rows (noise keys). `saturated[r]`: an output of row r reached
+    /// `ids` are the global batch rows (noise keys). Returns per row whether an output reached
     /// the ADC bound.
     fn analog(
         &self,
@@ -621,18 +642,17 @@ impl Crossbar {
         mvm_id: u32,
         attempt: u8,
         mut y: ArrayViewMut2<f32>,
-        saturated: &mut [bool],
-    ) {
+        ops: Option<Operands<'_>>,
+    ) -> Vec<bool> {
         let p = &self.periphery;
         let n_out = self.n_out;
         let pcm_read_std = match p.w_noise {
             WeightNoise::PcmRead { std } if std > 0.0 => Some(std),
             _ => None,
         };
-        let (ir_abs, pcm_sum) = if kernel::available() {
-            self.products_packed(xq, pcm_read_std.is_some(), y.view_mut())
-        } else {
-            self.products_ndarray(xq, pcm_read_std.is_some(), y.view_mut())
+        let (ir_abs, pcm_sum) = match ops {
+            Some(ops) => self.products_packed(xq, ops, pcm_read_std.is_some(), y.view_mut()),
+            None => self.products_ndarray(xq, pcm_read_std.is_some(), y.view_mut()),
         };
         // 4. IR drop: y = W̃x̃ − scale·c(a)·(W̃∘F)x̃; the products left W̃x̃ in y[.., ..n_out] of
         // `both` and (W̃∘F)x̃ in its second half.
@@ -670,6 +690,7 @@ impl Crossbar {
         let out_var = p.out_noise * p.out_noise;
         let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
         let mut xi = vec![0.0f32; n_out];
+        let mut saturated = vec![false; y.nrows()];
         // Per row: noise, then 7. ADC (one pass over y).
         for (r, mut row) in y.rows_mut().into_iter().enumerate() {
             let z = noisy.then(|| {
@@ -688,6 +709,7 @@ impl Crossbar {
             let row = row.as_slice_mut().expect("contiguous output rows");
             saturated[r] = kernel::noise_adc(row, z, noise, p.adc);
         }
+        saturated
     }
 
     /// The crossbar products of quantised inputs `xq` with the packed kernel: W̃x̃ into `y`
@@ -698,35 +720,36 @@ impl Crossbar {
     fn products_packed(
         &self,
         xq: ArrayView2<f32>,
+        ops: Operands<'_>,
         pcm_read: bool,
         y: ArrayViewMut2<f32>,
     ) -> (Option<(Array2<f32>, Array2<f32>)>, Option<Array2<f32>>) {
         let (m, n_out) = (xq.nrows(), self.n_out);
         let x2 = pcm_read.then(|| xq.mapv(|v| v * v));
         let mut pcm_sum = x2.as_ref().map(|_| Array2::<f32>::zeros((m, n_out)));
-        let Some(w_ir) = &self.w_ir else {
-            Packed::with(self.w.view(), |w| {
-                let second = x2
-                    .as_ref()
-                    .map(|x2| x2.view())
-                    .zip(pcm_sum.as_mut().map(|s| s.view_mut()));
-                kernel::gemm(xq, w, false, y, second);
-            });
+        fn second<'a>(
+            x2: &'a Option<Array2<f32>>,
+            s: &'a mut Option<Array2<f32>>,
+        ) -> Option<(ArrayView2<'a, f32>, ArrayViewMut2<'a, f32>)> {
+            x2.as_ref()
+                .map(|x2| x2.view())
+                .zip(s.as_mut().map(|s| s.view_mut()))
+        }
+        let Some(w_ir) = ops.ir else {
+            kernel::gemm(xq, ops.w, false, y, second(&x2, &mut pcm_sum));
             return (None, pcm_sum);
         };
         let mut both = Array2::<f32>::zeros((m, 2 * n_out));
-        Packed::with(w_ir.view(), |w| {
-            kernel::gemm(xq, w, false, both.view_mut(), None)
-        });
+        kernel::gemm(xq, w_ir, false, both.view_mut(), None);
         let abs_x = xq.mapv(f32::abs);
         let mut a = Array2::<f32>::zeros((m, n_out));
-        Packed::with(self.w.view(), |w| {
-            let second = x2
-                .as_ref()
-                .map(|x2| x2.view())
-                .zip(pcm_sum.as_mut().map(|s| s.view_mut()));
-            kernel::gemm(abs_x.view(), w, true, a.view_mut(), second);
-        });
+        kernel::gemm(
+            abs_x.view(),
+            ops.w,
+            true,
+            a.view_mut(),
+            second(&x2, &mut pcm_sum),
+        );
         (Some((a, both)), pcm_sum)
     }
 
@@ -780,6 +803,13 @@ impl Crossbar {
         };
         (ir, pcm_sum)
     }
+}
+
+/// The packed crossbar operands of one chunk: W̃, and [W̃; W̃∘F] under IR drop.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    w: &'a Packed,
+    ir: Option<&'a Packed>,
 }
 
 /// Variance of the short-term weight noise of each output, before adding out_noise².

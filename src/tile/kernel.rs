@@ -87,16 +87,28 @@ impl Packed {
         (self.n, self.k, self.start) = (n, k, start);
     }
 
-    /// Runs `f` on `w` packed into this thread's buffer (no allocation once it has grown).
-    /// `f` must not pack again on the same thread (it would find the buffer borrowed).
-    pub fn with<R>(w: ArrayView2<'_, f32>, f: impl FnOnce(&Packed) -> R) -> R {
+    /// Runs `f` on `w` and `w2` packed into this thread's buffers (no allocation once they
+    /// have grown); a nested call on the same thread packs into buffers of its own.
+    pub fn with<R>(
+        w: ArrayView2<'_, f32>,
+        w2: Option<ArrayView2<'_, f32>>,
+        f: impl FnOnce(&Packed, Option<&Packed>) -> R,
+    ) -> R {
         thread_local! {
-            static BUF: std::cell::RefCell<Packed> = std::cell::RefCell::new(Packed::default());
+            static BUF: std::cell::RefCell<[Packed; 2]> = std::cell::RefCell::default();
         }
         BUF.with(|b| {
-            let mut p = b.borrow_mut();
+            let mut own = None;
+            let mut guard = b.try_borrow_mut().ok();
+            let [p, p2] = match guard.as_deref_mut() {
+                Some(bufs) => bufs,
+                None => own.insert(<[Packed; 2]>::default()),
+            };
             p.pack(w);
-            f(&p)
+            if let Some(w2) = w2 {
+                p2.pack(w2);
+            }
+            f(p, w2.map(|_| &*p2))
         })
     }
 
