@@ -40,7 +40,8 @@ pub fn available() -> bool {
 /// A weight matrix `[n, k]` in panels of [`NR`] outputs, k-major inside a panel (`panel[k][o]`),
 /// the last panel padded with zero weights. Packing is a transposition of n·k values, a few
 /// per cent of the products it feeds (k ≥ 64 multiply-adds per value per batch row); the
-/// crossbar repacks per MVM into a per-thread buffer rather than keep a second copy of W̃.
+/// crossbar repacks per batch chunk into a per-thread buffer rather than keep a second copy
+/// of W̃.
 #[derive(Clone, Debug, Default)]
 pub struct Packed {
     n: usize,
