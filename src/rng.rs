@@ -41,6 +41,7 @@
 
 mod inverse_normal;
 pub mod normal;
+mod simd;
 
 pub use normal::{normal_from_word, NormalTable};
 
@@ -138,6 +139,44 @@ impl Stream {
     /// the table transform.
     pub fn fill_normal(&self, start_index: u64, mvm_id: u32, attempt: u8, out: &mut [f32]) {
         let table = NormalTable::get();
+        let mut done = 0usize;
+        if out.len() >= simd::BLOCK && simd::available() {
+            // Scalar up to the first whole Philox call, then 8 calls per vector step.
+            done = ((4 - start_index % 4) % 4) as usize;
+            self.fill_normal_scalar(start_index, mvm_id, attempt, table, &mut out[..done]);
+            let whole = (out.len() - done) / simd::BLOCK * simd::BLOCK;
+            let call = (start_index + done as u64) / 4;
+            // SAFETY: `simd::available` checked AVX2 and FMA.
+            unsafe {
+                simd::fill_calls(
+                    self,
+                    call,
+                    mvm_id,
+                    attempt,
+                    table,
+                    &mut out[done..done + whole],
+                )
+            };
+            done += whole;
+        }
+        self.fill_normal_scalar(
+            start_index + done as u64,
+            mvm_id,
+            attempt,
+            table,
+            &mut out[done..],
+        );
+    }
+
+    /// [`Stream::fill_normal`] one Philox call at a time.
+    fn fill_normal_scalar(
+        &self,
+        start_index: u64,
+        mvm_id: u32,
+        attempt: u8,
+        table: &NormalTable,
+        out: &mut [f32],
+    ) {
         let mut done = 0usize;
         while done < out.len() {
             let index = start_index + done as u64;

@@ -5,6 +5,7 @@ use anyhow::{bail, ensure, Result};
 use ndarray::{linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
 use rayon::prelude::*;
 
+use super::kernel::{self, Packed, RowNoise};
 use super::operand::{round_to_binary16, to_binary16};
 use super::preset::{
     DriftCompensation, IrDrop, NoiseManagement, PeripherySpec, TilePreset, WeightNoise,
@@ -504,14 +505,37 @@ impl Crossbar {
         out
     }
 
-    /// Steps 1–9 of docs/model.md §3 for rows `r0..r0 + x.nrows()` of one batch.
+    /// Steps 1–9 of docs/model.md §3 for rows `r0..r0 + x.nrows()` of one batch, with W̃ (and
+    /// [W̃; W̃∘F]) packed once for the products of the chunk and of its bound-management
+    /// retries where the packed kernel runs.
     fn forward_chunk(
+        &self,
+        x: ArrayView2<f32>,
+        r0: usize,
+        mvm_id: u32,
+        out: ArrayViewMut2<f32>,
+        digital_scales: bool,
+    ) {
+        if kernel::available() {
+            let ir = self.w_ir.as_ref().map(|w| w.view());
+            Packed::with(self.w.view(), ir, |w, ir| {
+                let ops = Some(Operands { w, ir });
+                self.forward_rows(x, r0, mvm_id, out, digital_scales, ops);
+            });
+        } else {
+            self.forward_rows(x, r0, mvm_id, out, digital_scales, None);
+        }
+    }
+
+    /// [`Crossbar::forward_chunk`] with the packed operands, `None` for the `ndarray` GEMM.
+    fn forward_rows(
         &self,
         x: ArrayView2<f32>,
         r0: usize,
         mvm_id: u32,
         mut out: ArrayViewMut2<f32>,
         digital_scales: bool,
+        ops: Option<Operands<'_>>,
     ) {
         let rows = x.nrows();
         let p = &self.periphery;
@@ -520,7 +544,10 @@ impl Crossbar {
             .rows()
             .into_iter()
             .map(|r| match p.noise_management {
-                NoiseManagement::AbsMax => r.fold(0.0f32, |m, v| m.max(v.abs())),
+                NoiseManagement::AbsMax => match r.as_slice() {
+                    Some(r) => kernel::abs_max(r),
+                    None => r.fold(0.0f32, |m, v| m.max(v.abs())),
+                },
                 NoiseManagement::Constant { value } => value,
                 NoiseManagement::None => 1.0,
             })
@@ -533,12 +560,11 @@ impl Crossbar {
         }
         let ids: Vec<usize> = (r0..r0 + rows).collect();
         // 3–7. analog MVM, IR drop, weight noise, output noise, ADC
-        self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut());
+        let saturated = self.analog(xq.view(), &ids, mvm_id, 0, out.view_mut(), ops);
         // 8. iterative bound management, only for saturated rows
-        if let (Some(limit), Some(adc)) = (p.bm_beta_limit(), p.adc) {
-            let saturated = |o: ndarray::ArrayView1<f32>| o.iter().any(|v| v.abs() >= adc.bound);
+        if let (Some(limit), Some(_)) = (p.bm_beta_limit(), p.adc) {
             let mut pending: Vec<usize> = (0..rows)
-                .filter(|&r| alpha_nm[r] > 0.0 && saturated(out.row(r)))
+                .filter(|&r| alpha_nm[r] > 0.0 && saturated[r])
                 .collect();
             let mut attempt = 0u8;
             while !pending.is_empty() && attempt < u8::MAX {
@@ -554,31 +580,31 @@ impl Crossbar {
                 }
                 let sub_ids: Vec<usize> = pending.iter().map(|&r| r0 + r).collect();
                 let mut sub_out = Array2::<f32>::zeros((pending.len(), self.n_out));
-                self.analog(sub.view(), &sub_ids, mvm_id, attempt, sub_out.view_mut());
+                let sub_saturated = self.analog(
+                    sub.view(),
+                    &sub_ids,
+                    mvm_id,
+                    attempt,
+                    sub_out.view_mut(),
+                    ops,
+                );
                 for (k, &r) in pending.iter().enumerate() {
                     out.row_mut(r).assign(&sub_out.row(k));
                 }
                 pending = pending
                     .iter()
-                    .enumerate()
-                    .filter(|(k, _)| saturated(sub_out.row(*k)))
-                    .map(|(_, &r)| r)
+                    .zip(&sub_saturated)
+                    .filter(|(_, &sat)| sat)
+                    .map(|(&r, _)| r)
                     .collect();
             }
         }
         // 9. digital rescale
-        let per_column_alpha = self.gdc_alpha.len() == self.n_out && self.n_out > 1;
         for (r, mut row) in out.rows_mut().into_iter().enumerate() {
             let scale = alpha_nm[r] * beta[r];
             if digital_scales {
-                for (j, v) in row.iter_mut().enumerate() {
-                    let alpha = if per_column_alpha {
-                        self.gdc_alpha[j]
-                    } else {
-                        self.gdc_alpha[0]
-                    };
-                    *v *= scale * self.map_scale[j] * alpha;
-                }
+                let row = row.as_slice_mut().expect("contiguous output rows");
+                kernel::rescale(row, scale, &self.map_scale, &self.gdc_alpha);
             } else {
                 row.mapv_inplace(|v| v * scale);
             }
@@ -589,6 +615,10 @@ impl Crossbar {
     fn encode_row(&self, x: ndarray::ArrayView1<f32>, scale: f32, mut out: ArrayViewMut1<f32>) {
         if scale == 0.0 {
             out.fill(0.0);
+            return;
+        }
+        if let (Some(x), Some(out)) = (x.as_slice(), out.as_slice_mut()) {
+            kernel::encode(x, scale, self.periphery.dac, out);
             return;
         }
         match self.periphery.dac {
@@ -603,7 +633,8 @@ impl Crossbar {
     }
 
     /// y = ADC(W̃x̃ − IR drop + weight noise + output noise) for quantised inputs `xq`;
-    /// `ids` are the global batch rows (noise keys).
+    /// `ids` are the global batch rows (noise keys). Returns per row whether an output reached
+    /// the ADC bound.
     fn analog(
         &self,
         xq: ArrayView2<f32>,
@@ -611,18 +642,132 @@ impl Crossbar {
         mvm_id: u32,
         attempt: u8,
         mut y: ArrayViewMut2<f32>,
-    ) {
+        ops: Option<Operands<'_>>,
+    ) -> Vec<bool> {
         let p = &self.periphery;
-        let (m, n_out) = (xq.nrows(), self.n_out);
+        let n_out = self.n_out;
         let pcm_read_std = match p.w_noise {
             WeightNoise::PcmRead { std } if std > 0.0 => Some(std),
             _ => None,
         };
+        let (ir_abs, pcm_sum) = match ops {
+            Some(ops) => self.products_packed(xq, ops, pcm_read_std.is_some(), y.view_mut()),
+            None => self.products_ndarray(xq, pcm_read_std.is_some(), y.view_mut()),
+        };
+        // 4. IR drop: y = W̃x̃ − scale·c(a)·(W̃∘F)x̃; the products left W̃x̃ in y[.., ..n_out] of
+        // `both` and (W̃∘F)x̃ in its second half.
+        if let (Some(IrDrop { scale, g_ratio }), Some((a, both))) = (p.ir_drop, &ir_abs) {
+            let k = self.n_in as f32 / g_ratio;
+            Zip::from(&mut y)
+                .and(both.slice(s![.., ..n_out]))
+                .and(a)
+                .and(both.slice(s![.., n_out..]))
+                .for_each(|y, &w_x, &a, &yf| {
+                    let a = k * a;
+                    let c = a * (a * (0.05 * a - 0.2) + 0.5);
+                    *y = w_x - scale * c * yf;
+                });
+        }
+        // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
+        // to the same y_i, so they are drawn as one normal with the summed variance
+        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers). The GPU
+        // backend must do the same to reproduce these values.
+        let weight_var = match (p.w_noise, pcm_read_std) {
+            (_, Some(std)) => WeightVar::PcmRead {
+                std2: std * std,
+                sum_abs_w_x2: pcm_sum.as_ref().expect("PCM_READ products computed").view(),
+            },
+            (WeightNoise::Additive { std }, _) if std > 0.0 => WeightVar::Additive {
+                per_row: xq
+                    .rows()
+                    .into_iter()
+                    .map(|r| std * std * r.iter().map(|v| v * v).sum::<f32>())
+                    .collect(),
+            },
+            _ => WeightVar::None,
+        };
+        let noisy = p.out_noise > 0.0 || !matches!(weight_var, WeightVar::None);
+        let out_var = p.out_noise * p.out_noise;
+        let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
+        let mut xi = vec![0.0f32; n_out];
+        let mut saturated = vec![false; y.nrows()];
+        // Per row: noise, then 7. ADC (one pass over y).
+        for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+            let z = noisy.then(|| {
+                stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
+                &xi[..]
+            });
+            let noise = match &weight_var {
+                WeightVar::PcmRead { std2, sum_abs_w_x2 } => RowNoise::PcmRead {
+                    out_var,
+                    std2: *std2,
+                    s: sum_abs_w_x2.row(r).to_slice().expect("contiguous rows"),
+                },
+                WeightVar::Additive { per_row } => RowNoise::Uniform((out_var + per_row[r]).sqrt()),
+                WeightVar::None => RowNoise::Uniform(p.out_noise),
+            };
+            let row = row.as_slice_mut().expect("contiguous output rows");
+            saturated[r] = kernel::noise_adc(row, z, noise, p.adc);
+        }
+        saturated
+    }
+
+    /// The crossbar products of quantised inputs `xq` with the packed kernel: W̃x̃ into `y`
+    /// (without IR drop), and the products the periphery needs — under IR drop
+    /// `(a = |x̃|·|W̃|ᵀ, [W̃x̃ | (W̃∘F)x̃])`, under PCM_READ Σ_j |W̃_ij| x̃_j². Bit-identical to
+    /// [`Crossbar::products_ndarray`] ([`kernel`]).
+    #[allow(clippy::type_complexity)]
+    fn products_packed(
+        &self,
+        xq: ArrayView2<f32>,
+        ops: Operands<'_>,
+        pcm_read: bool,
+        y: ArrayViewMut2<f32>,
+    ) -> (Option<(Array2<f32>, Array2<f32>)>, Option<Array2<f32>>) {
+        let (m, n_out) = (xq.nrows(), self.n_out);
+        let x2 = pcm_read.then(|| xq.mapv(|v| v * v));
+        let mut pcm_sum = x2.as_ref().map(|_| Array2::<f32>::zeros((m, n_out)));
+        fn second<'a>(
+            x2: &'a Option<Array2<f32>>,
+            s: &'a mut Option<Array2<f32>>,
+        ) -> Option<(ArrayView2<'a, f32>, ArrayViewMut2<'a, f32>)> {
+            x2.as_ref()
+                .map(|x2| x2.view())
+                .zip(s.as_mut().map(|s| s.view_mut()))
+        }
+        let Some(w_ir) = ops.ir else {
+            kernel::gemm(xq, ops.w, false, y, second(&x2, &mut pcm_sum));
+            return (None, pcm_sum);
+        };
+        let mut both = Array2::<f32>::zeros((m, 2 * n_out));
+        kernel::gemm(xq, w_ir, false, both.view_mut(), None);
+        let abs_x = xq.mapv(f32::abs);
+        let mut a = Array2::<f32>::zeros((m, n_out));
+        kernel::gemm(
+            abs_x.view(),
+            ops.w,
+            true,
+            a.view_mut(),
+            second(&x2, &mut pcm_sum),
+        );
+        (Some((a, both)), pcm_sum)
+    }
+
+    /// [`Crossbar::products_packed`] through `ndarray`'s GEMM, for CPUs without AVX2 and FMA.
+    #[allow(clippy::type_complexity)]
+    fn products_ndarray(
+        &self,
+        xq: ArrayView2<f32>,
+        pcm_read: bool,
+        mut y: ArrayViewMut2<f32>,
+    ) -> (Option<(Array2<f32>, Array2<f32>)>, Option<Array2<f32>>) {
+        let p = &self.periphery;
+        let m = xq.nrows();
         // GEMMs with |W̃|: IR drop needs a = |x̃|·|W̃|ᵀ, PCM_READ needs Σ|W̃|x̃² = x̃²·|W̃|ᵀ;
         // both run as one GEMM over the stacked inputs [|x̃|; x̃²] (|W̃| packed once).
         let abs_inputs: Vec<fn(f32) -> f32> = [
             p.ir_drop.map(|_| f32::abs as fn(f32) -> f32),
-            pcm_read_std.map(|_| (|v: f32| v * v) as fn(f32) -> f32),
+            pcm_read.then_some((|v: f32| v * v) as fn(f32) -> f32),
         ]
         .into_iter()
         .flatten()
@@ -640,75 +785,31 @@ impl Crossbar {
             }
             stacked.dot(&abs_w.t())
         });
-        // 3–4. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
-        if let (Some(IrDrop { scale, g_ratio }), Some(w_ir), Some(abs)) =
-            (p.ir_drop, &self.w_ir, &abs_products)
-        {
-            let mut both = Array2::<f32>::zeros((m, 2 * n_out));
-            general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
-            let k = self.n_in as f32 / g_ratio;
-            Zip::from(&mut y)
-                .and(both.slice(s![.., ..n_out]))
-                .and(abs.slice(s![..m, ..]))
-                .and(both.slice(s![.., n_out..]))
-                .for_each(|y, &w_x, &a, &yf| {
-                    let a = k * a;
-                    let c = a * (a * (0.05 * a - 0.2) + 0.5);
-                    *y = w_x - scale * c * yf;
-                });
-        } else {
-            general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
-        }
-        // 5–6. Short-term weight noise and output noise are independent zero-mean Gaussians added
-        // to the same y_i, so they are drawn as one normal with the summed variance
-        // σ_i² = out_noise² + σ_w,i² (same distribution, half the random numbers). The GPU
-        // backend must do the same to reproduce these values.
-        let weight_var = match (p.w_noise, pcm_read_std) {
-            (_, Some(std)) => {
-                let abs = abs_products.as_ref().expect("PCM_READ products computed");
-                WeightVar::PcmRead {
-                    std2: std * std,
-                    sum_abs_w_x2: abs.slice(s![abs.nrows() - m.., ..]),
-                }
+        let pcm_sum = pcm_read.then(|| {
+            let abs = abs_products.as_ref().expect("PCM_READ products computed");
+            abs.slice(s![abs.nrows() - m.., ..]).to_owned()
+        });
+        // 3. y = W̃x̃, and with IR drop y and y_f = (W̃∘F)x̃ from one GEMM against [W̃; W̃∘F].
+        let ir = match (&self.w_ir, &abs_products) {
+            (Some(w_ir), Some(abs)) => {
+                let mut both = Array2::<f32>::zeros((m, 2 * self.n_out));
+                general_mat_mul(1.0, &xq, &w_ir.t(), 0.0, &mut both);
+                Some((abs.slice(s![..m, ..]).to_owned(), both))
             }
-            (WeightNoise::Additive { std }, _) if std > 0.0 => WeightVar::Additive {
-                per_row: xq
-                    .rows()
-                    .into_iter()
-                    .map(|r| std * std * r.iter().map(|v| v * v).sum::<f32>())
-                    .collect(),
-            },
-            _ => WeightVar::None,
+            _ => {
+                general_mat_mul(1.0, &xq, &self.w.t(), 0.0, &mut y);
+                None
+            }
         };
-        let noisy = p.out_noise > 0.0 || !matches!(weight_var, WeightVar::None);
-        let out_var = p.out_noise * p.out_noise;
-        let stream = Stream::new(self.seed, Purpose::OutputNoise, self.tensor_id);
-        let adc = p.adc.map(|q| (q, q.step()));
-        let mut xi = vec![0.0f32; n_out];
-        // Per row: noise, then 7. ADC (one pass over y).
-        for (r, mut row) in y.rows_mut().into_iter().enumerate() {
-            if noisy {
-                stream.fill_normal((ids[r] * n_out) as u64, mvm_id, attempt, &mut xi);
-                match &weight_var {
-                    WeightVar::PcmRead { std2, sum_abs_w_x2 } => Zip::from(&mut row)
-                        .and(sum_abs_w_x2.row(r))
-                        .and(&xi[..])
-                        .for_each(|y, &v, &z| *y += (out_var + std2 * v).sqrt() * z),
-                    WeightVar::Additive { per_row } => {
-                        let sd = (out_var + per_row[r]).sqrt();
-                        row.iter_mut().zip(&xi).for_each(|(y, &z)| *y += sd * z);
-                    }
-                    WeightVar::None => row
-                        .iter_mut()
-                        .zip(&xi)
-                        .for_each(|(y, &z)| *y += p.out_noise * z),
-                }
-            }
-            if let Some((q, step)) = adc {
-                row.mapv_inplace(|v| q.quantize(v, step));
-            }
-        }
+        (ir, pcm_sum)
     }
+}
+
+/// The packed crossbar operands of one chunk: W̃, and [W̃; W̃∘F] under IR drop.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    w: &'a Packed,
+    ir: Option<&'a Packed>,
 }
 
 /// Variance of the short-term weight noise of each output, before adding out_noise².

@@ -1,13 +1,15 @@
 //! Analog tiles: presets, one crossbar with its periphery, large matrices split into blocks,
 //! 3D tile stacks, and the drift study (docs/model.md §2–§4).
 //!
-//! CPU execution: every MVM quantises the batch into a matrix, runs one GEMM (plus one per
-//! enabled nonideality that needs it: IR drop, PCM_READ weight noise) over rayon-split batch
-//! chunks, and applies the periphery in a fused epilogue. Noise is keyed by
-//! [`crate::rng::Stream`], so results are identical for any thread count.
+//! CPU execution: every MVM quantises the batch into a matrix over rayon-split batch chunks,
+//! runs the crossbar products of each chunk in one pass over W̃ (PCM_READ's Σ|W̃|x̃² beside
+//! W̃x̃; IR drop adds one product against [W̃; W̃∘F]) with the packed AVX2 kernel of `kernel`,
+//! and applies the periphery row by row. Noise is keyed by [`crate::rng::Stream`], so results
+//! are identical for any thread count.
 
 mod crossbar;
 mod drift_study;
+mod kernel;
 mod matrix;
 pub mod operand;
 mod preset;
