@@ -57,17 +57,23 @@ extern "C" __global__ void ft_map_scales(const float* seg_max, const u32* xbar_b
     s_map[i] = s > 0.0f ? s : 1.0f;
 }
 
+// Index into a per-(e, kb, c) table [E, K/k_block, N] of element i of weights [E, N, K]: its
+// expert e, crossbar block kb along K and column c.
+__device__ __forceinline__ u64 ft_block_column(u64 i, u32 n, u32 k, u32 k_block) {
+    const u64 row = i / k;
+    const u32 kk = (u32)(i % k), n_kb = k / k_block;
+    const u64 e = row / n;
+    const u32 c = (u32)(row % n);
+    return (e * n_kb + kk / k_block) * n + c;
+}
+
 // out = w / s_map per (e, kb, c) over [E, N, K]: the target weights W/s_map whose mean |·| is
 // the `global_exact` GDC reference.
 extern "C" __global__ void ft_divide_by_scale(const float* w, const float* s_map, u64 len, u32 n, u32 k,
                                               u32 k_block, float* out) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    const u64 row = i / k;
-    const u32 kk = (u32)(i % k), n_kb = k / k_block;
-    const u64 e = row / n;
-    const u32 c = (u32)(row % n);
-    out[i] = w[i] / s_map[(e * n_kb + kk / k_block) * n + c];
+    out[i] = w[i] / s_map[ft_block_column(i, n, k, k_block)];
 }
 
 // Ŵ = W̃·(s_map·α) per (e, kb, c) from the fp16 operand words (W̃ is binary16, exact): the
@@ -76,11 +82,7 @@ extern "C" __global__ void ft_effective_weights(const u16* w16, const float* col
                                                 u32 k_block, float* out) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= len) return;
-    const u64 row = i / k;
-    const u32 kk = (u32)(i % k), n_kb = k / k_block;
-    const u64 e = row / n;
-    const u32 c = (u32)(row % n);
-    out[i] = ft_f16_to_f32(w16[i]) * col_scale[(e * n_kb + kk / k_block) * n + c];
+    out[i] = ft_f16_to_f32(w16[i]) * col_scale[ft_block_column(i, n, k, k_block)];
 }
 
 // The DAC's view of the inputs in input units, x̂ = α_nm·code·Δ (finetune::noisy's

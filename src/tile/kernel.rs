@@ -192,24 +192,12 @@ pub fn gemm(
     assert!(available(), "packed crossbar kernel needs AVX2 and FMA");
     let (m, k) = x.dim();
     assert_eq!(k, w.k, "input width");
-    assert_eq!(y.dim(), (m, w.n), "output shape");
-    assert!(x.strides()[1] == 1 || k <= 1, "inputs need contiguous rows");
-    assert!(
-        y.strides()[1] == 1 || w.n <= 1,
-        "outputs need contiguous rows"
-    );
+    let mut y = y;
+    let ys = Out::rows(&mut y, (m, w.n), "output");
+    let xs = In::rows(&x, (m, k), "input");
     if m == 0 || w.n == 0 {
         return;
     }
-    let mut y = y;
-    let ys = Out {
-        ptr: y.as_mut_ptr(),
-        stride: y.strides()[0],
-    };
-    let xs = In {
-        ptr: x.as_ptr(),
-        stride: x.strides()[0],
-    };
     match second {
         None => {
             // SAFETY: `available` checked the features; shapes and strides checked above.
@@ -223,24 +211,8 @@ pub fn gemm(
             }
         }
         Some((x2, mut s)) => {
-            assert_eq!(x2.dim(), (m, k), "second input shape");
-            assert_eq!(s.dim(), (m, w.n), "second output shape");
-            assert!(
-                x2.strides()[1] == 1 || k <= 1,
-                "inputs need contiguous rows"
-            );
-            assert!(
-                s.strides()[1] == 1 || w.n <= 1,
-                "outputs need contiguous rows"
-            );
-            let x2s = In {
-                ptr: x2.as_ptr(),
-                stride: x2.strides()[0],
-            };
-            let ss = Out {
-                ptr: s.as_mut_ptr(),
-                stride: s.strides()[0],
-            };
+            let x2s = In::rows(&x2, (m, k), "second input");
+            let ss = Out::rows(&mut s, (m, w.n), "second output");
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 if abs_first {
@@ -259,10 +231,40 @@ struct In {
     stride: isize,
 }
 
+impl In {
+    /// The rows of `x`, which must be `dim` with contiguous rows (`what` names it in the panic).
+    fn rows(x: &ArrayView2<'_, f32>, dim: (usize, usize), what: &str) -> Self {
+        assert_eq!(x.dim(), dim, "{what} shape");
+        assert!(
+            x.strides()[1] == 1 || dim.1 <= 1,
+            "{what} needs contiguous rows"
+        );
+        Self {
+            ptr: x.as_ptr(),
+            stride: x.strides()[0],
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Out {
     ptr: *mut f32,
     stride: isize,
+}
+
+impl Out {
+    /// The rows of `y`, which must be `dim` with contiguous rows (`what` names it in the panic).
+    fn rows(y: &mut ArrayViewMut2<'_, f32>, dim: (usize, usize), what: &str) -> Self {
+        assert_eq!(y.dim(), dim, "{what} shape");
+        assert!(
+            y.strides()[1] == 1 || dim.1 <= 1,
+            "{what} needs contiguous rows"
+        );
+        Self {
+            ptr: y.as_mut_ptr(),
+            stride: y.strides()[0],
+        }
+    }
 }
 
 /// Chains of [`KC`] inputs × row blocks × panels × groups of `MR` rows. Each chain's sums

@@ -22,6 +22,17 @@ pub enum RowLayout {
     Nn,
 }
 
+impl RowLayout {
+    /// The product, as error messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Nt => "A·Bᵀ",
+            Self::Tn => "Aᵀ·B",
+            Self::Nn => "A·B",
+        }
+    }
+}
+
 /// A cuBLAS handle on the device's stream.
 pub struct Blas {
     handle: Arc<CudaBlas>,
@@ -63,7 +74,17 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
     ) -> CudaResult<()> {
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        self.gemm_nt("bf16", bf16, dev, (a, 0), (b, 0), (c, 0), (m, n, k), 0.0)
+        self.gemm(
+            "bf16",
+            bf16,
+            RowLayout::Nt,
+            dev,
+            (a, 0),
+            (b, 0),
+            (c, 0),
+            (m, n, k),
+            0.0,
+        )
     }
 
     /// Y[m, n] = X[m, k] · W[n, k]ᵀ + β·Y, row-major f32 (`nn.Linear` layout for W), f32
@@ -78,8 +99,7 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> CudaResult<()> {
-        let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
-        self.gemm_nt("f32", f32_, dev, (x, 0), (w, 0), (y, 0), (m, n, k), beta)
+        self.sgemm_nt_rows(dev, (x, 0), (w, 0), (y, 0), (m, n, k), beta)
     }
 
     /// [`Blas::sgemm_nt`] on row blocks: rows `x_row..x_row + m` of X, `w_row..w_row + n` of W
@@ -94,11 +114,9 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> CudaResult<()> {
-        let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
-        self.gemm_nt(
-            "f32",
-            f32_,
+        self.sgemm_layout(
             dev,
+            RowLayout::Nt,
             (x, x_row * k),
             (w, w_row * k),
             (y, y_row * n),
@@ -121,78 +139,29 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> CudaResult<()> {
-        if a.len() < a_off + m * k || b.len() < b_off + n * k || c.len() < c_off + m * n {
-            return Err(CudaError::Unsupported(format!(
-                "f32 GEMM ({layout:?}): buffers of {}, {}, {} elements for m={m} n={n} k={k} at \
-                 offsets {a_off}, {b_off}, {c_off}",
-                a.len(),
-                b.len(),
-                c.len()
-            )));
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-        // A row-major X[r, c] is the column-major Xᵀ with leading dimension c, so row-major
-        // C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first.
-        let (op_b, ld_b, op_a, ld_a) = match layout {
-            // B is [n, k]: Bᵀ is its column-major view transposed back.
-            RowLayout::Nt => (CUBLAS_OP_T, k, CUBLAS_OP_N, k),
-            // A is [k, m], B is [k, n].
-            RowLayout::Tn => (CUBLAS_OP_N, n, CUBLAS_OP_T, m),
-            // A is [m, k], B is [k, n].
-            RowLayout::Nn => (CUBLAS_OP_N, n, CUBLAS_OP_N, k),
-        };
-        let stream = dev.stream();
-        let (pa, _ga) = a.device_ptr(stream);
-        let (pb, _gb) = b.device_ptr(stream);
-        let (pc, _gc) = c.device_ptr_mut(stream);
-        let (pa, pb, pc) = (
-            pa + a_off as u64 * 4,
-            pb + b_off as u64 * 4,
-            pc + c_off as u64 * 4,
-        );
-        let alpha = 1.0f32;
         let f32_ = cublas_sys::cudaDataType::CUDA_R_32F;
-        // SAFETY: pointers come from live buffers of the sizes checked above.
-        unsafe {
-            cublas_result::gemm_ex(
-                *self.handle.handle(),
-                op_b,
-                op_a,
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                pb as *const _,
-                f32_,
-                ld_b as i32,
-                pa as *const _,
-                f32_,
-                ld_a as i32,
-                (&beta as *const f32).cast(),
-                pc as *mut _,
-                f32_,
-                n as i32,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|source| CudaError::Cublas {
-            what: format!("f32 GEMM ({layout:?}) m={m} n={n} k={k}"),
-            source,
-        })
+        self.gemm(
+            "f32",
+            f32_,
+            layout,
+            dev,
+            (a, a_off),
+            (b, b_off),
+            (c, c_off),
+            (m, n, k),
+            beta,
+        )
     }
 
-    /// C[m, n] = A[m, k] · B[n, k]ᵀ + β·C for row-major operands of cuBLAS type `operand`
-    /// (`what` names it in errors), f32 output and accumulation; each matrix starts at its
-    /// element offset in its buffer.
+    /// C[m, n] = op(A)·op(B) + β·C for row-major operands of cuBLAS type `operand` (`what`
+    /// names it in errors), each read as `layout` says, f32 output and accumulation; each
+    /// matrix starts at its element offset in its buffer.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_nt<T>(
+    fn gemm<T>(
         &self,
         what: &str,
         operand: cublas_sys::cudaDataType,
+        layout: RowLayout,
         dev: &CudaDevice,
         (a, a_off): (&CudaSlice<T>, usize),
         (b, b_off): (&CudaSlice<T>, usize),
@@ -202,8 +171,9 @@ impl Blas {
     ) -> CudaResult<()> {
         if a.len() < a_off + m * k || b.len() < b_off + n * k || c.len() < c_off + m * n {
             return Err(CudaError::Unsupported(format!(
-                "{what} GEMM: buffers of {}, {}, {} elements for m={m} n={n} k={k} at offsets \
-                 {a_off}, {b_off}, {c_off}",
+                "{what} GEMM C = {}: buffers of {}, {}, {} elements for m={m} n={n} k={k} at \
+                 offsets {a_off}, {b_off}, {c_off}",
+                layout.name(),
                 a.len(),
                 b.len(),
                 c.len()
@@ -222,24 +192,34 @@ impl Blas {
             pb + b_off as u64 * size,
             pc + c_off as u64 * 4,
         );
+        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        // A row-major X[r, c] is the column-major Xᵀ with leading dimension c, so row-major
+        // C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets B first.
+        let (op_b, ld_b, op_a, ld_a) = match layout {
+            // B is [n, k]: Bᵀ is its column-major view transposed back.
+            RowLayout::Nt => (CUBLAS_OP_T, k, CUBLAS_OP_N, k),
+            // A is [k, m], B is [k, n].
+            RowLayout::Tn => (CUBLAS_OP_N, n, CUBLAS_OP_T, m),
+            // A is [m, k], B is [k, n].
+            RowLayout::Nn => (CUBLAS_OP_N, n, CUBLAS_OP_N, k),
+        };
         let alpha = 1.0f32;
-        // Row-major C = A Bᵀ is column-major Cᵀ = B Aᵀ: cuBLAS sees (n × m) = op(B)ᵀ-free form.
         // SAFETY: pointers come from live buffers of the sizes checked above.
         unsafe {
             cublas_result::gemm_ex(
                 *self.handle.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                op_b,
+                op_a,
                 n as i32,
                 m as i32,
                 k as i32,
                 (&alpha as *const f32).cast(),
                 pb as *const _,
                 operand,
-                k as i32,
+                ld_b as i32,
                 pa as *const _,
                 operand,
-                k as i32,
+                ld_a as i32,
                 (&beta as *const f32).cast(),
                 pc as *mut _,
                 cublas_sys::cudaDataType::CUDA_R_32F,
@@ -249,7 +229,7 @@ impl Blas {
             )
         }
         .map_err(|source| CudaError::Cublas {
-            what: format!("{what} GEMM m={m} n={n} k={k}"),
+            what: format!("{what} GEMM C = {} m={m} n={n} k={k}", layout.name()),
             source,
         })
     }
