@@ -93,10 +93,17 @@ struct FinetuneRecord<'a> {
     layers: &'a [LayerRecord],
     /// `cpu` or `cuda (<GPU name>)`.
     backend: String,
-    /// Recording the calibration data (the digital model on the CPU), s.
+    /// Where the calibration data was recorded: `cpu`, or `cuda` (the digital forward on the
+    /// GPU the layers train on).
+    calibration_backend: &'static str,
+    /// Recording the calibration data, s.
     calibration_seconds: f64,
     /// Training all layers (loss before and after included), s.
     training_seconds: f64,
+    /// Loading the checkpoint, s.
+    load_seconds: f64,
+    /// Writing the fine-tuned checkpoint, s.
+    write_seconds: f64,
     /// On the GPU: the largest peak of a layer's device buffers (the memory pool's high-water
     /// mark), bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,6 +153,24 @@ fn choose_backend(request: BackendRequest, preset: &TilePreset) -> Result<(Gpu, 
     }
 }
 
+/// Records the calibration data on the GPU the layers train on (its digital forward, the
+/// device memory handed back before training), else on the CPU; with where it ran.
+fn record_calibration(
+    gpu: &Gpu,
+    model: &crate::model::Model,
+    tokens: &[u32],
+    a: &FinetuneArgs,
+) -> Result<(Vec<LayerCalib>, &'static str)> {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = gpu {
+        let recorded =
+            crate::backend::cuda::finetune::calib::record(dev, model, tokens, a.seq_len, a.router)?;
+        return Ok((recorded, "cuda"));
+    }
+    let _ = gpu;
+    Ok((calib::record(model, tokens, a.seq_len, a.router)?, "cpu"))
+}
+
 /// Device memory figures of a GPU run: (largest layer peak, most in use at a layer's end).
 #[derive(Default)]
 struct DeviceMemory {
@@ -173,6 +198,7 @@ fn train(
         // to the driver when the layer is done.
         let pool = dev.retain_pool()?;
         dev.reset_pool_peak()?;
+        let setup = Instant::now();
         let mut trainer = match CudaTrainer::new(dev.clone(), preset, drift_s, calib, experts) {
             Ok(t) => t,
             // A layer the GPU cannot train (e.g. a router with a varying number of experts
@@ -191,8 +217,13 @@ fn train(
             }
             Err(e) => return Err(e),
         };
+        let setup_seconds = setup.elapsed().as_secs_f64();
         let mut record = crate::finetune::train_layer(calib, &mut trainer, cfg, progress)?;
-        experts.clone_from_slice(&trainer.experts()?);
+        let read_back = Instant::now();
+        for (dst, trained) in experts.iter_mut().zip(trainer.experts()?) {
+            *dst = trained;
+        }
+        record.transfer_seconds = Some(setup_seconds + read_back.elapsed().as_secs_f64());
         // AIMC_PROFILE_FORWARD=1: where the layer's time went.
         for s in trainer.stage_seconds() {
             progress(&format!(
@@ -209,10 +240,12 @@ fn train(
         memory.peak = memory.peak.max(Some(peak));
         memory.in_use = memory.in_use.max(Some(in_use));
         progress(&format!(
-            "layer {}: peak device memory {:.2} GiB (pool high-water mark), {:.2} GiB in use on the device",
+            "layer {}: peak device memory {:.2} GiB (pool high-water mark), {:.2} GiB in use on the device; \
+             set-up and read-back {:.1} s",
             calib.layer,
             peak as f64 / f64::from(1u32 << 30),
-            in_use as f64 / f64::from(1u32 << 30)
+            in_use as f64 / f64::from(1u32 << 30),
+            record.transfer_seconds.unwrap_or(0.0)
         ));
         return Ok(record);
     }
@@ -290,7 +323,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             EMBEDDED_CALIB_NAME.to_string(),
         ),
     };
+    let load_clock = Instant::now();
     let mut model = load_model(a.model.as_deref())?;
+    let load_seconds = load_clock.elapsed().as_secs_f64();
     super::args::check_router(&a.router, &model)?;
     let moe: Vec<usize> = (0..model.config.num_layers)
         .filter(|&l| model.config.moe_layers[l])
@@ -331,9 +366,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.steps
     );
     let calib_clock = Instant::now();
-    let recorded = calib::record(&model, &tokens, a.seq_len, a.router)?;
+    let (recorded, calibration_backend) = record_calibration(&gpu, &model, &tokens, &a)?;
     let calibration_seconds = calib_clock.elapsed().as_secs_f64();
-    eprintln!("finetune: calibration recorded in {calibration_seconds:.1} s");
+    eprintln!(
+        "finetune: calibration recorded in {calibration_seconds:.1} s on the {}",
+        if calibration_backend == "cpu" {
+            "CPU"
+        } else {
+            "GPU"
+        }
+    );
     let progress = |line: &str| eprintln!("{line}");
     let mut updates = BTreeMap::new();
     let mut records = Vec::new();
@@ -363,14 +405,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             &progress,
             &mut memory,
         )?);
-        updates.insert(c.layer, block.experts.clone());
+        // The trained experts move to the checkpoint writer: calibration recorded every
+        // layer's inputs before training, so the model never runs again.
+        updates.insert(c.layer, std::mem::take(&mut block.experts));
     }
     let training_seconds = train_clock.elapsed().as_secs_f64();
     let updates = ExpertUpdates { layers: updates };
+    let write_clock = Instant::now();
     let written = match &a.model {
         Some(dir) => write_checkpoint(dir, &a.out, &updates)?,
         None => write_checkpoint_from(&crate::model::embedded::source(), &a.out, &updates)?,
     };
+    let write_seconds = write_clock.elapsed().as_secs_f64();
     let record = FinetuneRecord {
         model: model_name(a.model.as_deref()),
         preset: &preset,
@@ -381,8 +427,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         config: &cfg,
         layers: &records,
         backend,
+        calibration_backend,
         calibration_seconds,
         training_seconds,
+        load_seconds,
+        write_seconds,
         device_peak_bytes: memory.peak,
         device_in_use_bytes: memory.in_use,
         wall_seconds: clock.elapsed().as_secs_f64(),
@@ -391,12 +440,15 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let json = a.out.join("finetune.json");
     write_versioned_json(&json, &record)?;
     eprintln!(
-        "finetune: wrote {} and {} ({:.1} s: calibration {:.1} s, training {:.1} s)",
+        "finetune: wrote {} and {} ({:.1} s: loading {:.1} s, calibration {:.1} s, training {:.1} s, \
+         writing {:.1} s)",
         written.dir.display(),
         json.display(),
         record.wall_seconds,
+        record.load_seconds,
         record.calibration_seconds,
-        record.training_seconds
+        record.training_seconds,
+        record.write_seconds
     );
     if let Some(peak) = record.device_peak_bytes {
         eprintln!(

@@ -54,8 +54,18 @@ impl LayerCalib {
     }
 }
 
-/// What one MoE layer saw in one forward: (layer, input rows, routing, routed-expert output).
-type Seen = (usize, Array2<f32>, Vec<Assignment>, Array2<f32>);
+/// What one MoE layer saw in one forward pass over a group of windows: its input rows, their
+/// routing (tokens index the rows) and its routed-expert output, rows in window order.
+pub struct Seen {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Routed-expert inputs `[rows, hidden]`.
+    pub x: Array2<f32>,
+    /// Routing in token order.
+    pub assignments: Vec<Assignment>,
+    /// Digital routed-expert output `[rows, hidden]`.
+    pub y: Array2<f32>,
+}
 
 /// A digital [`ExpertLinear`] that records the input and routing of every MoE layer.
 struct Recorder<'m> {
@@ -85,38 +95,26 @@ impl ExpertLinear for Recorder<'_> {
         // only, checked on the embedded model's default calibration, and one routed-expert
         // pass less).
         let y = dispatch(layer, x, assignments, n_experts, self.model);
-        self.seen.lock().expect("recorder lock").push((
+        self.seen.lock().expect("recorder lock").push(Seen {
             layer,
-            x.to_owned(),
-            assignments.to_vec(),
-            y.clone(),
-        ));
+            x: x.to_owned(),
+            assignments: assignments.to_vec(),
+            y: y.clone(),
+        });
         Ok(Some(y))
     }
 }
 
-/// Runs the digital model over `tokens` in windows of `seq_len` and records every MoE layer
-/// (layers in model order). Deterministic: windows are processed in order and each layer's
-/// rows are concatenated in window order.
+/// Runs the digital model on the CPU over `tokens` in windows of `seq_len` and records every
+/// MoE layer (layers in model order). Deterministic: windows are processed in order and each
+/// layer's rows are concatenated in window order.
 pub fn record(
     model: &Model,
     tokens: &[u32],
     seq_len: usize,
     router: RouterKind,
 ) -> Result<Vec<LayerCalib>> {
-    ensure!(seq_len >= 2, "calibration window must be at least 2 tokens");
-    let windows: Vec<&[u32]> = tokens.chunks(seq_len).collect();
-    let moe_layers: Vec<usize> = (0..model.config.num_layers)
-        .filter(|&l| model.config.moe_layers[l])
-        .collect();
-    ensure!(
-        !moe_layers.is_empty(),
-        "the model has no MoE layer to fine-tune"
-    );
-    // Per MoE layer, what each forward saw (without the layer index).
-    type Part = (Array2<f32>, Vec<Assignment>, Array2<f32>);
-    let mut parts: Vec<Vec<Part>> = vec![Vec::new(); moe_layers.len()];
-    for group in windows.chunks(WINDOWS_PER_PASS) {
+    record_with(model, tokens, seq_len, WINDOWS_PER_PASS, |group| {
         let rec = Recorder {
             model,
             seen: Mutex::new(Vec::new()),
@@ -127,12 +125,47 @@ pub fn record(
             record_routing: false,
         };
         model.forward_batch(group, &opts)?;
-        for (layer, x, a, y) in rec.seen.into_inner().expect("recorder lock") {
-            let k = moe_layers
-                .iter()
-                .position(|&l| l == layer)
-                .expect("only MoE layers route");
-            parts[k].push((x, a, y));
+        Ok(rec.seen.into_inner().expect("recorder lock"))
+    })
+}
+
+/// The recording of [`record`] wherever the forward runs: `tokens` in windows of `seq_len`,
+/// `per_pass` windows at a time handed to `pass`, which returns what each MoE layer saw in
+/// that group (any layer order); each layer's rows are concatenated in window order and its
+/// routing re-indexed to them.
+pub fn record_with(
+    model: &Model,
+    tokens: &[u32],
+    seq_len: usize,
+    per_pass: usize,
+    mut pass: impl FnMut(&[&[u32]]) -> Result<Vec<Seen>>,
+) -> Result<Vec<LayerCalib>> {
+    ensure!(seq_len >= 2, "calibration window must be at least 2 tokens");
+    let windows: Vec<&[u32]> = tokens.chunks(seq_len).collect();
+    let moe_layers: Vec<usize> = (0..model.config.num_layers)
+        .filter(|&l| model.config.moe_layers[l])
+        .collect();
+    ensure!(
+        !moe_layers.is_empty(),
+        "the model has no MoE layer to fine-tune"
+    );
+    let mut parts: Vec<Vec<Seen>> = std::iter::repeat_with(Vec::new)
+        .take(moe_layers.len())
+        .collect();
+    for group in windows.chunks(per_pass.max(1)) {
+        let rows: usize = group.iter().map(|w| w.len()).sum();
+        for seen in pass(group)? {
+            let Some(k) = moe_layers.iter().position(|&l| l == seen.layer) else {
+                anyhow::bail!("calibration: layer {} is not a MoE layer", seen.layer);
+            };
+            ensure!(
+                seen.x.nrows() == rows && seen.y.dim() == seen.x.dim(),
+                "calibration: layer {} recorded {} input and {:?} output rows for {rows} tokens",
+                seen.layer,
+                seen.x.nrows(),
+                seen.y.dim()
+            );
+            parts[k].push(seen);
         }
     }
     moe_layers
@@ -142,15 +175,16 @@ pub fn record(
             let mut offset = 0u32;
             let mut assignments = Vec::new();
             let (mut xs, mut ys) = (Vec::new(), Vec::new());
-            for (x, a, y) in &chunks {
-                assignments.extend(a.iter().map(|a| Assignment {
+            for seen in &chunks {
+                assignments.extend(seen.assignments.iter().map(|a| Assignment {
                     token: a.token + offset,
                     ..*a
                 }));
-                offset += x.nrows() as u32;
-                xs.push(x.view());
-                ys.push(y.view());
+                offset += seen.x.nrows() as u32;
+                xs.push(seen.x.view());
+                ys.push(seen.y.view());
             }
+            ensure!(!xs.is_empty(), "calibration: layer {layer} saw no tokens");
             let x = concatenate(Axis(0), &xs)?;
             let y = concatenate(Axis(0), &ys)?;
             Ok(LayerCalib {

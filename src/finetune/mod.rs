@@ -85,6 +85,10 @@ pub struct LayerRecord {
     /// mark while it trained); `None` on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_peak_bytes: Option<u64>,
+    /// On the GPU: setting the layer up on the device (crossbar layouts on the host, uploads)
+    /// and reading its trained experts back, s (not in `seconds`); `None` on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_seconds: Option<f64>,
 }
 
 /// The seed of every noise stream of training step `step` (or of [`EVAL_STEP`]), derived from
@@ -191,6 +195,7 @@ pub fn train_layer(
         train_loss_last: mean(&losses[losses.len() - tenth..]),
         seconds: clock.elapsed().as_secs_f64(),
         device_peak_bytes: None,
+        transfer_seconds: None,
     };
     progress(&format!(
         "layer {}: noisy loss {:.5} → {:.5} ({:+.1} %), {:.1} s",

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::{bf16, f16};
 use ndarray::ArrayView2;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use super::checkpoint::{CheckpointSource, TensorStore, INDEX_FILE};
@@ -102,10 +103,12 @@ pub fn write_checkpoint_from(
             })
             .collect();
         tensors.sort_by_key(|t| t.offsets);
-        for t in &tensors {
-            if let Some(values) = plan.replacements.get(&t.name) {
-                check_values(values, t, &location)?;
-            }
+        // Tensors in parallel; the first bad one in data order is reported.
+        if let Some(e) = tensors.par_iter().find_map_first(|t| {
+            let values = plan.replacements.get(&t.name)?;
+            check_values(values, t, &location).err()
+        }) {
+            return Err(e);
         }
         let metadata: BTreeMap<String, String> = meta
             .metadata()
@@ -139,9 +142,15 @@ pub fn write_checkpoint_from(
     let tmp = temporary_sibling(dst)?;
     let result = (|| {
         fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        // Files in parallel (a large checkpoint has one per layer or so): rounding the
+        // replaced values, not the disk, bounds one writer. Errors in file order.
+        let sizes: Vec<Result<u64>> = files
+            .par_iter()
+            .map(|f| write_safetensors(&tmp.join(&f.name), f, &plan))
+            .collect();
         let mut tensor_bytes = 0u64;
-        for f in &files {
-            tensor_bytes += write_safetensors(&tmp.join(&f.name), f, &plan)?;
+        for size in sizes {
+            tensor_bytes += size?;
         }
         let (copied_files, skipped_files) = copy_other_files(source, &weight_names, &tmp)?;
         if let Some(index) = source.read(INDEX_FILE)? {

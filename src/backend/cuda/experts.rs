@@ -38,7 +38,7 @@ use super::periphery::GemmPeriphery;
 use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
 use super::programmed::{
-    DeviceModel, DriftHost, DriftSource, GpuDrift, ReadoutCache, Residency, Run, SourceKind,
+    DeviceModel, DriftHost, DriftSource, GpuDrift, Held, ReadoutCache, Residency, Run, SourceKind,
 };
 use super::routing::route;
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
@@ -557,105 +557,24 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
         let Some((gate_up, down)) = self.drift.as_ref().and_then(|d| d.sources.get(&layer)) else {
             return Ok(None);
         };
-        let (d, inter) = (gate_up.tables.k, down.tables.k);
-        if top_k > COMBINE_MAX_K || gate_up.tables.n_experts != n_experts {
+        if gate_up.tables.n_experts != n_experts {
             return Err(CudaError::Unsupported(format!(
-                "digital experts of layer {layer} on the GPU: {top_k} experts per token (at most \
-                 {COMBINE_MAX_K}), {n_experts} experts routed to {} held",
+                "digital experts of layer {layer} on the GPU: {n_experts} experts routed to {} held",
                 gate_up.tables.n_experts
             )));
         }
-        let dev = self.dev;
-        let routing = route(
-            dev,
-            expert_of_pair,
-            weight_of_pair,
-            n_tokens,
-            top_k,
-            n_experts,
-        )?;
-        let offsets = dev.download(&routing.offsets)?;
-        let pairs = n_tokens * top_k;
-        let experts = || {
-            (0..n_experts)
-                .map(|e| {
-                    (
-                        e,
-                        offsets[e] as usize,
-                        (offsets[e + 1] - offsets[e]) as usize,
-                    )
-                })
-                .filter(|&(_, _, rows)| rows > 0)
-        };
-        // The token row of every sorted pair.
-        let mut a = dev.scratch::<f32>(pairs * d)?;
-        let f = dev.function(&MODEL_CU, &[], "embed_gather")?;
-        let (p32, d32) = (pairs as u32, d as u32);
-        dev.launch(&f, "embed_gather", linear_launch((pairs * d) as u64), |b| {
-            b.arg(x)
-                .arg(&routing.sorted_token)
-                .arg(&mut a)
-                .arg(&p32)
-                .arg(&d32);
-        })?;
         let model = self.cpu.model();
-        let w = gate_up.digital(dev, Some(model))?;
-        let mut gu = dev.scratch::<f32>(pairs * 2 * inter)?;
-        for (e, r0, rows) in experts() {
-            blas.sgemm_nt_rows(
-                dev,
-                (&a, r0),
-                (&*w, e * 2 * inter),
-                (&mut gu, r0),
-                (rows, 2 * inter, d),
-                0.0,
-            )?;
-        }
-        drop((a, w));
-        let mut hidden = dev.scratch::<f32>(pairs * inter)?;
-        let f = dev.function(&MODEL_CU, &[], "silu_mul_interleaved")?;
-        let (rows64, i32_) = (pairs as u64, inter as u32);
-        dev.launch(
-            &f,
-            "silu_mul_interleaved",
-            linear_launch(rows64 * inter as u64),
-            |b| {
-                b.arg(&gu).arg(&mut hidden).arg(&rows64).arg(&i32_);
-            },
-        )?;
-        drop(gu);
-        let w = down.digital(dev, Some(model))?;
-        let mut y = dev.scratch::<f32>(pairs * d)?;
-        for (e, r0, rows) in experts() {
-            blas.sgemm_nt_rows(
-                dev,
-                (&hidden, r0),
-                (&*w, e * d),
-                (&mut y, r0),
-                (rows, d, inter),
-                0.0,
-            )?;
-        }
-        drop((hidden, w));
-        let pos_of_pair = routing.pos_of_pair(dev)?;
-        let mut out = dev.scratch::<f32>(n_tokens * d)?;
-        let f = dev.function(&MODEL_CU, &[], "combine_pairs")?;
-        let (t32, k32) = (n_tokens as u32, top_k as u32);
-        dev.launch(
-            &f,
-            "combine_pairs",
-            linear_launch((n_tokens * d) as u64),
-            |b| {
-                b.arg(&y)
-                    .arg(&pos_of_pair)
-                    .arg(&routing.sorted_weight)
-                    .arg(&mut out)
-                    .arg(&t32)
-                    .arg(&k32)
-                    .arg(&d32);
-            },
-        )?;
-        Ok(Some(out))
+        digital_routed(
+            self.dev,
+            blas,
+            x,
+            (expert_of_pair, weight_of_pair),
+            (n_tokens, top_k, n_experts),
+            (gate_up.tables.k, down.tables.k),
+            || gate_up.digital(self.dev, Some(model)),
+            || down.digital(self.dev, Some(model)),
+        )
+        .map(Some)
     }
 
     /// The `(expert, weight)` of each assignment on the device, in `assignments`' order.
@@ -769,6 +688,119 @@ pub(crate) type Lap<'l> = &'l mut dyn FnMut(&'static str) -> CudaResult<()>;
 /// Experts per token [`GpuExperts::digital_pairs_on_device`] sums (`COMBINE_MAX_K` in
 /// `kernels/model.cu`).
 const COMBINE_MAX_K: usize = 32;
+
+/// `Σ w · expert_e(x[t])` of the rows `x` (`[n_tokens, d]`) for `n_tokens·top_k` (expert,
+/// weight) pairs in `(token, slot)` order, with the digital f32 weights of the layer's experts
+/// in the grouped layout (gate/up `[E, 2·inter, d]` interleaved by eight, down `[E, d, inter]`),
+/// each obtained just before its GEMMs and dropped after them (a streamed copy is freed at
+/// once): [`crate::model::moe::dispatch`] with the model's weights, as cuBLAS f32 GEMMs per
+/// expert over the expert-sorted pairs, SwiGLU, and each token's sum in expert order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn digital_routed<'w>(
+    dev: &CudaDevice,
+    blas: &Blas,
+    x: &CudaSlice<f32>,
+    (expert_of_pair, weight_of_pair): (&CudaSlice<u32>, &CudaSlice<f32>),
+    (n_tokens, top_k, n_experts): (usize, usize, usize),
+    (d, inter): (usize, usize),
+    gate_up: impl FnOnce() -> CudaResult<Held<'w>>,
+    down: impl FnOnce() -> CudaResult<Held<'w>>,
+) -> CudaResult<CudaSlice<f32>> {
+    if top_k > COMBINE_MAX_K {
+        return Err(CudaError::Unsupported(format!(
+            "digital experts on the GPU: {top_k} experts per token (at most {COMBINE_MAX_K})"
+        )));
+    }
+    let routing = route(
+        dev,
+        expert_of_pair,
+        weight_of_pair,
+        n_tokens,
+        top_k,
+        n_experts,
+    )?;
+    let offsets = dev.download(&routing.offsets)?;
+    let pairs = n_tokens * top_k;
+    let experts = || {
+        (0..n_experts)
+            .map(|e| {
+                (
+                    e,
+                    offsets[e] as usize,
+                    (offsets[e + 1] - offsets[e]) as usize,
+                )
+            })
+            .filter(|&(_, _, rows)| rows > 0)
+    };
+    // The token row of every sorted pair.
+    let mut a = dev.scratch::<f32>(pairs * d)?;
+    let f = dev.function(&MODEL_CU, &[], "embed_gather")?;
+    let (p32, d32) = (pairs as u32, d as u32);
+    dev.launch(&f, "embed_gather", linear_launch((pairs * d) as u64), |b| {
+        b.arg(x)
+            .arg(&routing.sorted_token)
+            .arg(&mut a)
+            .arg(&p32)
+            .arg(&d32);
+    })?;
+    let w = gate_up()?;
+    let mut gu = dev.scratch::<f32>(pairs * 2 * inter)?;
+    for (e, r0, rows) in experts() {
+        blas.sgemm_nt_rows(
+            dev,
+            (&a, r0),
+            (&*w, e * 2 * inter),
+            (&mut gu, r0),
+            (rows, 2 * inter, d),
+            0.0,
+        )?;
+    }
+    drop((a, w));
+    let mut hidden = dev.scratch::<f32>(pairs * inter)?;
+    let f = dev.function(&MODEL_CU, &[], "silu_mul_interleaved")?;
+    let (rows64, i32_) = (pairs as u64, inter as u32);
+    dev.launch(
+        &f,
+        "silu_mul_interleaved",
+        linear_launch(rows64 * inter as u64),
+        |b| {
+            b.arg(&gu).arg(&mut hidden).arg(&rows64).arg(&i32_);
+        },
+    )?;
+    drop(gu);
+    let w = down()?;
+    let mut y = dev.scratch::<f32>(pairs * d)?;
+    for (e, r0, rows) in experts() {
+        blas.sgemm_nt_rows(
+            dev,
+            (&hidden, r0),
+            (&*w, e * d),
+            (&mut y, r0),
+            (rows, d, inter),
+            0.0,
+        )?;
+    }
+    drop((hidden, w));
+    let pos_of_pair = routing.pos_of_pair(dev)?;
+    let mut out = dev.scratch::<f32>(n_tokens * d)?;
+    let f = dev.function(&MODEL_CU, &[], "combine_pairs")?;
+    let (t32, k32) = (n_tokens as u32, top_k as u32);
+    dev.launch(
+        &f,
+        "combine_pairs",
+        linear_launch((n_tokens * d) as u64),
+        |b| {
+            b.arg(&y)
+                .arg(&pos_of_pair)
+                .arg(&routing.sorted_weight)
+                .arg(&mut out)
+                .arg(&t32)
+                .arg(&k32)
+                .arg(&d32);
+        },
+    )?;
+    Ok(out)
+}
 
 /// [`GpuExperts`] bound to one MVM call id; implements the model's [`ExpertLinear`].
 pub struct GpuCall<'g, 'a, 'm> {

@@ -212,6 +212,11 @@ pub(crate) fn swiglu_source(f: usize) -> (bool, usize) {
     (g8 % 2 == 1, (g8 / 2) * 8 + f % 8)
 }
 
+/// The inverse of [`swiglu_source`]: the interleaved row of gate (`is_up` false) or up row `c`.
+pub(crate) fn swiglu_row(is_up: bool, c: usize) -> usize {
+    (c / 8) * 16 + usize::from(is_up) * 8 + c % 8
+}
+
 /// `[G, N, row]` gate and up arrays → `[G, 2N, row]` with the columns interleaved as
 /// [`GroupedMatrix::interleave_swiglu`] does (N a multiple of 8). Empty inputs stay empty.
 pub fn interleave_rows<T: Copy>(

@@ -18,9 +18,11 @@ use ndarray::{Array2, ArrayView2};
 
 use super::blas::Blas;
 use super::compile::MODEL_CU;
-use super::experts::{GpuExperts, SequenceKeys};
+use super::experts::{digital_routed, GpuExperts, SequenceKeys};
 use super::gemm::allow_dynamic_shared;
+use super::programmed::{upload_digital, Held, SourceKind};
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
+use crate::finetune::calib::Seen;
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
 use crate::model::moe::{dispatch, swiglu};
 use crate::model::rope::RopeTable;
@@ -118,13 +120,18 @@ struct GpuLayer {
 
 use super::profile::{laps, StageClock};
 
-/// The weights a GPU forward pass multiplies with wherever the model has analog matrices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Weights {
-    /// The programmed, drifted crossbars of the [`GpuExperts`].
-    Analog,
-    /// The model's digital f32 weights.
-    Digital,
+/// What a GPU forward pass multiplies with wherever the model has analog matrices, and what it
+/// hands back besides the logits.
+enum Pass<'p, 'a, 'm> {
+    /// The programmed, drifted crossbars of the [`GpuExperts`], sequence q drawing the per-MVM
+    /// noise of call `first_call + q`.
+    Analog(&'p GpuExperts<'a, 'm>, u32),
+    /// The model's digital f32 weights: the routed experts' copies the [`GpuExperts`] hold,
+    /// else [`Model`]'s on the CPU.
+    Digital(&'p GpuExperts<'a, 'm>),
+    /// The model's digital f32 weights, each MoE layer's routed experts uploaded from the host
+    /// for the pass and freed after it; what every MoE layer sees goes to the sink.
+    Record(&'p mut dyn FnMut(Seen) -> Result<()>),
 }
 pub use super::profile::{StageTime, PROFILE_ENV};
 
@@ -338,7 +345,12 @@ impl<'m> GpuModel<'m> {
         router: &RouterKind,
         first_call: u32,
     ) -> Result<CudaSlice<f32>> {
-        self.run_sequences(seqs, experts, router, first_call, Weights::Analog)
+        self.run_sequences(
+            experts.device(),
+            seqs,
+            router,
+            &mut Pass::Analog(experts, first_call),
+        )
     }
 
     /// [`GpuModel::forward_sequences`] with the model's digital weights everywhere: the digital
@@ -352,19 +364,35 @@ impl<'m> GpuModel<'m> {
         experts: &GpuExperts<'_, '_>,
         router: &RouterKind,
     ) -> Result<CudaSlice<f32>> {
-        self.run_sequences(seqs, experts, router, 0, Weights::Digital)
+        self.run_sequences(experts.device(), seqs, router, &mut Pass::Digital(experts))
+    }
+
+    /// The digital forward of [`GpuModel::digital_sequences`] over `seqs` (one batch, as
+    /// there) with each MoE layer's routed experts uploaded from the model for the pass, handing
+    /// `sink` what every MoE layer sees: its input rows, routing and routed-expert output,
+    /// copied to the host (fine-tuning's calibration, `finetune::calib`).
+    pub fn record_sequences(
+        &mut self,
+        dev: &CudaDevice,
+        seqs: &[&[u32]],
+        router: &RouterKind,
+        sink: &mut dyn FnMut(Seen) -> Result<()>,
+    ) -> Result<()> {
+        self.run_sequences(dev, seqs, router, &mut Pass::Record(sink))
+            .map(drop)
     }
 
     fn run_sequences(
         &mut self,
+        dev: &CudaDevice,
         seqs: &[&[u32]],
-        experts: &GpuExperts<'_, '_>,
         router: &RouterKind,
-        first_call: u32,
-        weights: Weights,
+        pass: &mut Pass<'_, '_, '_>,
     ) -> Result<CudaSlice<f32>> {
-        let digital = weights == Weights::Digital;
-        let dev = experts.device();
+        let first_call = match pass {
+            Pass::Analog(_, first) => *first,
+            _ => 0,
+        };
         dev.context()
             .bind_to_thread()
             .map_err(|e| anyhow!("binding the CUDA context: {e}"))?;
@@ -478,15 +506,16 @@ impl<'m> GpuModel<'m> {
             match &layer.ffn {
                 GpuFfn::Dense(m) => {
                     let slot = ExpertSlot::DenseMlp;
-                    if digital || is_digital(experts, l, slot) {
-                        self.swiglu(dev, m, &x, s, h_dim, &mut h, None)
-                            .map_err(at)?;
-                    } else {
+                    let analog = analog_here(pass, l, slot);
+                    if let Some(experts) = analog {
                         let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                         let y = per_sequence(keys, xh.view(), |call, rows| {
                             Ok(swiglu(&experts.call(call), l, slot, rows))
                         })?;
                         add_host(dev, &mut h, y.view()).map_err(at)?;
+                    } else {
+                        self.swiglu(dev, m, &x, s, h_dim, &mut h, None)
+                            .map_err(at)?;
                     }
                 }
                 GpuFfn::Moe {
@@ -500,10 +529,10 @@ impl<'m> GpuModel<'m> {
                         .sgemm_nt(dev, &x, w_router, &mut logits, (s, e, h_dim), 0.0)
                         .map_err(at)?;
                     // Fixed-k rules route on the device when the layer's experts are there.
-                    let here = if digital {
-                        experts.digital_on_device(l)
-                    } else {
-                        experts.layer(l).is_some()
+                    let here = match pass {
+                        Pass::Analog(experts, _) => experts.layer(l).is_some(),
+                        Pass::Digital(experts) => experts.digital_on_device(l),
+                        Pass::Record(_) => self.streamed_width(l).is_some(),
                     };
                     let on_device = match (here, device_top_k(router, &cfg.router, e)) {
                         (true, Some(k)) => {
@@ -511,40 +540,58 @@ impl<'m> GpuModel<'m> {
                                 route_top_k(dev, &logits, s, e, k, router, &cfg.router)
                                     .map_err(at)?;
                             lap("router").map_err(at)?;
-                            if digital {
-                                experts.digital_pairs_on_device(
+                            let y = match pass {
+                                Pass::Analog(experts, _) => {
+                                    experts.pairs_on_device(l, &x, &eop, &wop, (s, k, e), keys)
+                                }
+                                Pass::Digital(experts) => experts.digital_pairs_on_device(
                                     &self.blas,
                                     l,
                                     &x,
                                     &eop,
                                     &wop,
                                     (s, k, e),
-                                )
-                            } else {
-                                experts.pairs_on_device(l, &x, &eop, &wop, (s, k, e), keys)
+                                ),
+                                Pass::Record(_) => self
+                                    .streamed_experts(dev, l, &x, (&eop, &wop), (s, k, e))
+                                    .map(Some),
                             }
-                            .map_err(at)?
+                            .map_err(at)?;
+                            if let (Pass::Record(sink), Some(y)) = (&mut *pass, &y) {
+                                sink(
+                                    seen_on_device(dev, l, (&x, &eop, &wop, y), (s, k, h_dim))
+                                        .map_err(at)?,
+                                )?;
+                            }
+                            y
                         }
                         _ => {
                             let logits = download_matrix(dev, &logits, s, e).map_err(at)?;
                             let assignments = router.route(logits.view(), &cfg.router);
                             lap("router").map_err(at)?;
-                            let on_device = if digital {
-                                None
-                            } else {
-                                experts
+                            let on_device = match pass {
+                                Pass::Analog(experts, _) => experts
                                     .routed_on_device(l, &x, s, &assignments, e, keys)
-                                    .map_err(at)?
+                                    .map_err(at)?,
+                                _ => None,
                             };
-                            match on_device {
-                                Some(y) => Some(y),
-                                None if digital => {
+                            match (on_device, &mut *pass) {
+                                (Some(y), _) => Some(y),
+                                (None, Pass::Digital(_) | Pass::Record(_)) => {
                                     let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                                     let y = dispatch(l, xh.view(), &assignments, e, self.model);
                                     add_host(dev, &mut h, y.view()).map_err(at)?;
+                                    if let Pass::Record(sink) = pass {
+                                        sink(Seen {
+                                            layer: l,
+                                            x: xh,
+                                            assignments,
+                                            y,
+                                        })?;
+                                    }
                                     None
                                 }
-                                None => {
+                                (None, Pass::Analog(experts, _)) => {
                                     let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                                     let y = per_sequence(keys, xh.view(), |call, rows| {
                                         let r0 = (call - first_call) as usize * window;
@@ -575,10 +622,7 @@ impl<'m> GpuModel<'m> {
                     lap("routed experts").map_err(at)?;
                     if let Some((m, gate)) = shared {
                         let slot = ExpertSlot::Shared(0);
-                        if digital || is_digital(experts, l, slot) {
-                            self.swiglu(dev, m, &x, s, h_dim, &mut h, gate.as_ref())
-                                .map_err(at)?;
-                        } else {
+                        if let Some(experts) = analog_here(pass, l, slot) {
                             let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                             let mut y = per_sequence(keys, xh.view(), |call, rows| {
                                 Ok(swiglu(&experts.call(call), l, slot, rows))
@@ -590,6 +634,9 @@ impl<'m> GpuModel<'m> {
                                 }
                             }
                             add_host(dev, &mut h, y.view()).map_err(at)?;
+                        } else {
+                            self.swiglu(dev, m, &x, s, h_dim, &mut h, gate.as_ref())
+                                .map_err(at)?;
                         }
                     }
                 }
@@ -617,6 +664,50 @@ impl<'m> GpuModel<'m> {
         drop(lap);
         self.clock = clock;
         Ok(logits)
+    }
+
+    /// The expert width of MoE layer `l` when [`GpuModel::streamed_experts`] takes its routed
+    /// experts: all of one shape, the width a multiple of 8 (the SwiGLU row interleaving).
+    fn streamed_width(&self, l: usize) -> Option<usize> {
+        let Ffn::Moe(m) = &self.model.layers[l].ffn else {
+            return None;
+        };
+        let first = m.experts.first()?;
+        let inter = first.intermediate();
+        (inter.is_multiple_of(8)
+            && m.experts.iter().all(|w| {
+                w.gate_up.dim() == first.gate_up.dim() && w.down.dim() == first.down.dim()
+            }))
+        .then_some(inter)
+    }
+
+    /// The routed experts of MoE layer `l` on the device rows `x` (`[T, d]`) for the `(token,
+    /// slot)` pairs `pairs`, with their digital weights uploaded from the model for the
+    /// product and freed after it ([`digital_routed`]).
+    fn streamed_experts(
+        &self,
+        dev: &CudaDevice,
+        l: usize,
+        x: &CudaSlice<f32>,
+        pairs: (&CudaSlice<u32>, &CudaSlice<f32>),
+        shape: (usize, usize, usize),
+    ) -> CudaResult<CudaSlice<f32>> {
+        let inter = self.streamed_width(l).ok_or_else(|| {
+            CudaError::Unsupported(format!("layer {l}: routed experts of unequal shapes"))
+        })?;
+        let d = self.model.config.hidden_size;
+        let upload =
+            |kind, dims| upload_digital(dev, self.model, (l, kind), dims).map(Held::Uploaded);
+        digital_routed(
+            dev,
+            &self.blas,
+            x,
+            pairs,
+            shape,
+            (d, inter),
+            || upload(SourceKind::GateUp, (2 * inter, d)),
+            || upload(SourceKind::Down, (d, inter)),
+        )
     }
 
     /// The host copy of the shared-expert gate of layer `l`, if it has one.
@@ -881,16 +972,62 @@ pub fn route_top_k(
 }
 
 /// Whether every matrix of the feed-forward at (`l`, `slot`) is digital in `experts`.
-fn is_digital(experts: &GpuExperts<'_, '_>, l: usize, slot: ExpertSlot) -> bool {
-    [Proj::Gate, Proj::Up, Proj::Down].into_iter().all(|proj| {
-        experts
-            .cpu()
-            .matrix(MatrixId {
-                layer: l,
-                slot,
-                proj,
-            })
-            .is_none()
+/// The experts of an analog pass when the feed-forward `slot` of layer `l` has an analog matrix
+/// (run through their CPU crossbars); `None` when it runs on its digital weights.
+fn analog_here<'p, 'a, 'm>(
+    pass: &Pass<'p, 'a, 'm>,
+    l: usize,
+    slot: ExpertSlot,
+) -> Option<&'p GpuExperts<'a, 'm>> {
+    let Pass::Analog(experts, _) = *pass else {
+        return None;
+    };
+    [Proj::Gate, Proj::Up, Proj::Down]
+        .into_iter()
+        .any(|proj| {
+            experts
+                .cpu()
+                .matrix(MatrixId {
+                    layer: l,
+                    slot,
+                    proj,
+                })
+                .is_some()
+        })
+        .then_some(experts)
+}
+
+/// What MoE layer `l` saw in a recording pass, copied to the host: its input rows `x`
+/// (`[T, d]`), the (expert, weight) pairs in `(token, slot)` order (`[T·k]` each) and its
+/// routed-expert output `y`.
+fn seen_on_device(
+    dev: &CudaDevice,
+    l: usize,
+    (x, expert_of_pair, weight_of_pair, y): (
+        &CudaSlice<f32>,
+        &CudaSlice<u32>,
+        &CudaSlice<f32>,
+        &CudaSlice<f32>,
+    ),
+    (s, k, d): (usize, usize, usize),
+) -> CudaResult<Seen> {
+    let experts = dev.download(expert_of_pair)?;
+    let weights = dev.download(weight_of_pair)?;
+    let assignments = experts
+        .iter()
+        .zip(&weights)
+        .enumerate()
+        .map(|(i, (&expert, &weight))| Assignment {
+            token: (i / k) as u32,
+            expert,
+            weight,
+        })
+        .collect();
+    Ok(Seen {
+        layer: l,
+        x: download_matrix(dev, x, s, d)?,
+        assignments,
+        y: download_matrix(dev, y, s, d)?,
     })
 }
 

@@ -385,7 +385,7 @@ pub(crate) enum SourceKind {
 
 /// The digital weights `[E, N, K]` of matrix `kind` of MoE layer `l` (N: the grouped
 /// matrix's rows, gate/up interleaved on the device) uploaded from the model's host arrays.
-fn upload_digital(
+pub(crate) fn upload_digital(
     dev: &CudaDevice,
     model: &Model,
     (l, kind): (usize, SourceKind),

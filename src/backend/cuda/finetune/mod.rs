@@ -15,6 +15,7 @@
 //! auto`): presets whose ADC clips without iterative bound management (the straight-through
 //! mask needs each crossbar block's output, which the fused kernel sums), non-PCM devices,
 //! routers with a varying number of experts per token, shapes the kernel tiles do not take.
+pub mod calib;
 mod mapping;
 mod step;
 
@@ -22,11 +23,13 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, PushKernelArg};
+use ndarray::{Array2, CowArray, Ix2};
+use rayon::prelude::*;
 
 use super::blas::Blas;
 use super::compile::FINETUNE_CU;
 use super::gemm::Precision;
-use super::grouped::{swiglu_source, GpuColumnTables};
+use super::grouped::{swiglu_row, swiglu_source, GpuColumnTables};
 use super::periphery::GemmPeriphery;
 use super::profile::{laps, StageClock, StageTime};
 use super::program::PcmParams;
@@ -131,7 +134,7 @@ fn layouts(
 ) -> Result<Vec<AnalogMatrix>> {
     let device = preset.device.build();
     experts
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(e, w)| {
             let m = match proj {
@@ -149,36 +152,55 @@ fn layouts(
         .collect()
 }
 
-/// The experts' weights in the grouped layout: gate/up `[E, 2n, d]` with gate and up rows
-/// interleaved in groups of 8 (as the SwiGLU epilogue and [`DriftHost::interleave`] lay them
-/// out), down `[E, d, n]`.
-fn grouped_weights(experts: &[SwiGlu]) -> (Vec<f32>, Vec<f32>) {
-    let mut gu = Vec::with_capacity(experts.iter().map(|w| w.gate_up.len()).sum());
-    let mut dn = Vec::with_capacity(experts.iter().map(|w| w.down.len()).sum());
-    for w in experts {
-        let n = w.gate_up.nrows() / 2;
-        for f in 0..2 * n {
+/// One expert's gate/up and down weights in standard layout (borrowed when they are already).
+type StandardExpert<'w> = (CowArray<'w, f32, Ix2>, CowArray<'w, f32, Ix2>);
+
+/// The experts' weights as standard-layout arrays, for [`grouped_rows`].
+fn standard(experts: &[SwiGlu]) -> Vec<StandardExpert<'_>> {
+    experts
+        .iter()
+        .map(|w| (w.gate_up.as_standard_layout(), w.down.as_standard_layout()))
+        .collect()
+}
+
+/// The rows of the experts' weights in the grouped layout, for a staged upload without a host
+/// copy: gate/up `[E, 2n, d]` with gate and up rows interleaved in groups of 8 (as the SwiGLU
+/// epilogue and [`DriftHost::interleave`] lay them out), down `[E, d, n]` (one slice per
+/// expert).
+fn grouped_rows<'a>(
+    experts: &'a [StandardExpert<'_>],
+) -> (Vec<&'a [f32]>, Vec<&'a [f32]>) {
+    let mut gu = Vec::new();
+    let mut dn = Vec::new();
+    for (gate_up, down) in experts {
+        let (n2, d) = gate_up.dim();
+        let (n, rows) = (n2 / 2, gate_up.as_slice().expect("standard layout"));
+        for f in 0..n2 {
             let (is_up, c) = swiglu_source(f);
-            gu.extend(w.gate_up.row(if is_up { n + c } else { c }).iter());
+            gu.push(&rows[(if is_up { n + c } else { c }) * d..][..d]);
         }
-        dn.extend(w.down.iter());
+        dn.push(down.as_slice().expect("standard layout"));
     }
     (gu, dn)
 }
 
-/// The inverse of [`grouped_weights`] for `e` experts of width `d` and expert width `n`.
+/// The experts back from the grouped layout of [`grouped_rows`] for `e` experts of width `d`
+/// and expert width `n` (row copies, experts in parallel).
 fn experts_from_grouped(gu: &[f32], dn: &[f32], (e, d, n): (usize, usize, usize)) -> Vec<SwiGlu> {
     let n2 = 2 * n;
     (0..e)
+        .into_par_iter()
         .map(|e| {
-            let mut gate_up = ndarray::Array2::<f32>::zeros((n2, d));
-            for f in 0..n2 {
-                let (is_up, c) = swiglu_source(f);
-                gate_up
-                    .row_mut(if is_up { n + c } else { c })
-                    .assign(&ndarray::ArrayView1::from(&gu[(e * n2 + f) * d..][..d]));
+            let rows = &gu[e * n2 * d..][..n2 * d];
+            let mut gate_up = Vec::with_capacity(n2 * d);
+            // Gate rows 0..n, then up rows 0..n (`SwiGlu`'s order).
+            for is_up in [false, true] {
+                for c in 0..n {
+                    gate_up.extend_from_slice(&rows[swiglu_row(is_up, c) * d..][..d]);
+                }
             }
-            let down = ndarray::Array2::from_shape_vec((d, n), dn[e * d * n..][..d * n].to_vec())
+            let gate_up = Array2::from_shape_vec((n2, d), gate_up).expect("2n×d weights");
+            let down = Array2::from_shape_vec((d, n), dn[e * d * n..][..d * n].to_vec())
                 .expect("d×n weights");
             SwiGlu { gate_up, down }
         })
@@ -266,12 +288,19 @@ impl CudaTrainer {
         };
         let gate_up_host = DriftHost::interleave(&hosts(Proj::Gate)?, &hosts(Proj::Up)?)?;
         let down_host = hosts(Proj::Down)?;
-        let (gu, dn) = grouped_weights(experts);
+        let std_experts = standard(experts);
+        let (gu, dn) = grouped_rows(&std_experts);
+        let upload = |parts: &[&[f32]]| -> CudaResult<CudaSlice<f32>> {
+            let mut w = dev.scratch::<f32>(parts.iter().map(|p| p.len()).sum())?;
+            dev.upload_staged(parts, &mut w, 0)?;
+            Ok(w)
+        };
+        let gate_up = source(&dev, gate_up_host, upload(&gu)?)?;
+        let down = source(&dev, down_host, upload(&dn)?)?;
+        drop((gu, dn));
+        drop(std_experts);
         let std_x = calib.x.as_standard_layout();
         let std_y = calib.y.as_standard_layout();
-        let gate_up = source(&dev, gate_up_host, dev.upload(&gu)?)?;
-        let down = source(&dev, down_host, dev.upload(&dn)?)?;
-        drop((gu, dn));
         let optim = [
             Optim::new(&dev, e_count * n2 * d)?,
             Optim::new(&dev, e_count * d * n)?,
@@ -477,7 +506,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grouped_weights_interleave_gate_and_up_by_eight_and_invert() {
+    fn grouped_rows_interleave_gate_and_up_by_eight_and_invert() {
         let (e, d, n) = (2, 3, 16);
         let experts: Vec<SwiGlu> = (0..e)
             .map(|x| SwiGlu {
@@ -489,7 +518,9 @@ mod tests {
                 }),
             })
             .collect();
-        let (gu, dn) = grouped_weights(&experts);
+        let std_experts = standard(&experts);
+        let (gu, dn) = grouped_rows(&std_experts);
+        let (gu, dn) = (gu.concat(), dn.concat());
         assert_eq!((gu.len(), dn.len()), (e * 2 * n * d, e * d * n));
         // Grouped row f of expert 1: gate rows 0..8, up rows 0..8, gate rows 8..16, up 8..16.
         let row = |f: usize| gu[(2 * n + f) * d];
