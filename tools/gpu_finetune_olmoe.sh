@@ -9,15 +9,15 @@
 #                        (16,384) × FT_STEPS steps (200) per layer on the MoE layers FT_LAYERS
 #                        (default: all 16; e.g. FT_LAYERS=0,1 to stay inside a device call),
 #                        preset FT_PRESET (pcm-3d-8tier), one year of drift; wall time, the
-#                        phases (model load, calibration on the CPU, training, writing), aimc's
+#                        phases (model load, calibration on the GPU, training, writing), aimc's
 #                        peak device memory (the memory pool's high-water mark, per layer) and
 #                        nvidia-smi's peak (every 100 ms, all processes).
 #   finetune-profile.log step 4 (not in the default STEPS): one layer, 2,048 calibration tokens,
 #                        20 steps, with AIMC_PROFILE_FORWARD=1: the time per stage of a step
 #                        (mapping, programming, drift, GDC readouts, forward, loss, backward, Adam).
 # About 1 min for step 1 (most of it NVRTC, cached for step 3), ~1 min for step 2, and for
-# step 3 the model load (~15 s), the calibration (the digital model on the CPU) and ~10–20 s per
-# layer (not measured yet): FT_LIMIT (default 420 s) bounds it.
+# step 3 about 4 min on an H100 (reports/bench/2026-12-07-finetune-olmoe16.md: load 10 s,
+# calibration 10 s, 13 s per layer, writing 10 s): FT_LIMIT (default 420 s) bounds it.
 . "$(dirname "$0")/gpu_env.sh"
 STEPS=${STEPS:-"1 2 3"}
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -61,12 +61,12 @@ r = json.load(open(sys.argv[1]))
 gib = lambda b: b / 2**30 if b is not None else float("nan")
 print(f"backend {r['backend']}: {len(r['layers'])} layers, {r['calibration_tokens']} calibration tokens, "
       f"{r['config']['steps']} steps per layer")
-print(f"wall {r['wall_seconds']:.1f} s = calibration {r['calibration_seconds']:.1f} s + training "
-      f"{r['training_seconds']:.1f} s + load/write {r['wall_seconds'] - r['calibration_seconds'] - r['training_seconds']:.1f} s")
+print(f"wall {r['wall_seconds']:.1f} s = load {r['load_seconds']:.1f} s + calibration {r['calibration_seconds']:.1f} s "
+      f"({r['calibration_backend']}) + training {r['training_seconds']:.1f} s + writing {r['write_seconds']:.1f} s")
 print(f"peak device memory: {gib(r.get('device_peak_bytes')):.2f} GiB (pool high-water mark, largest layer), "
       f"{gib(r.get('device_in_use_bytes')):.2f} GiB in use at a layer's end")
 for l in r["layers"]:
-    print(f"  layer {l['layer']:2d}: {l['seconds']:6.1f} s, loss {l['loss_before']:.5f} -> {l['loss_after']:.5f}, "
+    print(f"  layer {l['layer']:2d}: {l['seconds']:6.1f} s (+{l.get('transfer_seconds') or 0:.1f} s set-up and read-back), loss {l['loss_before']:.5f} -> {l['loss_after']:.5f}, "
           f"peak {gib(l.get('device_peak_bytes')):.2f} GiB")
 EOF
 fi

@@ -154,7 +154,9 @@ fn choose_backend(request: BackendRequest, preset: &TilePreset) -> Result<(Gpu, 
 }
 
 /// Records the calibration data on the GPU the layers train on (its digital forward, the
-/// device memory handed back before training), else on the CPU; with where it ran.
+/// device memory handed back before training), else on the CPU; with where it ran. A model
+/// whose digital forward the GPU cannot run (dense weights beyond its memory, an attention it
+/// does not take) records on the CPU, with a notice.
 fn record_calibration(
     gpu: &Gpu,
     model: &crate::model::Model,
@@ -163,9 +165,20 @@ fn record_calibration(
 ) -> Result<(Vec<LayerCalib>, &'static str)> {
     #[cfg(feature = "cuda")]
     if let Some(dev) = gpu {
-        let recorded =
-            crate::backend::cuda::finetune::calib::record(dev, model, tokens, a.seq_len, a.router)?;
-        return Ok((recorded, "cuda"));
+        use crate::backend::cuda::CudaError;
+        match crate::backend::cuda::finetune::calib::record(dev, model, tokens, a.seq_len, a.router)
+        {
+            Ok(recorded) => return Ok((recorded, "cuda")),
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<CudaError>(),
+                    Some(CudaError::Unsupported(_))
+                ) =>
+            {
+                eprintln!("note: calibration runs the digital model on the CPU ({e:#})");
+            }
+            Err(e) => return Err(e),
+        }
     }
     let _ = gpu;
     Ok((calib::record(model, tokens, a.seq_len, a.router)?, "cpu"))

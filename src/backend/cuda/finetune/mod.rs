@@ -167,9 +167,7 @@ fn standard(experts: &[SwiGlu]) -> Vec<StandardExpert<'_>> {
 /// copy: gate/up `[E, 2n, d]` with gate and up rows interleaved in groups of 8 (as the SwiGLU
 /// epilogue and [`DriftHost::interleave`] lay them out), down `[E, d, n]` (one slice per
 /// expert).
-fn grouped_rows<'a>(
-    experts: &'a [StandardExpert<'_>],
-) -> (Vec<&'a [f32]>, Vec<&'a [f32]>) {
+fn grouped_rows<'a>(experts: &'a [StandardExpert<'_>]) -> (Vec<&'a [f32]>, Vec<&'a [f32]>) {
     let mut gu = Vec::new();
     let mut dn = Vec::new();
     for (gate_up, down) in experts {
