@@ -169,11 +169,12 @@ fn different_architectures_are_refused_naming_both_models() {
     );
 }
 
+/// The `aimc` binary: Cargo's build of it, or `AIMC_BIN` where the test binary runs on another
+/// machine than it was built on (the GPU machine, which runs this file for its ignored test).
 fn aimc(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_aimc"))
-        .args(args)
-        .output()
-        .unwrap()
+    let bin = std::env::var_os("AIMC_BIN")
+        .unwrap_or_else(|| std::ffi::OsString::from(env!("CARGO_BIN_EXE_aimc")));
+    Command::new(bin).args(args).output().unwrap()
 }
 
 /// [`perturbed_embedded`] written as a checkpoint directory at `dir`.

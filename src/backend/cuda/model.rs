@@ -506,8 +506,7 @@ impl<'m> GpuModel<'m> {
             match &layer.ffn {
                 GpuFfn::Dense(m) => {
                     let slot = ExpertSlot::DenseMlp;
-                    let analog = analog_here(pass, l, slot);
-                    if let Some(experts) = analog {
+                    if let Some(experts) = analog_here(pass, l, slot) {
                         let xh = download_matrix(dev, &x, s, h_dim).map_err(at)?;
                         let y = per_sequence(keys, xh.view(), |call, rows| {
                             Ok(swiglu(&experts.call(call), l, slot, rows))
