@@ -415,7 +415,17 @@ impl CudaTrainer {
         let (spec, drift_s) = (&self.mapping, self.drift_s);
         let gate_up = mapping::step_operands(run, &mut self.gate_up, spec, drift_s, &mut lap)?;
         let down = mapping::step_operands(run, &mut self.down, spec, drift_s, &mut lap)?;
-        let fwd = step::forward(dev, &gate_up, &down, &self.periphery, seed, x, &routing)?;
+        let for_backward = !matches!(mode, Mode::Loss);
+        let fwd = step::forward(
+            dev,
+            &gate_up,
+            &down,
+            &self.periphery,
+            seed,
+            x,
+            &routing,
+            for_backward,
+        )?;
         lap("forward")?;
         let (err, energy) = step::loss(dev, &fwd.y_hat, y, (t, d))?;
         lap("loss")?;

@@ -36,13 +36,14 @@ pub(crate) struct Forward<'x> {
     pub(crate) y_hat: CudaSlice<f32>,
     /// Where the ADC clips (no bound management): per sorted pair, the number of crossbar
     /// blocks whose output clipped, gate/up `[P, 2n]` and down `[P, d]`; the backward blocks
-    /// the gradient there. `None`: nothing clips.
+    /// the gradient there. `None`: nothing clips, or the forward is for the loss alone.
     pub(crate) clipped: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 /// The layer's routed-expert output ŷ of `x` (`[T, d]`) through `gate_up` and `down` with the
 /// periphery `p`, per-MVM noise of call 0 under `seed` keyed by the row inside each expert (as
-/// `CpuObjective` runs each expert's rows as one batch of call 0).
+/// `CpuObjective` runs each expert's rows as one batch of call 0); with `for_backward`, also
+/// the clip counts the backward masks with where the ADC clips.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<'x>(
     dev: &CudaDevice,
@@ -52,6 +53,7 @@ pub(crate) fn forward<'x>(
     seed: u64,
     x: &'x CudaSlice<f32>,
     routing: &GpuRouting,
+    for_backward: bool,
 ) -> CudaResult<Forward<'x>> {
     let (t, k) = (routing.n_tokens, routing.top_k);
     let pairs = t * k;
@@ -87,7 +89,7 @@ pub(crate) fn forward<'x>(
         &mut rows,
     )?;
     // The same products again with the same draws, counting clipped blocks per output.
-    let clipped = if p.adc.is_some() && !p.bound_managed() {
+    let clipped = if for_backward && p.adc.is_some() && !p.bound_managed() {
         let mut gu_clip = dev.scratch::<f32>(pairs * n2)?;
         grouped_gemm(
             dev,
