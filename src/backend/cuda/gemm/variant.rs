@@ -50,18 +50,13 @@ pub enum GemmOutput {
     /// Digital only: [`GemmOutput::Store`] rounded to bf16 (`[P, N]` `u16` bits), the expert
     /// outputs [`combine_bf16_rows`](crate::backend::cuda::layer::combine_bf16_rows) sums per token.
     StoreBf16,
-    /// Analog with an ADC and without bound management: per sorted row and column (`[P, N]`
-    /// f32), the number of crossbar blocks along K whose ADC output clipped, with the draws of
-    /// the [`GemmOutput::Store`] pass of the same arguments (store mode with `MOE_CLIP_COUNT`):
-    /// fine-tuning's straight-through mask.
-    ClipCount,
 }
 
 impl GemmOutput {
     /// The kernels' `MOE_MODE`.
     pub fn mode(self) -> i64 {
         match self {
-            Self::Store | Self::ClipCount => 0,
+            Self::Store => 0,
             Self::SwiGlu => 1,
             Self::ScatterAdd => 2,
             Self::SwiGluBf16 => 3,
@@ -131,11 +126,8 @@ impl GemmVariant {
     }
 }
 
-/// The `#define`s of one `moe_gemm` instantiation, in a fixed order.
-pub type GemmDefines = [(&'static str, i64); 16];
-
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
-pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
     let flag = |b: bool| i64::from(b);
     let mode = v.output.mode();
     [
@@ -154,10 +146,6 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
         ("MOE_WARPS_N", tile.warps_n as i64),
         ("MOE_STAGES", tile.stages as i64),
         ("MOE_DIAG", flag(v.analog && v.block_readout)),
-        (
-            "MOE_CLIP_COUNT",
-            flag(v.analog && v.output == GemmOutput::ClipCount),
-        ),
     ]
 }
 
@@ -229,11 +217,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         block_readout: false,
     };
     let mut a = vec![(analog, 512, 0)];
-    for output in [
-        GemmOutput::Store,
-        GemmOutput::ScatterAdd,
-        GemmOutput::ClipCount,
-    ] {
+    for output in [GemmOutput::Store, GemmOutput::ScatterAdd] {
         a.push((GemmVariant { output, ..analog }, 512, 0));
     }
     a.push((
@@ -281,7 +265,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
 /// Each on its default [`GemmTile`].
-pub fn moe_gemm_variants() -> Vec<GemmDefines> {
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -330,14 +314,6 @@ pub fn moe_gemm_variants() -> Vec<GemmDefines> {
         additive: true,
         out_noise: true,
         ..base
-    });
-    // Fine-tuning's clip count: store mode with an ADC and no bound management, with
-    // everything else on (standard-hwa) and with the ADC alone.
-    v.push(all(true, true, GemmOutput::ClipCount));
-    v.push(GemmVariant {
-        adc: true,
-        output: GemmOutput::ClipCount,
-        ..all(true, false, GemmOutput::Store)
     });
     // Bound management runs in store mode: with everything else, and as the AIHWKIT default
     // (ABS_MAX, ADC, output noise) and pcm-3d-8tier (plus PCM_READ) configure it.
