@@ -14,7 +14,7 @@ use aimc::finetune::noisy::{CpuObjective, LayerObjective};
 use aimc::finetune::trainer::LayerTrainer;
 use aimc::finetune::{noise_seed, train_layer, FinetuneConfig};
 use aimc::model::common::SwiGlu;
-use aimc::model::{embedded, Ffn, RouterKind};
+use aimc::model::{embedded, Ffn, Model, RouterKind};
 use aimc::tile::{DriftCompensation, TilePreset};
 
 /// Relative difference allowed between the GPU's and the CPU's noisy loss. Both program the
@@ -38,16 +38,22 @@ fn gpu(test: &str) -> Arc<CudaDevice> {
     }
 }
 
-/// The embedded model's MoE layer `layer` recorded on the first `tokens` calibration tokens,
-/// with its experts.
-fn embedded_layer(tokens: usize, layer: usize) -> (LayerCalib, Vec<SwiGlu>) {
-    let model = embedded::load().unwrap();
+/// The first `tokens` tokens of the embedded model's calibration text.
+fn calib_ids(model: &Model, tokens: usize) -> Vec<u32> {
     let mut ids = model
         .tokenizer()
         .unwrap()
         .encode(EMBEDDED_CALIB_TEXT)
         .unwrap();
     ids.truncate(tokens);
+    ids
+}
+
+/// The embedded model's MoE layer `layer` recorded on the first `tokens` calibration tokens,
+/// with its experts.
+fn embedded_layer(tokens: usize, layer: usize) -> (LayerCalib, Vec<SwiGlu>) {
+    let model = embedded::load().unwrap();
+    let ids = calib_ids(&model, tokens);
     let calib = record(&model, &ids, 128, RouterKind::default()).unwrap();
     let experts = match &model.layers[layer].ffn {
         Ffn::Moe(m) => m.experts.clone(),
@@ -237,14 +243,9 @@ const CALIB_SHARE: f64 = 0.98;
 fn calibration_on_the_gpu_records_what_the_cpu_records() {
     let dev = gpu("calibration recording");
     let model = embedded::load().unwrap();
-    let mut ids = model
-        .tokenizer()
-        .unwrap()
-        .encode(EMBEDDED_CALIB_TEXT)
-        .unwrap();
     // Ten windows of 128 and a shorter last one: the window split and the row offsets of
     // every pass are exercised.
-    ids.truncate(10 * 128 + 77);
+    let ids = calib_ids(&model, 10 * 128 + 77);
     let cpu = record(&model, &ids, 128, RouterKind::default()).unwrap();
     let gpu = aimc::backend::cuda::finetune::calib::record(
         &dev,

@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 use ndarray::{concatenate, Array2, ArrayView2, Axis};
 
 use super::noisy::LayerBatch;
-use crate::model::moe::dispatch;
+use crate::model::moe::{dispatch, RoutedIo};
 use crate::model::{
     Assignment, ExpertLinear, ExpertSlot, ForwardOptions, MatrixId, Model, RouterKind,
 };
@@ -54,23 +54,10 @@ impl LayerCalib {
     }
 }
 
-/// What one MoE layer saw in one forward pass over a group of windows: its input rows, their
-/// routing (tokens index the rows) and its routed-expert output, rows in window order.
-pub struct Seen {
-    /// Decoder layer index.
-    pub layer: usize,
-    /// Routed-expert inputs `[rows, hidden]`.
-    pub x: Array2<f32>,
-    /// Routing in token order.
-    pub assignments: Vec<Assignment>,
-    /// Digital routed-expert output `[rows, hidden]`.
-    pub y: Array2<f32>,
-}
-
 /// A digital [`ExpertLinear`] that records the input and routing of every MoE layer.
 struct Recorder<'m> {
     model: &'m Model,
-    seen: Mutex<Vec<Seen>>,
+    seen: Mutex<Vec<RoutedIo>>,
 }
 
 impl ExpertLinear for Recorder<'_> {
@@ -95,7 +82,7 @@ impl ExpertLinear for Recorder<'_> {
         // only, checked on the embedded model's default calibration, and one routed-expert
         // pass less).
         let y = dispatch(layer, x, assignments, n_experts, self.model);
-        self.seen.lock().expect("recorder lock").push(Seen {
+        self.seen.lock().expect("recorder lock").push(RoutedIo {
             layer,
             x: x.to_owned(),
             assignments: assignments.to_vec(),
@@ -138,7 +125,7 @@ pub fn record_with(
     tokens: &[u32],
     seq_len: usize,
     per_pass: usize,
-    mut pass: impl FnMut(&[&[u32]]) -> Result<Vec<Seen>>,
+    mut pass: impl FnMut(&[&[u32]]) -> Result<Vec<RoutedIo>>,
 ) -> Result<Vec<LayerCalib>> {
     ensure!(seq_len >= 2, "calibration window must be at least 2 tokens");
     let windows: Vec<&[u32]> = tokens.chunks(seq_len).collect();
@@ -149,7 +136,7 @@ pub fn record_with(
         !moe_layers.is_empty(),
         "the model has no MoE layer to fine-tune"
     );
-    let mut parts: Vec<Vec<Seen>> = std::iter::repeat_with(Vec::new)
+    let mut parts: Vec<Vec<RoutedIo>> = std::iter::repeat_with(Vec::new)
         .take(moe_layers.len())
         .collect();
     for group in windows.chunks(per_pass.max(1)) {

@@ -12,6 +12,20 @@ use super::checkpoint::TensorStore;
 use super::common::{matmul_t, silu_mul, SwiGlu};
 use super::router::{Assignment, RouterKind, RouterRule};
 
+/// What one MoE layer's routed experts saw in one forward pass over a batch of sequences: their
+/// input rows, the routing (tokens index the rows) and their output, rows in batch order (what
+/// fine-tuning's calibration records, on any backend).
+pub struct RoutedIo {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Routed-expert inputs `[rows, hidden]`.
+    pub x: Array2<f32>,
+    /// Routing in token order.
+    pub assignments: Vec<Assignment>,
+    /// Digital routed-expert output `[rows, hidden]`.
+    pub y: Array2<f32>,
+}
+
 /// Which feed-forward a matrix belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ExpertSlot {

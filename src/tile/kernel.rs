@@ -225,6 +225,16 @@ pub fn gemm(
     }
 }
 
+/// Panics unless an array of shape `got` and `strides` is `dim` with contiguous rows (`what`
+/// names it): the packed kernel's operands are row pointers and a row stride.
+fn check_rows(got: (usize, usize), strides: &[isize], dim: (usize, usize), what: &str) {
+    assert_eq!(got, dim, "{what} shape");
+    assert!(
+        strides[1] == 1 || dim.1 <= 1,
+        "{what} needs contiguous rows"
+    );
+}
+
 #[derive(Clone, Copy)]
 struct In {
     ptr: *const f32,
@@ -234,11 +244,7 @@ struct In {
 impl In {
     /// The rows of `x`, which must be `dim` with contiguous rows (`what` names it in the panic).
     fn rows(x: &ArrayView2<'_, f32>, dim: (usize, usize), what: &str) -> Self {
-        assert_eq!(x.dim(), dim, "{what} shape");
-        assert!(
-            x.strides()[1] == 1 || dim.1 <= 1,
-            "{what} needs contiguous rows"
-        );
+        check_rows(x.dim(), x.strides(), dim, what);
         Self {
             ptr: x.as_ptr(),
             stride: x.strides()[0],
@@ -255,11 +261,7 @@ struct Out {
 impl Out {
     /// The rows of `y`, which must be `dim` with contiguous rows (`what` names it in the panic).
     fn rows(y: &mut ArrayViewMut2<'_, f32>, dim: (usize, usize), what: &str) -> Self {
-        assert_eq!(y.dim(), dim, "{what} shape");
-        assert!(
-            y.strides()[1] == 1 || dim.1 <= 1,
-            "{what} needs contiguous rows"
-        );
+        check_rows(y.dim(), y.strides(), dim, what);
         Self {
             ptr: y.as_mut_ptr(),
             stride: y.strides()[0],

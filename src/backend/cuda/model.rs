@@ -22,9 +22,8 @@ use super::experts::{digital_routed, GpuExperts, SequenceKeys};
 use super::gemm::allow_dynamic_shared;
 use super::programmed::{upload_digital, Held, SourceKind};
 use super::{gib, linear_launch, CudaDevice, CudaError, CudaResult};
-use crate::finetune::calib::Seen;
 use crate::model::common::{Linear, RmsNorm, SwiGlu};
-use crate::model::moe::{dispatch, swiglu};
+use crate::model::moe::{dispatch, swiglu, RoutedIo};
 use crate::model::rope::RopeTable;
 use crate::model::{
     Assignment, Attention, ExpertLinear, ExpertSlot, Ffn, MatrixId, Model, Proj, RouterKind,
@@ -131,7 +130,7 @@ enum Pass<'p, 'a, 'm> {
     Digital(&'p GpuExperts<'a, 'm>),
     /// The model's digital f32 weights, each MoE layer's routed experts uploaded from the host
     /// for the pass and freed after it; what every MoE layer sees goes to the sink.
-    Record(&'p mut dyn FnMut(Seen) -> Result<()>),
+    Record(&'p mut dyn FnMut(RoutedIo) -> Result<()>),
 }
 pub use super::profile::{StageTime, PROFILE_ENV};
 
@@ -376,7 +375,7 @@ impl<'m> GpuModel<'m> {
         dev: &CudaDevice,
         seqs: &[&[u32]],
         router: &RouterKind,
-        sink: &mut dyn FnMut(Seen) -> Result<()>,
+        sink: &mut dyn FnMut(RoutedIo) -> Result<()>,
     ) -> Result<()> {
         self.run_sequences(dev, seqs, router, &mut Pass::Record(sink))
             .map(drop)
@@ -581,7 +580,7 @@ impl<'m> GpuModel<'m> {
                                     let y = dispatch(l, xh.view(), &assignments, e, self.model);
                                     add_host(dev, &mut h, y.view()).map_err(at)?;
                                     if let Pass::Record(sink) = pass {
-                                        sink(Seen {
+                                        sink(RoutedIo {
                                             layer: l,
                                             x: xh,
                                             assignments,
@@ -1009,7 +1008,7 @@ fn seen_on_device(
         &CudaSlice<f32>,
     ),
     (s, k, d): (usize, usize, usize),
-) -> CudaResult<Seen> {
+) -> CudaResult<RoutedIo> {
     let experts = dev.download(expert_of_pair)?;
     let weights = dev.download(weight_of_pair)?;
     let assignments = experts
@@ -1022,7 +1021,7 @@ fn seen_on_device(
             weight,
         })
         .collect();
-    Ok(Seen {
+    Ok(RoutedIo {
         layer: l,
         x: download_matrix(dev, x, s, d)?,
         assignments,
