@@ -270,6 +270,14 @@ impl CudaDevice {
             .while_(|| format!("copying {} elements to the device", host.len()))
     }
 
+    /// The concatenation of `parts` in a new device buffer, through
+    /// [`CudaDevice::upload_staged`].
+    pub fn upload_concat(&self, parts: &[&[f32]]) -> CudaResult<CudaSlice<f32>> {
+        let mut w = self.scratch::<f32>(parts.iter().map(|p| p.len()).sum())?;
+        self.upload_staged(parts, &mut w, 0)?;
+        Ok(w)
+    }
+
     /// Copies the concatenation of `parts` into `dst[offset..]`, as [`CudaDevice::upload_into`]
     /// per part, for large f32 arrays in pageable host memory (a model's weights): through
     /// two pinned staging buffers, all host threads filling one while the other transfers.

@@ -719,19 +719,8 @@ pub(crate) fn digital_routed<'w>(
         top_k,
         n_experts,
     )?;
-    let offsets = dev.download(&routing.offsets)?;
+    let experts = routing.expert_rows(dev)?;
     let pairs = n_tokens * top_k;
-    let experts = || {
-        (0..n_experts)
-            .map(|e| {
-                (
-                    e,
-                    offsets[e] as usize,
-                    (offsets[e + 1] - offsets[e]) as usize,
-                )
-            })
-            .filter(|&(_, _, rows)| rows > 0)
-    };
     // The token row of every sorted pair.
     let mut a = dev.scratch::<f32>(pairs * d)?;
     let f = dev.function(&MODEL_CU, &[], "embed_gather")?;
@@ -745,7 +734,7 @@ pub(crate) fn digital_routed<'w>(
     })?;
     let w = gate_up()?;
     let mut gu = dev.scratch::<f32>(pairs * 2 * inter)?;
-    for (e, r0, rows) in experts() {
+    for &(e, r0, rows) in &experts {
         blas.sgemm_nt_rows(
             dev,
             (&a, r0),
@@ -770,7 +759,7 @@ pub(crate) fn digital_routed<'w>(
     drop(gu);
     let w = down()?;
     let mut y = dev.scratch::<f32>(pairs * d)?;
-    for (e, r0, rows) in experts() {
+    for &(e, r0, rows) in &experts {
         blas.sgemm_nt_rows(
             dev,
             (&hidden, r0),

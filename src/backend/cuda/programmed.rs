@@ -355,9 +355,7 @@ fn upload_matrices(
         .iter()
         .map(|m| m.as_slice().expect("standard layout"))
         .collect();
-    let mut w = dev.scratch::<f32>(weights.len() * n * k)?;
-    dev.upload_staged(&parts, &mut w, 0)?;
-    Ok(w)
+    dev.upload_concat(&parts)
 }
 
 /// The digital matrices of projection `proj` of every routed expert of MoE layer `l`.

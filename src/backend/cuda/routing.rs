@@ -49,6 +49,19 @@ impl GpuRouting {
         Ok(pos)
     }
 
+    /// (expert, first sorted row, rows) of every expert that has rows, in expert order: the
+    /// per-expert GEMMs' row ranges (the offsets copied to the host).
+    pub fn expert_rows(&self, dev: &CudaDevice) -> CudaResult<Vec<(usize, usize, usize)>> {
+        let offsets = dev.download(&self.offsets)?;
+        Ok((0..self.n_experts)
+            .map(|e| {
+                let r0 = offsets[e] as usize;
+                (e, r0, offsets[e + 1] as usize - r0)
+            })
+            .filter(|&(_, _, rows)| rows > 0)
+            .collect())
+    }
+
     /// Keys the per-MVM noise of the tokens as consecutive sequences of `window` tokens (the
     /// last may be shorter), sequence q being call `first_call + q`: each draws the noise it
     /// draws when routed alone (`AnalogExperts::call(first_call + q)` on the CPU).

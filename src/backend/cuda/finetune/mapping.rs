@@ -53,8 +53,12 @@ fn map_scales(
     let len = entries as u64;
     let omega = mapping.weight_scaling_omega;
     let null = 0u64;
-    let finish = dev.function(&FINETUNE_CU, &[], "ft_map_scales")?;
-    if mapping.per_column {
+    // The maxima: per column segment, or per crossbar (f32 bits, atomics).
+    enum Maxima {
+        Segments(CudaSlice<f32>),
+        Crossbars(CudaSlice<u32>),
+    }
+    let maxima = if mapping.per_column {
         let mut seg = dev.scratch::<f32>(entries)?;
         let f = dev.function(&FINETUNE_CU, &[], "ft_segment_abs_max")?;
         // One warp per segment.
@@ -66,16 +70,7 @@ fn map_scales(
                 .arg(&len)
                 .arg(&mut seg);
         })?;
-        dev.launch(&finish, "ft_map_scales", linear_launch(len), |b| {
-            b.arg(&seg)
-                .arg(&null)
-                .arg(&*src.dev_tables.col_xbar)
-                .arg(&n32)
-                .arg(&nx32)
-                .arg(&len)
-                .arg(&omega)
-                .arg(&mut s_map);
-        })?;
+        Maxima::Segments(seg)
     } else {
         let groups = m.n_experts * n_kb;
         let mut bits = dev.zeros::<u32>(groups * m.n_xbar)?;
@@ -96,17 +91,22 @@ fn map_scales(
                     .arg(&mut bits);
             },
         )?;
-        dev.launch(&finish, "ft_map_scales", linear_launch(len), |b| {
-            b.arg(&null)
-                .arg(&bits)
-                .arg(&*src.dev_tables.col_xbar)
-                .arg(&n32)
-                .arg(&nx32)
-                .arg(&len)
-                .arg(&omega)
-                .arg(&mut s_map);
-        })?;
-    }
+        Maxima::Crossbars(bits)
+    };
+    let f = dev.function(&FINETUNE_CU, &[], "ft_map_scales")?;
+    dev.launch(&f, "ft_map_scales", linear_launch(len), |b| {
+        // Exactly one of the two maxima arrays, the other a null pointer.
+        match &maxima {
+            Maxima::Segments(seg) => b.arg(seg).arg(&null),
+            Maxima::Crossbars(bits) => b.arg(&null).arg(bits),
+        };
+        b.arg(&*src.dev_tables.col_xbar)
+            .arg(&n32)
+            .arg(&nx32)
+            .arg(&len)
+            .arg(&omega)
+            .arg(&mut s_map);
+    })?;
     Ok(s_map)
 }
 

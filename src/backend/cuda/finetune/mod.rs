@@ -288,13 +288,8 @@ impl CudaTrainer {
         let down_host = hosts(Proj::Down)?;
         let std_experts = standard(experts);
         let (gu, dn) = grouped_rows(&std_experts);
-        let upload = |parts: &[&[f32]]| -> CudaResult<CudaSlice<f32>> {
-            let mut w = dev.scratch::<f32>(parts.iter().map(|p| p.len()).sum())?;
-            dev.upload_staged(parts, &mut w, 0)?;
-            Ok(w)
-        };
-        let gate_up = source(&dev, gate_up_host, upload(&gu)?)?;
-        let down = source(&dev, down_host, upload(&dn)?)?;
+        let gate_up = source(&dev, gate_up_host, dev.upload_concat(&gu)?)?;
+        let down = source(&dev, down_host, dev.upload_concat(&dn)?)?;
         drop((gu, dn));
         drop(std_experts);
         let std_x = calib.x.as_standard_layout();

@@ -235,14 +235,7 @@ pub(crate) fn backward(
             .arg(&mut g_out);
     })?;
     drop(g_yhat);
-    let offsets = dev.download(&routing.offsets)?;
-    let experts: Vec<(usize, usize, usize)> = (0..routing.n_experts)
-        .map(|e| {
-            let r0 = offsets[e] as usize;
-            (e, r0, offsets[e + 1] as usize - r0)
-        })
-        .filter(|&(_, _, rows)| rows > 0)
-        .collect();
+    let experts = routing.expert_rows(dev)?;
     let stream = dev.stream();
     let zero = |g: &mut CudaSlice<f32>| {
         stream
