@@ -147,10 +147,12 @@ pub fn record_with(
             };
             ensure!(
                 seen.x.nrows() == rows && seen.y.dim() == seen.x.dim(),
-                "calibration: layer {} recorded {} input and {:?} output rows for {rows} tokens",
+                "calibration: layer {} recorded {}×{} inputs and {}×{} outputs for {rows} tokens",
                 seen.layer,
                 seen.x.nrows(),
-                seen.y.dim()
+                seen.x.ncols(),
+                seen.y.nrows(),
+                seen.y.ncols()
             );
             parts[k].push(seen);
         }
