@@ -77,6 +77,9 @@ struct GemmParams {
     float dac_step, adc_step, adc_bound, out_noise, w_noise_std, ir_scale, ir_k, dac_max_code;
     u32 attempt;  // bound-management attempt of the output noise (0 outside MOE_MODE 4)
     u32 diag_k, diag_kb;  // MOE_DIAG: K of the viewed weights [E, N, diag_k], crossbar blocks per row
+    float adc_step_inv;   // 1/adc_step, correctly rounded (adc_quotient)
+    float adc_clip;       // adc_bound + 2·adc_step: |v| beyond saturates the ADC either way (adc_quotient)
+    u32 round_keys[20];   // Philox round keys of `seed` (rng::philox_round_keys)
 };
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }

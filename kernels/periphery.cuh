@@ -149,7 +149,7 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
     // Block idx / 4 of element idx = nrow·stride + local: the crossbar width `stride` is a
     // multiple of 4 (host-checked), so it is nrow·(stride / 4) + local / 4.
     const u64 blk = (u64)r.nrow * (nc.stride >> 2) + (nc.local >> 2);
-    const uint4 q = stream_block(make_stream(p.seed, PURPOSE_OUTPUT_NOISE, nc.tid), blk, r.ncall, p.attempt);
+    const uint4 q = stream_block_keyed(p.round_keys, PURPOSE_OUTPUT_NOISE, nc.tid, blk, r.ncall, p.attempt);
     const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
     const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
     // One normal_pair_in per word pair, words selected first: selecting between two transformed
@@ -169,6 +169,21 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
     z0 = pair(nc.col0);
     z1 = pair(nc.col0 + 8);
 #endif
+}
+#endif
+
+#if MOE_ANALOG && MOE_ADC
+// v / Δ_out as IEEE division rounds it (tile::Quantizer::quantize), without a division: the
+// reciprocal and two residual steps of tile::quotient_by_reciprocal, which its test shows to be
+// the division bit for bit. `/` cost a slow-path check and a branch per output, and the
+// branches cut the epilogue into blocks that ptxas could not interleave. v is first limited to
+// ±(b_out + 2Δ_out): an output beyond saturates the ADC either way, and ±∞ would make the
+// residual NaN.
+__device__ __forceinline__ float adc_quotient(const GemmParams& p, float v) {
+    v = fminf(fmaxf(v, -p.adc_clip), p.adc_clip);
+    const float q0 = __fmul_rn(v, p.adc_step_inv);
+    const float q1 = __fmaf_rn(__fmaf_rn(-p.adc_step, q0, v), p.adc_step_inv, q0);
+    return __fmaf_rn(__fmaf_rn(-p.adc_step, q1, v), p.adc_step_inv, q1);
 }
 #endif
 
@@ -218,7 +233,7 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
     for (u32 c = 0; c < 2; ++c) {
         float v = y[c];
 #if MOE_ADC
-        v = fminf(fmaxf(rintf(v / p.adc_step) * p.adc_step, -p.adc_bound), p.adc_bound);
+        v = fminf(fmaxf(rintf(adc_quotient(p, v)) * p.adc_step, -p.adc_bound), p.adc_bound);
 #endif
 #if MOE_BM
         if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);

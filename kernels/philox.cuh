@@ -46,6 +46,21 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, u32 k0, u32 k1) {
     return ctr;
 }
 
+// philox4x32_10 with its key schedule precomputed (rng::philox_round_keys: round r's key at
+// rk[2r], rk[2r + 1]). With rk in the kernel's parameters, the key words are constant-bank
+// operands of the XORs: the schedule costs no instruction per call.
+__device__ __forceinline__ uint4 philox4x32_10_keyed(uint4 ctr, const u32* rk) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        u32 lo0 = PHILOX_M0 * ctr.x;
+        u32 hi0 = __umulhi(PHILOX_M0, ctr.x);
+        u32 lo1 = PHILOX_M1 * ctr.z;
+        u32 hi1 = __umulhi(PHILOX_M1, ctr.z);
+        ctr = make_uint4(hi1 ^ ctr.y ^ rk[2 * round], lo1, hi0 ^ ctr.w ^ rk[2 * round + 1], lo0);
+    }
+    return ctr;
+}
+
 // Mirrors rng::Stream (seed split into key words, purpose, tensor id).
 struct PhiloxStream {
     u32 k0, k1, purpose, tensor_id;
@@ -66,19 +81,27 @@ __device__ __forceinline__ uint4 stream_block(PhiloxStream s, u64 call, u32 mvm_
     return philox4x32_10(make_uint4((u32)call, s.tensor_id, mvm_id, w3), s.k0, s.k1);
 }
 
+// stream_block for a stream of `purpose` and `tensor_id` keyed by the round keys rk of its seed.
+__device__ __forceinline__ uint4 stream_block_keyed(const u32* rk, u32 purpose, u32 tensor_id, u64 call, u32 mvm_id,
+                                                    u32 attempt) {
+    u32 w3 = (purpose << 24) | ((attempt & 0xFFu) << 16) | ((u32)(call >> 32) & 0xFFFFu);
+    return philox4x32_10_keyed(make_uint4((u32)call, tensor_id, mvm_id, w3), rk);
+}
+
 // Mirrors rng::normal::NormalTable::normal with the (a, b) table at `table` (NORMAL_TABLE, or
-// a copy in shared memory): sign = bit 31, m = the low 31 bits, octave e = leading zeros of m
-// (m = 0 joins octave 30), t = m << (e + 1) (leading one at bit 31), the segment bits below it
-// pick the table entry, the next NORMAL_FRAC_BITS bits give frac; |z| = fma(frac, b, a).
+// a copy in shared memory): sign = bit 31, m = the low 31 bits (m = 0 read as m = 1: the same
+// octave 30, segment 0 and frac 0), sh = leading zeros of m = octave + 1, t = m << sh (leading
+// one at bit 31), so t >> (31 − SEGMENT_BITS) is 2^SEGMENT_BITS + segment and the entry index
+// (sh << SEGMENT_BITS) + (t >> (31 − SEGMENT_BITS)) − 2·2^SEGMENT_BITS: no clamp, no mask, and
+// the constant folds into the load's offset. The next NORMAL_FRAC_BITS bits give frac;
+// |z| = fma(frac, b, a).
 __device__ __forceinline__ float normal_from_word_in(const float2* table, u32 w) {
-    const u32 m = w & 0x7FFFFFFFu;
-    u32 e = (u32)__clz(m) - 1u;
-    if (e > 30u) e = 30u;
-    const u32 t = m << (e + 1u);
-    const u32 seg = (t >> (31 - NORMAL_SEGMENT_BITS)) & ((1u << NORMAL_SEGMENT_BITS) - 1u);
+    const u32 m = max(w & 0x7FFFFFFFu, 1u);
+    const u32 sh = (u32)__clz(m);
+    const u32 t = m << sh;
     // frac = the NORMAL_FRAC_BITS bits below the segment as a mantissa of [1, 2), minus 1: exact.
     const float frac = __uint_as_float(0x3F800000u | ((t << (NORMAL_SEGMENT_BITS + 1)) >> (32 - NORMAL_FRAC_BITS))) - 1.0f;
-    const float2 ab = table[(e << NORMAL_SEGMENT_BITS) + seg];
+    const float2 ab = table[(sh << NORMAL_SEGMENT_BITS) + (t >> (31 - NORMAL_SEGMENT_BITS)) - (2u << NORMAL_SEGMENT_BITS)];
     const float z = __fmaf_rn(frac, ab.y, ab.x);
     return __uint_as_float(__float_as_uint(z) | (w & 0x80000000u));
 }

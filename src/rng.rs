@@ -74,6 +74,19 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     ctr
 }
 
+/// The key of each round of [`philox4x32_10`] for `key`: round r's `[k0, k1]` at `[2r, 2r + 1]`,
+/// `key + r·(W0, W1)`. The GEMM kernels take them as launch parameters
+/// (`philox4x32_10_keyed` in `kernels/philox.cuh`), so their noise path spends no instruction on
+/// the key schedule.
+pub fn philox_round_keys(key: [u32; 2]) -> [u32; 20] {
+    let mut rk = [0u32; 20];
+    for round in 0..10u32 {
+        rk[2 * round as usize] = key[0].wrapping_add(round.wrapping_mul(PHILOX_W0));
+        rk[2 * round as usize + 1] = key[1].wrapping_add(round.wrapping_mul(PHILOX_W1));
+    }
+    rk
+}
+
 /// What a random draw perturbs. The value is part of the Philox counter (bits 31..24 of word 3),
 /// so these numbers are frozen: never renumber, only append.
 #[repr(u32)]
@@ -235,7 +248,36 @@ impl SplitMix64 {
 
 #[cfg(test)]
 mod tests {
-    use super::SplitMix64;
+    use super::*;
+
+    /// Philox4x32-10 with the precomputed schedule, as the kernels run it, is Philox4x32-10.
+    #[test]
+    fn round_keys_reproduce_the_key_schedule() {
+        let mut r = SplitMix64(7);
+        for _ in 0..10_000 {
+            let (a, b) = (r.next_u64(), r.next_u64());
+            let key = [a as u32, (a >> 32) as u32];
+            let ctr = [
+                b as u32,
+                (b >> 32) as u32,
+                a.rotate_left(17) as u32,
+                b.rotate_left(5) as u32,
+            ];
+            let rk = philox_round_keys(key);
+            let mut c = ctr;
+            for round in 0..10 {
+                let p0 = u64::from(PHILOX_M0) * u64::from(c[0]);
+                let p1 = u64::from(PHILOX_M1) * u64::from(c[2]);
+                c = [
+                    (p1 >> 32) as u32 ^ c[1] ^ rk[2 * round],
+                    p1 as u32,
+                    (p0 >> 32) as u32 ^ c[3] ^ rk[2 * round + 1],
+                    p0 as u32,
+                ];
+            }
+            assert_eq!(c, philox4x32_10(ctr, key));
+        }
+    }
 
     #[test]
     fn below_stays_in_range() {

@@ -1318,7 +1318,7 @@ fn kernel_reference_matches_crossbars_with_bound_management_and_additive_noise()
 #[test]
 fn kernel_parameter_structs_match_the_cuda_layout() {
     // Sizes NVRTC reports for the .param of moe_gemm and program_weights (compute_90 PTX).
-    assert_eq!(aimc::backend::cuda::gemm::GEMM_PARAMS_BYTES, 256);
+    assert_eq!(aimc::backend::cuda::gemm::GEMM_PARAMS_BYTES, 344);
     assert_eq!(
         std::mem::size_of::<aimc::backend::cuda::program::PcmParams>(),
         56

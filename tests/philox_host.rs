@@ -43,6 +43,7 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 static inline int __clz(unsigned int x) { return x == 0 ? 32 : __builtin_clz(x); }
+static inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 "#;
 
@@ -68,8 +69,16 @@ int main(int argc, char** argv) {
     unsigned long long count = std::strtoull(argv[6], 0, 0);
     unsigned int mvm = std::strtoul(argv[7], 0, 0), attempt = std::strtoul(argv[8], 0, 0);
     PhiloxStream s = make_stream(seed, purpose, tid);
+    // The GEMM epilogue's path: the key schedule precomputed (rng::philox_round_keys).
+    unsigned int rk[20];
+    for (unsigned int round = 0; round < 10; ++round) {
+        rk[2 * round] = s.k0 + round * PHILOX_W0;
+        rk[2 * round + 1] = s.k1 + round * PHILOX_W1;
+    }
     for (unsigned long long i = start; i < start + count; ++i) {
         uint4 r = stream_block(s, i / 4, mvm, attempt);
+        uint4 k = stream_block_keyed(rk, purpose, tid, i / 4, mvm, attempt);
+        if (k.x != r.x || k.y != r.y || k.z != r.z || k.w != r.w) return 3;
         unsigned int lane = (unsigned int)(i % 4);
         unsigned int w[4] = {r.x, r.y, r.z, r.w};
         float u = stream_uniform(s, i, mvm), z = stream_normal(s, i, mvm, attempt);

@@ -116,17 +116,22 @@ impl NormalTable {
     }
 
     /// The standard normal of one random word (module doc).
+    ///
+    /// The octave e and segment index are computed as `kernels/philox.cuh` does: m = 0 reads
+    /// as m = 1 (the same octave 30, segment 0 and frac 0), sh = leading zeros = e + 1, and
+    /// with the leading one of t = m << sh at bit 31, t >> (31 − SEGMENT_BITS) is
+    /// SEGMENTS + seg, so the entry is sh·SEGMENTS + (t >> (31 − SEGMENT_BITS)) − 2·SEGMENTS.
     #[inline]
     pub fn normal(&self, word: u32) -> f32 {
-        let m = word & 0x7FFF_FFFF;
-        let e = (m.leading_zeros() - 1).min(30);
-        let t = m << (e + 1);
-        let seg = ((t >> (31 - SEGMENT_BITS)) as usize) & (SEGMENTS - 1);
+        let m = (word & 0x7FFF_FFFF).max(1);
+        let sh = m.leading_zeros();
+        let t = m << sh;
         // The FRAC_BITS bits below the segment as the mantissa of a number in [1, 2), minus 1:
         // exact, and no integer → float conversion.
         let frac =
             f32::from_bits(0x3F80_0000 | ((t << (SEGMENT_BITS + 1)) >> (32 - FRAC_BITS))) - 1.0;
-        let i = e as usize * SEGMENTS + seg;
+        let i =
+            ((sh as usize) << SEGMENT_BITS) + (t >> (31 - SEGMENT_BITS)) as usize - 2 * SEGMENTS;
         let z = frac.mul_add(self.b[i], self.a[i]);
         f32::from_bits(z.to_bits() | (word & 0x8000_0000))
     }
@@ -284,6 +289,50 @@ mod tests {
         assert_eq!(hex_f32(0.0), "0.0f");
         assert_eq!(hex_f32(f32::from_bits(1)), "0x0.000002p-126f");
         assert_eq!(hex_f32(std::f32::consts::PI), "0x1.921fb6p+1f");
+    }
+
+    /// The module doc's definition: e = leading zeros of m − 1 (m = 0 in octave 30), the
+    /// SEGMENT_BITS bits below the leading one, the FRAC_BITS bits below those.
+    fn by_definition(table: &NormalTable, word: u32) -> f32 {
+        let m = word & 0x7FFF_FFFF;
+        let e = (m.leading_zeros() - 1).min(30);
+        let t = m << (e + 1);
+        let seg = ((t >> (31 - SEGMENT_BITS)) as usize) & (SEGMENTS - 1);
+        let frac =
+            f32::from_bits(0x3F80_0000 | ((t << (SEGMENT_BITS + 1)) >> (32 - FRAC_BITS))) - 1.0;
+        let i = e as usize * SEGMENTS + seg;
+        let z = frac.mul_add(table.b[i], table.a[i]);
+        f32::from_bits(z.to_bits() | (word & 0x8000_0000))
+    }
+
+    #[test]
+    fn the_branch_free_index_is_the_octave_and_segment() {
+        let table = NormalTable::get();
+        let mut words: Vec<u32> = (0..1u32 << 16).collect();
+        // Every octave at each segment boundary, one word either side, and its last word.
+        for e in 0..31u32 {
+            let top = 1u32 << (30 - e);
+            for k in 0..=SEGMENTS as u32 {
+                let w = top + k * (top >> SEGMENT_BITS).max(1);
+                words.extend([w.wrapping_sub(1), w, w + 1, (top << 1) - 1]);
+            }
+        }
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            words.push((x >> 32) as u32 >> (x as u32 % 31));
+        }
+        for w in words {
+            for word in [w & 0x7FFF_FFFF, w | 0x8000_0000] {
+                assert_eq!(
+                    table.normal(word).to_bits(),
+                    by_definition(table, word).to_bits(),
+                    "word {word:#010x}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -127,6 +127,21 @@ impl Quantizer {
     }
 }
 
+/// `v / step` as IEEE division rounds it, from `inv`, the correctly rounded `1 / step`: what
+/// the GPU's ADC computes (`adc_quotient` in `kernels/periphery.cuh`) instead of a division,
+/// whose slow-path check and branch it spent in every output.
+///
+/// q₀ = v·inv is within 2 ulp of v/step; each step q += (v − step·q)·inv (the residual exact by
+/// the fused multiply-add) moves q to the correctly rounded quotient once it is within 1 ulp
+/// (Markstein's theorem), and two steps get there from q₀. Valid where no intermediate
+/// overflows or lands in the subnormal range; the kernel first limits v (see there).
+#[inline]
+pub fn quotient_by_reciprocal(v: f32, step: f32, inv: f32) -> f32 {
+    let q0 = v * inv;
+    let q1 = (-step).mul_add(q0, v).mul_add(inv, q0);
+    (-step).mul_add(q1, v).mul_add(inv, q1)
+}
+
 /// Round to nearest, ties to even (IEEE `rint`, CUDA `rintf`), valid for |v| < 2²²: adding and
 /// subtracting 1.5·2²³ rounds exactly in the default rounding mode and avoids a libm call on
 /// x86-64 targets without SSE4.1. Callers must bound |v| first ([`Quantizer::quantize`] does).

@@ -21,6 +21,7 @@ use crate::backend::cuda::grouped::GpuGroupedMatrix;
 use crate::backend::cuda::periphery::{bound_management, BmJob, GemmInput, GemmPeriphery};
 use crate::backend::cuda::routing::GpuRouting;
 use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
+use crate::rng::philox_round_keys;
 use mma_sync::mma_sync_gemm;
 use wgmma::wgmma_gemm;
 
@@ -69,6 +70,9 @@ pub(crate) struct GemmParams {
     pub(crate) attempt: u32,
     pub(crate) diag_k: u32,
     pub(crate) diag_kb: u32,
+    pub(crate) adc_step_inv: f32,
+    pub(crate) adc_clip: f32,
+    pub(crate) round_keys: [u32; 20],
 }
 
 // SAFETY: plain `repr(C)` data matching the CUDA struct field for field.
@@ -177,6 +181,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
     let s = dev.stream();
     let bm_flag = bm_flags.as_ref().map_or(0, |f| f.device_ptr(s).0);
     let (dac_step, dac_max_code) = p.and_then(|p| p.dac).unwrap_or((1.0, 0.0));
+    let (adc_step, adc_bound) = p.and_then(|p| p.adc).unwrap_or((1.0, f32::MAX));
     let params = GemmParams {
         a: input.a.device_ptr(s).0,
         a_alpha: input.alpha.device_ptr(s).0,
@@ -213,8 +218,8 @@ pub fn grouped_gemm<T: GemmOutElem>(
         n_xbar: m.n_xbar as u32,
         use_dac: u32::from(p.is_some_and(|p| p.dac.is_some())),
         dac_step,
-        adc_step: p.and_then(|p| p.adc).map_or(1.0, |a| a.0),
-        adc_bound: p.and_then(|p| p.adc).map_or(f32::MAX, |a| a.1),
+        adc_step,
+        adc_bound,
         out_noise: p.map_or(0.0, |p| p.out_noise),
         w_noise_std: p
             .and_then(|p| p.pcm_read_std.or(p.additive_std))
@@ -227,6 +232,9 @@ pub fn grouped_gemm<T: GemmOutElem>(
         attempt: 0,
         diag_k: m.block_view.map_or(0, |v| v.0 as u32),
         diag_kb: m.block_view.map_or(0, |v| v.1 as u32),
+        adc_step_inv: 1.0 / adc_step,
+        adc_clip: adc_bound + 2.0 * adc_step,
+        round_keys: philox_round_keys([seed as u32, (seed >> 32) as u32]),
     };
     let wgmma = m.wgmma.filter(|_| variant.wgmma_ready());
     // The mma.sync tile (`AIMC_GEMM_TILE` applies to it alone; bound management's attempts
