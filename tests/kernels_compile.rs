@@ -47,9 +47,17 @@ fn ptxas() -> Option<std::path::PathBuf> {
     })
 }
 
-/// Assemble `ptx` for sm_{cc}; returns ptxas's `-v` report. Panics with the log on failure.
+/// This thread's scratch folder for ptxas (tests run in parallel threads of one process).
+fn scratch_dir() -> std::path::PathBuf {
+    let thread = format!("{:?}", std::thread::current().id());
+    let thread: String = thread.chars().filter(char::is_ascii_digit).collect();
+    std::env::temp_dir().join(format!("aimc-ptxas-{}-{thread}", std::process::id()))
+}
+
+/// Assemble `ptx` for sm_{cc} into `scratch_dir()/k.cubin`; returns ptxas's `-v` report.
+/// Panics with the log on failure.
 fn assemble(ptxas: &std::path::Path, ptx: &str, cc: (i32, i32), what: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("aimc-ptxas-{}", std::process::id()));
+    let dir = scratch_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("k.ptx");
     std::fs::write(&src, ptx).unwrap();
@@ -218,4 +226,140 @@ fn compile_errors_show_the_nvrtc_log_and_the_file() {
     let err = compile(&broken, &[], (9, 0)).unwrap_err().to_string();
     assert!(err.contains("broken.cu"), "{err}");
     assert!(err.contains("undefined_name"), "{err}");
+}
+
+/// The instructions of one kernel in `cubin` as (address, text), from `cuobjdump -sass`.
+fn sass(
+    cuobjdump: &std::path::Path,
+    cubin: &std::path::Path,
+    function: &str,
+) -> Vec<(u64, String)> {
+    let out = std::process::Command::new(cuobjdump)
+        .args(["-sass", "-fun", function])
+        .arg(cubin)
+        .output()
+        .expect("running cuobjdump");
+    assert!(
+        out.status.success(),
+        "cuobjdump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim_start().strip_prefix("/*")?;
+            let (addr, text) = rest.split_once("*/")?;
+            let addr = u64::from_str_radix(addr, 16).ok()?;
+            Some((addr, text.split(';').next()?.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The target of a branch instruction `text`, if it is one.
+fn branch_target(text: &str) -> Option<u64> {
+    let at = text.find("BRA ")?;
+    let target = text[at + 4..].split_whitespace().next()?;
+    u64::from_str_radix(target.trim_start_matches("0x"), 16).ok()
+}
+
+/// Static lane instructions per output and crossbar block of the analog mma.sync GEMM (the
+/// Lightning set in SwiGLU mode, 512-row crossbars): the K loop's body from its head to the
+/// branch past the epilogue, times the steps per crossbar block, plus the epilogue, over the
+/// 32 outputs a thread holds. Returns (K loop, epilogue).
+fn mma_counts(ins: &[(u64, String)], steps_per_block: usize) -> (f64, f64) {
+    let first_mma = ins.iter().position(|(_, t)| t.starts_with("HMMA")).unwrap();
+    let last_mma = ins
+        .iter()
+        .rposition(|(_, t)| t.starts_with("HMMA"))
+        .unwrap();
+    let skip = (last_mma..ins.len())
+        .find(|&i| branch_target(&ins[i].1).is_some())
+        .unwrap();
+    // The loop's back edge: the first later branch to an address before the MMAs, past the
+    // prologue.
+    let (back, head) = (skip + 1..ins.len())
+        .find_map(|i| {
+            let to = branch_target(&ins[i].1)?;
+            (to < ins[first_mma].0 && to > ins[0].0 + 0x400).then_some((i, to))
+        })
+        .unwrap();
+    let head = ins.iter().position(|(a, _)| *a == head).unwrap();
+    let outputs = 32.0;
+    (
+        (skip + 1 - head) as f64 * steps_per_block as f64 / outputs,
+        (back - skip) as f64 / outputs,
+    )
+}
+
+/// The analog epilogue's instruction budget, from the SASS ptxas makes for sm_90a: a
+/// regression guard on the per-output work that bounds the analog layer's speed (it issues,
+/// not its MMAs, limit it), and the source of the counts in `docs/gpu.md`. Needs NVRTC, ptxas
+/// and cuobjdump (with nvdisasm) on PATH; prints the counts.
+#[test]
+#[ignore = "needs CUDA (NVRTC, ptxas, cuobjdump)"]
+fn analog_epilogue_instruction_budget() {
+    use aimc::backend::cuda::gemm::{analog_wgmma_defines, analog_wgmma_tile, gemm_defines};
+    use aimc::backend::cuda::gemm::{GemmOutput, GemmTile, GemmVariant};
+    require_nvrtc();
+    let ptxas = ptxas().expect("ptxas on PATH");
+    let cuobjdump = ptxas.with_file_name("cuobjdump");
+    assert!(cuobjdump.is_file(), "cuobjdump beside ptxas");
+    let lightning = GemmVariant {
+        analog: true,
+        pcm_read: false,
+        ir_drop: false,
+        additive: false,
+        bound_management: false,
+        out_noise: true,
+        adc: true,
+        output: GemmOutput::SwiGlu,
+        noise_quads: true,
+        block_readout: false,
+    };
+    let dir = scratch_dir();
+    let cubin = dir.join("k.cubin");
+    let build = |defines: &[(&str, i64)], function: &str| {
+        let ptx = compile(&MOE_CU, defines, (9, 0)).unwrap();
+        assemble(&ptxas, &ptx.to_src(), (9, 0), function);
+        sass(&cuobjdump, &cubin, function)
+    };
+    // mma.sync with 64 and with 32 columns of K per stage (512-row crossbars).
+    let mut report = Vec::new();
+    for k_block in [512, 96] {
+        let tile = GemmTile::for_variant(&lightning).for_k_block(k_block);
+        let ins = build(&gemm_defines(&lightning, tile), "moe_gemm");
+        let (k_loop, epilogue) = mma_counts(&ins, 512 / tile.k_step);
+        report.push((tile.k_step, k_loop, epilogue));
+        println!(
+            "mma.sync, {} K columns per stage: K loop {k_loop:.1} + epilogue {epilogue:.1} = {:.1} lane instructions per output and crossbar block",
+            tile.k_step,
+            k_loop + epilogue
+        );
+    }
+    // wgmma: one step of the block loop (its wgmma and one fragment pair of the previous
+    // block's periphery, 8 outputs per thread), from the loop head to the back edge after the
+    // wgmma wait.
+    let tile = analog_wgmma_tile(512).unwrap();
+    let ins = build(
+        &analog_wgmma_defines(&lightning, tile, 512, 0),
+        "moe_analog_wgmma",
+    );
+    let wait = ins
+        .iter()
+        .position(|(_, t)| t.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1"))
+        .unwrap();
+    let (back, head) = (wait..wait + 4)
+        .find_map(|i| branch_target(&ins[i].1).map(|to| (i, to)))
+        .unwrap();
+    let head = ins.iter().position(|(a, _)| *a == head).unwrap();
+    let wgmma = (back + 1 - head) as f64 / 8.0;
+    println!("wgmma: {wgmma:.1} lane instructions per output and crossbar block");
+    let _ = std::fs::remove_dir_all(&dir);
+    // The budget: ptxas 13.5 gives 33.8 + 53.9 (64 columns), 47.0 + 53.6 (32) and 69.5; the
+    // IEEE division, the clamped table index and the in-kernel key schedule had 47.5 + 65.3
+    // and 82.4.
+    let (_, k64, e64) = report[0];
+    assert!(k64 + e64 < 95.0, "mma.sync: {:.1}", k64 + e64);
+    assert!(e64 < 60.0, "mma.sync epilogue: {e64:.1}");
+    assert!(wgmma < 75.0, "wgmma: {wgmma:.1}");
 }
