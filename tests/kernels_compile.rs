@@ -323,19 +323,14 @@ fn analog_epilogue_instruction_budget() {
         assemble(&ptxas, &ptx.to_src(), (9, 0), function);
         sass(&cuobjdump, &cubin, function)
     };
-    // mma.sync with 64 and with 32 columns of K per stage (512-row crossbars).
-    let mut report = Vec::new();
-    for k_block in [512, 96] {
-        let tile = GemmTile::for_variant(&lightning).for_k_block(k_block);
-        let ins = build(&gemm_defines(&lightning, tile), "moe_gemm");
-        let (k_loop, epilogue) = mma_counts(&ins, 512 / tile.k_step);
-        report.push((tile.k_step, k_loop, epilogue));
-        println!(
-            "mma.sync, {} K columns per stage: K loop {k_loop:.1} + epilogue {epilogue:.1} = {:.1} lane instructions per output and crossbar block",
-            tile.k_step,
-            k_loop + epilogue
-        );
-    }
+    // mma.sync: 32 columns of K per stage, 16 steps per 512-row crossbar block.
+    let tile = GemmTile::for_variant(&lightning);
+    let ins = build(&gemm_defines(&lightning, tile), "moe_gemm");
+    let (k_loop, epilogue) = mma_counts(&ins, 512 / 32);
+    println!(
+        "mma.sync: K loop {k_loop:.1} + epilogue {epilogue:.1} = {:.1} lane instructions per output and crossbar block",
+        k_loop + epilogue
+    );
     // wgmma: one step of the block loop (its wgmma and one fragment pair of the previous
     // block's periphery, 8 outputs per thread), from the loop head to the back edge after the
     // wgmma wait.
@@ -355,11 +350,13 @@ fn analog_epilogue_instruction_budget() {
     let wgmma = (back + 1 - head) as f64 / 8.0;
     println!("wgmma: {wgmma:.1} lane instructions per output and crossbar block");
     let _ = std::fs::remove_dir_all(&dir);
-    // The budget: ptxas 13.5 gives 33.8 + 53.9 (64 columns), 47.0 + 53.6 (32) and 69.5; the
-    // IEEE division, the clamped table index and the in-kernel key schedule had 47.5 + 65.3
-    // and 82.4.
-    let (_, k64, e64) = report[0];
-    assert!(k64 + e64 < 95.0, "mma.sync: {:.1}", k64 + e64);
-    assert!(e64 < 60.0, "mma.sync epilogue: {e64:.1}");
-    assert!(wgmma < 75.0, "wgmma: {wgmma:.1}");
+    // The budget: ptxas 13.5 gives 47.0 + 53.6 and 66.9; the IEEE division, the clamped table
+    // index and the in-kernel key schedule had 47.5 + 65.3 and 82.4.
+    assert!(
+        k_loop + epilogue < 105.0,
+        "mma.sync: {:.1}",
+        k_loop + epilogue
+    );
+    assert!(epilogue < 58.0, "mma.sync epilogue: {epilogue:.1}");
+    assert!(wgmma < 72.0, "wgmma: {wgmma:.1}");
 }
