@@ -304,18 +304,7 @@ fn analog_epilogue_instruction_budget() {
     let ptxas = ptxas().expect("ptxas on PATH");
     let cuobjdump = ptxas.with_file_name("cuobjdump");
     assert!(cuobjdump.is_file(), "cuobjdump beside ptxas");
-    let lightning = GemmVariant {
-        analog: true,
-        pcm_read: false,
-        ir_drop: false,
-        additive: false,
-        bound_management: false,
-        out_noise: true,
-        adc: true,
-        output: GemmOutput::SwiGlu,
-        noise_quads: true,
-        block_readout: false,
-    };
+    let lightning = GemmVariant::lightning(GemmOutput::SwiGlu);
     let dir = scratch_dir();
     let cubin = dir.join("k.cubin");
     let build = |defines: &[(&str, i64)], function: &str| {

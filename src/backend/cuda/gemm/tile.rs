@@ -364,16 +364,9 @@ mod tests {
         assert_eq!(analog_wgmma_tile(250), None);
         assert_eq!(analog_wgmma_tile(0), None);
         let v = |pcm_read, ir_drop, output| GemmVariant {
-            analog: true,
             pcm_read,
             ir_drop,
-            additive: false,
-            bound_management: false,
-            out_noise: true,
-            adc: true,
-            output,
-            noise_quads: true,
-            block_readout: false,
+            ..GemmVariant::lightning(output)
         };
         assert!(v(false, false, GemmOutput::ScatterAdd).wgmma_ready());
         assert!(!v(true, false, GemmOutput::Store).wgmma_ready());

@@ -113,6 +113,23 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
+    /// The AIHWKIT-Lightning feature set with `output`: output noise and ADC, no short-term
+    /// weight noise, IR drop or bound management, each 4 columns in one crossbar (Philox quads).
+    pub fn lightning(output: GemmOutput) -> Self {
+        Self {
+            analog: true,
+            pcm_read: false,
+            ir_drop: false,
+            additive: false,
+            bound_management: false,
+            out_noise: true,
+            adc: true,
+            output,
+            noise_quads: true,
+            block_readout: false,
+        }
+    }
+
     /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog without side
     /// accumulators (PCM_READ, IR drop: each would add 64 registers per thread to its three
     /// accumulator sets) and with an f32 output.
@@ -204,18 +221,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
     );
     // The analog kernel in every output mode with output noise and ADC (Philox quads or not),
     // bound management and ADDITIVE noise in store mode, 256- and 1024-row crossbars.
-    let analog = GemmVariant {
-        analog: true,
-        pcm_read: false,
-        ir_drop: false,
-        additive: false,
-        bound_management: false,
-        out_noise: true,
-        adc: true,
-        output: GemmOutput::SwiGlu,
-        noise_quads: true,
-        block_readout: false,
-    };
+    let analog = GemmVariant::lightning(GemmOutput::SwiGlu);
     let mut a = vec![(analog, 512, 0)];
     for output in [GemmOutput::Store, GemmOutput::ScatterAdd] {
         a.push((GemmVariant { output, ..analog }, 512, 0));
