@@ -29,6 +29,15 @@ typedef unsigned long long u64;
 #define PURPOSE_TEST_DATA 6u
 #define PURPOSE_TENSOR_ID 7u
 
+// One Philox4x32 round with round key (k0, k1).
+__device__ __forceinline__ uint4 philox_round(uint4 ctr, u32 k0, u32 k1) {
+    u32 lo0 = PHILOX_M0 * ctr.x;
+    u32 hi0 = __umulhi(PHILOX_M0, ctr.x);
+    u32 lo1 = PHILOX_M1 * ctr.z;
+    u32 hi1 = __umulhi(PHILOX_M1, ctr.z);
+    return make_uint4(hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0);
+}
+
 // Mirrors rng::philox4x32_10.
 __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, u32 k0, u32 k1) {
 #pragma unroll
@@ -37,11 +46,7 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, u32 k0, u32 k1) {
             k0 += PHILOX_W0;
             k1 += PHILOX_W1;
         }
-        u32 lo0 = PHILOX_M0 * ctr.x;
-        u32 hi0 = __umulhi(PHILOX_M0, ctr.x);
-        u32 lo1 = PHILOX_M1 * ctr.z;
-        u32 hi1 = __umulhi(PHILOX_M1, ctr.z);
-        ctr = make_uint4(hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0);
+        ctr = philox_round(ctr, k0, k1);
     }
     return ctr;
 }
@@ -51,13 +56,7 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, u32 k0, u32 k1) {
 // operands of the XORs: the schedule costs no instruction per call.
 __device__ __forceinline__ uint4 philox4x32_10_keyed(uint4 ctr, const u32* rk) {
 #pragma unroll
-    for (int round = 0; round < 10; ++round) {
-        u32 lo0 = PHILOX_M0 * ctr.x;
-        u32 hi0 = __umulhi(PHILOX_M0, ctr.x);
-        u32 lo1 = PHILOX_M1 * ctr.z;
-        u32 hi1 = __umulhi(PHILOX_M1, ctr.z);
-        ctr = make_uint4(hi1 ^ ctr.y ^ rk[2 * round], lo1, hi0 ^ ctr.w ^ rk[2 * round + 1], lo0);
-    }
+    for (int round = 0; round < 10; ++round) ctr = philox_round(ctr, rk[2 * round], rk[2 * round + 1]);
     return ctr;
 }
 
@@ -75,17 +74,22 @@ __device__ __forceinline__ PhiloxStream make_stream(u64 seed, u32 purpose, u32 t
     return s;
 }
 
+// The counter of call `call` of a stream of `purpose` and `tensor_id` (rng::Stream::block's
+// layout).
+__device__ __forceinline__ uint4 stream_counter(u32 purpose, u32 tensor_id, u64 call, u32 mvm_id, u32 attempt) {
+    u32 w3 = (purpose << 24) | ((attempt & 0xFFu) << 16) | ((u32)(call >> 32) & 0xFFFFu);
+    return make_uint4((u32)call, tensor_id, mvm_id, w3);
+}
+
 // Mirrors rng::Stream::block.
 __device__ __forceinline__ uint4 stream_block(PhiloxStream s, u64 call, u32 mvm_id, u32 attempt) {
-    u32 w3 = (s.purpose << 24) | ((attempt & 0xFFu) << 16) | ((u32)(call >> 32) & 0xFFFFu);
-    return philox4x32_10(make_uint4((u32)call, s.tensor_id, mvm_id, w3), s.k0, s.k1);
+    return philox4x32_10(stream_counter(s.purpose, s.tensor_id, call, mvm_id, attempt), s.k0, s.k1);
 }
 
 // stream_block for a stream of `purpose` and `tensor_id` keyed by the round keys rk of its seed.
 __device__ __forceinline__ uint4 stream_block_keyed(const u32* rk, u32 purpose, u32 tensor_id, u64 call, u32 mvm_id,
                                                     u32 attempt) {
-    u32 w3 = (purpose << 24) | ((attempt & 0xFFu) << 16) | ((u32)(call >> 32) & 0xFFFFu);
-    return philox4x32_10_keyed(make_uint4((u32)call, tensor_id, mvm_id, w3), rk);
+    return philox4x32_10_keyed(stream_counter(purpose, tensor_id, call, mvm_id, attempt), rk);
 }
 
 // Mirrors rng::normal::NormalTable::normal with the (a, b) table at `table` (NORMAL_TABLE, or

@@ -969,7 +969,6 @@ pub fn route_top_k(
     Ok((eop, wop))
 }
 
-/// Whether every matrix of the feed-forward at (`l`, `slot`) is digital in `experts`.
 /// The experts of an analog pass when the feed-forward `slot` of layer `l` has an analog matrix
 /// (run through their CPU crossbars); `None` when it runs on its digital weights.
 fn analog_here<'p, 'a, 'm>(
