@@ -4,7 +4,7 @@
 // PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16).
 // ---------------------------------------------------------------------------------------------
 // The grouped GEMM. CTA tile BM×BN over (rows of one expert) × (output columns), WARPS_M×WARPS_N
-// warps of (BM/WARPS_M)×(BN/WARPS_N), BK = 32 per pipeline stage (cp.async, STAGES deep),
+// warps of (BM/WARPS_M)×(BN/WARPS_N), BK = MOE_BK (32 or 64) per pipeline stage (cp.async, STAGES deep),
 // ldmatrix + mma.sync m16n8k16. The host picks the tile per variant (moe::GemmTile): big tiles
 // for the digital and plain analog variants, narrow ones where PCM_READ / IR drop add
 // accumulators. Each expert's CTAs run in raster groups of MOE_RASTER_COLS columns, N tile
@@ -25,15 +25,22 @@
 #ifndef MOE_STAGES
 #define MOE_STAGES 3
 #endif
+#ifndef MOE_BK
+#define MOE_BK 32
+#endif
 #define BM MOE_TILE_M
 #define BN MOE_TILE_N
-#define BK 32
-#define LDS 40  // shared row stride in halves: 80 B keeps the 8 rows of an ldmatrix on distinct banks
+#define BK MOE_BK
+// Shared row stride in halves: BK + 8 (80 or 144 B) shifts each row by one 16-byte bank quad,
+// so the 8 rows of an ldmatrix land on distinct banks.
+#define LDS (BK + 8)
+#define CHUNKS_PER_ROW (BK / 8)  // 16-byte cp.async chunks per row of a stage
 #define NTHREADS (MOE_WARPS_M * MOE_WARPS_N * 32)
 #define MI (BM / MOE_WARPS_M / 16)  // m16 fragments per warp
 #define TN (BN / MOE_WARPS_N / 8)   // n8 fragments per warp
 #define STAGE_HALVES (BM * LDS + BN * LDS)
-#if (BM * 4) % NTHREADS != 0 || (BN * 4) % NTHREADS != 0 || TN % 2 != 0 || MI < 1 || MOE_STAGES < 2
+#if (BK != 32 && BK != 64) || (BM * CHUNKS_PER_ROW) % NTHREADS != 0 || (BN * CHUNKS_PER_ROW) % NTHREADS != 0 || \
+    TN % 2 != 0 || MI < 1 || MOE_STAGES < 2
 #error "moe_gemm tile configuration"
 #endif
 // CTAs per SM the register allocation must allow: 2 (≤ 128 registers per thread on 256

@@ -34,14 +34,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
     auto frag_row = [&](u32 mi, u32 half) { return m0 + wm * (MI * 16) + mi * 16 + (lane >> 2) + half * 8; };
     auto frag_col = [&](u32 tn) { return n0 + wn * (TN * 8) + tn * 8 + (lane & 3) * 2; };
 
-    // Loader plan, fixed for the whole K loop: 16-byte chunks, 4 per 32-half row; chunk i of a
-    // thread lies NTHREADS/4 rows below chunk 0 in shared memory. The global sources advance by
-    // BK per stage, so a stage costs one add per source (the 64-bit index arithmetic per stage
-    // was a quarter of the K loop's instructions). A rows are gathered once here.
-    constexpr u32 A_CHUNKS = BM * 4 / NTHREADS, B_CHUNKS = BN * 4 / NTHREADS;
-    constexpr u32 CHUNK_ROWS = NTHREADS / 4, STAGE_BYTES = STAGE_HALVES * 2;
+    // Loader plan, fixed for the whole K loop: 16-byte chunks, CHUNKS_PER_ROW per BK-half row;
+    // chunk i of a thread lies NTHREADS/CHUNKS_PER_ROW rows below chunk 0 in shared memory. The
+    // global sources advance by BK per stage, so a stage costs one add per source (the 64-bit
+    // index arithmetic per stage was a quarter of the K loop's instructions). A rows are
+    // gathered once here.
+    constexpr u32 A_CHUNKS = BM * CHUNKS_PER_ROW / NTHREADS, B_CHUNKS = BN * CHUNKS_PER_ROW / NTHREADS;
+    constexpr u32 CHUNK_ROWS = NTHREADS / CHUNKS_PER_ROW, STAGE_BYTES = STAGE_HALVES * 2;
+    const u32 ld_row = t / CHUNKS_PER_ROW, ld_chunk = t % CHUNKS_PER_ROW;
     const u32 smem_base = smem_addr(smem);
-    const u32 ld_dst = ((t >> 2) * LDS + (t & 3) * 8) * 2;  // bytes, chunk 0 of A (B: + BM rows)
+    const u32 ld_dst = (ld_row * LDS + ld_chunk * 8) * 2;  // bytes, chunk 0 of A (B: + BM rows)
 #if MOE_DIAG
     // GDC readout: this launch's expert e is crossbar block e % diag_kb of expert e / diag_kb of
     // the weights [E, N, diag_k] (the forward's operands, no regrouped copy), and its rows are
@@ -51,23 +53,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
     // of the MMAs for 512-row crossbars.
     const u32 k_first = m0, k_len = min(BM, K - m0);
     const u64 w_ld = p.diag_k;
-    const u64 w_off = ((u64)(e / p.diag_kb) * p.n + n0 + (t >> 2)) * w_ld + (u64)(e % p.diag_kb) * K + k_first +
-                      (t & 3) * 8;
+    const u64 w_off = ((u64)(e / p.diag_kb) * p.n + n0 + ld_row) * w_ld + (u64)(e % p.diag_kb) * K + k_first +
+                      ld_chunk * 8;
 #else
     const u32 k_first = 0, k_len = K;
     const u64 w_ld = K;
-    const u64 w_off = ((u64)e * p.n + n0 + (t >> 2)) * K + (t & 3) * 8;
+    const u64 w_off = ((u64)e * p.n + n0 + ld_row) * K + ld_chunk * 8;
 #endif
     const u64 b_stride = (u64)CHUNK_ROWS * w_ld;
     const u16* a_src[A_CHUNKS];
     u32 a_bytes[A_CHUNKS];
 #pragma unroll
     for (u32 i = 0; i < A_CHUNKS; ++i) {
-        const u32 r = (t >> 2) + i * CHUNK_ROWS;
+        const u32 r = ld_row + i * CHUNK_ROWS;
         const bool ok = m0 + r < rows_e;
         const u32 pos = row_begin + m0 + r;
         const u32 row = ok ? (p.a_row_of ? p.a_row_of[pos] : pos) : 0;
-        a_src[i] = p.a + (u64)row * K + k_first + (t & 3) * 8;
+        a_src[i] = p.a + (u64)row * K + k_first + ld_chunk * 8;
         a_bytes[i] = ok ? 16u : 0u;
     }
     const u16* w_src = p.w + w_off;

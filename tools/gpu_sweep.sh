@@ -1,5 +1,5 @@
 #!/bin/bash
-# Tile sweep of the grouped GEMM (AIMC_GEMM_TILE=cols,warps_m,warps_n,stages) on the OLMoE and
+# Tile sweep of the grouped GEMM (AIMC_GEMM_TILE=cols,warps_m,warps_n,stages[,k_step]) on the OLMoE and
 # Mixtral shapes, by default on the preset without PCM_READ / IR drop (the AIHWKIT-Lightning
 # feature set; PRESETS=standard-hwa adds the full one, whose extra accumulators spill on wide
 # tiles and run for minutes), into $OUT/sweep-*.md. Run after tools/gpu_prepare.sh, like tools/gpu_session.sh.

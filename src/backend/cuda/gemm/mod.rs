@@ -241,7 +241,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
     // run on it after either kernel).
     let tile = match wgmma {
         Some(_) => GemmTile::for_variant(&variant),
-        None => GemmTile::choose(&variant, m.n_cols)?,
+        None => GemmTile::choose(&variant, m.n_cols, m.k_block)?,
     };
     let defines = gemm_defines(&variant, tile);
     match wgmma {

@@ -14,10 +14,15 @@ use crate::backend::cuda::{CudaError, CudaResult};
 pub const TILE_ROWS: usize = 128;
 /// Matrix widths must be multiples of this (the widest output tile the host picks by default).
 pub const TILE_COLS: usize = 128;
-/// K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
+/// The shortest K per pipeline stage (`BK`): crossbar rows per block must be multiples of it.
 pub const TILE_K: usize = 32;
-/// Shared-memory row stride in halves (`LDS`: 32 + 8 padding keeps ldmatrix conflict-free).
-const SMEM_ROW_HALVES: usize = 40;
+/// The longer K step the analog tiles take where the crossbar rows allow it
+/// ([`GemmTile::for_k_block`]).
+pub const TILE_K_LONG: usize = 64;
+/// Shared-memory padding per row in halves (`LDS` = `BK` + 8): 16 bytes shift consecutive
+/// rows by one bank quad, so the 8 rows of an ldmatrix land on distinct banks for either K
+/// step (80- and 144-byte strides).
+const SMEM_ROW_PAD_HALVES: usize = 8;
 /// Dynamic shared memory one CTA may use on sm_80 / sm_90 (227 KiB).
 pub(crate) const MAX_SHARED_BYTES: usize = 227 * 1024;
 
@@ -32,8 +37,8 @@ fn tile_fields<const N: usize>(var: &str, text: &str, want: &str) -> CudaResult<
 }
 
 /// CTA tile of one `moe_gemm` instantiation besides its [`TILE_ROWS`] rows: output columns,
-/// warp grid and cp.async pipeline depth (`MOE_TILE_N`, `MOE_WARPS_M`, `MOE_WARPS_N`,
-/// `MOE_STAGES`).
+/// warp grid, cp.async pipeline depth and K per stage (`MOE_TILE_N`, `MOE_WARPS_M`,
+/// `MOE_WARPS_N`, `MOE_STAGES`, `MOE_BK`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmTile {
     /// Output columns per CTA.
@@ -44,6 +49,8 @@ pub struct GemmTile {
     pub warps_n: usize,
     /// cp.async stages in flight.
     pub stages: usize,
+    /// Columns of K per stage: [`TILE_K`] or [`TILE_K_LONG`].
+    pub k_step: usize,
 }
 
 impl GemmTile {
@@ -65,6 +72,7 @@ impl GemmTile {
                 warps_m: 2,
                 warps_n: 4,
                 stages: 4,
+                k_step: TILE_K,
             };
         }
         // The side-accumulator variants keep the 3 stages they were measured with.
@@ -73,30 +81,76 @@ impl GemmTile {
             warps_m: 4,
             warps_n: 2,
             stages: if v.pcm_read || v.ir_drop { 3 } else { 4 },
+            k_step: TILE_K,
         }
     }
 
-    /// `AIMC_GEMM_TILE=cols,warps_m,warps_n,stages` overrides the default (a tuning knob for
-    /// `aimc bench`; a malformed or unfit value is an error, not ignored).
-    pub(crate) fn choose(v: &GemmVariant, n_cols: usize) -> CudaResult<Self> {
+    /// The default tile of `v` for crossbars of `k_block` rows: [`Self::for_variant`], with
+    /// [`TILE_K_LONG`] columns of K per stage for the analog variants without side
+    /// accumulators where `k_block` is a multiple of it. Each stage costs the K loop a barrier,
+    /// the cp.async issue and the ldmatrix addressing, which the 128-register bound makes
+    /// ptxas recompute per stage; at 32 columns they were half of the loop's instructions
+    /// beside its 16 MMAs (the budget in `docs/gpu.md`). Three stages of 64 columns (81 KiB)
+    /// keep more of K in flight than four of 32 and leave room for two CTAs per
+    /// multiprocessor.
+    pub fn for_k_block(v: &GemmVariant, k_block: usize) -> Self {
+        let tile = Self::for_variant(v);
+        if v.analog && !v.pcm_read && !v.ir_drop && k_block.is_multiple_of(TILE_K_LONG) {
+            Self {
+                stages: 3,
+                k_step: TILE_K_LONG,
+                ..tile
+            }
+        } else {
+            tile
+        }
+    }
+
+    /// The tile for `v` with `n_cols` outputs and crossbars of `k_block` rows:
+    /// `AIMC_GEMM_TILE=cols,warps_m,warps_n,stages[,k_step]` if set (a tuning knob for
+    /// `aimc bench`; a malformed or unfit value is an error, not ignored), else
+    /// [`Self::for_k_block`].
+    pub(crate) fn choose(v: &GemmVariant, n_cols: usize, k_block: usize) -> CudaResult<Self> {
         let tile = match std::env::var("AIMC_GEMM_TILE") {
             Ok(text) => Self::parse(&text)?,
-            Err(_) => Self::for_variant(v),
+            Err(_) => Self::for_k_block(v, k_block),
         };
         tile.check(n_cols)?;
+        if !k_block.is_multiple_of(tile.k_step) {
+            return Err(CudaError::Unsupported(format!(
+                "AIMC_GEMM_TILE: K step {} does not divide the {k_block} rows of a crossbar",
+                tile.k_step
+            )));
+        }
         Ok(tile)
     }
 
-    /// `cols,warps_m,warps_n,stages` (the `AIMC_GEMM_TILE` format).
+    /// `cols,warps_m,warps_n,stages[,k_step]` (the `AIMC_GEMM_TILE` format; K step
+    /// [`TILE_K`] when left out).
     fn parse(text: &str) -> CudaResult<Self> {
-        let [cols, warps_m, warps_n, stages] =
-            tile_fields("AIMC_GEMM_TILE", text, "cols,warps_m,warps_n,stages")?;
+        const WANT: &str = "cols,warps_m,warps_n,stages[,k_step]";
+        let (cols, warps_m, warps_n, stages, k_step) = if text.split(',').count() == 5 {
+            let [c, m, n, s, k] = tile_fields("AIMC_GEMM_TILE", text, WANT)?;
+            (c, m, n, s, k)
+        } else {
+            let [c, m, n, s] = tile_fields("AIMC_GEMM_TILE", text, WANT)?;
+            (c, m, n, s, TILE_K)
+        };
         Ok(Self {
             cols,
             warps_m,
             warps_n,
             stages,
+            k_step,
         })
+    }
+
+    /// The tile in the `AIMC_GEMM_TILE` format, with its K step.
+    pub fn describe(self) -> String {
+        format!(
+            "{},{},{},{},{}",
+            self.cols, self.warps_m, self.warps_n, self.stages, self.k_step
+        )
     }
 
     pub(crate) fn threads(self) -> usize {
@@ -104,7 +158,10 @@ impl GemmTile {
     }
 
     pub(crate) fn shared_bytes(self) -> usize {
-        self.stages * (TILE_ROWS + self.cols) * SMEM_ROW_HALVES * std::mem::size_of::<u16>()
+        self.stages
+            * (TILE_ROWS + self.cols)
+            * (self.k_step + SMEM_ROW_PAD_HALVES)
+            * std::mem::size_of::<u16>()
     }
 
     /// The kernel's `#error` conditions, as a clear error before compiling.
@@ -115,17 +172,19 @@ impl GemmTile {
             && threads <= 1024
             && self.cols > 0
             && n_cols.is_multiple_of(self.cols)
-            && (TILE_ROWS * 4).is_multiple_of(threads)
-            && (self.cols * 4).is_multiple_of(threads)
             && TILE_ROWS.is_multiple_of(16 * self.warps_m)
             && self.cols.is_multiple_of(16 * self.warps_n)
             && self.stages >= 2
+            && (self.k_step == TILE_K || self.k_step == TILE_K_LONG)
+            && (TILE_ROWS * self.k_step / 8).is_multiple_of(threads)
+            && (self.cols * self.k_step / 8).is_multiple_of(threads)
             && self.shared_bytes() <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
-                "grouped GEMM tile {self:?} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES})",
+                "grouped GEMM tile {} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES}; K step {TILE_K} or {TILE_K_LONG})",
+                self.describe(),
                 self.shared_bytes()
             )))
         }
@@ -463,33 +522,63 @@ mod tests {
             variant(true, false),
             variant(true, true),
         ] {
-            let tile = GemmTile::for_variant(&v);
-            for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
-                tile.check(n).unwrap();
+            for tile in [GemmTile::for_variant(&v), GemmTile::for_k_block(&v, 512)] {
+                for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
+                    tile.check(n).unwrap();
+                }
+                // The kernel's per-thread loader and warp-fragment conditions.
+                assert_eq!((TILE_ROWS * tile.k_step / 8) % tile.threads(), 0);
+                assert_eq!((tile.cols / tile.warps_n / 8) % 2, 0, "{tile:?}");
             }
-            // The kernel's per-thread loader and warp-fragment conditions.
-            assert_eq!((TILE_ROWS * 4) % tile.threads(), 0);
-            assert_eq!((tile.cols / tile.warps_n / 8) % 2, 0, "{tile:?}");
+        }
+    }
+    #[test]
+    fn the_long_k_step_goes_to_plain_analog_tiles_on_whole_64_row_blocks() {
+        let plain = variant(true, false);
+        let long = GemmTile::for_k_block(&plain, 512);
+        assert_eq!((long.k_step, long.stages), (TILE_K_LONG, 3));
+        // Two CTAs per multiprocessor: 2 × (81 KiB + the 3,968-byte normal table + 1 KiB
+        // reserved) within the 228 KiB of an H100's multiprocessor.
+        assert_eq!(long.shared_bytes(), 3 * 192 * 72 * 2);
+        assert!(2 * (long.shared_bytes() + 3968 + 1024) <= 228 * 1024);
+        // 96-row crossbars are whole 32-column stages only; the digital variant and the side
+        // accumulators keep their measured tiles.
+        assert_eq!(
+            GemmTile::for_k_block(&plain, 96),
+            GemmTile::for_variant(&plain)
+        );
+        for v in [variant(false, false), variant(true, true)] {
+            assert_eq!(GemmTile::for_k_block(&v, 512), GemmTile::for_variant(&v));
         }
     }
     #[test]
     fn tile_override_parses_four_numbers_or_names_the_format() {
-        assert_eq!(
-            GemmTile::parse("64, 4,2,3").unwrap(),
-            GemmTile {
-                cols: 64,
-                warps_m: 4,
-                warps_n: 2,
-                stages: 3
-            }
-        );
-        for bad in ["", "64,4,2", "64,4,2,3,1", "64,4,x,3", "-64,4,2,3"] {
+        let tile = |stages, k_step| GemmTile {
+            cols: 64,
+            warps_m: 4,
+            warps_n: 2,
+            stages,
+            k_step,
+        };
+        assert_eq!(GemmTile::parse("64, 4,2,3").unwrap(), tile(3, 32));
+        assert_eq!(GemmTile::parse("64,4,2,3, 64").unwrap(), tile(3, 64));
+        assert_eq!(tile(3, 64).describe(), "64,4,2,3,64");
+        for bad in [
+            "",
+            "64,4,2",
+            "64,4,2,3,1,2",
+            "64,4,x,3",
+            "-64,4,2,3",
+            "64,4,2,3,",
+        ] {
             let err = GemmTile::parse(bad).unwrap_err().to_string();
             assert!(
-                err.contains("want cols,warps_m,warps_n,stages"),
+                err.contains("want cols,warps_m,warps_n,stages[,k_step]"),
                 "{bad}: {err}"
             );
         }
+        // A K step the kernel has no loader for is refused before compiling.
+        assert!(GemmTile::parse("64,4,2,3,48").unwrap().check(1024).is_err());
     }
     #[test]
     fn unfit_tiles_are_refused_before_compiling() {
@@ -498,6 +587,7 @@ mod tests {
             warps_m,
             warps_n,
             stages,
+            k_step: TILE_K,
         };
         // 256 columns do not divide N = 384.
         assert!(t(256, 2, 4, 3).check(384).is_err());
@@ -509,5 +599,13 @@ mod tests {
         assert!(t(128, 3, 2, 3).check(1024).is_err());
         assert!(t(128, 2, 4, 1).check(1024).is_err());
         assert!(t(128, 0, 4, 3).check(1024).is_err());
+        // 4 stages of 64 columns on 128 + 128 rows × 144 B = 144 KiB fit one CTA; 7 do not.
+        let long = |stages| GemmTile {
+            k_step: TILE_K_LONG,
+            ..t(128, 2, 4, stages)
+        };
+        assert!(long(4).check(1024).is_ok());
+        let err = long(7).check(1024).unwrap_err().to_string();
+        assert!(err.contains("258048 B of shared memory"), "{err}");
     }
 }

@@ -144,7 +144,7 @@ impl GemmVariant {
 }
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
-pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15] {
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 16] {
     let flag = |b: bool| i64::from(b);
     let mode = v.output.mode();
     [
@@ -163,6 +163,7 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 15
         ("MOE_WARPS_N", tile.warps_n as i64),
         ("MOE_STAGES", tile.stages as i64),
         ("MOE_DIAG", flag(v.analog && v.block_readout)),
+        ("MOE_BK", tile.k_step as i64),
     ]
 }
 
@@ -270,8 +271,9 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
 
 /// Representative instantiations for compile checks: every output mode digital, analog with
 /// everything on and everything off, and each analog feature alone.
-/// Each on its default [`GemmTile`].
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
+/// Each on its default [`GemmTile`], and where 512-row crossbars give it the long K step, on
+/// that tile too.
+pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -370,6 +372,10 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 15]> {
         .collect();
     v.extend(attempts);
     v.iter()
-        .map(|v| gemm_defines(v, GemmTile::for_variant(v)))
+        .flat_map(|v| {
+            let (short, long) = (GemmTile::for_variant(v), GemmTile::for_k_block(v, 512));
+            let long = (long != short).then(|| gemm_defines(v, long));
+            std::iter::once(gemm_defines(v, short)).chain(long)
+        })
         .collect()
 }
