@@ -99,9 +99,22 @@ __device__ __forceinline__ uint4 stream_block_keyed(const u32* rk, u32 purpose, 
 // (sh << SEGMENT_BITS) + (t >> (31 − SEGMENT_BITS)) − 2·2^SEGMENT_BITS: no clamp, no mask, and
 // the constant folds into the load's offset. The next NORMAL_FRAC_BITS bits give frac;
 // |z| = fma(frac, b, a).
+// The leading zeros of m ≥ 1 in one instruction: bfind.shiftamt is FLO.SH, where __clz
+// becomes FLO and a subtraction from 31. (The host harness of tests/philox_host.rs compiles
+// this file without __CUDA_ARCH__.)
+__device__ __forceinline__ u32 leading_zeros_nonzero(u32 m) {
+#ifdef __CUDA_ARCH__
+    u32 sh;
+    asm("bfind.shiftamt.u32 %0, %1;" : "=r"(sh) : "r"(m));
+    return sh;
+#else
+    return (u32)__clz(m);
+#endif
+}
+
 __device__ __forceinline__ float normal_from_word_in(const float2* table, u32 w) {
     const u32 m = max(w & 0x7FFFFFFFu, 1u);
-    const u32 sh = (u32)__clz(m);
+    const u32 sh = leading_zeros_nonzero(m);
     const u32 t = m << sh;
     // frac = the NORMAL_FRAC_BITS bits below the segment as a mantissa of [1, 2), minus 1: exact.
     const float frac = __uint_as_float(0x3F800000u | ((t << (NORMAL_SEGMENT_BITS + 1)) >> (32 - NORMAL_FRAC_BITS))) - 1.0f;
