@@ -92,10 +92,17 @@ impl GemmTile {
     /// ptxas recompute per stage; at 32 columns they were half of the loop's instructions
     /// beside its 16 MMAs (the budget in `docs/gpu.md`). Three stages of 64 columns (81 KiB)
     /// keep more of K in flight than four of 32 and leave room for two CTAs per
-    /// multiprocessor.
+    /// multiprocessor. Not where normals are drawn per column pair (crossbar columns not in
+    /// aligned fours, `noise_quads` off): ptxas 13.0 spills that epilogue at 64 columns.
     pub fn for_k_block(v: &GemmVariant, k_block: usize) -> Self {
         let tile = Self::for_variant(v);
-        if v.analog && !v.pcm_read && !v.ir_drop && k_block.is_multiple_of(TILE_K_LONG) {
+        let pairwise_normals = !v.noise_quads && (v.out_noise || v.additive);
+        if v.analog
+            && !v.pcm_read
+            && !v.ir_drop
+            && !pairwise_normals
+            && k_block.is_multiple_of(TILE_K_LONG)
+        {
             Self {
                 stages: 3,
                 k_step: TILE_K_LONG,
@@ -547,7 +554,11 @@ mod tests {
             GemmTile::for_k_block(&plain, 96),
             GemmTile::for_variant(&plain)
         );
-        for v in [variant(false, false), variant(true, true)] {
+        let pairwise = GemmVariant {
+            noise_quads: false,
+            ..plain
+        };
+        for v in [variant(false, false), variant(true, true), pairwise] {
             assert_eq!(GemmTile::for_k_block(&v, 512), GemmTile::for_variant(&v));
         }
     }
