@@ -164,6 +164,13 @@ extern "C" __global__ void ft_output_grad(const float* y_hat, const float* y, u6
     g[i] = (float)(2.0 * (double)d / norm);
 }
 
+// The straight-through mask of a clipping ADC (finetune::noisy's Product::backward): g = 0 where
+// a crossbar block's output clipped (the clip count of the forward's draws is not 0).
+extern "C" __global__ void ft_mask_clipped(float* g, const float* clipped, u64 len) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len && clipped[i] != 0.0f) g[i] = 0.0f;
+}
+
 // ∂L/∂(expert output) of every sorted pair: its token's ∂L/∂ŷ times its routing weight.
 extern "C" __global__ void ft_pair_grad(const float* g_yhat, const u32* sorted_token, const float* sorted_weight,
                                         u64 pairs, u32 n, float* out) {

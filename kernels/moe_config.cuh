@@ -19,6 +19,8 @@
 //                  crossbars of the live rows → bm_scratch [slots, KB, N], saturation → bm_sat
 //                5 (digital): store [P, N] rounded to bf16 (the expert outputs that combine_bf16_rows
 //                  sums per token: no read-modify-write of the f32 output per expert)
+//   MOE_CLIP_COUNT 1 (store mode, ADC without MOE_BM): each output is the number of crossbar blocks along K
+//                whose ADC output clipped, not the output (fine-tuning's straight-through mask)
 //   MOE_DIAG     1 (moe_gemm): the GDC readout through every crossbar block of a grouped matrix
 //                (launch expert g = block g % diag_kb of expert g / diag_kb of weights [E, N, diag_k]),
 //                input rows the identity in order: each row tile multiplies only its own K range
@@ -63,6 +65,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_WGMMA
 #define MOE_WGMMA 0
+#endif
+#ifndef MOE_CLIP_COUNT
+#define MOE_CLIP_COUNT 0
 #endif
 #ifndef MOE_DIAG
 #define MOE_DIAG 0

@@ -53,6 +53,9 @@ __device__ __forceinline__ void store_row2(float* out, u64 i, float a, float b) 
 #if MOE_DIAG && !(MOE_ANALOG && (MOE_MODE == 0 || MOE_MODE == 4))
 #error "MOE_DIAG (GDC readout) is analog, store mode or its bound-management attempts"
 #endif
+#if MOE_CLIP_COUNT && !(MOE_ANALOG && MOE_ADC && !MOE_BM && MOE_MODE == 0 && !MOE_DIAG)
+#error "MOE_CLIP_COUNT (clipped blocks per output) is the analog store mode with an ADC, without bound management"
+#endif
 #if MOE_MODE == 4 && !(MOE_ANALOG && MOE_BM && MOE_ADC)
 #error "MOE_MODE 4 (bound-management attempt) needs MOE_ANALOG, MOE_BM and MOE_ADC"
 #endif

@@ -238,7 +238,16 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
 #if MOE_BM
         if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);
 #endif
+#if MOE_CLIP_COUNT
+        // The straight-through mask of fine-tuning (finetune::noisy::CpuObjective::product):
+        // output (row, col) of this block clipped iff the scaled output reached the scaled
+        // bound within 1e-5 relative, the scale α_nm·s_map·α_GDC being positive. Counted over
+        // the blocks along K instead of the output itself.
+        const float out_scale = r.alpha_nm * (c == 0 ? scale.x : scale.y);
+        t[c] += (out_scale > 0.0f && fabsf(v) >= p.adc_bound * (1.0f - 1e-5f)) ? 1.0f : 0.0f;
+#else
         t[c] += v * (r.alpha_nm * (c == 0 ? scale.x : scale.y));
+#endif
     }
 }
 #endif

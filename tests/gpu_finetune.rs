@@ -90,13 +90,16 @@ fn bits(experts: &[SwiGlu]) -> Vec<u32> {
 #[test]
 fn the_gpu_trainer_refuses_what_it_cannot_run_and_names_why() {
     let ok = |name: &str| unsupported(&TilePreset::builtin(name).unwrap());
-    assert_eq!(ok("pcm-3d-8tier"), None);
-    assert_eq!(ok("aihwkit-default"), None);
-    // An ADC that clips without bound management needs the per-block clip mask.
-    let why = ok("hermes").expect("hermes has no bound management");
-    assert!(why.contains("bound management"), "{why}");
-    let why = ok("standard-hwa").expect("standard-hwa has no bound management");
-    assert!(why.contains("bound management"), "{why}");
+    // With and without bound management (an ADC that clips: the clip-count pass).
+    for name in [
+        "pcm-3d-8tier",
+        "aihwkit-default",
+        "aimc-3d",
+        "standard-hwa",
+        "hermes",
+    ] {
+        assert_eq!(ok(name), None, "{name}");
+    }
     // ReRAM and the ideal device are not PCM-family devices (programming on the GPU is PCM's).
     for name in ["reram-cmo", "ideal"] {
         let why = ok(name).unwrap_or_else(|| panic!("{name} is not PCM"));
@@ -105,8 +108,9 @@ fn the_gpu_trainer_refuses_what_it_cannot_run_and_names_why() {
 }
 
 /// The presets of the parity test: the headline one at one year and right after programming,
-/// the AIHWKIT default at one day, and pcm-3d-8tier with one mapping scale per crossbar and
-/// with `global_exact` drift compensation (the mapping and GDC paths that follow the weights).
+/// the AIHWKIT default at one day, pcm-3d-8tier with one mapping scale per crossbar and with
+/// `global_exact` drift compensation (the mapping and GDC paths that follow the weights), and
+/// the two presets whose ADC clips (standard-hwa with PCM_READ and IR drop, hermes).
 fn parity_cases() -> Vec<(&'static str, TilePreset, Option<f64>)> {
     let year = Some(365.0 * 86400.0);
     let pcm = TilePreset::builtin("pcm-3d-8tier").unwrap();
@@ -114,6 +118,10 @@ fn parity_cases() -> Vec<(&'static str, TilePreset, Option<f64>)> {
     per_crossbar.mapping.per_column = false;
     let mut exact = pcm.clone();
     exact.drift_compensation = DriftCompensation::GlobalExact;
+    let mut tight = TilePreset::builtin("standard-hwa").unwrap();
+    if let Some(adc) = tight.periphery.adc.as_mut() {
+        adc.bound = 2.0;
+    }
     vec![
         ("pcm-3d-8tier, 1 y", pcm.clone(), year),
         ("pcm-3d-8tier, no drift", pcm, None),
@@ -124,6 +132,16 @@ fn parity_cases() -> Vec<(&'static str, TilePreset, Option<f64>)> {
         ),
         ("pcm-3d-8tier per-crossbar mapping, 1 y", per_crossbar, year),
         ("pcm-3d-8tier global_exact GDC, 1 y", exact, year),
+        // ADCs that clip (no bound management): the straight-through mask on the GPU.
+        (
+            "standard-hwa, 1 y",
+            TilePreset::builtin("standard-hwa").unwrap(),
+            year,
+        ),
+        ("hermes, 1 y", TilePreset::builtin("hermes").unwrap(), year),
+        // An ADC range of 2 instead of 10: a large share of the outputs clips, so a gradient
+        // without the mask (or with another one) is far outside the bound.
+        ("standard-hwa, ADC bound 2, 1 y", tight, year),
     ]
 }
 

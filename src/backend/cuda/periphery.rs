@@ -323,7 +323,7 @@ pub(crate) struct BmJob<'j, 'x> {
     pub(crate) gather_tokens: bool,
     pub(crate) periphery: &'j GemmPeriphery,
     /// `moe_gemm` in [`GemmOutput::BmAttempt`] mode, on the tile of the store pass.
-    pub(crate) defines: [(&'static str, i64); 16],
+    pub(crate) defines: super::gemm::variant::GemmDefines,
     pub(crate) tile: GemmTile,
     /// The store pass's parameters.
     pub(crate) params: GemmParams,

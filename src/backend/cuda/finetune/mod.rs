@@ -11,10 +11,13 @@
 //! cuBLAS ([`step`]), Adam an element-wise kernel that rounds as the CPU's. One layer is on the
 //! device at a time: the caller builds a trainer per layer and drops it before the next.
 //!
+//! Where the ADC clips (no bound management), the forward runs its two products a second time
+//! with the same draws in the kernels' clip-count mode and the backward blocks the gradient of
+//! every output a crossbar block clipped, as the CPU objective's straight-through mask does.
+//!
 //! Not on the GPU (an `Unsupported` error, the CLI falls back to the CPU under `--backend
-//! auto`): presets whose ADC clips without iterative bound management (the straight-through
-//! mask needs each crossbar block's output, which the fused kernel sums), non-PCM devices,
-//! routers with a varying number of experts per token, shapes the kernel tiles do not take.
+//! auto`): non-PCM devices, routers with a varying number of experts per token, shapes the
+//! kernel tiles do not take.
 pub mod calib;
 mod mapping;
 mod step;
@@ -49,14 +52,6 @@ use crate::tile::{AnalogMatrix, MappingSpec, TilePreset};
 pub fn unsupported(preset: &TilePreset) -> Option<String> {
     if let Err(e) = GemmPeriphery::from_spec(&preset.periphery) {
         return Some(e.to_string());
-    }
-    let p = &preset.periphery;
-    if p.adc.is_some() && p.bm_beta_limit().is_none() {
-        return Some(
-            "periphery: an ADC without iterative bound management clips, and the straight-through \
-             mask of a clipped output is computed on the CPU only"
-                .into(),
-        );
     }
     let Some(pcm) = preset.device.pcm_like() else {
         return Some(format!(
@@ -415,7 +410,17 @@ impl CudaTrainer {
         let (spec, drift_s) = (&self.mapping, self.drift_s);
         let gate_up = mapping::step_operands(run, &mut self.gate_up, spec, drift_s, &mut lap)?;
         let down = mapping::step_operands(run, &mut self.down, spec, drift_s, &mut lap)?;
-        let fwd = step::forward(dev, &gate_up, &down, &self.periphery, seed, x, &routing)?;
+        let for_backward = !matches!(mode, Mode::Loss);
+        let fwd = step::forward(
+            dev,
+            &gate_up,
+            &down,
+            &self.periphery,
+            seed,
+            x,
+            &routing,
+            for_backward,
+        )?;
         lap("forward")?;
         let (err, energy) = step::loss(dev, &fwd.y_hat, y, (t, d))?;
         lap("loss")?;

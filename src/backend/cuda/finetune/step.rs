@@ -34,11 +34,16 @@ pub(crate) struct Forward<'x> {
     pub(crate) hq_alpha: CudaSlice<f32>,
     /// ŷ `[T, d]`.
     pub(crate) y_hat: CudaSlice<f32>,
+    /// Where the ADC clips (no bound management): per sorted pair, the number of crossbar
+    /// blocks whose output clipped, gate/up `[P, 2n]` and down `[P, d]`; the backward blocks
+    /// the gradient there. `None`: nothing clips, or the forward is for the loss alone.
+    pub(crate) clipped: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 /// The layer's routed-expert output ŷ of `x` (`[T, d]`) through `gate_up` and `down` with the
 /// periphery `p`, per-MVM noise of call 0 under `seed` keyed by the row inside each expert (as
-/// `CpuObjective` runs each expert's rows as one batch of call 0).
+/// `CpuObjective` runs each expert's rows as one batch of call 0); with `for_backward`, also
+/// the clip counts the backward masks with where the ADC clips.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<'x>(
     dev: &CudaDevice,
@@ -48,6 +53,7 @@ pub(crate) fn forward<'x>(
     seed: u64,
     x: &'x CudaSlice<f32>,
     routing: &GpuRouting,
+    for_backward: bool,
 ) -> CudaResult<Forward<'x>> {
     let (t, k) = (routing.n_tokens, routing.top_k);
     let pairs = t * k;
@@ -82,6 +88,38 @@ pub(crate) fn forward<'x>(
         GemmOutput::Store,
         &mut rows,
     )?;
+    // The same products again with the same draws, counting clipped blocks per output.
+    let clipped = if for_backward && p.adc.is_some() && !p.bound_managed() {
+        let mut gu_clip = dev.scratch::<f32>(pairs * n2)?;
+        grouped_gemm(
+            dev,
+            gate_up,
+            &xq,
+            routing,
+            true,
+            Some(p),
+            seed,
+            0,
+            GemmOutput::ClipCount,
+            &mut gu_clip,
+        )?;
+        let mut down_clip = dev.scratch::<f32>(pairs * d)?;
+        grouped_gemm(
+            dev,
+            down,
+            &hq,
+            routing,
+            false,
+            Some(p),
+            seed,
+            0,
+            GemmOutput::ClipCount,
+            &mut down_clip,
+        )?;
+        Some((gu_clip, down_clip))
+    } else {
+        None
+    };
     let pos = routing.pos_of_pair(dev)?;
     let mut y_hat = dev.scratch::<f32>(t * d)?;
     let f = dev.function(&FINETUNE_CU, &[], "ft_combine")?;
@@ -107,6 +145,20 @@ pub(crate) fn forward<'x>(
         hq_codes,
         hq_alpha,
         y_hat,
+        clipped,
+    })
+}
+
+/// Zeroes `g` where `clipped` (clip counts of the same shape) is not 0.
+fn mask_clipped(
+    dev: &CudaDevice,
+    g: &mut CudaSlice<f32>,
+    clipped: &CudaSlice<f32>,
+) -> CudaResult<()> {
+    let f = dev.function(&FINETUNE_CU, &[], "ft_mask_clipped")?;
+    let len = g.len() as u64;
+    dev.launch(&f, "ft_mask_clipped", linear_launch(len), |b| {
+        b.arg(&mut *g).arg(clipped).arg(&len);
     })
 }
 
@@ -235,6 +287,9 @@ pub(crate) fn backward(
             .arg(&mut g_out);
     })?;
     drop(g_yhat);
+    if let Some((_, down_clip)) = &fwd.clipped {
+        mask_clipped(dev, &mut g_out, down_clip)?;
+    }
     let experts = routing.expert_rows(dev)?;
     let stream = dev.stream();
     let zero = |g: &mut CudaSlice<f32>| {
@@ -297,6 +352,9 @@ pub(crate) fn backward(
         },
     )?;
     drop(g_h);
+    if let Some((gu_clip, _)) = &fwd.clipped {
+        mask_clipped(dev, &mut g_gu, gu_clip)?;
+    }
     let x_hat = dequantize(
         dev,
         &fwd.xq.a,

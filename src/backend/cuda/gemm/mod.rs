@@ -104,7 +104,10 @@ pub fn grouped_gemm<T: GemmOutElem>(
 ) -> CudaResult<()> {
     let pairs = routing.n_tokens * routing.top_k;
     let out_len = match output {
-        GemmOutput::Store | GemmOutput::BmAttempt | GemmOutput::StoreBf16 => pairs * m.n_cols,
+        GemmOutput::Store
+        | GemmOutput::BmAttempt
+        | GemmOutput::StoreBf16
+        | GemmOutput::ClipCount => pairs * m.n_cols,
         GemmOutput::SwiGlu | GemmOutput::SwiGluBf16 => pairs * m.n_cols / 2,
         GemmOutput::ScatterAdd => routing.n_tokens * m.n_cols,
     };
@@ -146,6 +149,13 @@ pub fn grouped_gemm<T: GemmOutElem>(
         return Err(CudaError::Unsupported(format!(
             "grouped GEMM with bound management: needs store mode ({output:?}) and the unquantised input"
         )));
+    }
+    if output == GemmOutput::ClipCount && (bm || p.is_none_or(|p| p.adc.is_none())) {
+        return Err(CudaError::Unsupported(
+            "grouped GEMM: clip counts are for analog layers whose ADC clips (an ADC without \
+             bound management)"
+                .into(),
+        ));
     }
     if output == GemmOutput::BmAttempt {
         return Err(CudaError::Unsupported(

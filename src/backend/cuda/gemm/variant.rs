@@ -50,13 +50,18 @@ pub enum GemmOutput {
     /// Digital only: [`GemmOutput::Store`] rounded to bf16 (`[P, N]` `u16` bits), the expert
     /// outputs [`combine_bf16_rows`](crate::backend::cuda::layer::combine_bf16_rows) sums per token.
     StoreBf16,
+    /// Analog with an ADC and without bound management: per sorted row and column (`[P, N]`
+    /// f32), the number of crossbar blocks along K whose ADC output clipped, with the draws of
+    /// the [`GemmOutput::Store`] pass of the same arguments (store mode with `MOE_CLIP_COUNT`):
+    /// fine-tuning's straight-through mask.
+    ClipCount,
 }
 
 impl GemmOutput {
     /// The kernels' `MOE_MODE`.
     pub fn mode(self) -> i64 {
         match self {
-            Self::Store => 0,
+            Self::Store | Self::ClipCount => 0,
             Self::SwiGlu => 1,
             Self::ScatterAdd => 2,
             Self::SwiGluBf16 => 3,
@@ -143,8 +148,11 @@ impl GemmVariant {
     }
 }
 
+/// The `#define`s of one `moe_gemm` instantiation, in a fixed order.
+pub type GemmDefines = [(&'static str, i64); 17];
+
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
-pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 16] {
+pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
     let flag = |b: bool| i64::from(b);
     let mode = v.output.mode();
     [
@@ -164,6 +172,10 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> [(&'static str, i64); 16
         ("MOE_STAGES", tile.stages as i64),
         ("MOE_DIAG", flag(v.analog && v.block_readout)),
         ("MOE_BK", tile.k_step as i64),
+        (
+            "MOE_CLIP_COUNT",
+            flag(v.analog && v.output == GemmOutput::ClipCount),
+        ),
     ]
 }
 
@@ -224,7 +236,11 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
     // bound management and ADDITIVE noise in store mode, 256- and 1024-row crossbars.
     let analog = GemmVariant::lightning(GemmOutput::SwiGlu);
     let mut a = vec![(analog, 512, 0)];
-    for output in [GemmOutput::Store, GemmOutput::ScatterAdd] {
+    for output in [
+        GemmOutput::Store,
+        GemmOutput::ScatterAdd,
+        GemmOutput::ClipCount,
+    ] {
         a.push((GemmVariant { output, ..analog }, 512, 0));
     }
     a.push((
@@ -273,7 +289,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
 /// everything on and everything off, and each analog feature alone.
 /// Each on its default [`GemmTile`], and where 512-row crossbars give it the long K step, on
 /// that tile too.
-pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
+pub fn moe_gemm_variants() -> Vec<GemmDefines> {
     let modes = [
         GemmOutput::Store,
         GemmOutput::SwiGlu,
@@ -322,6 +338,14 @@ pub fn moe_gemm_variants() -> Vec<[(&'static str, i64); 16]> {
         additive: true,
         out_noise: true,
         ..base
+    });
+    // Fine-tuning's clip count: store mode with an ADC and no bound management, with
+    // everything else on (standard-hwa) and with the ADC alone.
+    v.push(all(true, true, GemmOutput::ClipCount));
+    v.push(GemmVariant {
+        adc: true,
+        output: GemmOutput::ClipCount,
+        ..all(true, false, GemmOutput::Store)
     });
     // Bound management runs in store mode: with everything else, and as the AIHWKIT default
     // (ABS_MAX, ADC, output noise) and pcm-3d-8tier (plus PCM_READ) configure it.
