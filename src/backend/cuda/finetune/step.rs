@@ -59,64 +59,35 @@ pub(crate) fn forward<'x>(
     let pairs = t * k;
     let (d, n2) = (gate_up.k, gate_up.n_cols);
     let n = n2 / 2;
+    // One product of the layer under this call's draws: `gather` reads the operand rows
+    // through the routing (gate/up), else in sorted order (down).
+    let product = |m: &GpuGroupedMatrix, input: &GemmInput, gather: bool, mode, len: usize| {
+        let mut out = dev.scratch::<f32>(len)?;
+        grouped_gemm(
+            dev,
+            m,
+            input,
+            routing,
+            gather,
+            Some(p),
+            seed,
+            0,
+            mode,
+            &mut out,
+        )?;
+        Ok::<_, super::super::CudaError>(out)
+    };
     let xq = quantize(dev, x, t, d, gate_up.k_block, Some(p))?;
-    let mut gu = dev.scratch::<f32>(pairs * n2)?;
-    grouped_gemm(
-        dev,
-        gate_up,
-        &xq,
-        routing,
-        true,
-        Some(p),
-        seed,
-        0,
-        GemmOutput::Store,
-        &mut gu,
-    )?;
+    let gu = product(gate_up, &xq, true, GemmOutput::Store, pairs * n2)?;
     let h = swiglu_rows(dev, &gu, pairs, n2)?;
     let hq = quantize(dev, &h, pairs, n, down.k_block, Some(p))?;
-    let mut rows = dev.scratch::<f32>(pairs * d)?;
-    grouped_gemm(
-        dev,
-        down,
-        &hq,
-        routing,
-        false,
-        Some(p),
-        seed,
-        0,
-        GemmOutput::Store,
-        &mut rows,
-    )?;
+    let rows = product(down, &hq, false, GemmOutput::Store, pairs * d)?;
     // The same products again with the same draws, counting clipped blocks per output.
     let clipped = if for_backward && p.adc.is_some() && !p.bound_managed() {
-        let mut gu_clip = dev.scratch::<f32>(pairs * n2)?;
-        grouped_gemm(
-            dev,
-            gate_up,
-            &xq,
-            routing,
-            true,
-            Some(p),
-            seed,
-            0,
-            GemmOutput::ClipCount,
-            &mut gu_clip,
-        )?;
-        let mut down_clip = dev.scratch::<f32>(pairs * d)?;
-        grouped_gemm(
-            dev,
-            down,
-            &hq,
-            routing,
-            false,
-            Some(p),
-            seed,
-            0,
-            GemmOutput::ClipCount,
-            &mut down_clip,
-        )?;
-        Some((gu_clip, down_clip))
+        Some((
+            product(gate_up, &xq, true, GemmOutput::ClipCount, pairs * n2)?,
+            product(down, &hq, false, GemmOutput::ClipCount, pairs * d)?,
+        ))
     } else {
         None
     };
