@@ -9,6 +9,7 @@
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
 //   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
+//   MOE_ADC_BOUND_LEVEL 1: the ADC's bound is one of its levels: one clamp, of its input
 //   MOE_BM       1: iterative bound management: rows with a saturated ADC output are flagged
 //                   (MOE_MODE 0) and redone by attempt passes (MOE_MODE 4; needs MOE_ADC)
 //   MOE_NOISE_QUADS 1: every 4 columns lie in one crossbar at a multiple of 4 (one Philox block)
@@ -65,6 +66,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_WGMMA
 #define MOE_WGMMA 0
+#endif
+#ifndef MOE_ADC_BOUND_LEVEL
+#define MOE_ADC_BOUND_LEVEL 0
 #endif
 #ifndef MOE_CLIP_COUNT
 #define MOE_CLIP_COUNT 0

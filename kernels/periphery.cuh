@@ -176,14 +176,25 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
 // v / Δ_out as IEEE division rounds it (tile::Quantizer::quantize), without a division: the
 // reciprocal and two residual steps of tile::quotient_by_reciprocal, which its test shows to be
 // the division bit for bit. `/` cost a slow-path check and a branch per output, and the
-// branches cut the epilogue into blocks that ptxas could not interleave. v is first limited to
-// ±(b_out + 2Δ_out): an output beyond saturates the ADC either way, and ±∞ would make the
-// residual NaN.
+// branches cut the epilogue into blocks that ptxas could not interleave. The caller limits v
+// (adc_output): ±∞ would make the residual NaN.
 __device__ __forceinline__ float adc_quotient(const GemmParams& p, float v) {
-    v = fminf(fmaxf(v, -p.adc_clip), p.adc_clip);
     const float q0 = __fmul_rn(v, p.adc_step_inv);
     const float q1 = __fmaf_rn(__fmaf_rn(-p.adc_step, q0, v), p.adc_step_inv, q0);
     return __fmaf_rn(__fmaf_rn(-p.adc_step, q1, v), p.adc_step_inv, q1);
+}
+
+// The ADC, tile::Quantizer::quantize: clamp(rint(v/Δ_out)·Δ_out, ±b_out).
+__device__ __forceinline__ float adc_output(const GemmParams& p, float v) {
+#if MOE_ADC_BOUND_LEVEL
+    // b_out is a level (tile::Quantizer::bound_is_a_level, checked by the host): the input
+    // clamped to ±b_out quantises to the same output with no clamp after.
+    return __fmul_rn(rintf(adc_quotient(p, fminf(fmaxf(v, -p.adc_bound), p.adc_bound))), p.adc_step);
+#else
+    // v first limited to ±(b_out + 2Δ_out): an output beyond saturates the ADC either way.
+    const float q = adc_quotient(p, fminf(fmaxf(v, -p.adc_clip), p.adc_clip));
+    return fminf(fmaxf(__fmul_rn(rintf(q), p.adc_step), -p.adc_bound), p.adc_bound);
+#endif
 }
 #endif
 
@@ -233,7 +244,7 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
     for (u32 c = 0; c < 2; ++c) {
         float v = y[c];
 #if MOE_ADC
-        v = fminf(fmaxf(rintf(adc_quotient(p, v)) * p.adc_step, -p.adc_bound), p.adc_bound);
+        v = adc_output(p, v);
 #endif
 #if MOE_BM
         if (r.alpha_nm > 0.0f && fabsf(v) >= p.adc_bound) sat |= sat_bit << (MOE_MODE == 4 ? c : 0u);

@@ -291,3 +291,90 @@ fn adc_quotient_by_reciprocal_is_ieee_division() {
     }
     assert!(checked > 2_000_000, "{checked} values");
 }
+
+/// Where the bound is an output level (`Quantizer::bound_is_a_level`), the quantiser of the
+/// input clamped to ±b equals `Quantizer::quantize` (which clamps after) bit for bit: for every
+/// resolution and the same bounds, at every level and rounding midpoint near ±b and a few ulp
+/// either side, at ±b and its neighbours, beyond the range and at ±∞, and on random values.
+/// Where the predicate is false the single clamp must differ somewhere, which the test also
+/// finds for some quantiser, so that it could fail if the predicate were `true`.
+#[test]
+fn one_clamp_before_the_adc_is_the_quantiser_where_the_bound_is_a_level() {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut levels_seen, mut not_levels, mut differs_elsewhere) = (0, 0, 0);
+    for bits in 2..=16u32 {
+        for bound in [1.0f32, 10.0, 12.0, 0.5, 3.3, 1e-3, 7.77e4, 2.0, 0.7, 6.0] {
+            let q = Quantizer { bits, bound };
+            let step = q.step();
+            let one_clamp = |v: f32| aimc::tile::rint(v.clamp(-bound, bound) / step) * step;
+            let mut values = vec![f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, 0.0];
+            for b in [bound, -bound] {
+                for d in -8i32..=8 {
+                    values.push(f32::from_bits((b.to_bits() as i64 + d as i64) as u32));
+                }
+            }
+            let top = (1i64 << (bits - 1)) - 1;
+            for k in (top - 40).max(-top)..=top + 2 {
+                for sign in [1.0f32, -1.0] {
+                    for frac in [0.0f32, 0.5] {
+                        let at = sign * (k as f32 + frac) * step;
+                        for d in -3i32..=3 {
+                            values.push(f32::from_bits((at.to_bits() as i64 + d as i64) as u32));
+                        }
+                    }
+                }
+            }
+            for _ in 0..4_000 {
+                let r = next();
+                let u = (r >> 40) as f32 / (1u64 << 24) as f32;
+                values.push((2.0 * u - 1.0) * 1.5 * bound);
+            }
+            let same = values
+                .iter()
+                .all(|&v| one_clamp(v).to_bits() == q.quantize(v, step).to_bits());
+            if q.bound_is_a_level(step) {
+                levels_seen += 1;
+                for &v in &values {
+                    assert_eq!(
+                        one_clamp(v).to_bits(),
+                        q.quantize(v, step).to_bits(),
+                        "{bits} bits, bound {bound}, v {v:e}"
+                    );
+                }
+            } else {
+                not_levels += 1;
+                differs_elsewhere += usize::from(!same);
+            }
+        }
+    }
+    // Both kinds occur among these quantisers, and a bound that is not a level does make the
+    // single clamp wrong.
+    assert!(
+        levels_seen > 50,
+        "{levels_seen} quantisers with the bound a level"
+    );
+    assert!(
+        not_levels > 0 && differs_elsewhere > 0,
+        "{not_levels} {differs_elsewhere}"
+    );
+}
+
+/// Every built-in preset's ADC has its bound on a level, so the GPU's single-clamp ADC applies
+/// to all of them (a preset where it does not still runs, with both clamps).
+#[test]
+fn builtin_adcs_have_their_bound_on_a_level() {
+    let mut with_adc = 0;
+    for name in TilePreset::builtin_names() {
+        if let Some(adc) = TilePreset::builtin(name).unwrap().periphery.adc {
+            assert!(adc.bound_is_a_level(adc.step()), "{name}");
+            with_adc += 1;
+        }
+    }
+    assert!(with_adc >= 8, "{with_adc} presets with an ADC");
+}

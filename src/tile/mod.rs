@@ -21,8 +21,8 @@ pub use drift_study::{
 };
 pub use matrix::{split_equal, AnalogMatrix, BlockGeometry};
 pub use preset::{
-    quotient_by_reciprocal, rint, BoundManagement, DriftCompensation, FieldError, IrDrop,
-    MappingSpec, NoiseManagement, PeripherySpec, PresetError, Quantizer, StackSpec, TilePreset,
-    WeightNoise,
+    bound_is_a_level, quotient_by_reciprocal, rint, BoundManagement, DriftCompensation, FieldError,
+    IrDrop, MappingSpec, NoiseManagement, PeripherySpec, PresetError, Quantizer, StackSpec,
+    TilePreset, WeightNoise,
 };
 pub use stack::TileStack;

@@ -116,6 +116,15 @@ impl Quantizer {
         2.0 * self.bound / ((1u64 << self.bits) - 2) as f32
     }
 
+    /// Whether the bound b is itself an output level in f32: rint(b/Δ)·Δ rounds to b
+    /// (`step` = [`Quantizer::step`]). Then [`Quantizer::quantize`] is the quantiser of v
+    /// clamped to [−b, b] first, with no clamp after: v/Δ, rint and ·Δ are monotonic, so no
+    /// |v| ≤ b leaves [−b, b], and every |v| ≥ b lands on ±b either way. The GPU's ADC uses
+    /// this to drop one clamp per output (`MOE_ADC_BOUND_LEVEL` in `kernels/periphery.cuh`).
+    pub fn bound_is_a_level(&self, step: f32) -> bool {
+        bound_is_a_level(step, self.bound)
+    }
+
     /// clamp(rint(v/Δ)·Δ, −b, b) with half-to-even rounding (`step` = [`Quantizer::step`]).
     ///
     /// v/Δ is first limited to ±2²¹ levels, which changes nothing (bits ≤ 16 puts the bound
@@ -125,6 +134,14 @@ impl Quantizer {
         const LIMIT: f32 = 2_097_152.0; // 2²¹
         (rint((v / step).clamp(-LIMIT, LIMIT)) * step).clamp(-self.bound, self.bound)
     }
+}
+
+/// [`Quantizer::bound_is_a_level`] for a quantiser of step `step` and bound `bound`.
+pub fn bound_is_a_level(step: f32, bound: f32) -> bool {
+    step > 0.0
+        && bound.is_finite()
+        && (bound / step) < 2_097_152.0
+        && rint(bound / step) * step == bound
 }
 
 /// `v / step` as IEEE division rounds it, from `inv`, the correctly rounded `1 / step`: what

@@ -175,6 +175,9 @@ pub fn grouped_gemm<T: GemmOutElem>(
         bound_management: bm,
         out_noise: p.is_some_and(|p| p.out_noise > 0.0),
         adc: p.is_some_and(|p| p.adc.is_some()),
+        adc_bound_level: p
+            .and_then(|p| p.adc)
+            .is_some_and(|(step, bound)| crate::tile::bound_is_a_level(step, bound)),
         output,
         noise_quads: m.noise_quads,
         block_readout: m.block_view.is_some(),

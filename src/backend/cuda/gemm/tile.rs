@@ -411,6 +411,7 @@ mod tests {
             bound_management: false,
             out_noise: analog,
             adc: analog,
+            adc_bound_level: analog,
             output: GemmOutput::SwiGlu,
             noise_quads: true,
             block_readout: false,

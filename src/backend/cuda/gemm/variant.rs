@@ -107,6 +107,10 @@ pub struct GemmVariant {
     pub out_noise: bool,
     /// ADC quantisation and clamp.
     pub adc: bool,
+    /// The ADC's bound is one of its levels ([`crate::tile::Quantizer::bound_is_a_level`]):
+    /// the epilogue clamps its input once instead of its input and its output
+    /// (`MOE_ADC_BOUND_LEVEL`).
+    pub adc_bound_level: bool,
     /// What the epilogue does with the rows.
     pub output: GemmOutput,
     /// Every 4 output columns lie in one crossbar at a multiple of 4 ([`GroupedMatrix::noise_quads`](crate::backend::cuda::grouped::GroupedMatrix::noise_quads)):
@@ -129,6 +133,7 @@ impl GemmVariant {
             bound_management: false,
             out_noise: true,
             adc: true,
+            adc_bound_level: true,
             output,
             noise_quads: true,
             block_readout: false,
@@ -149,7 +154,7 @@ impl GemmVariant {
 }
 
 /// The `#define`s of one `moe_gemm` instantiation, in a fixed order.
-pub type GemmDefines = [(&'static str, i64); 17];
+pub type GemmDefines = [(&'static str, i64); 18];
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
 pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
@@ -163,6 +168,10 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
         ("MOE_BM", flag(v.analog && v.bound_management && v.adc)),
         ("MOE_OUT_NOISE", flag(v.analog && v.out_noise)),
         ("MOE_ADC", flag(v.analog && v.adc)),
+        (
+            "MOE_ADC_BOUND_LEVEL",
+            flag(v.analog && v.adc && v.adc_bound_level),
+        ),
         ("MOE_MODE", mode),
         ("MOE_NOISE_QUADS", flag(v.analog && v.noise_quads)),
         ("MOE_TILE_M", TILE_ROWS as i64),
@@ -303,6 +312,7 @@ pub fn moe_gemm_variants() -> Vec<GemmDefines> {
         bound_management: false,
         out_noise: on,
         adc: on,
+        adc_bound_level: on,
         output,
         noise_quads: true,
         block_readout: false,
@@ -367,7 +377,14 @@ pub fn moe_gemm_variants() -> Vec<GemmDefines> {
         ir_drop: false,
         ..store
     });
-    // Output noise and ADC (standard-hwa without its PCM_READ and IR drop).
+    // Output noise and ADC (standard-hwa without its PCM_READ and IR drop), with the bound a
+    // level of the ADC and not.
+    v.push(GemmVariant {
+        out_noise: true,
+        adc: true,
+        adc_bound_level: true,
+        ..base
+    });
     v.push(GemmVariant {
         out_noise: true,
         adc: true,
