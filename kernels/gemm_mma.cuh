@@ -233,6 +233,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #pragma unroll
                 for (u32 half = 0; half < 2; ++half) {
                     const u32 row_local = frag_row(mi, half);
+#if MOE_MODE == 4 || !MOE_NOISE_QUADS
                     if (row_local >= rows_e) continue;
 #if MOE_MODE == 4
                     // Rows without a pending crossbar (lanes l and l ^ 1 share the row).
@@ -240,12 +241,26 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                     const int slot = p.bm_slot[row_begin + row_local];
 #endif
                     const BlockRow br = block_row(p, row_begin + row_local, row_local, kb);
+                    const u32 lanes = 3u << (lane & 30u);  // the lane pair that shares the row
+#else
+                    // A row past the expert's runs too, with an all-zero BlockRow: finite
+                    // outputs into a total no one stores, no saturation flag (α_nm = 0), no
+                    // clip count. The whole warp then runs each row: no branch per row, and the
+                    // normals' lane exchange takes the full warp. (The variants that draw
+                    // normals per column pair keep the branch: straight-line, ptxas spilled
+                    // them at the 128-register bound.)
+                    BlockRow br = {};
+                    if (row_local < rows_e) br = block_row(p, row_begin + row_local, row_local, kb);
+                    const u32 lanes = ~0u;
+#endif
                     float2 z[TN];
 #pragma unroll
                     for (u32 tn = 0; tn < TN; tn += 2) {
                         z[tn] = z[tn + 1] = make_float2(0.0f, 0.0f);
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
-                        output_normals(p, br, noise_col[tn / 2], lane, z[tn], z[tn + 1]);
+                        output_normals(p, br, noise_col[tn / 2], lane, lanes, z[tn], z[tn + 1]);
+#else
+                        (void)lanes;
 #endif
                     }
 #pragma unroll

@@ -360,30 +360,56 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 #endif
 #define WG_PAIRS (WG_BN / 16)  // n8 fragment pairs per warpgroup row
 
+// The column constants of one fragment pair (16 columns of the tile) of a crossbar block: this
+// thread's s_map·α_GDC of columns (col0, col0 + 1) and (col0 + 8, col0 + 9), and the keys of
+// its output-noise stream. The kernel loads those of the next pair while the current one runs
+// (wg_block_part), so that no Philox chain starts on a load just issued.
+struct WgCols {
+    float2 scale[2];
+#if MOE_OUT_NOISE || MOE_ADDITIVE
+    NoiseCols nc;
+#endif
+};
+__device__ __forceinline__ WgCols wg_cols(const GemmParams& p, const u32* tid_of_col, const float* scale_of_col, u32 n0,
+                                          u32 lane, u32 fp) {
+    const u32 col0 = n0 + fp * 16 + (lane & 3) * 2;
+    WgCols c;
+    c.scale[0] = *(const float2*)(scale_of_col + col0);
+    c.scale[1] = *(const float2*)(scale_of_col + col0 + 8);
+#if MOE_OUT_NOISE || MOE_ADDITIVE
+    c.nc = noise_cols(p, tid_of_col, col0, lane);
+#else
+    (void)p;
+    (void)tid_of_col;
+#endif
+    return c;
+}
+
 // The periphery of the fragment pairs of `prev` (one block; this thread's value i at
 // prev[i·256]) that step j of the next block takes, pairs [j·WG_PAIRS/KB_STEPS,
 // (j + 1)·WG_PAIRS/KB_STEPS), both rows (halves) of this thread. Each output's contribution
 // to the running total replaces its block sum in prev; the caller adds prev to the total once
-// the block is done. One copy of this code, called in a loop: unrolled over the block's steps
-// it made the kernel 226 KB of SASS, and a third of Nsight Compute's stall samples were
+// the block is done. `cols` holds the first pair's column constants and is left holding the
+// next one's. One copy of this code, called in a loop: unrolled over the block's steps it made
+// the kernel 226 KB of SASS, and a third of Nsight Compute's stall samples were
 // instruction-cache misses (stall_no_inst).
+// Both rows run as one straight-line block, rows past the expert's included (their BlockRow
+// is all zero: finite outputs that no one stores, α_nm = 0 flags no saturation and counts no
+// clip), so that ptxas interleaves their two Philox chains: with a branch per row each chain
+// ran alone, a dependent IMAD/LOP3 sequence on the 8 warps the kernel has per SM.
 __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float* prev, const BlockRow* br,
-                                              const bool* row_ok, const u32* tid_of_col, const float* scale_of_col,
+                                              WgCols& cols, const u32* tid_of_col, const float* scale_of_col,
                                               u32 n0, u32 lane, u32& bm_rows) {
 #pragma unroll 1
     for (u32 fp = j * WG_PAIRS / MOE_KB_STEPS; fp < (j + 1) * WG_PAIRS / MOE_KB_STEPS; ++fp) {
-        const u32 col0 = n0 + fp * 16 + (lane & 3) * 2;
-        const float2 scale[2] = {*(const float2*)(scale_of_col + col0), *(const float2*)(scale_of_col + col0 + 8)};
+        const WgCols cur = cols;
+        if (fp + 1 < WG_PAIRS) cols = wg_cols(p, tid_of_col, scale_of_col, n0, lane, fp + 1);
+        float2 z[2][2] = {};
 #if MOE_OUT_NOISE || MOE_ADDITIVE
-        const NoiseCols nc = noise_cols(p, tid_of_col, col0, lane);
+        output_normals_rows2(p, br, cur.nc, lane, z);
 #endif
 #pragma unroll
-        for (u32 half = 0; half < 2; ++half) {
-            if (!row_ok[half]) continue;
-            float2 z[2] = {make_float2(0.0f, 0.0f), make_float2(0.0f, 0.0f)};
-#if MOE_OUT_NOISE || MOE_ADDITIVE
-            output_normals(p, br[half], nc, lane, z[0], z[1]);
-#endif
+        for (u32 half = 0; half < 2; ++half)
 #pragma unroll
             for (u32 f = 0; f < 2; ++f) {
                 float* v = prev + (4 * (2 * fp + f) + 2 * half) * WG_THREADS;
@@ -393,11 +419,10 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
                 // 0 + x is x for every x but −0 (→ +0), which adds to the total as −0 would:
                 // the total is never −0 (it starts at +0, and a sum is −0 only of two −0s).
                 float c[2] = {0.0f, 0.0f};
-                block_outputs(p, br[half], scale[f], s, z[f], c, bm_rows, 1u << half);
+                block_outputs(p, br[half], cur.scale[f], s, z[half][f], c, bm_rows, 1u << half);
                 v[0] = c[0];
                 v[WG_THREADS] = c[1];
             }
-        }
     }
 }
 
@@ -413,6 +438,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
     // This thread's two rows of the tile (accumulator halves 0 and 1).
     const u32 row_local0 = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
     const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
+    // The rows of the block in prev; all zero for a row past the expert's (see wg_block_part).
+    BlockRow br[2] = {};
 
     float d[WG_BN / 2], total[WG_BN / 2];
     float* prev = (float*)(wg_smem + (base - smem_addr(wg_smem)) + WG_STAGES * WG_STAGE_BYTES) + t;
@@ -425,9 +452,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
 
     stages.start(p, t);
     u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
-    BlockRow br[2];   // the rows of the block in prev
     const u32* tid_of_col = p.col_tensor_id;
     const float* scale_of_col = p.col_scale;
+    WgCols cols;  // the column constants of the next fragment pair the periphery takes
     // prev: the contributions of block kb − 1 go to the total (this thread's own values: no
     // barrier), in block order as moe_gemm adds them; then the sums of block kb replace them.
     auto finish_block = [&](u32 kb) {
@@ -447,7 +474,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
         for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
             const u32 s_a = stages.next(p, t, step);
             wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
-            if (kb > 0) wg_block_part(p, j, prev, br, row_ok, tid_of_col, scale_of_col, n0, lane, bm_rows);
+            if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
             asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -460,11 +487,12 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(Gem
         const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
         tid_of_col = p.col_tensor_id + tab_row;
         scale_of_col = p.col_scale + tab_row;
+        cols = wg_cols(p, tid_of_col, scale_of_col, n0, lane, 0);
     }
     // The last block's periphery, with no MMAs left to hide it.
 #pragma unroll 1
     for (u32 j = 0; j < MOE_KB_STEPS; ++j)
-        wg_block_part(p, j, prev, br, row_ok, tid_of_col, scale_of_col, n0, lane, bm_rows);
+        wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) total[i] += prev[i * WG_THREADS];
 #if MOE_BM

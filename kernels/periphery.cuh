@@ -135,31 +135,46 @@ __device__ __forceinline__ NoiseCols noise_cols(const GemmParams& p, const u32* 
     return c;
 }
 
-// Output normals (purpose OutputNoise) of this thread's columns (col0, col0 + 1) and
-// (col0 + 8, col0 + 9) of one row: two n8 fragments of the mma.sync / wgmma accumulator layout,
-// where lanes l and l ^ 1 hold 4 consecutive columns of each. With MOE_NOISE_QUADS every 4
-// columns sit in one crossbar at a multiple of 4 (host-checked), so one Philox block holds the
-// normals of a lane pair's 4 columns (words x, y of the even lane, z, w of the odd one): each
-// lane of the pair draws the block of one fragment and passes the partner its words, half the
-// Philox work for the same values as stream_normal_pair. Both lanes of a pair must call this.
-__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const NoiseCols& nc, u32 lane,
-                                               float2& z0, float2& z1) {
 #if MOE_NOISE_QUADS
-    const u32 odd = lane & 1u, pair_mask = 3u << (lane & 30u);
-    // Block idx / 4 of element idx = nrow·stride + local: the crossbar width `stride` is a
-    // multiple of 4 (host-checked), so it is nrow·(stride / 4) + local / 4.
+// The Philox counter of row r's quad block: block idx / 4 of element idx = nrow·stride + local;
+// the crossbar width `stride` is a multiple of 4 (host-checked), so it is
+// nrow·(stride / 4) + local / 4.
+__device__ __forceinline__ uint4 quad_counter(const GemmParams& p, const BlockRow& r, const NoiseCols& nc) {
     const u64 blk = (u64)r.nrow * (nc.stride >> 2) + (nc.local >> 2);
-    const uint4 q = stream_block_keyed(p.round_keys, PURPOSE_OUTPUT_NOISE, nc.tid, blk, r.ncall, p.attempt);
-    const u32 got0 = __shfl_xor_sync(pair_mask, odd ? q.x : q.z, 1);
-    const u32 got1 = __shfl_xor_sync(pair_mask, odd ? q.y : q.w, 1);
+    return stream_counter(PURPOSE_OUTPUT_NOISE, nc.tid, blk, r.ncall, p.attempt);
+}
+// The normals of a lane pair's quad block q: this lane's words and its partner's, exchanged
+// over the lanes in `mask` (which holds both of the pair).
+__device__ __forceinline__ void quad_normals(uint4 q, u32 lane, u32 mask, float2& z0, float2& z1) {
+    const u32 odd = lane & 1u;
+    const u32 got0 = __shfl_xor_sync(mask, odd ? q.x : q.z, 1);
+    const u32 got1 = __shfl_xor_sync(mask, odd ? q.y : q.w, 1);
     // One normal_pair_in per word pair, words selected first: selecting between two transformed
     // pairs made ptxas keep both alive (spills at the 128-register bound).
     const float2 mine = normal_pair_in(normal_smem, odd ? q.z : q.x, odd ? q.w : q.y);
     const float2 theirs = normal_pair_in(normal_smem, got0, got1);
     z0 = odd ? theirs : mine;
     z1 = odd ? mine : theirs;
+}
+#endif
+
+// Output normals (purpose OutputNoise) of this thread's columns (col0, col0 + 1) and
+// (col0 + 8, col0 + 9) of one row: two n8 fragments of the mma.sync / wgmma accumulator layout,
+// where lanes l and l ^ 1 hold 4 consecutive columns of each. With MOE_NOISE_QUADS every 4
+// columns sit in one crossbar at a multiple of 4 (host-checked), so one Philox block holds the
+// normals of a lane pair's 4 columns (words x, y of the even lane, z, w of the odd one): each
+// lane of the pair draws the block of one fragment and passes the partner its words, half the
+// Philox work for the same values as stream_normal_pair. Both lanes of a pair must call this,
+// and every lane in `mask` (~0u where the whole warp calls it: a partial mask costs a
+// convergence check per exchange).
+__device__ __forceinline__ void output_normals(const GemmParams& p, const BlockRow& r, const NoiseCols& nc, u32 lane,
+                                               u32 mask, float2& z0, float2& z1) {
+#if MOE_NOISE_QUADS
+    const uint4 q = philox4x32_10_keyed(quad_counter(p, r, nc), p.round_keys);
+    quad_normals(q, lane, mask, z0, z1);
 #else
     (void)lane;
+    (void)mask;
     auto pair = [&](u32 col) {
         const u64 idx0 = (u64)r.nrow * p.col_block_cols[col] + p.col_local[col];
         const u64 idx1 = (u64)r.nrow * p.col_block_cols[col + 1] + p.col_local[col + 1];
@@ -168,6 +183,22 @@ __device__ __forceinline__ void output_normals(const GemmParams& p, const BlockR
     };
     z0 = pair(nc.col0);
     z1 = pair(nc.col0 + 8);
+#endif
+}
+
+// output_normals of two rows r[0], r[1] (z[h]: row h's), for a warp whose lanes all call it:
+// with quads, the two Philox blocks run in lockstep and the lane exchange takes the full warp
+// (a partial mask costs a convergence check per shuffle pair).
+__device__ __forceinline__ void output_normals_rows2(const GemmParams& p, const BlockRow* r, const NoiseCols& nc,
+                                                     u32 lane, float2 (&z)[2][2]) {
+#if MOE_NOISE_QUADS
+    uint4 q0 = quad_counter(p, r[0], nc), q1 = quad_counter(p, r[1], nc);
+    philox4x32_10_keyed_x2(q0, q1, p.round_keys);
+    quad_normals(q0, lane, ~0u, z[0][0], z[0][1]);
+    quad_normals(q1, lane, ~0u, z[1][0], z[1][1]);
+#else
+    output_normals(p, r[0], nc, lane, ~0u, z[0][0], z[0][1]);
+    output_normals(p, r[1], nc, lane, ~0u, z[1][0], z[1][1]);
 #endif
 }
 #endif

@@ -60,6 +60,17 @@ __device__ __forceinline__ uint4 philox4x32_10_keyed(uint4 ctr, const u32* rk) {
     return ctr;
 }
 
+// Two philox4x32_10_keyed blocks in lockstep, round by round: two independent dependency
+// chains that the scheduler issues interleaved (written one after the other, ptxas ran most of
+// the first before starting the second).
+__device__ __forceinline__ void philox4x32_10_keyed_x2(uint4& a, uint4& b, const u32* rk) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        a = philox_round(a, rk[2 * round], rk[2 * round + 1]);
+        b = philox_round(b, rk[2 * round], rk[2 * round + 1]);
+    }
+}
+
 // Mirrors rng::Stream (seed split into key words, purpose, tensor id).
 struct PhiloxStream {
     u32 k0, k1, purpose, tensor_id;
