@@ -31,8 +31,8 @@
 #ifndef WG_PIPE
 #define WG_PIPE 1
 #endif
-#if WG_BN != 128 && WG_BN != 256
-#error "WG_BN must be 128 or 256"
+#if !(WG_BN == 128 || WG_BN == 256 || (MOE_ANALOG && WG_BN == 64))
+#error "WG_BN must be 128 or 256 (or 64, analog)"
 #endif
 #if WG_PIPE > 3 || (WG_PIPE < 2 && WG_STAGES < 2 + WG_PIPE)
 #error "WG_STAGES too small for WG_PIPE, or no such WG_PIPE"
@@ -60,6 +60,22 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr) {
 
 // Byte offset of 16-byte chunk c (0..7) of row r in a 128B-swizzled tile (1024-byte aligned).
 __device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c ^ (r & 7u)) << 4); }
+
+// d[32] += A[64×16] · B[64×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
+__device__ __forceinline__ void wgmma_m64n64k16(float* d, u64 da, u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32" WG_AB " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db));
+}
 
 // d[64] += A[64×16] · B[128×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
@@ -131,7 +147,9 @@ __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
-#if WG_BN == 128
+#if WG_BN == 64
+        wgmma_m64n64k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+#elif WG_BN == 128
         wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
 #else
         wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
@@ -333,28 +351,30 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 }
 
 #if MOE_ANALOG
-// moe_analog_wgmma: the analog grouped GEMM for sm_90a (moe_gemm's contract with MOE_ANALOG 1, output modes 0–2):
-// DAC codes × fp16 weights by wgmma, 128 × 128 CTA tiles, two
-// warpgroups of 64 rows, cp.async loads by all 256 threads and one wgmma group in flight
-// across the barrier (WG_PIPE 1) or not (0). The crossbar periphery (block_outputs) of block
-// kb runs while the wgmma of block kb + 1 do: at the end of a block each thread moves its
-// accumulators to `prev` in shared memory and zeroes them, and each of the MOE_KB_STEPS steps
-// of the next block issues its wgmma and then finishes 1/MOE_KB_STEPS of prev's fragment pairs
-// on the CUDA cores before it waits for them (wg_block_part). (mma.sync moe_gemm overlaps the
-// two only across its 2 CTAs per SM.) Registers: the block sums d and the running total, 64
-// each per thread; prev in registers too spilled 580 bytes (ptxas). Shared memory: the stages, then prev
-// ([64][256] f32, thread-minor: conflict-free). Side accumulators (PCM_READ, IR drop) would
-// need 64 more registers each: those variants run moe_gemm.
-// Status (reports/bench/2026-11-24-analog-wgmma.md): bit-identical to moe_gemm, but slower on
-// every bench shape (OLMoE layer, Lightning set: 23.8 against 20.7 ms), so the host runs it
-// only with AIMC_ANALOG_WGMMA=1. Nsight Compute (then with Box–Muller normals): the periphery
-// is issue-latency bound (Philox and Box–Muller dependency chains; 35 % of issue slots busy) on the 8 warps one CTA per SM
-// leaves (200 registers, 208 KiB of shared memory), where moe_gemm has 16. What should lift
-// it: more warps for the periphery (epilogue warpgroups fed through prev while the MMA
-// warpgroups run on), not more MMA throughput.
-#if MOE_PCM_READ || MOE_IR_DROP || MOE_MODE == 3 || WG_BN != 128 || WG_PIPE > 1
-#error "the analog wgmma GEMM: no side accumulators, output modes 0-2, WG_BN 128, WG_PIPE 0 or 1"
+// moe_analog_wgmma: the analog grouped GEMM for sm_90a (moe_gemm's contract with MOE_ANALOG 1,
+// output modes 0–2): DAC codes × fp16 weights by wgmma, 128 × WG_BN CTA tiles (WG_BN 128, or
+// 64 for two CTAs per multiprocessor), two warpgroups of 64 rows, cp.async loads by all 256
+// threads and one wgmma group in flight across the barrier (WG_PIPE 1) or not (0). The
+// crossbar periphery (block_outputs) of block kb runs while the wgmma of block kb + 1 do: at
+// the end of a block each thread moves its accumulators to `prev` in shared memory and zeroes
+// them, and each of the MOE_KB_STEPS steps of the next block issues its wgmma and then
+// finishes its share of prev's fragment pairs on the CUDA cores before it waits for them
+// (wg_block_part). (mma.sync moe_gemm overlaps the two only across its 2 CTAs per SM.)
+// Registers: the block sums d and the running total, WG_BN / 2 each per thread; prev in
+// registers too spilled 580 bytes (ptxas, 128 columns). Shared memory: the stages, then prev
+// ([WG_BN / 2][256] f32, thread-minor: conflict-free). Side accumulators (PCM_READ, IR drop)
+// would need as many registers again each: those variants run moe_gemm.
+// The periphery is bound by the issue latency of its dependency chains (Philox rounds, the
+// table normal, the ADC's residual steps): the 128-column tile leaves 8 warps per SM (200
+// registers, 208 KiB of shared memory) where moe_gemm has 16, hence the 64-column tile, and
+// the two rows of a fragment pair run interleaved (wg_block_part). Speed records:
+// reports/bench/ (2026-11-24-analog-wgmma.md, 2026-12-08-analog-wgmma-ilp.md).
+#if MOE_PCM_READ || MOE_IR_DROP || MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 1
+#error "the analog wgmma GEMM: no side accumulators, output modes 0-2, WG_BN 64 or 128, WG_PIPE 0 or 1"
 #endif
+// CTAs per multiprocessor: the 64-column tile fits two (128 registers per thread, 105 KiB of
+// shared memory with 3 stages), the 128-column tile one.
+#define WG_ANALOG_CTAS (WG_BN == 64 ? 2 : 1)
 #ifndef MOE_KB_STEPS
 #error "MOE_KB_STEPS (crossbar rows per block / 64) must be defined"
 #endif
@@ -426,7 +446,7 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_analog_wgmma(GemmParams p) {
+extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_analog_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
 #if MOE_NORMALS
     stage_normal_table();

@@ -8,7 +8,8 @@
 mod common;
 
 use aimc::backend::cuda::gemm::{
-    analog_wgmma_tile, grouped_gemm, GemmOutput, Precision, WgmmaTile, TILE_ROWS,
+    analog_wgmma_tile_of, grouped_gemm, GemmOutput, Precision, WgmmaTile, ANALOG_WGMMA_COLS,
+    TILE_ROWS,
 };
 
 use aimc::backend::cuda::periphery::{quantize, GemmInput, GemmPeriphery};
@@ -987,17 +988,22 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         TilePreset::resolve("aihwkit-default").unwrap(),
         bound_managed_presets().pop().unwrap(), // ADDITIVE + iterative
     ];
-    for preset in &presets {
+    // Both tiles: 128 columns (one CTA per multiprocessor) and 64 (two; the gate/up blocks'
+    // 4 fragment pairs over 8 steps, the down block's over 4).
+    for (preset, cols) in presets
+        .iter()
+        .flat_map(|p| ANALOG_WGMMA_COLS.map(|c| (p, c)))
+    {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
         {
             let precision = Precision::AnalogF16;
-            let what = preset.name.clone();
+            let what = format!("{}, {cols} columns", preset.name);
             let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
             let wg = GpuMoeLayer {
-                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile(gate_up.k_block)),
-                down: upload(&down).use_wgmma(analog_wgmma_tile(down.k_block)),
+                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile_of(cols, gate_up.k_block)),
+                down: upload(&down).use_wgmma(analog_wgmma_tile_of(cols, down.k_block)),
                 periphery: Some(periphery),
                 seed: 21,
             };

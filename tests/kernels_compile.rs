@@ -298,7 +298,7 @@ fn mma_counts(ins: &[(u64, String)], steps_per_block: usize) -> (f64, f64) {
 #[test]
 #[ignore = "needs CUDA (NVRTC, ptxas, cuobjdump)"]
 fn analog_epilogue_instruction_budget() {
-    use aimc::backend::cuda::gemm::{analog_wgmma_defines, analog_wgmma_tile, gemm_defines};
+    use aimc::backend::cuda::gemm::{analog_wgmma_defines, analog_wgmma_tile_of, gemm_defines};
     use aimc::backend::cuda::gemm::{GemmOutput, GemmTile, GemmVariant};
     require_nvrtc();
     let ptxas = ptxas().expect("ptxas on PATH");
@@ -339,21 +339,31 @@ fn analog_epilogue_instruction_budget() {
     // wgmma: one step of the block loop (its wgmma and one fragment pair of the previous
     // block's periphery, 8 outputs per thread), from the loop head to the back edge after the
     // wgmma wait.
-    let tile = analog_wgmma_tile(512).unwrap();
-    let ins = build(
-        &analog_wgmma_defines(&lightning, tile, 512, 0),
-        "moe_analog_wgmma",
-    );
-    let wait = ins
-        .iter()
-        .position(|(_, t)| t.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1"))
-        .unwrap();
-    let (back, head) = (wait..wait + 4)
-        .find_map(|i| branch_target(&ins[i].1).map(|to| (i, to)))
-        .unwrap();
-    let head = ins.iter().position(|(a, _)| *a == head).unwrap();
-    let wgmma = (back + 1 - head) as f64 / 8.0;
-    println!("wgmma: {wgmma:.1} lane instructions per output and crossbar block");
+    let wgmma = |cols: usize| {
+        let tile = analog_wgmma_tile_of(cols, 512).unwrap();
+        let ins = build(
+            &analog_wgmma_defines(&lightning, tile, 512, 0),
+            "moe_analog_wgmma",
+        );
+        let wait = ins
+            .iter()
+            .position(|(_, t)| t.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1"))
+            .unwrap();
+        let (back, head) = (wait..wait + 4)
+            .find_map(|i| branch_target(&ins[i].1).map(|to| (i, to)))
+            .unwrap();
+        let head = ins.iter().position(|(a, _)| *a == head).unwrap();
+        // The 128-column tile's step takes one fragment pair (8 outputs per thread); the
+        // 64-column tile's steps take one pair every other step, so its loop body is counted
+        // for the 8 outputs of the steps that take one.
+        let per_step = (back + 1 - head) as f64 / 8.0;
+        println!(
+            "wgmma, {cols} columns: {per_step:.1} lane instructions per output and crossbar block"
+        );
+        per_step
+    };
+    let wgmma_narrow = wgmma(64);
+    let wgmma = wgmma(128);
     let _ = std::fs::remove_dir_all(&dir);
     // The budget: ptxas 13.5 gives 33.8 + 52.9 at 64 columns per stage, 47.0 + 52.6 at 32 and
     // 66.0 for wgmma (ptxas 13.0: 33.5 + 54.2, 46.5 + 53.9 and 68.2); the IEEE division, the
@@ -373,4 +383,5 @@ fn analog_epilogue_instruction_budget() {
         "mma.sync epilogue: {epilogue:.1}"
     );
     assert!(wgmma < 72.0, "wgmma: {wgmma:.1}");
+    assert!(wgmma_narrow < 72.0, "wgmma, 64 columns: {wgmma_narrow:.1}");
 }

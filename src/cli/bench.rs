@@ -471,7 +471,10 @@ mod gpu {
 
     use super::{utc_date, BenchArgs, GpuCase, Shape};
     use crate::backend::cuda::blas::Blas;
-    use crate::backend::cuda::gemm::{analog_wgmma_tile, GemmOutput, Precision, WgmmaTile};
+    use crate::backend::cuda::gemm::{
+        analog_wgmma_tile, analog_wgmma_tile_of, GemmOutput, Precision, WgmmaTile,
+        ANALOG_WGMMA_COLS,
+    };
     use crate::backend::cuda::grouped::{to_bf16_device, GpuGroupedMatrix, GroupedMatrix};
     use crate::backend::cuda::layer::{DigitalCombine, GpuMoeLayer};
     use crate::backend::cuda::periphery::GemmPeriphery;
@@ -704,28 +707,39 @@ mod gpu {
         // side accumulators; the mma.sync kernels (those of other GPUs) beside them.
         let hopper = dev.compute_capability() == (9, 0);
         let analog_wgmma = hopper && periphery.wgmma_ready();
-        for (case, precision, wgmma) in [
+        // The analog wgmma rows: the tile `AIMC_ANALOG_WGMMA_COLS` picks where it is set, else
+        // both tiles in this process.
+        let analog_cols: Vec<Option<usize>> =
+            if std::env::var_os("AIMC_ANALOG_WGMMA_COLS").is_some() {
+                vec![None]
+            } else {
+                ANALOG_WGMMA_COLS.map(Some).to_vec()
+            };
+        let mut runs = vec![
             (
-                "(b) digital grouped, mma.sync (bf16)",
+                "(b) digital grouped, mma.sync (bf16)".to_string(),
                 Precision::DigitalBf16,
                 false,
+                None,
             ),
             (
-                "(b') digital grouped, wgmma (bf16, sm_90a)",
+                "(b') digital grouped, wgmma (bf16, sm_90a)".to_string(),
                 Precision::DigitalBf16,
                 true,
+                None,
             ),
             (
-                "(c) analog grouped, mma.sync (fp16)",
+                "(c) analog grouped, mma.sync (fp16)".to_string(),
                 Precision::AnalogF16,
                 false,
+                None,
             ),
-            (
-                "(c) analog grouped, wgmma (fp16, sm_90a)",
-                Precision::AnalogF16,
-                true,
-            ),
-        ] {
+        ];
+        runs.extend(analog_cols.into_iter().map(|cols| {
+            let case = "(c) analog grouped, wgmma (fp16, sm_90a)".to_string();
+            (case, Precision::AnalogF16, true, cols)
+        }));
+        for (case, precision, wgmma, cols) in runs {
             let analog = precision != Precision::DigitalBf16;
             let wanted = if analog {
                 GpuCase::Analog
@@ -739,7 +753,10 @@ mod gpu {
                 Ok(match (wgmma, analog) {
                     (false, _) => None,
                     (true, false) => WgmmaTile::choose(n_cols, k)?,
-                    (true, true) => analog_wgmma_tile(k_block),
+                    (true, true) => match cols {
+                        Some(c) => analog_wgmma_tile_of(c, k_block),
+                        None => analog_wgmma_tile(k_block)?,
+                    },
                 })
             };
             let (tile_gu, tile_down) = (tile(2 * n, d, kb1)?, tile(d, n, kb2)?);

@@ -378,7 +378,7 @@ impl GpuGroupedMatrix {
             // wgmma kernel (variants without side accumulators, [`GemmVariant::wgmma_ready`])
             // is bit-identical to mma.sync but slower so far (OLMoE layer, Lightning set:
             // 23.8 against 20.7 ms, reports/bench/2026-11-24-analog-wgmma.md): it runs only
-            // with `AIMC_ANALOG_WGMMA=1`.
+            // with `AIMC_ANALOG_WGMMA=1`, on the tile `AIMC_ANALOG_WGMMA_COLS` picks.
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
             } else if precision == Precision::DigitalBf16 {
@@ -386,14 +386,14 @@ impl GpuGroupedMatrix {
             } else if !std::env::var("AIMC_ANALOG_WGMMA").is_ok_and(|v| v.trim() == "1") {
                 None
             } else {
-                analog_wgmma_tile(m.k_block)
+                analog_wgmma_tile(m.k_block)?
             },
         })
     }
 
     /// Run this matrix's GEMMs with the sm_90a wgmma kernels on `tile` (Hopper only; `None`:
     /// the mma.sync kernel). See [`WgmmaTile::choose`] for the default digital tile and
-    /// [`analog_wgmma_tile`] for the analog one (which has a single schedule).
+    /// [`analog_wgmma_tile`] for the analog one.
     pub fn use_wgmma(mut self, tile: Option<WgmmaTile>) -> Self {
         self.wgmma = tile;
         self

@@ -339,6 +339,26 @@ impl WgmmaTile {
         }
     }
 
+    /// The analog kernel's conditions as a clear error: one of [`analog_wgmma_tile_of`]'s
+    /// tiles for crossbars of `k_block` rows, dividing `n_cols`, whose stages and
+    /// previous-block sums fit in shared memory.
+    pub fn check_analog(self, n_cols: usize, k_block: usize) -> CudaResult<()> {
+        let known = ANALOG_WGMMA_COLS
+            .iter()
+            .any(|&c| analog_wgmma_tile_of(c, k_block) == Some(self));
+        let shared = self.shared_bytes(1) + analog_prev_bytes(self.cols);
+        if known && n_cols.is_multiple_of(self.cols) && shared <= MAX_SHARED_BYTES {
+            Ok(())
+        } else {
+            Err(CudaError::Unsupported(format!(
+                "analog wgmma GEMM tile {self:?} does not fit N = {n_cols} with {k_block}-row \
+                 crossbars (the tiles of {ANALOG_WGMMA_COLS:?} columns dividing N, crossbar \
+                 rows a multiple of {WGMMA_TILE_K}, {shared} B of shared memory, at most \
+                 {MAX_SHARED_BYTES})"
+            )))
+        }
+    }
+
     /// The `#define`s of `moe_gemm_wgmma` for output `mode` (0 store, 1 SwiGLU, 2 scatter-add,
     /// 3 SwiGLU to bf16), the scatter-add in column slabs of `slab_cols` (0: none; see
     /// [`scatter_slab_cols`]).
@@ -358,20 +378,51 @@ impl WgmmaTile {
     }
 }
 
-/// The analog wgmma GEMM's tile for crossbars of `k_block` rows, or `None` where it does not
-/// apply (`k_block` not a multiple of [`WGMMA_TILE_K`]). The kernel has one tile, 128 × 128
-/// (two 64-register accumulator sets per thread, the block's sums and the running total, and
-/// the previous block's sums in [`ANALOG_PREV_BYTES`] of shared memory), and as many stages as
-/// fit in 227 KiB beside those: 4 of 32 KiB (`pipe` 1).
-pub fn analog_wgmma_tile(k_block: usize) -> Option<WgmmaTile> {
+/// Output columns of the analog wgmma GEMM's tiles ([`analog_wgmma_tile_of`]).
+pub const ANALOG_WGMMA_COLS: [usize; 2] = [64, 128];
+
+/// The analog wgmma GEMM's tile of `cols` output columns for crossbars of `k_block` rows, or
+/// `None` where it does not apply (`k_block` not a multiple of [`WGMMA_TILE_K`], `cols` not one
+/// of [`ANALOG_WGMMA_COLS`]). Each thread keeps two accumulator sets of `cols / 2` registers
+/// (the block's sums and the running total) and the previous block's sums sit in
+/// [`analog_prev_bytes`] of shared memory:
+/// - 128 × 128, 4 stages of 32 KiB (`pipe` 1): one CTA per multiprocessor (200 registers,
+///   193 KiB of shared memory), 8 warps;
+/// - 128 × 64, 3 stages of 24 KiB: two CTAs per multiprocessor (128 registers, 105 KiB each),
+///   16 warps to hide the periphery's dependency chains, for twice the operand-row reads.
+pub fn analog_wgmma_tile_of(cols: usize, k_block: usize) -> Option<WgmmaTile> {
     if k_block == 0 || !k_block.is_multiple_of(WGMMA_TILE_K) {
         return None;
     }
-    Some(WgmmaTile::new(128, 4, 1))
+    match cols {
+        64 => Some(WgmmaTile::new(64, 3, 1)),
+        128 => Some(WgmmaTile::new(128, 4, 1)),
+        _ => None,
+    }
 }
 
-/// Shared memory of the analog wgmma GEMM's previous-block sums (128 × 128 f32).
-pub const ANALOG_PREV_BYTES: usize = TILE_ROWS * 128 * 4;
+/// The analog wgmma tile the host runs for crossbars of `k_block` rows:
+/// `AIMC_ANALOG_WGMMA_COLS` (64 or 128; anything else is an error) if set, else 128 columns.
+pub fn analog_wgmma_tile(k_block: usize) -> CudaResult<Option<WgmmaTile>> {
+    const VAR: &str = "AIMC_ANALOG_WGMMA_COLS";
+    let cols = match std::env::var(VAR) {
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(c) if ANALOG_WGMMA_COLS.contains(&c) => c,
+            _ => {
+                return Err(CudaError::Unsupported(format!(
+                    "{VAR}={text:?}: the analog wgmma tile has 64 or 128 columns"
+                )))
+            }
+        },
+        Err(_) => 128,
+    };
+    Ok(analog_wgmma_tile_of(cols, k_block))
+}
+
+/// Shared memory of the analog wgmma GEMM's previous-block sums (128 × `cols` f32).
+pub const fn analog_prev_bytes(cols: usize) -> usize {
+    TILE_ROWS * cols * 4
+}
 
 /// Output columns per slab of the wgmma scatter-add GEMM with `k` inputs per row and `top_k`
 /// experts per token (`slab_tile` in kernels/raster.cuh; 0: no slabs):
@@ -422,14 +473,28 @@ mod tests {
     fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
         // 4 stages of A (128 rows) + fp16 weights (128 rows) × 128 bytes, under the 227 KiB
         // limit with the previous block's 64 KiB of sums.
-        let tile = analog_wgmma_tile(512).unwrap();
+        let tile = analog_wgmma_tile_of(128, 512).unwrap();
         assert_eq!(tile, WgmmaTile::new(128, 4, 1));
         assert_eq!(tile.shared_bytes(64), 4 * 256 * 128 + 1024);
-        assert!(tile.shared_bytes(1) + ANALOG_PREV_BYTES <= MAX_SHARED_BYTES);
-        tile.check(1024).unwrap();
+        assert!(tile.shared_bytes(1) + analog_prev_bytes(128) <= MAX_SHARED_BYTES);
+        tile.check_analog(1024, 512).unwrap();
+        // The 64-column tile: two CTAs per multiprocessor (228 KiB) with 4 KiB of normal table
+        // and 1 KiB the driver reserves per CTA beside each.
+        let narrow = analog_wgmma_tile_of(64, 512).unwrap();
+        assert_eq!(narrow, WgmmaTile::new(64, 3, 1));
+        let per_cta = narrow.shared_bytes(1) + analog_prev_bytes(64);
+        assert_eq!(per_cta, 3 * 192 * 128 + 1024 + 128 * 64 * 4);
+        assert!(2 * (per_cta + 5 * 1024) <= 228 * 1024);
+        narrow.check_analog(1024, 512).unwrap();
+        assert!(narrow.check_analog(96, 512).is_err());
+        assert!(WgmmaTile::new(64, 4, 1).check_analog(1024, 512).is_err());
+        assert!(WgmmaTile::new(256, 4, 1).check_analog(1024, 512).is_err());
         // Crossbar blocks must be whole 64-row wgmma steps.
-        assert_eq!(analog_wgmma_tile(250), None);
-        assert_eq!(analog_wgmma_tile(0), None);
+        for cols in ANALOG_WGMMA_COLS {
+            assert_eq!(analog_wgmma_tile_of(cols, 250), None);
+            assert_eq!(analog_wgmma_tile_of(cols, 0), None);
+        }
+        assert_eq!(analog_wgmma_tile_of(256, 512), None);
         let v = |pcm_read, ir_drop, output| GemmVariant {
             pcm_read,
             ir_drop,

@@ -7,8 +7,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::allow_dynamic_shared;
 use super::tile::{
-    analog_wgmma_tile, scatter_slab_cols, WgmmaTile, ANALOG_PREV_BYTES, MAX_SHARED_BYTES,
-    TILE_ROWS, WGMMA_TILE_K,
+    analog_prev_bytes, scatter_slab_cols, WgmmaTile, MAX_SHARED_BYTES, TILE_ROWS, WGMMA_TILE_K,
 };
 use super::tma::weight_tensor_map;
 use super::variant::{analog_wgmma_defines, GemmVariant};
@@ -20,7 +19,7 @@ use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
 
 /// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/gemm_wgmma.cuh): 128 × `tile.cols` CTA tiles,
 /// two warpgroups issuing wgmma from 128B-swizzled shared memory; digital on any of the
-/// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`analog_wgmma_tile`]'s.
+/// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`super::analog_wgmma_tile_of`]'s.
 pub(crate) fn wgmma_gemm(
     dev: &CudaDevice,
     m: &GpuGroupedMatrix,
@@ -30,9 +29,8 @@ pub(crate) fn wgmma_gemm(
     params: &GemmParams,
 ) -> CudaResult<()> {
     let output = variant.output;
-    let analog_ok = analog_wgmma_tile(m.k_block) == Some(tile);
     if variant.analog != m.precision.analog()
-        || (variant.analog && !(analog_ok && variant.wgmma_ready()))
+        || (variant.analog && !variant.wgmma_ready())
         || dev.compute_capability() != (9, 0)
         || !m.k.is_multiple_of(WGMMA_TILE_K)
     {
@@ -48,7 +46,11 @@ pub(crate) fn wgmma_gemm(
             m.k,
         )));
     }
-    tile.check(m.n_cols)?;
+    if variant.analog {
+        tile.check_analog(m.n_cols, m.k_block)?;
+    } else {
+        tile.check(m.n_cols)?;
+    }
     let tile = tile.for_output(output.mode());
     let slab_cols = scatter_slab_cols(m.k, routing.top_k);
     let defines = if variant.analog {
@@ -62,8 +64,12 @@ pub(crate) fn wgmma_gemm(
         "moe_gemm_wgmma"
     };
     let f = dev.function(&MOE_CU, &defines, name)?;
-    let shared =
-        tile.shared_bytes(m.n_experts) + if variant.analog { ANALOG_PREV_BYTES } else { 0 };
+    let shared = tile.shared_bytes(m.n_experts)
+        + if variant.analog {
+            analog_prev_bytes(tile.cols)
+        } else {
+            0
+        };
     if shared > MAX_SHARED_BYTES {
         return Err(CudaError::Unsupported(format!(
             "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
