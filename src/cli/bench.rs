@@ -707,10 +707,10 @@ mod gpu {
         // side accumulators; the mma.sync kernels (those of other GPUs) beside them.
         let hopper = dev.compute_capability() == (9, 0);
         let analog_wgmma = hopper && periphery.wgmma_ready();
-        // The analog wgmma rows: the tile `AIMC_ANALOG_WGMMA_COLS` picks where it is set, else
+        // The analog wgmma rows: the tile `AIMC_ANALOG_WGMMA_TILE` gives where it is set, else
         // both tiles in this process.
         let analog_cols: Vec<Option<usize>> =
-            if std::env::var_os("AIMC_ANALOG_WGMMA_COLS").is_some() {
+            if std::env::var_os("AIMC_ANALOG_WGMMA_TILE").is_some() {
                 vec![None]
             } else {
                 ANALOG_WGMMA_COLS.map(Some).to_vec()

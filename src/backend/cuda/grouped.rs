@@ -378,7 +378,7 @@ impl GpuGroupedMatrix {
             // wgmma kernel (variants without side accumulators, [`GemmVariant::wgmma_ready`])
             // is bit-identical to mma.sync but slower so far (OLMoE layer, Lightning set:
             // 23.8 against 20.7 ms, reports/bench/2026-11-24-analog-wgmma.md): it runs only
-            // with `AIMC_ANALOG_WGMMA=1`, on the tile `AIMC_ANALOG_WGMMA_COLS` picks.
+            // with `AIMC_ANALOG_WGMMA=1` (`AIMC_ANALOG_WGMMA_TILE` picks the tile).
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
             } else if precision == Precision::DigitalBf16 {

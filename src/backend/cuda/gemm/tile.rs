@@ -339,22 +339,31 @@ impl WgmmaTile {
         }
     }
 
-    /// The analog kernel's conditions as a clear error: one of [`analog_wgmma_tile_of`]'s
-    /// tiles for crossbars of `k_block` rows, dividing `n_cols`, whose stages and
-    /// previous-block sums fit in shared memory.
+    /// The analog kernel's conditions as a clear error: 64 or 128 columns dividing `n_cols`,
+    /// `pipe` 0 or 1 with at least 2 + `pipe` stages, crossbars of `k_block` rows in whole
+    /// [`WGMMA_TILE_K`] steps, and the stages with the previous block's sums and the normal
+    /// table within the shared-memory limit.
     pub fn check_analog(self, n_cols: usize, k_block: usize) -> CudaResult<()> {
-        let known = ANALOG_WGMMA_COLS
-            .iter()
-            .any(|&c| analog_wgmma_tile_of(c, k_block) == Some(self));
-        let shared = self.shared_bytes(1) + analog_prev_bytes(self.cols);
-        if known && n_cols.is_multiple_of(self.cols) && shared <= MAX_SHARED_BYTES {
+        // The normal transform's table sits in static shared memory beside them.
+        let shared = self.shared_bytes(1)
+            + analog_prev_bytes(self.cols)
+            + crate::rng::normal::TABLE_LEN * std::mem::size_of::<[f32; 2]>();
+        let ok = ANALOG_WGMMA_COLS.contains(&self.cols)
+            && n_cols.is_multiple_of(self.cols)
+            && self.pipe <= 1
+            && self.scatter_pipe == self.pipe
+            && self.stages >= 2 + self.pipe
+            && k_block > 0
+            && k_block.is_multiple_of(WGMMA_TILE_K)
+            && shared <= MAX_SHARED_BYTES;
+        if ok {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
                 "analog wgmma GEMM tile {self:?} does not fit N = {n_cols} with {k_block}-row \
-                 crossbars (the tiles of {ANALOG_WGMMA_COLS:?} columns dividing N, crossbar \
-                 rows a multiple of {WGMMA_TILE_K}, {shared} B of shared memory, at most \
-                 {MAX_SHARED_BYTES})"
+                 crossbars ({ANALOG_WGMMA_COLS:?} columns dividing N, pipe 0 or 1 with at least \
+                 2 + pipe stages, crossbar rows a multiple of {WGMMA_TILE_K}, {shared} B of \
+                 shared memory, at most {MAX_SHARED_BYTES})"
             )))
         }
     }
@@ -402,21 +411,19 @@ pub fn analog_wgmma_tile_of(cols: usize, k_block: usize) -> Option<WgmmaTile> {
 }
 
 /// The analog wgmma tile the host runs for crossbars of `k_block` rows:
-/// `AIMC_ANALOG_WGMMA_COLS` (64 or 128; anything else is an error) if set, else 128 columns.
+/// `AIMC_ANALOG_WGMMA_TILE=cols,stages,pipe` if set (a tuning knob for `aimc bench`, checked by
+/// [`WgmmaTile::check_analog`] at launch; malformed is an error), else
+/// [`analog_wgmma_tile_of`]`(128, k_block)`.
 pub fn analog_wgmma_tile(k_block: usize) -> CudaResult<Option<WgmmaTile>> {
-    const VAR: &str = "AIMC_ANALOG_WGMMA_COLS";
-    let cols = match std::env::var(VAR) {
-        Ok(text) => match text.trim().parse::<usize>() {
-            Ok(c) if ANALOG_WGMMA_COLS.contains(&c) => c,
-            _ => {
-                return Err(CudaError::Unsupported(format!(
-                    "{VAR}={text:?}: the analog wgmma tile has 64 or 128 columns"
-                )))
-            }
-        },
-        Err(_) => 128,
-    };
-    Ok(analog_wgmma_tile_of(cols, k_block))
+    const VAR: &str = "AIMC_ANALOG_WGMMA_TILE";
+    let default = analog_wgmma_tile_of(128, k_block);
+    match std::env::var(VAR) {
+        Ok(text) => {
+            let [cols, stages, pipe] = tile_fields(VAR, &text, "cols,stages,pipe")?;
+            Ok(default.map(|_| WgmmaTile::new(cols, stages, pipe)))
+        }
+        Err(_) => Ok(default),
+    }
 }
 
 /// Shared memory of the analog wgmma GEMM's previous-block sums (128 × `cols` f32).
@@ -487,7 +494,11 @@ mod tests {
         assert!(2 * (per_cta + 5 * 1024) <= 228 * 1024);
         narrow.check_analog(1024, 512).unwrap();
         assert!(narrow.check_analog(96, 512).is_err());
-        assert!(WgmmaTile::new(64, 4, 1).check_analog(1024, 512).is_err());
+        WgmmaTile::new(64, 3, 0).check_analog(1024, 512).unwrap();
+        assert!(WgmmaTile::new(64, 2, 1).check_analog(1024, 512).is_err());
+        assert!(WgmmaTile::new(64, 3, 2).check_analog(1024, 512).is_err());
+        assert!(WgmmaTile::new(128, 5, 1).check_analog(1024, 512).is_err());
+        assert!(narrow.check_analog(1024, 250).is_err());
         assert!(WgmmaTile::new(256, 4, 1).check_analog(1024, 512).is_err());
         // Crossbar blocks must be whole 64-row wgmma steps.
         for cols in ANALOG_WGMMA_COLS {
