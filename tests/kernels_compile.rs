@@ -365,23 +365,24 @@ fn analog_epilogue_instruction_budget() {
     let wgmma_narrow = wgmma(64);
     let wgmma = wgmma(128);
     let _ = std::fs::remove_dir_all(&dir);
-    // The budget: ptxas 13.5 gives 33.8 + 52.9 at 64 columns per stage, 47.0 + 52.6 at 32 and
-    // 66.0 for wgmma (ptxas 13.0: 33.5 + 54.2, 46.5 + 53.9 and 68.2); the IEEE division, the
-    // clamped table index and the in-kernel key schedule had 47.5 + 65.3 and 82.4.
+    // The budget: ptxas 13.5 gives 30.2 + 48.0 at 64 columns per stage, 45.0 + 48.1 at 32,
+    // 62.0 for the 128-column wgmma tile and 67.6 for the 64-column one (ptxas 13.0: 30.0 +
+    // 49.1, 44.5 + 49.1, 63.2 and 68.5). Before the straight-line rows and the single ADC clamp
+    // they were 33.8 + 52.9, 47.0 + 52.6 and 66.0; before the epilogue diet 47.5 + 65.3 and 82.4.
     assert!(
-        short_loop + short_epilogue < 105.0,
+        short_loop + short_epilogue < 98.0,
         "mma.sync, 32 columns per stage: {:.1}",
         short_loop + short_epilogue
     );
     assert!(
-        k_loop + epilogue < 92.0,
+        k_loop + epilogue < 84.0,
         "mma.sync, 64 columns per stage: {:.1}",
         k_loop + epilogue
     );
     assert!(
-        epilogue.max(short_epilogue) < 58.0,
+        epilogue.max(short_epilogue) < 53.0,
         "mma.sync epilogue: {epilogue:.1}"
     );
-    assert!(wgmma < 72.0, "wgmma: {wgmma:.1}");
+    assert!(wgmma < 66.0, "wgmma: {wgmma:.1}");
     assert!(wgmma_narrow < 72.0, "wgmma, 64 columns: {wgmma_narrow:.1}");
 }

@@ -376,9 +376,11 @@ impl GpuGroupedMatrix {
             // kernel on the OLMoE layer, bit-identical outputs
             // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. The analog
             // wgmma kernel (variants without side accumulators, [`GemmVariant::wgmma_ready`])
-            // is bit-identical to mma.sync but slower so far (OLMoE layer, Lightning set:
-            // 23.8 against 20.7 ms, reports/bench/2026-11-24-analog-wgmma.md): it runs only
-            // with `AIMC_ANALOG_WGMMA=1` (`AIMC_ANALOG_WGMMA_TILE` picks the tile).
+            // matches mma.sync to the layer parity bound and is now the faster one on its
+            // 64-column tile (OLMoE layer, Lightning set: 10.08 against 11.14 ms,
+            // reports/bench/2026-12-07-analog-wgmma-64.md), but the whole-model and
+            // fine-tuning GPU tests have not yet run with it, so it runs only with
+            // `AIMC_ANALOG_WGMMA=1` (`AIMC_ANALOG_WGMMA_TILE` picks the tile).
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
             } else if precision == Precision::DigitalBf16 {

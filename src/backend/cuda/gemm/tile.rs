@@ -413,10 +413,12 @@ pub fn analog_wgmma_tile_of(cols: usize, k_block: usize) -> Option<WgmmaTile> {
 /// The analog wgmma tile the host runs for crossbars of `k_block` rows:
 /// `AIMC_ANALOG_WGMMA_TILE=cols,stages,pipe` if set (a tuning knob for `aimc bench`, checked by
 /// [`WgmmaTile::check_analog`] at launch; malformed is an error), else
-/// [`analog_wgmma_tile_of`]`(128, k_block)`.
+/// [`analog_wgmma_tile_of`]`(64, k_block)`: on an H100 the 64-column tile's 16 warps per
+/// multiprocessor issue 0.61 instructions per scheduler and cycle against the 128-column
+/// tile's 0.40, and the layers run 10 to 13 % faster (reports/bench/2026-12-07-analog-wgmma-64.md).
 pub fn analog_wgmma_tile(k_block: usize) -> CudaResult<Option<WgmmaTile>> {
     const VAR: &str = "AIMC_ANALOG_WGMMA_TILE";
-    let default = analog_wgmma_tile_of(128, k_block);
+    let default = analog_wgmma_tile_of(64, k_block);
     match std::env::var(VAR) {
         Ok(text) => {
             let [cols, stages, pipe] = tile_fields(VAR, &text, "cols,stages,pipe")?;
