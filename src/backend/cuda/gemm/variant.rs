@@ -6,7 +6,9 @@
 //!
 //! The macros are documented in `kernels/moe_config.cuh`; each field here names the one it sets.
 
-use super::tile::{analog_wgmma_tile_of, GemmTile, WgmmaTile, TILE_ROWS, WGMMA_TILE_K};
+use super::tile::{
+    analog_wgmma_tile_of, GemmTile, WgmmaTile, ANALOG_WGMMA_COLS, TILE_ROWS, WGMMA_TILE_K,
+};
 
 /// Operand precision of a grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,40 +289,14 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         512,
         0,
     ));
-    v.extend(a.into_iter().map(|(var, k_block, slab)| {
-        let tile = analog_wgmma_tile_of(128, k_block).expect("analog wgmma tile");
-        analog_wgmma_defines(&var, tile, k_block, slab)
+    // Each on both tiles: 128 columns (one CTA per multiprocessor) and 64 (two, at 128
+    // registers).
+    v.extend(a.into_iter().flat_map(|(var, k_block, slab)| {
+        ANALOG_WGMMA_COLS.map(|cols| {
+            let tile = analog_wgmma_tile_of(cols, k_block).expect("analog wgmma tile");
+            analog_wgmma_defines(&var, tile, k_block, slab)
+        })
     }));
-    // The 64-column tile (two CTAs per multiprocessor, 128 registers): every output mode, and
-    // the variant with the most live state (bound management and ADDITIVE noise).
-    let narrow = |var: GemmVariant, k_block: usize| {
-        let tile = analog_wgmma_tile_of(64, k_block).expect("analog wgmma tile");
-        analog_wgmma_defines(&var, tile, k_block, 0)
-    };
-    for output in [
-        GemmOutput::SwiGlu,
-        GemmOutput::Store,
-        GemmOutput::ScatterAdd,
-        GemmOutput::ClipCount,
-    ] {
-        v.push(narrow(GemmVariant { output, ..analog }, 512));
-    }
-    v.push(narrow(
-        GemmVariant {
-            output: GemmOutput::Store,
-            bound_management: true,
-            additive: true,
-            ..analog
-        },
-        1024,
-    ));
-    v.push(narrow(
-        GemmVariant {
-            noise_quads: false,
-            ..analog
-        },
-        256,
-    ));
     v
 }
 
