@@ -285,6 +285,19 @@ impl WgmmaTile {
         Ok(Self::new(cols, stages, pipe))
     }
 
+    /// The tile in the `AIMC_WGMMA_TILE` format (`cols,stages,pipe`), with the scatter-add's
+    /// pipelining where it differs and the CTA count where it is fixed.
+    pub fn describe(self) -> String {
+        let mut s = format!("{},{},{}", self.cols, self.stages, self.pipe);
+        if self.scatter_pipe != self.pipe {
+            s += &format!(" (scatter-add pipe {})", self.scatter_pipe);
+        }
+        if self.ctas != 0 {
+            s += &format!(" ({} CTAs)", self.ctas);
+        }
+        s
+    }
+
     /// Threads per CTA: 256, or 384 for the warp-specialised kernels.
     pub fn threads(self) -> u32 {
         if self.pipe >= 2 {
@@ -331,9 +344,10 @@ impl WgmmaTile {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
-                "wgmma GEMM tile {self:?} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
+                "wgmma GEMM tile {} does not fit N = {n_cols} (cols 128 or 256 dividing N, \
                  pipe 0 to 3, stages ≥ 2 + pipe (≥ 3 for pipes 2 and 3), {} B of shared memory, \
                  at most {MAX_SHARED_BYTES})",
+                self.describe(),
                 self.shared_bytes(1)
             )))
         }
@@ -360,10 +374,11 @@ impl WgmmaTile {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
-                "analog wgmma GEMM tile {self:?} does not fit N = {n_cols} with {k_block}-row \
+                "analog wgmma GEMM tile {} does not fit N = {n_cols} with {k_block}-row \
                  crossbars ({ANALOG_WGMMA_COLS:?} columns dividing N, pipe 0 or 1 with at least \
                  2 + pipe stages, crossbar rows a multiple of {WGMMA_TILE_K}, {shared} B of \
-                 shared memory, at most {MAX_SHARED_BYTES})"
+                 shared memory, at most {MAX_SHARED_BYTES})",
+                self.describe()
             )))
         }
     }
@@ -502,6 +517,14 @@ mod tests {
         assert!(WgmmaTile::new(128, 5, 1).check_analog(1024, 512).is_err());
         assert!(narrow.check_analog(1024, 250).is_err());
         assert!(WgmmaTile::new(256, 4, 1).check_analog(1024, 512).is_err());
+        let err = WgmmaTile::new(64, 2, 1)
+            .check_analog(1024, 512)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("analog wgmma GEMM tile 64,2,1 does not fit"),
+            "{err}"
+        );
         // Crossbar blocks must be whole 64-row wgmma steps.
         for cols in ANALOG_WGMMA_COLS {
             assert_eq!(analog_wgmma_tile_of(cols, 250), None);

@@ -72,8 +72,9 @@ pub(crate) fn wgmma_gemm(
         };
     if shared > MAX_SHARED_BYTES {
         return Err(CudaError::Unsupported(format!(
-            "wgmma GEMM tile {tile:?} with {} experts needs {shared} B of shared memory, at most \
+            "wgmma GEMM tile {} with {} experts needs {shared} B of shared memory, at most \
              {MAX_SHARED_BYTES}",
+            tile.describe(),
             m.n_experts
         )));
     }
