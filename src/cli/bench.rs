@@ -717,27 +717,31 @@ mod gpu {
             };
         let mut runs = vec![
             (
-                "(b) digital grouped, mma.sync (bf16)".to_string(),
+                "(b) digital grouped, mma.sync (bf16)",
                 Precision::DigitalBf16,
                 false,
                 None,
             ),
             (
-                "(b') digital grouped, wgmma (bf16, sm_90a)".to_string(),
+                "(b') digital grouped, wgmma (bf16, sm_90a)",
                 Precision::DigitalBf16,
                 true,
                 None,
             ),
             (
-                "(c) analog grouped, mma.sync (fp16)".to_string(),
+                "(c) analog grouped, mma.sync (fp16)",
                 Precision::AnalogF16,
                 false,
                 None,
             ),
         ];
         runs.extend(analog_cols.into_iter().map(|cols| {
-            let case = "(c) analog grouped, wgmma (fp16, sm_90a)".to_string();
-            (case, Precision::AnalogF16, true, cols)
+            (
+                "(c) analog grouped, wgmma (fp16, sm_90a)",
+                Precision::AnalogF16,
+                true,
+                cols,
+            )
         }));
         for (case, precision, wgmma, cols) in runs {
             let analog = precision != Precision::DigitalBf16;
