@@ -9,7 +9,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #if MOE_NORMALS
     stage_normal_table();
 #endif
-#if MOE_ANALOG && MOE_IR_DROP
+#if MOE_ANALOG && MOE_IR_DROP && MOE_IR_TABLE
     stage_ir_table(p.k_block);
 #endif
     u32 e, m_tile, n_tile;

@@ -7,6 +7,8 @@
 //   MOE_ANALOG   1: analog epilogue per crossbar block along K; 0: digital baseline
 //   MOE_PCM_READ 1: PCM_READ short-term weight noise (second accumulator Σ|W|x̃²)
 //   MOE_IR_DROP  1: AIHWKIT static IR drop (accumulators Σ|W||x̃| and Σ W x̃ f(j))
+//   MOE_IR_TABLE 1: the IR-drop row factors f(j) from a shared-memory table (crossbars of at
+//                   most 4,096 rows), 0: computed in the K loop
 //   MOE_ADDITIVE 1: ADDITIVE short-term weight noise (σ² = std²·‖x̃‖² per row and crossbar block)
 //   MOE_OUT_NOISE, MOE_ADC: output noise, ADC
 //   MOE_ADC_BOUND_LEVEL 1: the ADC's bound is one of its levels: one clamp, of its input
@@ -45,6 +47,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_IR_DROP
 #define MOE_IR_DROP 0
+#endif
+#ifndef MOE_IR_TABLE
+#define MOE_IR_TABLE 0
 #endif
 #ifndef MOE_ADDITIVE
 #define MOE_ADDITIVE 0

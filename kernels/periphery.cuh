@@ -12,23 +12,31 @@ __device__ __forceinline__ float ir_row_factor(u32 j, float n) {
 
 #if MOE_ANALOG && MOE_IR_DROP
 // The weighting of crossbar rows (j, j + 1), j even, as the f16 pair the K loop multiplies the
-// DAC codes with, tabulated in shared memory once per CTA: computed in the loop it cost four
-// IEEE divisions per thread and k16 step beside the MMAs. Crossbars of more than
-// 2·IR_TABLE_PAIRS rows compute it in the loop.
-#define IR_TABLE_PAIRS 2048
-__shared__ u32 ir_pair_smem[IR_TABLE_PAIRS];
+// DAC codes with.
 __device__ __forceinline__ u32 ir_pair_of(u32 j, float n) {
     return pack_f16x2(ir_row_factor(j, n), ir_row_factor(j + 1, n));
 }
-// Every GEMM kernel with MOE_IR_DROP calls this first, with all its threads.
+#if MOE_IR_TABLE
+// Crossbars of at most 2·IR_TABLE_PAIRS rows (the host's gemm::IR_TABLE_ROWS): the pairs are
+// tabulated in shared memory once per CTA. Computed in the loop they cost four IEEE divisions
+// per thread and k16 step beside the MMAs, and with both paths in one kernel the division path
+// stayed in the K loop (ptxas: 200 lane instructions per output and crossbar block for the
+// standard-hwa loop, 106 without it).
+#define IR_TABLE_PAIRS 2048
+__shared__ u32 ir_pair_smem[IR_TABLE_PAIRS];
+// Every GEMM kernel with MOE_IR_TABLE calls this first, with all its threads.
 __device__ __forceinline__ void stage_ir_table(u32 k_block) {
     const float n = (float)k_block;
-    for (u32 i = threadIdx.x; i < k_block / 2 && i < IR_TABLE_PAIRS; i += blockDim.x) ir_pair_smem[i] = ir_pair_of(2 * i, n);
+    for (u32 i = threadIdx.x; i < k_block / 2; i += blockDim.x) ir_pair_smem[i] = ir_pair_of(2 * i, n);
     __syncthreads();
 }
 __device__ __forceinline__ u32 ir_pair(u32 j, u32 k_block) {
-    return k_block <= 2 * IR_TABLE_PAIRS ? ir_pair_smem[j >> 1] : ir_pair_of(j, (float)k_block);
+    (void)k_block;
+    return ir_pair_smem[j >> 1];
 }
+#else
+__device__ __forceinline__ u32 ir_pair(u32 j, u32 k_block) { return ir_pair_of(j, (float)k_block); }
+#endif
 #endif
 
 #if MOE_ANALOG && (MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE)

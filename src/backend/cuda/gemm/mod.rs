@@ -171,6 +171,7 @@ pub fn grouped_gemm<T: GemmOutElem>(
         analog: p.is_some(),
         pcm_read: p.is_some_and(|p| p.pcm_read_std.is_some()),
         ir_drop: p.is_some_and(|p| p.ir_drop.is_some()),
+        ir_table: m.k_block <= IR_TABLE_ROWS,
         additive,
         bound_management: bm,
         out_noise: p.is_some_and(|p| p.out_noise > 0.0),

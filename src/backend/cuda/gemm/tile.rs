@@ -482,6 +482,7 @@ mod tests {
             analog,
             pcm_read,
             ir_drop: false,
+            ir_table: true,
             additive: false,
             bound_management: false,
             out_noise: analog,

@@ -91,6 +91,10 @@ impl GemmOutElem for u16 {
     const BF16: bool = true;
 }
 
+/// Crossbar rows up to which the IR-drop row factors come from the kernel's shared-memory
+/// table (`IR_TABLE_PAIRS` pairs in `kernels/periphery.cuh`).
+pub const IR_TABLE_ROWS: usize = 4096;
+
 /// Compile-time configuration of one `moe_gemm` instantiation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmVariant {
@@ -100,6 +104,10 @@ pub struct GemmVariant {
     pub pcm_read: bool,
     /// IR-drop correction.
     pub ir_drop: bool,
+    /// With `ir_drop`: the crossbars have at most [`IR_TABLE_ROWS`] rows, so the kernel reads
+    /// the row factors from the table it fills in shared memory (`MOE_IR_TABLE`), else it
+    /// computes them in its K loop.
+    pub ir_table: bool,
     /// ADDITIVE weight noise (‖x̃‖² per row from the prologue).
     pub additive: bool,
     /// Iterative bound management (saturated rows flagged in store mode, redone by
@@ -131,6 +139,7 @@ impl GemmVariant {
             analog: true,
             pcm_read: false,
             ir_drop: false,
+            ir_table: true,
             additive: false,
             bound_management: false,
             out_noise: true,
@@ -156,7 +165,7 @@ impl GemmVariant {
 }
 
 /// The `#define`s of one `moe_gemm` instantiation, in a fixed order.
-pub type GemmDefines = [(&'static str, i64); 18];
+pub type GemmDefines = [(&'static str, i64); 19];
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
 pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
@@ -166,6 +175,7 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
         ("MOE_ANALOG", flag(v.analog)),
         ("MOE_PCM_READ", flag(v.analog && v.pcm_read)),
         ("MOE_IR_DROP", flag(v.analog && v.ir_drop)),
+        ("MOE_IR_TABLE", flag(v.analog && v.ir_drop && v.ir_table)),
         ("MOE_ADDITIVE", flag(v.analog && v.additive && !v.pcm_read)),
         ("MOE_BM", flag(v.analog && v.bound_management && v.adc)),
         ("MOE_OUT_NOISE", flag(v.analog && v.out_noise)),
@@ -314,6 +324,7 @@ pub fn moe_gemm_variants() -> Vec<GemmDefines> {
         analog,
         pcm_read: on,
         ir_drop: on,
+        ir_table: true,
         additive: false,
         bound_management: false,
         out_noise: on,
@@ -339,6 +350,11 @@ pub fn moe_gemm_variants() -> Vec<GemmDefines> {
     v.push(GemmVariant {
         ir_drop: true,
         ..base
+    });
+    // Crossbars beyond the IR table: the row factors computed in the K loop.
+    v.push(GemmVariant {
+        ir_table: false,
+        ..all(true, true, GemmOutput::SwiGlu)
     });
     v.push(GemmVariant {
         out_noise: true,
