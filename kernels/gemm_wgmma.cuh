@@ -368,7 +368,7 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // table normal, the ADC's residual steps): the 128-column tile leaves 8 warps per SM (200
 // registers, 208 KiB of shared memory) where moe_gemm has 16, hence the 64-column tile, and
 // the two rows of a fragment pair run interleaved (wg_block_part). Speed records:
-// reports/bench/ (2026-11-24-analog-wgmma.md, 2026-12-08-analog-wgmma-ilp.md).
+// reports/bench/ (2026-11-24-analog-wgmma.md, 2026-12-07-analog-wgmma-64.md).
 #if MOE_PCM_READ || MOE_IR_DROP || MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 1
 #error "the analog wgmma GEMM: no side accumulators, output modes 0-2, WG_BN 64 or 128, WG_PIPE 0 or 1"
 #endif

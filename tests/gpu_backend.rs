@@ -989,21 +989,29 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         bound_managed_presets().pop().unwrap(), // ADDITIVE + iterative
     ];
     // Both tiles: 128 columns (one CTA per multiprocessor) and 64 (two; the gate/up blocks'
-    // 4 fragment pairs over 8 steps, the down block's over 4).
-    for (preset, cols) in presets
-        .iter()
-        .flat_map(|p| ANALOG_WGMMA_COLS.map(|c| (p, c)))
-    {
+    // 4 fragment pairs over 8 steps, the down block's over 4), each with its default pipe, and
+    // the 64-column tile with the other pipe too (1: a wgmma group in flight across steps).
+    let tiles = |k_block: usize| {
+        let mut t: Vec<_> = ANALOG_WGMMA_COLS
+            .iter()
+            .filter_map(|&c| analog_wgmma_tile_of(c, k_block))
+            .collect();
+        t.push(WgmmaTile::new(64, 3, 1));
+        t
+    };
+    assert_eq!(tiles(512).len(), 3);
+    for (preset, ti) in presets.iter().flat_map(|p| (0..3).map(move |i| (p, i))) {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
         {
             let precision = Precision::AnalogF16;
-            let what = format!("{}, {cols} columns", preset.name);
+            let (tile_gu, tile_down) = (tiles(gate_up.k_block)[ti], tiles(down.k_block)[ti]);
+            let what = format!("{}, tile {}", preset.name, tile_gu.describe());
             let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
             let wg = GpuMoeLayer {
-                gate_up: upload(&gate_up).use_wgmma(analog_wgmma_tile_of(cols, gate_up.k_block)),
-                down: upload(&down).use_wgmma(analog_wgmma_tile_of(cols, down.k_block)),
+                gate_up: upload(&gate_up).use_wgmma(Some(tile_gu)),
+                down: upload(&down).use_wgmma(Some(tile_down)),
                 periphery: Some(periphery),
                 seed: 21,
             };

@@ -307,15 +307,15 @@ fn analog_epilogue_instruction_budget() {
     let lightning = GemmVariant::lightning(GemmOutput::SwiGlu);
     let dir = scratch_dir();
     let cubin = dir.join("k.cubin");
-    let build = |defines: &[(&str, i64)], function: &str| {
+    let build = |defines: &[(&str, i64)], function: &str, label: &str| {
         let ptx = compile(&MOE_CU, defines, (9, 0)).unwrap();
         assemble(&ptxas, &ptx.to_src(), (9, 0), function);
         let ins = sass(&cuobjdump, &cubin, function);
-        // AIMC_SASS_DIR=dir keeps the listing for reading (dir/<function>.sass).
+        // AIMC_SASS_DIR=dir keeps the listing for reading (dir/<function>-<label>.sass).
         if let Some(out) = std::env::var_os("AIMC_SASS_DIR") {
             let text: String = ins.iter().map(|(a, t)| format!("{a:06x} {t}\n")).collect();
             std::fs::write(
-                std::path::Path::new(&out).join(format!("{function}.sass")),
+                std::path::Path::new(&out).join(format!("{function}-{label}.sass")),
                 text,
             )
             .unwrap();
@@ -325,7 +325,11 @@ fn analog_epilogue_instruction_budget() {
     // mma.sync, on the tile 512-row crossbars get (64 columns of K per stage, 8 stages per
     // block) and on the 32-column one that other crossbars get.
     let mma = |tile: GemmTile| {
-        let ins = build(&gemm_defines(&lightning, tile), "moe_gemm");
+        let ins = build(
+            &gemm_defines(&lightning, tile),
+            "moe_gemm",
+            &format!("k{}", tile.k_step),
+        );
         let (k_loop, epilogue) = mma_counts(&ins, 512 / tile.k_step);
         println!(
             "mma.sync, {} columns of K per stage: K loop {k_loop:.1} + epilogue {epilogue:.1} = {:.1} lane instructions per output and crossbar block",
@@ -344,13 +348,20 @@ fn analog_epilogue_instruction_budget() {
         let ins = build(
             &analog_wgmma_defines(&lightning, tile, 512, 0),
             "moe_analog_wgmma",
+            &tile.describe(),
         );
-        let wait = ins
-            .iter()
-            .position(|(_, t)| t.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1"))
-            .unwrap();
-        let (back, head) = (wait..wait + 4)
-            .find_map(|i| branch_target(&ins[i].1).map(|to| (i, to)))
+        // The step's wait (wait_group `pipe`) is the first one followed by the loop's back
+        // edge.
+        let wait = format!("WARPGROUP.DEPBAR.LE gsb0, 0x{}", tile.pipe);
+        let (back, head) = (0..ins.len())
+            .filter(|&i| ins[i].1.starts_with(&wait))
+            .find_map(|w| {
+                (w..(w + 4).min(ins.len())).find_map(|i| {
+                    branch_target(&ins[i].1)
+                        .filter(|&to| to < ins[w].0)
+                        .map(|to| (i, to))
+                })
+            })
             .unwrap();
         let head = ins.iter().position(|(a, _)| *a == head).unwrap();
         // The 128-column tile's step takes one fragment pair (8 outputs per thread); the

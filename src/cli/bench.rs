@@ -703,8 +703,8 @@ mod gpu {
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
         // On Hopper the digital layer runs the wgmma kernel (sm_90a) and the analog wgmma
-        // kernel (opt-in elsewhere: `AIMC_ANALOG_WGMMA=1`) is timed where the periphery has no
-        // side accumulators; the mma.sync kernels (those of other GPUs) beside them.
+        // kernel (the default there) is timed where the periphery has no side accumulators;
+        // the mma.sync kernels (those of other GPUs) beside them.
         let hopper = dev.compute_capability() == (9, 0);
         let analog_wgmma = hopper && periphery.wgmma_ready();
         // The analog wgmma rows: the tile `AIMC_ANALOG_WGMMA_TILE` gives where it is set, else

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::gemm::tile::{analog_wgmma_tile, WgmmaTile, TILE_COLS, TILE_K, WGMMA_TILE_K};
+use super::gemm::tile::{
+    analog_wgmma_off, analog_wgmma_tile, WgmmaTile, TILE_COLS, TILE_K, WGMMA_TILE_K,
+};
 use super::gemm::variant::Precision;
 use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::{linear_launch, CudaDevice, CudaError, CudaResult};
@@ -372,20 +374,19 @@ impl GpuGroupedMatrix {
             block_view: None,
             n_xbar: m.n_xbar,
             noise_quads: m.noise_quads(),
-            // On Hopper the digital wgmma kernel runs where its tile fits: 1.6× the mma.sync
-            // kernel on the OLMoE layer, bit-identical outputs
-            // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. The analog
-            // wgmma kernel (variants without side accumulators, [`GemmVariant::wgmma_ready`])
-            // matches mma.sync to the layer parity bound and is now the faster one on its
-            // 64-column tile (OLMoE layer, Lightning set: 10.08 against 11.14 ms,
-            // reports/bench/2026-12-07-analog-wgmma-64.md), but the whole-model and
-            // fine-tuning GPU tests have not yet run with it, so it runs only with
-            // `AIMC_ANALOG_WGMMA=1` (`AIMC_ANALOG_WGMMA_TILE` picks the tile).
+            // On Hopper the wgmma kernels run where their tile fits. Digital: 1.6× the
+            // mma.sync kernel on the OLMoE layer, bit-identical outputs
+            // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. Analog
+            // (variants without side accumulators, [`GemmVariant::wgmma_ready`]; the others
+            // fall back to mma.sync at launch): on its 64-column tile 10 to 13 % faster than
+            // mma.sync at the Lightning set, within the layer parity bound of it
+            // (reports/bench/2026-12-07-analog-wgmma-64.md); `AIMC_ANALOG_WGMMA_TILE` picks
+            // the tile and `AIMC_ANALOG_WGMMA=0` runs mma.sync instead.
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
             } else if precision == Precision::DigitalBf16 {
                 WgmmaTile::choose(m.n_cols, m.k)?
-            } else if !std::env::var("AIMC_ANALOG_WGMMA").is_ok_and(|v| v.trim() == "1") {
+            } else if analog_wgmma_off()? {
                 None
             } else {
                 analog_wgmma_tile(m.k_block)?
