@@ -142,17 +142,24 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
 }
 
 // The 4 wgmma (one per k16) of one BK = 64 stage for the warpgroup whose 64 A rows start at
-// s_a, weights at s_b.
+// s_a, weights at s_b (both 1024-byte aligned). The descriptors are wg_desc's, built once per
+// stage and advanced by 32 bytes (2 in the address field) per k16: a shared address is below
+// 2^18, so wg_desc's mask is a no-op and its OR with the leading-byte-offset field an add.
+// (wg_desc per k16 cost ~10 instructions per wgmma, uniform and vector, in a loop bound by
+// the instructions it issues.)
 __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
+    constexpr u64 HI = ((u64)(1024 >> 4) << 32) | (1ull << 62);
+    const u32 a_lo = (s_a >> 4) + (16u >> 4 << 16), b_lo = (s_b >> 4) + (16u >> 4 << 16);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
+        const u64 da = HI | (a_lo + 2 * kk), db = HI | (b_lo + 2 * kk);
 #if WG_BN == 64
-        wgmma_m64n64k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+        wgmma_m64n64k16(d, da, db);
 #elif WG_BN == 128
-        wgmma_m64n128k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+        wgmma_m64n128k16(d, da, db);
 #else
-        wgmma_m64n256k16(d, wg_desc(s_a + kk * 32), wg_desc(s_b + kk * 32));
+        wgmma_m64n256k16(d, da, db);
 #endif
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -214,41 +221,77 @@ __device__ __forceinline__ bool wg_cta(const GemmParams& p, unsigned char* smem,
     c.n0 = n_tile * WG_BN;
     c.t = threadIdx.x;
     c.lane = c.t & 31;
-    c.wg = c.t >> 7;
+    // Broadcast from lane 0: ptxas then knows the warpgroup index to be warp-uniform and keeps
+    // the A descriptors that depend on it in uniform registers (no R2UR per wgmma).
+    c.wg = __shfl_sync(~0u, c.t >> 7, 0);
     c.warp_in_wg = (c.t >> 5) & 3;
     return true;
 }
 
 // The cp.async stage ring of the one-CTA-per-tile kernels: all WG_THREADS threads load,
-// WG_AHEAD K steps ahead of the step being multiplied.
+// WG_AHEAD K steps ahead of the step being multiplied. The slots rotate as counters and each
+// thread's shared destination with them; a copy's source is one 64-bit multiply-add of its row
+// and the step's K offset. (Recomputed from scratch per step, slot by step % WG_STAGES and
+// destination by the swizzle, the loads were a third of the analog step loop's instructions
+// outside its periphery. 64-bit source pointers kept per chunk would save a few more, but
+// spill the analog kernel with per-column-pair normals at its 128-register bound.)
 struct WgStages {
-    WgLoader<WG_THREADS> loader;
-    u32 base, n_steps;  // shared address of slot 0; K steps of WG_BK
+    static constexpr u32 STEP = WG_THREADS / 8, A_CH = WG_BM / STEP, B_CH = WG_BN / STEP;
+    u32 a_row[A_CH];         // operand row of A chunk i (~0u: past the expert's rows, zero-filled)
+    const u16* w_src;        // this thread's first weight chunk at K = 0; chunk i is STEP·i rows below
+    u32 load_dst;            // shared address of this thread's first chunk in the slot the next load fills
+    u32 base, n_steps;       // shared address of slot 0; K steps of WG_BK
+    u32 load_slot, read_slot;  // byte offsets of the slots the next load fills and the next step reads
     __device__ __forceinline__ WgStages(const GemmParams& p, const WgCta& c)
-        : loader(p, c.t, c.e, c.row_begin, c.rows_e, c.m0, c.n0), base(c.base), n_steps(p.k / WG_BK) {}
-    __device__ __forceinline__ u32 slot(u32 step) const { return base + (step % WG_STAGES) * WG_STAGE_BYTES; }
-    // K step `step` into its slot, as one commit group (empty past the last step, so that
+        : base(c.base), n_steps(p.k / WG_BK), load_slot(0), read_slot(0) {
+        const u32 r0 = c.t >> 3, ch = c.t & 7;
+#pragma unroll
+        for (u32 i = 0; i < A_CH; ++i) {
+            const u32 r = r0 + STEP * i, pos = c.row_begin + c.m0 + r;
+            a_row[i] = c.m0 + r < c.rows_e ? (p.a_row_of ? p.a_row_of[pos] : pos) : ~0u;
+        }
+        w_src = p.w + ((u64)c.e * p.n + c.n0 + r0) * p.k + ch * 8;
+        // Rows r0 + STEP·i share r0's swizzle phase (STEP is a multiple of 8): chunk i sits
+        // STEP·i·128 bytes below chunk 0.
+        load_dst = base + wg_swizzle(r0, ch);
+    }
+    // K step `step` into the next slot, as one commit group (empty past the last step, so that
     // the group count, which cp.async.wait_group counts in, stays uniform).
-    __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 step) const {
-        if (step < n_steps) loader.load(p, t, slot(step), step * WG_BK);
+    __device__ __forceinline__ void load(const GemmParams& p, u32 step) {
+        if (step < n_steps) {
+            const u32 k0 = step * WG_BK, ck = (threadIdx.x & 7) * 8 + k0;
+#pragma unroll
+            for (u32 i = 0; i < A_CH; ++i) {
+                const bool ok = a_row[i] != ~0u;
+                cp_async16(load_dst + STEP * i * 128, p.a + ((u64)(ok ? a_row[i] : 0u) * p.k + ck), ok ? 16u : 0u);
+            }
+#pragma unroll
+            for (u32 i = 0; i < B_CH; ++i)
+                cp_async16(load_dst + WG_A_BYTES + STEP * i * 128, w_src + (u64)(STEP * i) * p.k + k0, 16u);
+        }
         asm volatile("cp.async.commit_group;\n" ::);
+        const bool wrap = load_slot == (WG_STAGES - 1) * WG_STAGE_BYTES;
+        load_slot = wrap ? 0 : load_slot + WG_STAGE_BYTES;
+        load_dst = wrap ? load_dst - (WG_STAGES - 1) * WG_STAGE_BYTES : load_dst + WG_STAGE_BYTES;
     }
     // Prologue: the first WG_AHEAD steps in flight.
-    __device__ __forceinline__ void start(const GemmParams& p, u32 t) const {
+    __device__ __forceinline__ void start(const GemmParams& p) {
 #pragma unroll
-        for (u32 st = 0; st < WG_AHEAD; ++st) load(p, t, st);
+        for (u32 st = 0; st < WG_AHEAD; ++st) load(p, st);
     }
     // Waits until step `step` has landed for every thread, refills the slot WG_AHEAD steps on
-    // and returns step's slot. After the barrier every warpgroup is also done with the slot
-    // the refill overwrites: step + WG_AHEAD − WG_STAGES = step − 1 − WG_PIPE, whose wgmma
-    // retired at the wait_group WG_PIPE of an earlier step.
-    __device__ __forceinline__ u32 next(const GemmParams& p, u32 t, u32 step) const {
+    // and returns step's slot (steps in order, from 0). After the barrier every warpgroup is
+    // also done with the slot the refill overwrites: step + WG_AHEAD − WG_STAGES =
+    // step − 1 − WG_PIPE, whose wgmma retired at the wait_group WG_PIPE of an earlier step.
+    __device__ __forceinline__ u32 next(const GemmParams& p, u32 step) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
         // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        load(p, t, step + WG_AHEAD);
-        return slot(step);
+        load(p, step + WG_AHEAD);
+        const u32 s = base + read_slot;
+        read_slot = read_slot == (WG_STAGES - 1) * WG_STAGE_BYTES ? 0 : read_slot + WG_STAGE_BYTES;
+        return s;
     }
 };
 
@@ -454,7 +497,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     WgCta cta;
     if (!wg_cta(p, wg_smem, cta)) return;
     const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
-    const WgStages stages(p, cta);
+    WgStages stages(p, cta);
     // This thread's two rows of the tile (accumulator halves 0 and 1).
     const u32 row_local0 = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
     const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
@@ -470,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     }
     wg_fence_acc(d);
 
-    stages.start(p, t);
+    stages.start(p);
     u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
     const u32* tid_of_col = p.col_tensor_id;
     const float* scale_of_col = p.col_scale;
@@ -492,7 +535,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     for (u32 kb = 0; kb < p.n_kb; ++kb) {
 #pragma unroll 1
         for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
-            const u32 s_a = stages.next(p, t, step);
+            const u32 s_a = stages.next(p, step);
             wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
             if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
             asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
@@ -530,16 +573,16 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
     WgCta cta;
     if (!wg_cta(p, wg_smem, cta)) return;
     const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
-    const WgStages stages(p, cta);
+    WgStages stages(p, cta);
 
     float d[WG_BN / 2];
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) d[i] = 0.0f;
     wg_fence_acc(d);
 
-    stages.start(p, t);
+    stages.start(p);
     for (u32 step = 0; step < stages.n_steps; ++step) {
-        const u32 s_a = stages.next(p, t, step);
+        const u32 s_a = stages.next(p, step);
         wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
         asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
     }
