@@ -48,6 +48,8 @@
 // epilogue overlaps the other's MMAs (the default tiles of backend::cuda::moe::GemmTile without
 // PCM_READ or IR drop); else 1. Left to ptxas, the Lightning-set variant took 143 registers and
 // ran 1 CTA per SM: 30.3 ms on the OLMoE layer against 20.9 at 2.
+// (The running total counts as a set where it sits in shared memory too: the PCM_READ
+// variants at 2 CTAs per SM spilled at 128 registers.)
 #define MOE_ACC_SETS (MOE_ANALOG ? 2 + MOE_PCM_READ + 2 * MOE_IR_DROP : 1)
 #if MOE_ACC_SETS * BM * BN / NTHREADS <= 64
 #define MOE_MIN_CTAS 2

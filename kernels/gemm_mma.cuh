@@ -95,7 +95,16 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 
     float acc[MI][TN][4];
 #if MOE_ANALOG
+#if MOE_TOTAL_SMEM
+    // The running total in shared memory after the stages, value (mi, tn, r) of this thread at
+    // total_s[((mi·TN + tn)·4 + r)·NTHREADS] (thread-minor: conflict-free): with the side
+    // accumulators it freed the registers that the 64-column K step needs without spilling.
+    float* total_s = (float*)(smem + MOE_STAGES * STAGE_HALVES) + t;
+    auto total_at = [&](u32 mi, u32 tn, u32 r) -> float& { return total_s[((mi * TN + tn) * 4 + r) * NTHREADS]; };
+#else
     float total[MI][TN][4];
+    auto total_at = [&](u32 mi, u32 tn, u32 r) -> float& { return total[mi][tn][r]; };
+#endif
     u32 bm_rows = 0;  // MOE_BM: bit mi·2 + half: that row had a saturated output in some crossbar block
 #endif
 #if MOE_PCM_READ
@@ -123,13 +132,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                 }
     };
     reset_block();
-#if MOE_ANALOG
+#if MOE_ANALOG && MOE_MODE != 4  // an attempt writes bm_scratch, not a total
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) total[i][j][r] = 0.0f;
+            for (int r = 0; r < 4; ++r) total_at(i, j, r) = 0.0f;
 #endif
 
     // MOE_DIAG: one crossbar block (n_kb = 1), of which the tile's K range.
@@ -293,8 +302,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                             if ((sat >> c) & 1u) p.bm_sat[xb] = 1u;
                         }
 #else
-                        block_outputs(p, br, col_scale[tn], s, z[tn], &total[mi][tn][r0], bm_rows,
-                                      1u << (mi * 2 + half));
+                        float t2[2] = {total_at(mi, tn, r0), total_at(mi, tn, r0 + 1)};
+                        block_outputs(p, br, col_scale[tn], s, z[tn], t2, bm_rows, 1u << (mi * 2 + half));
+                        total_at(mi, tn, r0) = t2[0];
+                        total_at(mi, tn, r0 + 1) = t2[1];
 #endif
                     }
                 }
@@ -320,9 +331,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #endif
 
 #if MOE_ANALOG
-#define RESULT total
+#define RESULT(mi, tn, r) total_at(mi, tn, r)
 #else
-#define RESULT acc
+#define RESULT(mi, tn, r) acc[mi][tn][r]
 #endif
     // Output: store, SwiGLU, or weighted scatter-add (gather/scatter fused, no padded copies).
 #pragma unroll
@@ -336,7 +347,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #pragma unroll
             for (u32 tn = 0; tn < TN; ++tn) {
                 const u32 col = frag_col(tn);
-                store_row2(p.out, (u64)pos * p.n + col, RESULT[mi][tn][half * 2], RESULT[mi][tn][half * 2 + 1]);
+                store_row2(p.out, (u64)pos * p.n + col, RESULT(mi, tn, half * 2), RESULT(mi, tn, half * 2 + 1));
             }
 #elif MOE_MODE == 1 || MOE_MODE == 3
             // Columns come interleaved in groups of 8: gate group g, up group g (host layout).
@@ -347,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                 float h[2];
 #pragma unroll
                 for (u32 c = 0; c < 2; ++c) {
-                    h[c] = silu_mul(RESULT[mi][tn][half * 2 + c], RESULT[mi][tn + 1][half * 2 + c]);
+                    h[c] = silu_mul(RESULT(mi, tn, half * 2 + c), RESULT(mi, tn + 1, half * 2 + c));
                 }
                 store_hidden(p.out, (u64)pos * (p.n / 2) + hcol, h[0], h[1]);
             }
@@ -358,7 +369,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
             for (u32 tn = 0; tn < TN; ++tn) {
                 const u32 col = frag_col(tn);
                 float* dst = p.out + (u64)token * p.n + col;
-                atomic_add2(dst, w * RESULT[mi][tn][half * 2], w * RESULT[mi][tn][half * 2 + 1]);
+                atomic_add2(dst, w * RESULT(mi, tn, half * 2), w * RESULT(mi, tn, half * 2 + 1));
             }
 #endif
         }

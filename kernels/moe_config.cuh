@@ -27,6 +27,8 @@
 //   MOE_DIAG     1 (moe_gemm): the GDC readout through every crossbar block of a grouped matrix
 //                (launch expert g = block g % diag_kb of expert g / diag_kb of weights [E, N, diag_k]),
 //                input rows the identity in order: each row tile multiplies only its own K range
+//   MOE_TOTAL_SMEM 1 (moe_gemm, analog): the running total over the crossbar blocks in shared memory
+//                after the stages (BM × BN f32, the host adds it to the launch), not in registers
 // With PCM_READ, ADDITIVE and/or output noise, each output gets one normal (purpose OutputNoise)
 // scaled by sqrt(out_noise² + σ_w²), as tile::Crossbar::analog. The CPU model of every kernel
 // here, the oracle of the GPU tests, is backend::cuda::reference.
@@ -80,6 +82,9 @@ typedef unsigned short u16;
 #endif
 #ifndef MOE_DIAG
 #define MOE_DIAG 0
+#endif
+#ifndef MOE_TOTAL_SMEM
+#define MOE_TOTAL_SMEM 0
 #endif
 // Output columns per raster group of one expert's CTAs (tile_of_block): 2048 columns keep the
 // group's weight tiles (≤ 2048 × K × 4 bytes) and the expert's gathered rows within the L2.

@@ -86,23 +86,21 @@ impl GemmTile {
     }
 
     /// The default tile of `v` for crossbars of `k_block` rows: [`Self::for_variant`], with
-    /// [`TILE_K_LONG`] columns of K per stage for the analog variants without side
-    /// accumulators where `k_block` is a multiple of it. Each stage costs the K loop a barrier,
-    /// the cp.async issue and the ldmatrix addressing, which the 128-register bound makes
-    /// ptxas recompute per stage; at 32 columns they were half of the loop's instructions
-    /// beside its 16 MMAs (the budget in `docs/gpu.md`). Three stages of 64 columns (81 KiB)
-    /// keep more of K in flight than four of 32 and leave room for two CTAs per
-    /// multiprocessor. Not where normals are drawn per column pair (crossbar columns not in
-    /// aligned fours, `noise_quads` off): ptxas 13.0 spills that epilogue at 64 columns.
+    /// [`TILE_K_LONG`] columns of K per stage for the analog variants where `k_block` is a
+    /// multiple of it. Each stage costs the K loop a barrier, the cp.async issue and the
+    /// ldmatrix addressing, which the register bound makes ptxas recompute per stage; at 32
+    /// columns they were half of the loop's instructions beside its 16 MMAs (the budget in
+    /// `docs/gpu.md`). Three stages of 64 columns (81 KiB) keep more of K in flight than four
+    /// of 32 and leave room for two CTAs per multiprocessor. The side-accumulator variants
+    /// (PCM_READ, IR drop) keep their running total in shared memory to take it
+    /// ([`GemmVariant::total_in_shared`]; standard-hwa on the OLMoE layer: 26.5 against
+    /// 28.6 ms, `reports/bench/2026-12-07-analog-wgmma-default.md`). Not where normals are
+    /// drawn per column pair (crossbar columns not in aligned fours, `noise_quads` off): ptxas
+    /// 13.0 spills that epilogue at 64 columns.
     pub fn for_k_block(v: &GemmVariant, k_block: usize) -> Self {
         let tile = Self::for_variant(v);
         let pairwise_normals = !v.noise_quads && (v.out_noise || v.additive);
-        if v.analog
-            && !v.pcm_read
-            && !v.ir_drop
-            && !pairwise_normals
-            && k_block.is_multiple_of(TILE_K_LONG)
-        {
+        if v.analog && !pairwise_normals && k_block.is_multiple_of(TILE_K_LONG) {
             Self {
                 stages: 3,
                 k_step: TILE_K_LONG,
@@ -663,7 +661,7 @@ mod tests {
         }
     }
     #[test]
-    fn the_long_k_step_goes_to_plain_analog_tiles_on_whole_64_row_blocks() {
+    fn the_long_k_step_goes_to_analog_tiles_on_whole_64_row_blocks() {
         let plain = variant(true, false);
         let long = GemmTile::for_k_block(&plain, 512);
         assert_eq!((long.k_step, long.stages), (TILE_K_LONG, 3));
@@ -671,8 +669,18 @@ mod tests {
         // reserved) within the 228 KiB of an H100's multiprocessor.
         assert_eq!(long.shared_bytes(), 3 * 192 * 72 * 2);
         assert!(2 * (long.shared_bytes() + 3968 + 1024) <= 228 * 1024);
-        // 96-row crossbars are whole 32-column stages only; the digital variant and the side
-        // accumulators keep their measured tiles.
+        // The side accumulators take it with the running total in shared memory: 3 stages of
+        // 64 columns (81 KiB) and the 128 × 64 total (32 KiB), one CTA per multiprocessor.
+        let side = variant(true, true);
+        assert!(side.total_in_shared() && !plain.total_in_shared());
+        let side_long = GemmTile::for_k_block(&side, 512);
+        assert_eq!(
+            (side_long.k_step, side_long.stages, side_long.cols),
+            (TILE_K_LONG, 3, 64)
+        );
+        assert!(side_long.shared_bytes() + TILE_ROWS * side_long.cols * 4 <= MAX_SHARED_BYTES);
+        // 96-row crossbars are whole 32-column stages only; the digital variant and the
+        // per-column-pair normals keep their measured tiles.
         assert_eq!(
             GemmTile::for_k_block(&plain, 96),
             GemmTile::for_variant(&plain)
@@ -681,7 +689,7 @@ mod tests {
             noise_quads: false,
             ..plain
         };
-        for v in [variant(false, false), variant(true, true), pairwise] {
+        for v in [variant(false, false), pairwise] {
             assert_eq!(GemmTile::for_k_block(&v, 512), GemmTile::for_variant(&v));
         }
     }

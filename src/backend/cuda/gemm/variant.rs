@@ -151,6 +151,14 @@ impl GemmVariant {
         }
     }
 
+    /// Whether the mma.sync kernel keeps its running total over the crossbar blocks in shared
+    /// memory (`MOE_TOTAL_SMEM`; [`TILE_ROWS`] × tile columns × 4 bytes after the stages)
+    /// rather than registers: with side accumulators (PCM_READ, IR drop), whose sets take the
+    /// registers the 64-column K step needs (in registers, ptxas 13.5 spilled it 16–32 bytes).
+    pub fn total_in_shared(&self) -> bool {
+        self.analog && (self.pcm_read || self.ir_drop)
+    }
+
     /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog without side
     /// accumulators (PCM_READ, IR drop: each would add 64 registers per thread to its three
     /// accumulator sets) and with an f32 output.
@@ -165,7 +173,7 @@ impl GemmVariant {
 }
 
 /// The `#define`s of one `moe_gemm` instantiation, in a fixed order.
-pub type GemmDefines = [(&'static str, i64); 19];
+pub type GemmDefines = [(&'static str, i64); 20];
 
 /// The `#define`s NVRTC compiles `moe_gemm` with for `v` on `tile`.
 pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
@@ -197,6 +205,7 @@ pub fn gemm_defines(v: &GemmVariant, tile: GemmTile) -> GemmDefines {
             "MOE_CLIP_COUNT",
             flag(v.analog && v.output == GemmOutput::ClipCount),
         ),
+        ("MOE_TOTAL_SMEM", flag(v.total_in_shared())),
     ]
 }
 
