@@ -41,7 +41,7 @@ bench() {  # name binary preset [env]
 bench lightning aimc "$LIGHTNING"
 bench lightning-main aimc-main "$LIGHTNING"
 bench default aimc standard-hwa
-bench lightning-wgmma aimc "$LIGHTNING" AIMC_ANALOG_WGMMA=1
+bench lightning-mma aimc "$LIGHTNING" AIMC_ANALOG_WGMMA=0
 
 # The embedded eval (default preset, 5 seeds × 7 times): CUDA new, CUDA main, CPU new.
 for run in "aimc cuda" "aimc-main cuda" "aimc cpu"; do
