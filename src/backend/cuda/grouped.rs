@@ -348,6 +348,9 @@ impl GpuGroupedMatrix {
                 m.n_experts, m.n_cols, m.k, m.k_block, w.len()
             )));
         }
+        // Read on every GPU, so that a malformed value is an error wherever it is set, not
+        // only where it would take effect (Hopper).
+        let analog_off = precision.analog() && analog_wgmma_off()?;
         let mut words = dev.scratch::<u16>(len)?;
         let n = len as u64;
         if precision == Precision::DigitalBf16 {
@@ -378,15 +381,15 @@ impl GpuGroupedMatrix {
             // mma.sync kernel on the OLMoE layer, bit-identical outputs
             // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. Analog
             // (variants without side accumulators, [`GemmVariant::wgmma_ready`]; the others
-            // fall back to mma.sync at launch): on its 64-column tile 10 to 13 % faster than
+            // fall back to mma.sync at launch): on its 64-column tile 15 to 19 % faster than
             // mma.sync at the Lightning set, within the layer parity bound of it
-            // (reports/bench/2026-12-07-analog-wgmma-64.md); `AIMC_ANALOG_WGMMA_TILE` picks
-            // the tile and `AIMC_ANALOG_WGMMA=0` runs mma.sync instead.
+            // (reports/bench/2026-12-07-analog-wgmma-default.md); `AIMC_ANALOG_WGMMA_TILE`
+            // picks the tile and `AIMC_ANALOG_WGMMA=0` runs mma.sync instead.
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None
             } else if precision == Precision::DigitalBf16 {
                 WgmmaTile::choose(m.n_cols, m.k)?
-            } else if analog_wgmma_off()? {
+            } else if analog_off {
                 None
             } else {
                 analog_wgmma_tile(m.k_block)?
