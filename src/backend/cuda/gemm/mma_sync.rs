@@ -6,11 +6,11 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::allow_dynamic_shared;
-use super::tile::{GemmTile, MAX_SHARED_BYTES, TILE_ROWS};
+use super::tile::{GemmTile, TILE_ROWS};
 use super::GemmParams;
 use crate::backend::cuda::compile::MOE_CU;
 use crate::backend::cuda::grouped::GpuGroupedMatrix;
-use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
+use crate::backend::cuda::{CudaDevice, CudaResult};
 
 /// One `moe_gemm` launch of `defines` on `tile` over the sorted rows (`pairs` of them).
 pub(crate) fn mma_sync_gemm(
@@ -21,18 +21,10 @@ pub(crate) fn mma_sync_gemm(
     tile: GemmTile,
     params: &GemmParams,
 ) -> CudaResult<()> {
-    // The stages, and the running total where the variant keeps it in shared memory.
-    let total_in_shared = defines.contains(&("MOE_TOTAL_SMEM", 1));
-    let shared = tile.shared_bytes() + usize::from(total_in_shared) * TILE_ROWS * tile.cols * 4;
-    if shared > MAX_SHARED_BYTES {
-        return Err(CudaError::Unsupported(format!(
-            "mma.sync GEMM tile {}: {shared} bytes of shared memory (stages and the running \
-             total over the crossbar blocks), more than {MAX_SHARED_BYTES}",
-            tile.describe()
-        )));
-    }
+    // The stages, and the running total where the variant keeps it in shared memory (checked
+    // against the limit with the tile, GemmTile::choose).
+    let shared = tile.shared_bytes(defines.contains(&("MOE_TOTAL_SMEM", 1))) as u32;
     let f = dev.function(&MOE_CU, defines, "moe_gemm")?;
-    let shared = shared as u32;
     let threads = tile.threads() as u32;
     allow_dynamic_shared(&f, "moe_gemm", threads, shared)?;
     // One CTA per (row tile, column tile), column tile fastest; an upper bound on the row

@@ -120,7 +120,7 @@ impl GemmTile {
             Ok(text) => Self::parse(&text)?,
             Err(_) => Self::for_k_block(v, k_block),
         };
-        tile.check(n_cols)?;
+        tile.check(n_cols, v.total_in_shared())?;
         if !k_block.is_multiple_of(tile.k_step) {
             return Err(CudaError::Unsupported(format!(
                 "AIMC_GEMM_TILE: K step {} does not divide the {k_block} rows of a crossbar",
@@ -162,15 +162,20 @@ impl GemmTile {
         32 * self.warps_m * self.warps_n
     }
 
-    pub(crate) fn shared_bytes(self) -> usize {
-        self.stages
+    /// Dynamic shared memory of a `moe_gemm` launch on this tile: the stages, and after them
+    /// the running total ([`TILE_ROWS`] × cols f32) where the variant keeps it there
+    /// ([`GemmVariant::total_in_shared`], `MOE_TOTAL_SMEM`).
+    pub(crate) fn shared_bytes(self, total_in_shared: bool) -> usize {
+        let stages = self.stages
             * (TILE_ROWS + self.cols)
             * (self.k_step + SMEM_ROW_PAD_HALVES)
-            * std::mem::size_of::<u16>()
+            * std::mem::size_of::<u16>();
+        stages + usize::from(total_in_shared) * TILE_ROWS * self.cols * std::mem::size_of::<f32>()
     }
 
-    /// The kernel's `#error` conditions, as a clear error before compiling.
-    fn check(self, n_cols: usize) -> CudaResult<()> {
+    /// The kernel's `#error` conditions and the launch's shared memory (with the running total
+    /// where `total_in_shared`), as a clear error before compiling.
+    fn check(self, n_cols: usize, total_in_shared: bool) -> CudaResult<()> {
         let threads = self.threads();
         let ok = self.warps_m > 0
             && self.warps_n > 0
@@ -183,14 +188,14 @@ impl GemmTile {
             && (self.k_step == TILE_K || self.k_step == TILE_K_LONG)
             && (TILE_ROWS * self.k_step / 8).is_multiple_of(threads)
             && (self.cols * self.k_step / 8).is_multiple_of(threads)
-            && self.shared_bytes() <= MAX_SHARED_BYTES;
+            && self.shared_bytes(total_in_shared) <= MAX_SHARED_BYTES;
         if ok {
             Ok(())
         } else {
             Err(CudaError::Unsupported(format!(
                 "grouped GEMM tile {} does not fit {TILE_ROWS} rows × N = {n_cols} ({} B of shared memory, at most {MAX_SHARED_BYTES}; K step {TILE_K} or {TILE_K_LONG})",
                 self.describe(),
-                self.shared_bytes()
+                self.shared_bytes(total_in_shared)
             )))
         }
     }
@@ -669,7 +674,7 @@ mod tests {
         ] {
             for tile in [GemmTile::for_variant(&v), GemmTile::for_k_block(&v, 512)] {
                 for n in [TILE_COLS, 3 * TILE_COLS, 28672] {
-                    tile.check(n).unwrap();
+                    tile.check(n, v.total_in_shared()).unwrap();
                 }
                 // The kernel's per-thread loader and warp-fragment conditions.
                 assert_eq!((TILE_ROWS * tile.k_step / 8) % tile.threads(), 0);
@@ -684,8 +689,8 @@ mod tests {
         assert_eq!((long.k_step, long.stages), (TILE_K_LONG, 3));
         // Two CTAs per multiprocessor: 2 × (81 KiB + the 3,968-byte normal table + 1 KiB
         // reserved) within the 228 KiB of an H100's multiprocessor.
-        assert_eq!(long.shared_bytes(), 3 * 192 * 72 * 2);
-        assert!(2 * (long.shared_bytes() + 3968 + 1024) <= 228 * 1024);
+        assert_eq!(long.shared_bytes(false), 3 * 192 * 72 * 2);
+        assert!(2 * (long.shared_bytes(false) + 3968 + 1024) <= 228 * 1024);
         // The side accumulators take it with the running total in shared memory: 3 stages of
         // 64 columns (81 KiB) and the 128 × 64 total (32 KiB), one CTA per multiprocessor.
         let side = variant(true, true);
@@ -695,7 +700,12 @@ mod tests {
             (side_long.k_step, side_long.stages, side_long.cols),
             (TILE_K_LONG, 3, 64)
         );
-        assert!(side_long.shared_bytes() + TILE_ROWS * side_long.cols * 4 <= MAX_SHARED_BYTES);
+        assert_eq!(
+            side_long.shared_bytes(true),
+            3 * 192 * 72 * 2 + 128 * 64 * 4
+        );
+        assert!(side_long.shared_bytes(true) <= MAX_SHARED_BYTES);
+        side_long.check(TILE_COLS, true).unwrap();
         // 96-row crossbars are whole 32-column stages only; the digital variant and the
         // per-column-pair normals keep their measured tiles.
         assert_eq!(
@@ -737,7 +747,10 @@ mod tests {
             );
         }
         // A K step the kernel has no loader for is refused before compiling.
-        assert!(GemmTile::parse("64,4,2,3,48").unwrap().check(1024).is_err());
+        assert!(GemmTile::parse("64,4,2,3,48")
+            .unwrap()
+            .check(1024, false)
+            .is_err());
     }
     #[test]
     fn unfit_tiles_are_refused_before_compiling() {
@@ -749,22 +762,27 @@ mod tests {
             k_step: TILE_K,
         };
         // 256 columns do not divide N = 384.
-        assert!(t(256, 2, 4, 3).check(384).is_err());
-        assert!(t(128, 2, 4, 3).check(384).is_ok());
+        assert!(t(256, 2, 4, 3).check(384, false).is_err());
+        assert!(t(128, 2, 4, 3).check(384, false).is_ok());
         // 8 stages of 128 + 256 rows × 80 B = 240 KiB > 227 KiB.
-        let err = t(256, 2, 4, 8).check(1024).unwrap_err().to_string();
+        let err = t(256, 2, 4, 8).check(1024, false).unwrap_err().to_string();
         assert!(err.contains("245760 B of shared memory"), "{err}");
         // 3 warps along M do not tile 128 rows in m16 fragments; 1 stage is no pipeline.
-        assert!(t(128, 3, 2, 3).check(1024).is_err());
-        assert!(t(128, 2, 4, 1).check(1024).is_err());
-        assert!(t(128, 0, 4, 3).check(1024).is_err());
+        assert!(t(128, 3, 2, 3).check(1024, false).is_err());
+        assert!(t(128, 2, 4, 1).check(1024, false).is_err());
+        assert!(t(128, 0, 4, 3).check(1024, false).is_err());
         // 4 stages of 64 columns on 128 + 128 rows × 144 B = 144 KiB fit one CTA; 7 do not.
         let long = |stages| GemmTile {
             k_step: TILE_K_LONG,
             ..t(128, 2, 4, stages)
         };
-        assert!(long(4).check(1024).is_ok());
-        let err = long(7).check(1024).unwrap_err().to_string();
+        assert!(long(4).check(1024, false).is_ok());
+        let err = long(7).check(1024, false).unwrap_err().to_string();
         assert!(err.contains("258048 B of shared memory"), "{err}");
+        // 5 such stages (180 KiB) fit alone, not with a running total of 128 × 128 f32 beside
+        // them (64 KiB more).
+        assert!(long(5).check(1024, false).is_ok());
+        let err = long(5).check(1024, true).unwrap_err().to_string();
+        assert!(err.contains("249856 B of shared memory"), "{err}");
     }
 }
