@@ -168,7 +168,10 @@ __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
 // Loads of one stage (A: WG_BM gathered rows, B: WG_BN weight rows, 64 halves of K each) by
 // THREADS threads into the 128B-swizzled layout: thread t takes 16-byte chunk t % 8 of rows
 // t / 8 + (THREADS / 8)·i. A rows are kept as operand row indices (~0u: past the expert's
-// rows, zero-filled), so a 128-thread producer holds 8 registers for them, not 16.
+// rows, zero-filled), so a 128-thread producer holds 8 registers for them, not 16. The loads
+// take the shared address of the thread's first chunk (chunk0): rows t / 8 + STEP·i share its
+// swizzle phase (STEP is a multiple of 8), so chunk i sits STEP·i·128 bytes below it, and a
+// caller that rotates that address with its slots computes no swizzle per stage.
 template <u32 THREADS>
 struct WgLoader {
     static constexpr u32 STEP = THREADS / 8, A_CH = WG_BM / STEP, B_CH = WG_BN / STEP;
@@ -182,23 +185,23 @@ struct WgLoader {
         }
         w_off = ((u64)e * p.n + n0 + (t >> 3)) * p.k + (t & 7) * 8;
     }
-    // cp.async of stage k0: A into s_a, then (load) B into s_a + WG_A_BYTES; the caller commits.
-    __device__ __forceinline__ void load_a(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
-        const u32 c = t & 7;
+    // Thread t's first chunk in the stage whose A starts at s_a.
+    static __device__ __forceinline__ u32 chunk0(u32 t, u32 s_a) { return s_a + wg_swizzle(t >> 3, t & 7); }
+    // cp.async of stage k0: A at dst (chunk0 of the stage), then (load) B WG_A_BYTES on; the
+    // caller commits.
+    __device__ __forceinline__ void load_a(const GemmParams& p, u32 t, u32 dst, u32 k0) const {
+        const u32 ck = (t & 7) * 8 + k0;
 #pragma unroll
         for (u32 i = 0; i < A_CH; ++i) {
             const bool ok = a_row[i] != ~0u;
-            const u16* src = p.a + (u64)(ok ? a_row[i] : 0u) * p.k + c * 8 + k0;
-            cp_async16(s_a + wg_swizzle((t >> 3) + STEP * i, c), src, ok ? 16u : 0u);
+            cp_async16(dst + STEP * i * 128, p.a + ((u64)(ok ? a_row[i] : 0u) * p.k + ck), ok ? 16u : 0u);
         }
     }
-    __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 s_a, u32 k0) const {
-        load_a(p, t, s_a, k0);
-        const u32 s_b = s_a + WG_A_BYTES, c = t & 7;
+    __device__ __forceinline__ void load(const GemmParams& p, u32 t, u32 dst, u32 k0) const {
+        load_a(p, t, dst, k0);
         const u16* w_src = p.w + w_off + k0;
 #pragma unroll
-        for (u32 i = 0; i < B_CH; ++i)
-            cp_async16(s_b + wg_swizzle((t >> 3) + STEP * i, c), w_src + (u64)(STEP * i) * p.k, 16u);
+        for (u32 i = 0; i < B_CH; ++i) cp_async16(dst + WG_A_BYTES + STEP * i * 128, w_src + (u64)(STEP * i) * p.k, 16u);
     }
 };
 
@@ -236,39 +239,17 @@ __device__ __forceinline__ bool wg_cta(const GemmParams& p, unsigned char* smem,
 // outside its periphery. 64-bit source pointers kept per chunk would save a few more, but
 // spill the analog kernel with per-column-pair normals at its 128-register bound.)
 struct WgStages {
-    static constexpr u32 STEP = WG_THREADS / 8, A_CH = WG_BM / STEP, B_CH = WG_BN / STEP;
-    u32 a_row[A_CH];         // operand row of A chunk i (~0u: past the expert's rows, zero-filled)
-    const u16* w_src;        // this thread's first weight chunk at K = 0; chunk i is STEP·i rows below
-    u32 load_dst;            // shared address of this thread's first chunk in the slot the next load fills
+    WgLoader<WG_THREADS> loader;
+    u32 load_dst;            // this thread's chunk0 in the slot the next load fills
     u32 base, n_steps;       // shared address of slot 0; K steps of WG_BK
     u32 load_slot, read_slot;  // byte offsets of the slots the next load fills and the next step reads
     __device__ __forceinline__ WgStages(const GemmParams& p, const WgCta& c)
-        : base(c.base), n_steps(p.k / WG_BK), load_slot(0), read_slot(0) {
-        const u32 r0 = c.t >> 3, ch = c.t & 7;
-#pragma unroll
-        for (u32 i = 0; i < A_CH; ++i) {
-            const u32 r = r0 + STEP * i, pos = c.row_begin + c.m0 + r;
-            a_row[i] = c.m0 + r < c.rows_e ? (p.a_row_of ? p.a_row_of[pos] : pos) : ~0u;
-        }
-        w_src = p.w + ((u64)c.e * p.n + c.n0 + r0) * p.k + ch * 8;
-        // Rows r0 + STEP·i share r0's swizzle phase (STEP is a multiple of 8): chunk i sits
-        // STEP·i·128 bytes below chunk 0.
-        load_dst = base + wg_swizzle(r0, ch);
-    }
+        : loader(p, c.t, c.e, c.row_begin, c.rows_e, c.m0, c.n0), load_dst(WgLoader<WG_THREADS>::chunk0(c.t, c.base)),
+          base(c.base), n_steps(p.k / WG_BK), load_slot(0), read_slot(0) {}
     // K step `step` into the next slot, as one commit group (empty past the last step, so that
     // the group count, which cp.async.wait_group counts in, stays uniform).
     __device__ __forceinline__ void load(const GemmParams& p, u32 step) {
-        if (step < n_steps) {
-            const u32 k0 = step * WG_BK, ck = (threadIdx.x & 7) * 8 + k0;
-#pragma unroll
-            for (u32 i = 0; i < A_CH; ++i) {
-                const bool ok = a_row[i] != ~0u;
-                cp_async16(load_dst + STEP * i * 128, p.a + ((u64)(ok ? a_row[i] : 0u) * p.k + ck), ok ? 16u : 0u);
-            }
-#pragma unroll
-            for (u32 i = 0; i < B_CH; ++i)
-                cp_async16(load_dst + WG_A_BYTES + STEP * i * 128, w_src + (u64)(STEP * i) * p.k + k0, 16u);
-        }
+        if (step < n_steps) loader.load(p, threadIdx.x, load_dst, step * WG_BK);
         asm volatile("cp.async.commit_group;\n" ::);
         const bool wrap = load_slot == (WG_STAGES - 1) * WG_STAGE_BYTES;
         load_slot = wrap ? 0 : load_slot + WG_STAGE_BYTES;
@@ -750,7 +731,7 @@ extern "C" __global__ void __launch_bounds__(WG_WS_THREADS, 1) WG_CLUSTER_DIMS
                     tma_load_w(&w_map, s_a + WG_A_BYTES + rank * (WG_B_BOX * 128), full + 8 * slot, step * WG_BK,
                                e * p.n + n0 + rank * WG_B_BOX);
                 }
-                if (active) loader.load_a(p, t, s_a, step * WG_BK);
+                if (active) loader.load_a(p, t, WgLoader<128>::chunk0(t, s_a), step * WG_BK);
                 asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full + 8 * slot)
                              : "memory");
             }
