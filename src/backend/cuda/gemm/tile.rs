@@ -695,6 +695,12 @@ mod tests {
         // 64 columns (81 KiB) and the 128 × 64 total (32 KiB), one CTA per multiprocessor.
         let side = variant(true, true);
         assert!(side.total_in_shared() && !plain.total_in_shared());
+        // A bound-management attempt keeps no total.
+        assert!(!GemmVariant {
+            output: GemmOutput::BmAttempt,
+            ..side
+        }
+        .total_in_shared());
         let side_long = GemmTile::for_k_block(&side, 512);
         assert_eq!(
             (side_long.k_step, side_long.stages, side_long.cols),

@@ -155,8 +155,10 @@ impl GemmVariant {
     /// memory (`MOE_TOTAL_SMEM`; [`TILE_ROWS`] × tile columns × 4 bytes after the stages)
     /// rather than registers: with side accumulators (PCM_READ, IR drop), whose sets take the
     /// registers the 64-column K step needs (in registers, ptxas 13.5 spilled it 16–32 bytes).
+    /// Not in a bound-management attempt, which writes its block outputs to the scratch and
+    /// keeps no total.
     pub fn total_in_shared(&self) -> bool {
-        self.analog && (self.pcm_read || self.ir_drop)
+        self.analog && (self.pcm_read || self.ir_drop) && self.output != GemmOutput::BmAttempt
     }
 
     /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog without side
