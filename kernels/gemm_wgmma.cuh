@@ -42,7 +42,10 @@
 #define WG_THREADS 256
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
 #define WG_B_BYTES (WG_BN * WG_BK * 2)
-#define WG_STAGE_BYTES (WG_A_BYTES + WG_B_BYTES)
+// The analog kernel's side products (PCM_READ: Σ|W̃|x̃²; IR drop: Σ|W̃||x̃| and Σ W̃ x̃ f(j)) read
+// |W̃| as a second weight tile per stage, after the first.
+#define WG_SIDE (MOE_ANALOG && (MOE_PCM_READ || MOE_IR_DROP))
+#define WG_STAGE_BYTES (WG_A_BYTES + (1 + WG_SIDE) * WG_B_BYTES)
 // Operand types: analog DAC codes × fp16 weights, digital bf16 × bf16.
 #if MOE_ANALOG
 #define WG_AB ".f16.f16"
@@ -76,6 +79,26 @@ __device__ __forceinline__ void wgmma_m64n64k16(float* d, u64 da, u64 db) {
           "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db));
 }
+
+#if WG_SIDE
+// d[32] += A[64×16] · B[64×16]ᵀ with A from registers: this warp's 16 rows in the m16n8k16
+// A-fragment layout (wg_a_frag). The registers stay untouched until a wgmma.wait_group retires
+// the instruction.
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const u32 (&a)[4], u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+          "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+          "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+          "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#endif
 
 // d[64] += A[64×16] · B[128×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 da, u64 db) {
@@ -142,15 +165,14 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
 }
 
 // The 4 wgmma (one per k16) of one BK = 64 stage for the warpgroup whose 64 A rows start at
-// s_a, weights at s_b (both 1024-byte aligned). The descriptors are wg_desc's, built once per
+// s_a, weights at s_b (both 1024-byte aligned), with no fence or commit. The descriptors are wg_desc's, built once per
 // stage and advanced by 32 bytes (2 in the address field) per k16: a shared address is below
 // 2^18, so wg_desc's mask is a no-op and its OR with the leading-byte-offset field an add.
 // (wg_desc per k16 cost ~10 instructions per wgmma, uniform and vector, in a loop bound by
 // the instructions it issues.)
-__device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
+__device__ __forceinline__ void wg_mma_k16s(float* d, u32 s_a, u32 s_b) {
     constexpr u64 HI = ((u64)(1024 >> 4) << 32) | (1ull << 62);
     const u32 a_lo = (s_a >> 4) + (16u >> 4 << 16), b_lo = (s_b >> 4) + (16u >> 4 << 16);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
         const u64 da = HI | (a_lo + 2 * kk), db = HI | (b_lo + 2 * kk);
@@ -162,6 +184,11 @@ __device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
         wgmma_m64n256k16(d, da, db);
 #endif
     }
+}
+// wg_mma_k16s as one fenced and committed wgmma group.
+__device__ __forceinline__ void wg_mma_stage(float* d, u32 s_a, u32 s_b) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    wg_mma_k16s(d, s_a, s_b);
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
@@ -260,12 +287,13 @@ struct WgStages {
 #pragma unroll
         for (u32 st = 0; st < WG_AHEAD; ++st) load(p, st);
     }
-    // Waits until step `step` has landed for every thread, refills the slot WG_AHEAD steps on
-    // and returns step's slot (steps in order, from 0). After the barrier every warpgroup is
-    // also done with the slot the refill overwrites: step + WG_AHEAD − WG_STAGES =
-    // step − 1 − WG_PIPE, whose wgmma retired at the wait_group WG_PIPE of an earlier step.
+    // Waits until step `step` (with WG_SIDE, step + 1 too) has landed for every thread, refills
+    // the slot WG_AHEAD steps on and returns step's slot (steps in order, from 0). After the
+    // barrier every warpgroup is also done with the slot the refill overwrites: step +
+    // WG_AHEAD − WG_STAGES = step − 1 − WG_PIPE, whose wgmma retired at the wait_group WG_PIPE
+    // of an earlier step.
     __device__ __forceinline__ u32 next(const GemmParams& p, u32 step) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1 - WG_SIDE));
         // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
@@ -386,19 +414,30 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // (wg_block_part). (mma.sync moe_gemm overlaps the two only across its 2 CTAs per SM.)
 // Registers: the block sums d and the running total, WG_BN / 2 each per thread; prev in
 // registers too spilled 580 bytes (ptxas, 128 columns). Shared memory: the stages, then prev
-// ([WG_BN / 2][256] f32, thread-minor: conflict-free). Side accumulators (PCM_READ, IR drop)
-// would need as many registers again each: those variants run moe_gemm.
+// ([WG_BN / 2][256] f32, thread-minor: conflict-free).
+// Side products (WG_SIDE: PCM_READ's Σ|W̃|x̃², IR drop's Σ|W̃||x̃| and Σ W̃ x̃ f(j)) run on the
+// 64-column tile, one CTA per multiprocessor: their accumulator sets (32 registers each) are
+// wgmma with A from registers (wg_side_a: one ldmatrix per k16 step, then x̃², |x̃|, f(j)·x̃ as
+// moe_gemm forms them) and B from shared memory, W̃ or the |W̃| tile that each step makes for
+// the next (wg_abs_tile). The IR drop is applied as a block ends (finish_block: block_value),
+// so prev holds the values and, with PCM_READ, Σ|W̃|x̃² (two planes); the running total moves
+// to shared memory after them.
 // The periphery is bound by the issue latency of its dependency chains (Philox rounds, the
 // table normal, the ADC's residual steps): the 128-column tile leaves 8 warps per SM (200
 // registers, 208 KiB of shared memory) where moe_gemm has 16, hence the 64-column tile, and
 // the two rows of a fragment pair run interleaved (wg_block_part). Speed records:
 // reports/bench/ (2026-11-24-analog-wgmma.md, 2026-12-07-analog-wgmma-64.md).
-#if MOE_PCM_READ || MOE_IR_DROP || MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 1
-#error "the analog wgmma GEMM: no side accumulators, output modes 0-2, WG_BN 64 or 128, WG_PIPE 0 or 1"
+#if MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 1 || (WG_SIDE && (WG_BN != 64 || WG_PIPE != 0 || WG_STAGES < 3))
+#error "the analog wgmma GEMM: output modes 0-2, WG_BN 64 or 128, WG_PIPE 0 or 1; with side products WG_BN 64, WG_PIPE 0, WG_STAGES >= 3"
 #endif
 // CTAs per multiprocessor: the 64-column tile fits two (128 registers per thread, 105 KiB of
-// shared memory with 3 stages), the 128-column tile one.
-#define WG_ANALOG_CTAS (WG_BN == 64 ? 2 : 1)
+// shared memory with 3 stages), the 128-column tile one, and so does the 64-column tile with
+// side products (their accumulator sets take 32 registers each).
+#define WG_ANALOG_CTAS (WG_BN == 64 && !WG_SIDE ? 2 : 1)
+// prev's planes (block_values of the previous block): the values y, and with PCM_READ the sums
+// Σ|W̃|x̃²; WG_PLANE floats each. With side products the running total follows them.
+#define WG_PLANES (1 + MOE_PCM_READ)
+#define WG_PLANE ((WG_BN / 2) * WG_THREADS)
 #ifndef MOE_KB_STEPS
 #error "MOE_KB_STEPS (crossbar rows per block / 64) must be defined"
 #endif
@@ -457,23 +496,127 @@ __device__ __forceinline__ void wg_block_part(const GemmParams& p, u32 j, float*
 #pragma unroll
             for (u32 f = 0; f < 2; ++f) {
                 float* v = prev + (4 * (2 * fp + f) + 2 * half) * WG_THREADS;
-                PairSums s;
-                s.acc[0] = v[0];
-                s.acc[1] = v[WG_THREADS];
                 // 0 + x is x for every x but −0 (→ +0), which adds to the total as −0 would:
                 // the total is never −0 (it starts at +0, and a sum is −0 only of two −0s).
                 float c[2] = {0.0f, 0.0f};
+#if WG_SIDE
+                BlockValues b;
+                b.y[0] = v[0];
+                b.y[1] = v[WG_THREADS];
+#if MOE_PCM_READ
+                b.s2[0] = v[WG_PLANE];
+                b.s2[1] = v[WG_PLANE + WG_THREADS];
+#endif
+                block_outputs_of(p, br[half], cur.scale[f], b, z[half][f], c, bm_rows, 1u << half);
+#else
+                PairSums s;
+                s.acc[0] = v[0];
+                s.acc[1] = v[WG_THREADS];
                 block_outputs(p, br[half], cur.scale[f], s, z[half][f], c, bm_rows, 1u << half);
+#endif
                 v[0] = c[0];
                 v[WG_THREADS] = c[1];
             }
     }
 }
 
+#if WG_SIDE
+// The side products' accumulator sets of one thread (the layout of d).
+struct WgSideAcc {
+#if MOE_PCM_READ
+    float s2[WG_BN / 2];  // Σ|W̃|x̃²
+#endif
+#if MOE_IR_DROP
+    float abs[WG_BN / 2], ir[WG_BN / 2];  // Σ|W̃||x̃|, Σ W̃ x̃ f(j)
+#endif
+};
+__device__ __forceinline__ void wg_fence_side(WgSideAcc& a) {
+#if MOE_PCM_READ
+    wg_fence_acc(a.s2);
+#endif
+#if MOE_IR_DROP
+    wg_fence_acc(a.abs);
+    wg_fence_acc(a.ir);
+#endif
+}
+
+// The register A operands of k16 step kk of K step j of a crossbar block for this warp's 16
+// rows of the warpgroup's A tile at s_a (the m16n8k16 A-fragment layout that wgmma takes from
+// registers, by one ldmatrix from the 128B-swizzled tile): x̃² (PCM_READ), |x̃| and f(j)·x̃ (IR
+// drop), in binary16 as the mma.sync kernel forms them.
+struct WgSideA {
+#if MOE_PCM_READ
+    u32 a2[4];
+#endif
+#if MOE_IR_DROP
+    u32 aa[4], af[4];
+#endif
+};
+__device__ __forceinline__ WgSideA wg_side_a(const GemmParams& p, u32 s_a, u32 warp_in_wg, u32 lane, u32 j, u32 kk) {
+    u32 a[4];
+    ldmatrix_x4(s_a + wg_swizzle(warp_in_wg * 16 + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
+    WgSideA o;
+#if MOE_PCM_READ
+#pragma unroll
+    for (u32 i = 0; i < 4; ++i) o.a2[i] = hmul2(a[i], a[i]);
+#endif
+#if MOE_IR_DROP
+    // Crossbar rows j0, j0 + 1 (registers 0, 1) and j0 + 8, j0 + 9 (registers 2, 3).
+    const u32 j0 = j * WG_BK + kk * 16 + (lane & 3) * 2;
+    const u32 f_lo = ir_pair(j0, p.k_block), f_hi = ir_pair(j0 + 8, p.k_block);
+#pragma unroll
+    for (u32 i = 0; i < 4; ++i) {
+        o.aa[i] = a[i] & 0x7fff7fffu;
+        o.af[i] = hmul2(a[i], i < 2 ? f_lo : f_hi);
+    }
+#else
+    (void)p;
+    (void)j;
+#endif
+    return o;
+}
+
+// The side wgmma of k16 step kk: x̃² and |x̃| against |W̃| (abs_b), f(j)·x̃ against W̃ (s_b).
+__device__ __forceinline__ void wg_side_mma(WgSideAcc& acc, const WgSideA& o, u32 s_b, u32 kk) {
+    constexpr u64 HI = ((u64)(1024 >> 4) << 32) | (1ull << 62);
+    const u32 b_lo = (s_b >> 4) + (16u >> 4 << 16) + 2 * kk;
+    const u64 db = HI | b_lo, dabs = HI | (b_lo + (WG_B_BYTES >> 4));
+#if MOE_PCM_READ
+    wgmma_m64n64k16_rs(acc.s2, o.a2, dabs);
+#endif
+#if MOE_IR_DROP
+    wgmma_m64n64k16_rs(acc.abs, o.aa, dabs);
+    wgmma_m64n64k16_rs(acc.ir, o.af, db);
+#else
+    (void)db;
+#endif
+}
+
+// |W̃| of the weight tile at s_b into the WG_B_BYTES after it (sign bits cleared, same layout),
+// by all WG_THREADS threads, each 16 bytes at a time.
+__device__ __forceinline__ void wg_abs_tile(u32 s_b, u32 t) {
+#pragma unroll
+    for (u32 i = 0; i < WG_B_BYTES / 16 / WG_THREADS; ++i) {
+        const u32 at = s_b + (t + i * WG_THREADS) * 16;
+        u32 v0, v1, v2, v3;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                     : "r"(at)
+                     : "memory");
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(at + WG_B_BYTES), "r"(v0 & 0x7fff7fffu),
+                     "r"(v1 & 0x7fff7fffu), "r"(v2 & 0x7fff7fffu), "r"(v3 & 0x7fff7fffu)
+                     : "memory");
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_analog_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
 #if MOE_NORMALS
     stage_normal_table();
+#endif
+#if MOE_IR_DROP && MOE_IR_TABLE
+    stage_ir_table(p.k_block);
 #endif
     WgCta cta;
     if (!wg_cta(p, wg_smem, cta)) return;
@@ -485,27 +628,74 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     // The rows of the block in prev; all zero for a row past the expert's (see wg_block_part).
     BlockRow br[2] = {};
 
-    float d[WG_BN / 2], total[WG_BN / 2];
+    float d[WG_BN / 2];
     float* prev = (float*)(wg_smem + (base - smem_addr(wg_smem)) + WG_STAGES * WG_STAGE_BYTES) + t;
+#if WG_SIDE
+    // The running total in shared memory after prev (thread-minor as prev): the side
+    // products' three accumulator sets leave no registers for it (ptxas spilled the variant
+    // with normals per column pair).
+    float* total = prev + WG_PLANES * WG_PLANE;
+#define WG_TOTAL(i) total[(i) * WG_THREADS]
+#else
+    float total[WG_BN / 2];
+#define WG_TOTAL(i) total[i]
+#endif
 #pragma unroll
     for (int i = 0; i < WG_BN / 2; ++i) {
         d[i] = 0.0f;
-        total[i] = 0.0f;
+        WG_TOTAL(i) = 0.0f;
     }
     wg_fence_acc(d);
+#if WG_SIDE
+    WgSideAcc side;
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) {
+#if MOE_PCM_READ
+        side.s2[i] = 0.0f;
+#endif
+#if MOE_IR_DROP
+        side.abs[i] = 0.0f;
+        side.ir[i] = 0.0f;
+#endif
+    }
+    wg_fence_side(side);
+#endif
 
     stages.start(p);
+#if WG_SIDE
+    // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
+    // WgStages::next has then waited for.
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+    __syncthreads();
+    wg_abs_tile(base + WG_A_BYTES, t);
+#endif
     u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
     const u32* tid_of_col = p.col_tensor_id;
     const float* scale_of_col = p.col_scale;
     WgCols cols;  // the column constants of the next fragment pair the periphery takes
     // prev: the contributions of block kb − 1 go to the total (this thread's own values: no
     // barrier), in block order as moe_gemm adds them; then the sums of block kb replace them.
+    // With side products prev takes block_values: the IR drop is applied here, once per
+    // output, so prev holds at most two planes.
     auto finish_block = [&](u32 kb) {
 #pragma unroll
         for (int i = 0; i < WG_BN / 2; ++i) {
-            if (kb > 0) total[i] += prev[i * WG_THREADS];
+            if (kb > 0) WG_TOTAL(i) += prev[i * WG_THREADS];
+#if WG_SIDE
+#if MOE_IR_DROP
+            prev[i * WG_THREADS] = block_value(p, d[i], side.abs[i], side.ir[i]);
+            side.abs[i] = 0.0f;
+            side.ir[i] = 0.0f;
+#else
+            prev[i * WG_THREADS] = block_value(p, d[i], 0.0f, 0.0f);
+#endif
+#if MOE_PCM_READ
+            prev[WG_PLANE + i * WG_THREADS] = side.s2[i];
+            side.s2[i] = 0.0f;
+#endif
+#else
             prev[i * WG_THREADS] = d[i];
+#endif
             d[i] = 0.0f;
         }
     };
@@ -517,14 +707,48 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
 #pragma unroll 1
         for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
             const u32 s_a = stages.next(p, step);
-            wg_mma_stage(d, s_a + wg * (64 * 128), s_a + WG_A_BYTES);
+            const u32 s_a_wg = s_a + wg * (64 * 128), s_b = s_a + WG_A_BYTES;
+#if WG_SIDE
+            // Two wgmma groups, so that the register operands of the side products stay alive
+            // only until their group retires: the products and k16 step 0's side products (the
+            // periphery runs beside them, with one operand set in registers), then the side
+            // products of steps 1–3 (the next step's |W̃| tile beside them).
+            {
+                const WgSideA o0 = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, 0);
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+                wg_mma_k16s(d, s_a_wg, s_b);
+                wg_side_mma(side, o0, s_b, 0);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            }
+            if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            {
+                WgSideA o[3];
+#pragma unroll
+                for (u32 kk = 1; kk < 4; ++kk) o[kk - 1] = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, kk);
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (u32 kk = 1; kk < 4; ++kk) wg_side_mma(side, o[kk - 1], s_b, kk);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            }
+            if (step + 1 < stages.n_steps) wg_abs_tile(stages.base + stages.read_slot + WG_A_BYTES, t);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
+            wg_mma_stage(d, s_a_wg, s_b);
             if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
             asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
+#endif
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         wg_fence_acc(d);
+#if WG_SIDE
+        wg_fence_side(side);
+#endif
         finish_block(kb);
         wg_fence_acc(d);
+#if WG_SIDE
+        wg_fence_side(side);
+#endif
 #pragma unroll
         for (u32 half = 0; half < 2; ++half)
             if (row_ok[half]) br[half] = block_row(p, row_begin + row_local0 + 8 * half, row_local0 + 8 * half, kb);
@@ -538,7 +762,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     for (u32 j = 0; j < MOE_KB_STEPS; ++j)
         wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
 #pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) total[i] += prev[i * WG_THREADS];
+    for (int i = 0; i < WG_BN / 2; ++i) WG_TOTAL(i) += prev[i * WG_THREADS];
 #if MOE_BM
 #pragma unroll
     for (u32 half = 0; half < 2; ++half)
@@ -546,7 +770,14 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
 #else
     (void)bm_rows;
 #endif
+#if WG_SIDE
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) d[i] = WG_TOTAL(i);
+    wg_epilogue(p, d, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+#else
     wg_epilogue(p, total, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+#endif
+#undef WG_TOTAL
 }
 #elif WG_PIPE < 2
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {

@@ -237,26 +237,59 @@ __device__ __forceinline__ float adc_output(const GemmParams& p, float v) {
 }
 #endif
 
-// Steps 4–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one crossbar block:
-// DAC step, IR drop, short-term weight and output noise (normals z), ADC, and the scale
-// α_nm·s_map·α_GDC (`scale`: s_map·α_GDC of the two columns), added to t[0], t[1] (the running total over the blocks along K). Mirrors
-// tile::Crossbar::analog (one normal per output of the summed variance, σ = out_noise without
-// PCM_READ or ADDITIVE) and forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when
-// an output saturated the ADC in a row that bound management may redo (α_nm > 0); in
-// MOE_MODE 4, `sat_bit << c` for output (row, col + c).
-__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, float2 scale,
-                                              const PairSums& s, float2 z, float* t, u32& sat, u32 sat_bit) {
+// Steps 3–4 of tile::Crossbar::forward_chunk for one output of a crossbar block: the block sum
+// `acc` (DAC code units) in output units, less the IR drop its side sums `abs` = Σ|W̃||x̃| and
+// `ir` = Σ W̃ x̃ f(j) give it (tile::Crossbar::analog).
+__device__ __forceinline__ float block_value(const GemmParams& p, float acc, float abs, float ir) {
+    float v = acc * p.dac_step;
+#if MOE_IR_DROP
+    float aa = p.ir_k * (abs * p.dac_step);
+    float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
+    v -= p.ir_scale * cc * (ir * p.dac_step);
+#else
+    (void)abs;
+    (void)ir;
+#endif
+    return v;
+}
+
+// Outputs (row, col), (row, col + 1) of one crossbar block after step 4 (block_value): the
+// values `y` and, with PCM_READ, the sums Σ|W̃|x̃² (DAC code units) that set their weight-noise
+// variance.
+struct BlockValues {
     float y[2];
+#if MOE_PCM_READ
+    float s2[2];
+#endif
+};
+
+__device__ __forceinline__ BlockValues block_values(const GemmParams& p, const PairSums& s) {
+    BlockValues b;
 #pragma unroll
     for (u32 c = 0; c < 2; ++c) {
-        float v = s.acc[c] * p.dac_step;
 #if MOE_IR_DROP
-        float aa = p.ir_k * (s.abs[c] * p.dac_step);
-        float cc = aa * (aa * (0.05f * aa - 0.2f) + 0.5f);
-        v -= p.ir_scale * cc * (s.ir[c] * p.dac_step);
+        b.y[c] = block_value(p, s.acc[c], s.abs[c], s.ir[c]);
+#else
+        b.y[c] = block_value(p, s.acc[c], 0.0f, 0.0f);
 #endif
-        y[c] = v;
+#if MOE_PCM_READ
+        b.s2[c] = s.s2[c];
+#endif
     }
+    return b;
+}
+
+// Steps 5–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one
+// crossbar block with values `b` (block_values): short-term weight and output noise (normals
+// z), ADC, and the scale α_nm·s_map·α_GDC (`scale`: s_map·α_GDC of the two columns), added to
+// t[0], t[1] (the running total over the blocks along K). Mirrors tile::Crossbar::analog (one
+// normal per output of the summed variance, σ = out_noise without PCM_READ or ADDITIVE) and
+// forward_chunk step 9. With MOE_BM, sets `sat_bit` in `sat` when an output saturated the ADC
+// in a row that bound management may redo (α_nm > 0); in MOE_MODE 4, `sat_bit << c` for
+// output (row, col + c).
+__device__ __forceinline__ void block_outputs_of(const GemmParams& p, const BlockRow& r, float2 scale,
+                                                 const BlockValues& b, float2 z, float* t, u32& sat, u32 sat_bit) {
+    float y[2] = {b.y[0], b.y[1]};
 #if MOE_PCM_READ || MOE_OUT_NOISE || MOE_ADDITIVE
 #if MOE_PCM_READ
     const float out_var = __fmul_rn(p.out_noise, p.out_noise);
@@ -265,7 +298,7 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
     float sd[2];
 #pragma unroll
     for (u32 c = 0; c < 2; ++c) {
-        const float s2 = __fmul_rn(s.s2[c], step2);
+        const float s2 = __fmul_rn(b.s2[c], step2);
         sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
     }
 #elif MOE_ADDITIVE
@@ -299,5 +332,11 @@ __device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRo
         t[c] += v * (r.alpha_nm * (c == 0 ? scale.x : scale.y));
 #endif
     }
+}
+
+// Steps 3–7 and 9 (block_values, then block_outputs_of) for the sums `s` of one crossbar block.
+__device__ __forceinline__ void block_outputs(const GemmParams& p, const BlockRow& r, float2 scale,
+                                              const PairSums& s, float2 z, float* t, u32& sat, u32 sat_bit) {
+    block_outputs_of(p, r, scale, block_values(p, s), z, t, sat, sat_bit);
 }
 #endif

@@ -987,6 +987,13 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         bm,
         TilePreset::resolve("aihwkit-default").unwrap(),
         bound_managed_presets().pop().unwrap(), // ADDITIVE + iterative
+        // Side products (PCM_READ, IR drop): the 64-column tile with pipe 0 alone.
+        TilePreset::resolve("standard-hwa").unwrap(),
+        {
+            let mut p = narrow_crossbars();
+            p.name = "standard-hwa, 250-column crossbars".into();
+            p
+        },
     ];
     // Both tiles: 128 columns (one CTA per multiprocessor) and 64 (two; the gate/up blocks'
     // 4 fragment pairs over 8 steps, the down block's over 4), each with its default pipe, and
@@ -1000,10 +1007,14 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         t
     };
     assert_eq!(tiles(512).len(), 3);
+    assert_eq!(tiles(512)[0], WgmmaTile::new(64, 3, 0));
     for (preset, ti) in presets.iter().flat_map(|p| (0..3).map(move |i| (p, i))) {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
+        if periphery.side_products() && ti > 0 {
+            continue;
+        }
         {
             let precision = Precision::AnalogF16;
             let (tile_gu, tile_down) = (tiles(gate_up.k_block)[ti], tiles(down.k_block)[ti]);

@@ -702,16 +702,17 @@ mod gpu {
         let weight_elems = (e * 3 * n * d) as f64;
         let act_bytes =
             |elem: f64| (t * d) as f64 * (4.0 + 4.0) + pairs as f64 * n as f64 * (4.0 + 2.0 * elem);
-        // On Hopper the digital layer runs the wgmma kernel (sm_90a) and the analog wgmma
-        // kernel (the default there) is timed where the periphery has no side accumulators;
-        // the mma.sync kernels (those of other GPUs) beside them.
+        // On Hopper the digital layer runs the wgmma kernel (sm_90a) and the analog one the
+        // analog wgmma kernel (the default there); the mma.sync kernels (those of other GPUs)
+        // beside them.
         let hopper = dev.compute_capability() == (9, 0);
-        let analog_wgmma = hopper && periphery.wgmma_ready();
         // The analog wgmma rows: the tile `AIMC_ANALOG_WGMMA_TILE` gives where it is set, else
-        // both tiles in this process.
+        // each tile that runs the periphery, in this process.
         let analog_cols: Vec<Option<usize>> =
             if std::env::var_os("AIMC_ANALOG_WGMMA_TILE").is_some() {
                 vec![None]
+            } else if periphery.side_products() {
+                vec![Some(64)]
             } else {
                 ANALOG_WGMMA_COLS.map(Some).to_vec()
             };
@@ -750,7 +751,7 @@ mod gpu {
             } else {
                 GpuCase::Digital
             };
-            if !cases.contains(&wanted) || wgmma && !(hopper && (!analog || analog_wgmma)) {
+            if !cases.contains(&wanted) || wgmma && !hopper {
                 continue;
             }
             let tile = |n_cols: usize, k: usize, k_block: usize| -> Result<Option<WgmmaTile>> {

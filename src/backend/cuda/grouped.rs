@@ -380,10 +380,11 @@ impl GpuGroupedMatrix {
             // On Hopper the wgmma kernels run where their tile fits. Digital: 1.6× the
             // mma.sync kernel on the OLMoE layer, bit-identical outputs
             // (reports/bench/2026-11-23-wgmma.md); `AIMC_WGMMA_TILE` picks the tile. Analog
-            // (variants without side accumulators, [`GemmVariant::wgmma_ready`]; the others
-            // fall back to mma.sync at launch): on its 64-column tile 15 to 19 % faster than
-            // mma.sync at the Lightning set, within the layer parity bound of it
-            // (reports/bench/2026-12-07-analog-wgmma-default.md); `AIMC_ANALOG_WGMMA_TILE`
+            // (variants with an f32 output, [`GemmVariant::wgmma_ready`]; bound management's
+            // attempts and GDC readouts fall back to mma.sync at launch): on its 64-column
+            // tile 15 to 19 % faster than mma.sync at the Lightning set, within the layer
+            // parity bound of it (reports/bench/2026-12-07-analog-wgmma-default.md), and with
+            // side products (PCM_READ, IR drop) on that tile too; `AIMC_ANALOG_WGMMA_TILE`
             // picks the tile and `AIMC_ANALOG_WGMMA=0` runs mma.sync instead.
             wgmma: if dev.compute_capability() != (9, 0) || !m.k.is_multiple_of(WGMMA_TILE_K) {
                 None

@@ -83,10 +83,11 @@ impl GemmPeriphery {
         })
     }
 
-    /// Whether the analog wgmma kernel runs this periphery: no side accumulators (PCM_READ
-    /// weight noise, IR drop). See [`GemmVariant::wgmma_ready`](super::gemm::GemmVariant::wgmma_ready).
-    pub fn wgmma_ready(&self) -> bool {
-        self.pcm_read_std.is_none() && self.ir_drop.is_none()
+    /// Whether the GEMMs form side products beside W̃·x̃ (PCM_READ weight noise, IR drop): the
+    /// analog wgmma kernel then runs its 64-column tile alone
+    /// ([`GemmVariant::side_products`](super::gemm::GemmVariant::side_products)).
+    pub fn side_products(&self) -> bool {
+        self.pcm_read_std.is_some() || self.ir_drop.is_some()
     }
 
     /// Whether iterative bound management runs (saturated rows are redone by attempt passes).

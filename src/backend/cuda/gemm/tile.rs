@@ -6,7 +6,7 @@
 //! Mirrors the `MOE_TILE_*`, `MOE_WARPS_*`, `MOE_STAGES` macros of `kernels/gemm_common.cuh` and
 //! the `WG_*` macros of `kernels/gemm_wgmma.cuh`.
 
-use super::variant::GemmVariant;
+use super::variant::{GemmVariant, IR_TABLE_ROWS};
 use crate::backend::cuda::{CudaError, CudaResult};
 
 /// Rows (tokens) per CTA tile of the grouped GEMM (`BM` in the kernel), for every variant: the
@@ -356,20 +356,40 @@ impl WgmmaTile {
         }
     }
 
-    /// The analog kernel's conditions as a clear error: 64 or 128 columns dividing `n_cols`,
-    /// `pipe` 0 or 1 with at least 2 + `pipe` stages, crossbars of `k_block` rows in whole
-    /// [`WGMMA_TILE_K`] steps, and the stages with the previous block's sums and the normal
-    /// table within the shared-memory limit.
-    pub fn check_analog(self, n_cols: usize, k_block: usize) -> CudaResult<()> {
-        // The normal transform's table sits in static shared memory beside them.
-        let shared = self.shared_bytes(1)
-            + analog_prev_bytes(self.cols)
-            + crate::rng::normal::TABLE_LEN * std::mem::size_of::<[f32; 2]>();
+    /// Dynamic shared memory of the analog kernel running `v`: the stages of A (128 rows) and
+    /// the weight tile (`cols` rows; with side products a second one, of |W̃|) of 128 bytes,
+    /// the 1 KiB alignment slack, and the previous block's values ([`analog_prev_bytes`]).
+    pub fn analog_shared_bytes(self, v: &GemmVariant) -> usize {
+        let weight_tiles = 1 + usize::from(v.side_products());
+        self.stages * (TILE_ROWS + weight_tiles * self.cols) * WGMMA_TILE_K * 2
+            + 1024
+            + analog_prev_bytes(self.cols, v)
+    }
+
+    /// The analog kernel's conditions for `v` as a clear error: 64 or 128 columns dividing
+    /// `n_cols`, `pipe` 0 or 1 with at least 2 + `pipe` stages (with side products: 64
+    /// columns, `pipe` 0, at least 3 stages, so that each step can make the next one's |W̃|
+    /// tile), crossbars of `k_block` rows in whole [`WGMMA_TILE_K`] steps, and
+    /// [`Self::analog_shared_bytes`] with the normal and IR-drop tables within the
+    /// shared-memory limit.
+    pub fn check_analog(self, v: &GemmVariant, n_cols: usize, k_block: usize) -> CudaResult<()> {
+        // The normal transform's table and IR drop's row factors sit in static shared memory
+        // beside them.
+        let ir_table = if v.ir_drop && v.ir_table {
+            IR_TABLE_ROWS / 2 * 4
+        } else {
+            0
+        };
+        let shared = self.analog_shared_bytes(v)
+            + crate::rng::normal::TABLE_LEN * std::mem::size_of::<[f32; 2]>()
+            + ir_table;
+        let side_ok = !v.side_products() || (self.cols == 64 && self.pipe == 0 && self.stages >= 3);
         let ok = ANALOG_WGMMA_COLS.contains(&self.cols)
             && n_cols.is_multiple_of(self.cols)
             && self.pipe <= 1
             && self.scatter_pipe == self.pipe
             && self.stages >= 2 + self.pipe
+            && side_ok
             && k_block > 0
             && k_block.is_multiple_of(WGMMA_TILE_K)
             && shared <= MAX_SHARED_BYTES;
@@ -379,8 +399,9 @@ impl WgmmaTile {
             Err(CudaError::Unsupported(format!(
                 "analog wgmma GEMM tile {} does not fit N = {n_cols} with {k_block}-row \
                  crossbars ({ANALOG_WGMMA_COLS:?} columns dividing N, pipe 0 or 1 with at least \
-                 2 + pipe stages, crossbar rows a multiple of {WGMMA_TILE_K}, {shared} B of \
-                 shared memory, at most {MAX_SHARED_BYTES})",
+                 2 + pipe stages; with PCM_READ or IR drop 64 columns, pipe 0 and at least 3 \
+                 stages; crossbar rows a multiple of {WGMMA_TILE_K}, {shared} B of shared \
+                 memory, at most {MAX_SHARED_BYTES})",
                 self.describe()
             )))
         }
@@ -470,9 +491,12 @@ fn analog_wgmma_off_from(value: Option<&str>) -> CudaResult<bool> {
     }
 }
 
-/// Shared memory of the analog wgmma GEMM's previous-block sums (128 × `cols` f32).
-pub const fn analog_prev_bytes(cols: usize) -> usize {
-    TILE_ROWS * cols * 4
+/// Shared memory of the analog wgmma GEMM's per-output planes of 128 × `cols` f32 running
+/// `v`: the previous block's values; with PCM_READ the sums that set their weight-noise
+/// variance; with side products the running total (in registers without).
+pub fn analog_prev_bytes(cols: usize, v: &GemmVariant) -> usize {
+    let planes = 1 + usize::from(v.analog && v.pcm_read) + usize::from(v.side_products());
+    TILE_ROWS * cols * 4 * planes
 }
 
 /// Output columns per slab of the wgmma scatter-add GEMM with `k` inputs per row and `top_k`
@@ -536,36 +560,77 @@ mod tests {
     }
     #[test]
     fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
+        let lightning = GemmVariant::lightning(GemmOutput::SwiGlu);
         // 4 stages of A (128 rows) + fp16 weights (128 rows) × 128 bytes, under the 227 KiB
         // limit with the previous block's 64 KiB of sums.
         let tile = analog_wgmma_tile_of(128, 512).unwrap();
         assert_eq!(tile, WgmmaTile::new(128, 4, 1));
         assert_eq!(tile.shared_bytes(64), 4 * 256 * 128 + 1024);
-        assert!(tile.shared_bytes(1) + analog_prev_bytes(128) <= MAX_SHARED_BYTES);
-        tile.check_analog(1024, 512).unwrap();
+        assert_eq!(
+            tile.analog_shared_bytes(&lightning),
+            4 * 256 * 128 + 1024 + 128 * 128 * 4
+        );
+        tile.check_analog(&lightning, 1024, 512).unwrap();
         // The 64-column tile: two CTAs per multiprocessor (228 KiB) with 4 KiB of normal table
         // and 1 KiB the driver reserves per CTA beside each.
         let narrow = analog_wgmma_tile_of(64, 512).unwrap();
         assert_eq!(narrow, WgmmaTile::new(64, 3, 0));
-        let per_cta = narrow.shared_bytes(1) + analog_prev_bytes(64);
+        let per_cta = narrow.analog_shared_bytes(&lightning);
         assert_eq!(per_cta, 3 * 192 * 128 + 1024 + 128 * 64 * 4);
         assert!(2 * (per_cta + 5 * 1024) <= 228 * 1024);
-        narrow.check_analog(1024, 512).unwrap();
-        assert!(narrow.check_analog(96, 512).is_err());
-        WgmmaTile::new(64, 3, 1).check_analog(1024, 512).unwrap();
-        assert!(WgmmaTile::new(64, 2, 1).check_analog(1024, 512).is_err());
-        assert!(WgmmaTile::new(64, 3, 2).check_analog(1024, 512).is_err());
-        assert!(WgmmaTile::new(128, 5, 1).check_analog(1024, 512).is_err());
-        assert!(narrow.check_analog(1024, 250).is_err());
-        assert!(WgmmaTile::new(256, 4, 1).check_analog(1024, 512).is_err());
-        let err = WgmmaTile::new(64, 2, 1)
-            .check_analog(1024, 512)
+        let check = |t: WgmmaTile, v: &GemmVariant, n, k_block| t.check_analog(v, n, k_block);
+        check(narrow, &lightning, 1024, 512).unwrap();
+        assert!(check(narrow, &lightning, 96, 512).is_err());
+        check(WgmmaTile::new(64, 3, 1), &lightning, 1024, 512).unwrap();
+        assert!(check(WgmmaTile::new(64, 2, 1), &lightning, 1024, 512).is_err());
+        assert!(check(WgmmaTile::new(64, 3, 2), &lightning, 1024, 512).is_err());
+        assert!(check(WgmmaTile::new(128, 5, 1), &lightning, 1024, 512).is_err());
+        assert!(check(narrow, &lightning, 1024, 250).is_err());
+        assert!(check(WgmmaTile::new(256, 4, 1), &lightning, 1024, 512).is_err());
+        let err = check(WgmmaTile::new(64, 2, 1), &lightning, 1024, 512)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("analog wgmma GEMM tile 64,2,1 does not fit"),
             "{err}"
         );
+        // Side products (standard-hwa: PCM_READ and IR drop): a |W̃| tile per stage, a second
+        // plane of previous-block values and the running total, one CTA per multiprocessor,
+        // on the 64-column tile with pipe 0 and at least 3 stages alone.
+        let hwa = GemmVariant {
+            pcm_read: true,
+            ir_drop: true,
+            ..lightning
+        };
+        assert!(hwa.side_products() && !lightning.side_products());
+        assert_eq!(
+            narrow.analog_shared_bytes(&hwa),
+            3 * (128 + 2 * 64) * 128 + 1024 + 3 * 128 * 64 * 4
+        );
+        assert_eq!(
+            narrow.analog_shared_bytes(&GemmVariant {
+                pcm_read: false,
+                ..hwa
+            }),
+            3 * (128 + 2 * 64) * 128 + 1024 + 2 * 128 * 64 * 4
+        );
+        check(narrow, &hwa, 1024, 512).unwrap();
+        // A fourth stage passes the limit with the normal and IR-drop tables (230,400 +
+        // 3,968 + 8,192 B).
+        let err = check(WgmmaTile::new(64, 4, 0), &hwa, 1024, 512).unwrap_err();
+        assert!(
+            err.to_string().contains("242560 B of shared memory"),
+            "{err}"
+        );
+        for unfit in [
+            WgmmaTile::new(64, 3, 1),
+            WgmmaTile::new(128, 4, 1),
+            WgmmaTile::new(64, 2, 0),
+        ] {
+            assert!(check(unfit, &lightning, 1024, 512).is_ok() || unfit.stages == 2);
+            let err = check(unfit, &hwa, 1024, 512).unwrap_err().to_string();
+            assert!(err.contains("with PCM_READ or IR drop 64 columns"), "{err}");
+        }
         // Crossbar blocks must be whole 64-row wgmma steps.
         for cols in ANALOG_WGMMA_COLS {
             assert_eq!(analog_wgmma_tile_of(cols, 250), None);
@@ -578,8 +643,14 @@ mod tests {
             ..GemmVariant::lightning(output)
         };
         assert!(v(false, false, GemmOutput::ScatterAdd).wgmma_ready());
-        assert!(!v(true, false, GemmOutput::Store).wgmma_ready());
-        assert!(!v(false, true, GemmOutput::Store).wgmma_ready());
+        assert!(v(true, false, GemmOutput::Store).wgmma_ready());
+        assert!(v(false, true, GemmOutput::Store).wgmma_ready());
+        assert!(!v(true, true, GemmOutput::BmAttempt).wgmma_ready());
+        assert!(!GemmVariant {
+            block_readout: true,
+            ..v(false, false, GemmOutput::Store)
+        }
+        .wgmma_ready());
         let defines =
             analog_wgmma_defines(&v(false, false, GemmOutput::ScatterAdd), tile, 512, 256);
         assert!(defines.contains(&("MOE_KB_STEPS", 8)));

@@ -161,16 +161,18 @@ impl GemmVariant {
         self.analog && (self.pcm_read || self.ir_drop) && self.output != GemmOutput::BmAttempt
     }
 
-    /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog without side
-    /// accumulators (PCM_READ, IR drop: each would add 64 registers per thread to its three
-    /// accumulator sets) and with an f32 output.
+    /// Whether the analog GEMM forms side products beside W̃·x̃: Σ|W̃|x̃² (PCM_READ), Σ|W̃||x̃|
+    /// and Σ W̃ x̃ f(j) (IR drop).
+    pub fn side_products(&self) -> bool {
+        self.analog && (self.pcm_read || self.ir_drop)
+    }
+
+    /// Whether the sm_90a wgmma kernel runs this variant: digital, or analog with an f32
+    /// output that is not a bound-management attempt or a GDC readout (those run the mma.sync
+    /// kernel).
     pub fn wgmma_ready(&self) -> bool {
         !self.analog
-            || !(self.pcm_read
-                || self.block_readout
-                || self.ir_drop
-                || self.output.bf16()
-                || self.output == GemmOutput::BmAttempt)
+            || !(self.block_readout || self.output.bf16() || self.output == GemmOutput::BmAttempt)
     }
 }
 
@@ -317,6 +319,64 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
             let tile = analog_wgmma_tile_of(cols, k_block).expect("analog wgmma tile");
             analog_wgmma_defines(&var, tile, k_block, slab)
         })
+    }));
+    // Side products, on the 64-column tile alone: standard-hwa (PCM_READ and IR drop) in
+    // every output mode, each alone, IR drop's row factors computed in the K loop (crossbars
+    // beyond its table), and bound management beside them.
+    let hwa = GemmVariant {
+        pcm_read: true,
+        ir_drop: true,
+        ..analog
+    };
+    let mut side = [
+        GemmOutput::Store,
+        GemmOutput::SwiGlu,
+        GemmOutput::ScatterAdd,
+        GemmOutput::ClipCount,
+    ]
+    .map(|output| (GemmVariant { output, ..hwa }, 512))
+    .to_vec();
+    side.extend([
+        (
+            GemmVariant {
+                ir_drop: false,
+                ..hwa
+            },
+            512,
+        ),
+        (
+            GemmVariant {
+                pcm_read: false,
+                ..hwa
+            },
+            512,
+        ),
+        (
+            GemmVariant {
+                ir_table: false,
+                ..hwa
+            },
+            8192,
+        ),
+        (
+            GemmVariant {
+                output: GemmOutput::Store,
+                bound_management: true,
+                ..hwa
+            },
+            512,
+        ),
+        (
+            GemmVariant {
+                noise_quads: false,
+                ..hwa
+            },
+            512,
+        ),
+    ]);
+    v.extend(side.into_iter().map(|(var, k_block)| {
+        let tile = analog_wgmma_tile_of(64, k_block).expect("analog wgmma tile");
+        analog_wgmma_defines(&var, tile, k_block, 0)
     }));
     v
 }

@@ -6,9 +6,7 @@
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::allow_dynamic_shared;
-use super::tile::{
-    analog_prev_bytes, scatter_slab_cols, WgmmaTile, MAX_SHARED_BYTES, TILE_ROWS, WGMMA_TILE_K,
-};
+use super::tile::{scatter_slab_cols, WgmmaTile, MAX_SHARED_BYTES, TILE_ROWS, WGMMA_TILE_K};
 use super::tma::weight_tensor_map;
 use super::variant::{analog_wgmma_defines, GemmVariant};
 use super::GemmParams;
@@ -35,10 +33,10 @@ pub(crate) fn wgmma_gemm(
         || !m.k.is_multiple_of(WGMMA_TILE_K)
     {
         return Err(CudaError::Unsupported(format!(
-            "the wgmma grouped GEMM runs digital bf16 weights on any tile, analog ones without \
-             side accumulators on the analog tile (here {:?} weights, {variant:?}, tile \
-             {tile:?}, crossbar rows {}), on an sm_90 device (sm_{}{}) with K a multiple of \
-             {WGMMA_TILE_K} ({})",
+            "the wgmma grouped GEMM runs digital bf16 weights on any tile, analog ones with an \
+             f32 output (no bound-management attempt or GDC readout) on the analog tile (here \
+             {:?} weights, {variant:?}, tile {tile:?}, crossbar rows {}), on an sm_90 device \
+             (sm_{}{}) with K a multiple of {WGMMA_TILE_K} ({})",
             m.precision,
             m.k_block,
             dev.compute_capability().0,
@@ -47,7 +45,7 @@ pub(crate) fn wgmma_gemm(
         )));
     }
     if variant.analog {
-        tile.check_analog(m.n_cols, m.k_block)?;
+        tile.check_analog(variant, m.n_cols, m.k_block)?;
     } else {
         tile.check(m.n_cols)?;
     }
@@ -64,12 +62,11 @@ pub(crate) fn wgmma_gemm(
         "moe_gemm_wgmma"
     };
     let f = dev.function(&MOE_CU, &defines, name)?;
-    let shared = tile.shared_bytes(m.n_experts)
-        + if variant.analog {
-            analog_prev_bytes(tile.cols)
-        } else {
-            0
-        };
+    let shared = if variant.analog {
+        tile.analog_shared_bytes(variant)
+    } else {
+        tile.shared_bytes(m.n_experts)
+    };
     if shared > MAX_SHARED_BYTES {
         return Err(CudaError::Unsupported(format!(
             "wgmma GEMM tile {} with {} experts needs {shared} B of shared memory, at most \
