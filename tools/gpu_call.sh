@@ -6,7 +6,9 @@
 #   gpu_tests          gpu_backend and gpu_finetune with --include-ignored, logs in $L;
 #   bench TAG P [ENV]  `aimc bench --suite gpu` on the four shapes with preset P (and ENV
 #                      assignments), its table in $L/bench-TAG.md, the cuBLAS and analog rows
-#                      echoed.
+#                      echoed;
+#   pack               $L as one archive, $OUT/logs.tar.xz: the device returns only a few
+#                      files per call, and drops the rest.
 { date -u +%FT%TZ; nvidia-smi -L; ptxas --version | tail -1; } | tee "$OUT/device.txt"
 t0=$(date +%s)
 L=$OUT/logs
@@ -25,4 +27,7 @@ bench() {
     --shapes olmoe,fine-grained,mixtral,expert --repeats 9 --gpu-preset "$preset" \
     --report "$L/bench-$tag.md" > "$L/bench-$tag.log" 2>&1
   echo "== $tag rc=$? $(el)"; grep -E "^\| " "$L/bench-$tag.md" | grep -E "\(a\)|\(c\)" | cut -c1-190
+}
+pack() {
+  tar -C "$OUT" -cJf /tmp/logs.tar.xz logs && rm -rf "$L" && mv /tmp/logs.tar.xz "$OUT/"
 }

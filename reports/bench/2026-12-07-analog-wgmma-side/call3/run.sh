@@ -6,7 +6,7 @@
 # multiprocessor and with 5 CTAs walking ~20 tiles each), standard-hwa and the Lightning set
 # benched, then the stall sampling per SASS instruction of the gate/up GEMM, to compare with
 # call2/stalls.txt. Run from the repository root with LIMIT=330; carry .dev/cuda.tar.xz. The
-# logs come back as one archive: the device returns only a few files per call.
+# logs come back as one archive (pack).
 . tools/gpu_env.sh
 . tools/gpu_call.sh
 gpu_tests
@@ -21,4 +21,4 @@ go && { timeout 90 ncu --clock-control none --section SpeedOfLight --section War
   ncu -i "$L/side.ncu-rep" --print-details all > "$L/ncu-side.txt" 2>&1
   ncu -i "$L/side.ncu-rep" --page source --print-source sass --csv > "$L/sass-side.csv" 2>&1
   grep -E "Duration|Issue Slots|Eligible|stalled_[a-z_]+ " "$L/ncu-side.txt" | grep -v not_issued | cut -c1-120 | head -30; }
-tar -C "$OUT" -cJf /tmp/logs.tar.xz logs && rm -rf "$L" && mv /tmp/logs.tar.xz "$OUT/"
+pack
