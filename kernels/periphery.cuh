@@ -279,6 +279,29 @@ __device__ __forceinline__ BlockValues block_values(const GemmParams& p, const P
     return b;
 }
 
+#if MOE_PCM_READ || MOE_ADDITIVE
+// σ of a noise draw of variance v: √max(v, 2⁻¹⁰⁰) rounded as IEEE, mirroring tile::noise_sd
+// (tile::NOISE_VAR_FLOOR). From 2⁻¹⁰¹ up (finite) __fsqrt_rn is its fast path alone:
+// MUFU.RSQ y, s = x·y, the residual x − s² and s + residual·y/2 (ptxas 13.5, sm_90a), which
+// this writes out; the floor keeps the argument there, so the slow-path call that __fsqrt_rn
+// adds for zero, subnormal and special arguments (a branch that split the epilogue into blocks
+// ptxas scheduled apart) is gone. The argument is a sum of non-negative finite terms.
+__device__ __forceinline__ float noise_sd(float v) {
+    const float x = fmaxf(v, 0x1p-100f);
+#if MOE_MODE == 4
+    // The bound-management attempt with every side accumulator sits at 255 registers, where
+    // the interleaving the written-out root allows made ptxas spill 24 bytes: the library root
+    // of the same argument, the same value.
+    return __fsqrt_rn(x);
+#else
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    const float s = __fmul_rn(x, y);
+    return __fmaf_rn(__fmaf_rn(-s, s, x), __fmul_rn(y, 0.5f), s);
+#endif
+}
+#endif
+
 // Steps 5–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one
 // crossbar block with values `b` (block_values): short-term weight and output noise (normals
 // z), ADC, and the scale α_nm·s_map·α_GDC (`scale`: s_map·α_GDC of the two columns), added to
@@ -299,12 +322,12 @@ __device__ __forceinline__ void block_outputs_of(const GemmParams& p, const Bloc
 #pragma unroll
     for (u32 c = 0; c < 2; ++c) {
         const float s2 = __fmul_rn(b.s2[c], step2);
-        sd[c] = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, s2)));
+        sd[c] = noise_sd(__fadd_rn(out_var, __fmul_rn(std2, s2)));
     }
 #elif MOE_ADDITIVE
     const float out_var = __fmul_rn(p.out_noise, p.out_noise);
     const float std2 = __fmul_rn(p.w_noise_std, p.w_noise_std);
-    const float sdr = __fsqrt_rn(__fadd_rn(out_var, __fmul_rn(std2, r.sumsq)));
+    const float sdr = noise_sd(__fadd_rn(out_var, __fmul_rn(std2, r.sumsq)));
     const float sd[2] = {sdr, sdr};
 #else
     const float sd[2] = {p.out_noise, p.out_noise};

@@ -703,7 +703,9 @@ impl Crossbar {
                     std2: *std2,
                     s: sum_abs_w_x2.row(r).to_slice().expect("contiguous rows"),
                 },
-                WeightVar::Additive { per_row } => RowNoise::Uniform((out_var + per_row[r]).sqrt()),
+                WeightVar::Additive { per_row } => {
+                    RowNoise::Uniform(kernel::noise_sd(out_var + per_row[r]))
+                }
                 WeightVar::None => RowNoise::Uniform(p.out_noise),
             };
             let row = row.as_slice_mut().expect("contiguous output rows");

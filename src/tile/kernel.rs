@@ -380,8 +380,21 @@ unsafe fn store(dst: *mut f32, v: [__m256; 2], cols: usize, first: bool) {
     }
 }
 
+/// The smallest variance a summed noise draw takes (2⁻¹⁰⁰): its σ is at least 2⁻⁵⁰ in output
+/// units, far below any ADC step or f32 resolution of an output. With it the GPU's IEEE square
+/// root needs no slow path (the fast one is exact from 2⁻¹⁰¹ up), and every backend applies it,
+/// so their σ agree bit for bit. It binds only where the output noise is below 2⁻⁵⁰.
+pub const NOISE_VAR_FLOOR: f32 = f32::from_bits(0x0D80_0000);
+
+/// σ of a noise draw of variance `var`: √max(var, [`NOISE_VAR_FLOOR`]), rounded as IEEE.
+/// `kernels/periphery.cuh` (`noise_sd`) and `backend::cuda::reference` mirror it.
+#[inline]
+pub fn noise_sd(var: f32) -> f32 {
+    var.max(NOISE_VAR_FLOOR).sqrt()
+}
+
 /// The output noise of one row: `y += sd·z` with one σ for the row (output noise alone, or
-/// with ADDITIVE weight noise), or `y += √(out_var + std2·s_i)·z` per output (PCM_READ).
+/// with ADDITIVE weight noise), or `y += noise_sd(out_var + std2·s_i)·z` per output (PCM_READ).
 #[derive(Clone, Copy, Debug)]
 pub enum RowNoise<'a> {
     /// σ of every output of the row.
@@ -457,7 +470,7 @@ fn noise_adc_scalar(
             RowNoise::Uniform(sd) => y.iter_mut().zip(z).for_each(|(y, &z)| *y += sd * z),
             RowNoise::PcmRead { out_var, std2, s } => {
                 for ((y, &v), &z) in y.iter_mut().zip(s).zip(z) {
-                    *y += (out_var + std2 * v).sqrt() * z;
+                    *y += noise_sd(out_var + std2 * v) * z;
                 }
             }
         }
@@ -608,7 +621,7 @@ unsafe fn noise_adc_avx2(
                         _mm256_set1_ps(out_var),
                         _mm256_mul_ps(_mm256_set1_ps(std2), sv),
                     );
-                    _mm256_sqrt_ps(var)
+                    _mm256_sqrt_ps(_mm256_max_ps(var, _mm256_set1_ps(NOISE_VAR_FLOOR)))
                 }
             };
             v = _mm256_add_ps(v, _mm256_mul_ps(sd, zv));
@@ -762,6 +775,33 @@ mod tests {
             .collect()
     }
 
+    /// σ is the IEEE square root of the variance from the floor up, and 2⁻⁵⁰ (the floor's
+    /// root, exact) below it; the per-output noise of a row with no output noise takes it.
+    #[test]
+    fn noise_sd_is_the_ieee_root_above_its_floor() {
+        assert_eq!(NOISE_VAR_FLOOR, 2f32.powi(-100));
+        let root = 2f32.powi(-50);
+        assert_eq!(noise_sd(NOISE_VAR_FLOOR).to_bits(), root.to_bits());
+        for var in [0.0f32, -0.0, 1e-45, 1e-38, NOISE_VAR_FLOOR / 2.0] {
+            assert_eq!(noise_sd(var).to_bits(), root.to_bits(), "{var:e}");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..100_000 {
+            // Log-uniform over the floor to 2¹⁰⁰.
+            let var = 2f32.powf(rng.random_range(-100.0f32..100.0));
+            assert_eq!(noise_sd(var).to_bits(), var.sqrt().to_bits(), "{var:e}");
+        }
+        let mut y = [0.0f32, 0.0];
+        let s = [0.0f32, 1e-40];
+        let noise = RowNoise::PcmRead {
+            out_var: 0.0,
+            std2: 0.5,
+            s: &s,
+        };
+        noise_adc_scalar(&mut y, Some(&[3.0, -5.0]), noise, None);
+        assert_eq!(y, [3.0 * root, -5.0 * root]);
+    }
+
     /// The vector DAC, noise + ADC, rescale and abs-max give the scalar code's bits, NaN and
     /// signed zeros included, on lengths with and without a scalar tail.
     #[test]
@@ -791,6 +831,9 @@ mod tests {
             let x = awkward_values(n, &mut rng);
             let z = awkward_values(n, &mut rng);
             let s: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..40.0)).collect();
+            let s_small: Vec<f32> = (0..n)
+                .map(|i| [0.0, 1e-45, 1e-10, 40.0][i % 4] * rng.random_range(0.5f32..1.0))
+                .collect();
             for q in quantizers {
                 for scale in [1.0f32, 0.37, 3.0e-39, 1e30] {
                     let mut want = vec![0.0; n];
@@ -805,6 +848,12 @@ mod tests {
                         out_var: 0.0016,
                         std2: 0.0003,
                         s: &s,
+                    },
+                    // No output noise: variances of zero and below the floor.
+                    RowNoise::PcmRead {
+                        out_var: 0.0,
+                        std2: 1e-30,
+                        s: &s_small,
                     },
                 ];
                 for noise in noises {

@@ -19,6 +19,7 @@ pub use crossbar::{Crossbar, GDC_MIN_READOUT, GDC_READOUT_MVM_ID, GDC_REFERENCE_
 pub use drift_study::{
     drift_study, DriftFan, DriftFanLevel, DriftPoint, DriftStudy, DriftStudyConfig, DEFAULT_TIMES_S,
 };
+pub use kernel::{noise_sd, NOISE_VAR_FLOOR};
 pub use matrix::{split_equal, AnalogMatrix, BlockGeometry};
 pub use preset::{
     bound_is_a_level, quotient_by_reciprocal, rint, BoundManagement, DriftCompensation, FieldError,

@@ -15,6 +15,7 @@ use super::grouped::GroupedMatrix;
 
 use super::gemm::Precision;
 use crate::rng::{Purpose, Stream};
+use crate::tile::noise_sd;
 
 /// Operand rounding of the tensor-core kernels, emulated on exact products with f32 sums.
 ///
@@ -163,8 +164,8 @@ pub fn grouped_rows(
                             .normal_attempt(idx, mvm_id, attempt);
                         let out_var = p.out_noise * p.out_noise;
                         let sd = match (p.pcm_read_std, p.additive_std) {
-                            (Some(std), _) => (out_var + std * std * (s2 * (step * step))).sqrt(),
-                            (None, Some(std)) => (out_var + std * std * sum_x2).sqrt(),
+                            (Some(std), _) => noise_sd(out_var + std * std * (s2 * (step * step))),
+                            (None, Some(std)) => noise_sd(out_var + std * std * sum_x2),
                             (None, None) => p.out_noise,
                         };
                         v += sd * z;
