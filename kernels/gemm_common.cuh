@@ -119,6 +119,40 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     return d;
 }
 
+#if MOE_ANALOG && (MOE_PCM_READ || MOE_IR_DROP)
+// The side operands of one m16n8k16 A fragment `a` of DAC codes (binary16 pairs; registers 0
+// and 1 hold crossbar rows j0, j0 + 1, registers 2 and 3 rows j0 + 8, j0 + 9), rounded to
+// binary16 as the side products take them: x̃² (PCM_READ), |x̃| and f(j)·x̃ with the row-factor
+// pairs f_lo of rows j0, j0 + 1 and f_hi of rows j0 + 8, j0 + 9 (IR drop). Both GEMM kernels
+// form their side operands here; the fields a caller leaves unread cost nothing.
+struct SideA {
+#if MOE_PCM_READ
+    u32 a2[4];
+#endif
+#if MOE_IR_DROP
+    u32 aa[4], af[4];
+#endif
+};
+__device__ __forceinline__ SideA side_operands(const u32* a, u32 f_lo, u32 f_hi) {
+    SideA o;
+#if MOE_PCM_READ
+#pragma unroll
+    for (u32 i = 0; i < 4; ++i) o.a2[i] = hmul2(a[i], a[i]);
+#endif
+#if MOE_IR_DROP
+#pragma unroll
+    for (u32 i = 0; i < 4; ++i) {
+        o.aa[i] = a[i] & 0x7fff7fffu;
+        o.af[i] = hmul2(a[i], i < 2 ? f_lo : f_hi);
+    }
+#else
+    (void)f_lo;
+    (void)f_hi;
+#endif
+    return o;
+}
+#endif
+
 __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
     u32 d;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));

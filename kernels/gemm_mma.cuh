@@ -191,10 +191,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
 #if MOE_PCM_READ
 #pragma unroll
             for (u32 mi = 0; mi < MI; ++mi) {
-                u32 a2[4] = {hmul2(a[mi][0], a[mi][0]), hmul2(a[mi][1], a[mi][1]), hmul2(a[mi][2], a[mi][2]),
-                             hmul2(a[mi][3], a[mi][3])};
+                const SideA o = side_operands(a[mi], 0u, 0u);
 #pragma unroll
-                for (u32 tn = 0; tn < TN; ++tn) mma16816(acc_s2[mi][tn], a2, babs[tn][0], babs[tn][1]);
+                for (u32 tn = 0; tn < TN; ++tn) mma16816(acc_s2[mi][tn], o.a2, babs[tn][0], babs[tn][1]);
             }
 #endif
 #if MOE_IR_DROP
@@ -203,14 +202,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, MOE_MIN_CTAS) moe_gemm(Ge
                 const u32 f_lo = ir_pair(j0, p.k_block), f_hi = ir_pair(j0 + 8, p.k_block);
 #pragma unroll
                 for (u32 mi = 0; mi < MI; ++mi) {
-                    u32 aa[4] = {a[mi][0] & 0x7fff7fffu, a[mi][1] & 0x7fff7fffu, a[mi][2] & 0x7fff7fffu,
-                                 a[mi][3] & 0x7fff7fffu};
-                    u32 af[4] = {hmul2(a[mi][0], f_lo), hmul2(a[mi][1], f_lo), hmul2(a[mi][2], f_hi),
-                                 hmul2(a[mi][3], f_hi)};
+                    const SideA o = side_operands(a[mi], f_lo, f_hi);
 #pragma unroll
                     for (u32 tn = 0; tn < TN; ++tn) {
-                        mma16816(acc_abs[mi][tn], aa, babs[tn][0], babs[tn][1]);
-                        mma16816(acc_ir[mi][tn], af, b[tn][0], b[tn][1]);
+                        mma16816(acc_abs[mi][tn], o.aa, babs[tn][0], babs[tn][1]);
+                        mma16816(acc_ir[mi][tn], o.af, b[tn][0], b[tn][1]);
                     }
                 }
             }

@@ -57,8 +57,13 @@
 // Shared-memory matrix descriptor of a K-major bf16 tile with 128-byte rows in 128B-swizzle
 // atoms of 8 rows: start address >> 4, leading byte offset 16 (unused by this layout), stride
 // byte offset 1024 (between 8-row atoms), swizzle mode 1 (128B) in bits 62–63.
+// Split for stepping along K: WG_DESC_HI (stride byte offset and swizzle mode) and
+// wg_desc_lo (start address and leading byte offset) of an address below 2^18, whose mask is
+// then a no-op and whose OR with the leading byte offset an add; 32 bytes on along K add 2.
+#define WG_DESC_HI (((u64)(1024 >> 4) << 32) | (1ull << 62))
+__device__ __forceinline__ u32 wg_desc_lo(u32 saddr) { return (saddr >> 4) + (16u >> 4 << 16); }
 __device__ __forceinline__ u64 wg_desc(u32 saddr) {
-    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)(16 >> 4) << 16) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)(16 >> 4) << 16) | WG_DESC_HI;
 }
 
 // Byte offset of 16-byte chunk c (0..7) of row r in a 128B-swizzled tile (1024-byte aligned).
@@ -171,11 +176,10 @@ __device__ __forceinline__ void wg_fence_acc(float* d) {
 // (wg_desc per k16 cost ~10 instructions per wgmma, uniform and vector, in a loop bound by
 // the instructions it issues.)
 __device__ __forceinline__ void wg_mma_k16s(float* d, u32 s_a, u32 s_b) {
-    constexpr u64 HI = ((u64)(1024 >> 4) << 32) | (1ull << 62);
-    const u32 a_lo = (s_a >> 4) + (16u >> 4 << 16), b_lo = (s_b >> 4) + (16u >> 4 << 16);
+    const u32 a_lo = wg_desc_lo(s_a), b_lo = wg_desc_lo(s_b);
 #pragma unroll
     for (u32 kk = 0; kk < WG_BK / 16; ++kk) {
-        const u64 da = HI | (a_lo + 2 * kk), db = HI | (b_lo + 2 * kk);
+        const u64 da = WG_DESC_HI | (a_lo + 2 * kk), db = WG_DESC_HI | (b_lo + 2 * kk);
 #if WG_BN == 64
         wgmma_m64n64k16(d, da, db);
 #elif WG_BN == 128
@@ -540,47 +544,26 @@ __device__ __forceinline__ void wg_fence_side(WgSideAcc& a) {
 #endif
 }
 
-// The register A operands of k16 step kk of K step j of a crossbar block for this warp's 16
-// rows of the warpgroup's A tile at s_a (the m16n8k16 A-fragment layout that wgmma takes from
-// registers, by one ldmatrix from the 128B-swizzled tile): x̃² (PCM_READ), |x̃| and f(j)·x̃ (IR
-// drop), in binary16 as the mma.sync kernel forms them.
-struct WgSideA {
-#if MOE_PCM_READ
-    u32 a2[4];
-#endif
-#if MOE_IR_DROP
-    u32 aa[4], af[4];
-#endif
-};
-__device__ __forceinline__ WgSideA wg_side_a(const GemmParams& p, u32 s_a, u32 warp_in_wg, u32 lane, u32 j, u32 kk) {
+// The register A operands (side_operands) of k16 step kk of K step j of a crossbar block for
+// this warp's 16 rows of the warpgroup's A tile at s_a: the m16n8k16 A-fragment layout that
+// wgmma takes from registers, by one ldmatrix from the 128B-swizzled tile.
+__device__ __forceinline__ SideA wg_side_a(const GemmParams& p, u32 s_a, u32 warp_in_wg, u32 lane, u32 j, u32 kk) {
     u32 a[4];
     ldmatrix_x4(s_a + wg_swizzle(warp_in_wg * 16 + (lane & 15), kk * 2 + (lane >> 4)), a[0], a[1], a[2], a[3]);
-    WgSideA o;
-#if MOE_PCM_READ
-#pragma unroll
-    for (u32 i = 0; i < 4; ++i) o.a2[i] = hmul2(a[i], a[i]);
-#endif
 #if MOE_IR_DROP
-    // Crossbar rows j0, j0 + 1 (registers 0, 1) and j0 + 8, j0 + 9 (registers 2, 3).
     const u32 j0 = j * WG_BK + kk * 16 + (lane & 3) * 2;
-    const u32 f_lo = ir_pair(j0, p.k_block), f_hi = ir_pair(j0 + 8, p.k_block);
-#pragma unroll
-    for (u32 i = 0; i < 4; ++i) {
-        o.aa[i] = a[i] & 0x7fff7fffu;
-        o.af[i] = hmul2(a[i], i < 2 ? f_lo : f_hi);
-    }
+    return side_operands(a, ir_pair(j0, p.k_block), ir_pair(j0 + 8, p.k_block));
 #else
     (void)p;
     (void)j;
+    return side_operands(a, 0u, 0u);
 #endif
-    return o;
 }
 
 // The side wgmma of k16 step kk: x̃² and |x̃| against |W̃| (abs_b), f(j)·x̃ against W̃ (s_b).
-__device__ __forceinline__ void wg_side_mma(WgSideAcc& acc, const WgSideA& o, u32 s_b, u32 kk) {
-    constexpr u64 HI = ((u64)(1024 >> 4) << 32) | (1ull << 62);
-    const u32 b_lo = (s_b >> 4) + (16u >> 4 << 16) + 2 * kk;
-    const u64 db = HI | b_lo, dabs = HI | (b_lo + (WG_B_BYTES >> 4));
+__device__ __forceinline__ void wg_side_mma(WgSideAcc& acc, const SideA& o, u32 s_b, u32 kk) {
+    const u32 b_lo = wg_desc_lo(s_b) + 2 * kk;
+    const u64 db = WG_DESC_HI | b_lo, dabs = WG_DESC_HI | (b_lo + (WG_B_BYTES >> 4));
 #if MOE_PCM_READ
     wgmma_m64n64k16_rs(acc.s2, o.a2, dabs);
 #endif
@@ -714,7 +697,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
             // periphery runs beside them, with one operand set in registers), then the side
             // products of steps 1–3 (the next step's |W̃| tile beside them).
             {
-                const WgSideA o0 = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, 0);
+                const SideA o0 = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, 0);
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
                 wg_mma_k16s(d, s_a_wg, s_b);
                 wg_side_mma(side, o0, s_b, 0);
@@ -723,7 +706,7 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
             if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             {
-                WgSideA o[3];
+                SideA o[3];
 #pragma unroll
                 for (u32 kk = 1; kk < 4; ++kk) o[kk - 1] = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, kk);
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
