@@ -1,7 +1,7 @@
 #!/bin/bash
-# Next call, for the persistent analog wgmma kernel with side products (ae7b235) and the noise
-# root without its slow path (cff6d34); main reverts both (2426ccb, 0a26596): re-apply with
-# `git revert 0a26596 2426ccb`, then `bash tools/gpu_prepare.sh`. One CTA
+# Next call, for the persistent analog wgmma kernel with side products (c591cec, first as
+# ae7b235) and the noise root without its slow path (cff6d34); main reverts both (46d0174,
+# 0a26596): re-apply with `git revert 0a26596 46d0174`, then `bash tools/gpu_prepare.sh`. One CTA
 # per multiprocessor walks its tiles; a tile's last periphery runs beside the next tile's first
 # block. The GPU tests (the analog wgmma parity test runs standard-hwa with a CTA per
 # multiprocessor and with 5 CTAs walking ~20 tiles each), standard-hwa and the Lightning set
