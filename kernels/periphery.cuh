@@ -281,8 +281,25 @@ __device__ __forceinline__ BlockValues block_values(const GemmParams& p, const P
 
 #if MOE_PCM_READ || MOE_ADDITIVE
 // σ of a noise draw of variance v: √max(v, 2⁻¹⁰⁰) rounded as IEEE, mirroring tile::noise_sd
-// (tile::NOISE_VAR_FLOOR). The argument is a sum of non-negative finite terms.
-__device__ __forceinline__ float noise_sd(float v) { return __fsqrt_rn(fmaxf(v, 0x1p-100f)); }
+// (tile::NOISE_VAR_FLOOR). From 2⁻¹⁰¹ up (finite) __fsqrt_rn is its fast path alone:
+// MUFU.RSQ y, s = x·y, the residual x − s² and s + residual·y/2 (ptxas 13.5, sm_90a), which
+// this writes out; the floor keeps the argument there, so the slow-path call that __fsqrt_rn
+// adds for zero, subnormal and special arguments (a branch that split the epilogue into blocks
+// ptxas scheduled apart) is gone. The argument is a sum of non-negative finite terms.
+__device__ __forceinline__ float noise_sd(float v) {
+    const float x = fmaxf(v, 0x1p-100f);
+#if MOE_MODE == 4
+    // The bound-management attempt with every side accumulator sits at 255 registers, where
+    // the interleaving the written-out root allows made ptxas spill 24 bytes: the library root
+    // of the same argument, the same value.
+    return __fsqrt_rn(x);
+#else
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    const float s = __fmul_rn(x, y);
+    return __fmaf_rn(__fmaf_rn(-s, s, x), __fmul_rn(y, 0.5f), s);
+#endif
+}
 #endif
 
 // Steps 5–7 and 9 of tile::Crossbar::forward_chunk for outputs (row, col), (row, col + 1) of one
