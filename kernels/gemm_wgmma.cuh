@@ -244,10 +244,10 @@ struct WgCta {
     u32 t, lane, wg, warp_in_wg;
 };
 
-// False past the last tile.
-__device__ __forceinline__ bool wg_cta(const GemmParams& p, unsigned char* smem, WgCta& c) {
+// Tile b (blockIdx.x for the one-tile schedules); false past the last tile.
+__device__ __forceinline__ bool wg_cta(const GemmParams& p, unsigned char* smem, u32 b, WgCta& c) {
     u32 m_tile, n_tile;
-    if (!tile_of_block(p, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, c.e, m_tile, n_tile)) return false;
+    if (!tile_at(p, b, p.n / WG_BN, MOE_RASTER_COLS / WG_BN, c.e, m_tile, n_tile)) return false;
     c.base = (smem_addr(smem) + 1023u) & ~1023u;  // the host adds 1024 bytes of slack
     c.row_begin = p.offsets[c.e];
     c.rows_e = p.offsets[c.e + 1] - c.row_begin;
@@ -593,6 +593,14 @@ __device__ __forceinline__ void wg_abs_tile(u32 s_b, u32 t) {
 }
 #endif
 
+// With side products the kernel is persistent (WG_PERSIST): one CTA per multiprocessor walks
+// tiles b, b + gridDim.x, ... (raster order, as the one-tile CTAs run), and the last crossbar
+// block's periphery of one tile runs beside the first block's wgmma of the next, whose end then
+// takes the earlier tile's total to its epilogue. One tile per CTA left that periphery and the
+// pipeline fill of the next CTA with no MMAs beside them: 19 % of Nsight Compute's stall
+// samples on OLMoE's gate/up GEMM (reports/bench/2026-12-07-analog-wgmma-side.md). Without
+// side products two CTAs per multiprocessor hide each other's.
+#define WG_PERSIST WG_SIDE
 extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_analog_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
 #if MOE_NORMALS
@@ -601,13 +609,12 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
 #if MOE_IR_DROP && MOE_IR_TABLE
     stage_ir_table(p.k_block);
 #endif
+    u32 b = blockIdx.x;  // the tile (CTA of the one-tile schedule) whose wgmma run
     WgCta cta;
-    if (!wg_cta(p, wg_smem, cta)) return;
-    const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
-    WgStages stages(p, cta);
-    // This thread's two rows of the tile (accumulator halves 0 and 1).
-    const u32 row_local0 = m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2);
-    const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
+    if (!wg_cta(p, wg_smem, b, cta)) return;
+    const u32 base = cta.base, t = cta.t, lane = cta.lane, wg = cta.wg, warp_in_wg = cta.warp_in_wg;
+    // This thread's first row in a tile starting at row m0 (accumulator halves 0 and 1: + 0, + 8).
+    auto row_local0_of = [&](u32 m0) { return m0 + wg * 64 + warp_in_wg * 16 + (lane >> 2); };
     // The rows of the block in prev; all zero for a row past the expert's (see wg_block_part).
     BlockRow br[2] = {};
 
@@ -644,26 +651,28 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     wg_fence_side(side);
 #endif
 
-    stages.start(p);
-#if WG_SIDE
-    // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
-    // WgStages::next has then waited for.
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
-    __syncthreads();
-    wg_abs_tile(base + WG_A_BYTES, t);
-#endif
     u32 bm_rows = 0;  // bit h: row h had a saturated output in some crossbar block
     const u32* tid_of_col = p.col_tensor_id;
     const float* scale_of_col = p.col_scale;
     WgCols cols;  // the column constants of the next fragment pair the periphery takes
-    // prev: the contributions of block kb − 1 go to the total (this thread's own values: no
+#if WG_PERSIST
+    u32 prev_n0 = 0;  // the first column of the tile whose block is in prev
+    // prev holds a block whose periphery has yet to run: past this CTA's first block. (Kept as
+    // flags and tile numbers of their own, they took registers the periphery needs.)
+#define WG_HAVE_PREV(kb) ((kb) > 0 || b != blockIdx.x)
+#else
+#define WG_HAVE_PREV(kb) ((kb) > 0)
+#define prev_n0 cta.n0
+#endif
+    // prev: the contributions of the block before go to the total (this thread's own values: no
     // barrier), in block order as moe_gemm adds them; then the sums of block kb replace them.
     // With side products prev takes block_values: the IR drop is applied here, once per
     // output, so prev holds at most two planes.
     auto finish_block = [&](u32 kb) {
+        (void)kb;
 #pragma unroll
         for (int i = 0; i < WG_BN / 2; ++i) {
-            if (kb > 0) WG_TOTAL(i) += prev[i * WG_THREADS];
+            if (WG_HAVE_PREV(kb)) WG_TOTAL(i) += prev[i * WG_THREADS];
 #if WG_SIDE
 #if MOE_IR_DROP
             prev[i * WG_THREADS] = block_value(p, d[i], side.abs[i], side.ir[i]);
@@ -682,91 +691,149 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
             d[i] = 0.0f;
         }
     };
-    u32 step = 0;
-    // Block kb's MMAs, and the periphery of block kb − 1 between each step's wgmma issue and
-    // wait. The wgmma must not sit in a branch: ptxas serialised them all (C7518, "WG.DP in
-    // divergent path") while the MMAs and the periphery were one loop with a pass for each.
-    for (u32 kb = 0; kb < p.n_kb; ++kb) {
-#pragma unroll 1
-        for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
-            const u32 s_a = stages.next(p, step);
-            const u32 s_a_wg = s_a + wg * (64 * 128), s_b = s_a + WG_A_BYTES;
-#if WG_SIDE
-            // Two wgmma groups, so that the register operands of the side products stay alive
-            // only until their group retires: the products and k16 step 0's side products (the
-            // periphery runs beside them, with one operand set in registers), then the side
-            // products of steps 1–3 (the next step's |W̃| tile beside them).
-            {
-                const SideA o0 = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, 0);
-                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-                wg_mma_k16s(d, s_a_wg, s_b);
-                wg_side_mma(side, o0, s_b, 0);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            }
-            if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            {
-                SideA o[3];
-#pragma unroll
-                for (u32 kk = 1; kk < 4; ++kk) o[kk - 1] = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, kk);
-                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-                for (u32 kk = 1; kk < 4; ++kk) wg_side_mma(side, o[kk - 1], s_b, kk);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            }
-            if (step + 1 < stages.n_steps) wg_abs_tile(stages.base + stages.read_slot + WG_A_BYTES, t);
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#else
-            wg_mma_stage(d, s_a_wg, s_b);
-            if (kb > 0) wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
-            asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
-#endif
-        }
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        wg_fence_acc(d);
-#if WG_SIDE
-        wg_fence_side(side);
-#endif
-        finish_block(kb);
-        wg_fence_acc(d);
-#if WG_SIDE
-        wg_fence_side(side);
-#endif
-#pragma unroll
-        for (u32 half = 0; half < 2; ++half)
-            if (row_ok[half]) br[half] = block_row(p, row_begin + row_local0 + 8 * half, row_local0 + 8 * half, kb);
-        const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
-        tid_of_col = p.col_tensor_id + tab_row;
-        scale_of_col = p.col_scale + tab_row;
-        cols = wg_cols(p, tid_of_col, scale_of_col, n0, lane, 0);
-    }
-    // The last block's periphery, with no MMAs left to hide it.
-#pragma unroll 1
-    for (u32 j = 0; j < MOE_KB_STEPS; ++j)
-        wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, n0, lane, bm_rows);
-#pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) WG_TOTAL(i) += prev[i * WG_THREADS];
+    // Tile c's total is complete: its rows' bound-management flags and its outputs.
+    auto tile_done = [&](const WgCta& c) {
+        const u32 row_local0 = row_local0_of(c.m0);
 #if MOE_BM
 #pragma unroll
-    for (u32 half = 0; half < 2; ++half)
-        if (bm_rows & (1u << half)) p.bm_flag[row_begin + row_local0 + 8 * half] = 1u;
+        for (u32 half = 0; half < 2; ++half)
+            if (bm_rows & (1u << half)) p.bm_flag[c.row_begin + row_local0 + 8 * half] = 1u;
+        bm_rows = 0;
 #else
-    (void)bm_rows;
+        (void)row_local0;
 #endif
 #if WG_SIDE
 #pragma unroll
-    for (int i = 0; i < WG_BN / 2; ++i) d[i] = WG_TOTAL(i);
-    wg_epilogue(p, d, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+        for (int i = 0; i < WG_BN / 2; ++i) d[i] = WG_TOTAL(i);
+        wg_epilogue(p, d, c.row_begin, c.rows_e, c.m0 + wg * 64, c.n0, warp_in_wg, lane);
+#pragma unroll
+        for (int i = 0; i < WG_BN / 2; ++i) {
+            d[i] = 0.0f;
+            WG_TOTAL(i) = 0.0f;
+        }
 #else
-    wg_epilogue(p, total, row_begin, rows_e, m0 + wg * 64, n0, warp_in_wg, lane);
+        wg_epilogue(p, total, c.row_begin, c.rows_e, c.m0 + wg * 64, c.n0, warp_in_wg, lane);
 #endif
+    };
+    for (;;) {
+        const u32 e = cta.e, row_begin = cta.row_begin, rows_e = cta.rows_e, n0 = cta.n0;
+        const u32 row_local0 = row_local0_of(cta.m0);
+        const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
+        WgStages stages(p, cta);
+        stages.start(p);
+#if WG_SIDE
+        // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
+        // WgStages::next has then waited for.
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+        __syncthreads();
+        wg_abs_tile(base + WG_A_BYTES, t);
+#endif
+        u32 step = 0;
+        // Block kb's MMAs, and the periphery of the block before between each step's wgmma
+        // issue and wait. The wgmma must not sit in a branch: ptxas serialised them all
+        // (C7518, "WG.DP in divergent path") while the MMAs and the periphery were one loop
+        // with a pass for each.
+        for (u32 kb = 0; kb < p.n_kb; ++kb) {
+#pragma unroll 1
+            for (u32 j = 0; j < MOE_KB_STEPS; ++j, ++step) {
+                const u32 s_a = stages.next(p, step);
+                const u32 s_a_wg = s_a + wg * (64 * 128), s_b = s_a + WG_A_BYTES;
+#if WG_SIDE
+                // Two wgmma groups, so that the register operands of the side products stay
+                // alive only until their group retires: the products and k16 step 0's side
+                // products (the periphery runs beside them, with one operand set in registers),
+                // then the side products of steps 1–3 (the next step's |W̃| tile beside them).
+                {
+                    const SideA o0 = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, 0);
+                    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+                    wg_mma_k16s(d, s_a_wg, s_b);
+                    wg_side_mma(side, o0, s_b, 0);
+                    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                }
+                if (WG_HAVE_PREV(kb))
+                    wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, prev_n0, lane, bm_rows);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                {
+                    SideA o[3];
+#pragma unroll
+                    for (u32 kk = 1; kk < 4; ++kk) o[kk - 1] = wg_side_a(p, s_a_wg, warp_in_wg, lane, j, kk);
+                    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                    for (u32 kk = 1; kk < 4; ++kk) wg_side_mma(side, o[kk - 1], s_b, kk);
+                    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                }
+                if (step + 1 < stages.n_steps) wg_abs_tile(stages.base + stages.read_slot + WG_A_BYTES, t);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#else
+                wg_mma_stage(d, s_a_wg, s_b);
+                if (WG_HAVE_PREV(kb))
+                    wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, prev_n0, lane, bm_rows);
+                asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
+#endif
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            wg_fence_acc(d);
+#if WG_SIDE
+            wg_fence_side(side);
+#endif
+            finish_block(kb);
+#if WG_PERSIST
+            // The tile before this one has had its last block's periphery (beside this tile's
+            // first block) and its contributions added: its total is complete.
+            if (kb == 0 && b != blockIdx.x) {
+                WgCta done;
+                wg_cta(p, wg_smem, b - gridDim.x, done);
+                tile_done(done);
+            }
+#endif
+            wg_fence_acc(d);
+#if WG_SIDE
+            wg_fence_side(side);
+#endif
+#pragma unroll
+            for (u32 half = 0; half < 2; ++half) {
+#if WG_PERSIST
+                // A row past this expert's may have been live in the tile before.
+                if (!row_ok[half]) br[half] = BlockRow{};
+#endif
+                if (row_ok[half]) br[half] = block_row(p, row_begin + row_local0 + 8 * half, row_local0 + 8 * half, kb);
+            }
+            const u64 tab_row = ((u64)e * p.n_kb + kb) * p.n;
+            tid_of_col = p.col_tensor_id + tab_row;
+            scale_of_col = p.col_scale + tab_row;
+#if WG_PERSIST
+            prev_n0 = n0;
+#endif
+            cols = wg_cols(p, tid_of_col, scale_of_col, n0, lane, 0);
+        }
+#if WG_PERSIST
+        WgCta next;
+        if (!wg_cta(p, wg_smem, b + gridDim.x, next)) break;
+        cta = next;
+        b += gridDim.x;
+        // Every warp's wgmma have read this tile's stages before the next tile's loads refill
+        // them.
+        __syncthreads();
+#else
+        break;
+#endif
+    }
+#undef WG_HAVE_PREV
+    // The last block's periphery (of the CTA's last tile, cta), with no MMAs left to hide it.
+#pragma unroll 1
+    for (u32 j = 0; j < MOE_KB_STEPS; ++j)
+        wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, prev_n0, lane, bm_rows);
+#pragma unroll
+    for (int i = 0; i < WG_BN / 2; ++i) WG_TOTAL(i) += prev[i * WG_THREADS];
+    tile_done(cta);
+#undef prev_n0
 #undef WG_TOTAL
 }
 #elif WG_PIPE < 2
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmParams p) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
     WgCta cta;
-    if (!wg_cta(p, wg_smem, cta)) return;
+    if (!wg_cta(p, wg_smem, blockIdx.x, cta)) return;
     const auto [base, e, row_begin, rows_e, m0, n0, t, lane, wg, warp_in_wg] = cta;
     WgStages stages(p, cta);
 

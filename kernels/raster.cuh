@@ -58,8 +58,13 @@ __device__ __forceinline__ u32 slab_tiles(u32 n_tiles_n, u32 tile_cols) {
 #endif
 }
 
+// Tile b of the grouped GEMM in this order (b = blockIdx.x for one tile per CTA).
+__device__ __forceinline__ bool tile_at(const GemmParams& p, u32 b, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
+                                        u32& n_tile) {
+    return slab_tile(p.tile_offsets, p.n_experts, b, n_tiles_n, width, slab_tiles(n_tiles_n, p.n / n_tiles_n), e,
+                     m_tile, n_tile);
+}
 __device__ __forceinline__ bool tile_of_block(const GemmParams& p, u32 n_tiles_n, u32 width, u32& e, u32& m_tile,
                                               u32& n_tile) {
-    return slab_tile(p.tile_offsets, p.n_experts, blockIdx.x, n_tiles_n, width, slab_tiles(n_tiles_n, p.n / n_tiles_n),
-                     e, m_tile, n_tile);
+    return tile_at(p, blockIdx.x, n_tiles_n, width, e, m_tile, n_tile);
 }

@@ -1012,12 +1012,24 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
-        if periphery.side_products() && ti > 0 {
+        // Side products run the 64-column tile alone, persistent: with a CTA per
+        // multiprocessor (each takes one tile of this layer), then with 5, which walk ~20 tiles
+        // each, so that a tile's last periphery and epilogue follow the next tile's first block.
+        if periphery.side_products() && ti > 1 {
             continue;
         }
         {
             let precision = Precision::AnalogF16;
-            let (tile_gu, tile_down) = (tiles(gate_up.k_block)[ti], tiles(down.k_block)[ti]);
+            let (tile_gu, tile_down) = if periphery.side_products() {
+                let ctas = if ti == 1 { 5 } else { 0 };
+                let walk = |t: WgmmaTile| WgmmaTile { ctas, ..t };
+                (
+                    walk(tiles(gate_up.k_block)[0]),
+                    walk(tiles(down.k_block)[0]),
+                )
+            } else {
+                (tiles(gate_up.k_block)[ti], tiles(down.k_block)[ti])
+            };
             let what = format!("{}, tile {}", preset.name, tile_gu.describe());
             let upload = |m: &GroupedMatrix| GpuGroupedMatrix::upload(&dev, m, precision).unwrap();
             let wg = GpuMoeLayer {

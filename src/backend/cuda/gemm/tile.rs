@@ -217,9 +217,10 @@ pub struct WgmmaTile {
     pub pipe: usize,
     /// The pipelining of the weighted scatter-add GEMMs (output mode 2), as `pipe`.
     pub scatter_pipe: usize,
-    /// CTAs of the persistent kernels (`pipe` 2 and 3): 0 launches as many as can be resident
-    /// at once (one per multiprocessor; for `pipe` 3, two per co-resident cluster). Fewer make
-    /// each CTA walk more tiles (the GPU tests use 3 and 4 to cross tiles and barrier phases).
+    /// CTAs of the persistent kernels (`pipe` 2 and 3, and the analog kernel with side
+    /// products): 0 launches as many as can be resident at once (one per multiprocessor; for
+    /// `pipe` 3, two per co-resident cluster). Fewer make each CTA walk more tiles (the GPU
+    /// tests use 3 to 5 to cross tiles and barrier phases).
     pub ctas: usize,
 }
 

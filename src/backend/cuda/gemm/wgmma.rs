@@ -80,15 +80,18 @@ pub(crate) fn wgmma_gemm(
     allow_dynamic_shared(&f, name, threads, shared)?;
     let pairs = routing.n_tokens * routing.top_k;
     // A bound on the row tiles (the routing's count lives on the device): the one-tile kernels
-    // return past the last, the persistent ones walk them with as many CTAs as are resident.
+    // return past the last, the persistent ones walk them with as many CTAs as are resident
+    // (the analog kernel with side products: one per multiprocessor).
     let tiles = (pairs.div_ceil(TILE_ROWS) + m.n_experts) * (m.n_cols / tile.cols);
     let block = (threads, 1, 1);
+    let persistent = tiles.min(match tile.ctas {
+        0 => dev.sm_count() as usize,
+        c => c,
+    });
     let grid = match tile.pipe {
+        0 if variant.analog && variant.side_products() => persistent,
         0 | 1 => tiles,
-        2 => tiles.min(match tile.ctas {
-            0 => dev.sm_count() as usize,
-            c => c,
-        }),
+        2 => persistent,
         _ => {
             let clusters = match tile.ctas {
                 0 => max_active_clusters(dev, &f, block, shared)?,
