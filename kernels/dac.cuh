@@ -1,8 +1,8 @@
 // The DAC prologue of the analog GEMMs and the bf16 operands of the digital ones, once per
 // input row (not per expert): moe_quantize mirrors tile::Crossbar::forward_chunk steps 1–2
 // (noise management, Quantizer::quantize), launched by backend::cuda::periphery::quantize;
-// to_bf16 by backend::cuda::grouped::to_bf16_device. The f16/bf16 conversions here serve
-// every later file.
+// to_bf16 by backend::cuda::grouped::to_bf16_device; gather_rows puts an operand in
+// sorted-pair order. The f16/bf16 conversions here serve every later file.
 // ---------------------------------------------------------------------------------------------
 // Prologue: noise management + DAC per crossbar block along K, once per input row (not per
 // expert). Mirrors tile::Crossbar::forward_chunk steps 1–2 (encode_row, Quantizer::quantize);
@@ -62,6 +62,17 @@ extern "C" __global__ void moe_quantize(const float* x, u32 rows, u32 k, u32 k_b
         if (lane == 0) sumsq[(u64)row * n_kb + kb] = ss;
     }
     if (lane == 0) alpha[(u64)row * n_kb + kb] = scale;
+}
+
+// The operand in sorted-pair order for the analog wgmma kernel's TMA stages (WG_PIPE 2), which
+// cannot gather rows: dst row r = src row row_of[r], k halves each (k a multiple of 8), one
+// 16-byte chunk per thread. Launched by backend::cuda::gemm::wgmma::sorted_operand.
+extern "C" __global__ void gather_rows(const u16* src, const u32* row_of, u32 rows, u32 k, u16* dst) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 per_row = k / 8;
+    if (i >= (u64)rows * per_row) return;
+    const u64 r = i / per_row, c = i % per_row;
+    *(uint4*)(dst + r * k + c * 8) = *(const uint4*)(src + (u64)row_of[r] * k + c * 8);
 }
 
 // Digital operand: x → bf16, 8 values (one 16-byte store) per thread, the tail one by one.

@@ -69,6 +69,49 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr) {
 // Byte offset of 16-byte chunk c (0..7) of row r in a 128B-swizzled tile (1024-byte aligned).
 __device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c ^ (r & 7u)) << 4); }
 
+// TMA and mbarriers: the warp-specialised digital kernel's weight tiles and the analog
+// kernel's stages with WG_PIPE 2. The host's CUtensorMap (an opaque 128-byte object, 64-byte aligned as a kernel parameter).
+struct __align__(64) TmaMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// This thread's arrival on `bar` together with the bytes its TMA will complete there.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Returns once the phase of parity `parity` of the barrier has completed. The data a full
+// barrier guards is made visible by the TMA's complete-tx and the producer's own release; an
+// empty barrier guards no data (see mbar_arrive_cluster), so CTA scope suffices.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// Rows [y, y + box rows) × columns [x, x + box columns) of the 2-D tensor `map` into dst
+// (this CTA's shared memory, laid out and swizzled as the map says), completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(const TmaMap* map, u32 dst, u32 bar, u32 x, u32 y) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"((u64)map), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
+
 // d[32] += A[64×16] · B[64×16]ᵀ for this warpgroup (scale-d 1; d is zeroed before the loop).
 __device__ __forceinline__ void wgmma_m64n64k16(float* d, u64 da, u64 db) {
     asm volatile(
@@ -410,7 +453,9 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // moe_analog_wgmma: the analog grouped GEMM for sm_90a (moe_gemm's contract with MOE_ANALOG 1,
 // output modes 0–2): DAC codes × fp16 weights by wgmma, 128 × WG_BN CTA tiles (WG_BN 128, or
 // 64 for two CTAs per multiprocessor), two warpgroups of 64 rows, cp.async loads by all 256
-// threads and one wgmma group in flight across the barrier (WG_PIPE 1) or not (0). The
+// threads and one wgmma group in flight across the barrier (WG_PIPE 1) or not (0), or TMA
+// loads by one thread and none in flight (2: WgTmaStages; the host passes A in sorted-pair
+// order). The
 // crossbar periphery (block_outputs) of block kb runs while the wgmma of block kb + 1 do: at
 // the end of a block each thread moves its accumulators to `prev` in shared memory and zeroes
 // them, and each of the MOE_KB_STEPS steps of the next block issues its wgmma and then
@@ -431,8 +476,12 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // registers, 208 KiB of shared memory) where moe_gemm has 16, hence the 64-column tile, and
 // the two rows of a fragment pair run interleaved (wg_block_part). Speed records:
 // reports/bench/ (2026-11-24-analog-wgmma.md, 2026-12-07-analog-wgmma-64.md).
-#if MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 1 || (WG_SIDE && (WG_BN != 64 || WG_PIPE != 0 || WG_STAGES < 3))
-#error "the analog wgmma GEMM: output modes 0-2, WG_BN 64 or 128, WG_PIPE 0 or 1; with side products WG_BN 64, WG_PIPE 0, WG_STAGES >= 3"
+// WG_PIPE 2 (WG_TMA): the stages come by TMA instead of every thread's cp.async (WgTmaStages),
+// each step's wgmma retired at its end as with WG_PIPE 0.
+#define WG_TMA (WG_PIPE == 2)
+#if MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 2 || (WG_SIDE && (WG_BN != 64 || WG_PIPE != 0 || WG_STAGES < 3)) || \
+    (WG_TMA && WG_STAGES < 3)
+#error "the analog wgmma GEMM: output modes 0-2, WG_BN 64 or 128, WG_PIPE 0, 1 or 2 (2: WG_STAGES >= 3); with side products WG_BN 64, WG_PIPE 0, WG_STAGES >= 3"
 #endif
 // CTAs per multiprocessor: the 64-column tile fits two (128 registers per thread, 105 KiB of
 // shared memory with 3 stages), the 128-column tile one, and so does the 64-column tile with
@@ -593,6 +642,58 @@ __device__ __forceinline__ void wg_abs_tile(u32 s_b, u32 t) {
 }
 #endif
 
+#if WG_TMA
+// The TMA stage ring of WG_PIPE 2: thread 0 requests each stage's A rows (a_map: the operand
+// in sorted-pair order, rows row_begin + m0 .. + 127) and weight rows (w_map: [E·N, K], rows
+// e·N + n0 .. + WG_BN − 1), 64 columns of K each, by TMA into the 128B-swizzled layout,
+// WG_STAGES − 1 steps ahead, with one arrival and the stage's bytes on the slot's mbarrier;
+// every thread waits on that barrier. Rows past the expert's come in too (the next expert's,
+// or zeros past the operand's end): their BlockRow is all zero, so they add nothing
+// (wg_block_part). No thread issues a copy or computes an address: WgStages spent ~45 of the
+// 64-column tile's 122 step instructions on its six copies per thread and their addresses.
+struct WgTmaStages {
+    const TmaMap* a_map;
+    const TmaMap* w_map;
+    u32 base, bars;             // shared addresses of slot 0 and of its mbarrier (8 bytes per slot)
+    u32 n_steps, a_row, w_row;  // K steps of WG_BK; the TMA row coordinates of the tile
+    u32 load_slot, read_slot;   // the slots the next load fills and the next step reads
+    u32 phase;                  // parity of the phase the next step's slot completes
+    bool leader;                // thread 0, which issues the copies
+    __device__ __forceinline__ WgTmaStages(const GemmParams& p, const WgCta& c, const TmaMap* a, const TmaMap* w,
+                                           u32 bars_)
+        : a_map(a), w_map(w), base(c.base), bars(bars_), n_steps(p.k / WG_BK), a_row(c.row_begin + c.m0),
+          w_row(c.e * p.n + c.n0), load_slot(0), read_slot(0), phase(0), leader(c.t == 0) {}
+    __device__ __forceinline__ void load(u32 step) {
+        if (leader && step < n_steps) {
+            const u32 bar = bars + 8 * load_slot, dst = base + load_slot * WG_STAGE_BYTES;
+            mbar_arrive_expect_tx(bar, WG_STAGE_BYTES);
+            tma_load_2d(a_map, dst, bar, step * WG_BK, a_row);
+            tma_load_2d(w_map, dst + WG_A_BYTES, bar, step * WG_BK, w_row);
+        }
+        load_slot = load_slot == WG_STAGES - 1 ? 0 : load_slot + 1;
+    }
+    // Prologue: the first WG_STAGES − 1 steps in flight.
+    __device__ __forceinline__ void start() {
+#pragma unroll
+        for (u32 st = 0; st + 1 < WG_STAGES; ++st) load(st);
+    }
+    // Refills the slot that step − 1 read (every warpgroup retired its wgmma at the end of
+    // step − 1, before the barrier) with step + WG_STAGES − 1, waits until step's slot has
+    // landed and returns its shared address (steps in order, from 0).
+    __device__ __forceinline__ u32 next(const GemmParams& p, u32 step) {
+        (void)p;
+        __syncthreads();
+        load(step + WG_STAGES - 1);
+        mbar_wait(bars + 8 * read_slot, phase);
+        const u32 s = base + read_slot * WG_STAGE_BYTES;
+        const bool wrap = read_slot == WG_STAGES - 1;
+        read_slot = wrap ? 0 : read_slot + 1;
+        phase ^= wrap ? 1u : 0u;
+        return s;
+    }
+};
+#endif
+
 // With side products the kernel is persistent (WG_PERSIST): one CTA per multiprocessor walks
 // tiles b, b + gridDim.x, ... (raster order, as the one-tile CTAs run), and the last crossbar
 // block's periphery of one tile runs beside the first block's wgmma of the next, whose end then
@@ -601,8 +702,24 @@ __device__ __forceinline__ void wg_abs_tile(u32 s_b, u32 t) {
 // samples on OLMoE's gate/up GEMM (reports/bench/2026-12-07-analog-wgmma-side.md). Without
 // side products two CTAs per multiprocessor hide each other's.
 #define WG_PERSIST WG_SIDE
-extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_analog_wgmma(GemmParams p) {
+// WG_PIPE 2 takes the TMA descriptors of its operands (WgTmaStages) after the parameters.
+#if WG_TMA
+#define WG_TMA_PARAMS , const __grid_constant__ TmaMap a_map, const __grid_constant__ TmaMap w_map
+#else
+#define WG_TMA_PARAMS
+#endif
+extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_analog_wgmma(GemmParams p WG_TMA_PARAMS) {
     extern __shared__ __align__(16) unsigned char wg_smem[];
+#if WG_TMA
+    // The stages' full barriers, made visible to the TMA unit before thread 0's first copy and
+    // to the other threads by the barrier of WgTmaStages::next.
+    __shared__ __align__(8) u64 wg_full[WG_STAGES];
+    const u32 wg_bars = smem_addr(wg_full);
+    if (threadIdx.x == 0) {
+        for (u32 s = 0; s < WG_STAGES; ++s) mbar_init(wg_bars + 8 * s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+#endif
 #if MOE_NORMALS
     stage_normal_table();
 #endif
@@ -719,8 +836,13 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
         const u32 e = cta.e, row_begin = cta.row_begin, rows_e = cta.rows_e, n0 = cta.n0;
         const u32 row_local0 = row_local0_of(cta.m0);
         const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
+#if WG_TMA
+        WgTmaStages stages(p, cta, &a_map, &w_map, wg_bars);
+        stages.start();
+#else
         WgStages stages(p, cta);
         stages.start(p);
+#endif
 #if WG_SIDE
         // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
         // WgStages::next has then waited for.
@@ -768,7 +890,8 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
                 wg_mma_stage(d, s_a_wg, s_b);
                 if (WG_HAVE_PREV(kb))
                     wg_block_part(p, j, prev, br, cols, tid_of_col, scale_of_col, prev_n0, lane, bm_rows);
-                asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE) : "memory");
+                // One group in flight across the barrier with WG_PIPE 1, none with 0 and 2.
+                asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(WG_PIPE == 1 ? 1 : 0) : "memory");
 #endif
             }
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -881,17 +1004,6 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgmma(GemmP
 #error "WG_PIPE 2 and 3 need WG_STAGES >= 3"
 #endif
 
-// The host's CUtensorMap (an opaque 128-byte object, 64-byte aligned as a kernel parameter).
-struct __align__(64) TmaMap {
-    u64 opaque[16];
-};
-
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
 // Arrival on the barrier at the same offset in cluster CTA `rank`. Default (CTA-scope) release
 // semantics: it only tells the producers that this warp's wgmma reads of the slot are done
 // (wgmma.wait_group), no data of ours is published, and a cluster-scope release would cost a
@@ -902,23 +1014,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 rank) {
         "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
         "r"(rank)
         : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Returns once the phase of parity `parity` of the barrier has completed. The data a full
-// barrier guards is made visible by the TMA's complete-tx and the producer's own release; an
-// empty barrier guards no data (see mbar_arrive_cluster), so CTA scope suffices.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
 }
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -939,11 +1034,7 @@ __device__ __forceinline__ void tma_load_w(const TmaMap* map, u32 dst, u32 bar, 
         "l"((u64)map), "r"(k0), "r"(row), "r"(bar), "h"((unsigned short)3)
         : "memory");
 #else
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-        "l"((u64)map), "r"(k0), "r"(row), "r"(bar)
-        : "memory");
+    tma_load_2d(map, dst, bar, k0, row);
 #endif
 }
 

@@ -997,18 +997,21 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
     ];
     // Both tiles: 128 columns (one CTA per multiprocessor) and 64 (two; the gate/up blocks'
     // 4 fragment pairs over 8 steps, the down block's over 4), each with its default pipe, and
-    // the 64-column tile with the other pipe too (1: a wgmma group in flight across steps).
+    // the 64-column tile with the other pipes too (1: a wgmma group in flight across steps;
+    // 2: TMA stages, the gate/up operand gathered into sorted-pair order, the last expert's
+    // last row tile reading zeros past the operand's end).
     let tiles = |k_block: usize| {
         let mut t: Vec<_> = ANALOG_WGMMA_COLS
             .iter()
             .filter_map(|&c| analog_wgmma_tile_of(c, k_block))
             .collect();
         t.push(WgmmaTile::new(64, 3, 1));
+        t.push(WgmmaTile::new(64, 3, 2));
         t
     };
-    assert_eq!(tiles(512).len(), 3);
+    assert_eq!(tiles(512).len(), 4);
     assert_eq!(tiles(512)[0], WgmmaTile::new(64, 3, 0));
-    for (preset, ti) in presets.iter().flat_map(|p| (0..3).map(move |i| (p, i))) {
+    for (preset, ti) in presets.iter().flat_map(|p| (0..4).map(move |i| (p, i))) {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();

@@ -299,7 +299,7 @@ fn mma_counts(ins: &[(u64, String)], steps_per_block: usize) -> (f64, f64) {
 #[ignore = "needs CUDA (NVRTC, ptxas, cuobjdump)"]
 fn analog_epilogue_instruction_budget() {
     use aimc::backend::cuda::gemm::{analog_wgmma_defines, analog_wgmma_tile_of, gemm_defines};
-    use aimc::backend::cuda::gemm::{GemmOutput, GemmTile, GemmVariant};
+    use aimc::backend::cuda::gemm::{GemmOutput, GemmTile, GemmVariant, WgmmaTile};
     require_nvrtc();
     let ptxas = ptxas().expect("ptxas on PATH");
     let cuobjdump = ptxas.with_file_name("cuobjdump");
@@ -345,16 +345,19 @@ fn analog_epilogue_instruction_budget() {
     // edge after the wgmma wait, and cols / 16 passes of the periphery's fragment-pair loop
     // nested in it (the 128-column tile's steps take one pair each, the 64-column tile's one
     // every other step).
-    let wgmma = |cols: usize| {
-        let tile = analog_wgmma_tile_of(cols, 512).unwrap();
+    let wgmma = |tile: WgmmaTile| {
+        let cols = tile.cols;
         let ins = build(
             &analog_wgmma_defines(&lightning, tile, 512, 0),
             "moe_analog_wgmma",
             &tile.describe(),
         );
-        // The step's wait (wait_group `pipe`) is the first one followed by the loop's back
-        // edge.
-        let wait = format!("WARPGROUP.DEPBAR.LE gsb0, 0x{}", tile.pipe);
+        // The step's wait (wait_group 1 with `pipe` 1, else 0) is the first one followed by
+        // the loop's back edge.
+        let wait = format!(
+            "WARPGROUP.DEPBAR.LE gsb0, 0x{}",
+            usize::from(tile.pipe == 1)
+        );
         let (back, head) = (0..ins.len())
             .filter(|&i| ins[i].1.starts_with(&wait))
             .find_map(|w| {
@@ -377,16 +380,34 @@ fn analog_epilogue_instruction_budget() {
             })
             .unwrap_or(0);
         let outer = back + 1 - head - inner;
+        // With TMA stages (pipe 2) one thread issues the copies: the block that the other
+        // threads branch around (a forward branch within the step over the TMA instructions)
+        // runs in one warp of the CTA's 8, so it counts 1/8 per thread.
+        let leader = (head..back)
+            .find_map(|i| {
+                let to = branch_target(&ins[i].1).filter(|&to| to > ins[i].0)?;
+                let end = ins.iter().position(|(a, _)| *a == to)?;
+                (end <= back
+                    && ins[i + 1..end]
+                        .iter()
+                        .any(|(_, op)| op.starts_with("UTMALDG")))
+                .then_some(end - i - 1)
+            })
+            .unwrap_or(0);
+        let step = outer as f64 - leader as f64 * 7.0 / 8.0;
         let passes = if inner == 0 { 0 } else { cols / 16 };
-        let per_output = (8 * outer + passes * inner) as f64 / (cols / 2) as f64;
+        let per_output = (8.0 * step + (passes * inner) as f64) / (cols / 2) as f64;
         println!(
-            "wgmma, {cols} columns: step {outer} + fragment pair {inner} = {per_output:.1} lane \
-             instructions per output and crossbar block"
+            "wgmma, {cols} columns, pipe {}: step {step:.1} + fragment pair {inner} = \
+             {per_output:.1} lane instructions per output and crossbar block",
+            tile.pipe
         );
         per_output
     };
-    let wgmma_narrow = wgmma(64);
-    let wgmma = wgmma(128);
+    let of = |cols| analog_wgmma_tile_of(cols, 512).unwrap();
+    let wgmma_narrow = wgmma(of(64));
+    let wgmma_tma = wgmma(WgmmaTile::new(64, 3, 2));
+    let wgmma = wgmma(of(128));
     let _ = std::fs::remove_dir_all(&dir);
     // The budget: ptxas 13.5 gives 30.2 + 48.0 at 64 columns per stage, 45.0 + 48.1 at 32
     // (ptxas 13.0: 30.0 + 49.1, 44.5 + 49.1). Before the straight-line rows and the single ADC
@@ -411,4 +432,8 @@ fn analog_epilogue_instruction_budget() {
     );
     assert!(wgmma < 60.0, "wgmma: {wgmma:.1}");
     assert!(wgmma_narrow < 80.0, "wgmma, 64 columns: {wgmma_narrow:.1}");
+    assert!(
+        wgmma_tma < 70.0,
+        "wgmma, 64 columns, TMA stages: {wgmma_tma:.1}"
+    );
 }

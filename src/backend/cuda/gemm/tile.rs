@@ -213,7 +213,9 @@ pub struct WgmmaTile {
     /// (0: each step waits for its wgmma; 1: one wgmma group stays in flight across the
     /// barrier); 2 runs the warp-specialised persistent kernel (one loading warpgroup, two
     /// multiplying ones, mbarriers between them, weights by TMA; at least 3 stages); 3 runs it
-    /// in clusters of two CTAs that multicast each weight tile to both.
+    /// in clusters of two CTAs that multicast each weight tile to both. The analog kernel
+    /// takes 0, 1 and 2, where 2 is one CTA of 256 threads per tile as 0, whose stages (A in
+    /// sorted-pair order and the weights) come by TMA, one thread issuing the copies.
     pub pipe: usize,
     /// The pipelining of the weighted scatter-add GEMMs (output mode 2), as `pipe`.
     pub scatter_pipe: usize,
@@ -302,7 +304,10 @@ impl WgmmaTile {
         s
     }
 
-    /// Threads per CTA: 256, or 384 for the warp-specialised kernels.
+    /// Threads per CTA of the analog kernel: 256 on every `pipe`.
+    pub const ANALOG_THREADS: u32 = 256;
+
+    /// Threads per CTA of the digital kernel: 256, or 384 for the warp-specialised ones.
     pub fn threads(self) -> u32 {
         if self.pipe >= 2 {
             384
@@ -385,11 +390,14 @@ impl WgmmaTile {
             + crate::rng::normal::TABLE_LEN * std::mem::size_of::<[f32; 2]>()
             + ir_table;
         let side_ok = !v.side_products() || (self.cols == 64 && self.pipe == 0 && self.stages >= 3);
+        // pipe 2 (TMA stages) keeps one full barrier per stage in static shared memory.
+        let shared = shared + if self.pipe == 2 { 8 * self.stages } else { 0 };
+        let min_stages = if self.pipe == 2 { 3 } else { 2 + self.pipe };
         let ok = ANALOG_WGMMA_COLS.contains(&self.cols)
             && n_cols.is_multiple_of(self.cols)
-            && self.pipe <= 1
+            && self.pipe <= 2
             && self.scatter_pipe == self.pipe
-            && self.stages >= 2 + self.pipe
+            && self.stages >= min_stages
             && side_ok
             && k_block > 0
             && k_block.is_multiple_of(WGMMA_TILE_K)
@@ -400,9 +408,9 @@ impl WgmmaTile {
             Err(CudaError::Unsupported(format!(
                 "analog wgmma GEMM tile {} does not fit N = {n_cols} with {k_block}-row \
                  crossbars ({ANALOG_WGMMA_COLS:?} columns dividing N, pipe 0 or 1 with at least \
-                 2 + pipe stages; with PCM_READ or IR drop 64 columns, pipe 0 and at least 3 \
-                 stages; crossbar rows a multiple of {WGMMA_TILE_K}, {shared} B of shared \
-                 memory, at most {MAX_SHARED_BYTES})",
+                 2 + pipe stages or pipe 2 with at least 3; with PCM_READ or IR drop 64 \
+                 columns, pipe 0 and at least 3 stages; crossbar rows a multiple of \
+                 {WGMMA_TILE_K}, {shared} B of shared memory, at most {MAX_SHARED_BYTES})",
                 self.describe()
             )))
         }
@@ -584,7 +592,10 @@ mod tests {
         assert!(check(narrow, &lightning, 96, 512).is_err());
         check(WgmmaTile::new(64, 3, 1), &lightning, 1024, 512).unwrap();
         assert!(check(WgmmaTile::new(64, 2, 1), &lightning, 1024, 512).is_err());
-        assert!(check(WgmmaTile::new(64, 3, 2), &lightning, 1024, 512).is_err());
+        // TMA stages (pipe 2): at least 3 stages, no side products; no pipe 3.
+        check(WgmmaTile::new(64, 3, 2), &lightning, 1024, 512).unwrap();
+        assert!(check(WgmmaTile::new(64, 2, 2), &lightning, 1024, 512).is_err());
+        assert!(check(WgmmaTile::new(64, 3, 3), &lightning, 1024, 512).is_err());
         assert!(check(WgmmaTile::new(128, 5, 1), &lightning, 1024, 512).is_err());
         assert!(check(narrow, &lightning, 1024, 250).is_err());
         assert!(check(WgmmaTile::new(256, 4, 1), &lightning, 1024, 512).is_err());
@@ -625,6 +636,7 @@ mod tests {
         );
         for unfit in [
             WgmmaTile::new(64, 3, 1),
+            WgmmaTile::new(64, 3, 2),
             WgmmaTile::new(128, 4, 1),
             WgmmaTile::new(64, 2, 0),
         ] {

@@ -320,6 +320,22 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
             analog_wgmma_defines(&var, tile, k_block, slab)
         })
     }));
+    // TMA stages (pipe 2) on the 64-column tile, in the three output modes the layers run.
+    v.extend(
+        [
+            GemmOutput::SwiGlu,
+            GemmOutput::Store,
+            GemmOutput::ScatterAdd,
+        ]
+        .map(|output| {
+            analog_wgmma_defines(
+                &GemmVariant { output, ..analog },
+                WgmmaTile::new(64, 3, 2),
+                512,
+                0,
+            )
+        }),
+    );
     // Side products, on the 64-column tile alone: standard-hwa (PCM_READ and IR drop) in
     // every output mode, each alone, IR drop's row factors computed in the K loop (crossbars
     // beyond its table), and bound management beside them.

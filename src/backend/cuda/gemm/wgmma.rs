@@ -3,14 +3,15 @@
 //! weight tile) and `moe_analog_wgmma` (analog, the periphery per crossbar block as `moe_gemm`
 //! applies it). Same contract and numbers as the mma.sync kernel of the same variant.
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::allow_dynamic_shared;
 use super::tile::{scatter_slab_cols, WgmmaTile, MAX_SHARED_BYTES, TILE_ROWS, WGMMA_TILE_K};
-use super::tma::weight_tensor_map;
+use super::tma::{operand_tensor_map, weight_tensor_map};
 use super::variant::{analog_wgmma_defines, GemmVariant};
 use super::GemmParams;
 use crate::backend::cuda::compile::MOE_CU;
+use crate::backend::cuda::device::linear_launch;
 use crate::backend::cuda::grouped::GpuGroupedMatrix;
 use crate::backend::cuda::routing::GpuRouting;
 use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
@@ -76,7 +77,11 @@ pub(crate) fn wgmma_gemm(
         )));
     }
     let shared = shared as u32;
-    let threads = tile.threads();
+    let threads = if variant.analog {
+        WgmmaTile::ANALOG_THREADS
+    } else {
+        tile.threads()
+    };
     allow_dynamic_shared(&f, name, threads, shared)?;
     let pairs = routing.n_tokens * routing.top_k;
     // A bound on the row tiles (the routing's count lives on the device): the one-tile kernels
@@ -89,7 +94,13 @@ pub(crate) fn wgmma_gemm(
         c => c,
     });
     let grid = match tile.pipe {
-        0 if variant.analog && variant.side_products() => persistent,
+        _ if variant.analog => {
+            if variant.side_products() {
+                persistent
+            } else {
+                tiles
+            }
+        }
         0 | 1 => tiles,
         2 => persistent,
         _ => {
@@ -105,7 +116,28 @@ pub(crate) fn wgmma_gemm(
         block_dim: block,
         shared_mem_bytes: shared,
     };
-    if tile.pipe >= 2 {
+    if variant.analog && tile.pipe == 2 {
+        // TMA stages: the operand in sorted-pair order (hidden rows already are; the DAC codes
+        // of the first GEMM are one row per token, gathered here) and the weights.
+        let pairs = routing.n_tokens * routing.top_k;
+        if pairs == 0 {
+            // No rows: every CTA would return at once (and a tensor map has no empty extent).
+            return Ok(());
+        }
+        let sorted = match params.a_row_of {
+            0 => None,
+            _ => Some(sorted_operand(dev, params.a, routing, m.k)?),
+        };
+        let a = sorted
+            .as_ref()
+            .map_or(params.a, |b| b.device_ptr(dev.stream()).0);
+        let a_map = operand_tensor_map(a, pairs, m.k)?;
+        let w_map = weight_tensor_map(m, tile)?;
+        dev.launch(&f, name, cfg, |b| {
+            b.arg(params).arg(&a_map).arg(&w_map);
+        })
+        // `sorted` is freed in stream order, after the GEMM that reads it.
+    } else if tile.pipe >= 2 {
         let map = weight_tensor_map(m, tile)?;
         dev.launch(&f, name, cfg, |b| {
             b.arg(params).arg(&map);
@@ -115,6 +147,33 @@ pub(crate) fn wgmma_gemm(
             b.arg(params);
         })
     }
+}
+
+/// The first GEMM's operand (`a`: one row of `k` fp16 DAC codes per token) in sorted-pair
+/// order, row p that of pair p's token (`gather_rows` in kernels/dac.cuh): TMA cannot gather.
+fn sorted_operand(
+    dev: &CudaDevice,
+    a: u64,
+    routing: &GpuRouting,
+    k: usize,
+) -> CudaResult<CudaSlice<u16>> {
+    let pairs = routing.n_tokens * routing.top_k;
+    let mut out = dev.scratch::<u16>(pairs * k)?;
+    let f = dev.function(&MOE_CU, &[], "gather_rows")?;
+    let (rows, k32) = (pairs as u32, k as u32);
+    dev.launch(
+        &f,
+        "gather_rows",
+        linear_launch((pairs * k / 8) as u64),
+        |b| {
+            b.arg(&a)
+                .arg(&routing.sorted_token)
+                .arg(&rows)
+                .arg(&k32)
+                .arg(&mut out);
+        },
+    )?;
+    Ok(out)
 }
 
 /// Clusters of `f` (compiled with `__cluster_dims__`) that can be resident at once with
