@@ -479,9 +479,9 @@ __device__ __forceinline__ void wg_epilogue(const GemmParams& p, const float* d,
 // WG_PIPE 2 (WG_TMA): the stages come by TMA instead of every thread's cp.async (WgTmaStages),
 // each step's wgmma retired at its end as with WG_PIPE 0.
 #define WG_TMA (WG_PIPE == 2)
-#if MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 2 || (WG_SIDE && (WG_BN != 64 || WG_PIPE != 0 || WG_STAGES < 3)) || \
+#if MOE_MODE == 3 || WG_BN > 128 || WG_PIPE > 2 || (WG_SIDE && (WG_BN != 64 || WG_PIPE == 1 || WG_STAGES < 3)) || \
     (WG_TMA && WG_STAGES < 3)
-#error "the analog wgmma GEMM: output modes 0-2, WG_BN 64 or 128, WG_PIPE 0, 1 or 2 (2: WG_STAGES >= 3); with side products WG_BN 64, WG_PIPE 0, WG_STAGES >= 3"
+#error "the analog wgmma GEMM: output modes 0-2, WG_BN 64 or 128, WG_PIPE 0, 1 or 2 (2: WG_STAGES >= 3); with side products WG_BN 64, WG_PIPE 0 or 2, WG_STAGES >= 3"
 #endif
 // CTAs per multiprocessor: the 64-column tile fits two (128 registers per thread, 105 KiB of
 // shared memory with 3 stages), the 128-column tile one, and so does the 64-column tile with
@@ -646,46 +646,63 @@ __device__ __forceinline__ void wg_abs_tile(u32 s_b, u32 t) {
 // The TMA stage ring of WG_PIPE 2: thread 0 requests each stage's A rows (a_map: the operand
 // in sorted-pair order, rows row_begin + m0 .. + 127) and weight rows (w_map: [E·N, K], rows
 // e·N + n0 .. + WG_BN − 1), 64 columns of K each, by TMA into the 128B-swizzled layout,
-// WG_STAGES − 1 steps ahead, with one arrival and the stage's bytes on the slot's mbarrier;
+// WG_STAGES − 1 steps ahead, with one arrival and the copies' bytes on the slot's mbarrier;
 // every thread waits on that barrier. Rows past the expert's come in too (the next expert's,
 // or zeros past the operand's end): their BlockRow is all zero, so they add nothing
 // (wg_block_part). No thread issues a copy or computes an address: WgStages spent ~45 of the
 // 64-column tile's 122 step instructions on its six copies per thread and their addresses.
+// The ring runs on across the tiles of a persistent CTA (begin): slot and phase continue, and
+// every tile consumes what it loads.
 struct WgTmaStages {
     const TmaMap* a_map;
     const TmaMap* w_map;
     u32 base, bars;             // shared addresses of slot 0 and of its mbarrier (8 bytes per slot)
     u32 n_steps, a_row, w_row;  // K steps of WG_BK; the TMA row coordinates of the tile
     u32 load_slot, read_slot;   // the slots the next load fills and the next step reads
-    u32 phase;                  // parity of the phase the next step's slot completes
+    u32 phase;                  // parity of the phase read_slot completes next
     bool leader;                // thread 0, which issues the copies
     __device__ __forceinline__ WgTmaStages(const GemmParams& p, const WgCta& c, const TmaMap* a, const TmaMap* w,
                                            u32 bars_)
-        : a_map(a), w_map(w), base(c.base), bars(bars_), n_steps(p.k / WG_BK), a_row(c.row_begin + c.m0),
-          w_row(c.e * p.n + c.n0), load_slot(0), read_slot(0), phase(0), leader(c.t == 0) {}
+        : a_map(a), w_map(w), base(c.base), bars(bars_), n_steps(p.k / WG_BK), a_row(0), w_row(0), load_slot(0),
+          read_slot(0), phase(0), leader(c.t == 0) {}
+    // Step `step` of the tile into the next slot; none past the last step, so that the slots
+    // loaded and read stay in step across tiles.
     __device__ __forceinline__ void load(u32 step) {
-        if (leader && step < n_steps) {
+        if (step >= n_steps) return;
+        if (leader) {
             const u32 bar = bars + 8 * load_slot, dst = base + load_slot * WG_STAGE_BYTES;
-            mbar_arrive_expect_tx(bar, WG_STAGE_BYTES);
+            mbar_arrive_expect_tx(bar, WG_A_BYTES + WG_B_BYTES);
             tma_load_2d(a_map, dst, bar, step * WG_BK, a_row);
             tma_load_2d(w_map, dst + WG_A_BYTES, bar, step * WG_BK, w_row);
         }
         load_slot = load_slot == WG_STAGES - 1 ? 0 : load_slot + 1;
     }
-    // Prologue: the first WG_STAGES − 1 steps in flight.
-    __device__ __forceinline__ void start() {
+    // Tile c's first WG_STAGES − 1 steps in flight; every slot is free (the previous tile's
+    // wgmma have retired and a barrier followed).
+    __device__ __forceinline__ void begin(const GemmParams& p, const WgCta& c) {
+        a_row = c.row_begin + c.m0;
+        w_row = c.e * p.n + c.n0;
 #pragma unroll
         for (u32 st = 0; st + 1 < WG_STAGES; ++st) load(st);
     }
+    // Waits until the slot the next step reads has landed (again, where it already has).
+    __device__ __forceinline__ void wait_next() const { mbar_wait(bars + 8 * read_slot, phase); }
+    // Shared address of the slot the next step reads.
+    __device__ __forceinline__ u32 next_slot() const { return base + read_slot * WG_STAGE_BYTES; }
     // Refills the slot that step − 1 read (every warpgroup retired its wgmma at the end of
     // step − 1, before the barrier) with step + WG_STAGES − 1, waits until step's slot has
-    // landed and returns its shared address (steps in order, from 0).
+    // landed and returns its shared address (a tile's steps in order, from 0). With side
+    // products each step wrote the next one's |W̃| tile through the generic proxy, which the
+    // fence hands to the wgmma's async proxy before the barrier.
     __device__ __forceinline__ u32 next(const GemmParams& p, u32 step) {
         (void)p;
+#if WG_SIDE
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
         __syncthreads();
         load(step + WG_STAGES - 1);
-        mbar_wait(bars + 8 * read_slot, phase);
-        const u32 s = base + read_slot * WG_STAGE_BYTES;
+        wait_next();
+        const u32 s = next_slot();
         const bool wrap = read_slot == WG_STAGES - 1;
         read_slot = wrap ? 0 : read_slot + 1;
         phase ^= wrap ? 1u : 0u;
@@ -832,23 +849,30 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
         wg_epilogue(p, total, c.row_begin, c.rows_e, c.m0 + wg * 64, c.n0, warp_in_wg, lane);
 #endif
     };
+#if WG_TMA
+    WgTmaStages stages(p, cta, &a_map, &w_map, wg_bars);
+#endif
     for (;;) {
         const u32 e = cta.e, row_begin = cta.row_begin, rows_e = cta.rows_e, n0 = cta.n0;
         const u32 row_local0 = row_local0_of(cta.m0);
         const bool row_ok[2] = {row_local0 < rows_e, row_local0 + 8 < rows_e};
 #if WG_TMA
-        WgTmaStages stages(p, cta, &a_map, &w_map, wg_bars);
-        stages.start();
+        stages.begin(p, cta);
 #else
         WgStages stages(p, cta);
         stages.start(p);
 #endif
 #if WG_SIDE
         // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
-        // WgStages::next has then waited for.
+        // WgStages::next has then waited for (WgTmaStages: waits for it there).
+#if WG_TMA
+        stages.wait_next();
+        wg_abs_tile(stages.next_slot() + WG_A_BYTES, t);
+#else
         asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
         __syncthreads();
         wg_abs_tile(base + WG_A_BYTES, t);
+#endif
 #endif
         u32 step = 0;
         // Block kb's MMAs, and the periphery of the block before between each step's wgmma
@@ -884,7 +908,14 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
                     for (u32 kk = 1; kk < 4; ++kk) wg_side_mma(side, o[kk - 1], s_b, kk);
                     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 }
+#if WG_TMA
+                if (step + 1 < stages.n_steps) {
+                    stages.wait_next();
+                    wg_abs_tile(stages.next_slot() + WG_A_BYTES, t);
+                }
+#else
                 if (step + 1 < stages.n_steps) wg_abs_tile(stages.base + stages.read_slot + WG_A_BYTES, t);
+#endif
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #else
                 wg_mma_stage(d, s_a_wg, s_b);

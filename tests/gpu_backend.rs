@@ -1017,18 +1017,21 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
         // Side products run the 64-column tile alone, persistent: with a CTA per
         // multiprocessor (each takes one tile of this layer), then with 5, which walk ~20 tiles
-        // each, so that a tile's last periphery and epilogue follow the next tile's first block.
-        if periphery.side_products() && ti > 1 {
+        // each, so that a tile's last periphery and epilogue follow the next tile's first block;
+        // and with TMA stages on 5 CTAs, whose ring of slots and barrier phases runs on across
+        // the tiles.
+        if periphery.side_products() && ti == 2 {
             continue;
         }
         {
             let precision = Precision::AnalogF16;
             let (tile_gu, tile_down) = if periphery.side_products() {
-                let ctas = if ti == 1 { 5 } else { 0 };
+                let ctas = if ti == 0 { 0 } else { 5 };
+                let pick = if ti == 3 { 3 } else { 0 };
                 let walk = |t: WgmmaTile| WgmmaTile { ctas, ..t };
                 (
-                    walk(tiles(gate_up.k_block)[0]),
-                    walk(tiles(down.k_block)[0]),
+                    walk(tiles(gate_up.k_block)[pick]),
+                    walk(tiles(down.k_block)[pick]),
                 )
             } else {
                 (tiles(gate_up.k_block)[ti], tiles(down.k_block)[ti])

@@ -394,6 +394,22 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         let tile = analog_wgmma_tile_of(64, k_block).expect("analog wgmma tile");
         analog_wgmma_defines(&var, tile, k_block, 0)
     }));
+    // And standard-hwa on TMA stages, in the three output modes the layers run.
+    v.extend(
+        [
+            GemmOutput::SwiGlu,
+            GemmOutput::Store,
+            GemmOutput::ScatterAdd,
+        ]
+        .map(|output| {
+            analog_wgmma_defines(
+                &GemmVariant { output, ..hwa },
+                WgmmaTile::new(64, 3, 2),
+                512,
+                0,
+            )
+        }),
+    );
     v
 }
 
