@@ -321,7 +321,7 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         })
     }));
     // TMA stages (pipe 2) on the 64-column tile, in the three output modes the layers run.
-    v.extend(
+    let on_tma_stages = |var: GemmVariant| {
         [
             GemmOutput::SwiGlu,
             GemmOutput::Store,
@@ -329,13 +329,14 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         ]
         .map(|output| {
             analog_wgmma_defines(
-                &GemmVariant { output, ..analog },
+                &GemmVariant { output, ..var },
                 WgmmaTile::new(64, 3, 2),
                 512,
                 0,
             )
-        }),
-    );
+        })
+    };
+    v.extend(on_tma_stages(analog));
     // Side products, on the 64-column tile alone: standard-hwa (PCM_READ and IR drop) in
     // every output mode, each alone, IR drop's row factors computed in the K loop (crossbars
     // beyond its table), and bound management beside them.
@@ -394,22 +395,8 @@ pub fn moe_gemm_wgmma_variants() -> Vec<Vec<(&'static str, i64)>> {
         let tile = analog_wgmma_tile_of(64, k_block).expect("analog wgmma tile");
         analog_wgmma_defines(&var, tile, k_block, 0)
     }));
-    // And standard-hwa on TMA stages, in the three output modes the layers run.
-    v.extend(
-        [
-            GemmOutput::SwiGlu,
-            GemmOutput::Store,
-            GemmOutput::ScatterAdd,
-        ]
-        .map(|output| {
-            analog_wgmma_defines(
-                &GemmVariant { output, ..hwa },
-                WgmmaTile::new(64, 3, 2),
-                512,
-                0,
-            )
-        }),
-    );
+    // And standard-hwa on TMA stages.
+    v.extend(on_tma_stages(hwa));
     v
 }
 
