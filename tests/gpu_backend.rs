@@ -998,8 +998,8 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
     // Both tiles: 128 columns (one CTA per multiprocessor) and 64 (two; the gate/up blocks'
     // 4 fragment pairs over 8 steps, the down block's over 4), each with its default pipe, and
     // the 64-column tile with the other pipes too (1: a wgmma group in flight across steps;
-    // 2: TMA stages, the gate/up operand gathered into sorted-pair order, the last expert's
-    // last row tile reading zeros past the operand's end).
+    // 2: TMA stages, the gate/up operand copied into sorted-pair order, the last expert's last
+    // row tile reading zeros past the operand's end).
     let tiles = |k_block: usize| {
         let mut t: Vec<_> = ANALOG_WGMMA_COLS
             .iter()

@@ -787,7 +787,7 @@ mod gpu {
                     a.cols,
                     b.cols,
                     a.stages,
-                    a.pipe,
+                    a.for_gathered(true).pipe,
                     b.for_output(down_mode.mode()).pipe
                 ),
                 _ => format!("{case}, {combine}"),

@@ -220,6 +220,10 @@ pub struct WgmmaTile {
     pub pipe: usize,
     /// The pipelining of the weighted scatter-add GEMMs (output mode 2), as `pipe`.
     pub scatter_pipe: usize,
+    /// The pipelining of a GEMM whose A rows are gathered per token (a layer's first), as
+    /// `pipe`: the analog kernel's TMA stages (2) need the rows in sorted-pair order and copy
+    /// them there first, which costs that GEMM more than its stages save where N is small.
+    pub gather_pipe: usize,
     /// CTAs of the persistent kernels (`pipe` 2 and 3, and the analog kernel with side
     /// products): 0 launches as many as can be resident at once (one per multiprocessor; for
     /// `pipe` 3, two per co-resident cluster). Fewer make each CTA walk more tiles (the GPU
@@ -246,11 +250,13 @@ impl WgmmaTile {
             Ok(text) => Self::parse(&text)?,
             Err(_) => {
                 let wide = n_cols.is_multiple_of(256);
+                let pipe = if wide { 3 } else { 1 };
                 Self {
                     cols: if wide { 256 } else { 128 },
                     stages: 4,
-                    pipe: if wide { 3 } else { 1 },
+                    pipe,
                     scatter_pipe: if wide && k >= 4096 { 3 } else { 1 },
+                    gather_pipe: pipe,
                     ctas: 0,
                 }
             }
@@ -274,14 +280,32 @@ impl WgmmaTile {
         }
     }
 
-    /// A tile running schedule `pipe` for every output mode; a persistent kernel gets as many
-    /// CTAs as can be resident.
+    /// This tile as it runs a GEMM whose A rows are gathered per token (`gathered`: the
+    /// `gather_pipe` schedule) or not (`pipe`), that schedule alone left in it.
+    pub fn for_gathered(self, gathered: bool) -> Self {
+        if gathered {
+            Self {
+                pipe: self.gather_pipe,
+                scatter_pipe: self.gather_pipe,
+                ..self
+            }
+        } else {
+            Self {
+                gather_pipe: self.pipe,
+                ..self
+            }
+        }
+    }
+
+    /// A tile running schedule `pipe` for every output mode and operand; a persistent kernel
+    /// gets as many CTAs as can be resident.
     pub fn new(cols: usize, stages: usize, pipe: usize) -> Self {
         Self {
             cols,
             stages,
             pipe,
             scatter_pipe: pipe,
+            gather_pipe: pipe,
             ctas: 0,
         }
     }
@@ -298,6 +322,9 @@ impl WgmmaTile {
         let mut s = format!("{},{},{}", self.cols, self.stages, self.pipe);
         if self.scatter_pipe != self.pipe {
             s += &format!(" (scatter-add pipe {})", self.scatter_pipe);
+        }
+        if self.gather_pipe != self.pipe {
+            s += &format!(" (gathered rows pipe {})", self.gather_pipe);
         }
         if self.ctas != 0 {
             s += &format!(" ({} CTAs)", self.ctas);
@@ -448,9 +475,14 @@ pub const ANALOG_WGMMA_COLS: [usize; 2] = [64, 128];
 /// - 128 × 128, 4 stages of 32 KiB (`pipe` 1): one CTA per multiprocessor (200 registers,
 ///   193 KiB of shared memory), 8 warps;
 /// - 128 × 64, 3 stages of 24 KiB (`pipe` 0: each step's wgmma retired at its end, loads two
-///   steps ahead; 1–5 % faster than `pipe` 1 on an H100): two CTAs per multiprocessor (128
-///   registers, 105 KiB each), 16 warps to hide the periphery's dependency chains, for twice
-///   the operand-row reads.
+///   steps ahead by every thread's cp.async; 1–5 % faster than `pipe` 1 on an H100): two CTAs
+///   per multiprocessor (128 registers, 105 KiB each), 16 warps to hide the periphery's
+///   dependency chains, for twice the operand-row reads. Its TMA stages (`pipe` 2) took
+///   Mixtral's Lightning-set layer from 29.4 to 27.8 ms on an H100 and the fine-grained one
+///   from 3.69 to 3.95, whose first GEMM (N = 512) spent more on copying its rows into
+///   sorted-pair order than its stages saved (reports/bench/2026-12-07-analog-tma.md): TMA
+///   where the rows are in that order already and cp.async where they are gathered
+///   (`AIMC_ANALOG_WGMMA_TILE=64,3,2,0`) is the candidate default, not yet timed.
 pub fn analog_wgmma_tile_of(cols: usize, k_block: usize) -> Option<WgmmaTile> {
     if k_block == 0 || !k_block.is_multiple_of(WGMMA_TILE_K) {
         return None;
@@ -463,20 +495,34 @@ pub fn analog_wgmma_tile_of(cols: usize, k_block: usize) -> Option<WgmmaTile> {
 }
 
 /// The analog wgmma tile the host runs for crossbars of `k_block` rows:
-/// `AIMC_ANALOG_WGMMA_TILE=cols,stages,pipe` if set (a tuning knob for `aimc bench`, checked by
-/// [`WgmmaTile::check_analog`] at launch; malformed is an error), else
+/// `AIMC_ANALOG_WGMMA_TILE=cols,stages,pipe[,gathered_pipe]` if set (a tuning knob for `aimc
+/// bench`, checked by [`WgmmaTile::check_analog`] at launch; the fourth field, the schedule of
+/// gathered rows, defaults to `pipe`; malformed is an error), else
 /// [`analog_wgmma_tile_of`]`(64, k_block)`: on an H100 the 64-column tile's 16 warps per
 /// multiprocessor issue 0.61 instructions per scheduler and cycle against the 128-column
 /// tile's 0.40, and the layers run 10 to 13 % faster (reports/bench/2026-12-07-analog-wgmma-64.md).
 pub fn analog_wgmma_tile(k_block: usize) -> CudaResult<Option<WgmmaTile>> {
-    const VAR: &str = "AIMC_ANALOG_WGMMA_TILE";
     let default = analog_wgmma_tile_of(64, k_block);
-    match std::env::var(VAR) {
-        Ok(text) => {
-            let [cols, stages, pipe] = tile_fields(VAR, &text, "cols,stages,pipe")?;
-            Ok(default.map(|_| WgmmaTile::new(cols, stages, pipe)))
-        }
+    match std::env::var(ANALOG_TILE_VAR) {
+        Ok(text) => Ok(default.map(|_| parse_analog_tile(&text)).transpose()?),
         Err(_) => Ok(default),
+    }
+}
+
+const ANALOG_TILE_VAR: &str = "AIMC_ANALOG_WGMMA_TILE";
+
+/// `cols,stages,pipe[,gathered_pipe]`, as [`analog_wgmma_tile`] reads it.
+fn parse_analog_tile(text: &str) -> CudaResult<WgmmaTile> {
+    const WANT: &str = "cols,stages,pipe[,gathered_pipe]";
+    if text.split(',').count() == 4 {
+        let [cols, stages, pipe, gather_pipe] = tile_fields(ANALOG_TILE_VAR, text, WANT)?;
+        Ok(WgmmaTile {
+            gather_pipe,
+            ..WgmmaTile::new(cols, stages, pipe)
+        })
+    } else {
+        let [cols, stages, pipe] = tile_fields(ANALOG_TILE_VAR, text, WANT)?;
+        Ok(WgmmaTile::new(cols, stages, pipe))
     }
 }
 
@@ -557,6 +603,26 @@ mod tests {
     }
 
     #[test]
+    fn analog_tile_knob_takes_an_optional_gathered_pipe() {
+        assert_eq!(
+            parse_analog_tile("64,3,0").unwrap(),
+            WgmmaTile::new(64, 3, 0)
+        );
+        let mixed = parse_analog_tile(" 64, 3, 2, 0").unwrap();
+        assert_eq!(
+            (mixed.pipe, mixed.scatter_pipe, mixed.gather_pipe),
+            (2, 2, 0)
+        );
+        for bad in ["64,3", "64,3,2,0,1", "64,x,2", ""] {
+            let err = parse_analog_tile(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("AIMC_ANALOG_WGMMA_TILE") && err.contains("gathered_pipe"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn analog_wgmma_switch_takes_0_or_1_and_names_a_bad_value() {
         assert!(!analog_wgmma_off_from(None).unwrap());
         assert!(!analog_wgmma_off_from(Some("1")).unwrap());
@@ -586,6 +652,16 @@ mod tests {
         // and 1 KiB the driver reserves per CTA beside each.
         let narrow = analog_wgmma_tile_of(64, 512).unwrap();
         assert_eq!(narrow, WgmmaTile::new(64, 3, 0));
+        // TMA stages except where the rows are gathered: each GEMM runs one schedule.
+        let mixed = WgmmaTile {
+            gather_pipe: 0,
+            ..WgmmaTile::new(64, 3, 2)
+        };
+        assert_eq!(
+            (mixed.for_gathered(true), mixed.for_gathered(false)),
+            (WgmmaTile::new(64, 3, 0), WgmmaTile::new(64, 3, 2))
+        );
+        assert_eq!(mixed.describe(), "64,3,2 (gathered rows pipe 0)");
         let per_cta = narrow.analog_shared_bytes(&lightning);
         assert_eq!(per_cta, 3 * 192 * 128 + 1024 + 128 * 64 * 4);
         assert!(2 * (per_cta + 5 * 1024) <= 228 * 1024);

@@ -28,6 +28,7 @@ pub(crate) fn wgmma_gemm(
     params: &GemmParams,
 ) -> CudaResult<()> {
     let output = variant.output;
+    let tile = tile.for_gathered(params.a_row_of != 0);
     if variant.analog != m.precision.analog()
         || (variant.analog && !variant.wgmma_ready())
         || dev.compute_capability() != (9, 0)
