@@ -120,7 +120,6 @@ pub(crate) fn wgmma_gemm(
     if variant.analog && tile.pipe == 2 {
         // TMA stages: the operand in sorted-pair order (hidden rows already are; the DAC codes
         // of the first GEMM are one row per token, gathered here) and the weights.
-        let pairs = routing.n_tokens * routing.top_k;
         if pairs == 0 {
             // No rows: every CTA would return at once (and a tensor map has no empty extent).
             return Ok(());
