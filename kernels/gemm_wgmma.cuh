@@ -70,7 +70,8 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr) {
 __device__ __forceinline__ u32 wg_swizzle(u32 r, u32 c) { return r * 128u + ((c ^ (r & 7u)) << 4); }
 
 // TMA and mbarriers: the warp-specialised digital kernel's weight tiles and the analog
-// kernel's stages with WG_PIPE 2. The host's CUtensorMap (an opaque 128-byte object, 64-byte aligned as a kernel parameter).
+// kernel's stages with WG_PIPE 2. TmaMap is the host's CUtensorMap (an opaque 128-byte
+// object, 64-byte aligned as a kernel parameter).
 struct __align__(64) TmaMap {
     u64 opaque[16];
 };
