@@ -350,6 +350,15 @@ struct WgStages {
         read_slot = read_slot == (WG_STAGES - 1) * WG_STAGE_BYTES ? 0 : read_slot + WG_STAGE_BYTES;
         return s;
     }
+    // The side-product kernel's view of the slot after the one a step reads, whose |W̃| tile
+    // that step makes (the interface of WgTmaStages): the first step's slot after start,
+    // waited for by every thread; later, next has waited for it already.
+    __device__ __forceinline__ void wait_first() const {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
+        __syncthreads();
+    }
+    __device__ __forceinline__ void wait_next() const {}
+    __device__ __forceinline__ u32 next_slot() const { return base + read_slot; }
 };
 
 // bf16 outputs of four consecutive 8-column groups as one 16-byte store per lane: lane q of a
@@ -688,6 +697,7 @@ struct WgTmaStages {
     }
     // Waits until the slot the next step reads has landed (again, where it already has).
     __device__ __forceinline__ void wait_next() const { mbar_wait(bars + 8 * read_slot, phase); }
+    __device__ __forceinline__ void wait_first() const { wait_next(); }
     // Shared address of the slot the next step reads.
     __device__ __forceinline__ u32 next_slot() const { return base + read_slot * WG_STAGE_BYTES; }
     // Refills the slot that step − 1 read (every warpgroup retired its wgmma at the end of
@@ -864,16 +874,9 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
         stages.start(p);
 #endif
 #if WG_SIDE
-        // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile), which
-        // WgStages::next has then waited for (WgTmaStages: waits for it there).
-#if WG_TMA
-        stages.wait_next();
+        // |W̃| of step 0's weight tile; each step makes the next one's (wg_abs_tile).
+        stages.wait_first();
         wg_abs_tile(stages.next_slot() + WG_A_BYTES, t);
-#else
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1));
-        __syncthreads();
-        wg_abs_tile(base + WG_A_BYTES, t);
-#endif
 #endif
         u32 step = 0;
         // Block kb's MMAs, and the periphery of the block before between each step's wgmma
@@ -909,14 +912,10 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
                     for (u32 kk = 1; kk < 4; ++kk) wg_side_mma(side, o[kk - 1], s_b, kk);
                     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 }
-#if WG_TMA
                 if (step + 1 < stages.n_steps) {
                     stages.wait_next();
                     wg_abs_tile(stages.next_slot() + WG_A_BYTES, t);
                 }
-#else
-                if (step + 1 < stages.n_steps) wg_abs_tile(stages.base + stages.read_slot + WG_A_BYTES, t);
-#endif
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #else
                 wg_mma_stage(d, s_a_wg, s_b);
