@@ -740,13 +740,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, WG_ANALOG_CTAS) moe_ana
     extern __shared__ __align__(16) unsigned char wg_smem[];
 #if WG_TMA
     // The stages' full barriers, made visible to the TMA unit before thread 0's first copy and
-    // to the other threads by the barrier of WgTmaStages::next.
+    // to the other threads by the CTA barrier after them: with side products every thread
+    // waits on slot 0's (WgTmaStages::wait_first) before any barrier of WgTmaStages::next, and
+    // the table staging's barriers (stage_normal_table, stage_ir_table) are not there in every
+    // variant.
     __shared__ __align__(8) u64 wg_full[WG_STAGES];
     const u32 wg_bars = smem_addr(wg_full);
     if (threadIdx.x == 0) {
         for (u32 s = 0; s < WG_STAGES; ++s) mbar_init(wg_bars + 8 * s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    __syncthreads();
 #endif
 #if MOE_NORMALS
     stage_normal_table();

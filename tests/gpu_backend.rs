@@ -999,7 +999,8 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
     // 4 fragment pairs over 8 steps, the down block's over 4), each with its default pipe, and
     // the 64-column tile with the other pipes too (1: a wgmma group in flight across steps;
     // 2: TMA stages, the gate/up operand copied into sorted-pair order, the last expert's last
-    // row tile reading zeros past the operand's end).
+    // row tile reading zeros past the operand's end), and the mix of 0 and 2: cp.async where
+    // the gate/up rows are gathered per token, TMA stages in the down GEMM.
     let tiles = |k_block: usize| {
         let mut t: Vec<_> = ANALOG_WGMMA_COLS
             .iter()
@@ -1007,11 +1008,15 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
             .collect();
         t.push(WgmmaTile::new(64, 3, 1));
         t.push(WgmmaTile::new(64, 3, 2));
+        t.push(WgmmaTile {
+            gather_pipe: 0,
+            ..WgmmaTile::new(64, 3, 2)
+        });
         t
     };
-    assert_eq!(tiles(512).len(), 4);
+    assert_eq!(tiles(512).len(), 5);
     assert_eq!(tiles(512)[0], WgmmaTile::new(64, 3, 0));
-    for (preset, ti) in presets.iter().flat_map(|p| (0..4).map(move |i| (p, i))) {
+    for (preset, ti) in presets.iter().flat_map(|p| (0..5).map(move |i| (p, i))) {
         let [gates, ups, downs] = analog_experts(preset, (e, n, d));
         let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
         let periphery = GemmPeriphery::from_spec(&preset.periphery).unwrap();
@@ -1019,7 +1024,7 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
         // multiprocessor (each takes one tile of this layer), then with 5, which walk ~20 tiles
         // each, so that a tile's last periphery and epilogue follow the next tile's first block;
         // and with TMA stages on 5 CTAs, whose ring of slots and barrier phases runs on across
-        // the tiles.
+        // the tiles, throughout or in the down GEMM alone.
         if periphery.side_products() && ti == 2 {
             continue;
         }
@@ -1027,7 +1032,7 @@ fn analog_wgmma_layer_matches_the_mma_sync_kernel() {
             let precision = Precision::AnalogF16;
             let (tile_gu, tile_down) = if periphery.side_products() {
                 let ctas = if ti == 0 { 0 } else { 5 };
-                let pick = if ti == 3 { 3 } else { 0 };
+                let pick = if ti >= 3 { ti } else { 0 };
                 let walk = |t: WgmmaTile| WgmmaTile { ctas, ..t };
                 (
                     walk(tiles(gate_up.k_block)[pick]),

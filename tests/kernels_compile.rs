@@ -372,12 +372,14 @@ fn analog_epilogue_instruction_budget() {
         // The pair loop: the backward branch inside the step loop that stays inside it (none
         // where each step takes exactly one pair: the loop body is then the step's). The pair
         // loop's set-up counts on every step, also those that take no pair: an upper bound.
+        // The longest such loop: barrier waits spin in loops of two or three instructions.
         let inner = (head..back)
-            .find_map(|i| {
+            .filter_map(|i| {
                 let to = branch_target(&ins[i].1)?;
                 (to > ins[head].0 && to < ins[i].0)
                     .then(|| i + 1 - ins.iter().position(|(a, _)| *a == to).unwrap())
             })
+            .max()
             .unwrap_or(0);
         let outer = back + 1 - head - inner;
         // With TMA stages (pipe 2) one thread issues the copies: the block that the other

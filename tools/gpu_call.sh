@@ -16,7 +16,7 @@ mkdir -p "$L"
 el() { echo "[$(( $(date +%s) - t0 )) s]"; }
 go() { (( $(date +%s) - t0 < ${LIMIT:-500} )); }
 gpu_tests() {
-  timeout 220 $B/gpu_backend --include-ignored --test-threads=1 > "$L/gpu_backend.log" 2>&1
+  timeout 300 $B/gpu_backend --include-ignored --test-threads=1 > "$L/gpu_backend.log" 2>&1
   echo "gpu_backend rc=$? $(el)"; grep -E "test result|FAILED|panicked" "$L/gpu_backend.log" | head -20
   timeout 100 $B/gpu_finetune --include-ignored --test-threads=1 > "$L/gpu_finetune.log" 2>&1
   echo "gpu_finetune rc=$? $(el)"; grep -E "test result|FAILED|panicked" "$L/gpu_finetune.log" | head
