@@ -2,7 +2,8 @@
 // grouped GEMMs with the crossbar periphery fused, and the layer's element-wise kernels. They
 // form one NVRTC unit (backend::cuda::compile::MOE_CU) read in this order after the host's
 // #defines and philox.cuh: moe_config.cuh, routing.cu, dac.cuh, gemm_common.cuh,
-// periphery.cuh, raster.cuh, outputs.cuh, gemm_mma.cuh, gemm_wgmma.cuh, layer.cu.
+// periphery.cuh, raster.cuh, outputs.cuh, gemm_mma.cuh, gemm_wgmma.cuh, gemm_wgmma_analog.cuh,
+// gemm_wgmma_digital.cuh, layer.cu.
 // The macros (set per instantiation by backend::cuda::gemm::variant::gemm_defines):
 //   MOE_ANALOG   1: analog epilogue per crossbar block along K; 0: digital baseline
 //   MOE_PCM_READ 1: PCM_READ short-term weight noise (second accumulator Σ|W|x̃²)

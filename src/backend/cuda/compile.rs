@@ -77,6 +77,8 @@ pub const MOE_CU: KernelFile = KernelFile {
         part!("outputs.cuh"),
         part!("gemm_mma.cuh"),
         part!("gemm_wgmma.cuh"),
+        part!("gemm_wgmma_analog.cuh"),
+        part!("gemm_wgmma_digital.cuh"),
         part!("layer.cu"),
     ],
     exact_fp: false,

@@ -1,4 +1,4 @@
-//! Launch of the sm_90a grouped GEMMs (`kernels/gemm_wgmma.cuh`): `moe_gemm_wgmma` (digital,
+//! Launch of the sm_90a grouped GEMMs (`kernels/gemm_wgmma*.cuh`): `moe_gemm_wgmma` (digital,
 //! pipelined or warp-specialised persistent, optionally in clusters of two that multicast the
 //! weight tile) and `moe_analog_wgmma` (analog, the periphery per crossbar block as `moe_gemm`
 //! applies it). Same contract and numbers as the mma.sync kernel of the same variant.
@@ -16,7 +16,7 @@ use crate::backend::cuda::grouped::GpuGroupedMatrix;
 use crate::backend::cuda::routing::GpuRouting;
 use crate::backend::cuda::{CudaDevice, CudaError, CudaResult};
 
-/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/gemm_wgmma.cuh): 128 × `tile.cols` CTA tiles,
+/// The sm_90a GEMMs (`moe_gemm_wgmma`, kernels/gemm_wgmma*.cuh): 128 × `tile.cols` CTA tiles,
 /// two warpgroups issuing wgmma from 128B-swizzled shared memory; digital on any of the
 /// [`WgmmaTile`] schedules, analog (`variant.analog`) on [`super::analog_wgmma_tile_of`]'s.
 pub(crate) fn wgmma_gemm(
