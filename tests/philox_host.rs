@@ -7,7 +7,7 @@
 //! - Philox blocks, uniforms and normals of several streams, including counters above 2³²,
 //!   other purposes, MVM ids and bound-management attempts.
 //!
-//! This checks the kernel source, not the GPU's arithmetic; `tests/gpu_backend.rs`
+//! This checks the kernel source, not the GPU's arithmetic; `tests/gpu_backend/device.rs`
 //! (`philox_uniforms_and_normals_bit_identical`) checks the device itself. Skips with a
 //! printed reason when no C++ compiler is found (`$CXX`, else `c++`/`g++`/`clang++`).
 mod common;
