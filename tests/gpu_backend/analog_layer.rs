@@ -4,8 +4,8 @@
 //! quad) can share one Philox block.
 
 use crate::support::{
-    analog_experts, analog_layer_tables, assert_layer_parity, bound_managed_presets, gpu,
-    hwa_experts, lightning_set, narrow_crossbars, route_host, routing, saturating_inputs, silu_mul,
+    analog_experts, analog_layer_tables, assert_layer_parity, bound_managed_presets, cpu_moe_layer,
+    gpu, hwa_experts, lightning_set, narrow_crossbars, route_host, routing, saturating_inputs,
     test_matrix, tokens_of, EXPERT_DATA_ID,
 };
 use aimc::backend::cuda::gemm::{grouped_gemm, GemmOutput, Precision};
@@ -14,7 +14,7 @@ use aimc::backend::cuda::layer::GpuMoeLayer;
 use aimc::backend::cuda::periphery::{quantize, GemmPeriphery};
 use aimc::backend::cuda::CudaDevice;
 use aimc::tile::{AnalogMatrix, TilePreset};
-use ndarray::{s, Array2};
+use ndarray::Array2;
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -92,21 +92,7 @@ fn moe_layer_gpu_and_cpu(
     let x = x_of(&test_matrix(n, d, EXPERT_DATA_ID, 0.04));
     let (experts, weights) = routing(t, k, e);
     let mvm_id = 4;
-    let mut y_cpu = Array2::<f32>::zeros((t, d));
-    for ex in 0..e {
-        let toks = tokens_of(&experts, k, ex as u32);
-        let xe = Array2::from_shape_fn((toks.len(), d), |(i, j)| x[[toks[i], j]]);
-        let g = gates[ex].mvm(xe.view(), mvm_id);
-        let u = ups[ex].mvm(xe.view(), mvm_id);
-        let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
-        let ye = downs[ex].mvm(h.view(), mvm_id);
-        for (i, &tok) in toks.iter().enumerate() {
-            let slot = (0..k).find(|&s| experts[tok * k + s] == ex as u32).unwrap();
-            let w = weights[tok * k + slot];
-            let mut dst = y_cpu.slice_mut(s![tok, ..]);
-            dst.scaled_add(w, &ye.row(i));
-        }
-    }
+    let y_cpu = cpu_moe_layer([&gates, &ups, &downs], &x, (&experts, &weights, k), mvm_id);
     let (gate_up, down) = analog_layer_tables(&gates, &ups, &downs);
     let layer = GpuMoeLayer {
         gate_up: GpuGroupedMatrix::upload(dev, &gate_up, Precision::AnalogF16).unwrap(),

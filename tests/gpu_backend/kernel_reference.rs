@@ -5,8 +5,8 @@
 //! kernels cannot run, the kernel parameter layouts, and how a backend request resolves.
 
 use crate::support::{
-    bound_managed_presets, drifted, hwa_experts, refs, rel_rms, routing, saturating_inputs,
-    silu_mul, test_matrix, tokens_of, LAYER_REL_RMS_BOUND,
+    bound_managed_presets, cpu_moe_layer, drifted, hwa_experts, refs, rel_rms, routing,
+    saturating_inputs, test_matrix, LAYER_REL_RMS_BOUND,
 };
 use aimc::backend::cuda::gemm::Precision;
 use aimc::backend::cuda::grouped::GroupedMatrix;
@@ -131,21 +131,7 @@ fn kernel_reference_layer_matches_per_expert_crossbars() {
     let downs: Vec<_> = (0..e as u32).map(|i| program(d, n, 802 + 3 * i)).collect();
     let x = test_matrix(t, d, 10, 0.3).mapv(|v| v.clamp(-1.0, 1.0));
     let (experts, weights) = routing(t, k, e);
-    let mut y_cpu = Array2::<f32>::zeros((t, d));
-    for ex in 0..e {
-        let toks = tokens_of(&experts, k, ex as u32);
-        let xe = Array2::from_shape_fn((toks.len(), d), |(i, j)| x[[toks[i], j]]);
-        let g = gates[ex].mvm(xe.view(), mvm_id);
-        let u = ups[ex].mvm(xe.view(), mvm_id);
-        let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
-        let ye = downs[ex].mvm(h.view(), mvm_id);
-        for (i, &tok) in toks.iter().enumerate() {
-            let slot = (0..k).find(|&s| experts[tok * k + s] == ex as u32).unwrap();
-            y_cpu
-                .row_mut(tok)
-                .scaled_add(weights[tok * k + slot], &ye.row(i));
-        }
-    }
+    let y_cpu = cpu_moe_layer([&gates, &ups, &downs], &x, (&experts, &weights, k), mvm_id);
     let gate_up = GroupedMatrix::interleave_swiglu(
         &GroupedMatrix::from_analog(&refs(&gates)).unwrap(),
         &GroupedMatrix::from_analog(&refs(&ups)).unwrap(),

@@ -148,6 +148,32 @@ pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
 
+/// The MoE layer through the CPU's per-expert crossbars: each expert's tokens (rows of `x`)
+/// through its gate and up matrices, SwiGLU, its down matrix (MVM call `mvm_id`), and each
+/// token's outputs summed with its routing weights (`experts`, `weights`: `k` slots per token).
+pub(crate) fn cpu_moe_layer(
+    [gates, ups, downs]: [&[AnalogMatrix]; 3],
+    x: &Array2<f32>,
+    (experts, weights, k): (&[u32], &[f32], usize),
+    mvm_id: u32,
+) -> Array2<f32> {
+    let mut y = Array2::<f32>::zeros((x.nrows(), downs[0].n_out()));
+    for ex in 0..gates.len() {
+        let toks = tokens_of(experts, k, ex as u32);
+        let xe = Array2::from_shape_fn((toks.len(), x.ncols()), |(i, j)| x[[toks[i], j]]);
+        let g = gates[ex].mvm(xe.view(), mvm_id);
+        let u = ups[ex].mvm(xe.view(), mvm_id);
+        let h = Array2::from_shape_fn(g.dim(), |(i, j)| silu_mul(g[[i, j]], u[[i, j]]));
+        let ye = downs[ex].mvm(h.view(), mvm_id);
+        for (i, &tok) in toks.iter().enumerate() {
+            let slot = (0..k).find(|&s| experts[tok * k + s] == ex as u32).unwrap();
+            y.row_mut(tok)
+                .scaled_add(weights[tok * k + slot], &ye.row(i));
+        }
+    }
+    y
+}
+
 /// standard-hwa without PCM_READ and IR drop: the AIHWKIT-Lightning feature set (DAC, ADC,
 /// output noise), which the analog wgmma kernel runs.
 pub(crate) fn lightning_set() -> TilePreset {
