@@ -15,6 +15,10 @@
 . tools/gpu_env.sh
 . tools/gpu_call.sh
 E=.dev/kernels-empty
+# Without the patch applied the candidate rows would time the committed kernels.
+if [ ! -f $E/gemm_wgmma_analog.cuh ] || cmp -s $E/gemm_wgmma_analog.cuh kernels/gemm_wgmma_analog.cuh; then
+  echo "$E/gemm_wgmma_analog.cuh is missing or main's: apply empty-barriers.patch (see above)"; exit 1
+fi
 go && bench light $BASIC
 go && bench light-mix $BASIC AIMC_ANALOG_WGMMA_TILE=64,3,2,0
 go && bench light-tma $BASIC AIMC_ANALOG_WGMMA_TILE=64,3,2

@@ -1,6 +1,6 @@
 //! Run-time compilation of `kernels/*.cu` with NVRTC for the device's compute capability, with
 //! an on-disk PTX cache per (source, options, device) in the user's cache directory.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 
@@ -99,20 +99,37 @@ pub const KERNEL_DIR_ENV: &str = "AIMC_KERNEL_DIR";
 /// The text of kernel file `name`: `$AIMC_KERNEL_DIR/<name>` where that variable is set and the
 /// file exists, else the embedded `text`.
 fn part_text(name: &str, text: &'static str) -> CudaResult<std::borrow::Cow<'static, str>> {
-    let Some(dir) = std::env::var_os(KERNEL_DIR_ENV) else {
+    let dir = std::env::var_os(KERNEL_DIR_ENV).filter(|d| !d.is_empty());
+    part_text_in(dir.as_deref().map(Path::new), name, text)
+}
+
+/// [`part_text`] with the directory given. A directory that does not exist is an error: a
+/// mistyped path would otherwise run the embedded kernels under the name of the edited ones.
+fn part_text_in(
+    dir: Option<&Path>,
+    name: &str,
+    text: &'static str,
+) -> CudaResult<std::borrow::Cow<'static, str>> {
+    let Some(dir) = dir else {
         return Ok(text.into());
     };
-    let path = PathBuf::from(dir).join(name);
+    if !dir.is_dir() {
+        return Err(CudaError::Unsupported(format!(
+            "{KERNEL_DIR_ENV}={:?}: not a directory (it names the directory of kernel files that \
+             replace the embedded ones)",
+            dir.display().to_string()
+        )));
+    }
+    let path = dir.join(name);
     if !path.is_file() {
         return Ok(text.into());
     }
-    std::fs::read_to_string(&path)
-        .map(Into::into)
-        .map_err(|e| CudaError::Compile {
-            file: name.to_string(),
-            arch: String::new(),
-            log: format!("{KERNEL_DIR_ENV}: cannot read {}: {e}", path.display()),
-        })
+    std::fs::read_to_string(&path).map(Into::into).map_err(|e| {
+        CudaError::Unsupported(format!(
+            "{KERNEL_DIR_ENV}: cannot read {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// The full source NVRTC sees: configuration macros, the normal transform's table
@@ -242,10 +259,33 @@ mod tests {
             "moe_quantize",
             "moe_gemm(",
             "moe_gemm_wgmma(",
+            "moe_analog_wgmma(",
+            "gather_rows(",
             "bm_combine",
         ] {
             assert!(s.contains(k), "{k}");
         }
+    }
+
+    #[test]
+    fn kernel_dir_replaces_the_files_it_has_and_must_exist() {
+        let dir = std::env::temp_dir().join(format!("aimc-kernel-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("rng.cu"), "// edited").unwrap();
+        let text = |name| part_text_in(Some(&dir), name, "// embedded").unwrap();
+        assert_eq!(text("rng.cu"), "// edited");
+        assert_eq!(text("layer.cu"), "// embedded");
+        let missing = dir.join("no-such-dir");
+        let err = part_text_in(Some(&missing), "rng.cu", "// embedded")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AIMC_KERNEL_DIR")
+                && err.contains("no-such-dir")
+                && err.contains("not a directory"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
