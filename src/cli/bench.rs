@@ -471,6 +471,7 @@ mod gpu {
 
     use super::{utc_date, BenchArgs, GpuCase, Shape};
     use crate::backend::cuda::blas::Blas;
+    use crate::backend::cuda::env::switch as env_switch;
     use crate::backend::cuda::gemm::{
         analog_wgmma_tile, analog_wgmma_tile_of, GemmOutput, Precision, WgmmaTile,
         ANALOG_WGMMA_COLS,
@@ -515,7 +516,7 @@ mod gpu {
             f()?;
         }
         dev.synchronize()?;
-        let sync_each = std::env::var_os("AIMC_BENCH_SYNC_EACH").is_some();
+        let sync_each = env_switch("AIMC_BENCH_SYNC_EACH")?;
         let ctx = dev.context();
         let mut spans = Vec::with_capacity(repeats);
         for _ in 0..repeats {
@@ -651,9 +652,9 @@ mod gpu {
         // with the freed blocks kept in the stream-ordered pool (as a framework's caching
         // allocator keeps them), not unmapped at each repetition's synchronisation and mapped
         // again inside the next (`AIMC_BENCH_RELEASE_POOL=1` times that instead).
-        let _pool = match std::env::var_os("AIMC_BENCH_RELEASE_POOL") {
-            Some(_) => None,
-            None => Some(dev.retain_pool()?),
+        let _pool = match env_switch("AIMC_BENCH_RELEASE_POOL")? {
+            true => None,
+            false => Some(dev.retain_pool()?),
         };
         let pairs = t * k;
         let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
@@ -770,7 +771,7 @@ mod gpu {
             }
             // The digital layer's combine (GpuMoeLayer::forward's choice): bf16 expert rows
             // summed per token, or the f32 scatter-add epilogue (every analog layer).
-            let bf16_rows = !analog && DigitalCombine::for_layer(k) == DigitalCombine::Bf16Rows;
+            let bf16_rows = !analog && DigitalCombine::for_layer(k)? == DigitalCombine::Bf16Rows;
             let down_mode = if bf16_rows {
                 GemmOutput::StoreBf16
             } else {

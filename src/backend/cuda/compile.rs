@@ -163,7 +163,7 @@ pub fn compile(kernel: &KernelFile, defines: &[(&str, i64)], cc: (i32, i32)) -> 
     }
     // Source lines in the PTX for Nsight Compute's source view (tools/gpu_ncu.sh); the same
     // machine code otherwise.
-    if std::env::var_os("AIMC_NVRTC_LINEINFO").is_some() {
+    if super::env::switch("AIMC_NVRTC_LINEINFO")? {
         options.push("--generate-line-info".to_string());
     }
     let key = fnv1a64(&[source.as_bytes(), options.join(" ").as_bytes()]);

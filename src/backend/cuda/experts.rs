@@ -319,7 +319,7 @@ impl<'a, 'm> GpuExperts<'a, 'm> {
             precision,
             periphery: Some(gemm),
             seed: cpu.seed(),
-            clock: StageClock::from_env(),
+            clock: StageClock::from_env()?,
         };
         g.reprogram(cpu.seed())?;
         Ok(g)

@@ -118,20 +118,28 @@ impl DigitalCombine {
     /// outputs (OLMoE, top-8: 0.86 + 0.23 ms against 1.44; fine-grained, top-8: 0.40 + 0.26 ms
     /// against 0.90 in column slabs), whose read-modify-writes of the f32 output leave the
     /// L2 between a token's experts. At top-2 (Mixtral) the scatter-add stays.
-    /// `AIMC_DIGITAL_COMBINE=scatter|rows` forces one (a tuning knob for `aimc bench`).
-    pub fn for_layer(top_k: usize) -> Self {
-        match std::env::var("AIMC_DIGITAL_COMBINE").as_deref() {
-            Ok("scatter") => return Self::ScatterAdd,
-            Ok("rows") => return Self::Bf16Rows,
-            _ => {}
-        }
-        if top_k >= 4 {
-            Self::Bf16Rows
-        } else {
-            Self::ScatterAdd
+    /// `AIMC_DIGITAL_COMBINE=scatter|rows` forces one (a tuning knob for `aimc bench`); any
+    /// other value is an error naming the variable.
+    pub fn for_layer(top_k: usize) -> CudaResult<Self> {
+        Self::for_layer_with(std::env::var(COMBINE_VAR).ok().as_deref(), top_k)
+    }
+
+    /// [`DigitalCombine::for_layer`] for the variable's value (`None`: unset).
+    fn for_layer_with(forced: Option<&str>, top_k: usize) -> CudaResult<Self> {
+        match forced.map(str::trim) {
+            Some("scatter") => Ok(Self::ScatterAdd),
+            Some("rows") => Ok(Self::Bf16Rows),
+            None if top_k >= 4 => Ok(Self::Bf16Rows),
+            None => Ok(Self::ScatterAdd),
+            Some(other) => Err(CudaError::Unsupported(format!(
+                "{COMBINE_VAR}={other:?}: want scatter (the f32 scatter-add epilogue) or rows \
+                 (bf16 expert rows and a combine pass)"
+            ))),
         }
     }
 }
+
+const COMBINE_VAR: &str = "AIMC_DIGITAL_COMBINE";
 
 /// One MoE expert layer (SwiGLU experts) on the GPU, analog or digital.
 pub struct GpuMoeLayer {
@@ -158,7 +166,7 @@ impl GpuMoeLayer {
         routing: &GpuRouting,
         mvm_id: u32,
     ) -> CudaResult<CudaSlice<f32>> {
-        let combine = DigitalCombine::for_layer(routing.top_k);
+        let combine = DigitalCombine::for_layer(routing.top_k)?;
         self.forward_with(dev, x, routing, mvm_id, combine)
     }
 
@@ -258,12 +266,21 @@ mod tests {
 
     #[test]
     fn digital_combine_is_bf16_rows_at_top_4_or_more() {
-        if std::env::var_os("AIMC_DIGITAL_COMBINE").is_some() {
-            return; // forced
-        }
+        let unset = |k| DigitalCombine::for_layer_with(None, k).unwrap();
         // OLMoE and fine-grained (top-8), Mixtral (top-2), top-4.
-        assert_eq!(DigitalCombine::for_layer(8), DigitalCombine::Bf16Rows);
-        assert_eq!(DigitalCombine::for_layer(2), DigitalCombine::ScatterAdd);
-        assert_eq!(DigitalCombine::for_layer(4), DigitalCombine::Bf16Rows);
+        assert_eq!(unset(8), DigitalCombine::Bf16Rows);
+        assert_eq!(unset(2), DigitalCombine::ScatterAdd);
+        assert_eq!(unset(4), DigitalCombine::Bf16Rows);
+        // Forced either way, whatever top_k.
+        let forced = |v, k| DigitalCombine::for_layer_with(Some(v), k).unwrap();
+        assert_eq!(forced("scatter", 8), DigitalCombine::ScatterAdd);
+        assert_eq!(forced(" rows", 2), DigitalCombine::Bf16Rows);
+        let err = DigitalCombine::for_layer_with(Some("atomic"), 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AIMC_DIGITAL_COMBINE") && err.contains("\"atomic\""),
+            "{err}"
+        );
     }
 }

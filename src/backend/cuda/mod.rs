@@ -34,6 +34,7 @@
 pub mod blas;
 pub mod compile;
 mod device;
+pub(crate) mod env;
 mod error;
 pub mod execution;
 pub mod experts;

@@ -266,7 +266,7 @@ impl<'m> GpuModel<'m> {
                 None => None,
             },
             rope: None,
-            clock: StageClock::from_env(),
+            clock: StageClock::from_env()?,
         })
     }
 

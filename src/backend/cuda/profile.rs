@@ -27,9 +27,9 @@ pub struct StageClock {
 }
 
 impl StageClock {
-    /// A clock when [`PROFILE_ENV`] is set.
-    pub fn from_env() -> Option<Self> {
-        std::env::var_os(PROFILE_ENV).map(|_| Self::default())
+    /// A clock when [`PROFILE_ENV`] is `1` (an error where it is neither `1` nor `0`).
+    pub fn from_env() -> CudaResult<Option<Self>> {
+        Ok(super::env::switch(PROFILE_ENV)?.then(Self::default))
     }
 
     /// Waits for the device's earlier work, then starts the first stage.

@@ -320,7 +320,7 @@ impl CudaTrainer {
             pair_weight,
             all_expert,
             all_weight,
-            clock: StageClock::from_env(),
+            clock: StageClock::from_env()?,
             dev,
         })
     }

@@ -566,18 +566,32 @@ pub fn analog_prev_bytes(cols: usize, v: &GemmVariant) -> usize {
 /// (N/S · top_k·T·k · 2). With S = 256 slabs win when k·top_k < 1024·(top_k − 1): the
 /// fine-grained layer (k = 256, top-8) 2.30 → 1.99 ms on an H100, the OLMoE one (k = 1024)
 /// unchanged, as the byte counts say (reports/bench/2026-11-24-wgmma-ws.md).
-pub fn scatter_slab_cols(k: usize, top_k: usize) -> usize {
-    if let Some(cols) = std::env::var("AIMC_SCATTER_SLAB_COLS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-    {
-        return cols;
+pub fn scatter_slab_cols(k: usize, top_k: usize) -> CudaResult<usize> {
+    scatter_slab_cols_with(std::env::var(SLAB_COLS_VAR).ok().as_deref(), k, top_k)
+}
+
+const SLAB_COLS_VAR: &str = "AIMC_SCATTER_SLAB_COLS";
+
+/// [`scatter_slab_cols`] with `AIMC_SCATTER_SLAB_COLS` at `forced` (`None`: unset): a number of
+/// columns below 2³¹ (0: no slabs), else an error naming the variable.
+fn scatter_slab_cols_with(forced: Option<&str>, k: usize, top_k: usize) -> CudaResult<usize> {
+    if let Some(text) = forced {
+        return text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&c| c <= i32::MAX as usize)
+            .ok_or_else(|| {
+                CudaError::Unsupported(format!(
+                    "{SLAB_COLS_VAR}={text:?}: want a number of output columns per slab (0: none)"
+                ))
+            });
     }
-    if k * top_k < 1024 * top_k.saturating_sub(1) {
+    Ok(if k * top_k < 1024 * top_k.saturating_sub(1) {
         256
     } else {
         0
-    }
+    })
 }
 
 #[cfg(test)]
@@ -801,13 +815,24 @@ mod tests {
                 .1
         };
         assert_eq!((slab(2), slab(3)), (256, 0));
-        if std::env::var_os("AIMC_SCATTER_SLAB_COLS").is_none() {
-            // The byte-count rule: the fine-grained layer (k 256, top-8) in slabs, OLMoE's
-            // (k 1024) and Mixtral's (k 14336, top-2) not; top-1 never (no second addition).
-            assert_eq!(scatter_slab_cols(256, 8), 256);
-            assert_eq!(scatter_slab_cols(1024, 8), 0);
-            assert_eq!(scatter_slab_cols(14336, 2), 0);
-            assert_eq!(scatter_slab_cols(64, 1), 0);
+        // The byte-count rule: the fine-grained layer (k 256, top-8) in slabs, OLMoE's
+        // (k 1024) and Mixtral's (k 14336, top-2) not; top-1 never (no second addition).
+        let slabs = |k, top_k| scatter_slab_cols_with(None, k, top_k).unwrap();
+        assert_eq!(slabs(256, 8), 256);
+        assert_eq!(slabs(1024, 8), 0);
+        assert_eq!(slabs(14336, 2), 0);
+        assert_eq!(slabs(64, 1), 0);
+        // Forced: any column count, 0 for none; text or an overflowing count is an error.
+        assert_eq!(scatter_slab_cols_with(Some(" 512"), 1024, 8).unwrap(), 512);
+        assert_eq!(scatter_slab_cols_with(Some("0"), 256, 8).unwrap(), 0);
+        for bad in ["wide", "-256", "4294967296"] {
+            let err = scatter_slab_cols_with(Some(bad), 256, 8)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("AIMC_SCATTER_SLAB_COLS") && err.contains(bad),
+                "{err}"
+            );
         }
         if std::env::var_os("AIMC_WGMMA_TILE").is_none() {
             // (columns, pipe, scatter-add pipe) and, as the scatter-add runs, its pipe.

@@ -52,7 +52,7 @@ pub(crate) fn wgmma_gemm(
         tile.check(m.n_cols)?;
     }
     let tile = tile.for_output(output.mode());
-    let slab_cols = scatter_slab_cols(m.k, routing.top_k);
+    let slab_cols = scatter_slab_cols(m.k, routing.top_k)?;
     let defines = if variant.analog {
         analog_wgmma_defines(variant, tile, m.k_block, slab_cols)
     } else {
