@@ -652,9 +652,10 @@ mod gpu {
         // with the freed blocks kept in the stream-ordered pool (as a framework's caching
         // allocator keeps them), not unmapped at each repetition's synchronisation and mapped
         // again inside the next (`AIMC_BENCH_RELEASE_POOL=1` times that instead).
-        let _pool = match env_switch("AIMC_BENCH_RELEASE_POOL")? {
-            true => None,
-            false => Some(dev.retain_pool()?),
+        let _pool = if env_switch("AIMC_BENCH_RELEASE_POOL")? {
+            None
+        } else {
+            Some(dev.retain_pool()?)
         };
         let pairs = t * k;
         let flops = 6.0 * pairs as f64 * d as f64 * n as f64;
