@@ -6,7 +6,7 @@
 #   gpu_tests          gpu_backend and gpu_finetune with --include-ignored, logs in $L;
 #   bench TAG P [ENV]  `aimc bench --suite gpu` on the four shapes with preset P (and ENV
 #                      assignments), its table in $L/bench-TAG.md, the cuBLAS and analog rows
-#                      echoed;
+#                      echoed; AIMC=path runs another build of aimc (a candidate's);
 #   pack               $L as one archive, $OUT/logs.tar.xz: the device returns only a few
 #                      files per call, and drops the rest.
 { date -u +%FT%TZ; nvidia-smi -L; ptxas --version | tail -1; } | tee "$OUT/device.txt"
@@ -23,7 +23,7 @@ gpu_tests() {
 }
 bench() {
   local tag=$1 preset=$2; shift 2
-  env "$@" AIMC_CACHE_DIR=/tmp/cache-$tag timeout 120 $B/aimc bench --suite gpu \
+  env "$@" AIMC_CACHE_DIR=/tmp/cache-$tag timeout 120 "${AIMC:-$B/aimc}" bench --suite gpu \
     --shapes olmoe,fine-grained,mixtral,expert --repeats 9 --gpu-preset "$preset" \
     --report "$L/bench-$tag.md" > "$L/bench-$tag.log" 2>&1
   echo "== $tag rc=$? $(el)"; grep -E "^\| " "$L/bench-$tag.md" | grep -E "\(a\)|\(c\)" | cut -c1-190

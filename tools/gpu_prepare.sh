@@ -8,6 +8,8 @@ set -eu
 cd "$(dirname "$0")/.."
 cargo build --release
 cargo test --release --no-run --test gpu_backend --test kernels_compile --test gpu_finetune
+# Fresh each time: a candidate's binaries (reports/bench/*/prepare.sh) go in after this.
+rm -rf .dev/cuda
 mkdir -p .dev/cuda .dev/wheels
 cp target/release/aimc .dev/cuda/
 for t in gpu_backend kernels_compile gpu_finetune; do
