@@ -527,25 +527,13 @@ fn parse_analog_tile(text: &str) -> CudaResult<WgmmaTile> {
 }
 
 /// Whether `AIMC_ANALOG_WGMMA=0` turns the analog wgmma kernel off on Hopper (the mma.sync
-/// kernel runs every analog GEMM, as on other GPUs): unset or `1` leaves it on; anything else
-/// is an error naming the variable.
+/// kernel runs every analog GEMM, as on other GPUs): a switch on where unset
+/// ([`crate::backend::cuda::env`]; anything but 0 or 1 is an error naming the variable).
 pub fn analog_wgmma_off() -> CudaResult<bool> {
-    analog_wgmma_off_from(std::env::var(ANALOG_WGMMA_VAR).ok().as_deref())
-}
-
-const ANALOG_WGMMA_VAR: &str = "AIMC_ANALOG_WGMMA";
-
-/// [`analog_wgmma_off`] for the variable's value (`None`: unset).
-fn analog_wgmma_off_from(value: Option<&str>) -> CudaResult<bool> {
-    match value.map(str::trim) {
-        None | Some("1") => Ok(false),
-        Some("0") => Ok(true),
-        Some(_) => Err(CudaError::Unsupported(format!(
-            "{ANALOG_WGMMA_VAR}={:?}: want 0 (the mma.sync kernel for every analog GEMM) or 1 \
-             (the default: the wgmma kernel where its tile fits)",
-            value.unwrap_or_default()
-        ))),
-    }
+    Ok(!crate::backend::cuda::env::switch_or(
+        "AIMC_ANALOG_WGMMA",
+        true,
+    )?)
 }
 
 /// Shared memory of the analog wgmma GEMM's per-output planes of 128 × `cols` f32 running
@@ -636,19 +624,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn analog_wgmma_switch_takes_0_or_1_and_names_a_bad_value() {
-        assert!(!analog_wgmma_off_from(None).unwrap());
-        assert!(!analog_wgmma_off_from(Some("1")).unwrap());
-        assert!(analog_wgmma_off_from(Some(" 0 ")).unwrap());
-        for bad in ["", "yes", "2", "off"] {
-            let err = analog_wgmma_off_from(Some(bad)).unwrap_err().to_string();
-            assert!(
-                err.contains(&format!("AIMC_ANALOG_WGMMA={bad:?}")) && err.contains("want 0"),
-                "{err}"
-            );
-        }
-    }
     #[test]
     fn analog_wgmma_tile_fits_the_crossbar_rows_and_shared_memory() {
         let lightning = GemmVariant::lightning(GemmOutput::SwiGlu);
